@@ -1,0 +1,130 @@
+"""Throughput of the environments against the raw model forward and a naive recompute.
+
+``python -m benchmarks.throughput --json`` prints one JSON object:
+
+* ``raw_forward_tokens_per_s``: the model's incremental forward with a KV cache, batch 1, no env;
+* ``env_steps_per_s``: ``textenvs/Summarize-v0`` steps (random token actions, episodes of
+  ``--episode-length`` tokens, dense ROUGE-L reward);
+* ``naive_steps_per_s``: the same env stepped the way a text-only env must: every step re-runs the
+  whole prompt + generated sequence through the model;
+* ``ratio_to_raw`` = env / raw and ``speedup_vs_naive`` = env / naive.
+
+Every figure of one run comes from the same process, model and episode length, so compare the
+ratios, not the absolute numbers across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import textenvs
+from textenvs.envs.generate import TextGenerationEnv
+
+
+class NaiveGenerationEnv(TextGenerationEnv):
+    """The generation env without a KV cache: every step recomputes the whole sequence."""
+
+    def step(self, action):
+        if self._done:
+            raise gym.error.ResetNeeded("call reset() first")
+        token = self.token_for(action)
+        ids = self._seq.ids + [token]
+        self._seq, hidden, logits = self.lm.prefill(ids)  # full forward over prompt + generated
+        terminated = token == self.lm.eos_token_id
+        if not terminated:
+            self.generated.append(token)
+            self.text = self.lm.decode(self.generated).strip()
+        truncated = not terminated and len(self.generated) >= self.max_new_tokens
+        self._done = terminated or truncated
+        reward, scores = self.shaper.step(self.text, self._done)
+        return self._observe(hidden[-1], logits), reward, terminated, truncated, self._info(scores)
+
+
+def _non_eos_actions(env: TextGenerationEnv, rng: np.random.Generator, n: int) -> list[int]:
+    # Random tokens, EOS excluded, so every episode has exactly the requested length.
+    actions = rng.integers(env.action_space.n, size=n)
+    return [int(a) if a != env.lm.eos_token_id else int(a) + 1 for a in actions]
+
+
+def time_env_steps(env: TextGenerationEnv, episodes: int, length: int, seed: int) -> float:
+    """Steps per second over ``episodes`` full episodes (reset time excluded)."""
+    rng = np.random.default_rng(seed)
+    steps, elapsed = 0, 0.0
+    for ep in range(episodes):
+        env.reset(seed=seed + ep)
+        actions = _non_eos_actions(env, rng, length)
+        start = time.perf_counter()
+        for a in actions:
+            _, _, terminated, truncated, _ = env.step(a)
+            steps += 1
+            if terminated or truncated:
+                break
+        elapsed += time.perf_counter() - start
+    return steps / elapsed
+
+
+def time_raw_forward(env: TextGenerationEnv, episodes: int, length: int, seed: int) -> float:
+    """Tokens per second of the bare incremental forward, same prompts and lengths as the env."""
+    rng = np.random.default_rng(seed)
+    lm, tokens, elapsed = env.lm, 0, 0.0
+    for ep in range(episodes):
+        env.reset(seed=seed + ep)
+        seq, _, _ = lm.prefill(lm.encode(env.prompt))
+        actions = _non_eos_actions(env, rng, length)
+        start = time.perf_counter()
+        for a in actions:
+            lm.extend(seq, [a])
+            tokens += 1
+        elapsed += time.perf_counter() - start
+    return tokens / elapsed
+
+
+def measure(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    kwargs = dict(model=args.model, max_new_tokens=args.episode_length, device=args.device)
+    env = gym.make("textenvs/Summarize-v0", **kwargs).unwrapped
+    naive = NaiveGenerationEnv(task="summarize", **kwargs)
+    n, length, seed = args.episodes, args.episode_length, args.seed
+    time_env_steps(env, 1, length, seed)  # warm-up: allocator, lazy init
+    raw = time_raw_forward(env, n, length, seed)
+    env_sps = time_env_steps(env, n, length, seed)
+    naive_sps = time_env_steps(naive, max(1, n // 2), length, seed)
+    return {
+        "model": args.model,
+        "device": args.device,
+        "episode_length": length,
+        "episodes": n,
+        "raw_forward_tokens_per_s": round(raw, 1),
+        "env_steps_per_s": round(env_sps, 1),
+        "naive_steps_per_s": round(naive_sps, 1),
+        "ratio_to_raw": round(env_sps / raw, 3),
+        "speedup_vs_naive": round(env_sps / naive_sps, 2),
+        "torch_threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "versions": {"textenvs": textenvs.__version__, "torch": torch.__version__},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description="Environment throughput against the raw and naive forwards.")
+    p.add_argument("--json", action="store_true", help="print only the JSON object")
+    p.add_argument("--model", default=textenvs.TINY)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--episodes", type=int, default=6)
+    p.add_argument("--episode-length", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    result = measure(args)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

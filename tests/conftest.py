@@ -1,0 +1,33 @@
+"""Shared fixtures: the registered ids, and a randomly initialised GPT-2 saved to a temp folder."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+import textenvs  # noqa: E402  (registers the ids)
+
+ENV_IDS = list(textenvs.ENV_IDS)
+# Small episodes keep the parametrized checks fast; every id accepts these kwargs.
+FAST_KWARGS: dict[str, dict] = {env_id: {"max_new_tokens": 6} for env_id in ENV_IDS}
+
+
+@pytest.fixture(scope="session")
+def random_gpt2_dir(tmp_path_factory) -> str:
+    """A randomly initialised GPT-2 with the tiny model's tokenizer, saved with save_pretrained."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("random_gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(textenvs.lm.BUILTIN_MODELS[textenvs.TINY])
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return str(path)

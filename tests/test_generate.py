@@ -1,0 +1,206 @@
+"""TextGenerationEnv: incremental = recompute, rewards = the metric libraries, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from rouge_score import rouge_scorer
+from sacrebleu.metrics import BLEU
+
+import textenvs
+from textenvs.envs.generate import TextGenerationEnv
+from textenvs.tasks import Sample
+
+
+def full_recompute(env: TextGenerationEnv) -> torch.Tensor:
+    """Hidden states of prompt + generated tokens from one fresh forward, no cache reuse."""
+    _, hidden, _ = env.lm.prefill(list(env._seq.ids))
+    return hidden
+
+
+@pytest.mark.parametrize("obs_mode", ["last", "mean"])
+@pytest.mark.parametrize("layer", [-1, 1])
+def test_incremental_observation_equals_full_recompute(obs_mode, layer):
+    env = TextGenerationEnv(task="summarize", obs=obs_mode, layer=layer, max_new_tokens=20)
+    obs, _ = env.reset(seed=3)
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        obs, *_ = env.step(int(rng.integers(1, env.action_space.n)))
+        hidden = full_recompute(env)
+        expected = hidden[-1] if obs_mode == "last" else hidden.mean(0)
+        np.testing.assert_allclose(obs, expected.numpy(), atol=1e-4)
+
+
+def test_each_step_is_one_single_token_forward(monkeypatch):
+    env = TextGenerationEnv(task="translate", max_new_tokens=10)
+    env.reset(seed=0)
+    calls = []
+    original = env.lm.model.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(env.lm.model, "forward", spy)
+    for _ in range(5):
+        env.step(5)
+    assert calls == [torch.Size([1, 1])] * 5  # one forward of ONE new token per step
+
+
+def test_topk_action_zero_is_greedy_decoding():
+    env = TextGenerationEnv(task="summarize", action_mode="topk", k=4, max_new_tokens=24)
+    _, info = env.reset(options={"index": 0})
+    terminated = truncated = False
+    while not (terminated or truncated):
+        _, _, terminated, truncated, info = env.step(0)
+    prompt_ids = env.lm.encode(env.prompt)
+    assert info["text"] == env.lm.greedy(prompt_ids, max_new_tokens=24)
+    assert env.action_space == gym.spaces.Discrete(4)
+
+
+def test_topk_candidates_are_the_most_likely_tokens():
+    env = TextGenerationEnv(task="summarize", action_mode="topk", k=8)
+    env.reset(seed=1)
+    probs = torch.softmax(env.logits, -1)
+    cand = env.candidates
+    assert list(probs[cand].numpy()) == sorted(probs[cand].numpy(), reverse=True)
+    assert probs[cand[-1]] >= probs.topk(9).values[-1]
+
+
+def rouge_l(hyp: str, ref: str) -> float:
+    return rouge_scorer.RougeScorer(["rougeL"]).score(ref, hyp)["rougeL"].fmeasure
+
+
+@pytest.mark.parametrize("env_id,metric", [("textenvs/Summarize-v0", "rougeL"), ("textenvs/Translate-v0", "bleu")])
+def test_dense_rewards_equal_library_deltas_and_sum_to_final_metric(env_id, metric):
+    env = gym.make(env_id, action_mode="topk", k=3, max_new_tokens=16).unwrapped
+    _, info = env.reset(seed=11)
+    ref = info["references"][0]
+    rng = np.random.default_rng(1)
+    rewards, previous = [], 0.0
+    done = False
+    while not done:
+        _, reward, terminated, truncated, info = env.step(int(rng.integers(3)))
+        done = terminated or truncated
+        if metric == "rougeL":
+            value = rouge_l(info["text"], ref)
+        else:
+            value = BLEU(effective_order=True).sentence_score(info["text"], [ref]).score / 100
+        assert reward == pytest.approx(value - previous, abs=1e-12)
+        assert info["metrics"][metric] == pytest.approx(value, abs=1e-12)
+        previous = value
+        rewards.append(reward)
+    assert sum(rewards) == pytest.approx(info["metrics"][metric], abs=1e-9)
+
+
+def test_terminal_mode_pays_once_at_the_end():
+    env = TextGenerationEnv(task="summarize", dense=False, action_mode="topk", k=2, max_new_tokens=8)
+    env.reset(seed=2)
+    rewards, done = [], False
+    while not done:
+        _, r, terminated, truncated, info = env.step(0)
+        rewards.append(r)
+        done = terminated or truncated
+    assert all(r == 0.0 for r in rewards[:-1])
+    assert rewards[-1] == pytest.approx(rouge_l(info["text"], info["references"][0]))
+
+
+def test_truncates_itself_at_max_new_tokens():
+    env = gym.make("textenvs/Summarize-v0", max_new_tokens=3)
+    env.reset(seed=0)
+    eos = env.unwrapped.lm.eos_token_id
+    token = 1 if eos != 1 else 2
+    out = [env.step(token) for _ in range(3)]
+    assert [o[3] for o in out] == [False, False, True] and not any(o[2] for o in out)
+    assert out[-1][4]["tokens"] == 3
+
+
+def test_eos_terminates():
+    env = TextGenerationEnv(task="summarize")
+    env.reset(seed=0)
+    _, _, terminated, truncated, info = env.step(env.lm.eos_token_id)
+    assert terminated and not truncated and info["text"] == ""
+
+
+def test_info_and_render():
+    env = gym.make("textenvs/Translate-v0", render_mode="ansi", action_mode="topk")
+    _, info = env.reset(seed=0)
+    assert info["prompt"].startswith("English: ") and info["references"] and info["text"] == ""
+    env.step(0)
+    assert env.render().startswith(info["prompt"])
+
+
+def test_user_callable_reward_and_guardrails():
+    env = TextGenerationEnv(task="summarize", reward=lambda hyp, refs: float(len(hyp.split())),
+                            repetition_penalty=0.5, action_mode="topk")
+    env.reset(seed=0)
+    _, r, *_ , info = env.step(0)
+    assert "repeated_ngrams" in info["metrics"] and math.isfinite(r)
+
+
+def test_nan_metric_raises_instead_of_leaving_the_env():
+    env = TextGenerationEnv(task="summarize", reward=lambda hyp, refs: float("nan"))
+    with pytest.raises(ValueError, match="finite"):
+        env.reset(seed=0)
+
+
+def test_generate_with_a_jsonl_dataset_and_a_saved_model(tmp_path, random_gpt2_dir):
+    path = tmp_path / "data.jsonl"
+    rows = [{"source": "Grüße aus Köln — 東京", "references": ["hello", "hi there"]}, {"source": "b", "references": "c"}]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    env = gym.make("textenvs/Generate-v0", model=random_gpt2_dir, dataset=str(path), reward="chrf",
+                   dataset_kwargs={"prompt_template": "Say: {source} ->"})
+    _, info = env.reset(options={"index": 0})
+    assert info["references"] == ["hello", "hi there"] and info["prompt"] == "Say: Grüße aus Köln — 東京 ->"
+    _, r, *_ = env.step(7)
+    assert math.isfinite(r)
+
+
+def test_translate_with_saved_model_and_bleu(random_gpt2_dir):
+    env = gym.make("textenvs/Translate-v0", model=random_gpt2_dir, reward="bleu")
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (32,)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"reward": "meteor"}, "Unknown reward 'meteor'"),
+        ({"model": "./no/such/model"}, "no such folder"),
+        ({"obs": "first"}, "obs='first' is not valid"),
+        ({"action_mode": "beam"}, "action_mode='beam'"),
+        ({"action_mode": "topk", "k": 0}, "k must be"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"split": "dev"}, "no split 'dev'"),
+        ({"task": "qa"}, "Unknown built-in task 'qa'"),
+        ({"layer": 99}, "layer=99 is out of range"),
+        ({"dataset": "data.parquet"}, "Cannot load dataset"),
+    ],
+)
+def test_bad_arguments_get_clear_errors(kwargs, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        TextGenerationEnv(**kwargs)
+
+
+def test_prompt_longer_than_context_raises():
+    long_source = " ".join(["word"] * 2000)
+    env = TextGenerationEnv(dataset=[Sample(long_source, ("ref",))])
+    with pytest.raises(ValueError, match="context"):
+        env.reset(seed=0)
+
+
+def test_reset_index_out_of_range():
+    env = TextGenerationEnv(task="summarize", split="test")
+    with pytest.raises(ValueError, match="out of range"):
+        env.reset(options={"index": 10**6})
+
+
+def test_envs_share_one_model_copy():
+    a, b = gym.make("textenvs/Summarize-v0"), gym.make("textenvs/Translate-v0")
+    assert a.unwrapped.lm is b.unwrapped.lm
+    assert textenvs.ENV_IDS[:3] == ["textenvs/Generate-v0", "textenvs/Summarize-v0", "textenvs/Translate-v0"]

@@ -1,0 +1,110 @@
+"""The language-model backend: cache reuse, batching, loading rules, and the built-in tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from textenvs import lm as lm_backend
+from textenvs.rewards import get_metric
+from textenvs.tasks import builtin_task
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return lm_backend.load()
+
+
+def test_builtin_model_is_small_and_shipped_as_safetensors(lm):
+    folder = lm_backend.BUILTIN_MODELS[lm_backend.TINY]
+    assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 10_000_000
+    assert 1_000_000 <= lm.model.num_parameters() * 1.05 and lm.model.num_parameters() <= 5_000_000
+
+
+def test_extend_equals_prefill(lm):
+    ids = lm.encode("Article: On Monday, the city council in Norwick approved a bus route.")
+    seq, _, _ = lm.prefill(ids[:5])
+    hidden, logits = lm.extend(seq, ids[5:])
+    _, full_hidden, full_logits = lm.prefill(ids)
+    torch.testing.assert_close(hidden, full_hidden[5:], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits, full_logits, atol=1e-4, rtol=0)
+
+
+def test_crop_then_extend_equals_prefill(lm):
+    ids = lm.encode("English: The old farmer sees a red bird.")
+    seq, _, _ = lm.prefill(ids)
+    lm.crop(seq, 4)
+    hidden, _ = lm.extend(seq, ids[4:])
+    _, full, _ = lm.prefill(ids)
+    torch.testing.assert_close(hidden, full[4:], atol=1e-4, rtol=0)
+
+
+def test_batched_advance_of_unequal_lengths_equals_single_steps(lm):
+    texts = ["Article: A", "English: The old farmer sees a red bird near the river", "Veltic: La kolo"]
+    batch = [lm.prefill(lm.encode(t))[0] for t in texts]
+    single = [lm.prefill(lm.encode(t))[0] for t in texts]
+    tokens = [11, 12, 13]
+    for step in range(3):
+        hidden, logits = lm.advance(batch, [t + step for t in tokens])
+        for i, seq in enumerate(single):
+            h, lg = lm.extend(seq, [tokens[i] + step])
+            torch.testing.assert_close(hidden[i], h[-1], atol=1e-4, rtol=0)
+            torch.testing.assert_close(logits[i], lg, atol=1e-4, rtol=0)
+    assert [s.ids for s in batch] == [s.ids for s in single]
+
+
+def test_sequence_longer_than_context_raises(lm):
+    with pytest.raises(ValueError, match="exceeds the context"):
+        lm.prefill([1] * (lm.max_positions + 1))
+
+
+def test_unknown_local_model_raises_before_any_download():
+    with pytest.raises(FileNotFoundError, match="looks like a local path"):
+        lm_backend.LanguageModel("./missing/model/dir")
+
+
+def test_folder_without_safetensors_is_refused(tmp_path, random_gpt2_dir):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "bin_only"
+    shutil.copytree(random_gpt2_dir, folder)
+    AutoModelForCausalLM.from_pretrained(random_gpt2_dir).save_pretrained(folder, safe_serialization=False)
+    (folder / "model.safetensors").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="safetensors"):
+        lm_backend.LanguageModel(str(folder))
+
+
+def test_model_without_causal_lm_head_is_refused(tmp_path, lm):
+    from transformers import DistilBertConfig, DistilBertModel
+
+    DistilBertModel(DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=16)).save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="causal LM"):
+        lm_backend.LanguageModel(str(tmp_path))
+
+
+def test_shared_model_with_another_layer_is_refused(lm):
+    with pytest.raises(ValueError, match="observes layer"):
+        lm_backend.load(lm, layer=2)
+
+
+def test_tiny_model_leaves_headroom_and_finds_reference_tokens(lm):
+    """Greedy decoding scores above zero but far below 1.0; the reference token is often in the top 8."""
+    for name, metric_name in (("summarize", "rougeL"), ("translate", "bleu")):
+        task, metric = builtin_task(name), get_metric(metric_name)
+        scores, hits, total = [], 0, 0
+        for s in task.split("test")[:30]:
+            prompt = lm.encode(task.prompt(s))
+            scores.append(metric(lm.greedy(prompt, 40), s.references))
+            target = lm.encode(" " + s.references[0])
+            with torch.no_grad():
+                logits = lm.model(torch.tensor([prompt + target])).logits[0, len(prompt) - 1 : -1]
+            top8 = logits.topk(8).indices
+            hits += sum(int(t in row) for t, row in zip(target, top8.tolist(), strict=False))
+            total += len(target)
+        assert 0.0 < np.mean(scores) < 0.6, (name, np.mean(scores))
+        assert hits / total > 0.5, (name, hits / total)

@@ -1,0 +1,120 @@
+"""Built-in tasks (deterministic, disjoint splits, headroom by construction) and the file loaders."""
+
+from __future__ import annotations
+
+import pytest
+
+from textenvs.tasks import (
+    SPLIT_SIZES,
+    DatasetFormatError,
+    Sample,
+    builtin_task,
+    generate_samples,
+    load_csv,
+    load_dataset,
+    load_jsonl,
+    unpaired_texts,
+)
+
+
+@pytest.mark.parametrize("name", ["summarize", "translate"])
+def test_builtin_splits_are_fixed_sized_and_disjoint(name):
+    task = builtin_task(name)
+    sources = {split: {s.source for s in task.split(split)} for split in SPLIT_SIZES}
+    for split, size in SPLIT_SIZES.items():
+        assert len(sources[split]) == size
+    assert not sources["train"] & sources["test"]
+    assert not sources["train"] & sources["validation"]
+    assert not sources["validation"] & sources["test"]
+
+
+@pytest.mark.parametrize("name", ["summarize", "translate"])
+def test_generators_are_seeded(name):
+    assert generate_samples(name, 20, seed=5) == generate_samples(name, 20, seed=5)
+    assert generate_samples(name, 20, seed=5) != generate_samples(name, 20, seed=6)
+
+
+@pytest.mark.parametrize("name", ["summarize", "translate"])
+def test_pretraining_text_never_contains_a_split_source(name):
+    used = {s.source for split in builtin_task(name).splits.values() for s in split}
+    sources, _ = unpaired_texts(name, 200, seed=1)
+    assert not used & set(sources)
+
+
+def test_translation_rules_by_hand():
+    task = builtin_task("translate")
+    # The word order is verb-final and every sentence ends with a period in both languages.
+    for s in task.split("test")[:50]:
+        assert s.source.endswith(".") and s.references[0].endswith(".")
+        assert s.references[0].split()[-1].rstrip(".") in {"silente", "lante", "hodiau", "denove", "ofte"} or \
+            s.references[0].split()[-1].rstrip(".").endswith(("as", "ta"))
+
+
+def test_summary_headline_names_the_town_of_the_article():
+    for s in builtin_task("summarize").split("test")[:50]:
+        assert s.references[0].split()[0] in s.source
+
+
+def test_sample_validation():
+    with pytest.raises(ValueError, match="source is empty"):
+        Sample("  ", ("x",))
+    with pytest.raises(ValueError, match="no non-empty reference"):
+        Sample("a", ())
+    assert Sample("a", "b").references == ("b",)
+
+
+def test_jsonl_loader_unicode_and_multiple_references(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"source": "Ünïcödé ✓ 日本", "references": ["a", "b"]}\n\n{"source": "x", "references": "y"}\n',
+                 encoding="utf-8")
+    samples = load_jsonl(p)
+    assert samples == [Sample("Ünïcödé ✓ 日本", ("a", "b")), Sample("x", ("y",))]
+
+
+@pytest.mark.parametrize(
+    "line,match",
+    [
+        ("{not json", "line 2: not valid JSON"),
+        ('["a"]', "line 2: expected a JSON object"),
+        ('{"source": "", "references": ["a"]}', "line 2: field 'source' is missing or empty"),
+        ('{"source": "a"}', "line 2: field 'references' is missing"),
+        ('{"source": "a", "references": []}', "line 2: field 'references' must be"),
+        ('{"source": "a", "references": ["", "b"]}', "line 2: field 'references' holds an empty"),
+    ],
+)
+def test_jsonl_loader_names_file_and_line(tmp_path, line, match):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"source": "ok", "references": ["ok"]}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(DatasetFormatError, match=match) as e:
+        load_jsonl(p)
+    assert str(p) in str(e.value)
+
+
+def test_csv_loader(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text('source,reference,reference2\n"Ça va, 東京",yes,\nb,c,d\n', encoding="utf-8")
+    assert load_csv(p) == [Sample("Ça va, 東京", ("yes",)), Sample("b", ("c", "d"))]
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("text,reference\na,b\n", "line 1: header"),
+        ("source,reference\na,\n", "line 2: no reference"),
+        ("source,reference\n,b\n", "line 2: field 'source' is missing or empty"),
+        ("source,reference\na,b,c\n", "line 2: more cells"),
+        ("source,reference\n", "holds no samples"),
+    ],
+)
+def test_csv_loader_errors(tmp_path, content, match):
+    p = tmp_path / "bad.csv"
+    p.write_text(content, encoding="utf-8")
+    with pytest.raises(DatasetFormatError, match=match):
+        load_csv(p)
+
+
+def test_load_dataset_dispatch(tmp_path):
+    task = load_dataset([Sample("a", ("b",))], prompt_template="Q: {source} A:")
+    assert task.prompt(task.split("test")[0]) == "Q: a A:"
+    with pytest.raises(ValueError, match="must contain"):
+        load_dataset([Sample("a", ("b",))], prompt_template="no field")

@@ -1,0 +1,40 @@
+"""textenvs: text generation and text editing as registered Gymnasium environments.
+
+``import textenvs`` registers every id below; ``gym.make("textenvs/Summarize-v0")`` then works
+offline with the built-in tiny language model and the built-in tasks.
+"""
+
+from __future__ import annotations
+
+from gymnasium.envs.registration import register, registry
+
+from textenvs.lm import TINY, LanguageModel
+from textenvs.rewards import METRIC_NAMES, RewardShaper, get_metric
+from textenvs.tasks import Sample, Task, builtin_task, load_csv, load_dataset, load_jsonl
+
+__version__ = "0.1.0"
+
+# Generation envs truncate themselves at `max_new_tokens` (a keyword argument) instead of through
+# `max_episode_steps`: a TimeLimit wrapper would cut an episode without paying the terminal reward.
+GENERATION_IDS = {
+    "textenvs/Generate-v0": {},
+    "textenvs/Summarize-v0": {"task": "summarize"},
+    "textenvs/Translate-v0": {"task": "translate"},
+}
+
+ENV_IDS: list[str] = []
+
+
+def _register(env_id: str, entry_point: str, kwargs: dict) -> None:
+    if env_id not in registry:
+        register(id=env_id, entry_point=entry_point, kwargs=kwargs)
+    ENV_IDS.append(env_id)
+
+
+for _id, _kwargs in GENERATION_IDS.items():
+    _register(_id, "textenvs.envs.generate:TextGenerationEnv", _kwargs)
+
+__all__ = [
+    "ENV_IDS", "METRIC_NAMES", "TINY", "LanguageModel", "RewardShaper", "Sample", "Task", "builtin_task",
+    "get_metric", "load_csv", "load_dataset", "load_jsonl",
+]

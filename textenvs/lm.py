@@ -1,0 +1,252 @@
+"""Language-model backend: load any Hugging Face causal LM, step it incrementally over a KV cache.
+
+The environments never call the model any other way than through :class:`LanguageModel`:
+
+* :meth:`LanguageModel.prefill` runs a token sequence once and keeps its KV cache;
+* :meth:`LanguageModel.advance` appends ONE token per sequence of a batch and runs one incremental
+  forward over the cached keys and values (the whole cost of an environment step);
+* :meth:`LanguageModel.crop` drops cached positions from ``p`` on, so an edit at ``p`` recomputes
+  only positions ``>= p`` (valid for causal LMs: earlier positions never attend to later ones).
+
+The model is loaded by hub name, local ``save_pretrained`` folder, or the built-in name
+``textenvs/tiny`` (a small GPT-2 shipped inside the package, see :mod:`textenvs.models.train_tiny`).
+``trust_remote_code`` is never set and weights load from safetensors only.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+TINY = "textenvs/tiny"
+BUILTIN_MODELS = {TINY: Path(__file__).parent / "models" / "tiny"}
+
+
+def resolve_model_path(name: str | os.PathLike) -> str:
+    """The folder or hub name to load for ``name``; a missing local path fails here, not at the hub."""
+    name = os.fspath(name)
+    if name in BUILTIN_MODELS:
+        path = BUILTIN_MODELS[name]
+        if not (path / "model.safetensors").exists():
+            raise FileNotFoundError(
+                f"The built-in model {name!r} is missing from {path}: reinstall textenvs or rebuild it with "
+                "`python -m textenvs.models.train_tiny`."
+            )
+        return str(path)
+    if os.path.isdir(name):
+        return name
+    # Hub names are "name" or "org/name"; anything else path-like must exist locally.
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        raise FileNotFoundError(
+            f"Model {name!r} looks like a local path but no such folder exists: pass a folder written by "
+            f"`save_pretrained`, a Hugging Face hub name such as 'gpt2', or the built-in {TINY!r}."
+        )
+    return name
+
+
+@dataclass
+class Sequence:
+    """One token sequence held by the backend: its ids and its KV cache (batch size 1)."""
+
+    ids: list[int]
+    cache: DynamicCache
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class LanguageModel:
+    """A causal LM with its tokenizer, stepped incrementally.
+
+    Args:
+        name: ``textenvs/tiny``, a local ``save_pretrained`` folder, or a Hugging Face hub name.
+        device: Torch device (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
+        dtype: Torch dtype of the weights (``None`` keeps the checkpoint's, usually float32).
+        layer: Which hidden state the environments observe: an index into the model's
+            ``hidden_states`` tuple (0 = embeddings, -1 = the final layer, after its final norm).
+    """
+
+    def __init__(
+        self, name: str | os.PathLike = TINY, device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None, layer: int = -1,
+    ) -> None:
+        self.name = os.fspath(name)
+        self.device = torch.device(device)
+        path = resolve_model_path(self.name)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path, trust_remote_code=False, use_safetensors=True, dtype=dtype
+            )
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(
+                f"Could not load model {self.name!r} as a causal LM with safetensors weights ({e}). Use the built-in "
+                f"{TINY!r}, a folder written by `save_pretrained` holding model.safetensors, or a hub name "
+                "(needs network)."
+            ) from e
+        self.model.to(self.device).eval()
+        self.model.requires_grad_(False)
+        if self.tokenizer.pad_token_id is None:
+            warnings.warn(
+                f"The tokenizer of {self.name!r} has no pad token; using its EOS token {self.tokenizer.eos_token!r}.",
+                stacklevel=2,
+            )
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(f"The tokenizer of {self.name!r} has no EOS token: episodes could never end by themselves.")
+        config = self.model.config
+        self.n_layers = config.num_hidden_layers
+        if not -(self.n_layers + 1) <= layer <= self.n_layers:
+            raise ValueError(f"layer={layer} is out of range for a model with {self.n_layers} layers: use -1..{self.n_layers}.")
+        self.layer = layer
+        self.hidden_size = config.hidden_size
+        # The LM head may be padded beyond the tokenizer; every head row is a valid action.
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self.eos_token_id = int(self.tokenizer.eos_token_id)
+        self.max_positions = int(
+            getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 2048
+        )
+
+    # -- text ------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -- forwards --------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, ids: list[int]) -> tuple[Sequence, torch.Tensor, torch.Tensor]:
+        """Run ``ids`` once and keep the cache.
+
+        Returns:
+            The sequence, the observed layer's hidden states of every position ``(T, d)`` and the
+            next-token logits at the last position ``(V,)``.
+        """
+        if not ids:
+            raise ValueError("Cannot run the model on an empty sequence: give at least one token.")
+        self.check_length(len(ids))
+        cache = DynamicCache()
+        hidden, logits = self._forward(torch.tensor([ids], device=self.device), cache)
+        return Sequence(list(ids), cache), hidden[0], logits[0, -1]
+
+    @torch.no_grad()
+    def extend(self, seq: Sequence, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``ids`` to one sequence with one incremental forward over its cache.
+
+        Returns:
+            Hidden states of the new positions ``(len(ids), d)`` and the last logits ``(V,)``.
+        """
+        self.check_length(len(seq) + len(ids))
+        hidden, logits = self._forward(torch.tensor([ids], device=self.device), seq.cache)
+        seq.ids.extend(ids)
+        return hidden[0], logits[0, -1]
+
+    @torch.no_grad()
+    def advance(self, seqs: list[Sequence], tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append one token to each sequence: ONE batched incremental forward.
+
+        Sequences of different lengths are right-padded in a temporary batch cache with an attention
+        mask and explicit position ids, then each sequence keeps its own cache.
+
+        Returns:
+            Hidden states of the new tokens ``(B, d)`` and next-token logits ``(B, V)``.
+        """
+        if len(seqs) == 1:
+            hidden, logits = self.extend(seqs[0], tokens)
+            return hidden, logits[None]
+        lengths = [len(s) for s in seqs]
+        for n in lengths:
+            self.check_length(n + 1)
+        longest = max(lengths)
+        n_layers = len(seqs[0].cache.layers)
+        batch_layers = []
+        for layer in range(n_layers):
+            ks, vs = [], []
+            for s, n in zip(seqs, lengths, strict=False):
+                k, v = s.cache.layers[layer].keys, s.cache.layers[layer].values  # (1, H, n, hd)
+                pad = longest - n
+                ks.append(torch.nn.functional.pad(k, (0, 0, 0, pad)))
+                vs.append(torch.nn.functional.pad(v, (0, 0, 0, pad)))
+            batch_layers.append((torch.cat(ks), torch.cat(vs)))  # (B, H, longest, hd)
+        cache = DynamicCache(ddp_cache_data=batch_layers)
+        mask = torch.zeros(len(seqs), longest + 1, dtype=torch.long, device=self.device)
+        for i, n in enumerate(lengths):
+            mask[i, :n] = 1
+        mask[:, -1] = 1
+        position_ids = torch.tensor(lengths, device=self.device)[:, None]
+        input_ids = torch.tensor(tokens, device=self.device)[:, None]
+        hidden, logits = self._forward(input_ids, cache, mask, position_ids)
+        for i, (s, n) in enumerate(zip(seqs, lengths, strict=False)):
+            for layer in range(n_layers):
+                k, v = cache.layers[layer].keys, cache.layers[layer].values
+                keep = torch.cat([k[i : i + 1, :, :n], k[i : i + 1, :, -1:]], dim=2)
+                keep_v = torch.cat([v[i : i + 1, :, :n], v[i : i + 1, :, -1:]], dim=2)
+                s.cache.layers[layer].keys, s.cache.layers[layer].values = keep, keep_v
+            s.ids.append(tokens[i])
+        return hidden[:, 0], logits[:, -1]
+
+    def crop(self, seq: Sequence, length: int) -> None:
+        """Keep the first ``length`` positions of ``seq`` (ids and cache)."""
+        for layer in seq.cache.layers:  # keys / values: (1, H, T, hd)
+            layer.keys = layer.keys[:, :, :length]
+            layer.values = layer.values[:, :, :length]
+        del seq.ids[length:]
+
+    def _forward(self, input_ids, cache, attention_mask=None, position_ids=None):
+        out = self.model(
+            input_ids=input_ids, past_key_values=cache, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=True, output_hidden_states=True,
+        )
+        return out.hidden_states[self.layer].float(), out.logits.float()
+
+    def check_length(self, n: int) -> None:
+        if n > self.max_positions:
+            raise ValueError(
+                f"A sequence of {n} tokens exceeds the context of model {self.name!r} ({self.max_positions} "
+                "positions): shorten the source text, lower max_new_tokens / max_len, or use a model with a "
+                "longer context."
+            )
+
+    @torch.no_grad()
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> str:
+        """Greedy continuation of ``prompt_ids`` until EOS or ``max_new_tokens``; the decoded new text."""
+        seq, _, logits = self.prefill(prompt_ids)
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(logits.argmax())
+            if token == self.eos_token_id:
+                break
+            new.append(token)
+            _, logits = self.extend(seq, [token])
+        return self.decode(new).strip()
+
+
+_SHARED: dict[tuple, LanguageModel] = {}
+
+
+def load(
+    model: str | os.PathLike | LanguageModel = TINY, device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None, layer: int = -1,
+) -> LanguageModel:
+    """A :class:`LanguageModel`, shared between environments that ask for the same one.
+
+    Environments only read the model (eval mode, no gradients), so N environments of one process
+    hold one copy. An instance passed in is returned as it is.
+    """
+    if isinstance(model, LanguageModel):
+        if layer != model.layer:
+            raise ValueError(
+                f"The LanguageModel passed in observes layer {model.layer}, not layer={layer}: build it with "
+                f"LanguageModel(..., layer={layer}) or pass layer={model.layer}."
+            )
+        return model
+    key = (os.fspath(model), str(torch.device(device)), dtype, layer)
+    if key not in _SHARED:
+        _SHARED[key] = LanguageModel(model, device, dtype, layer)
+    return _SHARED[key]

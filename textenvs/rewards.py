@@ -1,0 +1,189 @@
+"""Metric rewards: ROUGE from rouge-score, BLEU / chrF / TER from sacrebleu, or any user callable.
+
+Every built-in metric is scaled to [0, 1], 1 meaning the hypothesis equals a reference:
+
+=============  =======================================================================
+name           value
+=============  =======================================================================
+``rouge1``     ROUGE-1 F-measure (``rouge_score.rouge_scorer``, no stemming), max over references
+``rouge2``     ROUGE-2 F-measure, as above
+``rougeL``     ROUGE-L F-measure, as above
+``rougeLsum``  ROUGE-Lsum F-measure (sentences split on newlines), as above
+``bleu``       sacrebleu ``BLEU(effective_order=True)`` sentence score / 100 (default ``exp``
+               smoothing, ``13a`` tokenizer), all references at once
+``chrf``       sacrebleu ``CHRF()`` sentence score (chrF2, character 6-grams) / 100
+``ter``        ``1 - min(TER, 100) / 100`` with sacrebleu ``TER()``: TER is an error rate, so it
+               is turned into a score where higher is better and a perfect hypothesis gets 1
+=============  =======================================================================
+
+A user callable ``(hypothesis: str, references: Sequence[str]) -> float`` is used as it is; it
+must return a finite number (a NaN or infinity raises, never reaches an agent).
+
+Shaping (:class:`RewardShaper`): the scored quantity is
+``score(text) = metric(text) - length_penalty * length_mismatch(text) - repetition_penalty * repeats(text)``.
+Dense mode pays ``score(text_t) - score(text_{t-1})`` each step, so an episode's rewards sum to
+``score(final) - score(start)``; terminal mode pays ``score(final)`` once at the end. The two
+guardrails are off (0.0) by default:
+
+* ``length_mismatch``: ``|words(text) - words(closest reference)| / words(closest reference)``,
+  discouraging outputs much longer or shorter than a reference.
+* ``repeats``: the number of repeated word n-grams (``repetition_ngram``, default 3) in the text,
+  discouraging degenerate loops.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from rouge_score import rouge_scorer
+from sacrebleu.metrics import BLEU, CHRF, TER
+
+MetricFn = Callable[[str, Sequence[str]], float]
+
+ROUGE_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+SACREBLEU_METRICS = ("bleu", "chrf", "ter")
+METRIC_NAMES = ROUGE_METRICS + SACREBLEU_METRICS
+
+
+def _rouge(kind: str) -> MetricFn:
+    scorer = rouge_scorer.RougeScorer([kind], use_stemmer=False)
+
+    def rouge(hypothesis: str, references: Sequence[str]) -> float:
+        # rougeLsum expects sentences on separate lines; the other kinds ignore newlines.
+        return max(scorer.score(ref, hypothesis)[kind].fmeasure for ref in references)
+
+    rouge.__name__ = kind
+    return rouge
+
+
+def _clip01(x: float) -> float:
+    # sacrebleu can give 100.00000000000004 for an exact match; keep the documented [0, 1] range.
+    return min(max(x, 0.0), 1.0)
+
+
+def _sacrebleu(kind: str) -> MetricFn:
+    if kind == "bleu":
+        bleu = BLEU(effective_order=True)
+
+        def metric(hypothesis: str, references: Sequence[str]) -> float:
+            return _clip01(bleu.sentence_score(hypothesis, list(references)).score / 100.0)
+    elif kind == "chrf":
+        chrf = CHRF()
+
+        def metric(hypothesis: str, references: Sequence[str]) -> float:
+            return _clip01(chrf.sentence_score(hypothesis, list(references)).score / 100.0)
+    else:
+        ter = TER()
+
+        def metric(hypothesis: str, references: Sequence[str]) -> float:
+            return _clip01(1.0 - min(ter.sentence_score(hypothesis, list(references)).score, 100.0) / 100.0)
+
+    metric.__name__ = kind
+    return metric
+
+
+def get_metric(reward: str | MetricFn) -> MetricFn:
+    """The metric function for a name in :data:`METRIC_NAMES` or a user callable.
+
+    Raises:
+        ValueError: for an unknown name, listing the valid ones.
+    """
+    if callable(reward):
+        return reward
+    if reward in ROUGE_METRICS:
+        return _rouge(reward)
+    if reward in SACREBLEU_METRICS:
+        return _sacrebleu(reward)
+    raise ValueError(
+        f"Unknown reward {reward!r}: use one of {list(METRIC_NAMES)} or a callable "
+        "(hypothesis: str, references: list[str]) -> float."
+    )
+
+
+def metric_name(reward: str | MetricFn) -> str:
+    return reward if isinstance(reward, str) else getattr(reward, "__name__", type(reward).__name__)
+
+
+def repeated_ngrams(text: str, n: int = 3) -> int:
+    """How many word n-grams of ``text`` are repeats of an earlier one."""
+    words = text.split()
+    counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    return sum(c - 1 for c in counts.values())
+
+
+def length_mismatch(text: str, references: Sequence[str]) -> float:
+    """Relative word-count distance to the closest reference (0 when some reference has the same length)."""
+    n = len(text.split())
+    return min(abs(n - len(r.split())) / max(len(r.split()), 1) for r in references)
+
+
+@dataclass
+class RewardShaper:
+    """Turns a metric into per-step rewards for one episode at a time.
+
+    Args:
+        reward: A metric name from :data:`METRIC_NAMES` or a callable ``(hyp, refs) -> float``.
+        dense: Pay the change of the score every step (True) or the score once at the end (False).
+        length_penalty: Weight of the length guardrail (0 turns it off).
+        repetition_penalty: Weight of the repetition guardrail (0 turns it off).
+        repetition_ngram: The n of the repeated n-grams counted by the repetition guardrail.
+    """
+
+    reward: str | MetricFn = "rougeL"
+    dense: bool = True
+    length_penalty: float = 0.0
+    repetition_penalty: float = 0.0
+    repetition_ngram: int = 3
+
+    def __post_init__(self) -> None:
+        self.metric = get_metric(self.reward)
+        self.name = metric_name(self.reward)
+        for field in ("length_penalty", "repetition_penalty"):
+            value = getattr(self, field)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{field} must be a finite number >= 0 (0 turns it off), got {value!r}.")
+        if not (isinstance(self.repetition_ngram, int) and self.repetition_ngram >= 1):
+            raise ValueError(f"repetition_ngram must be an int >= 1, got {self.repetition_ngram!r}.")
+        self.references: tuple[str, ...] = ()
+        self._last_score = 0.0
+
+    def score(self, text: str) -> dict[str, float]:
+        """The metric, the guardrail terms and the shaped ``score`` of ``text`` against the references."""
+        value = float(self.metric(text, self.references))
+        if not math.isfinite(value):
+            raise ValueError(
+                f"Reward metric {self.name!r} returned {value} for hypothesis {text!r}: a reward metric must "
+                "return a finite number."
+            )
+        out = {self.name: value, "score": value}
+        if self.length_penalty:
+            out["length_mismatch"] = length_mismatch(text, self.references)
+            out["score"] -= self.length_penalty * out["length_mismatch"]
+        if self.repetition_penalty:
+            out["repeated_ngrams"] = float(repeated_ngrams(text, self.repetition_ngram))
+            out["score"] -= self.repetition_penalty * out["repeated_ngrams"]
+        return out
+
+    def start(self, references: Sequence[str], text: str = "") -> dict[str, float]:
+        """Begin an episode. Dense rewards are measured from the score of the start ``text``.
+
+        For generation the start text is empty and the baseline is 0, so the dense rewards of an
+        episode sum to the terminal score; for editing the start text is scored.
+        """
+        self.references = tuple(references)
+        scores = self.score(text)
+        self._last_score = scores["score"] if text else 0.0
+        return scores
+
+    def step(self, text: str, done: bool) -> tuple[float, dict[str, float]]:
+        """The reward for reaching ``text``; ``done`` marks the episode's last step."""
+        scores = self.score(text)
+        if self.dense:
+            reward = scores["score"] - self._last_score
+        else:
+            reward = scores["score"] if done else 0.0
+        self._last_score = scores["score"]
+        return reward, scores

@@ -1,0 +1,415 @@
+"""Tasks: samples, the two built-in task generators, and file / Hugging Face dataset loaders.
+
+A task is a list of :class:`Sample` per split plus the prompt template that turns a source into
+the text the language model continues. The built-in tasks are generated here from a fixed seed,
+so they are identical on every machine and need no download:
+
+* ``summarize``: news-style articles (3-5 sentences, one main event and distractor details) to
+  a headline that is a deterministic compression of the main event.
+* ``translate``: sentences of an English-like source language to "Veltic", a rule-based target
+  language with its own lexicon, postpositions, noun-adjective order and verb-final clauses.
+
+Because the reference is a deterministic function of the source, a perfect policy scores 1.0 on
+every metric, while the shipped tiny LM (trained mostly on unpaired text) scores far lower.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+SPLITS = ("train", "validation", "test")
+SPLIT_SIZES = {"train": 2000, "validation": 200, "test": 200}
+_TASK_SEED = {"summarize": 20261122, "translate": 20261123}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One source text and its reference outputs (at least one)."""
+
+    source: str
+    references: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ValueError("Sample.source is empty: every sample needs a non-empty source text.")
+        refs = (self.references,) if isinstance(self.references, str) else tuple(self.references)
+        if not refs or not all(isinstance(r, str) and r.strip() for r in refs):
+            raise ValueError(
+                f"Sample with source {self.source[:40]!r} has no non-empty reference: give at least "
+                "one reference string."
+            )
+        object.__setattr__(self, "references", refs)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named task: samples per split and how a source becomes a prompt.
+
+    Attributes:
+        name: Task name (``summarize``, ``translate`` or a user's name for a loaded dataset).
+        splits: Samples per split name.
+        prompt_template: ``str.format`` template with a ``{source}`` field; the LM continues it.
+        default_reward: The metric the environments use when the user names none.
+    """
+
+    name: str
+    splits: dict[str, tuple[Sample, ...]]
+    prompt_template: str = "{source}\n"
+    default_reward: str = "rougeL"
+
+    def split(self, name: str) -> tuple[Sample, ...]:
+        """The samples of one split; a clear error names the splits that exist."""
+        if name not in self.splits:
+            raise ValueError(f"Task {self.name!r} has no split {name!r}; choose one of {sorted(self.splits)}.")
+        samples = self.splits[name]
+        if not samples:
+            raise ValueError(f"Split {name!r} of task {self.name!r} is empty.")
+        return samples
+
+    def prompt(self, sample: Sample) -> str:
+        return self.prompt_template.format(source=sample.source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Summarization: articles to headlines
+# ---------------------------------------------------------------------------------------------
+
+_TOWNS = [
+    "Norwick", "Halden", "Brisport", "Calloway", "Dunmore", "Eastvale", "Fenwick", "Glenrock",
+    "Harlow", "Ivybridge", "Kestrel", "Lakemoor", "Marston", "Oakhurst", "Pemberton", "Redcliff",
+    "Stanmore", "Thornbury", "Westfield", "Yarrow",
+]
+# (actor as written in the article, short actor for the headline)
+_ACTORS = [
+    ("the city council", "council"), ("the local school board", "school board"),
+    ("the regional hospital", "hospital"), ("a group of farmers", "farmers"),
+    ("the police department", "police"), ("the town mayor", "mayor"),
+    ("a team of scientists", "scientists"), ("the football club", "football club"),
+    ("the public library", "library"), ("a local bakery", "bakery"),
+    ("the transport authority", "transport authority"), ("a group of students", "students"),
+    ("the water company", "water company"), ("the state university", "university"),
+    ("a charity", "charity"), ("the fire service", "fire service"),
+]
+# (past tense, headline present tense)
+_VERBS = [
+    ("approved", "approves"), ("rejected", "rejects"), ("announced", "announces"),
+    ("opened", "opens"), ("closed", "closes"), ("delayed", "delays"), ("launched", "launches"),
+    ("funded", "funds"), ("cancelled", "cancels"), ("expanded", "expands"),
+    ("criticised", "criticises"), ("completed", "completes"),
+]
+# (article object phrase, headline object)
+_OBJECTS = [
+    ("a new plan for local parks", "park plan"), ("a bridge over the river", "river bridge"),
+    ("a program for young readers", "reading program"), ("a new bus route", "bus route"),
+    ("a study of air quality", "air study"), ("a summer festival", "summer festival"),
+    ("a clinic for older patients", "new clinic"), ("a project to repair roads", "road project"),
+    ("a market for farm produce", "farm market"), ("a fund for small shops", "shop fund"),
+    ("a plan to plant trees", "tree plan"), ("a sports center", "sports center"),
+    ("a flood defence wall", "flood wall"), ("a recycling scheme", "recycling scheme"),
+]
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+_DETAILS = [
+    "Officials said the decision followed months of debate.",
+    "The project is expected to cost {n} million dollars.",
+    "About {n} hundred residents attended the meeting.",
+    "Critics said the plan was rushed.",
+    "Supporters called it a good day for the town.",
+    "Work is due to start in {month}.",
+    "A spokesperson declined to give further details.",
+    "The vote passed by {n} votes to {m}.",
+    "Local businesses welcomed the news.",
+    "A similar plan failed {n} years ago.",
+]
+_MONTHS = ["January", "March", "April", "June", "August", "October", "December"]
+
+
+def _summarize_sample(rng: np.random.Generator) -> Sample:
+    town = _TOWNS[rng.integers(len(_TOWNS))]
+    actor, actor_short = _ACTORS[rng.integers(len(_ACTORS))]
+    past, present = _VERBS[rng.integers(len(_VERBS))]
+    obj, obj_short = _OBJECTS[rng.integers(len(_OBJECTS))]
+    day = _DAYS[rng.integers(len(_DAYS))]
+    lead = f"On {day}, {actor} in {town} {past} {obj}."
+    n_details = int(rng.integers(2, 5))
+    details = []
+    for i in rng.choice(len(_DETAILS), size=n_details, replace=False):
+        details.append(
+            _DETAILS[i].format(
+                n=int(rng.integers(2, 10)), m=int(rng.integers(0, 2)), month=_MONTHS[rng.integers(len(_MONTHS))]
+            )
+        )
+    # The lead is usually first, as in news writing, but not always: the headline must be found.
+    position = 0 if rng.random() < 0.7 else 1
+    sentences = details[:position] + [lead] + details[position:]
+    headline = f"{town} {actor_short} {present} {obj_short}"
+    return Sample(" ".join(sentences), (headline,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Translation: English-like source to Veltic
+# ---------------------------------------------------------------------------------------------
+
+# Lexicon: English word -> Veltic word. Veltic order: [PP: det noun adj prep] [subject] [object]
+# verb [adverb]; adjectives follow nouns; plural nouns take the particle "mi"; past verbs take
+# the suffix "-ta".
+_NOUNS = {
+    "farmer": "kolo", "bird": "piru", "dog": "vasko", "cat": "mirra", "child": "tanu",
+    "teacher": "seldo", "river": "duna", "house": "kasa", "tree": "elmo", "horse": "kavo",
+    "fish": "nesu", "king": "rego", "woman": "fema", "man": "viro", "boat": "navo",
+    "book": "libro", "garden": "orto", "road": "vio", "mountain": "monto", "village": "pago",
+}
+_PLURALS = {
+    "farmer": "farmers", "bird": "birds", "dog": "dogs", "cat": "cats", "child": "children",
+    "teacher": "teachers", "river": "rivers", "house": "houses", "tree": "trees", "horse": "horses",
+    "fish": "fish", "king": "kings", "woman": "women", "man": "men", "boat": "boats",
+    "book": "books", "garden": "gardens", "road": "roads", "mountain": "mountains",
+    "village": "villages",
+}
+_ADJECTIVES = {
+    "old": "vetu", "young": "juna", "red": "ruba", "small": "pika", "big": "granda",
+    "happy": "gaja", "quiet": "kvieta", "dark": "skura", "green": "verda", "tall": "alta",
+}
+# present (3rd singular / plural), past -> Veltic stem
+_VERBS_T = {
+    "see": ("sees", "see", "saw", "vid"), "follow": ("follows", "follow", "followed", "sekv"),
+    "help": ("helps", "help", "helped", "help"), "find": ("finds", "find", "found", "trov"),
+    "carry": ("carries", "carry", "carried", "port"), "watch": ("watches", "watch", "watched", "rigard"),
+    "call": ("calls", "call", "called", "vok"), "visit": ("visits", "visit", "visited", "vizit"),
+    "paint": ("paints", "paint", "painted", "pentr"), "love": ("loves", "love", "loved", "am"),
+}
+_DETS = {"the": "la", "a": "un", "every": "cia", "no": "neni"}
+_PREPS = {"near": "pres", "behind": "malan", "under": "sub", "across": "trans", "beside": "apud"}
+_ADVERBS = {"slowly": "lante", "today": "hodiau", "again": "denove", "quietly": "silente", "often": "ofte"}
+
+
+def _noun_phrase(rng: np.random.Generator) -> tuple[str, str, bool]:
+    noun = list(_NOUNS)[rng.integers(len(_NOUNS))]
+    plural = bool(rng.random() < 0.3)
+    det = "the" if plural else list(_DETS)[rng.integers(len(_DETS))]
+    adj = list(_ADJECTIVES)[rng.integers(len(_ADJECTIVES))] if rng.random() < 0.5 else None
+    en = [det] + ([adj] if adj else []) + [_PLURALS[noun] if plural else noun]
+    ve = [_DETS[det], _NOUNS[noun]] + (["mi"] if plural else []) + ([_ADJECTIVES[adj]] if adj else [])
+    return " ".join(en), " ".join(ve), plural
+
+
+def _translate_sample(rng: np.random.Generator) -> Sample:
+    subj_en, subj_ve, subj_plural = _noun_phrase(rng)
+    obj_en, obj_ve, _ = _noun_phrase(rng)
+    third_sg, plural_form, past, stem = _VERBS_T[list(_VERBS_T)[rng.integers(len(_VERBS_T))]]
+    is_past = bool(rng.random() < 0.4)
+    verb_en = past if is_past else (plural_form if subj_plural else third_sg)
+    verb_ve = stem + ("ta" if is_past else "as")
+    en = [subj_en, verb_en, obj_en]
+    ve_front: list[str] = []
+    if rng.random() < 0.5:
+        prep = list(_PREPS)[rng.integers(len(_PREPS))]
+        pp_en, pp_ve, _ = _noun_phrase(rng)
+        en += [prep, pp_en]
+        ve_front = [pp_ve, _PREPS[prep]]
+    ve = ve_front + [subj_ve, obj_ve, verb_ve]
+    if rng.random() < 0.3:
+        adv = list(_ADVERBS)[rng.integers(len(_ADVERBS))]
+        en.append(adv)
+        ve.append(_ADVERBS[adv])
+    source = " ".join(en)
+    target = " ".join(ve)
+    return Sample(source[0].upper() + source[1:] + ".", (target[0].upper() + target[1:] + ".",))
+
+
+_GENERATORS = {"summarize": _summarize_sample, "translate": _translate_sample}
+_TEMPLATES = {"summarize": "Article: {source}\nHeadline:", "translate": "English: {source}\nVeltic:"}
+_DEFAULT_REWARDS = {"summarize": "rougeL", "translate": "bleu"}
+BUILTIN_TASKS = tuple(_GENERATORS)
+
+
+def generate_samples(task: str, n: int, seed: int, exclude: Iterable[str] = ()) -> list[Sample]:
+    """``n`` distinct samples of a built-in task from ``seed``, skipping sources in ``exclude``."""
+    if task not in _GENERATORS:
+        raise ValueError(f"Unknown built-in task {task!r}; choose one of {list(_GENERATORS)}.")
+    rng = np.random.default_rng(seed)
+    seen = set(exclude)
+    out: list[Sample] = []
+    for _ in range(200 * n + 1000):
+        s = _GENERATORS[task](rng)
+        if s.source not in seen:
+            seen.add(s.source)
+            out.append(s)
+            if len(out) == n:
+                return out
+    raise RuntimeError(f"Could not draw {n} distinct samples for task {task!r}.")
+
+
+@functools.cache
+def builtin_task(name: str) -> Task:
+    """The built-in task ``name`` with fixed, non-overlapping train / validation / test splits."""
+    if name not in _GENERATORS:
+        raise ValueError(f"Unknown built-in task {name!r}; choose one of {list(_GENERATORS)}.")
+    pool = generate_samples(name, sum(SPLIT_SIZES.values()), _TASK_SEED[name])
+    splits, start = {}, 0
+    for split in SPLITS:  # one pool of distinct sources, cut in three: the splits cannot overlap
+        splits[split] = tuple(pool[start : start + SPLIT_SIZES[split]])
+        start += SPLIT_SIZES[split]
+    return Task(name, splits, _TEMPLATES[name], _DEFAULT_REWARDS[name])
+
+
+def unpaired_texts(name: str, n: int, seed: int) -> tuple[list[str], list[str]]:
+    """Sources and references drawn independently (not as pairs), for LM pretraining.
+
+    The samples exclude every source of the built-in splits, so pretraining never sees a test pair.
+    """
+    used = {s.source for split in builtin_task(name).splits.values() for s in split}
+    a = generate_samples(name, n, seed, exclude=used)
+    b = generate_samples(name, n, seed + 1, exclude=used)
+    return [s.source for s in a], [s.references[0] for s in b]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders for real data
+# ---------------------------------------------------------------------------------------------
+
+
+class DatasetFormatError(ValueError):
+    """A data file line that cannot become a :class:`Sample`; the message names file and line."""
+
+
+def _as_references(value: object, where: str, reference_key: str) -> tuple[str, ...]:
+    refs = [value] if isinstance(value, str) else value
+    if not isinstance(refs, (list, tuple)) or not refs:
+        raise DatasetFormatError(f"{where}: field {reference_key!r} must be a string or a non-empty list of strings.")
+    if not all(isinstance(r, str) and r.strip() for r in refs):
+        raise DatasetFormatError(f"{where}: field {reference_key!r} holds an empty or non-string reference.")
+    return tuple(refs)
+
+
+def _make_sample(record: dict, where: str, source_key: str, reference_key: str) -> Sample:
+    source = record.get(source_key)
+    if not isinstance(source, str) or not source.strip():
+        raise DatasetFormatError(f"{where}: field {source_key!r} is missing or empty; every sample needs a source.")
+    if reference_key not in record:
+        raise DatasetFormatError(f"{where}: field {reference_key!r} is missing; every sample needs a reference.")
+    return Sample(source, _as_references(record[reference_key], where, reference_key))
+
+
+def load_jsonl(path: str | os.PathLike, source_key: str = "source", reference_key: str = "references") -> list[Sample]:
+    """Samples from a JSON Lines file: one object a line, ``{"source": ..., "references": [...]}``.
+
+    ``references`` may be one string or a list of strings. Blank lines are skipped.
+
+    Raises:
+        DatasetFormatError: naming the file, the line number and what is wrong.
+    """
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{os.fspath(path)}, line {lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetFormatError(f"{where}: not valid JSON ({e.msg}).") from e
+            if not isinstance(record, dict):
+                raise DatasetFormatError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+            samples.append(_make_sample(record, where, source_key, reference_key))
+    if not samples:
+        raise DatasetFormatError(f"{os.fspath(path)}: holds no samples.")
+    return samples
+
+
+def load_csv(path: str | os.PathLike, source_key: str = "source", reference_key: str = "reference") -> list[Sample]:
+    """Samples from a CSV file with a header row.
+
+    The source column is ``source_key``; every column whose name starts with ``reference_key``
+    (``reference``, ``reference2``, ``references_1``, ...) holds one reference; empty cells are ignored.
+
+    Raises:
+        DatasetFormatError: naming the file, the line number and what is wrong.
+    """
+    samples = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        ref_cols = [c for c in header if c.startswith(reference_key)]
+        if source_key not in header or not ref_cols:
+            raise DatasetFormatError(
+                f"{os.fspath(path)}, line 1: header {header} needs a {source_key!r} column and at least one "
+                f"column starting with {reference_key!r}."
+            )
+        for row in reader:
+            where = f"{os.fspath(path)}, line {reader.line_num}"
+            if None in row:
+                raise DatasetFormatError(f"{where}: more cells than header columns.")
+            refs = [row[c] for c in ref_cols if row[c] is not None and row[c].strip()]
+            if not refs:
+                raise DatasetFormatError(f"{where}: no reference; fill at least one of the columns {ref_cols}.")
+            samples.append(_make_sample({source_key: row[source_key], reference_key: refs}, where, source_key, reference_key))
+    if not samples:
+        raise DatasetFormatError(f"{os.fspath(path)}: holds no samples.")
+    return samples
+
+
+def load_hf_dataset(
+    name: str, split: str, source_key: str, reference_key: str, config: str | None = None
+) -> list[Sample]:
+    """Samples from a Hugging Face ``datasets`` dataset (needs ``pip install textenvs[hub]``)."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("Loading a dataset by name needs the 'datasets' package: pip install 'textenvs[hub]'.") from e
+    ds = datasets.load_dataset(name, config, split=split)
+    return [_make_sample(dict(r), f"{name}[{split}], row {i}", source_key, reference_key) for i, r in enumerate(ds)]
+
+
+def task_from_samples(
+    name: str,
+    samples: Sequence[Sample] | dict[str, Sequence[Sample]],
+    prompt_template: str = "{source}\n",
+    default_reward: str = "rougeL",
+) -> Task:
+    """Wrap user samples as a Task; a plain list becomes every split (train = validation = test)."""
+    if "{source}" not in prompt_template:
+        raise ValueError(f"prompt_template {prompt_template!r} must contain '{{source}}'.")
+    if isinstance(samples, dict):
+        splits = {k: tuple(v) for k, v in samples.items()}
+    else:
+        splits = {s: tuple(samples) for s in SPLITS}
+    for split, values in splits.items():
+        for s in values:
+            if not isinstance(s, Sample):
+                raise TypeError(f"Split {split!r} holds a {type(s).__name__}; build samples with textenvs.Sample.")
+    return Task(name, splits, prompt_template, default_reward)
+
+
+def load_dataset(dataset: str | os.PathLike | Sequence[Sample] | Task, **kwargs) -> Task:
+    """A Task from what a user passes as ``dataset=``.
+
+    Accepts a :class:`Task`, a list of :class:`Sample`, a ``.jsonl`` / ``.csv`` path, or
+    ``"hf:NAME"`` for a Hugging Face dataset (``hf_split``, ``source_key``, ``reference_key``
+    keyword arguments). Extra keyword arguments ``prompt_template`` and ``default_reward`` apply.
+    """
+    template = kwargs.pop("prompt_template", "{source}\n")
+    reward = kwargs.pop("default_reward", "rougeL")
+    if isinstance(dataset, Task):
+        return dataset
+    if isinstance(dataset, (list, tuple)):
+        return task_from_samples("custom", dataset, template, reward)
+    path = os.fspath(dataset)
+    if path.startswith("hf:"):
+        split = kwargs.pop("hf_split", "train")
+        samples = load_hf_dataset(path[3:], split, **kwargs)
+        return task_from_samples(path, samples, template, reward)
+    if path.endswith(".jsonl"):
+        return task_from_samples(path, load_jsonl(path, **kwargs), template, reward)
+    if path.endswith(".csv"):
+        return task_from_samples(path, load_csv(path, **kwargs), template, reward)
+    raise ValueError(
+        f"Cannot load dataset {path!r}: give a .jsonl or .csv file, 'hf:NAME' for a Hugging Face dataset, "
+        "a list of textenvs.Sample, or a textenvs.tasks.Task."
+    )
