@@ -22,6 +22,13 @@ GENERATION_IDS = {
     "textenvs/Translate-v0": {"task": "translate"},
 }
 
+# Edit envs truncate themselves at `max_edits`, for the same reason.
+EDIT_IDS = {
+    "textenvs/Edit-v0": {},
+    "textenvs/EditSummary-v0": {"task": "summarize", "start": "draft"},
+    "textenvs/EditTranslation-v0": {"task": "translate", "start": "source"},
+}
+
 ENV_IDS: list[str] = []
 
 
@@ -33,6 +40,8 @@ def _register(env_id: str, entry_point: str, kwargs: dict) -> None:
 
 for _id, _kwargs in GENERATION_IDS.items():
     _register(_id, "textenvs.envs.generate:TextGenerationEnv", _kwargs)
+for _id, _kwargs in EDIT_IDS.items():
+    _register(_id, "textenvs.envs.edit:TextEditEnv", _kwargs)
 
 __all__ = [
     "ENV_IDS", "METRIC_NAMES", "TINY", "LanguageModel", "RewardShaper", "Sample", "Task", "builtin_task",

@@ -140,12 +140,12 @@ class LanguageModel:
         """Append ``ids`` to one sequence with one incremental forward over its cache.
 
         Returns:
-            Hidden states of the new positions ``(len(ids), d)`` and the last logits ``(V,)``.
+            Hidden states ``(len(ids), d)`` and next-token logits ``(len(ids), V)`` of the new positions.
         """
         self.check_length(len(seq) + len(ids))
         hidden, logits = self._forward(torch.tensor([ids], device=self.device), seq.cache)
         seq.ids.extend(ids)
-        return hidden[0], logits[0, -1]
+        return hidden[0], logits[0]
 
     @torch.no_grad()
     def advance(self, seqs: list[Sequence], tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +159,7 @@ class LanguageModel:
         """
         if len(seqs) == 1:
             hidden, logits = self.extend(seqs[0], tokens)
-            return hidden, logits[None]
+            return hidden, logits
         lengths = [len(s) for s in seqs]
         for n in lengths:
             self.check_length(n + 1)
@@ -224,6 +224,7 @@ class LanguageModel:
                 break
             new.append(token)
             _, logits = self.extend(seq, [token])
+            logits = logits[-1]
         return self.decode(new).strip()
 
 

@@ -178,9 +178,12 @@ class RewardShaper:
         self._last_score = scores["score"] if text else 0.0
         return scores
 
-    def step(self, text: str, done: bool) -> tuple[float, dict[str, float]]:
-        """The reward for reaching ``text``; ``done`` marks the episode's last step."""
-        scores = self.score(text)
+    def step(self, text: str, done: bool, scores: dict[str, float] | None = None) -> tuple[float, dict[str, float]]:
+        """The reward for reaching ``text``; ``done`` marks the episode's last step.
+
+        ``scores`` may pass ``self.score(text)`` when the caller has computed it already.
+        """
+        scores = self.score(text) if scores is None else scores
         if self.dense:
             reward = scores["score"] - self._last_score
         else:

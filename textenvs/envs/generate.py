@@ -170,7 +170,7 @@ class TextGenerationEnv(gym.Env):
         truncated = not terminated and len(self.generated) >= self.max_new_tokens
         self._done = terminated or truncated
         reward, scores = self.shaper.step(self.text, self._done)
-        return self._observe(hidden[-1], logits), float(reward), terminated, truncated, self._info(scores)
+        return self._observe(hidden[-1], logits[-1]), float(reward), terminated, truncated, self._info(scores)
 
     def render(self) -> str | None:
         if self.render_mode != "ansi":

@@ -149,7 +149,7 @@ def main() -> None:
     p.add_argument("--n-positions", type=int, default=512)
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--eval-samples", type=int, default=200)

@@ -1,0 +1,252 @@
+"""TextEditEnv: edit semantics by hand, invalid-action rule, masks, prefix-cache reuse, the expert."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from textenvs.envs.edit import DELETE, INSERT, REPLACE, STOP, TextEditEnv, edit_script
+from textenvs.wrappers import FlattenEditActions
+
+START = "Norwick council approves park plan"
+
+
+@pytest.fixture(scope="module")
+def env():
+    return TextEditEnv(task="summarize", token_mode="vocab", obs="positions", max_len=12, max_edits=200)
+
+
+def ids(env, text):
+    return env.lm.encode(" " + text)
+
+
+def tok(env, word):
+    (t,) = env.lm.encode(" " + word)  # a single token for these in-domain words
+    return t
+
+
+def full_recompute_rows(env):
+    _, hidden, _ = env.lm.prefill(env.lm.encode(env.prompt) + env.text_ids)
+    return hidden[env._prompt_len - 1 :]
+
+
+def test_start_text_from_options(env):
+    _, info = env.reset(seed=0, options={"text": START})
+    assert info["text"] == START and env.text_ids == ids(env, START) and info["length"] == len(ids(env, START))
+
+
+@pytest.mark.parametrize(
+    "action,expected",
+    [
+        ((INSERT, 0, "Halden"), "Halden Norwick council approves park plan"),
+        ((INSERT, 2, "Halden"), "Norwick council Halden approves park plan"),
+        ((INSERT, -1, "Halden"), "Norwick council approves park plan Halden"),
+        ((DELETE, 0, None), "council approves park plan"),
+        ((DELETE, -1, None), "Norwick council approves park"),
+        ((REPLACE, 2, "rejects"), "Norwick council rejects park plan"),
+    ],
+)
+def test_single_edits_by_hand(env, action, expected):
+    env.reset(seed=0, options={"text": START})
+    op, pos, word = action
+    n = len(env.text_ids)
+    pos = {INSERT: n, DELETE: n - 1}[op] if pos == -1 else pos
+    _, _, terminated, truncated, info = env.step((op, pos, tok(env, word) if word else 0))
+    assert info["text"] == expected and info["valid"] and not terminated and not truncated
+    np.testing.assert_allclose(env._observe()[: n + 2][: len(env._rows)], full_recompute_rows(env).numpy(), atol=1e-4)
+
+
+def test_stop_terminates_and_keeps_text(env):
+    env.reset(seed=0, options={"text": START})
+    _, reward, terminated, truncated, info = env.step((STOP, 5, 9))
+    assert terminated and not truncated and reward == 0.0 and info["text"] == START
+
+
+def test_sequence_of_edits(env):
+    env.reset(seed=0, options={"text": START})
+    for op, pos, word in [(REPLACE, 0, "Halden"), (DELETE, 3, None), (INSERT, 3, "flood"), (REPLACE, 4, "wall"),
+                          (REPLACE, 2, "opens")]:
+        env.step((op, pos, tok(env, word) if word else 0))
+    assert env.text == "Halden council opens flood wall"
+
+
+@pytest.mark.parametrize("action", [(DELETE, 5, 0), (REPLACE, 7, 10), (INSERT, 6, 10)])
+def test_invalid_edits_are_penalised_no_ops(env, action):
+    env.reset(seed=0, options={"text": START})  # 5 tokens: positions 0..4, insert up to 5
+    before = list(env.text_ids)
+    obs_before = env._observe()
+    obs, reward, terminated, truncated, info = env.step(action)
+    assert env.text_ids == before and not info["valid"] and reward == pytest.approx(-env.invalid_penalty)
+    np.testing.assert_array_equal(obs, obs_before)
+
+
+def test_special_token_and_full_text_are_invalid(env):
+    env.reset(seed=0, options={"text": START})
+    _, _, _, _, info = env.step((INSERT, 0, env.lm.eos_token_id))
+    assert not info["valid"]
+    env.reset(seed=0, options={"text": " ".join(["plan"] * 20)})
+    assert len(env.text_ids) == env.max_len and env.start_truncated
+    _, _, _, _, info = env.step((INSERT, 0, tok(env, "plan")))
+    assert not info["valid"] and len(env.text_ids) == env.max_len
+
+
+def test_empty_start_text(env):
+    obs, info = env.reset(seed=0, options={"text": ""})
+    assert info["text"] == "" and info["length"] == 0 and np.all(obs[1:] == 0) and np.any(obs[0] != 0)
+    assert not env.action_masks()[DELETE] and not env.action_masks()[REPLACE]
+    _, _, _, _, info = env.step((INSERT, 0, tok(env, "Halden")))
+    assert info["text"] == "Halden"
+
+
+def test_per_dimension_mask_layout(env):
+    env.reset(seed=0, options={"text": START})
+    mask = env.action_masks()
+    L, V = env.max_len, env.n_tokens
+    assert mask.shape == (4 + L + 1 + V,)
+    assert list(mask[:4]) == [True, True, True, True]
+    assert list(mask[4 : 4 + L + 1]) == [True] * 6 + [False] * (L + 1 - 6)
+    assert not mask[4 + L + 1 + env.lm.eos_token_id]
+
+
+@pytest.mark.parametrize("start", ["source", "draft", "empty"])
+@pytest.mark.parametrize("obs_mode", ["positions", "pooled"])
+def test_start_modes_and_observation_shapes(start, obs_mode):
+    env = TextEditEnv(task="translate", start=start, obs=obs_mode, max_len=24)
+    obs, info = env.reset(seed=4)
+    assert env.observation_space.contains(obs)
+    if start == "source":
+        assert env.text_ids == env.lm.encode(" " + env.sample.source)[:24]
+    if start == "empty":
+        assert info["text"] == ""
+    if start == "draft":
+        assert info["text"] == env.lm.greedy(env.lm.encode(env.prompt), 24)
+
+
+def test_pooled_observation_is_mean_and_end_row():
+    env = TextEditEnv(task="summarize", obs="pooled")
+    obs, _ = env.reset(seed=1)
+    rows = full_recompute_rows(env).numpy()
+    d = rows.shape[1]
+    np.testing.assert_allclose(obs[:d], rows.mean(0), atol=1e-4)
+    np.testing.assert_allclose(obs[d:], rows[-1], atol=1e-4)
+
+
+def test_topk_tokens_are_the_lm_proposals_at_that_position():
+    env = TextEditEnv(task="summarize", token_mode="topk", k=4, obs="positions")
+    env.reset(seed=0, options={"text": START})
+    _, _, _, _, info = env.step((REPLACE, 1, 0))  # replace token 1 by the LM's top proposal there
+    _, _, logits = env.lm.prefill(env.lm.encode(env.prompt) + ids(env, START)[:1])
+    logits[env.special_ids] = -float("inf")
+    assert env.text_ids[1] == int(logits.argmax())
+
+
+@pytest.mark.parametrize("task,reward", [("summarize", "rougeL"), ("translate", "bleu"), ("translate", "chrf")])
+def test_levenshtein_expert_reaches_the_maximum(task, reward):
+    env = TextEditEnv(task=task, reward=reward, token_mode="vocab", start="source" if task == "translate" else "draft",
+                      max_len=40, max_edits=80)
+    for seed in range(3):
+        _, info = env.reset(seed=seed)
+        start_metric = info["metrics"][reward]
+        target = ids(env, info["references"][0])
+        rewards, terminated = [], False
+        for action in edit_script(env.text_ids, target):
+            _, r, terminated, truncated, info = env.step(action)
+            rewards.append(r)
+            assert info["valid"] and not truncated
+        assert terminated and info["text"] == info["references"][0]
+        assert info["metrics"][reward] == pytest.approx(1.0)
+        assert sum(rewards) == pytest.approx(1.0 - start_metric)
+
+
+def test_edit_script_by_hand():
+    assert edit_script([1, 2, 3], [1, 2, 3]) == []
+    assert edit_script([], [5, 6]) == [(INSERT, 0, 6), (INSERT, 0, 5)]
+    assert edit_script([1, 2, 3], [1, 3]) == [(DELETE, 1, 0)]
+    assert edit_script([1, 2, 3], [1, 9, 3]) == [(REPLACE, 1, 9)]
+    src, tgt = [4, 1, 2, 7, 3], [1, 2, 3, 8]
+    text = list(src)
+    for op, p, t in edit_script(src, tgt):
+        text = text[:p] + [t] + text[p:] if op == INSERT else text[:p] + text[p + 1 :] if op == DELETE else \
+            text[:p] + [t] + text[p + 1 :]
+    assert text == tgt and len(edit_script(src, tgt)) == 3
+
+
+def test_truncates_at_max_edits():
+    env = TextEditEnv(task="summarize", max_edits=3)
+    env.reset(seed=0)
+    outs = [env.step((DELETE, 40 - 9, 0)) for _ in range(3)]
+    assert [o[3] for o in outs] == [False, False, True]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"start": "random"}, "start='random'"), ({"obs": "last"}, "obs='last'"), ({"token_mode": "beam"}, "token_mode"),
+     ({"max_len": 0}, "max_len"), ({"invalid_penalty": -1.0}, "invalid_penalty"), ({"max_len": 10_000}, "context")],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TextEditEnv(**kwargs).reset(seed=0)
+
+
+def test_reset_text_must_be_a_string(env):
+    with pytest.raises(TypeError, match="must be a string"):
+        env.reset(options={"text": 5})
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), masked=st.booleans(), topk=st.booleans())
+def test_random_actions_never_corrupt_and_match_full_recompute(seed, masked, topk):
+    env = TextEditEnv(task="summarize", token_mode="topk" if topk else "vocab", obs="positions", max_len=10,
+                      max_edits=1000)
+    env.reset(seed=seed, options={"text": "Norwick council plan"})
+    flat = FlattenEditActions(env)
+    rng = np.random.default_rng(seed)
+    for _ in range(120):
+        before = list(env.text_ids)
+        if masked:
+            a = int(rng.choice(np.flatnonzero(flat.action_masks())))
+            if a == 0:
+                continue  # stop would end the episode; everything else is an edit
+            obs, r, terminated, truncated, info = flat.step(a)
+            assert info["valid"]
+        else:
+            action = rng.integers(env.action_space.nvec)
+            if action[0] == STOP:
+                continue
+            obs, r, terminated, truncated, info = env.step(action)
+            if not info["valid"]:
+                assert env.text_ids == before
+        assert np.isfinite(r) and len(env.text_ids) <= env.max_len
+        n = len(env.text_ids)
+        np.testing.assert_allclose(obs[: n + 1], full_recompute_rows(env).numpy(), atol=1e-4)
+        assert np.all(obs[n + 1 :] == 0)
+        if terminated:
+            env.reset(seed=seed, options={"text": "Norwick council plan"})
+
+
+def test_flattened_mask_is_exactly_the_valid_edits():
+    env = TextEditEnv(task="summarize", token_mode="topk", k=3, max_len=6)
+    flat = FlattenEditActions(env)
+    for text in ["", "Norwick council plan", "a b c d e f g h"]:
+        flat.reset(seed=0, options={"text": text})
+        expected = {flat.flatten(*a) for a in env.valid_actions()}
+        assert set(np.flatnonzero(flat.action_masks())) == expected
+        for a in range(flat.action_space.n):
+            assert flat.flatten(*flat.unflatten(a)) == a
+
+
+def test_flatten_rejects_other_spaces():
+    with pytest.raises(ValueError, match="FlattenEditActions needs an edit env"):
+        FlattenEditActions(gym.make("textenvs/Summarize-v0"))
+
+
+def test_maskable_ppo_runs_on_the_flattened_env():
+    pytest.importorskip("sb3_contrib")
+    from sb3_contrib import MaskablePPO
+
+    env = FlattenEditActions(gym.make("textenvs/EditSummary-v0", max_len=8, max_edits=4, k=2))
+    model = MaskablePPO("MlpPolicy", env, n_steps=16, batch_size=8, n_epochs=1, seed=0)
+    model.learn(32)
