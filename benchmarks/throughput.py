@@ -7,7 +7,15 @@
   ``--episode-length`` tokens, dense ROUGE-L reward);
 * ``naive_steps_per_s``: the same env stepped the way a text-only env must: every step re-runs the
   whole prompt + generated sequence through the model;
-* ``ratio_to_raw`` = env / raw and ``speedup_vs_naive`` = env / naive.
+* ``ratio_to_raw`` = env / raw and ``speedup_vs_naive`` = env / naive;
+* ``edit_steps_per_s``: ``textenvs/Edit-v0`` steps, uniformly random valid edits (insert / delete /
+  replace, top-k tokens) on texts of ``--edit-length`` tokens, reusing the cache before the edit;
+* ``edit_full_recompute_steps_per_s``: the same edits, recomputing prompt + text from scratch;
+  ``edit_speedup`` = the first over the second.
+
+``--random-gpt2 small`` measures a randomly initialised GPT-2 of the 124M layout (12 layers,
+d = 768, the tiny model's tokenizer) saved to a temporary folder, to see how the ratios move with
+model size without any download.
 
 Every figure of one run comes from the same process, model and episode length, so compare the
 ratios, not the absolute numbers across machines.
@@ -25,6 +33,7 @@ import numpy as np
 import torch
 
 import textenvs
+from textenvs.envs.edit import DELETE, INSERT, REPLACE, TextEditEnv
 from textenvs.envs.generate import TextGenerationEnv
 
 
@@ -86,9 +95,81 @@ def time_raw_forward(env: TextGenerationEnv, episodes: int, length: int, seed: i
     return tokens / elapsed
 
 
+class FullRecomputeEditEnv(TextEditEnv):
+    """The edit env without prefix reuse: every edit re-runs prompt + text from scratch."""
+
+    def _recompute_from(self, pos: int, new_tail: list[int]) -> None:
+        ids = self._seq.ids[: self._prompt_len + pos] + new_tail
+        self.lm.crop(self._seq, 0)
+        hidden, logits = self.lm.extend(self._seq, ids)
+        start = self._prompt_len - 1
+        self._rows, self._row_logits = hidden[start:], logits[start:]
+        self.text = self.lm.decode(self.text_ids).strip()
+
+
+def random_valid_edit(env: TextEditEnv, rng: np.random.Generator) -> tuple[int, int, int]:
+    """A uniformly random insert / delete / replace that is valid for the current text."""
+    n = len(env.text_ids)
+    ops = ([INSERT] if n < env.max_len else []) + ([DELETE, REPLACE] if n > 0 else [])
+    op = int(rng.choice(ops))
+    position = int(rng.integers(n + 1 if op == INSERT else n))
+    return op, position, int(rng.integers(env.n_tokens))
+
+
+def time_edit_steps(env: TextEditEnv, text: str, n_steps: int, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    env.reset(seed=seed, options={"text": text})
+    elapsed = 0.0
+    for _ in range(n_steps):
+        action = random_valid_edit(env, rng)
+        start = time.perf_counter()
+        env.step(action)
+        elapsed += time.perf_counter() - start
+    return n_steps / elapsed
+
+
+def measure_edit(args: argparse.Namespace, model) -> dict:
+    kwargs = dict(model=model, task="summarize", max_len=args.edit_length + 32, max_edits=10**9, token_mode="topk",
+                  obs="positions", device=args.device)
+    env = TextEditEnv(**kwargs)
+    full = FullRecomputeEditEnv(**kwargs)
+    env.reset(seed=args.seed)
+    words = (env.sample.source + " ") * 4
+    text = env.lm.decode(env.lm.encode(" " + words)[: args.edit_length]).strip()
+    time_edit_steps(env, text, 10, args.seed)  # warm-up
+    reuse = time_edit_steps(env, text, args.edit_steps, args.seed)
+    recompute = time_edit_steps(full, text, args.edit_steps, args.seed)
+    return {
+        "edit_text_tokens": args.edit_length,
+        "edit_steps_per_s": round(reuse, 1),
+        "edit_full_recompute_steps_per_s": round(recompute, 1),
+        "edit_speedup": round(reuse / recompute, 2),
+    }
+
+
+def random_gpt2(size: str) -> str:
+    """A randomly initialised GPT-2 of a standard layout with the tiny tokenizer, saved to a temp folder."""
+    import tempfile
+
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    layouts = {"small": dict(n_layer=12, n_embd=768, n_head=12), "medium": dict(n_layer=24, n_embd=1024, n_head=16)}
+    if size not in layouts:
+        raise SystemExit(f"--random-gpt2 must be one of {list(layouts)}, got {size!r}.")
+    folder = tempfile.mkdtemp(prefix=f"textenvs-gpt2-{size}-")
+    tokenizer = AutoTokenizer.from_pretrained(textenvs.lm.BUILTIN_MODELS[textenvs.TINY])
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, eos_token_id=tokenizer.eos_token_id,
+                        bos_token_id=tokenizer.eos_token_id, **layouts[size])
+    GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def measure(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
-    kwargs = dict(model=args.model, max_new_tokens=args.episode_length, device=args.device)
+    model = random_gpt2(args.random_gpt2) if args.random_gpt2 else args.model
+    kwargs = dict(model=model, max_new_tokens=args.episode_length, device=args.device)
     env = gym.make("textenvs/Summarize-v0", **kwargs).unwrapped
     naive = NaiveGenerationEnv(task="summarize", **kwargs)
     n, length, seed = args.episodes, args.episode_length, args.seed
@@ -96,8 +177,9 @@ def measure(args: argparse.Namespace) -> dict:
     raw = time_raw_forward(env, n, length, seed)
     env_sps = time_env_steps(env, n, length, seed)
     naive_sps = time_env_steps(naive, max(1, n // 2), length, seed)
+    edit = measure_edit(args, model)
     return {
-        "model": args.model,
+        "model": f"random GPT-2 {args.random_gpt2}" if args.random_gpt2 else args.model,
         "device": args.device,
         "episode_length": length,
         "episodes": n,
@@ -106,6 +188,7 @@ def measure(args: argparse.Namespace) -> dict:
         "naive_steps_per_s": round(naive_sps, 1),
         "ratio_to_raw": round(env_sps / raw, 3),
         "speedup_vs_naive": round(env_sps / naive_sps, 2),
+        **edit,
         "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "versions": {"textenvs": textenvs.__version__, "torch": torch.__version__},
@@ -119,6 +202,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--episodes", type=int, default=6)
     p.add_argument("--episode-length", type=int, default=64)
+    p.add_argument("--edit-length", type=int, default=128, help="tokens of the text being edited")
+    p.add_argument("--edit-steps", type=int, default=150)
+    p.add_argument("--random-gpt2", choices=["small", "medium"], help="measure a random GPT-2 of this layout")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     result = measure(args)

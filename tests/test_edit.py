@@ -139,6 +139,7 @@ def test_topk_tokens_are_the_lm_proposals_at_that_position():
     env.reset(seed=0, options={"text": START})
     _, _, _, _, info = env.step((REPLACE, 1, 0))  # replace token 1 by the LM's top proposal there
     _, _, logits = env.lm.prefill(env.lm.encode(env.prompt) + ids(env, START)[:1])
+    logits = logits.clone()  # the backend returns inference-mode tensors: clone before writing
     logits[env.special_ids] = -float("inf")
     assert env.text_ids[1] == int(logits.argmax())
 
