@@ -98,13 +98,16 @@ def time_raw_forward(env: TextGenerationEnv, episodes: int, length: int, seed: i
 class FullRecomputeEditEnv(TextEditEnv):
     """The edit env without prefix reuse: every edit re-runs prompt + text from scratch."""
 
-    def _recompute_from(self, pos: int, new_tail: list[int]) -> None:
-        ids = self._seq.ids[: self._prompt_len + pos] + new_tail
+    def step(self, action):
+        tail = self.begin_step(action)
+        if self._edit_pos is None:
+            return self.finish_step(None, None)
+        ids = self._seq.ids + tail  # prompt + text up to the edit + the new tail
         self.lm.crop(self._seq, 0)
+        self._rows, self._row_logits = self._rows[:0], self._row_logits[:0]
         hidden, logits = self.lm.extend(self._seq, ids)
         start = self._prompt_len - 1
-        self._rows, self._row_logits = hidden[start:], logits[start:]
-        self.text = self.lm.decode(self.text_ids).strip()
+        return self.finish_step(hidden[start:], logits[start:])
 
 
 def random_valid_edit(env: TextEditEnv, rng: np.random.Generator) -> tuple[int, int, int]:

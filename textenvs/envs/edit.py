@@ -201,7 +201,9 @@ class TextEditEnv(gym.Env):
         self._row_logits = logits[None]  # (1, V)
         text_ids = self._start_ids(options)
         self.start_truncated = len(text_ids) > self.max_len
-        self._recompute_from(0, text_ids[: self.max_len])
+        if text_ids:
+            self._append(*self.lm.extend(self._seq, text_ids[: self.max_len]))
+        self.text = self.lm.decode(self.text_ids).strip()
         self.edits, self.valid, self.op = 0, True, None
         self._done = False
         self.start_text = self.text
@@ -209,6 +211,17 @@ class TextEditEnv(gym.Env):
         return self._observe(), self._info(scores)
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        tail = self.begin_step(action)
+        hidden, logits = self.lm.extend(self._seq, tail) if tail else (None, None)
+        return self.finish_step(hidden, logits)
+
+    # Split in two like TextGenerationEnv.step, so a vector env batches the forwards of N envs.
+    def begin_step(self, action: Any) -> list[int]:
+        """Check and apply the action up to the forward: crop the cache at the edit position.
+
+        Returns the tokens to append to ``self._seq`` (the new text from the edit position on;
+        empty for stop, an invalid edit, or a delete of the last token).
+        """
         if self._seq is None:
             raise ResetNeeded("Cannot call step() before reset(): call env.reset() first.")
         if self._done:
@@ -218,19 +231,31 @@ class TextEditEnv(gym.Env):
         self.op = OP_NAMES[op]
         token = self._token(pos, token_index) if op in (INSERT, REPLACE) else None
         self.valid = self._is_valid(op, pos, token)
-        terminated = op == STOP
-        if self.valid and op != STOP:
-            ids = self.text_ids
-            new = ids[:pos] + [token] + ids[pos:] if op == INSERT else (
-                ids[:pos] + ids[pos + 1 :] if op == DELETE else ids[:pos] + [token] + ids[pos + 1 :]
-            )
-            self._recompute_from(pos, new[pos:])
+        self._edit_pos = None
+        if not self.valid or op == STOP:
+            return []
+        ids = self.text_ids
+        new = {INSERT: ids[:pos] + [token] + ids[pos:], DELETE: ids[:pos] + ids[pos + 1 :],
+               REPLACE: ids[:pos] + [token] + ids[pos + 1 :]}[op]
+        self._edit_pos = pos
+        self._crop(pos)
+        return new[pos:]
+
+    def finish_step(
+        self, hidden: torch.Tensor | None, logits: torch.Tensor | None
+    ) -> tuple[np.ndarray, float, bool, bool, dict]:
+        """Complete the step from the forward of the new tail (``None`` when nothing was run)."""
+        if hidden is not None:
+            self._append(hidden, logits)
+        if self._edit_pos is not None:
+            self.text = self.lm.decode(self.text_ids).strip()
+        stop = self.op == "stop"
         scores = self.shaper.score(self.text)
-        terminated = terminated or scores[self.shaper.name] >= 1.0
+        terminated = stop or scores[self.shaper.name] >= 1.0
         truncated = not terminated and self.edits >= self.max_edits
         self._done = terminated or truncated
         reward, scores = self.shaper.step(self.text, self._done, scores)
-        if op != STOP:
+        if not stop:
             reward -= self.edit_cost if self.valid else self.invalid_penalty
         return self._observe(), float(reward), terminated, truncated, self._info(scores)
 
@@ -286,15 +311,15 @@ class TextEditEnv(gym.Env):
             text = ""
         return self.lm.encode(" " + text.strip()) if text.strip() else []
 
-    def _recompute_from(self, pos: int, new_tail: list[int]) -> None:
-        """Keep the cache before text position ``pos`` and run ``new_tail`` in ONE forward."""
+    def _crop(self, pos: int) -> None:
+        """Drop the cache and observation rows from text position ``pos`` on (rows 0..pos stay valid)."""
         self.lm.crop(self._seq, self._prompt_len + pos)
         self._rows, self._row_logits = self._rows[: pos + 1], self._row_logits[: pos + 1]
-        if new_tail:
-            hidden, logits = self.lm.extend(self._seq, new_tail)
-            self._rows = torch.cat([self._rows, hidden])  # (len + 1, d)
-            self._row_logits = torch.cat([self._row_logits, logits])  # (len + 1, V)
-        self.text = self.lm.decode(self.text_ids).strip()
+
+    def _append(self, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+        """Add the rows of newly run text tokens: hidden ``(n, d)``, logits ``(n, V)``."""
+        self._rows = torch.cat([self._rows, hidden])  # (len + 1, d)
+        self._row_logits = torch.cat([self._row_logits, logits])  # (len + 1, V)
 
     def _parse(self, action: Any) -> tuple[int, int, int]:
         try:

@@ -156,12 +156,24 @@ class TextGenerationEnv(gym.Env):
         return self._observe(hidden[-1], logits), self._info(scores)
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        tokens = self.begin_step(action)
+        hidden, logits = self.lm.extend(self._seq, tokens)
+        return self.finish_step(hidden, logits)
+
+    # The step is split in two so that a vector env can run the forwards of N envs as ONE batch
+    # (textenvs.vector): begin_step checks the action and says which tokens to append to
+    # `self._seq`, finish_step consumes the forward's output.
+    def begin_step(self, action: Any) -> list[int]:
+        """Check the action; the tokens to append to ``self._seq`` (one token)."""
         if self._seq is None:
             raise ResetNeeded("Cannot call step() before reset(): call env.reset() first.")
         if self._done:
             raise ResetNeeded("The episode has ended (terminated or truncated): call env.reset() before step().")
-        token = self.token_for(action)
-        hidden, logits = self.lm.extend(self._seq, [token])
+        return [self.token_for(action)]
+
+    def finish_step(self, hidden: torch.Tensor, logits: torch.Tensor) -> tuple[np.ndarray, float, bool, bool, dict]:
+        """Complete the step from the forward of the new token: hidden ``(1, d)``, logits ``(1, V)``."""
+        token = self._seq.ids[-1]
         self._hidden_sum += hidden[-1]
         terminated = token == self.lm.eos_token_id
         if not terminated:
