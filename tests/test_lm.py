@@ -41,18 +41,26 @@ def test_crop_then_extend_equals_prefill(lm):
     torch.testing.assert_close(hidden, full[4:], atol=1e-4, rtol=0)
 
 
-def test_batched_advance_of_unequal_lengths_equals_single_steps(lm):
-    texts = ["Article: A", "English: The old farmer sees a red bird near the river", "Veltic: La kolo"]
+@pytest.mark.parametrize("tail_sizes", [[1, 1, 1], [3, 0, 1, 5]])
+def test_extend_batch_of_unequal_lengths_equals_single_extends(lm, tail_sizes):
+    texts = ["Article: A", "English: The old farmer sees a red bird near the river", "Veltic: La kolo",
+             "Headline: Norwick council"][: len(tail_sizes)]
     batch = [lm.prefill(lm.encode(t))[0] for t in texts]
     single = [lm.prefill(lm.encode(t))[0] for t in texts]
-    tokens = [11, 12, 13]
     for step in range(3):
-        hidden, logits = lm.advance(batch, [t + step for t in tokens])
+        tails = [[11 + step + j for j in range(n)] for n in tail_sizes]
+        results = lm.extend_batch(batch, tails)
         for i, seq in enumerate(single):
-            h, lg = lm.extend(seq, [tokens[i] + step])
-            torch.testing.assert_close(hidden[i], h[-1], atol=1e-4, rtol=0)
-            torch.testing.assert_close(logits[i], lg[-1], atol=1e-4, rtol=0)
+            if not tails[i]:
+                assert results[i] is None
+                continue
+            h, lg = lm.extend(seq, tails[i])
+            torch.testing.assert_close(results[i][0], h, atol=1e-4, rtol=0)
+            torch.testing.assert_close(results[i][1], lg, atol=1e-4, rtol=0)
     assert [s.ids for s in batch] == [s.ids for s in single]
+    for a, b in zip(batch, single):  # the kept caches are the single-sequence caches
+        for la, lb in zip(a.cache.layers, b.cache.layers):
+            torch.testing.assert_close(la.keys, lb.keys, atol=1e-4, rtol=0)
 
 
 def test_sequence_longer_than_context_raises(lm):

@@ -3,8 +3,9 @@
 The environments never call the model any other way than through :class:`LanguageModel`:
 
 * :meth:`LanguageModel.prefill` runs a token sequence once and keeps its KV cache;
-* :meth:`LanguageModel.advance` appends ONE token per sequence of a batch and runs one incremental
-  forward over the cached keys and values (the whole cost of an environment step);
+* :meth:`LanguageModel.extend` appends tokens to a sequence with one incremental forward over its
+  cached keys and values (the whole cost of an environment step), and
+  :meth:`LanguageModel.extend_batch` does it for N sequences in ONE batched forward;
 * :meth:`LanguageModel.crop` drops cached positions from ``p`` on, so an edit at ``p`` recomputes
   only positions ``>= p`` (valid for causal LMs: earlier positions never attend to later ones).
 
@@ -81,6 +82,7 @@ class LanguageModel:
     ) -> None:
         self.name = os.fspath(name)
         self.device = torch.device(device)
+        self.dtype = dtype
         path = resolve_model_path(self.name)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
@@ -115,6 +117,12 @@ class LanguageModel:
         self.max_positions = int(
             getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 2048
         )
+
+    def __reduce__(self):
+        # Pickle by reference: unpickling (an async vector env's worker, a checkpoint of an env)
+        # loads or reuses the shared model of that name instead of copying weights. A model whose
+        # weights were changed in memory must be saved with save_pretrained and passed by folder.
+        return load, (self.name, str(self.device), self.dtype, self.layer)
 
     # -- text ------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -152,48 +160,58 @@ class LanguageModel:
         return hidden[0], logits[0]
 
     @torch.inference_mode()
-    def advance(self, seqs: list[Sequence], tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append one token to each sequence: ONE batched incremental forward.
+    def extend_batch(
+        self, seqs: list[Sequence], tails: list[list[int]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Append ``tails[i]`` to ``seqs[i]`` for every i: ONE batched incremental forward.
 
-        Sequences of different lengths are right-padded in a temporary batch cache with an attention
-        mask and explicit position ids, then each sequence keeps its own cache.
+        Caches of different lengths are right-padded into one temporary batch cache; an attention
+        mask hides the padding and explicit position ids keep every sequence's positions, so each
+        result equals :meth:`extend` on that sequence alone. Each sequence keeps its own cache.
 
         Returns:
-            Hidden states of the new tokens ``(B, d)`` and next-token logits ``(B, V)``.
+            Per sequence, hidden states ``(n_i, d)`` and logits ``(n_i, V)`` of its new positions,
+            or ``None`` where its tail is empty (nothing is run for it).
         """
-        if len(seqs) == 1:
-            hidden, logits = self.extend(seqs[0], tokens)
-            return hidden, logits
-        lengths = [len(s) for s in seqs]
-        for n in lengths:
-            self.check_length(n + 1)
-        longest = max(lengths)
-        n_layers = len(seqs[0].cache.layers)
-        batch_layers = []
-        for layer in range(n_layers):
+        results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(seqs)
+        active = [i for i, tail in enumerate(tails) if tail]
+        if len(active) == 1:
+            results[active[0]] = self.extend(seqs[active[0]], tails[active[0]])
+        if len(active) <= 1:
+            return results
+        lengths = [len(seqs[i]) for i in active]
+        sizes = [len(tails[i]) for i in active]
+        for n, m in zip(lengths, sizes):
+            self.check_length(n + m)
+        past, new = max(lengths), max(sizes)
+        layers = []
+        for layer in range(len(seqs[active[0]].cache.layers)):
             ks, vs = [], []
-            for s, n in zip(seqs, lengths, strict=False):
-                k, v = s.cache.layers[layer].keys, s.cache.layers[layer].values  # (1, H, n, hd)
-                pad = longest - n
-                ks.append(torch.nn.functional.pad(k, (0, 0, 0, pad)))
-                vs.append(torch.nn.functional.pad(v, (0, 0, 0, pad)))
-            batch_layers.append((torch.cat(ks), torch.cat(vs)))  # (B, H, longest, hd)
-        cache = DynamicCache(ddp_cache_data=batch_layers)
-        mask = torch.zeros(len(seqs), longest + 1, dtype=torch.long, device=self.device)
-        for i, n in enumerate(lengths):
-            mask[i, :n] = 1
-        mask[:, -1] = 1
-        position_ids = torch.tensor(lengths, device=self.device)[:, None]
-        input_ids = torch.tensor(tokens, device=self.device)[:, None]
-        hidden, logits = self._forward(input_ids, cache, mask, position_ids)
-        for i, (s, n) in enumerate(zip(seqs, lengths, strict=False)):
-            for layer in range(n_layers):
-                k, v = cache.layers[layer].keys, cache.layers[layer].values
-                keep = torch.cat([k[i : i + 1, :, :n], k[i : i + 1, :, -1:]], dim=2)
-                keep_v = torch.cat([v[i : i + 1, :, :n], v[i : i + 1, :, -1:]], dim=2)
-                s.cache.layers[layer].keys, s.cache.layers[layer].values = keep, keep_v
-            s.ids.append(tokens[i])
-        return hidden[:, 0], logits[:, -1]
+            for i, n in zip(active, lengths):
+                cached = seqs[i].cache.layers[layer]  # keys / values: (1, H, n, hd)
+                ks.append(torch.nn.functional.pad(cached.keys, (0, 0, 0, past - n)))
+                vs.append(torch.nn.functional.pad(cached.values, (0, 0, 0, past - n)))
+            layers.append((torch.cat(ks), torch.cat(vs)))  # (B, H, past, hd)
+        cache = DynamicCache(ddp_cache_data=layers)
+        mask = torch.zeros(len(active), past + new, dtype=torch.long)  # (B, past + new)
+        input_ids = torch.full((len(active), new), self.eos_token_id, dtype=torch.long)
+        for b, (i, n, m) in enumerate(zip(active, lengths, sizes)):
+            mask[b, :n] = 1
+            mask[b, past : past + m] = 1
+            input_ids[b, :m] = torch.tensor(tails[i])
+        position_ids = torch.tensor(lengths)[:, None] + torch.arange(new)[None]  # (B, new)
+        hidden, logits = self._forward(
+            input_ids.to(self.device), cache, mask.to(self.device), position_ids.to(self.device)
+        )
+        for b, (i, n, m) in enumerate(zip(active, lengths, sizes)):
+            own = seqs[i].cache.layers
+            for layer, batch_layer in enumerate(cache.layers):
+                k, v = batch_layer.keys[b : b + 1], batch_layer.values[b : b + 1]  # (1, H, past + new, hd)
+                own[layer].keys = torch.cat([k[:, :, :n], k[:, :, past : past + m]], dim=2)
+                own[layer].values = torch.cat([v[:, :, :n], v[:, :, past : past + m]], dim=2)
+            seqs[i].ids.extend(tails[i])
+            results[i] = (hidden[b, :m], logits[b, :m])
+        return results
 
     def crop(self, seq: Sequence, length: int) -> None:
         """Keep the first ``length`` positions of ``seq`` (ids and cache)."""

@@ -48,15 +48,19 @@ SACREBLEU_METRICS = ("bleu", "chrf", "ter")
 METRIC_NAMES = ROUGE_METRICS + SACREBLEU_METRICS
 
 
-def _rouge(kind: str) -> MetricFn:
-    scorer = rouge_scorer.RougeScorer([kind], use_stemmer=False)
+class RougeMetric:
+    """ROUGE F-measure from ``rouge_score``, the best over the references."""
 
-    def rouge(hypothesis: str, references: Sequence[str]) -> float:
+    def __init__(self, kind: str) -> None:
+        self.kind = self.__name__ = kind
+        self._scorer = rouge_scorer.RougeScorer([kind], use_stemmer=False)
+
+    def __call__(self, hypothesis: str, references: Sequence[str]) -> float:
         # rougeLsum expects sentences on separate lines; the other kinds ignore newlines.
-        return max(scorer.score(ref, hypothesis)[kind].fmeasure for ref in references)
+        return max(self._scorer.score(ref, hypothesis)[self.kind].fmeasure for ref in references)
 
-    rouge.__name__ = kind
-    return rouge
+    def __reduce__(self):
+        return RougeMetric, (self.kind,)
 
 
 def _clip01(x: float) -> float:
@@ -64,25 +68,23 @@ def _clip01(x: float) -> float:
     return min(max(x, 0.0), 1.0)
 
 
-def _sacrebleu(kind: str) -> MetricFn:
-    if kind == "bleu":
-        bleu = BLEU(effective_order=True)
+class SacreBleuMetric:
+    """A sacrebleu sentence metric scaled to [0, 1] (TER turned into ``1 - TER``)."""
 
-        def metric(hypothesis: str, references: Sequence[str]) -> float:
-            return _clip01(bleu.sentence_score(hypothesis, list(references)).score / 100.0)
-    elif kind == "chrf":
-        chrf = CHRF()
+    _CLASSES = {"bleu": lambda: BLEU(effective_order=True), "chrf": CHRF, "ter": TER}
 
-        def metric(hypothesis: str, references: Sequence[str]) -> float:
-            return _clip01(chrf.sentence_score(hypothesis, list(references)).score / 100.0)
-    else:
-        ter = TER()
+    def __init__(self, kind: str) -> None:
+        self.kind = self.__name__ = kind
+        self._metric = self._CLASSES[kind]()
 
-        def metric(hypothesis: str, references: Sequence[str]) -> float:
-            return _clip01(1.0 - min(ter.sentence_score(hypothesis, list(references)).score, 100.0) / 100.0)
+    def __call__(self, hypothesis: str, references: Sequence[str]) -> float:
+        score = self._metric.sentence_score(hypothesis, list(references)).score
+        if self.kind == "ter":
+            return _clip01(1.0 - min(score, 100.0) / 100.0)
+        return _clip01(score / 100.0)
 
-    metric.__name__ = kind
-    return metric
+    def __reduce__(self):
+        return SacreBleuMetric, (self.kind,)
 
 
 def get_metric(reward: str | MetricFn) -> MetricFn:
@@ -94,9 +96,9 @@ def get_metric(reward: str | MetricFn) -> MetricFn:
     if callable(reward):
         return reward
     if reward in ROUGE_METRICS:
-        return _rouge(reward)
+        return RougeMetric(reward)
     if reward in SACREBLEU_METRICS:
-        return _sacrebleu(reward)
+        return SacreBleuMetric(reward)
     raise ValueError(
         f"Unknown reward {reward!r}: use one of {list(METRIC_NAMES)} or a callable "
         "(hypothesis: str, references: list[str]) -> float."

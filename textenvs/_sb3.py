@@ -1,0 +1,97 @@
+"""Stable-Baselines3 ``VecEnv`` adapter over a gymnasium vector env (imported only when SB3 is used)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from gymnasium.vector import AutoresetMode, VectorEnv
+
+try:
+    from stable_baselines3.common.vec_env import VecEnv
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("as_sb3_vec_env needs Stable-Baselines3: pip install 'textenvs[sb3]'.") from e
+
+
+def _unbatch_info(infos: dict, i: int) -> dict:
+    """Sub-env ``i``'s entries of a gymnasium vector info dict (``key`` / ``_key`` mask pairs)."""
+    out = {}
+    for key, value in infos.items():
+        if key.startswith("_"):
+            continue
+        present = infos.get(f"_{key}")
+        if present is not None and not present[i]:
+            continue
+        out[key] = _unbatch_info(value, i) if isinstance(value, dict) else value[i]
+    return out
+
+
+class SB3VecEnvAdapter(VecEnv):
+    """SB3's ``VecEnv`` API (dones, ``terminal_observation``, ``TimeLimit.truncated``) over a gymnasium
+    vector env whose autoreset mode is ``SameStep``. The batched textenvs envs keep their single
+    batched forward per step underneath."""
+
+    def __init__(self, envs: VectorEnv) -> None:
+        mode = envs.metadata.get("autoreset_mode")
+        if mode != AutoresetMode.SAME_STEP:
+            raise ValueError(
+                f"as_sb3_vec_env needs a vector env in SameStep autoreset mode, got {mode!r}: build it with "
+                "gym.make_vec(id, num_envs=N) (textenvs ids default to SameStep), or for sync/async mode pass "
+                "vector_kwargs={'autoreset_mode': gym.vector.AutoresetMode.SAME_STEP}."
+            )
+        self.vector_env = envs
+        super().__init__(envs.num_envs, envs.single_observation_space, envs.single_action_space)
+        self._actions: np.ndarray | None = None
+
+    def reset(self):
+        seeds = [s if s is None else int(s) for s in self._seeds]
+        options = self._options[0] if self._options and all(o == self._options[0] for o in self._options) else None
+        obs, infos = self.vector_env.reset(seed=seeds if any(s is not None for s in seeds) else None, options=options)
+        self.reset_infos = [_unbatch_info(infos, i) for i in range(self.num_envs)]
+        self._reset_seeds()
+        self._reset_options()
+        return obs
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = np.asarray(actions)
+
+    def step_wait(self):
+        obs, rewards, terminated, truncated, infos = self.vector_env.step(self._actions)
+        dones = terminated | truncated
+        out = []
+        for i in range(self.num_envs):
+            info = _unbatch_info(infos, i)
+            info["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
+            if dones[i]:
+                info["terminal_observation"] = info.pop("final_obs")
+                final_info = info.pop("final_info", {})
+                self.reset_infos[i] = {k: v for k, v in info.items() if k not in ("TimeLimit.truncated", "terminal_observation")}
+                info = {**final_info, "TimeLimit.truncated": info["TimeLimit.truncated"],
+                        "terminal_observation": info["terminal_observation"]}
+            out.append(info)
+        return obs, rewards.astype(np.float32), dones, out
+
+    def close(self) -> None:
+        self.vector_env.close()
+
+    def _indices(self, indices) -> list[int]:
+        if indices is None:
+            return list(range(self.num_envs))
+        return [indices] if isinstance(indices, int) else list(indices)
+
+    def get_attr(self, attr_name: str, indices=None) -> list[Any]:
+        values = self.vector_env.get_attr(attr_name)
+        return [values[i] for i in self._indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices=None) -> None:
+        values = list(self.vector_env.get_attr(attr_name))
+        for i in self._indices(indices):
+            values[i] = value
+        self.vector_env.set_attr(attr_name, values)
+
+    def env_method(self, method_name: str, *method_args, indices=None, **method_kwargs) -> list[Any]:
+        results = self.vector_env.call(method_name, *method_args, **method_kwargs)
+        return [results[i] for i in self._indices(indices)]
+
+    def env_is_wrapped(self, wrapper_class, indices=None) -> list[bool]:
+        return [False for _ in self._indices(indices)]

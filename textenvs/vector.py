@@ -1,0 +1,187 @@
+"""Batched vector environments: N sub-environments share ONE language-model forward per step.
+
+``gym.make_vec("textenvs/Summarize-v0", num_envs=16)`` builds a :class:`GenerationVectorEnv`
+(the ids register it as their ``vector_entry_point``); the edit ids build an
+:class:`EditVectorEnv`. Each sub-environment is an ordinary single env (same class, same
+keyword arguments, the same language model object) that keeps its own KV cache; a vector step
+asks every sub-env which tokens it appends (``begin_step``), runs them all through
+:meth:`textenvs.lm.LanguageModel.extend_batch` as one padded, masked batch, and hands each
+sub-env its slice (``finish_step``). Sub-env ``i`` of ``reset(seed=s)`` is seeded ``s + i``, as
+in gymnasium's ``SyncVectorEnv``, so it reproduces a single env seeded ``s + i`` exactly.
+
+Autoreset: ``autoreset_mode="SameStep"`` (the default here, what Stable-Baselines3 expects): a
+sub-env that ends is reset inside the same ``step``; the returned observation is the new
+episode's first, and ``infos["final_obs"]`` / ``infos["final_info"]`` hold the last
+observation and info of the episode that ended (masked by ``infos["_final_obs"]``).
+``autoreset_mode="NextStep"`` (gymnasium's default for its own vector envs): the step that ends an
+episode returns its last observation, and the next ``step`` resets that sub-env, ignoring its
+action and returning reward 0. A finished sub-env's cache is dropped when it resets, so memory
+stays flat however long the run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from textenvs.envs.edit import TextEditEnv
+from textenvs.envs.generate import TextGenerationEnv
+
+
+class BatchedTextVectorEnv(VectorEnv):
+    """N text environments of one class stepped with one batched LM forward.
+
+    Args:
+        num_envs: Number of sub-environments.
+        autoreset_mode: ``"SameStep"`` (default) or ``"NextStep"``, see the module docstring.
+        **env_kwargs: Keyword arguments of every sub-environment (``model``, ``task``, ...).
+    """
+
+    env_class: type[gym.Env] = TextGenerationEnv
+
+    def __init__(self, num_envs: int = 1, autoreset_mode: str | AutoresetMode = AutoresetMode.SAME_STEP,
+                 **env_kwargs: Any) -> None:
+        if not (isinstance(num_envs, (int, np.integer)) and num_envs >= 1):
+            raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}.")
+        mode = AutoresetMode(autoreset_mode)
+        if mode == AutoresetMode.DISABLED:
+            raise ValueError("autoreset_mode='Disabled' is not supported: use 'SameStep' or 'NextStep'.")
+        self.envs = [self.env_class(**env_kwargs) for _ in range(num_envs)]
+        self.lm = self.envs[0].lm  # load() shares one model object between the sub-envs
+        self.num_envs = int(num_envs)
+        self.metadata = {**self.env_class.metadata, "autoreset_mode": mode}
+        self.render_mode = self.envs[0].render_mode
+        self.single_observation_space = self.envs[0].observation_space
+        self.single_action_space = self.envs[0].action_space
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self._needs_reset = np.zeros(self.num_envs, dtype=bool)
+        self._was_reset = False
+
+    # -- Gymnasium vector API ----------------------------------------------------------------
+    def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
+        seeds = self._seeds(seed)
+        options = dict(options or {})
+        mask = options.pop("reset_mask", None)
+        mask = np.ones(self.num_envs, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+        if mask.shape != (self.num_envs,):
+            raise ValueError(f"options['reset_mask'] must have shape ({self.num_envs},), got {mask.shape}.")
+        if not self._was_reset and not mask.all():
+            raise ValueError("The first reset() must reset every sub-env: drop options['reset_mask'].")
+        if not self._was_reset:
+            self._obs = np.zeros(self.observation_space.shape, dtype=self.observation_space.dtype)
+        infos: dict = {}
+        for i in np.flatnonzero(mask):
+            self._obs[i], info = self.envs[i].reset(seed=seeds[i], options=options or None)
+            infos = self._add_info(infos, info, i)
+        self._needs_reset[mask] = False
+        self._was_reset = True
+        return self._obs.copy(), infos
+
+    def step(self, actions: Any):
+        if not self._was_reset:
+            raise gym.error.ResetNeeded("Cannot call step() before reset(): call envs.reset() first.")
+        actions = self._check_actions(actions)
+        rewards = np.zeros(self.num_envs, dtype=np.float64)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        infos: dict = {}
+        stepping = [i for i in range(self.num_envs) if not self._needs_reset[i]]
+        for i in np.flatnonzero(self._needs_reset):  # NextStep: this step is the reset
+            self._obs[i], info = self.envs[i].reset()
+            infos = self._add_info(infos, info, i)
+        self._needs_reset[:] = False
+        # All actions were checked above, so no sub-env is half-stepped when begin_step runs.
+        tails = [self.envs[i].begin_step(actions[i]) for i in stepping]
+        results = self.lm.extend_batch([self.envs[i]._seq for i in stepping], tails)
+        for i, result in zip(stepping, results):
+            obs, rewards[i], terminated[i], truncated[i], info = self.envs[i].finish_step(
+                *(result if result is not None else (None, None))
+            )
+            if terminated[i] or truncated[i]:
+                if self.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP:
+                    final_obs, final_info = obs, info
+                    obs, info = self.envs[i].reset()
+                    info["final_obs"], info["final_info"] = final_obs, final_info
+                else:
+                    self._needs_reset[i] = True
+            self._obs[i] = obs
+            infos = self._add_info(infos, info, i)
+        return self._obs.copy(), rewards, terminated, truncated, infos
+
+    def render(self) -> tuple | None:
+        return tuple(env.render() for env in self.envs)
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> tuple:
+        """Call a method (or read an attribute) of every sub-env, as gymnasium's SyncVectorEnv does."""
+        out = []
+        for env in self.envs:
+            attr = getattr(env, name)
+            out.append(attr(*args, **kwargs) if callable(attr) else attr)
+        return tuple(out)
+
+    def get_attr(self, name: str) -> tuple:
+        return tuple(getattr(env, name) for env in self.envs)
+
+    def set_attr(self, name: str, values: Any) -> None:
+        values = values if isinstance(values, (list, tuple)) else [values] * self.num_envs
+        for env, value in zip(self.envs, values):
+            setattr(env, name, value)
+
+    def action_masks(self) -> np.ndarray:
+        """The sub-envs' action masks stacked ``(num_envs, ...)`` (edit envs)."""
+        return np.stack(self.call("action_masks"))
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _seeds(self, seed: int | list[int | None] | None) -> list[int | None]:
+        if seed is None:
+            return [None] * self.num_envs
+        if isinstance(seed, (int, np.integer)):
+            return [int(seed) + i for i in range(self.num_envs)]
+        seeds = list(seed)
+        if len(seeds) != self.num_envs:
+            raise ValueError(f"Got {len(seeds)} seeds for {self.num_envs} sub-envs: give one int or one seed per sub-env.")
+        return seeds
+
+    def _check_actions(self, actions: Any) -> np.ndarray:
+        arr = np.asarray(actions)
+        expected = self.action_space.shape
+        if arr.shape != expected or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(
+                f"Expected an integer action array of shape {expected} (one action of {self.single_action_space} "
+                f"per sub-env), got shape {arr.shape} and dtype {arr.dtype}."
+            )
+        for i, a in enumerate(arr):
+            if not self._needs_reset[i] and not self.single_action_space.contains(a.astype(np.int64)):
+                raise ValueError(
+                    f"Action {a!r} of sub-env {i} is not in the action space {self.single_action_space}; "
+                    "no sub-env was stepped."
+                )
+        return arr
+
+
+class GenerationVectorEnv(BatchedTextVectorEnv):
+    """Batched :class:`~textenvs.envs.generate.TextGenerationEnv` (``vector_entry_point`` of the generation ids)."""
+
+    env_class = TextGenerationEnv
+
+
+class EditVectorEnv(BatchedTextVectorEnv):
+    """Batched :class:`~textenvs.envs.edit.TextEditEnv` (``vector_entry_point`` of the edit ids)."""
+
+    env_class = TextEditEnv
+
+
+def as_sb3_vec_env(envs: VectorEnv):
+    """A Stable-Baselines3 ``VecEnv`` over a gymnasium vector env in ``SameStep`` autoreset mode.
+
+    Works with the batched envs (their default mode) and with gymnasium's sync / async vector
+    envs made with ``vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}``.
+    """
+    from textenvs._sb3 import SB3VecEnvAdapter
+
+    return SB3VecEnvAdapter(envs)
