@@ -13,6 +13,14 @@
 * ``edit_full_recompute_steps_per_s``: the same edits, recomputing prompt + text from scratch;
   ``edit_speedup`` = the first over the second.
 
+* ``vector_steps_per_s``: env steps per second of ``gym.make_vec("textenvs/Summarize-v0",
+  num_envs=--num-envs)`` (the batched env, auto-resets included), against
+  ``batched_bound_steps_per_s``, the bare batched incremental forward of the same batch size and
+  model (one cache, equal lengths, no env); ``vector_ratio_to_bound`` and
+  ``vector_speedup_vs_single`` (over ``env_steps_per_s``);
+* ``vector_rss_mb_first`` / ``vector_rss_mb_last``: resident memory after the first and the last
+  1,000 of ``--memory-steps`` env steps of the batched env (flat when finished caches are freed).
+
 ``--random-gpt2 small`` measures a randomly initialised GPT-2 of the 124M layout (12 layers,
 d = 768, the tiny model's tokenizer) saved to a temporary folder, to see how the ratios move with
 model size without any download.
@@ -150,6 +158,69 @@ def measure_edit(args: argparse.Namespace, model) -> dict:
     }
 
 
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def time_vector_steps(envs, episodes: int, length: int, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    envs.reset(seed=seed)
+    eos = envs.unwrapped.lm.eos_token_id
+    steps, elapsed = 0, 0.0
+    for _ in range(episodes * length):
+        actions = rng.integers(envs.single_action_space.n, size=envs.num_envs)
+        actions[actions == eos] += 1
+        start = time.perf_counter()
+        envs.step(actions)
+        elapsed += time.perf_counter() - start
+        steps += envs.num_envs
+    return steps / elapsed
+
+
+def time_batched_bound(lm, prompts: list[str], length: int, seed: int) -> float:
+    """Tokens per second of the bare batched incremental forward: one cache, equal lengths, no env."""
+    from transformers import DynamicCache
+
+    rng = np.random.default_rng(seed)
+    ids = [lm.encode(p) for p in prompts]
+    shortest = min(map(len, ids))
+    batch = torch.tensor([i[:shortest] for i in ids], device=lm.device)  # (B, P)
+    with torch.inference_mode():
+        cache = DynamicCache()
+        lm.model(input_ids=batch, past_key_values=cache, use_cache=True)
+        tokens = torch.from_numpy(rng.integers(1, lm.vocab_size, size=(length, len(prompts)))).to(lm.device)
+        start = time.perf_counter()
+        for t in range(length):
+            out = lm.model(input_ids=tokens[t][:, None], past_key_values=cache, use_cache=True,
+                           output_hidden_states=True)
+            out.logits.float().cpu()  # what an env needs back on the host
+        elapsed = time.perf_counter() - start
+    return len(prompts) * length / elapsed
+
+
+def measure_vector(args: argparse.Namespace, model) -> dict:
+    n, length = args.num_envs, args.episode_length
+    envs = gym.make_vec("textenvs/Summarize-v0", num_envs=n, model=model, max_new_tokens=length, device=args.device)
+    time_vector_steps(envs, 1, 4, args.seed)  # warm-up
+    vector = time_vector_steps(envs, args.vector_episodes, length, args.seed)
+    prompts = [env.prompt for env in envs.unwrapped.envs]
+    bound = np.median([time_batched_bound(envs.unwrapped.lm, prompts, length, args.seed + r) for r in range(3)])
+    rss = []
+    rng = np.random.default_rng(args.seed)
+    envs.reset(seed=args.seed)
+    for step in range(args.memory_steps // n):
+        envs.step(rng.integers(envs.single_action_space.n, size=n))
+        if (step + 1) * n % 1000 < n:
+            rss.append(rss_mb())
+    return {"num_envs": n, "vector_steps_per_s": round(vector, 1), "batched_bound_steps_per_s": round(bound, 1),
+            "vector_ratio_to_bound": round(vector / bound, 3), "memory_env_steps": args.memory_steps,
+            "vector_rss_mb_first": round(rss[0], 1), "vector_rss_mb_last": round(rss[-1], 1)}
+
+
 def random_gpt2(size: str) -> str:
     """A randomly initialised GPT-2 of a standard layout with the tiny tokenizer, saved to a temp folder."""
     import tempfile
@@ -181,6 +252,8 @@ def measure(args: argparse.Namespace) -> dict:
     env_sps = time_env_steps(env, n, length, seed)
     naive_sps = time_env_steps(naive, max(1, n // 2), length, seed)
     edit = measure_edit(args, model)
+    vector = measure_vector(args, model)
+    vector["vector_speedup_vs_single"] = round(vector["vector_steps_per_s"] / env_sps, 2)
     return {
         "model": f"random GPT-2 {args.random_gpt2}" if args.random_gpt2 else args.model,
         "device": args.device,
@@ -192,6 +265,7 @@ def measure(args: argparse.Namespace) -> dict:
         "ratio_to_raw": round(env_sps / raw, 3),
         "speedup_vs_naive": round(env_sps / naive_sps, 2),
         **edit,
+        **vector,
         "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "versions": {"textenvs": textenvs.__version__, "torch": torch.__version__},
@@ -207,6 +281,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--episode-length", type=int, default=64)
     p.add_argument("--edit-length", type=int, default=128, help="tokens of the text being edited")
     p.add_argument("--edit-steps", type=int, default=150)
+    p.add_argument("--num-envs", type=int, default=16)
+    p.add_argument("--vector-episodes", type=int, default=2)
+    p.add_argument("--memory-steps", type=int, default=10_000, help="env steps of the memory check")
     p.add_argument("--random-gpt2", choices=["small", "medium"], help="measure a random GPT-2 of this layout")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

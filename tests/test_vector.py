@@ -121,12 +121,35 @@ def test_step_before_reset():
 def test_finished_caches_are_dropped():
     envs = GenerationVectorEnv(4, task="summarize", max_new_tokens=4)
     envs.reset(seed=0)
-    for _ in range(50):
+    longest = 0
+    for _ in range(400):
         envs.step(np.full(4, 9))
-    longest_prompt = max(len(env._seq) - len(env.generated) for env in envs.envs)
-    for env in envs.envs:
-        assert len(env._seq) <= longest_prompt + 4
-        assert env._seq.cache.layers[0].keys.shape[2] == len(env._seq)
+        longest = max(longest, max(len(env._seq) for env in envs.envs))
+        # Freed slots are reclaimed: the batch never holds more than the longest row plus the slack.
+        assert envs.batch.slots <= longest + envs.batch.slack + 1
+    assert all(env._seq.cache is None for env in envs.envs)  # each row lives in the batch only
+    edit = EditVectorEnv(3, task="summarize", max_len=12, max_edits=3)
+    edit.reset(seed=0)
+    for _ in range(30):
+        edit.step(edit.action_space.sample())
+    for env in edit.envs:
+        assert env._seq.cache.layers[0].keys.shape[2] == len(env._seq) <= env._prompt_len + 12
+
+
+def test_lockstep_batch_compaction_keeps_results():
+    envs = GenerationVectorEnv(3, task="translate", max_new_tokens=3)
+    envs.batch.slack = 0  # compact after every reset
+    single = [gym.make("textenvs/Translate-v0", max_new_tokens=3).unwrapped for _ in range(3)]
+    obs, _ = envs.reset(seed=5)
+    for i, env in enumerate(single):
+        env.reset(seed=5 + i)
+    for step in range(10):
+        obs, *_ = envs.step(np.full(3, 20 + step))
+        for i, env in enumerate(single):
+            o, _, te, tr, _ = env.step(20 + step)
+            if te or tr:
+                o, _ = env.reset()
+            np.testing.assert_allclose(obs[i], o, atol=1e-4)
 
 
 def test_sb3_adapter_runs_ppo():

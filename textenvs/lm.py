@@ -273,3 +273,83 @@ def load(
     if key not in _SHARED:
         _SHARED[key] = LanguageModel(model, device, dtype, layer)
     return _SHARED[key]
+
+
+class LockstepBatch:
+    """N sequences in ONE right-padded batch cache, each advanced by one token per call.
+
+    The generation vector env keeps its sub-envs here so that a step is a single batched forward
+    with no per-step copying of caches: row ``i`` of every layer's keys / values holds sequence
+    ``i``, an attention mask ``(N, S)`` marks its valid slots and ``positions`` its next position,
+    so rows of different lengths, and rows restarted at any time, share the batch. Slots freed by a
+    restarted row are reclaimed by :meth:`compact` once more than ``slack`` columns are wasted,
+    which keeps memory flat over any number of steps.
+    """
+
+    def __init__(self, lm: LanguageModel, n: int, slack: int = 64) -> None:
+        self.lm, self.n, self.slack = lm, n, slack
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros(n, 0, dtype=torch.long, device=lm.device)  # (N, S)
+        self.positions = torch.zeros(n, dtype=torch.long, device=lm.device)  # (N,)
+
+    @property
+    def slots(self) -> int:
+        return self.mask.shape[1]
+
+    @torch.inference_mode()
+    def load(self, i: int, seq: Sequence) -> None:
+        """Put sequence ``seq`` (cached by :meth:`LanguageModel.prefill`) into row ``i``; its own cache is released."""
+        layers = seq.cache.layers
+        length = len(seq)
+        if self.cache is None:
+            self.cache = DynamicCache(ddp_cache_data=[
+                (torch.zeros((self.n, *l.keys.shape[1:]), dtype=l.keys.dtype, device=l.keys.device),
+                 torch.zeros((self.n, *l.values.shape[1:]), dtype=l.values.dtype, device=l.values.device))
+                for l in layers
+            ])
+            self.mask = torch.zeros(self.n, length, dtype=torch.long, device=self.lm.device)
+        if length > self.slots:
+            self._grow(length - self.slots)
+        for own, new in zip(self.cache.layers, layers):
+            own.keys[i] = 0
+            own.values[i] = 0
+            own.keys[i, :, :length] = new.keys[0]
+            own.values[i, :, :length] = new.values[0]
+        self.mask[i] = 0
+        self.mask[i, :length] = 1
+        self.positions[i] = length
+        seq.cache = None  # the batch holds it now
+
+    @torch.inference_mode()
+    def advance(self, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``tokens[i]`` to row ``i`` for all rows: ONE forward. Returns hidden ``(N, d)``, logits ``(N, V)``."""
+        if self.cache is None:
+            raise RuntimeError("LockstepBatch.advance() before any load(): load every row first.")
+        for n in self.positions.tolist():
+            self.lm.check_length(n + 1)
+        ones = torch.ones(self.n, 1, dtype=torch.long, device=self.lm.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)  # (N, S + 1)
+        input_ids = torch.tensor(tokens, device=self.lm.device)[:, None]
+        hidden, logits = self.lm._forward(input_ids, self.cache, self.mask, self.positions[:, None])
+        self.positions += 1
+        if self.slots - int(self.mask.sum(1).max()) > self.slack:
+            self.compact()
+        return hidden[:, 0], logits[:, 0]
+
+    @torch.inference_mode()
+    def compact(self) -> None:
+        """Move every row's valid slots to the front and drop the columns no row uses."""
+        keep = int(self.mask.sum(1).max())
+        # Stable order of slots per row: valid ones first, in their original order.
+        order = torch.sort(1 - self.mask, dim=1, stable=True).indices[:, :keep]  # (N, keep)
+        for layer in self.cache.layers:
+            index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            layer.keys = torch.gather(layer.keys, 2, index)
+            layer.values = torch.gather(layer.values, 2, index)
+        self.mask = torch.gather(self.mask, 1, order)
+
+    def _grow(self, extra: int) -> None:
+        for layer in self.cache.layers:
+            layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, 0, extra))
+            layer.values = torch.nn.functional.pad(layer.values, (0, 0, 0, extra))
+        self.mask = torch.nn.functional.pad(self.mask, (0, extra))

@@ -30,6 +30,7 @@ from gymnasium.vector.utils import batch_space
 
 from textenvs.envs.edit import TextEditEnv
 from textenvs.envs.generate import TextGenerationEnv
+from textenvs.lm import LockstepBatch
 
 
 class BatchedTextVectorEnv(VectorEnv):
@@ -76,7 +77,7 @@ class BatchedTextVectorEnv(VectorEnv):
             self._obs = np.zeros(self.observation_space.shape, dtype=self.observation_space.dtype)
         infos: dict = {}
         for i in np.flatnonzero(mask):
-            self._obs[i], info = self.envs[i].reset(seed=seeds[i], options=options or None)
+            self._obs[i], info = self._reset_env(i, seed=seeds[i], options=options or None)
             infos = self._add_info(infos, info, i)
         self._needs_reset[mask] = False
         self._was_reset = True
@@ -92,12 +93,12 @@ class BatchedTextVectorEnv(VectorEnv):
         infos: dict = {}
         stepping = [i for i in range(self.num_envs) if not self._needs_reset[i]]
         for i in np.flatnonzero(self._needs_reset):  # NextStep: this step is the reset
-            self._obs[i], info = self.envs[i].reset()
+            self._obs[i], info = self._reset_env(i)
             infos = self._add_info(infos, info, i)
         self._needs_reset[:] = False
         # All actions were checked above, so no sub-env is half-stepped when begin_step runs.
         tails = [self.envs[i].begin_step(actions[i]) for i in stepping]
-        results = self.lm.extend_batch([self.envs[i]._seq for i in stepping], tails)
+        results = self._forward(stepping, tails)
         for i, result in zip(stepping, results):
             obs, rewards[i], terminated[i], truncated[i], info = self.envs[i].finish_step(
                 *(result if result is not None else (None, None))
@@ -105,7 +106,7 @@ class BatchedTextVectorEnv(VectorEnv):
             if terminated[i] or truncated[i]:
                 if self.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP:
                     final_obs, final_info = obs, info
-                    obs, info = self.envs[i].reset()
+                    obs, info = self._reset_env(i)
                     info["final_obs"], info["final_info"] = final_obs, final_info
                 else:
                     self._needs_reset[i] = True
@@ -137,6 +138,13 @@ class BatchedTextVectorEnv(VectorEnv):
         return np.stack(self.call("action_masks"))
 
     # -- helpers -----------------------------------------------------------------------------
+    def _reset_env(self, i: int, **kwargs: Any):
+        return self.envs[i].reset(**kwargs)
+
+    def _forward(self, stepping: list[int], tails: list[list[int]]) -> list:
+        """Run the sub-envs' new tokens: one batched forward over their own caches."""
+        return self.lm.extend_batch([self.envs[i]._seq for i in stepping], tails)
+
     def _seeds(self, seed: int | list[int | None] | None) -> list[int | None]:
         if seed is None:
             return [None] * self.num_envs
@@ -165,9 +173,34 @@ class BatchedTextVectorEnv(VectorEnv):
 
 
 class GenerationVectorEnv(BatchedTextVectorEnv):
-    """Batched :class:`~textenvs.envs.generate.TextGenerationEnv` (``vector_entry_point`` of the generation ids)."""
+    """Batched :class:`~textenvs.envs.generate.TextGenerationEnv` (``vector_entry_point`` of the generation ids).
+
+    Every sub-env appends exactly one token per step, so the sub-envs live in one persistent
+    batch cache (:class:`~textenvs.lm.LockstepBatch`): a step is one forward with no per-step
+    copying of caches; a sub-env's cache moves into its row when it resets.
+    """
 
     env_class = TextGenerationEnv
+
+    def __init__(self, num_envs: int = 1, autoreset_mode: str | AutoresetMode = AutoresetMode.SAME_STEP,
+                 **env_kwargs: Any) -> None:
+        super().__init__(num_envs, autoreset_mode, **env_kwargs)
+        self.batch = LockstepBatch(self.lm, self.num_envs)
+
+    def _reset_env(self, i: int, **kwargs: Any):
+        obs, info = self.envs[i].reset(**kwargs)
+        self.batch.load(i, self.envs[i]._seq)
+        return obs, info
+
+    def _forward(self, stepping: list[int], tails: list[list[int]]) -> list:
+        tokens = [0] * self.num_envs  # rows waiting for a NextStep reset get a throw-away token
+        for i, tail in zip(stepping, tails):
+            tokens[i] = tail[0]
+        hidden, logits = self.batch.advance(tokens)
+        hidden = hidden.cpu()  # one device-to-host copy for the whole batch
+        for i, tail in zip(stepping, tails):
+            self.envs[i]._seq.ids.extend(tail)
+        return [(hidden[i : i + 1], logits[i : i + 1]) for i in stepping]
 
 
 class EditVectorEnv(BatchedTextVectorEnv):
