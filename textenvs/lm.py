@@ -303,9 +303,9 @@ class LockstepBatch:
         length = len(seq)
         if self.cache is None:
             self.cache = DynamicCache(ddp_cache_data=[
-                (torch.zeros((self.n, *l.keys.shape[1:]), dtype=l.keys.dtype, device=l.keys.device),
-                 torch.zeros((self.n, *l.values.shape[1:]), dtype=l.values.dtype, device=l.values.device))
-                for l in layers
+                (torch.zeros((self.n, *layer.keys.shape[1:]), dtype=layer.keys.dtype, device=layer.keys.device),
+                 torch.zeros((self.n, *layer.values.shape[1:]), dtype=layer.values.dtype, device=layer.values.device))
+                for layer in layers
             ])
             self.mask = torch.zeros(self.n, length, dtype=torch.long, device=self.lm.device)
         if length > self.slots:
