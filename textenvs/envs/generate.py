@@ -148,7 +148,7 @@ class TextGenerationEnv(gym.Env):
             )
         self._seq, hidden, logits = self.lm.prefill(prompt_ids)
         self._prompt_len = len(prompt_ids)
-        self._hidden_sum = hidden.sum(0)  # (d,) running sum for obs="mean"
+        self._hidden_sum = hidden.sum(0).cpu()  # (d,) running sum for obs="mean", kept on the host
         self.generated: list[int] = []
         self.text = ""
         self._done = False
@@ -174,7 +174,7 @@ class TextGenerationEnv(gym.Env):
     def finish_step(self, hidden: torch.Tensor, logits: torch.Tensor) -> tuple[np.ndarray, float, bool, bool, dict]:
         """Complete the step from the forward of the new token: hidden ``(1, d)``, logits ``(1, V)``."""
         token = self._seq.ids[-1]
-        self._hidden_sum += hidden[-1]
+        self._hidden_sum += hidden[-1].cpu()
         terminated = token == self.lm.eos_token_id
         if not terminated:
             self.generated.append(token)
@@ -211,7 +211,7 @@ class TextGenerationEnv(gym.Env):
         self.logits = logits  # (V,) next-token logits, read by agents that share the forward
         if self.action_mode == "topk":
             self.candidates = logits.topk(self.k).indices.cpu().numpy()
-        vec = last_hidden if self.obs_mode == "last" else self._hidden_sum / len(self._seq)
+        vec = last_hidden.cpu() if self.obs_mode == "last" else self._hidden_sum / len(self._seq)
         return vec.cpu().numpy().astype(np.float32)
 
     def _info(self, scores: dict[str, float]) -> dict:
