@@ -1,0 +1,236 @@
+"""Tabular Q-learning over Gymnasium envs with Discrete observation and action spaces.
+
+Works on any such env (ours after :class:`textenvs.wrappers.DiscretizeObservation` with
+``action_mode="topk"`` or :class:`textenvs.wrappers.FlattenEditActions`, or gymnasium's FrozenLake)
+and reaches it only through the Gymnasium API: ``reset``, ``step``, the spaces, and an optional
+``action_masks()``.
+
+Run ``python -m agents.qlearning --env-id textenvs/Summarize-v0 --total-steps 20000``: it trains on
+the train split with a progress bar, then prints the mean metric over the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from tqdm import tqdm
+
+from agents.common import evaluate_policy, metric_of
+from textenvs.wrappers import find_action_masks
+
+
+@dataclass
+class QLearningConfig:
+    """Hyper-parameters of tabular Q-learning."""
+
+    learning_rate: float = 0.1
+    """alpha in Q(s,a) += alpha * (r + gamma * max_a' Q(s',a') - Q(s,a)); in (0, 1]."""
+    gamma: float = 1.0
+    """Discount; episodes are short and the metric is paid within them, so 1.0 is the default."""
+    epsilon_start: float = 1.0
+    """Exploration rate at the first step."""
+    epsilon_end: float = 0.05
+    """Exploration rate after the decay."""
+    epsilon_decay_fraction: float = 0.5
+    """Fraction of ``total_steps`` over which epsilon decays linearly from start to end."""
+    initial_q: float = 0.0
+    """Initial value of every table entry (optimism encourages exploration)."""
+    use_action_masks: bool = True
+    """Restrict exploration and the greedy choice to ``env.action_masks()`` when the env has it."""
+    require_action_masks: bool = False
+    """Fail at construction when the env offers no ``action_masks()``."""
+    seed: int = 0
+    """Seed of exploration and of the env resets."""
+
+    def validate(self) -> None:
+        if not (0 < self.learning_rate <= 1):
+            raise ValueError(f"learning_rate must be in (0, 1], got {self.learning_rate}.")
+        if not (0 <= self.gamma <= 1):
+            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}.")
+        for name in ("epsilon_start", "epsilon_end", "epsilon_decay_fraction"):
+            value = getattr(self, name)
+            if not (0 <= value <= 1):
+                raise ValueError(f"{name} must be in [0, 1], got {value}.")
+
+
+def q_update(q: np.ndarray, s: int, a: int, r: float, s_next: int, terminal: bool, alpha: float, gamma: float,
+             next_mask: np.ndarray | None = None) -> float:
+    """One Q-learning update in place; returns the TD error.
+
+    A terminal transition bootstraps nothing; a truncated one (time limit) still bootstraps, since
+    the state itself is not terminal. ``next_mask`` restricts the max to valid next actions.
+    """
+    if terminal:
+        target = r
+    else:
+        next_q = q[s_next] if next_mask is None or not next_mask.any() else q[s_next][next_mask]
+        target = r + gamma * float(next_q.max())
+    td = target - q[s, a]
+    q[s, a] += alpha * td
+    return float(td)
+
+
+class QLearning:
+    """Tabular Q-learning agent.
+
+    Args:
+        env: An env with ``Discrete`` observation and action spaces.
+        config: Hyper-parameters.
+
+    Raises:
+        ValueError: for a Box observation space (wrap it with DiscretizeObservation), a
+            non-Discrete action space (use action_mode="topk" or FlattenEditActions), a missing
+            action mask when required, or a bad hyper-parameter.
+    """
+
+    def __init__(self, env: gym.Env, config: QLearningConfig | None = None) -> None:
+        self.config = config or QLearningConfig()
+        self.config.validate()
+        check_tabular(env)
+        self.env = env
+        self.n_states, self.n_actions = int(env.observation_space.n), int(env.action_space.n)
+        self.masks = find_action_masks(env) if self.config.use_action_masks else None
+        if self.config.require_action_masks and self.masks is None:
+            raise ValueError(f"require_action_masks=True but {env} has no action_masks(): wrap an edit env with "
+                             "textenvs.wrappers.FlattenEditActions, or set require_action_masks=False.")
+        self.q = np.full((self.n_states, self.n_actions), self.config.initial_q, dtype=np.float64)
+        self.rng = np.random.default_rng(self.config.seed)
+        self.steps = 0
+
+    def epsilon(self, step: int, total_steps: int) -> float:
+        c = self.config
+        decay = max(1, int(c.epsilon_decay_fraction * total_steps))
+        return c.epsilon_end + (c.epsilon_start - c.epsilon_end) * max(0.0, 1 - step / decay)
+
+    def act(self, state: int, epsilon: float = 0.0, mask: np.ndarray | None = None) -> int:
+        valid = np.flatnonzero(mask) if mask is not None and mask.any() else np.arange(self.n_actions)
+        if self.rng.random() < epsilon:
+            return int(self.rng.choice(valid))
+        values = self.q[state, valid]
+        return int(valid[self.rng.choice(np.flatnonzero(values == values.max()))])  # random tie-break
+
+    def _mask(self) -> np.ndarray | None:
+        return np.asarray(self.masks(), dtype=bool) if self.masks is not None else None
+
+    def learn(self, total_steps: int, progress: bool = False, log_every: int = 0) -> list[dict]:
+        """Train for ``total_steps`` env steps; returns one record per finished episode."""
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
+        state, _ = self.env.reset(seed=self.config.seed)
+        episodes, ret = [], 0.0
+        bar = tqdm(total=total_steps, disable=not progress, desc="q-learning")
+        for step in range(total_steps):
+            mask = self._mask()
+            action = self.act(state, self.epsilon(step, total_steps), mask)
+            next_state, reward, terminated, truncated, info = self.env.step(action)
+            next_mask = None if terminated or truncated else self._mask()
+            q_update(self.q, state, action, reward, next_state, terminated, self.config.learning_rate,
+                     self.config.gamma, next_mask)
+            ret += reward
+            self.steps += 1
+            state = next_state
+            if terminated or truncated:
+                episodes.append({"step": step + 1, "return": ret, **metric_of(info)})
+                bar.set_postfix(ret=f"{np.mean([e['return'] for e in episodes[-50:]]):.3f}")
+                state, _ = self.env.reset()
+                ret = 0.0
+            bar.update()
+        bar.close()
+        return episodes
+
+    def evaluate(self, env: gym.Env | None = None, episodes: int | None = None, seed: int = 0,
+                 max_samples: int | None = None) -> dict:
+        """Greedy policy; one episode per sample of the env's split when it has them, else ``episodes``.
+
+        Returns mean return, mean task metric (when the env reports one) and the episode count.
+        """
+        return evaluate_policy(env or self.env, lambda s, mask: self.act(s, 0.0, mask), episodes, seed, max_samples)
+
+    def save(self, path: str | Path) -> None:
+        np.savez(path, q=self.q, config=json.dumps(dataclasses.asdict(self.config)), steps=self.steps)
+
+    @classmethod
+    def load(cls, path: str | Path, env: gym.Env) -> QLearning:
+        """Rebuild an agent from :meth:`save`; the table must fit ``env``'s spaces."""
+        data = np.load(path, allow_pickle=False)
+        agent = cls(env, QLearningConfig(**json.loads(str(data["config"]))))
+        if data["q"].shape != agent.q.shape:
+            raise ValueError(
+                f"The Q-table in {path} has shape {data['q'].shape} but the env needs {agent.q.shape} "
+                "(states, actions): load it with the env (and discretizer) it was trained on."
+            )
+        agent.q, agent.steps = data["q"], int(data["steps"])
+        return agent
+
+
+def check_tabular(env: gym.Env) -> None:
+    if not isinstance(env.observation_space, spaces.Discrete):
+        raise ValueError(
+            f"Tabular Q-learning needs a Discrete observation space, got {env.observation_space}: wrap the env "
+            "with textenvs.wrappers.DiscretizeObservation(env, method='hash' or 'kmeans')."
+        )
+    if not isinstance(env.action_space, spaces.Discrete):
+        raise ValueError(
+            f"Tabular Q-learning needs a Discrete action space, got {env.action_space}: use action_mode='topk' "
+            "for generation envs or textenvs.wrappers.FlattenEditActions for edit envs."
+        )
+
+
+def make_tabular_env(env_id: str, split: str, k: int, discretizer: str, n_bits: int, n_clusters: int, seed: int,
+                     fitted=None, n_fit: int = 512, **kwargs) -> gym.Env:
+    """A textenvs env made tabular: top-k actions (or flattened edits) and a discretizer (``fitted`` reuses one)."""
+    import textenvs  # noqa: F401  (registers the ids)
+    from textenvs.wrappers import DiscretizeObservation, FlattenEditActions
+
+    if "Edit" in env_id:
+        env = FlattenEditActions(gym.make(env_id, split=split, token_mode="topk", k=k, **kwargs))
+    else:
+        env = gym.make(env_id, split=split, action_mode="topk", k=k, **kwargs)
+    return DiscretizeObservation(env, method=discretizer, n_bits=n_bits, n_clusters=n_clusters, seed=seed,
+                                 fitted=fitted, n_fit=n_fit)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description="Tabular Q-learning on a textenvs env.")
+    p.add_argument("--env-id", default="textenvs/Summarize-v0")
+    p.add_argument("--total-steps", type=int, default=20_000)
+    p.add_argument("--k", type=int, default=4, help="top-k actions")
+    p.add_argument("--discretizer", choices=["hash", "kmeans"], default="hash")
+    p.add_argument("--n-bits", type=int, default=10)
+    p.add_argument("--n-clusters", type=int, default=128)
+    p.add_argument("--max-steps", type=int, default=16, help="max_new_tokens / max_edits per episode")
+    p.add_argument("--learning-rate", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", help="write the Q-table (npz) here")
+    p.add_argument("--eval-samples", type=int, default=200, help="test-split samples to evaluate on")
+    args = p.parse_args(argv)
+    horizon = {"max_edits": args.max_steps} if "Edit" in args.env_id else {"max_new_tokens": args.max_steps}
+    env = make_tabular_env(args.env_id, "train", args.k, args.discretizer, args.n_bits, args.n_clusters, args.seed,
+                           **horizon)
+    agent = QLearning(env, QLearningConfig(learning_rate=args.learning_rate, seed=args.seed))
+    start = time.time()
+    agent.learn(args.total_steps, progress=True)
+    train_s = time.time() - start
+    if args.save:
+        agent.save(args.save)
+    test_env = make_tabular_env(args.env_id, "test", args.k, args.discretizer, args.n_bits, args.n_clusters,
+                                args.seed, fitted=env, **horizon)
+    result = agent.evaluate(test_env, max_samples=args.eval_samples)
+    result.pop("metrics", None)
+    result.update(train_seconds=round(train_s, 1), steps=args.total_steps)
+    print(json.dumps(result))
+    print(f"test {result.get('mean_metric', math.nan):.4f} mean metric over {result['episodes']} test samples")
+    return result
+
+
+if __name__ == "__main__":
+    main()

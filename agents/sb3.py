@@ -1,0 +1,194 @@
+"""Stable-Baselines3 PPO (and sb3-contrib MaskablePPO for the edit envs) on textenvs.
+
+The helpers stay thin: they build the batched vector env through ``gym.make_vec`` and the SB3
+adapter, SB3 does the RL, and a callback logs the task metric to TensorBoard beside SB3's own
+scalars. Evaluation plays the deterministic policy once on each test-split sample.
+
+Run ``python -m agents.sb3 --env-id textenvs/Summarize-v0 --total-steps 20000``: it trains on the
+train split with a progress bar, then prints the mean metric over the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+
+import textenvs  # noqa: F401  (registers the ids)
+from agents.common import evaluate_policy
+from textenvs.vector import as_sb3_vec_env
+
+ALGOS = ("ppo", "maskable_ppo")
+
+
+@dataclass
+class SB3Config:
+    """How to build and train the SB3 model (anything else goes through ``policy_kwargs``)."""
+
+    algo: str = "ppo"
+    """``ppo`` (stable_baselines3.PPO) or ``maskable_ppo`` (sb3_contrib.MaskablePPO, edit envs)."""
+    num_envs: int = 8
+    """Sub-envs of the batched vector env (one LM forward per step for all of them)."""
+    n_steps: int = 64
+    """Steps per sub-env per rollout (SB3's ``n_steps``)."""
+    batch_size: int = 128
+    """Minibatch size of the PPO update."""
+    n_epochs: int = 4
+    """Epochs over each rollout."""
+    learning_rate: float = 3e-4
+    """Adam learning rate."""
+    gamma: float = 1.0
+    """Discount; the metric is paid within short episodes."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    ent_coef: float = 0.01
+    """Entropy bonus."""
+    seed: int = 0
+    """Seed of SB3 and of the env resets."""
+    policy_kwargs: dict = field(default_factory=dict)
+    """Passed to the policy (``net_arch``, ...)."""
+    tensorboard_log: str | None = None
+    """Folder for TensorBoard logs (None: no logging)."""
+
+    def validate(self) -> None:
+        if self.algo not in ALGOS:
+            raise ValueError(f"algo={self.algo!r} is not valid: choose one of {list(ALGOS)}.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
+        if self.num_envs < 1 or self.n_steps < 1 or self.batch_size < 1:
+            raise ValueError("num_envs, n_steps and batch_size must be >= 1.")
+
+
+def make_vec_env(env_id: str, num_envs: int, split: str = "train", **env_kwargs):
+    """An SB3 VecEnv over the batched textenvs vector env, with episode statistics (VecMonitor)."""
+    from stable_baselines3.common.vec_env import VecMonitor
+
+    envs = gym.make_vec(env_id, num_envs=num_envs, split=split, **env_kwargs)
+    return VecMonitor(as_sb3_vec_env(envs))
+
+
+def metric_callback():
+    """A callback that logs the task metric of finished episodes (``rollout/metric_mean``)."""
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class MetricCallback(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.recent: list[float] = []
+            self.history: list[tuple[int, float]] = []
+
+        def _on_step(self) -> bool:
+            for done, info in zip(self.locals["dones"], self.locals["infos"]):
+                metrics = info.get("metrics") if done else None
+                if metrics:
+                    value = float(next(iter(metrics.values())))
+                    self.recent = (self.recent + [value])[-100:]
+                    self.history.append((self.num_timesteps, value))
+            return True
+
+        def _on_rollout_end(self) -> None:
+            if self.recent:
+                self.logger.record("rollout/metric_mean", float(np.mean(self.recent)))
+
+    return MetricCallback()
+
+
+def build(env_id: str, config: SB3Config | None = None, **env_kwargs):
+    """The SB3 model for ``env_id`` on its train split."""
+    config = config or SB3Config()
+    config.validate()
+    venv = make_vec_env(env_id, config.num_envs, "train", **env_kwargs)
+    cls = _algo_class(config.algo)
+    if config.algo == "maskable_ppo":
+        try:
+            venv.get_attr("action_masks", indices=[0])
+        except AttributeError as e:
+            raise ValueError(
+                f"MaskablePPO needs action_masks(), which {env_id} does not have: use algo='ppo', or an edit env."
+            ) from e
+    return cls(
+        "MlpPolicy", venv, n_steps=config.n_steps, batch_size=config.batch_size, n_epochs=config.n_epochs,
+        learning_rate=config.learning_rate, gamma=config.gamma, gae_lambda=config.gae_lambda,
+        ent_coef=config.ent_coef, seed=config.seed, policy_kwargs=config.policy_kwargs or None,
+        tensorboard_log=config.tensorboard_log, verbose=0,
+    )
+
+
+def _algo_class(algo: str):
+    if algo == "ppo":
+        from stable_baselines3 import PPO
+
+        return PPO
+    try:
+        from sb3_contrib import MaskablePPO
+    except ImportError as e:
+        raise ImportError("algo='maskable_ppo' needs sb3-contrib: pip install 'textenvs[sb3]'.") from e
+    return MaskablePPO
+
+
+def evaluate(model, env_id: str, split: str = "test", max_samples: int | None = None, **env_kwargs) -> dict:
+    """The deterministic policy on each sample of ``split`` (a single env, one episode per sample)."""
+    env = gym.make(env_id, split=split, **env_kwargs)
+    masked = type(model).__name__ == "MaskablePPO"
+
+    def policy(obs, mask):
+        kwargs = {"action_masks": mask} if masked and mask is not None else {}
+        action, _ = model.predict(obs, deterministic=True, **kwargs)
+        return action
+
+    return evaluate_policy(env, policy, max_samples=max_samples)
+
+
+def save(model, path: str | Path, config: SB3Config, env_id: str, env_kwargs: dict) -> None:
+    """The SB3 zip plus a JSON of how it was built (``<path>.json``)."""
+    model.save(path)
+    Path(f"{path}.json").write_text(json.dumps({"config": asdict(config), "env_id": env_id, "env_kwargs": env_kwargs}))
+
+
+def load(path: str | Path):
+    """A model saved by :func:`save`, attached to a fresh train-split env; returns (model, meta)."""
+    meta = json.loads(Path(f"{path}.json").read_text())
+    config = SB3Config(**meta["config"])
+    venv = make_vec_env(meta["env_id"], config.num_envs, "train", **meta["env_kwargs"])
+    return _algo_class(config.algo).load(path, env=venv), meta
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description="Stable-Baselines3 PPO / MaskablePPO on a textenvs env.")
+    p.add_argument("--env-id", default="textenvs/Summarize-v0")
+    p.add_argument("--algo", choices=ALGOS, default=None, help="default: maskable_ppo for edit envs, else ppo")
+    p.add_argument("--total-steps", type=int, default=20_000)
+    p.add_argument("--k", type=int, default=4, help="top-k actions / tokens")
+    p.add_argument("--max-steps", type=int, default=16, help="max_new_tokens / max_edits per episode")
+    p.add_argument("--num-envs", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tensorboard-log")
+    p.add_argument("--save")
+    p.add_argument("--eval-samples", type=int, default=200)
+    args = p.parse_args(argv)
+    edit = "Edit" in args.env_id
+    env_kwargs = ({"token_mode": "topk", "k": args.k, "max_edits": args.max_steps} if edit
+                  else {"action_mode": "topk", "k": args.k, "max_new_tokens": args.max_steps})
+    config = SB3Config(algo=args.algo or ("maskable_ppo" if edit else "ppo"), num_envs=args.num_envs, seed=args.seed,
+                       tensorboard_log=args.tensorboard_log)
+    model = build(args.env_id, config, **env_kwargs)
+    start = time.time()
+    model.learn(args.total_steps, callback=metric_callback(), progress_bar=True)
+    train_s = time.time() - start
+    if args.save:
+        save(model, args.save, config, args.env_id, env_kwargs)
+    result = evaluate(model, args.env_id, "test", args.eval_samples, **env_kwargs)
+    result.pop("metrics", None)
+    result.update(train_seconds=round(train_s, 1), steps=args.total_steps, algo=config.algo)
+    print(json.dumps(result))
+    print(f"test {result.get('mean_metric', float('nan')):.4f} mean metric over {result['episodes']} test samples")
+    return result
+
+
+if __name__ == "__main__":
+    main()
