@@ -120,18 +120,20 @@ def summarize(cells: list[dict]) -> list[dict]:
     return rows
 
 
+def _diff_cell(row: dict, key: str) -> str:
+    if key not in row:
+        return ""
+    d = row[key]
+    return f"{d['diff']:+.4f} ({d['ci_low']:+.4f}, {d['ci_high']:+.4f})"
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| env | agent | test metric (95% CI) | - random (95% CI) | - greedy (95% CI) | steps | wall s |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        def diff(key):
-            if key not in r:
-                return ""
-            d = r[key]
-            return f"{d['diff']:+.4f} ({d['ci_low']:+.4f}, {d['ci_high']:+.4f})"
-
         lines.append(f"| {r['env_id'].split('/')[1]} | {r['agent']} | {r['mean']:.4f} ({r['ci_low']:.4f}, "
-                     f"{r['ci_high']:.4f}) | {diff('vs_random')} | {diff('vs_greedy')} | {r['steps']} | {r['wall_s']} |")
+                     f"{r['ci_high']:.4f}) | {_diff_cell(r, 'vs_random')} | {_diff_cell(r, 'vs_greedy')} | "
+                     f"{r['steps']} | {r['wall_s']} |")
     return "\n".join(lines)
 
 
