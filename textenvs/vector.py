@@ -192,6 +192,17 @@ class GenerationVectorEnv(BatchedTextVectorEnv):
         self.batch.load(i, self.envs[i]._seq)
         return obs, info
 
+    @property
+    def logits(self):
+        """Next-token logits of every sub-env ``(N, V)``, from the forward of the last step or reset.
+
+        An agent whose policy is the language model itself samples from these, so a generated token
+        costs the env's one forward and no second one (``agents.token_ppo``).
+        """
+        import torch
+
+        return torch.stack([env.logits for env in self.envs])
+
     def _forward(self, stepping: list[int], tails: list[list[int]]) -> list:
         tokens = [0] * self.num_envs  # rows waiting for a NextStep reset get a throw-away token
         for i, tail in zip(stepping, tails):
