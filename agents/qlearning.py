@@ -121,8 +121,12 @@ class QLearning:
     def _mask(self) -> np.ndarray | None:
         return np.asarray(self.masks(), dtype=bool) if self.masks is not None else None
 
-    def learn(self, total_steps: int, progress: bool = False, log_every: int = 0) -> list[dict]:
-        """Train for ``total_steps`` env steps; returns one record per finished episode."""
+    def learn(self, total_steps: int, progress: bool = False, callback=None, callback_every: int = 0) -> list[dict]:
+        """Train for ``total_steps`` env steps; returns one record per finished episode.
+
+        ``callback(steps_done)`` is called every ``callback_every`` steps (evaluation points of a
+        learning curve); it must not step this agent's env.
+        """
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
         state, _ = self.env.reset(seed=self.config.seed)
@@ -144,6 +148,8 @@ class QLearning:
                 state, _ = self.env.reset()
                 ret = 0.0
             bar.update()
+            if callback is not None and callback_every and (step + 1) % callback_every == 0:
+                callback(step + 1)
         bar.close()
         return episodes
 

@@ -433,6 +433,7 @@ class TokenPPO:
             rollout_s = time.time() - start
             stats = self.update(rollout)
             stats.update(iteration=self.iteration, episodes=(self.iteration + 1) * c.num_envs,
+                         tokens=int(rollout.mask.sum()),
                          completions_per_s=c.num_envs / rollout_s, iteration_s=time.time() - start)
             self.history.append(stats)
             if self.writer is not None:

@@ -272,7 +272,7 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Environment throughput against the raw and naive forwards.")
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     p.add_argument("--model", default=textenvs.TINY)
@@ -286,7 +286,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--memory-steps", type=int, default=10_000, help="env steps of the memory check")
     p.add_argument("--random-gpt2", choices=["small", "medium"], help="measure a random GPT-2 of this layout")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     result = measure(args)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return result

@@ -1,0 +1,386 @@
+"""The benchmark suite, the project's main job: agents x environments x seeds, tables and plots.
+
+``python -m benchmarks.run --quick`` (or ``textenvs-bench --quick``) runs every agent on
+Summarize, Translate and EditSummary for 3 seeds with small fixed budgets (under 10 minutes on
+2 CPU cores with the tiny model); ``--full`` uses 5 seeds and larger budgets. Each cell (agent, env,
+seed) trains with a fixed step budget and evaluates the greedy / deterministic policy on the test
+split at evenly spaced points, giving a learning curve (task metric vs environment steps).
+
+Agents: ``random`` (uniform over valid actions) and ``greedy`` (the LM's top token; for edit envs,
+stop on the LM's draft) as baselines, ``qlearning`` (tabular, hashed hidden states), ``ppo``
+(SB3, generation envs), ``maskable_ppo`` (sb3-contrib, edit envs), ``token_ppo`` (the LM is the
+policy, generation envs). An agent that does not apply to an env is skipped.
+
+Writes to ``--out`` (default ``results/bench``): ``cells.jsonl`` (one raw record per finished cell,
+so Ctrl-C keeps them and ``--resume`` skips them), ``results.json`` (every raw figure, the config,
+versions and this machine's throughput figures), ``table.md`` (mean, 95% bootstrap CI and
+interquartile mean across seeds per env and agent), ``learning_curves.png`` and
+``final_metrics.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+
+import textenvs
+
+AGENTS = ("random", "greedy", "qlearning", "ppo", "maskable_ppo", "token_ppo")
+DEFAULT_ENVS = ("textenvs/Summarize-v0", "textenvs/Translate-v0", "textenvs/EditSummary-v0")
+
+
+@dataclass
+class Budget:
+    """How much each cell trains and how it is evaluated."""
+
+    seeds: int
+    q_steps: int
+    ppo_steps: int
+    token_ppo_episodes: int
+    eval_points: int
+    eval_samples: int
+    horizon: int = 12
+    k: int = 4
+    num_envs: int = 8
+
+
+PRESETS = {
+    "quick": Budget(seeds=3, q_steps=1200, ppo_steps=1024, token_ppo_episodes=64, eval_points=2, eval_samples=16,
+                    horizon=8),
+    "full": Budget(seeds=5, q_steps=8000, ppo_steps=16000, token_ppo_episodes=1024, eval_points=5, eval_samples=100),
+}
+
+
+def is_edit(env_id: str) -> bool:
+    return gym.spec(env_id).entry_point.endswith("TextEditEnv")
+
+
+def applies(agent: str, env_id: str) -> bool:
+    if agent == "maskable_ppo":
+        return is_edit(env_id)
+    if agent in ("ppo", "token_ppo"):
+        return not is_edit(env_id)
+    return True
+
+
+def env_kwargs(env_id: str, budget: Budget, model: str) -> dict:
+    if is_edit(env_id):
+        return {"model": model, "token_mode": "topk", "k": budget.k, "max_edits": budget.horizon, "max_len": 24}
+    return {"model": model, "action_mode": "topk", "k": budget.k, "max_new_tokens": budget.horizon}
+
+
+def test_env(env_id: str, kwargs: dict) -> gym.Env:
+    from textenvs.wrappers import FlattenEditActions
+
+    env = gym.make(env_id, split="test", **kwargs)
+    return FlattenEditActions(env) if is_edit(env_id) else env
+
+
+# ---------------------------------------------------------------------------------------------
+# One cell
+# ---------------------------------------------------------------------------------------------
+
+
+def run_cell(agent: str, env_id: str, seed: int, budget: Budget, model: str) -> dict:
+    """Train one agent on one env for one seed; the learning curve on the test split."""
+    from agents.common import evaluate_policy
+
+    kwargs = env_kwargs(env_id, budget, model)
+    curve: list[dict] = []
+    start = time.time()
+
+    def record(steps: int, policy, env: gym.Env) -> None:
+        result = evaluate_policy(env, policy, max_samples=budget.eval_samples)
+        curve.append({"steps": steps, "metric": result["mean_metric"], "metrics": result["metrics"]})
+
+    if agent in ("random", "greedy"):
+        env = test_env(env_id, kwargs)
+        rng = np.random.default_rng(seed)
+        n = env.action_space.n
+
+        def policy(obs, mask):
+            if agent == "greedy":
+                return 0  # top-k: the LM's most likely token; flattened edits: stop (keep the draft)
+            return int(rng.choice(np.flatnonzero(mask))) if mask is not None else int(rng.integers(n))
+
+        record(0, policy, env)
+        steps = 0
+    elif agent == "qlearning":
+        from agents.qlearning import QLearning, QLearningConfig, make_tabular_env
+
+        horizon = {k: v for k, v in kwargs.items() if k not in ("k", "action_mode", "token_mode")}
+        train = make_tabular_env(env_id, "train", budget.k, "hash", 6, 64, seed, n_fit=256, **horizon)
+        test = make_tabular_env(env_id, "test", budget.k, "hash", 6, 64, seed, fitted=train, **horizon)
+        learner = QLearning(train, QLearningConfig(seed=seed))
+        greedy = lambda obs, mask: learner.act(obs, 0.0, mask)  # noqa: E731
+        record(0, greedy, test)
+        every = max(1, budget.q_steps // budget.eval_points)
+        learner.learn(budget.q_steps, callback=lambda s: record(s, greedy, test), callback_every=every)
+        steps = budget.q_steps
+    elif agent in ("ppo", "maskable_ppo"):
+        from agents import sb3
+
+        config = sb3.SB3Config(algo=agent, num_envs=budget.num_envs, seed=seed, n_steps=32, batch_size=64)
+        model_ = sb3.build(env_id, config, **kwargs)
+        env = gym.make(env_id, split="test", **kwargs)  # the native space the SB3 model acts in
+
+        def policy(obs, mask):
+            extra = {"action_masks": mask} if agent == "maskable_ppo" and mask is not None else {}
+            return model_.predict(obs, deterministic=True, **extra)[0]
+
+        record(0, policy, env)
+        per_point = budget.ppo_steps // budget.eval_points
+        for point in range(budget.eval_points):
+            model_.learn(per_point, reset_num_timesteps=False)
+            record((point + 1) * per_point, policy, env)
+        steps = budget.ppo_steps
+    elif agent == "token_ppo":
+        from agents.token_ppo import TokenPPO, TokenPPOConfig
+
+        num_envs = min(16, budget.token_ppo_episodes)
+        trainer = TokenPPO(TokenPPOConfig(env_id=env_id, model=model, num_envs=num_envs, seed=seed,
+                                          max_new_tokens=budget.horizon, total_episodes=budget.token_ppo_episodes,
+                                          minibatch_size=8, eval_samples=budget.eval_samples))
+        steps = 0
+        curve.append({"steps": 0, **_token_ppo_eval(trainer, budget)})
+        per_point = max(1, trainer.iterations // budget.eval_points)
+        while trainer.iteration < trainer.iterations:
+            history = trainer.train(progress=False, stop_after=per_point)
+            steps = sum(h["tokens"] for h in history)
+            curve.append({"steps": steps, **_token_ppo_eval(trainer, budget)})
+    else:
+        raise ValueError(f"Unknown agent {agent!r}: choose from {list(AGENTS)}.")
+    return {"agent": agent, "env_id": env_id, "seed": seed, "steps": steps, "wall_s": round(time.time() - start, 2),
+            "final_metric": curve[-1]["metric"], "curve": curve}
+
+
+def _token_ppo_eval(trainer, budget: Budget) -> dict:
+    """Greedy decoding of the current policy on the test split, per sample (the env's own metric)."""
+    env = gym.make(trainer.config.env_id, model=trainer.lm, split="test", action_mode="topk", k=1,
+                   max_new_tokens=trainer.config.max_new_tokens)
+    from agents.common import evaluate_policy
+
+    result = evaluate_policy(env, lambda obs, mask: 0, max_samples=budget.eval_samples)
+    return {"metric": result["mean_metric"], "metrics": result["metrics"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics, table, plots
+# ---------------------------------------------------------------------------------------------
+
+
+def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap CI of the mean over seeds."""
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(len(values), size=(n_boot, len(values)))].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def iqm(values) -> float:
+    """Interquartile mean across seeds (Agarwal et al. 2021, rliable): the mean of the middle 50%."""
+    from scipy.stats import trim_mean
+
+    return float(trim_mean(np.asarray(values, dtype=np.float64), 0.25))
+
+
+def aggregate(cells: list[dict]) -> list[dict]:
+    """One row per (env, agent): final test metric across seeds."""
+    rows = []
+    for env_id in dict.fromkeys(c["env_id"] for c in cells):
+        for agent in AGENTS:
+            finals = [c["final_metric"] for c in cells if c["env_id"] == env_id and c["agent"] == agent]
+            if not finals:
+                continue
+            low, high = bootstrap_ci(finals)
+            rows.append({"env_id": env_id, "agent": agent, "seeds": len(finals), "mean": float(np.mean(finals)),
+                         "ci_low": low, "ci_high": high, "iqm": iqm(finals),
+                         "steps": max(c["steps"] for c in cells if c["env_id"] == env_id and c["agent"] == agent)})
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| env | agent | seeds | test metric, mean (95% CI) | IQM | steps |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['env_id'].split('/')[-1]} | {r['agent']} | {r['seeds']} | {r['mean']:.4f} "
+                     f"({r['ci_low']:.4f}, {r['ci_high']:.4f}) | {r['iqm']:.4f} | {r['steps']} |")
+    return "\n".join(lines)
+
+
+def plot(cells: list[dict], rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    envs = list(dict.fromkeys(c["env_id"] for c in cells))
+    fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 4), squeeze=False)
+    for ax, env_id in zip(axes[0], envs):
+        span = max([c["steps"] for c in cells if c["env_id"] == env_id] + [1])
+        for agent in AGENTS:
+            runs = [c["curve"] for c in cells if c["env_id"] == env_id and c["agent"] == agent]
+            if not runs:
+                continue
+            if len(runs[0]) == 1:  # a baseline: a level line
+                values = [r[0]["metric"] for r in runs]
+                ax.axhline(np.mean(values), linestyle="--", label=agent, color="gray" if agent == "random" else "black")
+                continue
+            n = min(len(r) for r in runs)
+            x = np.mean([[p["steps"] for p in r[:n]] for r in runs], axis=0)
+            y = np.array([[p["metric"] for p in r[:n]] for r in runs])  # (seeds, points)
+            ci = np.array([bootstrap_ci(y[:, j]) for j in range(n)])
+            ax.plot(x, y.mean(0), marker="o", label=agent)
+            ax.fill_between(x, ci[:, 0], ci[:, 1], alpha=0.2)
+        ax.set_title(env_id.split("/")[-1])
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel("test metric")
+        ax.set_xlim(0, span)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    curves = out / "learning_curves.png"
+    fig.savefig(curves, dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    labels = [f"{r['env_id'].split('/')[-1].replace('-v0', '')}\n{r['agent']}" for r in rows]
+    means = [r["mean"] for r in rows]
+    errors = np.array([[r["mean"] - r["ci_low"] for r in rows], [r["ci_high"] - r["mean"] for r in rows]])
+    ax.bar(range(len(rows)), means, yerr=errors, capsize=3)
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("final test metric (95% CI)")
+    fig.tight_layout()
+    bars = out / "final_metrics.png"
+    fig.savefig(bars, dpi=110)
+    plt.close(fig)
+    return [curves, bars]
+
+
+def throughput_figures(model: str) -> dict:
+    from benchmarks import throughput
+
+    args = ["--json", "--model", model, "--episodes", "2", "--episode-length", "32", "--edit-steps", "30",
+            "--vector-episodes", "1", "--memory-steps", "1000"]
+    return throughput.measure(throughput.parse_args(args))
+
+
+# ---------------------------------------------------------------------------------------------
+# The runner
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="The textenvs benchmark suite (the main job).")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="3 seeds, small budgets (the default)")
+    mode.add_argument("--full", action="store_true", help="5 seeds, larger budgets")
+    p.add_argument("--env-id", nargs="+", default=list(DEFAULT_ENVS), help="any registered textenvs id")
+    p.add_argument("--agents", nargs="+", default=list(AGENTS))
+    p.add_argument("--model", default=textenvs.TINY, help="textenvs/tiny, a save_pretrained folder or a hub name")
+    p.add_argument("--seeds", type=int, help="override the preset's number of seeds")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every training budget (tests use 0.01)")
+    p.add_argument("--eval-samples", type=int, help="override the preset's test samples per evaluation point")
+    p.add_argument("--out", default="results/bench")
+    p.add_argument("--resume", action="store_true", help="keep the finished cells in --out and run the rest")
+    p.add_argument("--overwrite", action="store_true", help="delete --out first")
+    p.add_argument("--no-throughput", action="store_true", help="skip the throughput figures")
+    args = p.parse_args(argv)
+    textenvs_ids = [i for i in gym.registry if i.startswith("textenvs/")]
+    for env_id in args.env_id:
+        if env_id not in gym.registry:
+            p.error(f"unknown env id {env_id!r}; registered textenvs ids: {', '.join(textenvs_ids)}")
+    for agent in args.agents:
+        if agent not in AGENTS:
+            p.error(f"unknown agent {agent!r}; valid agents: {', '.join(AGENTS)}")
+    return args
+
+
+def budget_for(args: argparse.Namespace) -> Budget:
+    budget = Budget(**asdict(PRESETS["full" if args.full else "quick"]))
+    if args.seeds:
+        budget.seeds = args.seeds
+    if args.eval_samples:
+        budget.eval_samples = args.eval_samples
+    for name in ("q_steps", "ppo_steps", "token_ppo_episodes"):
+        setattr(budget, name, max(1, int(getattr(budget, name) * args.scale)))
+    if args.scale < 1:
+        budget.ppo_steps = max(budget.ppo_steps, budget.num_envs * 32 * budget.eval_points)  # one SB3 rollout a point
+        budget.token_ppo_episodes = max(budget.token_ppo_episodes, 4)
+    return budget
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from tqdm import tqdm
+
+    args = parse_args(argv)
+    budget = budget_for(args)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
+        raise SystemExit(f"{out} exists and is not empty: pass --resume to keep its finished cells or --overwrite "
+                         "to start over.")
+    if args.overwrite:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = out / "cells.jsonl"
+    cells = [json.loads(line) for line in raw.read_text().splitlines()] if raw.exists() else []
+    done = {(c["agent"], c["env_id"], c["seed"]) for c in cells}
+    todo = [(a, e, s) for e in args.env_id for s in range(budget.seeds) for a in args.agents
+            if applies(a, e) and (a, e, s) not in done]
+    start = time.time()
+    interrupted = False
+    with tqdm(total=len(todo) + len(done), initial=len(done), desc="suite", unit="cell") as bar:
+        try:
+            for agent, env_id, seed in todo:
+                bar.set_postfix_str(f"{agent} {env_id.split('/')[-1]} seed {seed}")
+                cell = run_cell(agent, env_id, seed, budget, args.model)
+                cells.append(cell)
+                with raw.open("a") as f:
+                    f.write(json.dumps(cell) + "\n")
+                bar.update()
+        except KeyboardInterrupt:
+            interrupted = True
+            print(f"\ninterrupted: {len(cells)} finished cells kept in {raw}; rerun with --resume", file=sys.stderr)
+    rows = aggregate(cells)
+    report = {
+        "config": {**vars(args), "budget": asdict(budget)},
+        "cells": cells,
+        "rows": rows,
+        "wall_s": round(time.time() - start, 1),
+        "interrupted": interrupted,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": sys.version.split()[0]},
+        "versions": _versions(),
+    }
+    if not args.no_throughput and not interrupted:
+        report["throughput"] = throughput_figures(args.model)
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    (out / "table.md").write_text(markdown_table(rows) + "\n")
+    files = [out / "results.json", out / "table.md"] + (plot(cells, rows, out) if cells else [])
+    print(markdown_table(rows))
+    for f in files:
+        print(f"wrote {f}")
+    if interrupted:
+        raise SystemExit(130)
+    return report
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("textenvs", "torch", "transformers", "gymnasium", "stable-baselines3", "sb3-contrib"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+if __name__ == "__main__":
+    main()
