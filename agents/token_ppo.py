@@ -305,6 +305,24 @@ def sequence_outputs(model, ids, attention, positions, tokens, temperature: floa
     return logp, entropy, hidden
 
 
+@torch.no_grad()
+def greedy_metric(lm: LanguageModel | str, env_id: str, split: str = "test", max_samples: int = 200,
+                  max_new_tokens: int = 16, reward: str | None = None) -> float:
+    """Mean task metric of greedy decoding (top-1 actions) over the first ``max_samples`` of a split."""
+    env = gym.make(env_id, model=lm, split=split, action_mode="topk", k=1, max_new_tokens=max_new_tokens,
+                   **({"reward": reward} if reward else {}))
+    n = min(len(env.unwrapped.samples), max_samples)
+    scores = []
+    for i in range(n):
+        env.reset(options={"index": i})
+        done, info = False, {}
+        while not done:
+            _, _, terminated, truncated, info = env.step(0)
+            done = terminated or truncated
+        scores.append(float(next(iter(info["metrics"].values()))))
+    return float(np.mean(scores))
+
+
 # ---------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------
@@ -450,22 +468,10 @@ class TokenPPO:
         return self.history
 
     # -- evaluation ------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, split: str = "test", max_samples: int | None = None) -> float:
         """Mean task metric of greedy decoding over the split (the same env, task and reward)."""
-        env = gym.make(self.config.env_id, model=self.lm, split=split, action_mode="topk", k=1,
-                       max_new_tokens=self.config.max_new_tokens,
-                       **({"reward": self.config.reward} if self.config.reward else {}))
-        n = min(len(env.unwrapped.samples), max_samples or self.config.eval_samples)
-        scores = []
-        for i in range(n):
-            env.reset(options={"index": i})
-            done, info = False, {}
-            while not done:
-                _, _, terminated, truncated, info = env.step(0)
-                done = terminated or truncated
-            scores.append(float(next(iter(info["metrics"].values()))))
-        return float(np.mean(scores))
+        return greedy_metric(self.lm, self.config.env_id, split, max_samples or self.config.eval_samples,
+                             self.config.max_new_tokens, self.config.reward)
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, folder: str | os.PathLike) -> Path:
