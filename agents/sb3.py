@@ -50,6 +50,9 @@ class SB3Config:
     """Entropy bonus."""
     seed: int = 0
     """Seed of SB3 and of the env resets."""
+    normalize_obs: bool = True
+    """Running mean / std normalisation of the hidden-state observations (SB3's VecNormalize):
+    hidden states are unbounded and unevenly scaled across dimensions."""
     policy_kwargs: dict = field(default_factory=dict)
     """Passed to the policy (``net_arch``, ...)."""
     tensorboard_log: str | None = None
@@ -64,12 +67,14 @@ class SB3Config:
             raise ValueError("num_envs, n_steps and batch_size must be >= 1.")
 
 
-def make_vec_env(env_id: str, num_envs: int, split: str = "train", **env_kwargs):
-    """An SB3 VecEnv over the batched textenvs vector env, with episode statistics (VecMonitor)."""
-    from stable_baselines3.common.vec_env import VecMonitor
+def make_vec_env(env_id: str, num_envs: int, split: str = "train", normalize_obs: bool = False, **env_kwargs):
+    """An SB3 VecEnv over the batched textenvs vector env, with episode statistics (VecMonitor) and,
+    optionally, observation normalisation (VecNormalize, rewards left as they are)."""
+    from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
 
     envs = gym.make_vec(env_id, num_envs=num_envs, split=split, **env_kwargs)
-    return VecMonitor(as_sb3_vec_env(envs))
+    venv = VecMonitor(as_sb3_vec_env(envs))
+    return VecNormalize(venv, norm_obs=True, norm_reward=False) if normalize_obs else venv
 
 
 def metric_callback():
@@ -102,7 +107,7 @@ def build(env_id: str, config: SB3Config | None = None, **env_kwargs):
     """The SB3 model for ``env_id`` on its train split."""
     config = config or SB3Config()
     config.validate()
-    venv = make_vec_env(env_id, config.num_envs, "train", **env_kwargs)
+    venv = make_vec_env(env_id, config.num_envs, "train", config.normalize_obs, **env_kwargs)
     cls = _algo_class(config.algo)
     if config.algo == "maskable_ppo":
         try:
@@ -134,19 +139,32 @@ def _algo_class(algo: str):
 def evaluate(model, env_id: str, split: str = "test", max_samples: int | None = None, **env_kwargs) -> dict:
     """The deterministic policy on each sample of ``split`` (a single env, one episode per sample)."""
     env = gym.make(env_id, split=split, **env_kwargs)
+    return evaluate_policy(env, deterministic_policy(model), max_samples=max_samples)
+
+
+def deterministic_policy(model):
+    """``policy(obs, mask) -> action`` of a trained model for a single env, with the model's observation
+    normalisation (frozen at evaluation) and its action masks where it is a MaskablePPO."""
+    from stable_baselines3.common.vec_env import VecNormalize
+
     masked = type(model).__name__ == "MaskablePPO"
+    normalizer = model.get_env() if isinstance(model.get_env(), VecNormalize) else None
 
     def policy(obs, mask):
+        if normalizer is not None:
+            obs = normalizer.normalize_obs(obs)
         kwargs = {"action_masks": mask} if masked and mask is not None else {}
         action, _ = model.predict(obs, deterministic=True, **kwargs)
         return action
 
-    return evaluate_policy(env, policy, max_samples=max_samples)
+    return policy
 
 
 def save(model, path: str | Path, config: SB3Config, env_id: str, env_kwargs: dict) -> None:
     """The SB3 zip plus a JSON of how it was built (``<path>.json``)."""
     model.save(path)
+    if config.normalize_obs:
+        model.get_env().save(f"{path}.vecnormalize.pkl")
     Path(f"{path}.json").write_text(json.dumps({"config": asdict(config), "env_id": env_id, "env_kwargs": env_kwargs}))
 
 
@@ -155,6 +173,11 @@ def load(path: str | Path):
     meta = json.loads(Path(f"{path}.json").read_text())
     config = SB3Config(**meta["config"])
     venv = make_vec_env(meta["env_id"], config.num_envs, "train", **meta["env_kwargs"])
+    if config.normalize_obs:
+        from stable_baselines3.common.vec_env import VecNormalize
+
+        venv = VecNormalize.load(f"{path}.vecnormalize.pkl", venv)
+        venv.training = False
     return _algo_class(config.algo).load(path, env=venv), meta
 
 

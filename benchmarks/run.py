@@ -132,10 +132,7 @@ def run_cell(agent: str, env_id: str, seed: int, budget: Budget, model: str) -> 
         config = sb3.SB3Config(algo=agent, num_envs=budget.num_envs, seed=seed, n_steps=32, batch_size=64)
         model_ = sb3.build(env_id, config, **kwargs)
         env = gym.make(env_id, split="test", **kwargs)  # the native space the SB3 model acts in
-
-        def policy(obs, mask):
-            extra = {"action_masks": mask} if agent == "maskable_ppo" and mask is not None else {}
-            return model_.predict(obs, deterministic=True, **extra)[0]
+        policy = sb3.deterministic_policy(model_)
 
         record(0, policy, env)
         per_point = budget.ppo_steps // budget.eval_points
