@@ -110,21 +110,21 @@ def test_terminal_mode_pays_once_at_the_end():
     assert rewards[-1] == pytest.approx(rouge_l(info["text"], info["references"][0]))
 
 
-def test_truncates_itself_at_max_new_tokens():
+def test_terminates_at_max_new_tokens():
     env = gym.make("textenvs/Summarize-v0", max_new_tokens=3)
     env.reset(seed=0)
     eos = env.unwrapped.lm.eos_token_id
     token = 1 if eos != 1 else 2
     out = [env.step(token) for _ in range(3)]
-    assert [o[3] for o in out] == [False, False, True] and not any(o[2] for o in out)
-    assert out[-1][4]["tokens"] == 3
+    assert [o[2] for o in out] == [False, False, True] and not any(o[3] for o in out)
+    assert out[-1][4]["tokens"] == 3 and out[-1][4]["stop"] == "max_new_tokens"
 
 
 def test_eos_terminates():
     env = TextGenerationEnv(task="summarize")
     env.reset(seed=0)
     _, _, terminated, truncated, info = env.step(env.lm.eos_token_id)
-    assert terminated and not truncated and info["text"] == ""
+    assert terminated and not truncated and info["text"] == "" and info["stop"] == "eos"
 
 
 def test_info_and_render():

@@ -84,9 +84,9 @@ def test_next_step_autoreset():
     envs.reset(seed=0)
     envs.step(np.array([5, 5]))
     obs, rewards, terminated, truncated, infos = envs.step(np.array([5, 5]))
-    assert truncated.all() and "final_obs" not in infos
+    assert terminated.all() and "final_obs" not in infos
     obs, rewards, terminated, truncated, infos = envs.step(np.array([5, 5]))  # the reset step
-    assert (rewards == 0).all() and not truncated.any() and (infos["text"] == "").all()
+    assert (rewards == 0).all() and not terminated.any() and (infos["text"] == "").all()
     assert envs.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
 
 
@@ -171,7 +171,7 @@ def test_sb3_adapter_gives_terminal_observation():
     venv.reset()
     venv.step(np.array([5, 5]))
     _, _, dones, infos = venv.step(np.array([5, 5]))
-    assert dones.all() and infos[0]["terminal_observation"].shape == (128,) and infos[0]["TimeLimit.truncated"]
+    assert dones.all() and infos[0]["terminal_observation"].shape == (128,) and not infos[0]["TimeLimit.truncated"]
 
 
 def test_sb3_adapter_refuses_next_step_mode():

@@ -67,8 +67,10 @@ class TextGenerationEnv(gym.Env):
     picks sample ``i`` instead. The prompt is encoded and run once.
 
     ## Episode End
-    Terminated when the agent writes the EOS token. Truncated after ``max_new_tokens`` tokens (the
-    environment truncates itself, so terminal-mode rewards are paid on that step too).
+    Terminated when the agent writes the EOS token or after ``max_new_tokens`` tokens
+    (``info["stop"]`` says which). The token budget is part of the task: the text is final and
+    scored and no reward can follow, so an agent must not bootstrap past it; ``truncated`` is
+    never set by the env itself (an outer ``TimeLimit`` may set it).
 
     ## Arguments
     ``gym.make("textenvs/Summarize-v0", model="textenvs/tiny", split="train", reward=None,
@@ -175,14 +177,19 @@ class TextGenerationEnv(gym.Env):
         """Complete the step from the forward of the new token: hidden ``(1, d)``, logits ``(1, V)``."""
         token = self._seq.ids[-1]
         self._hidden_sum += hidden[-1].cpu()
-        terminated = token == self.lm.eos_token_id
-        if not terminated:
+        eos = token == self.lm.eos_token_id
+        if not eos:
             self.generated.append(token)
             self.text = self.lm.decode(self.generated).strip()
-        truncated = not terminated and len(self.generated) >= self.max_new_tokens
-        self._done = terminated or truncated
+        # The token budget is part of the task: the text is final and scored, and no reward can
+        # follow, so this is termination (no bootstrapping), not a time-limit truncation
+        # (Pardo et al. 2018, "Time Limits in Reinforcement Learning").
+        terminated = eos or len(self.generated) >= self.max_new_tokens
+        self._done = terminated
         reward, scores = self.shaper.step(self.text, self._done)
-        return self._observe(hidden[-1], logits[-1]), float(reward), terminated, truncated, self._info(scores)
+        info = self._info(scores)
+        info["stop"] = "eos" if eos else ("max_new_tokens" if terminated else None)
+        return self._observe(hidden[-1], logits[-1]), float(reward), terminated, False, info
 
     def render(self) -> str | None:
         if self.render_mode != "ansi":
