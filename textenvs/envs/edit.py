@@ -13,7 +13,7 @@ from gymnasium import spaces
 from gymnasium.error import ResetNeeded
 
 from textenvs import lm as lm_backend
-from textenvs.envs.generate import check_choice, resolve_task
+from textenvs.envs.generate import check_can_step, check_choice, draw_episode, resolve_task
 from textenvs.rewards import RewardShaper
 from textenvs.tasks import Sample, Task
 
@@ -180,21 +180,7 @@ class TextEditEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         options = options or {}
-        if "index" in options:
-            index = int(options["index"])
-            if not 0 <= index < len(self.samples):
-                raise ValueError(f"options['index']={index} is out of range: the split has {len(self.samples)} samples.")
-        else:
-            index = int(self.np_random.integers(len(self.samples)))
-        self.index, self.sample = index, self.samples[index]
-        self.prompt = self.task.prompt(self.sample)
-        prompt_ids = self.lm.encode(self.prompt)
-        if len(prompt_ids) + self.max_len > self.lm.max_positions:
-            raise ValueError(
-                f"Sample {index}: the prompt has {len(prompt_ids)} tokens and max_len={self.max_len}, more than the "
-                f"model's context of {self.lm.max_positions}: shorten the source, lower max_len, or use a model with a "
-                "longer context."
-            )
+        prompt_ids = draw_episode(self, options, "max_len", self.max_len)
         self._prompt_len = len(prompt_ids)
         self._seq, hidden, logits = self.lm.prefill(prompt_ids)
         self._rows = hidden[-1:]  # (1, d): row 0, the prompt's last position
@@ -222,10 +208,7 @@ class TextEditEnv(gym.Env):
         Returns the tokens to append to ``self._seq`` (the new text from the edit position on;
         empty for stop, an invalid edit, or a delete of the last token).
         """
-        if self._seq is None:
-            raise ResetNeeded("Cannot call step() before reset(): call env.reset() first.")
-        if self._done:
-            raise ResetNeeded("The episode has ended (terminated or truncated): call env.reset() before step().")
+        check_can_step(self)
         op, pos, token_index = self._parse(action)
         self.edits += 1
         self.op = OP_NAMES[op]

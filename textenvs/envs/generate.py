@@ -34,6 +34,38 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
         raise ValueError(f"{name}={value!r} is not valid: choose one of {list(choices)}.")
 
 
+def draw_episode(env: gym.Env, options: dict, budget_name: str, budget: int) -> list[int]:
+    """Pick an episode's sample (``options["index"]`` or ``env.np_random``) and encode its prompt.
+
+    Sets ``env.index``, ``env.sample`` and ``env.prompt``; checks that the prompt plus ``budget``
+    more tokens fit the model's context. Shared by the generation and edit envs.
+    """
+    if "index" in options:
+        index = int(options["index"])
+        if not 0 <= index < len(env.samples):
+            raise ValueError(f"options['index']={index} is out of range: the split has {len(env.samples)} samples.")
+    else:
+        index = int(env.np_random.integers(len(env.samples)))
+    env.index, env.sample = index, env.samples[index]
+    env.prompt = env.task.prompt(env.sample)
+    prompt_ids = env.lm.encode(env.prompt)
+    if len(prompt_ids) + budget > env.lm.max_positions:
+        raise ValueError(
+            f"Sample {index}: the prompt has {len(prompt_ids)} tokens and {budget_name}={budget}, more than the "
+            f"model's context of {env.lm.max_positions}: shorten the source, lower {budget_name}, or use a model "
+            "with a longer context."
+        )
+    return prompt_ids
+
+
+def check_can_step(env: gym.Env) -> None:
+    """The reset/step contract: a clear error for a step before reset or after the episode ended."""
+    if env._seq is None:
+        raise ResetNeeded("Cannot call step() before reset(): call env.reset() first.")
+    if env._done:
+        raise ResetNeeded("The episode has ended (terminated or truncated): call env.reset() before step().")
+
+
 class TextGenerationEnv(gym.Env):
     """Generate a text one token at a time; the reward is a summarization / translation metric.
 
@@ -132,22 +164,7 @@ class TextGenerationEnv(gym.Env):
     # -- Gymnasium API ---------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
-        options = options or {}
-        if "index" in options:
-            index = int(options["index"])
-            if not 0 <= index < len(self.samples):
-                raise ValueError(f"options['index']={index} is out of range: the split has {len(self.samples)} samples.")
-        else:
-            index = int(self.np_random.integers(len(self.samples)))
-        self.index, self.sample = index, self.samples[index]
-        self.prompt = self.task.prompt(self.sample)
-        prompt_ids = self.lm.encode(self.prompt)
-        if len(prompt_ids) + self.max_new_tokens > self.lm.max_positions:
-            raise ValueError(
-                f"Sample {index}: the prompt has {len(prompt_ids)} tokens and max_new_tokens={self.max_new_tokens}, "
-                f"more than the model's context of {self.lm.max_positions}: shorten the source, lower "
-                "max_new_tokens, or use a model with a longer context."
-            )
+        prompt_ids = draw_episode(self, options or {}, "max_new_tokens", self.max_new_tokens)
         self._seq, hidden, logits = self.lm.prefill(prompt_ids)
         self._prompt_len = len(prompt_ids)
         self._hidden_sum = hidden.sum(0).cpu()  # (d,) running sum for obs="mean", kept on the host
@@ -167,10 +184,7 @@ class TextGenerationEnv(gym.Env):
     # `self._seq`, finish_step consumes the forward's output.
     def begin_step(self, action: Any) -> list[int]:
         """Check the action; the tokens to append to ``self._seq`` (one token)."""
-        if self._seq is None:
-            raise ResetNeeded("Cannot call step() before reset(): call env.reset() first.")
-        if self._done:
-            raise ResetNeeded("The episode has ended (terminated or truncated): call env.reset() before step().")
+        check_can_step(self)
         return [self.token_for(action)]
 
     def finish_step(self, hidden: torch.Tensor, logits: torch.Tensor) -> tuple[np.ndarray, float, bool, bool, dict]:
