@@ -98,6 +98,8 @@ class TokenPPOConfig:
     """Torch device."""
     eval_samples: int = 200
     """Test-split samples of the greedy evaluation before and after training."""
+    eval_reward: str | None = None
+    """Metric of the greedy evaluation (None: the training reward), e.g. train on chrF, report BLEU."""
     checkpoint_dir: str | None = None
     """Where checkpoints go (None: no checkpoints)."""
     save_every: int = 0
@@ -471,7 +473,7 @@ class TokenPPO:
     def evaluate(self, split: str = "test", max_samples: int | None = None) -> float:
         """Mean task metric of greedy decoding over the split (the same env, task and reward)."""
         return greedy_metric(self.lm, self.config.env_id, split, max_samples or self.config.eval_samples,
-                             self.config.max_new_tokens, self.config.reward)
+                             self.config.max_new_tokens, self.config.eval_reward or self.config.reward)
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, folder: str | os.PathLike) -> Path:

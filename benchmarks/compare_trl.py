@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--generations", type=int, default=4, help="completions per prompt (GRPO / RLOO groups)")
     p.add_argument("--learning-rate", type=float, default=3e-4)
     p.add_argument("--kl-coef", type=float, default=0.02)
+    p.add_argument("--ppo-epochs", type=int, default=4,
+                   help="textenvs PPO epochs per rollout (TRL's GRPO / RLOO default is one pass: num_iterations=1)")
     p.add_argument("--eval-samples", type=int, default=200)
     p.add_argument("--trainers", nargs="+", default=["textenvs_ppo", "grpo", "rloo"])
     p.add_argument("--device", default="cpu")
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
             trainer = TokenPPO(TokenPPOConfig(env_id=env_id, model=model_dir, reward=metric_name, num_envs=args.batch,
                                               max_new_tokens=args.max_new_tokens, total_episodes=args.completions,
                                               learning_rate=args.learning_rate, kl_coef=args.kl_coef,
+                                              num_epochs=args.ppo_epochs,
                                               device=args.device, seed=args.seed, eval_samples=args.eval_samples))
             start = time.time()
             trainer.train(progress=False)
