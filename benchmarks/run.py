@@ -54,7 +54,7 @@ class Budget:
 
 
 PRESETS = {
-    "quick": Budget(seeds=3, q_steps=1200, ppo_steps=1024, token_ppo_episodes=64, eval_points=2, eval_samples=16,
+    "quick": Budget(seeds=3, q_steps=1500, ppo_steps=2048, token_ppo_episodes=384, eval_points=2, eval_samples=32,
                     horizon=8),
     "full": Budget(seeds=5, q_steps=8000, ppo_steps=16000, token_ppo_episodes=1024, eval_points=5, eval_samples=100),
 }
@@ -349,7 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {**vars(args), "budget": asdict(budget)},
         "cells": cells,
         "rows": rows,
-        "wall_s": round(time.time() - start, 1),
+        "wall_s": round(time.time() - start, 1),  # this invocation (a --resume run only counts its own cells)
+        "cells_wall_s": round(sum(c["wall_s"] for c in cells), 1),
         "interrupted": interrupted,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": sys.version.split()[0]},
         "versions": _versions(),

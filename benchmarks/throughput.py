@@ -18,8 +18,8 @@
   ``batched_bound_steps_per_s``, the bare batched incremental forward of the same batch size and
   model (one cache, equal lengths, no env); ``vector_ratio_to_bound`` and
   ``vector_speedup_vs_single`` (over ``env_steps_per_s``);
-* ``vector_rss_mb_first`` / ``vector_rss_mb_last``: resident memory after the first and the last
-  1,000 of ``--memory-steps`` env steps of the batched env (flat when finished caches are freed).
+* ``vector_rss_mb_first`` / ``vector_rss_mb_last``: resident memory after the first tenth and at
+  the end of ``--memory-steps`` env steps of the batched env (flat when finished caches are freed).
 
 ``--random-gpt2 small`` measures a randomly initialised GPT-2 of the 124M layout (12 layers,
 d = 768, the tiny model's tokenizer) saved to a temporary folder, to see how the ratios move with
@@ -212,9 +212,10 @@ def measure_vector(args: argparse.Namespace, model) -> dict:
     rss = []
     rng = np.random.default_rng(args.seed)
     envs.reset(seed=args.seed)
-    for step in range(args.memory_steps // n):
+    steps = max(10, args.memory_steps // n)
+    for step in range(steps):
         envs.step(rng.integers(envs.single_action_space.n, size=n))
-        if (step + 1) * n % 1000 < n:
+        if step + 1 in (steps // 10, steps):  # after the first tenth of the run, and at its end
             rss.append(rss_mb())
     return {"num_envs": n, "vector_steps_per_s": round(vector, 1), "batched_bound_steps_per_s": round(bound, 1),
             "vector_ratio_to_bound": round(vector / bound, 3), "memory_env_steps": args.memory_steps,
