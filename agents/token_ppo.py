@@ -52,6 +52,8 @@ class TokenPPOConfig:
     """The starting policy: ``textenvs/tiny``, a ``save_pretrained`` folder or a hub name."""
     reward: str | None = None
     """The env's reward metric (None: the task's default)."""
+    dense: bool = True
+    """Dense rewards (the metric's change every token) or the metric once at the end."""
     num_envs: int = 32
     """Episodes per rollout: sub-envs of the batched env, one episode each."""
     max_new_tokens: int = 16
@@ -346,7 +348,7 @@ class TokenPPO:
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
         env_kwargs = {"model": self.lm, "action_mode": "vocab", "max_new_tokens": config.max_new_tokens,
-                      "device": config.device}
+                      "device": config.device, "dense": config.dense}
         if config.reward is not None:
             env_kwargs["reward"] = config.reward
         try:

@@ -14,15 +14,16 @@ from textenvs.tasks import Sample, Task, builtin_task, load_csv, load_dataset, l
 
 __version__ = "0.1.0"
 
-# Generation envs truncate themselves at `max_new_tokens` (a keyword argument) instead of through
-# `max_episode_steps`: a TimeLimit wrapper would cut an episode without paying the terminal reward.
+# No `max_episode_steps`: generation envs end themselves at `max_new_tokens` (terminated: the text
+# is final and scored) and a TimeLimit wrapper would cut an episode without paying the terminal
+# reward; both horizons are keyword arguments, so a fixed registered limit would contradict them.
 GENERATION_IDS = {
     "textenvs/Generate-v0": {},
     "textenvs/Summarize-v0": {"task": "summarize"},
     "textenvs/Translate-v0": {"task": "translate"},
 }
 
-# Edit envs truncate themselves at `max_edits`, for the same reason.
+# Edit envs truncate themselves at `max_edits` (more edits could still raise the metric).
 EDIT_IDS = {
     "textenvs/Edit-v0": {},
     "textenvs/EditSummary-v0": {"task": "summarize", "start": "draft"},
