@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--generations", type=int, default=4, help="completions per prompt (GRPO / RLOO groups)")
     p.add_argument("--learning-rate", type=float, default=3e-4)
     p.add_argument("--kl-coef", type=float, default=0.02)
-    p.add_argument("--ppo-epochs", type=int, default=4,
-                   help="textenvs PPO epochs per rollout (TRL's GRPO / RLOO default is one pass: num_iterations=1)")
+    p.add_argument("--ppo-epochs", type=int, default=1,
+                   help="textenvs PPO epochs per rollout; 1 matches TRL's GRPO / RLOO default (num_iterations=1), "
+                        "so every trainer takes one optimisation pass over each batch")
     p.add_argument("--eval-samples", type=int, default=200)
     p.add_argument("--trainers", nargs="+", default=["textenvs_ppo", "grpo", "rloo"])
     p.add_argument("--device", default="cpu")
