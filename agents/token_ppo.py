@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 import textenvs  # noqa: F401  (registers the ids)
+from agents.common import evaluate_policy
 from textenvs.lm import LanguageModel
 
 
@@ -315,16 +316,7 @@ def greedy_metric(lm: LanguageModel | str, env_id: str, split: str = "test", max
     """Mean task metric of greedy decoding (top-1 actions) over the first ``max_samples`` of a split."""
     env = gym.make(env_id, model=lm, split=split, action_mode="topk", k=1, max_new_tokens=max_new_tokens,
                    **({"reward": reward} if reward else {}))
-    n = min(len(env.unwrapped.samples), max_samples)
-    scores = []
-    for i in range(n):
-        env.reset(options={"index": i})
-        done, info = False, {}
-        while not done:
-            _, _, terminated, truncated, info = env.step(0)
-            done = terminated or truncated
-        scores.append(float(next(iter(info["metrics"].values()))))
-    return float(np.mean(scores))
+    return evaluate_policy(env, lambda obs, mask: 0, max_samples=max_samples)["mean_metric"]
 
 
 # ---------------------------------------------------------------------------------------------

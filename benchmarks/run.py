@@ -162,10 +162,10 @@ def run_cell(agent: str, env_id: str, seed: int, budget: Budget, model: str) -> 
 
 def _token_ppo_eval(trainer, budget: Budget) -> dict:
     """Greedy decoding of the current policy on the test split, per sample (the env's own metric)."""
-    env = gym.make(trainer.config.env_id, model=trainer.lm, split="test", action_mode="topk", k=1,
-                   max_new_tokens=trainer.config.max_new_tokens)
     from agents.common import evaluate_policy
 
+    env = gym.make(trainer.config.env_id, model=trainer.lm, split="test", action_mode="topk", k=1,
+                   max_new_tokens=trainer.config.max_new_tokens)
     result = evaluate_policy(env, lambda obs, mask: 0, max_samples=budget.eval_samples)
     return {"metric": result["mean_metric"], "metrics": result["metrics"]}
 
