@@ -92,7 +92,7 @@ def sample_observations(env: gym.Env, n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     obs, _ = env.reset(seed=seed)
     samples = [np.asarray(obs, dtype=np.float32).reshape(-1)]
-    masks = getattr(env, "action_masks", None)
+    masks = find_action_masks(env)
     while len(samples) < n:
         if masks is not None and isinstance(env.action_space, spaces.Discrete):
             action = int(rng.choice(np.flatnonzero(masks())))
