@@ -25,6 +25,7 @@ from gymnasium import spaces
 from tqdm import tqdm
 
 from agents.common import evaluate_policy, metric_of
+from textenvs import is_edit_env
 from textenvs.wrappers import find_action_masks
 
 
@@ -197,7 +198,7 @@ def make_tabular_env(env_id: str, split: str, k: int, discretizer: str, n_bits: 
     import textenvs  # noqa: F401  (registers the ids)
     from textenvs.wrappers import DiscretizeObservation, FlattenEditActions
 
-    if "Edit" in env_id:
+    if is_edit_env(env_id):
         env = FlattenEditActions(gym.make(env_id, split=split, token_mode="topk", k=k, **kwargs))
     else:
         env = gym.make(env_id, split=split, action_mode="topk", k=k, **kwargs)
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--save", help="write the Q-table (npz) here")
     p.add_argument("--eval-samples", type=int, default=200, help="test-split samples to evaluate on")
     args = p.parse_args(argv)
-    horizon = {"max_edits": args.max_steps} if "Edit" in args.env_id else {"max_new_tokens": args.max_steps}
+    horizon = {"max_edits": args.max_steps} if is_edit_env(args.env_id) else {"max_new_tokens": args.max_steps}
     env = make_tabular_env(args.env_id, "train", args.k, args.discretizer, args.n_bits, args.n_clusters, args.seed,
                            **horizon)
     agent = QLearning(env, QLearningConfig(learning_rate=args.learning_rate, seed=args.seed))

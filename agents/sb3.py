@@ -21,6 +21,7 @@ import numpy as np
 
 import textenvs  # noqa: F401  (registers the ids)
 from agents.common import evaluate_policy
+from textenvs import is_edit_env
 from textenvs.vector import as_sb3_vec_env
 
 ALGOS = ("ppo", "maskable_ppo")
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--save")
     p.add_argument("--eval-samples", type=int, default=200)
     args = p.parse_args(argv)
-    edit = "Edit" in args.env_id
+    edit = is_edit_env(args.env_id)
     env_kwargs = ({"token_mode": "topk", "k": args.k, "max_edits": args.max_steps} if edit
                   else {"action_mode": "topk", "k": args.k, "max_new_tokens": args.max_steps})
     config = SB3Config(algo=args.algo or ("maskable_ppo" if edit else "ppo"), num_envs=args.num_envs, seed=args.seed,

@@ -27,12 +27,13 @@ import textenvs
 from agents import sb3
 from agents.common import evaluate_policy
 from agents.qlearning import QLearning, QLearningConfig, make_tabular_env
+from textenvs import is_edit_env
 
 ENVS = ("textenvs/Summarize-v0", "textenvs/Translate-v0", "textenvs/EditSummary-v0")
 
 
 def env_kwargs(env_id: str, k: int, horizon: int) -> dict:
-    if "Edit" in env_id:
+    if is_edit_env(env_id):
         return {"token_mode": "topk", "k": k, "max_edits": horizon, "max_len": 24}
     return {"action_mode": "topk", "k": k, "max_new_tokens": horizon}
 
@@ -56,7 +57,7 @@ def run_cell(agent: str, env_id: str, seed: int, args: argparse.Namespace) -> di
     start = time.time()
     if agent in ("random", "greedy"):
         env = gym.make(env_id, split="test", **kwargs)
-        if "Edit" in env_id:
+        if is_edit_env(env_id):
             from textenvs.wrappers import FlattenEditActions
 
             env = FlattenEditActions(env)
@@ -74,7 +75,7 @@ def run_cell(agent: str, env_id: str, seed: int, args: argparse.Namespace) -> di
         result = learner.evaluate(test, max_samples=args.eval_samples)
         steps = args.q_steps
     elif agent == "ppo":
-        algo = "maskable_ppo" if "Edit" in env_id else "ppo"
+        algo = "maskable_ppo" if is_edit_env(env_id) else "ppo"
         config = sb3.SB3Config(algo=algo, num_envs=args.num_envs, seed=seed, n_steps=32, batch_size=128)
         model = sb3.build(env_id, config, **kwargs)
         model.learn(args.ppo_steps)

@@ -33,6 +33,7 @@ import gymnasium as gym
 import numpy as np
 
 import textenvs
+from textenvs import is_edit_env
 
 AGENTS = ("random", "greedy", "qlearning", "ppo", "maskable_ppo", "token_ppo")
 DEFAULT_ENVS = ("textenvs/Summarize-v0", "textenvs/Translate-v0", "textenvs/EditSummary-v0")
@@ -60,20 +61,16 @@ PRESETS = {
 }
 
 
-def is_edit(env_id: str) -> bool:
-    return gym.spec(env_id).entry_point.endswith("TextEditEnv")
-
-
 def applies(agent: str, env_id: str) -> bool:
     if agent == "maskable_ppo":
-        return is_edit(env_id)
+        return is_edit_env(env_id)
     if agent in ("ppo", "token_ppo"):
-        return not is_edit(env_id)
+        return not is_edit_env(env_id)
     return True
 
 
 def env_kwargs(env_id: str, budget: Budget, model: str) -> dict:
-    if is_edit(env_id):
+    if is_edit_env(env_id):
         return {"model": model, "token_mode": "topk", "k": budget.k, "max_edits": budget.horizon, "max_len": 24}
     return {"model": model, "action_mode": "topk", "k": budget.k, "max_new_tokens": budget.horizon}
 
@@ -82,7 +79,7 @@ def test_env(env_id: str, kwargs: dict) -> gym.Env:
     from textenvs.wrappers import FlattenEditActions
 
     env = gym.make(env_id, split="test", **kwargs)
-    return FlattenEditActions(env) if is_edit(env_id) else env
+    return FlattenEditActions(env) if is_edit_env(env_id) else env
 
 
 # ---------------------------------------------------------------------------------------------

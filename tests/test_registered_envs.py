@@ -82,3 +82,11 @@ def test_step_after_end_raises(env_id):
             break
     with pytest.raises(ResetNeeded, match="reset"):
         env.step(env.action_space.sample())
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_is_edit_env_follows_the_entry_point(env_id):
+    import textenvs
+    from textenvs.envs.edit import TextEditEnv
+
+    assert textenvs.is_edit_env(env_id) == isinstance(gym.make(env_id, **FAST_KWARGS[env_id]).unwrapped, TextEditEnv)

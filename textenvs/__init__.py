@@ -44,7 +44,14 @@ for _id, _kwargs in GENERATION_IDS.items():
 for _id, _kwargs in EDIT_IDS.items():
     _register(_id, "textenvs.envs.edit:TextEditEnv", "textenvs.vector:EditVectorEnv", _kwargs)
 
+def is_edit_env(env_id: str) -> bool:
+    """Whether a registered id builds a TextEditEnv (decided by its entry point, not its name)."""
+    from gymnasium import spec
+
+    return spec(env_id).entry_point.endswith("TextEditEnv")
+
+
 __all__ = [
     "ENV_IDS", "METRIC_NAMES", "TINY", "LanguageModel", "RewardShaper", "Sample", "Task", "builtin_task",
-    "get_metric", "load_csv", "load_dataset", "load_jsonl",
+    "get_metric", "is_edit_env", "load_csv", "load_dataset", "load_jsonl",
 ]
