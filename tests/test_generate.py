@@ -101,13 +101,17 @@ def test_dense_rewards_equal_library_deltas_and_sum_to_final_metric(env_id, metr
 def test_terminal_mode_pays_once_at_the_end():
     env = TextGenerationEnv(task="summarize", dense=False, action_mode="topk", k=2, max_new_tokens=8)
     env.reset(seed=2)
-    rewards, done = [], False
+    rewards, has_metrics, done = [], [], False
     while not done:
         _, r, terminated, truncated, info = env.step(0)
         rewards.append(r)
+        has_metrics.append("metrics" in info)
         done = terminated or truncated
     assert all(r == 0.0 for r in rewards[:-1])
     assert rewards[-1] == pytest.approx(rouge_l(info["text"], info["references"][0]))
+    # The metric is computed only when the episode ends.
+    assert has_metrics == [False] * (len(rewards) - 1) + [True]
+    assert info["metrics"]["rougeL"] == rewards[-1]
 
 
 def test_terminates_at_max_new_tokens():

@@ -10,7 +10,7 @@ import pytest
 from gymnasium.vector import AutoresetMode
 
 from tests.conftest import ENV_IDS, FAST_KWARGS
-from textenvs.vector import EditVectorEnv, GenerationVectorEnv, as_sb3_vec_env
+from textenvs.vector import EditVectorEnv, GenerationVectorEnv, as_sb3_vec_env, batch_infos
 
 
 def gen_actions(rng, n, eos):
@@ -18,6 +18,37 @@ def gen_actions(rng, n, eos):
     a = rng.integers(0, 1024, size=n)
     a[rng.random(n) < 0.15] = eos
     return a
+
+
+def assert_infos_equal(a, b):
+    assert list(a) == list(b)
+    for key in a:
+        if isinstance(a[key], dict):
+            assert_infos_equal(a[key], b[key])
+        else:
+            assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+            for x, y in zip(a[key], b[key]):
+                assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y, key
+
+
+def test_batch_infos_matches_gymnasiums_add_info():
+    # Every kind of value gymnasium distinguishes: Python and NumPy scalars, arrays, objects,
+    # nested dicts, final_obs, and keys that only some sub-envs report.
+    rng = np.random.default_rng(0)
+    items = []
+    for i in [0, 2, 3, 5]:
+        info = {"text": f"t{i}", "tokens": i, "score": float(i) / 3, "done": bool(i % 2), "f32": np.float32(i),
+                "vec": rng.normal(size=3).astype(np.float32), "metrics": {"rougeL": i / 7, "nested": {"n": i}},
+                "final_obs": rng.normal(size=2)}
+        if i > 2:
+            info["late"] = [i]
+            info["final_info"] = {"text": "end", "metrics": {"rougeL": 0.5}}
+        items.append((i, info))
+    reference: dict = {}
+    adder = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")] * 6)
+    for i, info in items:
+        reference = adder._add_info(reference, info, i)
+    assert_infos_equal(batch_infos(6, items), reference)
 
 
 @pytest.mark.parametrize("num_envs", [1, 3, 8])

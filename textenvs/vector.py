@@ -75,13 +75,13 @@ class BatchedTextVectorEnv(VectorEnv):
             raise ValueError("The first reset() must reset every sub-env: drop options['reset_mask'].")
         if not self._was_reset:
             self._obs = np.zeros(self.observation_space.shape, dtype=self.observation_space.dtype)
-        infos: dict = {}
+        items = []
         for i in np.flatnonzero(mask):
             self._obs[i], info = self._reset_env(i, seed=seeds[i], options=options or None)
-            infos = self._add_info(infos, info, i)
+            items.append((i, info))
         self._needs_reset[mask] = False
         self._was_reset = True
-        return self._obs.copy(), infos
+        return self._obs.copy(), batch_infos(self.num_envs, items)
 
     def step(self, actions: Any):
         if not self._was_reset:
@@ -90,11 +90,11 @@ class BatchedTextVectorEnv(VectorEnv):
         rewards = np.zeros(self.num_envs, dtype=np.float64)
         terminated = np.zeros(self.num_envs, dtype=bool)
         truncated = np.zeros(self.num_envs, dtype=bool)
-        infos: dict = {}
+        items = []
         stepping = [i for i in range(self.num_envs) if not self._needs_reset[i]]
         for i in np.flatnonzero(self._needs_reset):  # NextStep: this step is the reset
             self._obs[i], info = self._reset_env(i)
-            infos = self._add_info(infos, info, i)
+            items.append((i, info))
         self._needs_reset[:] = False
         # All actions were checked above, so no sub-env is half-stepped when begin_step runs.
         tails = [self.envs[i].begin_step(actions[i]) for i in stepping]
@@ -111,8 +111,8 @@ class BatchedTextVectorEnv(VectorEnv):
                 else:
                     self._needs_reset[i] = True
             self._obs[i] = obs
-            infos = self._add_info(infos, info, i)
-        return self._obs.copy(), rewards, terminated, truncated, infos
+            items.append((i, info))
+        return self._obs.copy(), rewards, terminated, truncated, batch_infos(self.num_envs, items)
 
     def render(self) -> tuple | None:
         return tuple(env.render() for env in self.envs)
@@ -163,13 +163,60 @@ class BatchedTextVectorEnv(VectorEnv):
                 f"Expected an integer action array of shape {expected} (one action of {self.single_action_space} "
                 f"per sub-env), got shape {arr.shape} and dtype {arr.dtype}."
             )
-        for i, a in enumerate(arr):
-            if not self._needs_reset[i] and not self.single_action_space.contains(a.astype(np.int64)):
+        for i in self._invalid_actions(arr):
+            if not self._needs_reset[i]:
+                a = arr[i]
                 raise ValueError(
                     f"Action {a!r} of sub-env {i} is not in the action space {self.single_action_space}; "
                     "no sub-env was stepped."
                 )
         return arr
+
+    def _invalid_actions(self, arr: np.ndarray) -> np.ndarray:
+        """Indices of the sub-envs whose action is outside the single action space."""
+        space = self.single_action_space
+        if isinstance(space, gym.spaces.Discrete):
+            return np.flatnonzero((arr < space.start) | (arr >= space.start + space.n))
+        if isinstance(space, gym.spaces.MultiDiscrete):
+            outside = (arr < space.start) | (arr >= space.start + space.nvec)
+            return np.flatnonzero(outside.reshape(self.num_envs, -1).any(axis=1))
+        return np.array([i for i, a in enumerate(arr) if not space.contains(a.astype(np.int64))], dtype=int)
+
+
+def batch_infos(num_envs: int, items: list[tuple[int, dict]]) -> dict:
+    """The vector ``infos`` of several sub-envs' infos, built in one pass.
+
+    The layout is exactly what gymnasium's ``VectorEnv._add_info`` builds one sub-env at a time
+    (one array per key with a ``_key`` mask, nested dicts recursively, ``final_obs`` an object
+    array), but every array is created once per step instead of being probed once per sub-env.
+
+    Args:
+        num_envs: Length of every array.
+        items: ``(sub-env index, info)`` pairs.
+    """
+    by_key: dict[str, list[tuple[int, Any]]] = {}
+    for i, info in items:
+        for key, value in info.items():
+            by_key.setdefault(key, []).append((i, value))
+    out: dict[str, Any] = {}
+    for key, entries in by_key.items():
+        first = entries[0][1]
+        if isinstance(first, dict) and key != "final_obs":
+            out[key] = batch_infos(num_envs, entries)
+        else:
+            if key == "final_obs" or not (type(first) in (int, float, bool) or isinstance(first, (np.number, np.ndarray))):
+                array = np.full(num_envs, fill_value=None, dtype=object)
+            elif isinstance(first, np.ndarray):
+                array = np.zeros((num_envs, *first.shape), dtype=first.dtype)
+            else:
+                array = np.zeros(num_envs, dtype=type(first))
+            for i, value in entries:
+                array[i] = value
+            out[key] = array
+        mask = np.zeros(num_envs, dtype=np.bool_)
+        mask[[i for i, _ in entries]] = True
+        out[f"_{key}"] = mask
+    return out
 
 
 class GenerationVectorEnv(BatchedTextVectorEnv):
@@ -211,7 +258,8 @@ class GenerationVectorEnv(BatchedTextVectorEnv):
         hidden = hidden.cpu()  # one device-to-host copy for the whole batch
         for i, tail in zip(stepping, tails):
             self.envs[i]._seq.ids.extend(tail)
-        return [(hidden[i : i + 1], logits[i : i + 1]) for i in stepping]
+        rows = list(zip(hidden[:, None].unbind(), logits[:, None].unbind()))  # (1, d), (1, V) views, made at once
+        return [rows[i] for i in stepping]
 
 
 class EditVectorEnv(BatchedTextVectorEnv):

@@ -91,7 +91,8 @@ class TextGenerationEnv(gym.Env):
     The task metric (``reward``: ``rouge1``, ``rouge2``, ``rougeL``, ``rougeLsum``, ``bleu``,
     ``chrf``, ``ter`` or a callable, see :mod:`textenvs.rewards`) of the generated text against the
     references, in [0, 1] for built-in metrics. ``dense=True`` pays the metric's change every step
-    (the rewards of an episode sum to its final metric); ``dense=False`` pays it once at the end.
+    (the rewards of an episode sum to its final metric); ``dense=False`` pays it once at the end,
+    and computes it only then: its steps before the last carry no ``info["metrics"]``.
     Optional length / repetition guardrails subtract from the metric (off by default).
 
     ## Starting State
@@ -167,7 +168,8 @@ class TextGenerationEnv(gym.Env):
         prompt_ids = draw_episode(self, options or {}, "max_new_tokens", self.max_new_tokens)
         self._seq, hidden, logits = self.lm.prefill(prompt_ids)
         self._prompt_len = len(prompt_ids)
-        self._hidden_sum = hidden.sum(0).cpu()  # (d,) running sum for obs="mean", kept on the host
+        # (d,) running sum of hidden states for obs="mean", kept on the host
+        self._hidden_sum = hidden.sum(0).cpu() if self.obs_mode == "mean" else None
         self.generated: list[int] = []
         self.text = ""
         self._done = False
@@ -190,7 +192,8 @@ class TextGenerationEnv(gym.Env):
     def finish_step(self, hidden: torch.Tensor, logits: torch.Tensor) -> tuple[np.ndarray, float, bool, bool, dict]:
         """Complete the step from the forward of the new token: hidden ``(1, d)``, logits ``(1, V)``."""
         token = self._seq.ids[-1]
-        self._hidden_sum += hidden[-1].cpu()
+        if self.obs_mode == "mean":
+            self._hidden_sum += hidden[-1].cpu()
         eos = token == self.lm.eos_token_id
         if not eos:
             self.generated.append(token)
@@ -200,7 +203,10 @@ class TextGenerationEnv(gym.Env):
         # (Pardo et al. 2018, "Time Limits in Reinforcement Learning").
         terminated = eos or len(self.generated) >= self.max_new_tokens
         self._done = terminated
-        reward, scores = self.shaper.step(self.text, self._done)
+        if self.shaper.dense or terminated:
+            reward, scores = self.shaper.step(self.text, self._done)
+        else:  # terminal reward: the metric is computed once, when the episode ends
+            reward, scores = 0.0, None
         info = self._info(scores)
         info["stop"] = "eos" if eos else ("max_new_tokens" if terminated else None)
         return self._observe(hidden[-1], logits[-1]), float(reward), terminated, False, info
@@ -215,6 +221,9 @@ class TextGenerationEnv(gym.Env):
     # -- helpers ---------------------------------------------------------------------------
     def token_for(self, action: Any) -> int:
         """The token id an action stands for; a clear error for an action outside the space."""
+        if isinstance(action, (int, np.integer)) and not isinstance(action, (bool, np.bool_)):
+            if 0 <= action < self.action_space.n:  # the common case, checked without the general path
+                return int(self.candidates[action]) if self.action_mode == "topk" else int(action)
         try:
             valid = np.ndim(action) == 0 and self.action_space.contains(np.int64(action)) and float(action) == int(action)
         except (TypeError, ValueError, OverflowError):
@@ -232,11 +241,11 @@ class TextGenerationEnv(gym.Env):
         self.logits = logits  # (V,) next-token logits, read by agents that share the forward
         if self.action_mode == "topk":
             self.candidates = logits.topk(self.k).indices.cpu().numpy()
-        vec = last_hidden.cpu() if self.obs_mode == "last" else self._hidden_sum / len(self._seq)
-        return vec.cpu().numpy().astype(np.float32)
+        vec = last_hidden if self.obs_mode == "last" else self._hidden_sum / len(self._seq)
+        return vec.to("cpu", torch.float32).numpy()
 
-    def _info(self, scores: dict[str, float]) -> dict:
-        return {
+    def _info(self, scores: dict[str, float] | None) -> dict:
+        info = {
             "prompt": self.prompt,
             "text": self.text,
             "references": list(self.sample.references),
@@ -244,3 +253,6 @@ class TextGenerationEnv(gym.Env):
             "index": self.index,
             "tokens": len(self.generated),
         }
+        if scores is None:
+            del info["metrics"]
+        return info

@@ -33,8 +33,11 @@ EOS = "<|endoftext|>"
 DEFAULT_OUT = Path(__file__).parent / "tiny"
 
 
-def build_corpus(n_unpaired: int, pair_share: float, seed: int) -> list[str]:
-    """Documents (each ends with EOS) of unpaired domain text plus a share of train-split pairs."""
+def build_corpus(n_unpaired: int, pair_share: float | dict[str, float], seed: int) -> list[str]:
+    """Documents (each ends with EOS) of unpaired domain text plus a share of train-split pairs.
+
+    ``pair_share`` is one share for every task or a dict from task name to its share.
+    """
     rng = np.random.default_rng(seed)
     docs: list[str] = []
     for i, name in enumerate(BUILTIN_TASKS):
@@ -44,7 +47,8 @@ def build_corpus(n_unpaired: int, pair_share: float, seed: int) -> list[str]:
         docs += [f"{src_label}: {s}{EOS}" for s in sources]
         docs += [f"{tgt_label}: {t}{EOS}" for t in targets]
         train = task.split("train")
-        n_pairs = int(round(pair_share * 2 * n_unpaired))
+        share = pair_share[name] if isinstance(pair_share, dict) else pair_share
+        n_pairs = int(round(share * 2 * n_unpaired))
         for j in rng.choice(len(train), size=min(n_pairs, len(train)), replace=False):
             s = train[j]
             docs.append(f"{task.prompt(s)} {s.references[0]}{EOS}")
@@ -72,7 +76,10 @@ def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    docs = build_corpus(args.n_unpaired, args.pair_share, args.seed)
+    shares = {name: args.pair_share for name in BUILTIN_TASKS}
+    if args.translate_pair_share is not None:
+        shares["translate"] = args.translate_pair_share
+    docs = build_corpus(args.n_unpaired, shares, args.seed)
     tokenizer = train_tokenizer(docs, args.vocab_size)
     ids = np.concatenate([tokenizer(d)["input_ids"] for d in docs]).astype(np.int64)
     config = GPT2Config(
@@ -141,6 +148,10 @@ def main() -> None:
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pair-share", type=float, default=0.03, help="pairs per unpaired text of each task")
+    p.add_argument(
+        "--translate-pair-share", type=float, default=None,
+        help="pair share of the translation task alone (default: --pair-share)",
+    )
     p.add_argument("--n-unpaired", type=int, default=6000, help="unpaired sources (and targets) per task")
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--d-model", type=int, default=128)
