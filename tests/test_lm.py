@@ -63,6 +63,20 @@ def test_extend_batch_of_unequal_lengths_equals_single_extends(lm, tail_sizes):
             torch.testing.assert_close(la.keys, lb.keys, atol=1e-4, rtol=0)
 
 
+def test_prefill_batch_of_unequal_lengths_equals_single_prefills(lm):
+    texts = ["Article: A", "English: The old farmer sees a red bird near the river", "Headline: Norwick council"]
+    batched = lm.prefill_batch([lm.encode(t) for t in texts])
+    for text, (seq, hidden, logits) in zip(texts, batched):
+        single, h, lg = lm.prefill(lm.encode(text))
+        assert seq.ids == single.ids and hidden.shape == h.shape
+        torch.testing.assert_close(hidden, h, atol=1e-4, rtol=0)
+        torch.testing.assert_close(logits, lg, atol=1e-4, rtol=0)
+        # The cache continues like the single one.
+        torch.testing.assert_close(lm.extend(seq, [17])[1], lm.extend(single, [17])[1], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="empty sequence"):
+        lm.prefill_batch([[1, 2], []])
+
+
 def test_sequence_longer_than_context_raises(lm):
     with pytest.raises(ValueError, match="exceeds the context"):
         lm.prefill([1] * (lm.max_positions + 1))

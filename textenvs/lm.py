@@ -148,6 +148,36 @@ class LanguageModel:
         return Sequence(list(ids), cache), hidden[0], logits[0, -1]
 
     @torch.inference_mode()
+    def prefill_batch(self, batch: list[list[int]]) -> list[tuple[Sequence, torch.Tensor, torch.Tensor]]:
+        """:meth:`prefill` of several sequences with ONE right-padded forward.
+
+        Every sequence starts at position 0 and its padding comes after its last token, so the
+        causal mask already keeps the padding out of its view: each result equals :meth:`prefill`
+        of that sequence alone, up to float rounding. Each sequence's cache is a view of the batch's.
+        """
+        if len(batch) == 1:
+            return [self.prefill(batch[0])]
+        for ids in batch:
+            if not ids:
+                raise ValueError("Cannot run the model on an empty sequence: give at least one token.")
+            self.check_length(len(ids))
+        lengths = [len(ids) for ids in batch]
+        input_ids = torch.full((len(batch), max(lengths)), self.eos_token_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for b, ids in enumerate(batch):
+            input_ids[b, : len(ids)] = torch.tensor(ids)
+            mask[b, : len(ids)] = 1
+        cache = DynamicCache()
+        hidden, logits = self._forward(input_ids.to(self.device), cache, mask.to(self.device))
+        out = []
+        for b, n in enumerate(lengths):
+            own = DynamicCache(
+                ddp_cache_data=[(layer.keys[b : b + 1, :, :n], layer.values[b : b + 1, :, :n]) for layer in cache.layers]
+            )
+            out.append((Sequence(list(batch[b]), own), hidden[b, :n], logits[b, n - 1]))
+        return out
+
+    @torch.inference_mode()
     def extend(self, seq: Sequence, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``ids`` to one sequence with one incremental forward over its cache.
 

@@ -75,9 +75,10 @@ class BatchedTextVectorEnv(VectorEnv):
             raise ValueError("The first reset() must reset every sub-env: drop options['reset_mask'].")
         if not self._was_reset:
             self._obs = np.zeros(self.observation_space.shape, dtype=self.observation_space.dtype)
+        indices = np.flatnonzero(mask).tolist()
         items = []
-        for i in np.flatnonzero(mask):
-            self._obs[i], info = self._reset_env(i, seed=seeds[i], options=options or None)
+        for i, (obs, info) in zip(indices, self._reset_envs(indices, [seeds[i] for i in indices], options or None)):
+            self._obs[i] = obs
             items.append((i, info))
         self._needs_reset[mask] = False
         self._was_reset = True
@@ -92,24 +93,29 @@ class BatchedTextVectorEnv(VectorEnv):
         truncated = np.zeros(self.num_envs, dtype=bool)
         items = []
         stepping = [i for i in range(self.num_envs) if not self._needs_reset[i]]
-        for i in np.flatnonzero(self._needs_reset):  # NextStep: this step is the reset
-            self._obs[i], info = self._reset_env(i)
+        waiting = np.flatnonzero(self._needs_reset).tolist()  # NextStep: this step is their reset
+        for i, (obs, info) in zip(waiting, self._reset_envs(waiting)):
+            self._obs[i] = obs
             items.append((i, info))
         self._needs_reset[:] = False
         # All actions were checked above, so no sub-env is half-stepped when begin_step runs.
         tails = [self.envs[i].begin_step(actions[i]) for i in stepping]
         results = self._forward(stepping, tails)
+        ended = []  # SameStep: (index, last obs, last info) of the episodes to restart in this step
         for i, result in zip(stepping, results):
             obs, rewards[i], terminated[i], truncated[i], info = self.envs[i].finish_step(
                 *(result if result is not None else (None, None))
             )
             if terminated[i] or truncated[i]:
                 if self.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP:
-                    final_obs, final_info = obs, info
-                    obs, info = self._reset_env(i)
-                    info["final_obs"], info["final_info"] = final_obs, final_info
-                else:
-                    self._needs_reset[i] = True
+                    ended.append((i, obs, info))
+                    continue
+                self._needs_reset[i] = True
+            self._obs[i] = obs
+            items.append((i, info))
+        restarted = self._reset_envs([i for i, _, _ in ended])
+        for (i, final_obs, final_info), (obs, info) in zip(ended, restarted):
+            info["final_obs"], info["final_info"] = final_obs, final_info
             self._obs[i] = obs
             items.append((i, info))
         return self._obs.copy(), rewards, terminated, truncated, batch_infos(self.num_envs, items)
@@ -138,8 +144,11 @@ class BatchedTextVectorEnv(VectorEnv):
         return np.stack(self.call("action_masks"))
 
     # -- helpers -----------------------------------------------------------------------------
-    def _reset_env(self, i: int, **kwargs: Any):
-        return self.envs[i].reset(**kwargs)
+    def _reset_envs(self, indices: list[int], seeds: list[int | None] | None = None,
+                    options: dict | None = None) -> list[tuple[np.ndarray, dict]]:
+        """Reset the sub-envs ``indices`` (seeded by ``seeds``); their ``(obs, info)`` in order."""
+        seeds = seeds or [None] * len(indices)
+        return [self.envs[i].reset(seed=seed, options=options) for i, seed in zip(indices, seeds)]
 
     def _forward(self, stepping: list[int], tails: list[list[int]]) -> list:
         """Run the sub-envs' new tokens: one batched forward over their own caches."""
@@ -234,10 +243,18 @@ class GenerationVectorEnv(BatchedTextVectorEnv):
         super().__init__(num_envs, autoreset_mode, **env_kwargs)
         self.batch = LockstepBatch(self.lm, self.num_envs)
 
-    def _reset_env(self, i: int, **kwargs: Any):
-        obs, info = self.envs[i].reset(**kwargs)
-        self.batch.load(i, self.envs[i]._seq)
-        return obs, info
+    def _reset_envs(self, indices: list[int], seeds: list[int | None] | None = None,
+                    options: dict | None = None) -> list[tuple[np.ndarray, dict]]:
+        """Reset sub-envs with ONE batched prefill of their prompts, then move them into the batch cache."""
+        if not indices:
+            return []
+        seeds = seeds or [None] * len(indices)
+        prompts = [self.envs[i].begin_reset(seed=seed, options=options) for i, seed in zip(indices, seeds)]
+        out = []
+        for i, prefilled in zip(indices, self.lm.prefill_batch(prompts)):
+            out.append(self.envs[i].finish_reset(*prefilled))
+            self.batch.load(i, self.envs[i]._seq)
+        return out
 
     @property
     def logits(self):

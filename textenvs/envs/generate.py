@@ -164,10 +164,20 @@ class TextGenerationEnv(gym.Env):
 
     # -- Gymnasium API ---------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        prompt_ids = self.begin_reset(seed=seed, options=options)
+        return self.finish_reset(*self.lm.prefill(prompt_ids))
+
+    # Reset and step are each split in two so that a vector env can run the forwards of N envs
+    # as ONE batch (textenvs.vector): begin_* says what to run, finish_* consumes its output.
+    def begin_reset(self, *, seed: int | None = None, options: dict | None = None) -> list[int]:
+        """Seed, draw the episode's sample; the prompt's token ids, to prefill."""
         super().reset(seed=seed)
-        prompt_ids = draw_episode(self, options or {}, "max_new_tokens", self.max_new_tokens)
-        self._seq, hidden, logits = self.lm.prefill(prompt_ids)
-        self._prompt_len = len(prompt_ids)
+        return draw_episode(self, options or {}, "max_new_tokens", self.max_new_tokens)
+
+    def finish_reset(self, seq: lm_backend.Sequence, hidden: torch.Tensor, logits: torch.Tensor) -> tuple[np.ndarray, dict]:
+        """Complete the reset from the prompt's prefill: hidden ``(T, d)``, next-token logits ``(V,)``."""
+        self._seq = seq
+        self._prompt_len = len(seq)
         # (d,) running sum of hidden states for obs="mean", kept on the host
         self._hidden_sum = hidden.sum(0).cpu() if self.obs_mode == "mean" else None
         self.generated: list[int] = []
@@ -181,9 +191,6 @@ class TextGenerationEnv(gym.Env):
         hidden, logits = self.lm.extend(self._seq, tokens)
         return self.finish_step(hidden, logits)
 
-    # The step is split in two so that a vector env can run the forwards of N envs as ONE batch
-    # (textenvs.vector): begin_step checks the action and says which tokens to append to
-    # `self._seq`, finish_step consumes the forward's output.
     def begin_step(self, action: Any) -> list[int]:
         """Check the action; the tokens to append to ``self._seq`` (one token)."""
         check_can_step(self)
