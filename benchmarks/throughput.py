@@ -17,7 +17,10 @@
   num_envs=--num-envs)`` (the batched env, auto-resets included), against
   ``batched_bound_steps_per_s``, the bare batched incremental forward of the same batch size and
   model (one cache, equal lengths, no env); ``vector_ratio_to_bound`` and
-  ``vector_speedup_vs_single`` (over ``env_steps_per_s``);
+  ``vector_speedup_vs_single`` (over ``env_steps_per_s``). The bound has no episode starts;
+  ``batched_bound_with_prefill_steps_per_s`` adds the one batched prompt forward per episode that
+  any env must run (``vector_ratio_to_bound_with_prefill``). ``vector_terminal_steps_per_s``: the
+  batched env with ``dense=False``, which computes the metric once per episode instead of every step;
 * ``vector_rss_mb_first`` / ``vector_rss_mb_last``: resident memory after the first tenth and at
   the end of ``--memory-steps`` env steps of the batched env (flat when finished caches are freed).
 
@@ -181,8 +184,11 @@ def time_vector_steps(envs, episodes: int, length: int, seed: int) -> float:
     return steps / elapsed
 
 
-def time_batched_bound(lm, prompts: list[str], length: int, seed: int) -> float:
-    """Tokens per second of the bare batched incremental forward: one cache, equal lengths, no env."""
+def time_batched_bound(lm, prompts: list[str], length: int, seed: int, prefill: bool = False) -> float:
+    """Tokens per second of the bare batched incremental forward: one cache, equal lengths, no env.
+
+    ``prefill=True`` also times the one batched forward of the prompts that starts the episodes.
+    """
     from transformers import DynamicCache
 
     rng = np.random.default_rng(seed)
@@ -190,10 +196,11 @@ def time_batched_bound(lm, prompts: list[str], length: int, seed: int) -> float:
     shortest = min(map(len, ids))
     batch = torch.tensor([i[:shortest] for i in ids], device=lm.device)  # (B, P)
     with torch.inference_mode():
-        cache = DynamicCache()
-        lm.model(input_ids=batch, past_key_values=cache, use_cache=True)
         tokens = torch.from_numpy(rng.integers(1, lm.vocab_size, size=(length, len(prompts)))).to(lm.device)
-        start = time.perf_counter()
+        cache = DynamicCache()
+        prefill_start = time.perf_counter()
+        lm.model(input_ids=batch, past_key_values=cache, use_cache=True)
+        start = prefill_start if prefill else time.perf_counter()
         for t in range(length):
             out = lm.model(input_ids=tokens[t][:, None], past_key_values=cache, use_cache=True,
                            output_hidden_states=True)
@@ -207,8 +214,13 @@ def measure_vector(args: argparse.Namespace, model) -> dict:
     envs = gym.make_vec("textenvs/Summarize-v0", num_envs=n, model=model, max_new_tokens=length, device=args.device)
     time_vector_steps(envs, 1, 4, args.seed)  # warm-up
     vector = time_vector_steps(envs, args.vector_episodes, length, args.seed)
+    terminal = gym.make_vec("textenvs/Summarize-v0", num_envs=n, model=model, max_new_tokens=length,
+                            device=args.device, dense=False)
+    vector_terminal = time_vector_steps(terminal, args.vector_episodes, length, args.seed)
     prompts = [env.prompt for env in envs.unwrapped.envs]
-    bound = np.median([time_batched_bound(envs.unwrapped.lm, prompts, length, args.seed + r) for r in range(3)])
+    lm = envs.unwrapped.lm
+    bound = np.median([time_batched_bound(lm, prompts, length, args.seed + r) for r in range(3)])
+    bound_prefill = np.median([time_batched_bound(lm, prompts, length, args.seed + r, prefill=True) for r in range(3)])
     rss = []
     rng = np.random.default_rng(args.seed)
     envs.reset(seed=args.seed)
@@ -218,7 +230,12 @@ def measure_vector(args: argparse.Namespace, model) -> dict:
         if step + 1 in (steps // 10, steps):  # after the first tenth of the run, and at its end
             rss.append(rss_mb())
     return {"num_envs": n, "vector_steps_per_s": round(vector, 1), "batched_bound_steps_per_s": round(bound, 1),
-            "vector_ratio_to_bound": round(vector / bound, 3), "memory_env_steps": args.memory_steps,
+            "vector_ratio_to_bound": round(vector / bound, 3),
+            "vector_terminal_steps_per_s": round(vector_terminal, 1),
+            "vector_terminal_ratio_to_bound": round(vector_terminal / bound, 3),
+            "batched_bound_with_prefill_steps_per_s": round(bound_prefill, 1),
+            "vector_ratio_to_bound_with_prefill": round(vector / bound_prefill, 3),
+            "memory_env_steps": args.memory_steps,
             "vector_rss_mb_first": round(rss[0], 1), "vector_rss_mb_last": round(rss[-1], 1)}
 
 

@@ -94,3 +94,16 @@ def test_bootstrap_and_iqm_by_hand():
     assert run.iqm([1, 2, 3, 4, 100, 5, 6, 7]) == pytest.approx(np.mean([3, 4, 5, 6]))
     low, high = run.bootstrap_ci([0.5, 0.5, 0.5])
     assert low == high == 0.5
+
+
+def test_throughput_script_reports_every_figure():
+    from benchmarks import throughput
+
+    result = throughput.main(["--json", "--episodes", "1", "--episode-length", "4", "--edit-length", "16",
+                              "--edit-steps", "3", "--num-envs", "2", "--vector-episodes", "1", "--memory-steps", "20"])
+    for key in ("raw_forward_tokens_per_s", "env_steps_per_s", "naive_steps_per_s", "edit_steps_per_s",
+                "vector_steps_per_s", "batched_bound_steps_per_s", "vector_terminal_steps_per_s",
+                "batched_bound_with_prefill_steps_per_s", "vector_rss_mb_last"):
+        assert np.isfinite(result[key]) and result[key] > 0, key
+    assert result["vector_ratio_to_bound"] == pytest.approx(
+        result["vector_steps_per_s"] / result["batched_bound_steps_per_s"], rel=0.01)
