@@ -149,8 +149,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pair-share", type=float, default=0.03, help="pairs per unpaired text of each task")
     p.add_argument(
-        "--translate-pair-share", type=float, default=None,
-        help="pair share of the translation task alone (default: --pair-share)",
+        "--translate-pair-share", type=float, default=0.16,
+        help="pair share of the translation task alone (it needs more pairs to learn to read its source)",
     )
     p.add_argument("--n-unpaired", type=int, default=6000, help="unpaired sources (and targets) per task")
     p.add_argument("--vocab-size", type=int, default=1024)
@@ -160,7 +160,7 @@ def main() -> None:
     p.add_argument("--n-positions", type=int, default=512)
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--steps", type=int, default=1600)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--eval-samples", type=int, default=200)
