@@ -316,7 +316,7 @@ class LockstepBatch:
     which keeps memory flat over any number of steps.
     """
 
-    def __init__(self, lm: LanguageModel, n: int, slack: int = 64) -> None:
+    def __init__(self, lm: LanguageModel, n: int, slack: int = 16) -> None:
         self.lm, self.n, self.slack = lm, n, slack
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(n, 0, dtype=torch.long, device=lm.device)  # (N, S)
@@ -355,8 +355,7 @@ class LockstepBatch:
         """Append ``tokens[i]`` to row ``i`` for all rows: ONE forward. Returns hidden ``(N, d)``, logits ``(N, V)``."""
         if self.cache is None:
             raise RuntimeError("LockstepBatch.advance() before any load(): load every row first.")
-        for n in self.positions.tolist():
-            self.lm.check_length(n + 1)
+        self.lm.check_length(int(self.positions.max()) + 1)
         ones = torch.ones(self.n, 1, dtype=torch.long, device=self.lm.device)
         self.mask = torch.cat([self.mask, ones], dim=1)  # (N, S + 1)
         input_ids = torch.tensor(tokens, device=self.lm.device)[:, None]
