@@ -56,7 +56,7 @@ class _RememberingTokenizer(rouge_tokenizers.Tokenizer):
     tokens halves the tokenising work of each score. The memory is dropped every ``size`` texts.
     """
 
-    def __init__(self, size: int = 4096) -> None:
+    def __init__(self, size: int = 256) -> None:
         self._inner = rouge_tokenizers.DefaultTokenizer(use_stemmer=False)
         self._seen: dict[str, list[str]] = {}
         self._size = size
