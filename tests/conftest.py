@@ -21,6 +21,19 @@ FAST_KWARGS: dict[str, dict] = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def sb3_log_folder(tmp_path_factory):
+    """SB3 makes a log folder per learn() (``$SB3_LOGDIR``, else a new /tmp/SB3-<date>): keep it in pytest's tmp."""
+    folder = str(tmp_path_factory.mktemp("sb3_logs"))
+    previous = os.environ.get("SB3_LOGDIR")
+    os.environ["SB3_LOGDIR"] = folder
+    yield folder
+    if previous is None:
+        del os.environ["SB3_LOGDIR"]
+    else:
+        os.environ["SB3_LOGDIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def random_gpt2_dir(tmp_path_factory) -> str:
     """A randomly initialised GPT-2 with the tiny model's tokenizer, saved with save_pretrained."""
