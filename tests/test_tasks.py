@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from textenvs.tasks import (
@@ -118,3 +120,25 @@ def test_load_dataset_dispatch(tmp_path):
     assert task.prompt(task.split("test")[0]) == "Q: a A:"
     with pytest.raises(ValueError, match="must contain"):
         load_dataset([Sample("a", ("b",))], prompt_template="no field")
+
+
+def test_hugging_face_datasets_builder_with_local_files(tmp_path):
+    # The `datasets` route without a hub: its packaged "json" builder reading a file written here.
+    pytest.importorskip("datasets")
+    import gymnasium as gym
+
+    path = tmp_path / "data.jsonl"
+    rows = [{"document": f"The council of town {i} approved a plan.", "summary": [f"Council {i} plan", "Plan"]}
+            for i in range(5)]
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    kwargs = {"data_files": str(path), "cache_dir": str(tmp_path / "cache"), "source_key": "document",
+              "reference_key": "summary"}
+    task = load_dataset("hf:json", **kwargs, prompt_template="Article: {source}\nHeadline:")
+    samples = task.split("train")
+    assert [s.source for s in samples] == [r["document"] for r in rows]
+    assert samples[3].references == ("Council 3 plan", "Plan")
+    env = gym.make("textenvs/Generate-v0", dataset="hf:json", dataset_kwargs=kwargs, max_new_tokens=3)
+    _, info = env.reset(seed=0)
+    assert info["prompt"] in [f"{r['document']}\n" for r in rows]
+    with pytest.raises(ValueError, match=r"has columns \['document', 'summary'\].*source_key='text'"):
+        load_dataset("hf:json", data_files=str(path), source_key="text", reference_key="summary")

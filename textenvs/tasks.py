@@ -356,14 +356,30 @@ def load_csv(path: str | os.PathLike, source_key: str = "source", reference_key:
 
 
 def load_hf_dataset(
-    name: str, split: str, source_key: str, reference_key: str, config: str | None = None
+    name: str, split: str = "train", source_key: str | None = None, reference_key: str | None = None,
+    config: str | None = None, **load_kwargs,
 ) -> list[Sample]:
-    """Samples from a Hugging Face ``datasets`` dataset (needs ``pip install textenvs[hub]``)."""
+    """Samples from a Hugging Face ``datasets`` dataset (needs ``pip install textenvs[hub]``).
+
+    Args:
+        name: A dataset name or a ``datasets`` builder (``"json"``, ``"csv"``, ... with ``data_files=``).
+        split: The split to read.
+        source_key: The column holding the source text.
+        reference_key: The column holding the reference (a string or a list of strings).
+        config: The dataset's configuration name, if it has several.
+        **load_kwargs: Passed to ``datasets.load_dataset`` (``data_files``, ``revision``, ...).
+    """
     try:
         import datasets
     except ImportError as e:
         raise ImportError("Loading a dataset by name needs the 'datasets' package: pip install 'textenvs[hub]'.") from e
-    ds = datasets.load_dataset(name, config, split=split)
+    ds = datasets.load_dataset(name, config, split=split, **load_kwargs)
+    for role, key in (("source_key", source_key), ("reference_key", reference_key)):
+        if key not in ds.column_names:
+            raise ValueError(
+                f"Dataset {name!r} ({split}) has columns {ds.column_names}; {role}={key!r} is not one of them: pass "
+                "dataset_kwargs={'source_key': ..., 'reference_key': ...} naming its source and reference columns."
+            )
     return [_make_sample(dict(r), f"{name}[{split}], row {i}", source_key, reference_key) for i, r in enumerate(ds)]
 
 
