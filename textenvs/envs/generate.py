@@ -256,10 +256,9 @@ class TextGenerationEnv(gym.Env):
             "prompt": self.prompt,
             "text": self.text,
             "references": list(self.sample.references),
-            "metrics": scores,
             "index": self.index,
             "tokens": len(self.generated),
         }
-        if scores is None:
-            del info["metrics"]
+        if scores is not None:  # terminal-reward steps before the last compute no metric
+            info["metrics"] = scores
         return info
