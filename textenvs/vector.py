@@ -252,9 +252,9 @@ class GenerationVectorEnv(BatchedTextVectorEnv):
         seeds = seeds or [None] * len(indices)
         prompts = [self.envs[i].begin_reset(seed=seed, options=options) for i, seed in zip(indices, seeds)]
         out = []
-        for i, prefilled in zip(indices, self.lm.prefill_batch(prompts)):
-            out.append(self.envs[i].finish_reset(*prefilled))
-            self.batch.load(i, self.envs[i]._seq)
+        for i, (seq, hidden, logits) in zip(indices, self.lm.prefill_batch(prompts)):
+            out.append(self.envs[i].finish_reset(seq, hidden, logits))
+            self.batch.load(i, seq)
         return out
 
     @property
