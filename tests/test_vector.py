@@ -100,6 +100,19 @@ def test_edit_vector_equals_single_envs():
     assert envs.action_masks().shape == (3, 4 + 17 + 8)
 
 
+@pytest.mark.parametrize("bad", [[0, 0, 8], [0, -1, 0], [4, 0, 0]])
+def test_edit_vector_rejects_an_edit_outside_the_space(bad):
+    kwargs = dict(task="summarize", max_len=16, max_edits=5)
+    envs = EditVectorEnv(3, **kwargs)
+    envs.reset(seed=1)
+    texts = [env.text for env in envs.envs]
+    actions = np.zeros((3, 3), dtype=np.int64)
+    actions[1] = bad  # nvec is (4, max_len + 1, k = 8)
+    with pytest.raises(ValueError, match="sub-env 1 is not in the action space"):
+        envs.step(actions)
+    assert [env.text for env in envs.envs] == texts  # no sub-env was stepped
+
+
 @pytest.mark.parametrize("env_id", ENV_IDS)
 def test_make_vec_uses_the_batched_env(env_id):
     envs = gym.make_vec(env_id, num_envs=2, **FAST_KWARGS[env_id])
