@@ -63,10 +63,15 @@ def test_extend_batch_of_unequal_lengths_equals_single_extends(lm, tail_sizes):
             torch.testing.assert_close(la.keys, lb.keys, atol=1e-4, rtol=0)
 
 
-def test_prefill_batch_of_unequal_lengths_equals_single_prefills(lm):
+@pytest.mark.parametrize("keeps_logits", [True, False], ids=["logits_to_keep", "all-logits"])
+def test_prefill_batch_of_unequal_lengths_equals_single_prefills(lm, monkeypatch, keeps_logits):
+    # Models without transformers' logits_to_keep return every position's logits; both paths agree.
     texts = ["Article: A", "English: The old farmer sees a red bird near the river", "Headline: Norwick council"]
+    full = [lm.model(torch.tensor([lm.encode(t)])).logits[0, -1] for t in texts]
+    monkeypatch.setattr(lm, "_keeps_logits", keeps_logits)
     batched = lm.prefill_batch([lm.encode(t) for t in texts])
-    for text, (seq, hidden, logits) in zip(texts, batched):
+    for text, (seq, hidden, logits), reference in zip(texts, batched, full):
+        torch.testing.assert_close(logits, reference, atol=1e-4, rtol=0)
         single, h, lg = lm.prefill(lm.encode(text))
         assert seq.ids == single.ids and hidden.shape == h.shape
         torch.testing.assert_close(hidden, h, atol=1e-4, rtol=0)
@@ -75,6 +80,24 @@ def test_prefill_batch_of_unequal_lengths_equals_single_prefills(lm):
         torch.testing.assert_close(lm.extend(seq, [17])[1], lm.extend(single, [17])[1], atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="empty sequence"):
         lm.prefill_batch([[1, 2], []])
+
+
+def test_decode_equals_the_tokenizers_decode(lm):
+    rng = np.random.default_rng(0)
+    cases = [[], [lm.eos_token_id], *(rng.integers(lm.vocab_size, size=n).tolist() for n in (1, 2, 5, 40, 200))]
+    for ids in cases:  # random ids include special tokens and bytes that are not whole UTF-8 characters
+        assert lm.decode(ids) == lm.tokenizer.decode(ids, skip_special_tokens=True)
+    assert lm._backend_decode is not None  # the tiny tokenizer takes the fast path
+    assert lm.decode(np.array(cases[-1])) == lm.tokenizer.decode(cases[-1], skip_special_tokens=True)
+
+
+def test_decode_of_a_tokenizer_that_cleans_up_spaces_keeps_its_clean_up(random_gpt2_dir):
+    model = lm_backend.LanguageModel(random_gpt2_dir)
+    ids = model.encode("a , b .")
+    assert model.decode(ids) == "a , b ."
+    model.tokenizer.clean_up_tokenization_spaces = True
+    model.tokenizer.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    assert model.decode(ids) == model.tokenizer.decode(ids, skip_special_tokens=True) == "a, b."
 
 
 def test_sequence_longer_than_context_raises(lm):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU, CHRF, TER
 
@@ -17,6 +19,34 @@ def test_rouge_equals_rouge_score_best_reference(kind):
     scorer = rouge_scorer.RougeScorer([kind])
     expected = max(scorer.score(r, HYP)[kind].fmeasure for r in REFS)
     assert get_metric(kind)(HYP, REFS) == pytest.approx(expected)
+
+
+WORDS = ["the", "council", "Plan", "park", "plan.", "parks", "of", "a", "7", "backs", "--"]
+texts = st.lists(st.sampled_from(WORDS), max_size=14).map(" ".join)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(texts, min_size=1, max_size=3), st.lists(texts, min_size=1, max_size=12))
+def test_rouge_l_reusing_rows_equals_rouge_score_over_a_sequence_of_texts(references, hypotheses):
+    # The metric object keeps LCS rows between calls, as an env's steps use it: texts that grow,
+    # shrink and change anywhere, references that change between episodes.
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    metric = get_metric("rougeL")
+    for i, hyp in enumerate(hypotheses):
+        refs = references if i % 5 < 3 else references[::-1][:1]
+        expected = max(scorer.score(r, hyp)["rougeL"].fmeasure for r in refs)
+        assert metric(hyp, refs) == expected
+
+
+def test_rouge_l_of_a_growing_text_recomputes_only_the_changed_rows():
+    metric = get_metric("rougeL")
+    metric("council approves", REFS)
+    rows = metric._lcs[REFS[0]]
+    kept = rows.rows[1]
+    metric("council approves the park", REFS)
+    assert rows.rows[1] is kept and len(rows.rows) == 5  # the first token's row was not rebuilt
+    metric("council rejects", REFS)
+    assert rows.rows[1] is kept and len(rows.rows) == 3
 
 
 def test_sacrebleu_metrics_equal_library_values():

@@ -20,6 +20,7 @@ it, and compute log-probabilities for a gradient step with a separate forward.
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -105,6 +106,14 @@ class LanguageModel:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"The tokenizer of {self.name!r} has no EOS token: episodes could never end by themselves.")
+        # An env decodes its text every step. A fast tokenizer that does no clean-up after its
+        # backend's decode gives exactly the backend's string, so decode() calls that directly and
+        # skips transformers' per-call argument conversion (half the cost of a short decode).
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        self._backend_decode = backend.decode if backend is not None else None
+        # A prompt's forward needs the logits of its last position only: models that take
+        # transformers' logits_to_keep skip the LM head for the others.
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         config = self.model.config
         self.n_layers = config.num_hidden_layers
         if not -(self.n_layers + 1) <= layer <= self.n_layers:
@@ -129,6 +138,9 @@ class LanguageModel:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
+        """The text of ``ids``, special tokens left out: ``tokenizer.decode(ids, skip_special_tokens=True)``."""
+        if self._backend_decode is not None and type(ids) is list and not self.tokenizer.clean_up_tokenization_spaces:
+            return self._backend_decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- forwards --------------------------------------------------------------------------
@@ -144,7 +156,8 @@ class LanguageModel:
             raise ValueError("Cannot run the model on an empty sequence: give at least one token.")
         self.check_length(len(ids))
         cache = DynamicCache()
-        hidden, logits = self._forward(torch.tensor([ids], device=self.device), cache)
+        last = torch.tensor([[len(ids) - 1]], device=self.device)
+        hidden, logits = self._forward(torch.tensor([ids], device=self.device), cache, logits_at=last)
         return Sequence(list(ids), cache), hidden[0], logits[0, -1]
 
     @torch.inference_mode()
@@ -168,13 +181,15 @@ class LanguageModel:
             input_ids[b, : len(ids)] = torch.tensor(ids)
             mask[b, : len(ids)] = 1
         cache = DynamicCache()
-        hidden, logits = self._forward(input_ids.to(self.device), cache, mask.to(self.device))
+        last = torch.tensor(lengths, device=self.device)[:, None] - 1  # (B, 1) each sequence's last position
+        hidden, logits = self._forward(input_ids.to(self.device), cache, mask.to(self.device), logits_at=last)
+        logits = logits.gather(1, last[:, :, None].expand(-1, -1, logits.shape[-1])) if logits.shape[1] > 1 else logits
         out = []
         for b, n in enumerate(lengths):
             own = DynamicCache(
                 ddp_cache_data=[(layer.keys[b : b + 1, :, :n], layer.values[b : b + 1, :, :n]) for layer in cache.layers]
             )
-            out.append((Sequence(list(batch[b]), own), hidden[b, :n], logits[b, n - 1]))
+            out.append((Sequence(list(batch[b]), own), hidden[b, :n], logits[b, 0]))
         return out
 
     @torch.inference_mode()
@@ -250,10 +265,17 @@ class LanguageModel:
             layer.values = layer.values[:, :, :length]
         del seq.ids[length:]
 
-    def _forward(self, input_ids, cache, attention_mask=None, position_ids=None):
+    def _forward(self, input_ids, cache, attention_mask=None, position_ids=None, logits_at=None):
+        """The model's forward: observed-layer hidden states and logits, both float32.
+
+        ``logits_at`` ``(B, k)``: the only positions whose logits are wanted (a prompt's last), so
+        the LM head skips the rest where the model supports transformers' ``logits_to_keep``; the
+        logits are then ``(B, k, V)``, otherwise ``(B, T, V)`` for the caller to index.
+        """
+        kwargs = {"logits_to_keep": logits_at} if logits_at is not None and self._keeps_logits else {}
         out = self.model(
             input_ids=input_ids, past_key_values=cache, attention_mask=attention_mask, position_ids=position_ids,
-            use_cache=True, output_hidden_states=True,
+            use_cache=True, output_hidden_states=True, **kwargs,
         )
         return out.hidden_states[self.layer].float(), out.logits.float()
 

@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from rouge_score import rouge_scorer
+from rouge_score import rouge_scorer, scoring
 from rouge_score import tokenizers as rouge_tokenizers
 from sacrebleu.metrics import BLEU, CHRF, TER
 
@@ -70,16 +70,69 @@ class _RememberingTokenizer(rouge_tokenizers.Tokenizer):
         return tokens
 
 
+class _LcsRows:
+    """The rows of rouge-score's LCS table of one reference against a hypothesis that changes a little per call.
+
+    rouge-score builds the whole ``len(reference) x len(hypothesis)`` table for every score. An
+    environment scores a text that grows by a token (or is edited at one place) per step, so the
+    rows of the hypothesis tokens that did not change are kept and only the rows from the first
+    changed token on are recomputed: the same recurrence, the same LCS length, a fraction of the work.
+    """
+
+    def __init__(self, reference: list[str]) -> None:
+        self.reference = reference
+        self.hypothesis: list[str] = []
+        self.rows = [[0] * (len(reference) + 1)]  # rows[j]: the table row after j hypothesis tokens
+
+    def lcs(self, hypothesis: list[str]) -> int:
+        """Length of the longest common subsequence of the reference and ``hypothesis``."""
+        keep, old = 0, self.hypothesis
+        for new_token, old_token in zip(hypothesis, old):
+            if new_token != old_token:
+                break
+            keep += 1
+        del self.rows[keep + 1 :]
+        ref = self.reference
+        for token in hypothesis[keep:]:
+            prev, row = self.rows[-1], [0]
+            for j, ref_token in enumerate(ref):
+                row.append(prev[j] + 1 if ref_token == token else max(row[j], prev[j + 1]))
+            self.rows.append(row)
+        self.hypothesis = list(hypothesis)
+        return self.rows[-1][-1]
+
+
 class RougeMetric:
-    """ROUGE F-measure from ``rouge_score``, the best over the references."""
+    """ROUGE F-measure from ``rouge_score``, the best over the references.
+
+    ROUGE-L keeps the LCS rows of the last hypothesis per reference (:class:`_LcsRows`) and
+    scores with rouge-score's tokenizer and F-measure, so it returns exactly ``RougeScorer``'s
+    value while a step that appends a token costs one or two new rows instead of a whole table.
+    """
 
     def __init__(self, kind: str) -> None:
         self.kind = self.__name__ = kind
-        self._scorer = rouge_scorer.RougeScorer([kind], use_stemmer=False, tokenizer=_RememberingTokenizer())
+        self._tokenizer = _RememberingTokenizer()
+        self._scorer = rouge_scorer.RougeScorer([kind], use_stemmer=False, tokenizer=self._tokenizer)
+        self._lcs: dict[str, _LcsRows] = {}
 
     def __call__(self, hypothesis: str, references: Sequence[str]) -> float:
+        if self.kind == "rougeL":
+            return max(self._rouge_l(hypothesis, references))
         # rougeLsum expects sentences on separate lines; the other kinds ignore newlines.
         return max(self._scorer.score(ref, hypothesis)[self.kind].fmeasure for ref in references)
+
+    def _rouge_l(self, hypothesis: str, references: Sequence[str]):
+        if len(self._lcs) > len(references) or any(ref not in self._lcs for ref in references):
+            self._lcs = {ref: _LcsRows(self._tokenizer.tokenize(ref)) for ref in references}
+        hyp = self._tokenizer.tokenize(hypothesis)
+        for ref in references:
+            rows = self._lcs[ref]
+            if not hyp or not rows.reference:  # rouge-score's convention for an empty side
+                yield 0.0
+                continue
+            lcs = rows.lcs(hyp)
+            yield scoring.fmeasure(lcs / len(hyp), lcs / len(rows.reference))
 
     def __reduce__(self):
         return RougeMetric, (self.kind,)
