@@ -4,7 +4,9 @@
 
 * ``raw_forward_tokens_per_s``: the model's incremental forward with a KV cache, batch 1, no env;
 * ``env_steps_per_s``: ``textenvs/Summarize-v0`` steps (random token actions, episodes of
-  ``--episode-length`` tokens, dense ROUGE-L reward);
+  ``--episode-length`` tokens, dense ROUGE-L reward), resets not timed;
+  ``env_steps_with_resets_per_s``: the same with each episode's reset (its prompt forward) timed,
+  as the batched env's figure is;
 * ``naive_steps_per_s``: the same env stepped the way a text-only env must: every step re-runs the
   whole prompt + generated sequence through the model;
 * ``ratio_to_raw`` = env / raw and ``speedup_vs_naive`` = env / naive;
@@ -19,8 +21,12 @@
   model (one cache, equal lengths, no env); ``vector_ratio_to_bound`` and
   ``vector_speedup_vs_single`` (over ``env_steps_per_s``). The bound has no episode starts;
   ``batched_bound_with_prefill_steps_per_s`` adds the one batched prompt forward per episode that
-  any env must run (``vector_ratio_to_bound_with_prefill``). ``vector_terminal_steps_per_s``: the
-  batched env with ``dense=False``, which computes the metric once per episode instead of every step;
+  any env must run (``vector_ratio_to_bound_with_prefill``). ``batched_model_work_steps_per_s``:
+  the model work of the batched env itself, bare: its own prompts whole (right-padded to the
+  longest, attention mask, per-row positions), their prefill and the steps; what the env adds on
+  top of that is ``vector_ratio_to_model_work``. ``vector_speedup_vs_single_with_resets`` compares
+  with ``env_steps_with_resets_per_s``. ``vector_terminal_steps_per_s``: the batched env with
+  ``dense=False``, which computes the metric once per episode instead of every step;
 * ``vector_rss_mb_first`` / ``vector_rss_mb_last``: resident memory after the first tenth and at
   the end of ``--memory-steps`` env steps of the batched env (flat when finished caches are freed).
 
@@ -28,8 +34,9 @@
 d = 768, the tiny model's tokenizer) saved to a temporary folder, to see how the ratios move with
 model size without any download.
 
-Every figure of one run comes from the same process, model and episode length, so compare the
-ratios, not the absolute numbers across machines.
+Every figure of one run comes from the same process, model and episode length, and is the median
+of ``--repeats`` rounds (the batched env and its bounds are timed in turn within each round), so
+compare the ratios, not the absolute numbers across machines.
 """
 
 from __future__ import annotations
@@ -73,14 +80,15 @@ def _non_eos_actions(env: TextGenerationEnv, rng: np.random.Generator, n: int) -
     return [int(a) if a != env.lm.eos_token_id else int(a) + 1 for a in actions]
 
 
-def time_env_steps(env: TextGenerationEnv, episodes: int, length: int, seed: int) -> float:
-    """Steps per second over ``episodes`` full episodes (reset time excluded)."""
+def time_env_steps(env: TextGenerationEnv, episodes: int, length: int, seed: int, resets: bool = False) -> float:
+    """Steps per second over ``episodes`` full episodes, reset time excluded unless ``resets``."""
     rng = np.random.default_rng(seed)
     steps, elapsed = 0, 0.0
     for ep in range(episodes):
+        reset_start = time.perf_counter()
         env.reset(seed=seed + ep)
         actions = _non_eos_actions(env, rng, length)
-        start = time.perf_counter()
+        start = reset_start if resets else time.perf_counter()
         for a in actions:
             _, _, terminated, truncated, _ = env.step(a)
             steps += 1
@@ -184,26 +192,44 @@ def time_vector_steps(envs, episodes: int, length: int, seed: int) -> float:
     return steps / elapsed
 
 
-def time_batched_bound(lm, prompts: list[str], length: int, seed: int, prefill: bool = False) -> float:
-    """Tokens per second of the bare batched incremental forward: one cache, equal lengths, no env.
+def time_batched_forward(lm, prompts: list[str], length: int, seed: int, prefill: bool = False,
+                         whole: bool = False) -> float:
+    """Tokens per second of the bare batched incremental forward: one cache, no env.
 
-    ``prefill=True`` also times the one batched forward of the prompts that starts the episodes.
+    ``whole=False`` (the bound): every prompt cut to the shortest, so the rows have equal lengths
+    and need no attention mask. ``whole=True``: the prompts kept whole, right-padded to the longest
+    with an attention mask and per-row positions, which is the model work of the batched env itself.
+    ``prefill=True`` also times the one batched forward of the prompts that starts the episodes
+    (the LM head at one position per row, as the env runs it).
     """
     from transformers import DynamicCache
 
     rng = np.random.default_rng(seed)
     ids = [lm.encode(p) for p in prompts]
-    shortest = min(map(len, ids))
-    batch = torch.tensor([i[:shortest] for i in ids], device=lm.device)  # (B, P)
+    lengths = torch.tensor([len(i) for i in ids])
+    width = int(lengths.max()) if whole else int(lengths.min())
+    batch = torch.full((len(ids), width), lm.eos_token_id, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for b, row in enumerate(ids):
+        batch[b, : min(len(row), width)] = torch.tensor(row[:width])
+        mask[b, : len(row)] = 1
+    positions = lengths[:, None].to(lm.device) if whole else None
+    mask = mask.to(lm.device) if whole else None
     with torch.inference_mode():
         tokens = torch.from_numpy(rng.integers(1, lm.vocab_size, size=(length, len(prompts)))).to(lm.device)
+        ones = torch.ones(len(prompts), 1, dtype=torch.long, device=lm.device)
         cache = DynamicCache()
         prefill_start = time.perf_counter()
-        lm.model(input_ids=batch, past_key_values=cache, use_cache=True)
+        out = lm.model(input_ids=batch.to(lm.device), attention_mask=mask, past_key_values=cache, use_cache=True,
+                       output_hidden_states=True, **({"logits_to_keep": 1} if lm._keeps_logits else {}))
+        out.logits.float().cpu()
         start = prefill_start if prefill else time.perf_counter()
         for t in range(length):
-            out = lm.model(input_ids=tokens[t][:, None], past_key_values=cache, use_cache=True,
-                           output_hidden_states=True)
+            if whole:
+                mask = torch.cat([mask, ones], dim=1)
+            out = lm.model(input_ids=tokens[t][:, None], attention_mask=mask,
+                           position_ids=None if positions is None else positions + t, past_key_values=cache,
+                           use_cache=True, output_hidden_states=True)
             out.logits.float().cpu()  # what an env needs back on the host
         elapsed = time.perf_counter() - start
     return len(prompts) * length / elapsed
@@ -213,14 +239,23 @@ def measure_vector(args: argparse.Namespace, model) -> dict:
     n, length = args.num_envs, args.episode_length
     envs = gym.make_vec("textenvs/Summarize-v0", num_envs=n, model=model, max_new_tokens=length, device=args.device)
     time_vector_steps(envs, 1, 4, args.seed)  # warm-up
-    vector = time_vector_steps(envs, args.vector_episodes, length, args.seed)
     terminal = gym.make_vec("textenvs/Summarize-v0", num_envs=n, model=model, max_new_tokens=length,
                             device=args.device, dense=False)
-    vector_terminal = time_vector_steps(terminal, args.vector_episodes, length, args.seed)
     prompts = [env.prompt for env in envs.unwrapped.envs]
     lm = envs.unwrapped.lm
-    bound = np.median([time_batched_bound(lm, prompts, length, args.seed + r) for r in range(3)])
-    bound_prefill = np.median([time_batched_bound(lm, prompts, length, args.seed + r, prefill=True) for r in range(3)])
+    # Every figure is the median of --repeats rounds, each round timing all of them in turn, so a
+    # slow spell of a shared machine hits the env and its bounds alike.
+    rounds = []
+    for r in range(args.repeats):
+        seed = args.seed + r
+        rounds.append((
+            time_vector_steps(envs, args.vector_episodes, length, seed),
+            time_vector_steps(terminal, args.vector_episodes, length, seed),
+            time_batched_forward(lm, prompts, length, seed),
+            time_batched_forward(lm, prompts, length, seed, prefill=True),
+            time_batched_forward(lm, prompts, length, seed, prefill=True, whole=True),
+        ))
+    vector, vector_terminal, bound, bound_prefill, model_work = np.median(rounds, axis=0)
     rss = []
     rng = np.random.default_rng(args.seed)
     envs.reset(seed=args.seed)
@@ -235,6 +270,8 @@ def measure_vector(args: argparse.Namespace, model) -> dict:
             "vector_terminal_ratio_to_bound": round(vector_terminal / bound, 3),
             "batched_bound_with_prefill_steps_per_s": round(bound_prefill, 1),
             "vector_ratio_to_bound_with_prefill": round(vector / bound_prefill, 3),
+            "batched_model_work_steps_per_s": round(model_work, 1),
+            "vector_ratio_to_model_work": round(vector / model_work, 3),
             "memory_env_steps": args.memory_steps,
             "vector_rss_mb_first": round(rss[0], 1), "vector_rss_mb_last": round(rss[-1], 1)}
 
@@ -267,11 +304,13 @@ def measure(args: argparse.Namespace) -> dict:
     n, length, seed = args.episodes, args.episode_length, args.seed
     time_env_steps(env, 1, length, seed)  # warm-up: allocator, lazy init
     raw = time_raw_forward(env, n, length, seed)
-    env_sps = time_env_steps(env, n, length, seed)
+    env_sps = np.median([time_env_steps(env, n, length, seed + r) for r in range(args.repeats)])
+    env_resets_sps = np.median([time_env_steps(env, n, length, seed + r, resets=True) for r in range(args.repeats)])
     naive_sps = time_env_steps(naive, max(1, n // 2), length, seed)
     edit = measure_edit(args, model)
     vector = measure_vector(args, model)
     vector["vector_speedup_vs_single"] = round(vector["vector_steps_per_s"] / env_sps, 2)
+    vector["vector_speedup_vs_single_with_resets"] = round(vector["vector_steps_per_s"] / env_resets_sps, 2)
     return {
         "model": f"random GPT-2 {args.random_gpt2}" if args.random_gpt2 else args.model,
         "device": args.device,
@@ -279,6 +318,7 @@ def measure(args: argparse.Namespace) -> dict:
         "episodes": n,
         "raw_forward_tokens_per_s": round(raw, 1),
         "env_steps_per_s": round(env_sps, 1),
+        "env_steps_with_resets_per_s": round(env_resets_sps, 1),
         "naive_steps_per_s": round(naive_sps, 1),
         "ratio_to_raw": round(env_sps / raw, 3),
         "speedup_vs_naive": round(env_sps / naive_sps, 2),
@@ -301,6 +341,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--edit-steps", type=int, default=150)
     p.add_argument("--num-envs", type=int, default=16)
     p.add_argument("--vector-episodes", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="rounds per figure (the median is reported)")
     p.add_argument("--memory-steps", type=int, default=10_000, help="env steps of the memory check")
     p.add_argument("--random-gpt2", choices=["small", "medium"], help="measure a random GPT-2 of this layout")
     p.add_argument("--seed", type=int, default=0)
