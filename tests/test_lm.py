@@ -82,6 +82,66 @@ def test_prefill_batch_of_unequal_lengths_equals_single_prefills(lm, monkeypatch
         lm.prefill_batch([[1, 2], []])
 
 
+def random_model_dir(root, model_type: str) -> str:
+    """A randomly initialised small causal LM of ``model_type`` with the tiny tokenizer, saved offline."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(lm_backend.BUILTIN_MODELS[lm_backend.TINY])
+    sizes = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    if model_type == "gpt2":
+        sizes.update(n_embd=32, n_layer=2, n_head=2, n_positions=256)
+    else:
+        sizes.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes))
+    path = root / model_type
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("prepared_mask", [True, False], ids=["4d-mask", "2d-mask"])
+def test_lockstep_batch_equals_single_extends(tmp_path, model_type, prepared_mask):
+    model = lm_backend.LanguageModel(random_model_dir(tmp_path, model_type))
+    assert model.step_mask_4d  # every architecture here takes the prepared mask under SDPA
+    model.step_mask_4d = prepared_mask
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15, 16]]
+    batch = lm_backend.LockstepBatch(model, 3, slack=1)
+    singles = []
+    for i, ids in enumerate(prompts):
+        batch.load(i, model.prefill(ids)[0])
+        singles.append(model.prefill(ids)[0])
+    rng = np.random.default_rng(0)
+    for step in range(6):
+        if step == 3:  # row 1 restarts with a new prompt; its freed slots get compacted away
+            batch.load(1, model.prefill([20, 21])[0])
+            singles[1] = model.prefill([20, 21])[0]
+        tokens = rng.integers(1, model.vocab_size, size=3).tolist()
+        hidden, logits = batch.advance(tokens)
+        for i, seq in enumerate(singles):
+            h, lg = model.extend(seq, [tokens[i]])
+            torch.testing.assert_close(hidden[i], h[0], atol=1e-4, rtol=0)
+            torch.testing.assert_close(logits[i], lg[0], atol=1e-4, rtol=0)
+
+
+def test_only_plain_full_attention_takes_a_prepared_mask():
+    from transformers import AutoConfig
+
+    assert lm_backend.takes_prepared_step_mask(lm_backend.load().model.config)
+    eager = AutoConfig.for_model("gpt2")
+    eager._attn_implementation = "eager"
+    assert not lm_backend.takes_prepared_step_mask(eager)
+    sliding = AutoConfig.for_model("qwen2", num_hidden_layers=2, use_sliding_window=True, sliding_window=8,
+                                   max_window_layers=0)
+    sliding._attn_implementation = "sdpa"
+    assert not lm_backend.takes_prepared_step_mask(sliding)
+    other = AutoConfig.for_model("bloom")  # ALiBi from the 2D mask
+    other._attn_implementation = "sdpa"
+    assert not lm_backend.takes_prepared_step_mask(other)
+
+
 def test_decode_equals_the_tokenizers_decode(lm):
     rng = np.random.default_rng(0)
     cases = [[], [lm.eos_token_id], *(rng.integers(lm.vocab_size, size=n).tolist() for n in (1, 2, 5, 40, 200))]

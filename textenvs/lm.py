@@ -55,6 +55,30 @@ def resolve_model_path(name: str | os.PathLike) -> str:
     return name
 
 
+# Architectures whose attention, under PyTorch's SDPA, masks a one-token step by the padding mask
+# alone: no sliding window, chunked attention or ALiBi derived from the 2D mask.
+PREPARED_MASK_MODEL_TYPES = ("gpt2", "llama", "qwen2")
+
+
+def takes_prepared_step_mask(config) -> bool:
+    """Whether a one-token batched step may hand the model its padding mask as a ready 4D mask.
+
+    transformers rebuilds a 4D attention mask from a 2D padding mask on every forward (about a
+    tenth of a batched step of the tiny model); a ready ``(B, 1, 1, S)`` boolean mask is used as
+    it is. That is exact only where a single new token's mask is the padding mask itself: SDPA
+    attention, full (not sliding or chunked) attention in every layer, and an architecture in
+    :data:`PREPARED_MASK_MODEL_TYPES`. Any other model gets the 2D mask.
+    """
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    return (
+        getattr(config, "_attn_implementation", None) == "sdpa"
+        and config.model_type in PREPARED_MASK_MODEL_TYPES
+        and all(kind == "full_attention" for kind in layer_types)
+        and not getattr(config, "use_sliding_window", False)
+        and getattr(config, "sliding_window", None) is None
+    )
+
+
 @dataclass
 class Sequence:
     """One token sequence held by the backend: its ids and its KV cache (batch size 1)."""
@@ -114,6 +138,7 @@ class LanguageModel:
         # A prompt's forward needs the logits of its last position only: models that take
         # transformers' logits_to_keep skip the LM head for the others.
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self.step_mask_4d = takes_prepared_step_mask(self.model.config)
         config = self.model.config
         self.n_layers = config.num_hidden_layers
         if not -(self.n_layers + 1) <= layer <= self.n_layers:
@@ -381,7 +406,9 @@ class LockstepBatch:
         ones = torch.ones(self.n, 1, dtype=torch.long, device=self.lm.device)
         self.mask = torch.cat([self.mask, ones], dim=1)  # (N, S + 1)
         input_ids = torch.tensor(tokens, device=self.lm.device)[:, None]
-        hidden, logits = self.lm._forward(input_ids, self.cache, self.mask, self.positions[:, None])
+        # One new token per row attends to exactly the row's valid slots (see takes_prepared_step_mask).
+        mask = self.mask.bool()[:, None, None, :] if self.lm.step_mask_4d else self.mask
+        hidden, logits = self.lm._forward(input_ids, self.cache, mask, self.positions[:, None])
         self.positions += 1
         if self.slots - int(self.mask.sum(1).max()) > self.slack:
             self.compact()
