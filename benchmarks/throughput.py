@@ -34,9 +34,9 @@
 d = 768, the tiny model's tokenizer) saved to a temporary folder, to see how the ratios move with
 model size without any download.
 
-Every figure of one run comes from the same process, model and episode length, and is the median
-of ``--repeats`` rounds (the batched env and its bounds are timed in turn within each round), so
-compare the ratios, not the absolute numbers across machines.
+Every figure of one run comes from the same process, model and episode length; all but the edit
+figures are the median of ``--repeats`` rounds (the batched env and its bounds are timed in turn
+within each round). Compare the ratios, not the absolute numbers across machines.
 """
 
 from __future__ import annotations
@@ -227,7 +227,9 @@ def time_batched_forward(lm, prompts: list[str], length: int, seed: int, prefill
         for t in range(length):
             if whole:
                 mask = torch.cat([mask, ones], dim=1)
-            out = lm.model(input_ids=tokens[t][:, None], attention_mask=mask,
+            # the mask in the form the env hands the model (a ready 4D mask where the model takes one)
+            step_mask = mask.bool()[:, None, None, :] if whole and lm.step_mask_4d else mask
+            out = lm.model(input_ids=tokens[t][:, None], attention_mask=step_mask,
                            position_ids=None if positions is None else positions + t, past_key_values=cache,
                            use_cache=True, output_hidden_states=True)
             out.logits.float().cpu()  # what an env needs back on the host
@@ -303,10 +305,10 @@ def measure(args: argparse.Namespace) -> dict:
     naive = NaiveGenerationEnv(task="summarize", **kwargs)
     n, length, seed = args.episodes, args.episode_length, args.seed
     time_env_steps(env, 1, length, seed)  # warm-up: allocator, lazy init
-    raw = time_raw_forward(env, n, length, seed)
+    raw = np.median([time_raw_forward(env, n, length, seed + r) for r in range(args.repeats)])
     env_sps = np.median([time_env_steps(env, n, length, seed + r) for r in range(args.repeats)])
     env_resets_sps = np.median([time_env_steps(env, n, length, seed + r, resets=True) for r in range(args.repeats)])
-    naive_sps = time_env_steps(naive, max(1, n // 2), length, seed)
+    naive_sps = np.median([time_env_steps(naive, max(1, n // 2), length, seed + r) for r in range(args.repeats)])
     edit = measure_edit(args, model)
     vector = measure_vector(args, model)
     vector["vector_speedup_vs_single"] = round(vector["vector_steps_per_s"] / env_sps, 2)
