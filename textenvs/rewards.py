@@ -57,7 +57,7 @@ class _RememberingTokenizer(rouge_tokenizers.Tokenizer):
     """
 
     def __init__(self, size: int = 256) -> None:
-        self._inner = rouge_tokenizers.DefaultTokenizer(use_stemmer=False)
+        self.inner = rouge_tokenizers.DefaultTokenizer(use_stemmer=False)
         self._seen: dict[str, list[str]] = {}
         self._size = size
 
@@ -66,7 +66,7 @@ class _RememberingTokenizer(rouge_tokenizers.Tokenizer):
         if tokens is None:
             if len(self._seen) >= self._size:
                 self._seen.clear()
-            tokens = self._seen[text] = self._inner.tokenize(text)
+            tokens = self._seen[text] = self.inner.tokenize(text)
         return tokens
 
 
@@ -125,7 +125,7 @@ class RougeMetric:
     def _rouge_l(self, hypothesis: str, references: Sequence[str]):
         if len(self._lcs) > len(references) or any(ref not in self._lcs for ref in references):
             self._lcs = {ref: _LcsRows(self._tokenizer.tokenize(ref)) for ref in references}
-        hyp = self._tokenizer.tokenize(hypothesis)
+        hyp = self._tokenizer.inner.tokenize(hypothesis)  # a new text each step: nothing to remember
         for ref in references:
             rows = self._lcs[ref]
             if not hyp or not rows.reference:  # rouge-score's convention for an empty side
