@@ -124,6 +124,8 @@ def test_lockstep_batch_equals_single_extends(tmp_path, model_type, prepared_mas
             h, lg = model.extend(seq, [tokens[i]])
             torch.testing.assert_close(hidden[i], h[0], atol=1e-4, rtol=0)
             torch.testing.assert_close(logits[i], lg[0], atol=1e-4, rtol=0)
+        # the host-side lengths track the device's mask and positions
+        assert batch.lengths == batch.mask.sum(1).tolist() == batch.positions.tolist() == [len(q) for q in singles]
 
 
 def test_only_plain_full_attention_takes_a_prepared_mask():

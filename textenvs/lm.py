@@ -360,14 +360,17 @@ class LockstepBatch:
     ``i``, an attention mask ``(N, S)`` marks its valid slots and ``positions`` its next position,
     so rows of different lengths, and rows restarted at any time, share the batch. Slots freed by a
     restarted row are reclaimed by :meth:`compact` once more than ``slack`` columns are wasted,
-    which keeps memory flat over any number of steps.
+    which keeps memory flat over any number of steps. The rows' lengths are also kept on the host
+    (``lengths``), so a step never waits for the device to read them back.
     """
 
     def __init__(self, lm: LanguageModel, n: int, slack: int = 16) -> None:
         self.lm, self.n, self.slack = lm, n, slack
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(n, 0, dtype=torch.long, device=lm.device)  # (N, S)
-        self.positions = torch.zeros(n, dtype=torch.long, device=lm.device)  # (N,)
+        self.positions = torch.zeros(n, dtype=torch.long, device=lm.device)  # (N,) = lengths, on the device
+        self.lengths = [0] * n  # tokens held by each row: its valid slots, and its next position
+        self._ones = torch.ones(n, 1, dtype=torch.long, device=lm.device)
 
     @property
     def slots(self) -> int:
@@ -395,6 +398,7 @@ class LockstepBatch:
         self.mask[i] = 0
         self.mask[i, :length] = 1
         self.positions[i] = length
+        self.lengths[i] = length
         seq.cache = None  # the batch holds it now
 
     @torch.inference_mode()
@@ -402,22 +406,22 @@ class LockstepBatch:
         """Append ``tokens[i]`` to row ``i`` for all rows: ONE forward. Returns hidden ``(N, d)``, logits ``(N, V)``."""
         if self.cache is None:
             raise RuntimeError("LockstepBatch.advance() before any load(): load every row first.")
-        self.lm.check_length(int(self.positions.max()) + 1)
-        ones = torch.ones(self.n, 1, dtype=torch.long, device=self.lm.device)
-        self.mask = torch.cat([self.mask, ones], dim=1)  # (N, S + 1)
+        self.lm.check_length(max(self.lengths) + 1)
+        self.mask = torch.cat([self.mask, self._ones], dim=1)  # (N, S + 1)
         input_ids = torch.tensor(tokens, device=self.lm.device)[:, None]
         # One new token per row attends to exactly the row's valid slots (see takes_prepared_step_mask).
         mask = self.mask.bool()[:, None, None, :] if self.lm.step_mask_4d else self.mask
         hidden, logits = self.lm._forward(input_ids, self.cache, mask, self.positions[:, None])
         self.positions += 1
-        if self.slots - int(self.mask.sum(1).max()) > self.slack:
+        self.lengths = [n + 1 for n in self.lengths]
+        if self.slots - max(self.lengths) > self.slack:
             self.compact()
         return hidden[:, 0], logits[:, 0]
 
     @torch.inference_mode()
     def compact(self) -> None:
         """Move every row's valid slots to the front and drop the columns no row uses."""
-        keep = int(self.mask.sum(1).max())
+        keep = max(self.lengths)
         # Stable order of slots per row: valid ones first, in their original order.
         order = torch.sort(1 - self.mask, dim=1, stable=True).indices[:, :keep]  # (N, keep)
         for layer in self.cache.layers:
