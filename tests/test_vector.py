@@ -51,9 +51,9 @@ def test_batch_infos_matches_gymnasiums_add_info():
     assert_infos_equal(batch_infos(6, items), reference)
 
 
-@pytest.mark.parametrize("num_envs", [1, 3, 8])
-def test_generation_vector_equals_single_envs(num_envs):
-    kwargs = dict(task="translate", max_new_tokens=6)
+@pytest.mark.parametrize("num_envs,action_mode", [(1, "vocab"), (3, "vocab"), (8, "vocab"), (3, "topk")])
+def test_generation_vector_equals_single_envs(num_envs, action_mode):
+    kwargs = dict(task="translate", max_new_tokens=6, action_mode=action_mode, k=8)
     envs = GenerationVectorEnv(num_envs, **kwargs)
     singles = [gym.make("textenvs/Generate-v0", **kwargs).unwrapped for _ in range(num_envs)]
     obs, infos = envs.reset(seed=10)
@@ -63,7 +63,7 @@ def test_generation_vector_equals_single_envs(num_envs):
     eos = envs.lm.eos_token_id
     ended = 0
     for _ in range(20):
-        actions = gen_actions(rng, num_envs, eos)
+        actions = gen_actions(rng, num_envs, eos) if action_mode == "vocab" else rng.integers(0, 8, size=num_envs)
         obs, rewards, terminated, truncated, infos = envs.step(actions)
         for i, env in enumerate(singles):
             o, r, te, tr, info = env.step(int(actions[i]))
@@ -76,6 +76,8 @@ def test_generation_vector_equals_single_envs(num_envs):
                 o, info = env.reset()
             assert infos["text"][i] == info["text"] and infos["index"][i] == info["index"]
             np.testing.assert_allclose(obs[i], o, atol=1e-4)
+            if action_mode == "topk":
+                np.testing.assert_array_equal(envs.envs[i].candidates, env.candidates)
     assert ended >= num_envs  # episodes of mixed lengths did end and auto-reset
 
 

@@ -277,6 +277,10 @@ class GenerationVectorEnv(BatchedTextVectorEnv):
         for i, tail in zip(stepping, tails):
             self.envs[i]._seq.ids.extend(tail)
         rows = list(zip(hidden[:, None].unbind(), logits[:, None].unbind()))  # (1, d), (1, V) views, made at once
+        first = self.envs[0]
+        if first.action_mode == "topk":  # every row's candidates from one top-k and one copy to the host
+            candidates = logits.topk(first.k).indices.cpu().numpy()
+            return [(*rows[i], candidates[i]) for i in stepping]
         return [rows[i] for i in stepping]
 
 

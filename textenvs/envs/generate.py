@@ -196,8 +196,13 @@ class TextGenerationEnv(gym.Env):
         check_can_step(self)
         return [self.token_for(action)]
 
-    def finish_step(self, hidden: torch.Tensor, logits: torch.Tensor) -> tuple[np.ndarray, float, bool, bool, dict]:
-        """Complete the step from the forward of the new token: hidden ``(1, d)``, logits ``(1, V)``."""
+    def finish_step(self, hidden: torch.Tensor, logits: torch.Tensor,
+                    candidates: np.ndarray | None = None) -> tuple[np.ndarray, float, bool, bool, dict]:
+        """Complete the step from the forward of the new token: hidden ``(1, d)``, logits ``(1, V)``.
+
+        ``candidates``: the top-k token ids of ``logits[-1]`` when the caller has them already (a
+        vector env takes the top-k of all its rows at once).
+        """
         token = self._seq.ids[-1]
         if self.obs_mode == "mean":
             self._hidden_sum += hidden[-1].cpu()
@@ -216,7 +221,7 @@ class TextGenerationEnv(gym.Env):
             reward, scores = 0.0, None
         info = self._info(scores)
         info["stop"] = "eos" if eos else ("max_new_tokens" if terminated else None)
-        return self._observe(hidden[-1], logits[-1]), float(reward), terminated, False, info
+        return self._observe(hidden[-1], logits[-1], candidates), float(reward), terminated, False, info
 
     def render(self) -> str | None:
         if self.render_mode != "ansi":
@@ -244,10 +249,10 @@ class TextGenerationEnv(gym.Env):
         action = int(action)
         return int(self.candidates[action]) if self.action_mode == "topk" else action
 
-    def _observe(self, last_hidden: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
+    def _observe(self, last_hidden: torch.Tensor, logits: torch.Tensor, candidates: np.ndarray | None = None) -> np.ndarray:
         self.logits = logits  # (V,) next-token logits, read by agents that share the forward
         if self.action_mode == "topk":
-            self.candidates = logits.topk(self.k).indices.cpu().numpy()
+            self.candidates = logits.topk(self.k).indices.cpu().numpy() if candidates is None else candidates
         vec = last_hidden if self.obs_mode == "last" else self._hidden_sum / len(self._seq)
         return vec.to("cpu", torch.float32).numpy()
 
