@@ -243,13 +243,14 @@ def measure_vector(args: argparse.Namespace, model) -> dict:
     time_vector_steps(envs, 1, 4, args.seed)  # warm-up
     terminal = gym.make_vec("textenvs/Summarize-v0", num_envs=n, model=model, max_new_tokens=length,
                             device=args.device, dense=False)
-    prompts = [env.prompt for env in envs.unwrapped.envs]
     lm = envs.unwrapped.lm
     # Every figure is the median of --repeats rounds, each round timing all of them in turn, so a
     # slow spell of a shared machine hits the env and its bounds alike.
     rounds = []
     for r in range(args.repeats):
         seed = args.seed + r
+        envs.reset(seed=seed)
+        prompts = [env.prompt for env in envs.unwrapped.envs]  # the prompts of the round's first episodes
         rounds.append((
             time_vector_steps(envs, args.vector_episodes, length, seed),
             time_vector_steps(terminal, args.vector_episodes, length, seed),

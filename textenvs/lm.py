@@ -130,8 +130,8 @@ class LanguageModel:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"The tokenizer of {self.name!r} has no EOS token: episodes could never end by themselves.")
-        # An env decodes its text every step. A fast tokenizer that does no clean-up after its
-        # backend's decode gives exactly the backend's string, so decode() calls that directly and
+        # An env decodes its text every step. Without clean-up of tokenization spaces, a fast
+        # tokenizer's decode is exactly its backend's, so decode() calls the backend directly and
         # skips transformers' per-call argument conversion (half the cost of a short decode).
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         self._backend_decode = backend.decode if backend is not None else None
