@@ -13,7 +13,11 @@
 * ``edit_steps_per_s``: ``textenvs/Edit-v0`` steps, uniformly random valid edits (insert / delete /
   replace, top-k tokens) on texts of ``--edit-length`` tokens, reusing the cache before the edit;
 * ``edit_full_recompute_steps_per_s``: the same edits, recomputing prompt + text from scratch;
-  ``edit_speedup`` = the first over the second.
+  ``edit_speedup`` = the first over the second;
+* ``edit_vector_steps_per_s``: sub-env steps per second of ``gym.make_vec("textenvs/Edit-v0",
+  num_envs=--num-envs)`` with the same kind of edits on the same text in every sub-env (one
+  batched forward over the recomputed tails, split by tail length where padding would cost more
+  than an extra forward), and ``edit_vector_speedup_vs_single`` over ``edit_steps_per_s``.
 
 * ``vector_steps_per_s``: env steps per second of ``gym.make_vec("textenvs/Summarize-v0",
   num_envs=--num-envs)`` (the batched env, auto-resets included), against
@@ -161,12 +165,29 @@ def measure_edit(args: argparse.Namespace, model) -> dict:
     time_edit_steps(env, text, 10, args.seed)  # warm-up
     reuse = time_edit_steps(env, text, args.edit_steps, args.seed)
     recompute = time_edit_steps(full, text, args.edit_steps, args.seed)
+    envs = gym.make_vec("textenvs/Edit-v0", num_envs=args.num_envs, **kwargs)
+    vector = time_edit_vector_steps(envs, text, max(2, args.edit_steps // 5), args.seed)
     return {
         "edit_text_tokens": args.edit_length,
         "edit_steps_per_s": round(reuse, 1),
         "edit_full_recompute_steps_per_s": round(recompute, 1),
         "edit_speedup": round(reuse / recompute, 2),
+        "edit_vector_steps_per_s": round(vector, 1),
+        "edit_vector_speedup_vs_single": round(vector / reuse, 2),
     }
+
+
+def time_edit_vector_steps(envs, text: str, n_steps: int, seed: int) -> float:
+    """Sub-env steps per second of the batched edit env, every sub-env editing ``text`` at random."""
+    rng = np.random.default_rng(seed)
+    envs.reset(seed=seed, options={"text": text})
+    elapsed = 0.0
+    for _ in range(n_steps):
+        actions = np.array([random_valid_edit(env, rng) for env in envs.unwrapped.envs])
+        start = time.perf_counter()
+        envs.step(actions)
+        elapsed += time.perf_counter() - start
+    return n_steps * envs.num_envs / elapsed
 
 
 def rss_mb() -> float:

@@ -104,7 +104,7 @@ def test_throughput_script_reports_every_figure():
     for key in ("raw_forward_tokens_per_s", "env_steps_per_s", "naive_steps_per_s", "edit_steps_per_s",
                 "vector_steps_per_s", "batched_bound_steps_per_s", "vector_terminal_steps_per_s",
                 "batched_bound_with_prefill_steps_per_s", "batched_model_work_steps_per_s",
-                "env_steps_with_resets_per_s", "vector_rss_mb_last"):
+                "env_steps_with_resets_per_s", "edit_vector_steps_per_s", "vector_rss_mb_last"):
         assert np.isfinite(result[key]) and result[key] > 0, key
     assert result["vector_ratio_to_bound"] == pytest.approx(
         result["vector_steps_per_s"] / result["batched_bound_steps_per_s"], rel=0.01)

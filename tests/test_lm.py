@@ -41,10 +41,12 @@ def test_crop_then_extend_equals_prefill(lm):
     torch.testing.assert_close(hidden, full[4:], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("tail_sizes", [[1, 1, 1], [3, 0, 1, 5]])
-def test_extend_batch_of_unequal_lengths_equals_single_extends(lm, tail_sizes):
+@pytest.mark.parametrize("overhead", [0.0, 2.0, 1e9], ids=["one-forward-per-row", "grouped", "one-batch"])
+@pytest.mark.parametrize("tail_sizes", [[1, 1, 1], [3, 0, 1, 5], [9, 1, 2, 8, 1]])
+def test_extend_batch_of_unequal_lengths_equals_single_extends(lm, monkeypatch, tail_sizes, overhead):
+    monkeypatch.setattr(lm, "forward_overhead_tokens", overhead)
     texts = ["Article: A", "English: The old farmer sees a red bird near the river", "Veltic: La kolo",
-             "Headline: Norwick council"][: len(tail_sizes)]
+             "Headline: Norwick council", "Article: The mayor"][: len(tail_sizes)]
     batch = [lm.prefill(lm.encode(t))[0] for t in texts]
     single = [lm.prefill(lm.encode(t))[0] for t in texts]
     for step in range(3):
@@ -61,6 +63,30 @@ def test_extend_batch_of_unequal_lengths_equals_single_extends(lm, tail_sizes):
     for a, b in zip(batch, single):  # the kept caches are the single-sequence caches
         for la, lb in zip(a.cache.layers, b.cache.layers):
             torch.testing.assert_close(la.keys, lb.keys, atol=1e-4, rtol=0)
+
+
+def test_tail_groups_are_the_cheapest_contiguous_split():
+    import itertools
+
+    def cost(groups, sizes, overhead):
+        return sum(overhead + len(g) * max(sizes[k] for k in g) for g in groups)
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        sizes = rng.integers(1, 40, size=int(rng.integers(1, 8))).tolist()
+        overhead = float(rng.choice([0.0, 3.0, 16.0, 32.0, 1e9]))
+        groups = lm_backend.plan_tail_groups(sizes, overhead)
+        assert sorted(k for g in groups for k in g) == list(range(len(sizes)))  # every row exactly once
+        order = sorted(range(len(sizes)), key=lambda k: sizes[k])
+        best = min(  # brute force over every way to cut the sorted rows into contiguous groups
+            cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))], sizes, overhead)
+            for r in range(len(order))
+            for cuts in itertools.combinations(range(1, len(order)), r)
+        )
+        assert cost(groups, sizes, overhead) == pytest.approx(best)
+    assert lm_backend.plan_tail_groups([5, 1, 9], 1e9) == [[1, 0, 2]]  # a fixed cost that big: one batch
+    assert lm_backend.plan_tail_groups([1, 30], 4.0) == [[0], [1]]  # 1 + 30 + 8 < 2 * 30 + 4
+    assert lm_backend.plan_tail_groups([], 32.0) == []
 
 
 @pytest.mark.parametrize("keeps_logits", [True, False], ids=["logits_to_keep", "all-logits"])

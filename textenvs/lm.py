@@ -21,6 +21,7 @@ it, and compute log-probabilities for a gradient step with a separate forward.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -77,6 +78,34 @@ def takes_prepared_step_mask(config) -> bool:
         and not getattr(config, "use_sliding_window", False)
         and getattr(config, "sliding_window", None) is None
     )
+
+
+def plan_tail_groups(sizes: list[int], overhead: float) -> list[list[int]]:
+    """Split rows with tails of ``sizes`` tokens into groups, one padded forward each.
+
+    A group costs ``overhead`` (a forward's fixed cost, in tokens of compute) plus its rows times
+    its longest tail (the padded tokens it computes). The rows are sorted by tail length and cut
+    into the contiguous groups of least total cost (exact, by dynamic programming), so the plan
+    is never costlier than one batch of all rows, nor than one forward per row. Deterministic:
+    the same sizes always give the same groups.
+
+    Returns:
+        Lists of indices into ``sizes``, shortest tails first.
+    """
+    order = sorted(range(len(sizes)), key=lambda k: sizes[k])
+    sorted_sizes = [sizes[k] for k in order]
+    best = [0.0] + [math.inf] * len(order)  # best[i]: least cost of the first i rows
+    cut = [0] * (len(order) + 1)
+    for i in range(1, len(order) + 1):
+        for j in range(i):  # the last group is rows j..i-1, its longest tail sorted_sizes[i - 1]
+            cost = best[j] + overhead + (i - j) * sorted_sizes[i - 1]
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    groups, i = [], len(order)
+    while i > 0:
+        groups.append(order[cut[i] : i])
+        i = cut[i]
+    return groups[::-1]
 
 
 @dataclass
@@ -139,6 +168,10 @@ class LanguageModel:
         # transformers' logits_to_keep skip the LM head for the others.
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self.step_mask_4d = takes_prepared_step_mask(self.model.config)
+        # What one more forward costs in tokens of compute, for extend_batch's grouping of tails:
+        # on a CPU a small model's forward is about 30 tokens' worth of fixed cost; on a GPU a
+        # forward is launch-bound, so padding is nearly free and the rows stay in one batch.
+        self.forward_overhead_tokens = 32.0 if self.device.type == "cpu" else 4096.0
         config = self.model.config
         self.n_layers = config.num_hidden_layers
         if not -(self.n_layers + 1) <= layer <= self.n_layers:
@@ -233,11 +266,14 @@ class LanguageModel:
     def extend_batch(
         self, seqs: list[Sequence], tails: list[list[int]]
     ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        """Append ``tails[i]`` to ``seqs[i]`` for every i: ONE batched incremental forward.
+        """Append ``tails[i]`` to ``seqs[i]`` for every i, in as few batched incremental forwards as pay.
 
         Caches of different lengths are right-padded into one temporary batch cache; an attention
         mask hides the padding and explicit position ids keep every sequence's positions, so each
         result equals :meth:`extend` on that sequence alone. Each sequence keeps its own cache.
+        Tails of very different lengths would make one batch mostly padding, so the rows are split
+        into groups of similar tail length where that saves more padded tokens than the extra
+        forwards cost (:func:`plan_tail_groups` with :attr:`forward_overhead_tokens`).
 
         Returns:
             Per sequence, hidden states ``(n_i, d)`` and logits ``(n_i, V)`` of its new positions,
@@ -245,43 +281,51 @@ class LanguageModel:
         """
         results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(seqs)
         active = [i for i, tail in enumerate(tails) if tail]
-        if len(active) == 1:
-            results[active[0]] = self.extend(seqs[active[0]], tails[active[0]])
-        if len(active) <= 1:
-            return results
-        lengths = [len(seqs[i]) for i in active]
-        sizes = [len(tails[i]) for i in active]
+        for group in plan_tail_groups([len(tails[i]) for i in active], self.forward_overhead_tokens):
+            rows = [active[k] for k in group]
+            if len(rows) == 1:
+                results[rows[0]] = self.extend(seqs[rows[0]], tails[rows[0]])
+                continue
+            for i, out in zip(rows, self._extend_padded([seqs[i] for i in rows], [tails[i] for i in rows])):
+                results[i] = out
+        return results
+
+    def _extend_padded(self, seqs: list[Sequence], tails: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """ONE right-padded, masked forward appending ``tails[i]`` (non-empty) to ``seqs[i]``."""
+        lengths = [len(seq) for seq in seqs]
+        sizes = [len(tail) for tail in tails]
         for n, m in zip(lengths, sizes):
             self.check_length(n + m)
         past, new = max(lengths), max(sizes)
         layers = []
-        for layer in range(len(seqs[active[0]].cache.layers)):
+        for layer in range(len(seqs[0].cache.layers)):
             ks, vs = [], []
-            for i, n in zip(active, lengths):
-                cached = seqs[i].cache.layers[layer]  # keys / values: (1, H, n, hd)
+            for seq, n in zip(seqs, lengths):
+                cached = seq.cache.layers[layer]  # keys / values: (1, H, n, hd)
                 ks.append(torch.nn.functional.pad(cached.keys, (0, 0, 0, past - n)))
                 vs.append(torch.nn.functional.pad(cached.values, (0, 0, 0, past - n)))
             layers.append((torch.cat(ks), torch.cat(vs)))  # (B, H, past, hd)
         cache = DynamicCache(ddp_cache_data=layers)
-        mask = torch.zeros(len(active), past + new, dtype=torch.long)  # (B, past + new)
-        input_ids = torch.full((len(active), new), self.eos_token_id, dtype=torch.long)
-        for b, (i, n, m) in enumerate(zip(active, lengths, sizes)):
+        mask = torch.zeros(len(seqs), past + new, dtype=torch.long)  # (B, past + new)
+        input_ids = torch.full((len(seqs), new), self.eos_token_id, dtype=torch.long)
+        for b, (tail, n, m) in enumerate(zip(tails, lengths, sizes)):
             mask[b, :n] = 1
             mask[b, past : past + m] = 1
-            input_ids[b, :m] = torch.tensor(tails[i])
+            input_ids[b, :m] = torch.tensor(tail)
         position_ids = torch.tensor(lengths)[:, None] + torch.arange(new)[None]  # (B, new)
         hidden, logits = self._forward(
             input_ids.to(self.device), cache, mask.to(self.device), position_ids.to(self.device)
         )
-        for b, (i, n, m) in enumerate(zip(active, lengths, sizes)):
-            own = seqs[i].cache.layers
+        out = []
+        for b, (seq, tail, n, m) in enumerate(zip(seqs, tails, lengths, sizes)):
+            own = seq.cache.layers
             for layer, batch_layer in enumerate(cache.layers):
                 k, v = batch_layer.keys[b : b + 1], batch_layer.values[b : b + 1]  # (1, H, past + new, hd)
                 own[layer].keys = torch.cat([k[:, :, :n], k[:, :, past : past + m]], dim=2)
                 own[layer].values = torch.cat([v[:, :, :n], v[:, :, past : past + m]], dim=2)
-            seqs[i].ids.extend(tails[i])
-            results[i] = (hidden[b, :m], logits[b, :m])
-        return results
+            seq.ids.extend(tail)
+            out.append((hidden[b, :m], logits[b, :m]))
+        return out
 
     def crop(self, seq: Sequence, length: int) -> None:
         """Keep the first ``length`` positions of ``seq`` (ids and cache)."""
