@@ -5,7 +5,8 @@
 :class:`EditVectorEnv`. Each sub-environment is an ordinary single env (same class, same
 keyword arguments, the same language model object) that keeps its own KV cache; a vector step
 asks every sub-env which tokens it appends (``begin_step``), runs them all through
-:meth:`textenvs.lm.LanguageModel.extend_batch` as one padded, masked batch, and hands each
+:meth:`textenvs.lm.LanguageModel.extend_batch` as one padded, masked batch (or a few, grouped by
+tail length, where padding would cost more than another forward), and hands each
 sub-env its slice (``finish_step``). Generation sub-envs that (re)start in the same call share
 one batched forward of their prompts (``begin_reset`` / ``finish_reset``). Sub-env ``i`` of ``reset(seed=s)`` is seeded ``s + i``, as
 in gymnasium's ``SyncVectorEnv``, so it reproduces a single env seeded ``s + i`` exactly.
