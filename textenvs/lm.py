@@ -401,24 +401,28 @@ class LockstepBatch:
 
     The generation vector env keeps its sub-envs here so that a step is a single batched forward
     with no per-step copying of caches: row ``i`` of every layer's keys / values holds sequence
-    ``i``, an attention mask ``(N, S)`` marks its valid slots and ``positions`` its next position,
-    so rows of different lengths, and rows restarted at any time, share the batch. Slots freed by a
-    restarted row are reclaimed by :meth:`compact` once more than ``slack`` columns are wasted,
-    which keeps memory flat over any number of steps. The rows' lengths are also kept on the host
-    (``lengths``), so a step never waits for the device to read them back.
+    ``i``, an attention mask ``(N, S)`` marks its valid slots and ``lengths`` (on the host, so a
+    step never waits for the device to read them back) its token count, which is also the
+    position of its next token. Rows of different lengths, and rows restarted at any time, share
+    the batch. Slots freed by a restarted row are reclaimed by :meth:`compact` once more than
+    ``slack`` columns are wasted, which keeps memory flat over any number of steps.
     """
 
     def __init__(self, lm: LanguageModel, n: int, slack: int = 16) -> None:
         self.lm, self.n, self.slack = lm, n, slack
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(n, 0, dtype=torch.long, device=lm.device)  # (N, S)
-        self.positions = torch.zeros(n, dtype=torch.long, device=lm.device)  # (N,) = lengths, on the device
         self.lengths = [0] * n  # tokens held by each row: its valid slots, and its next position
         self._ones = torch.ones(n, 1, dtype=torch.long, device=lm.device)
 
     @property
     def slots(self) -> int:
         return self.mask.shape[1]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """The position of each row's next token ``(N,)``, on the model's device."""
+        return torch.tensor(self.lengths, device=self.lm.device)
 
     @torch.inference_mode()
     def load(self, i: int, seq: Sequence) -> None:
@@ -441,7 +445,6 @@ class LockstepBatch:
             own.values[i, :, :length] = new.values[0]
         self.mask[i] = 0
         self.mask[i, :length] = 1
-        self.positions[i] = length
         self.lengths[i] = length
         seq.cache = None  # the batch holds it now
 
@@ -452,11 +455,10 @@ class LockstepBatch:
             raise RuntimeError("LockstepBatch.advance() before any load(): load every row first.")
         self.lm.check_length(max(self.lengths) + 1)
         self.mask = torch.cat([self.mask, self._ones], dim=1)  # (N, S + 1)
-        input_ids = torch.tensor(tokens, device=self.lm.device)[:, None]
+        new = torch.tensor([tokens, self.lengths], device=self.lm.device)  # (2, N): new tokens, their positions
         # One new token per row attends to exactly the row's valid slots (see takes_prepared_step_mask).
         mask = self.mask.bool()[:, None, None, :] if self.lm.step_mask_4d else self.mask
-        hidden, logits = self.lm._forward(input_ids, self.cache, mask, self.positions[:, None])
-        self.positions += 1
+        hidden, logits = self.lm._forward(new[0][:, None], self.cache, mask, new[1][:, None])
         self.lengths = [n + 1 for n in self.lengths]
         if self.slots - max(self.lengths) > self.slack:
             self.compact()
