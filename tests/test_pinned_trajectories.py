@@ -1,0 +1,114 @@
+"""Pinned trajectories: every env id's observations, rewards and texts for a seed, bit for bit.
+
+The file ``tests/data/pinned_trajectories.npz`` was recorded from the code before the structural
+refactor (issue 12) and must never change unless an env's semantics change on purpose (then bump
+the id's version and re-record with ``python -m tests.test_pinned_trajectories --write``). Single
+envs and the batched vector envs (SameStep autoreset) are both pinned.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import textenvs  # noqa: F401  (registers the ids)
+
+PINNED = Path(__file__).parent / "data" / "pinned_trajectories.npz"
+
+# (case name, env id, keyword arguments, vector sub-envs or 0 for a single env, steps)
+CASES = [
+    ("summarize", "textenvs/Summarize-v0", {"max_new_tokens": 5}, 0, 14),
+    ("translate_topk", "textenvs/Translate-v0", {"action_mode": "topk", "k": 4, "max_new_tokens": 6}, 0, 14),
+    ("generate_mean_terminal", "textenvs/Generate-v0",
+     {"task": "translate", "obs": "mean", "dense": False, "max_new_tokens": 4, "reward": "chrf"}, 0, 12),
+    ("edit", "textenvs/Edit-v0", {"max_edits": 5, "max_len": 12}, 0, 14),
+    ("edit_summary_positions", "textenvs/EditSummary-v0",
+     {"obs": "positions", "max_edits": 6, "max_len": 10, "k": 3}, 0, 14),
+    ("edit_translation_vocab", "textenvs/EditTranslation-v0",
+     {"token_mode": "vocab", "max_edits": 4, "max_len": 16, "dense": False}, 0, 12),
+    ("vector_summarize", "textenvs/Summarize-v0", {"max_new_tokens": 4}, 3, 10),
+    ("vector_translate_topk", "textenvs/Translate-v0", {"action_mode": "topk", "k": 4, "max_new_tokens": 3}, 3, 10),
+    ("vector_edit_summary", "textenvs/EditSummary-v0", {"max_edits": 3, "max_len": 10, "obs": "positions"}, 3, 10),
+]
+
+
+def _single_actions(space: gym.Space, rng: np.random.Generator):
+    if isinstance(space, gym.spaces.Discrete):
+        return int(rng.integers(space.n))
+    return rng.integers(space.nvec).astype(np.int64)
+
+
+def record(env_id: str, kwargs: dict, num_envs: int, steps: int) -> dict[str, np.ndarray]:
+    """Observations, rewards, end flags and texts of ``steps`` random-action steps from seed 11."""
+    rng = np.random.default_rng(5)
+    obs_list, rewards, ends, texts = [], [], [], []
+    if num_envs:
+        envs = gym.make_vec(env_id, num_envs=num_envs, **kwargs)
+        obs, infos = envs.reset(seed=11)
+        obs_list.append(obs)
+        texts += list(infos["text"])
+        for _ in range(steps):
+            space = envs.single_action_space
+            actions = np.stack([np.asarray(_single_actions(space, rng)) for _ in range(num_envs)])
+            obs, reward, terminated, truncated, infos = envs.step(actions)
+            obs_list.append(obs)
+            rewards.append(reward)
+            ends.append(np.stack([terminated, truncated], -1))
+            texts += list(infos["text"])
+            if "final_info" in infos:
+                texts += [str(t) for t, m in zip(infos["final_info"]["text"], infos["_final_info"]) if m]
+    else:
+        env = gym.make(env_id, **kwargs)
+        obs, info = env.reset(seed=11)
+        obs_list.append(obs)
+        texts.append(info["text"])
+        for _ in range(steps):
+            obs, reward, terminated, truncated, info = env.step(_single_actions(env.action_space, rng))
+            obs_list.append(obs)
+            rewards.append(reward)
+            ends.append([terminated, truncated])
+            texts.append(info["text"])
+            if terminated or truncated:
+                obs, info = env.reset()
+                obs_list.append(obs)
+                texts.append(info["text"])
+    return {"obs": np.stack(obs_list).astype(np.float32), "rewards": np.asarray(rewards, dtype=np.float64),
+            "ends": np.asarray(ends, dtype=bool), "texts": np.asarray(texts, dtype=str)}
+
+
+@pytest.fixture(scope="module")
+def pinned() -> dict[str, np.ndarray]:
+    with np.load(PINNED, allow_pickle=False) as data:
+        return dict(data)
+
+
+@pytest.mark.parametrize("name,env_id,kwargs,num_envs,steps", CASES, ids=[c[0] for c in CASES])
+def test_trajectory_is_bit_identical_to_the_pinned_one(pinned, name, env_id, kwargs, num_envs, steps):
+    got = record(env_id, kwargs, num_envs, steps)
+    for key, value in got.items():
+        expected = pinned[f"{name}/{key}"]
+        assert value.shape == expected.shape, (name, key)
+        if key == "texts":
+            assert value.tolist() == expected.tolist(), name
+        else:
+            np.testing.assert_array_equal(value, expected, err_msg=f"{name}/{key}")
+
+
+def test_every_registered_id_is_pinned():
+    assert {c[1] for c in CASES} >= set(textenvs.ENV_IDS)
+
+
+if __name__ == "__main__":  # re-record, only when an env's semantics change on purpose (and its id's version)
+    if "--write" not in sys.argv:
+        raise SystemExit("python -m tests.test_pinned_trajectories --write  re-records the pinned file")
+    arrays = {}
+    for name, env_id, kwargs, num_envs, steps in CASES:
+        for key, value in record(env_id, kwargs, num_envs, steps).items():
+            arrays[f"{name}/{key}"] = value
+    PINNED.parent.mkdir(exist_ok=True)
+    np.savez_compressed(PINNED, **arrays)
+    print(f"wrote {PINNED} ({PINNED.stat().st_size} bytes, {len(CASES)} cases)")
