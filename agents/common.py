@@ -1,4 +1,8 @@
-"""Pieces the agents share: evaluation of a policy over a split, the task metric of an episode."""
+"""Pieces the agents share: evaluation of a policy over a split, the task metric of an episode.
+
+They read the env -> agent contract only (README, "The env -> agent contract"): ``info["metric"]``
+and ``info["metric_name"]``, ``env.unwrapped.samples`` and ``reset(options={"index": i})``.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,10 @@ from textenvs.wrappers import find_action_masks
 
 
 def metric_of(info: dict) -> dict:
-    metrics = info.get("metrics")
-    if not metrics:
+    """``{"metric", "metric_name"}`` of an info that carries the task metric, else ``{}``."""
+    if "metric" not in info:
         return {}
-    name = next(iter(metrics))  # the task metric comes first, before guardrail terms
-    return {"metric": float(metrics[name]), "metric_name": name}
+    return {"metric": float(info["metric"]), "metric_name": info["metric_name"]}
 
 
 def evaluate_policy(env: gym.Env, policy, episodes: int | None = None, seed: int = 0,
@@ -38,8 +41,8 @@ def evaluate_policy(env: gym.Env, policy, episodes: int | None = None, seed: int
             ret += reward
             done = terminated or truncated
         returns.append(ret)
-        if "metric" in metric_of(info):
-            metrics.append(metric_of(info)["metric"])
+        if "metric" in info:
+            metrics.append(float(info["metric"]))
     out = {"episodes": len(returns), "mean_return": float(np.mean(returns))}
     if metrics:
         out["mean_metric"] = float(np.mean(metrics))

@@ -1,7 +1,7 @@
 """Tabular Q-learning over Gymnasium envs with Discrete observation and action spaces.
 
 Works on any such env (ours after :class:`textenvs.wrappers.DiscretizeObservation` with
-``action_mode="topk"`` or :class:`textenvs.wrappers.FlattenEditActions`, or gymnasium's FrozenLake)
+``token_mode="topk"`` or :class:`textenvs.wrappers.FlattenEditActions`, or gymnasium's FrozenLake)
 and reaches it only through the Gymnasium API: ``reset``, ``step``, the spaces, and an optional
 ``action_masks()``.
 
@@ -25,7 +25,6 @@ from gymnasium import spaces
 from tqdm import tqdm
 
 from agents.common import evaluate_policy, metric_of
-from textenvs import is_edit_env
 from textenvs.wrappers import find_action_masks
 
 
@@ -89,7 +88,7 @@ class QLearning:
 
     Raises:
         ValueError: for a Box observation space (wrap it with DiscretizeObservation), a
-            non-Discrete action space (use action_mode="topk" or FlattenEditActions), a missing
+            non-Discrete action space (use token_mode="topk" or FlattenEditActions), a missing
             action mask when required, or a bad hyper-parameter.
     """
 
@@ -187,21 +186,21 @@ def check_tabular(env: gym.Env) -> None:
         )
     if not isinstance(env.action_space, spaces.Discrete):
         raise ValueError(
-            f"Tabular Q-learning needs a Discrete action space, got {env.action_space}: use action_mode='topk' "
+            f"Tabular Q-learning needs a Discrete action space, got {env.action_space}: use token_mode='topk' "
             "for generation envs or textenvs.wrappers.FlattenEditActions for edit envs."
         )
 
 
 def make_tabular_env(env_id: str, split: str, k: int, discretizer: str, n_bits: int, n_clusters: int, seed: int,
                      fitted=None, n_fit: int = 512, **kwargs) -> gym.Env:
-    """A textenvs env made tabular: top-k actions (or flattened edits) and a discretizer (``fitted`` reuses one)."""
+    """A textenvs env made tabular: top-k tokens, edits flattened to one ``Discrete`` where the action is an
+    ``(op, position, token)`` triple, and a discretizer of the hidden state (``fitted`` reuses one)."""
     import textenvs  # noqa: F401  (registers the ids)
     from textenvs.wrappers import DiscretizeObservation, FlattenEditActions
 
-    if is_edit_env(env_id):
-        env = FlattenEditActions(gym.make(env_id, split=split, token_mode="topk", k=k, **kwargs))
-    else:
-        env = gym.make(env_id, split=split, action_mode="topk", k=k, **kwargs)
+    env = gym.make(env_id, split=split, token_mode="topk", k=k, **kwargs)
+    if isinstance(env.action_space, spaces.MultiDiscrete):
+        env = FlattenEditActions(env)
     return DiscretizeObservation(env, method=discretizer, n_bits=n_bits, n_clusters=n_clusters, seed=seed,
                                  fitted=fitted, n_fit=n_fit)
 
@@ -214,13 +213,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--discretizer", choices=["hash", "kmeans"], default="hash")
     p.add_argument("--n-bits", type=int, default=10)
     p.add_argument("--n-clusters", type=int, default=128)
-    p.add_argument("--max-steps", type=int, default=16, help="max_new_tokens / max_edits per episode")
+    p.add_argument("--max-steps", type=int, default=16, help="tokens / edits per episode at most")
     p.add_argument("--learning-rate", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", help="write the Q-table (npz) here")
     p.add_argument("--eval-samples", type=int, default=200, help="test-split samples to evaluate on")
     args = p.parse_args(argv)
-    horizon = {"max_edits": args.max_steps} if is_edit_env(args.env_id) else {"max_new_tokens": args.max_steps}
+    horizon = {"max_steps": args.max_steps}
     env = make_tabular_env(args.env_id, "train", args.k, args.discretizer, args.n_bits, args.n_clusters, args.seed,
                            **horizon)
     agent = QLearning(env, QLearningConfig(learning_rate=args.learning_rate, seed=args.seed))

@@ -21,7 +21,6 @@ import numpy as np
 
 import textenvs  # noqa: F401  (registers the ids)
 from agents.common import evaluate_policy
-from textenvs import is_edit_env
 from textenvs.vector import as_sb3_vec_env
 
 ALGOS = ("ppo", "maskable_ppo")
@@ -91,9 +90,8 @@ def metric_callback():
 
         def _on_step(self) -> bool:
             for done, info in zip(self.locals["dones"], self.locals["infos"]):
-                metrics = info.get("metrics") if done else None
-                if metrics:
-                    value = float(next(iter(metrics.values())))
+                if done and "metric" in info:
+                    value = float(info["metric"])
                     self.recent = (self.recent + [value])[-100:]
                     self.history.append((self.num_timesteps, value))
             return True
@@ -124,6 +122,15 @@ def build(env_id: str, config: SB3Config | None = None, **env_kwargs):
         ent_coef=config.ent_coef, seed=config.seed, policy_kwargs=config.policy_kwargs or None,
         tensorboard_log=config.tensorboard_log, verbose=0,
     )
+
+
+def default_algo(env_id: str) -> str:
+    """``maskable_ppo`` for an env that offers ``action_masks()`` (sb3-contrib's convention), else ``ppo``."""
+    from gymnasium.envs.registration import load_env_creator
+
+    entry_point = gym.spec(env_id).entry_point
+    creator = load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
+    return "maskable_ppo" if callable(getattr(creator, "action_masks", None)) else "ppo"
 
 
 def _algo_class(algo: str):
@@ -186,20 +193,19 @@ def load(path: str | Path):
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Stable-Baselines3 PPO / MaskablePPO on a textenvs env.")
     p.add_argument("--env-id", default="textenvs/Summarize-v0")
-    p.add_argument("--algo", choices=ALGOS, default=None, help="default: maskable_ppo for edit envs, else ppo")
+    p.add_argument("--algo", choices=ALGOS, default=None,
+                   help="default: maskable_ppo where the env offers action_masks() (edit envs), else ppo")
     p.add_argument("--total-steps", type=int, default=20_000)
     p.add_argument("--k", type=int, default=4, help="top-k actions / tokens")
-    p.add_argument("--max-steps", type=int, default=16, help="max_new_tokens / max_edits per episode")
+    p.add_argument("--max-steps", type=int, default=16, help="tokens / edits per episode at most")
     p.add_argument("--num-envs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tensorboard-log")
     p.add_argument("--save")
     p.add_argument("--eval-samples", type=int, default=200)
     args = p.parse_args(argv)
-    edit = is_edit_env(args.env_id)
-    env_kwargs = ({"token_mode": "topk", "k": args.k, "max_edits": args.max_steps} if edit
-                  else {"action_mode": "topk", "k": args.k, "max_new_tokens": args.max_steps})
-    config = SB3Config(algo=args.algo or ("maskable_ppo" if edit else "ppo"), num_envs=args.num_envs, seed=args.seed,
+    env_kwargs = {"token_mode": "topk", "k": args.k, "max_steps": args.max_steps}
+    config = SB3Config(algo=args.algo or default_algo(args.env_id), num_envs=args.num_envs, seed=args.seed,
                        tensorboard_log=args.tensorboard_log)
     model = build(args.env_id, config, **env_kwargs)
     start = time.time()

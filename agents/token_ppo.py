@@ -4,7 +4,7 @@ Read top to bottom: the config, the math (small pure functions), the rollout, th
 training loop with checkpoints and logging, the CLI.
 
 * Policy: the causal LM; an action is a token sampled from the LM's own next-token logits. The
-  rollout runs through the batched generation env (``gym.make_vec``, ``action_mode="vocab"``) whose
+  rollout runs through the batched generation env (``gym.make_vec``, ``token_mode="vocab"``) whose
   model IS the policy: each generated token costs the env's one incremental forward, whose logits
   we sample from and whose observation (the final hidden state) the value head reads. No second
   computation of the same hidden state.
@@ -172,12 +172,6 @@ def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return logp - ref_logp
 
 
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """``(r - 1) - log r`` with ``r = pi_ref / pi``: unbiased and never negative (Schulman's k3)."""
-    log_ratio = ref_logp - logp
-    return torch.expm1(log_ratio) - log_ratio
-
-
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                         clip: float) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate (to minimise) and the fraction of tokens where the clip is active."""
@@ -256,17 +250,11 @@ def collect_rollout(envs, value_head: torch.nn.Module, config: TokenPPOConfig, i
             if terminated[i] or truncated[i]:
                 active[i] = False
                 final = infos["final_info"]
-                metrics[i] = _task_metric(final, i)
+                metrics[i] = float(final["metric"][i])
                 texts[i] = str(final["text"][i])
         if not active.any():
             break
     return Rollout(prompts, tokens, mask, logprobs, values, rewards, metrics, texts)
-
-
-def _task_metric(final_info: dict, i: int) -> float:
-    metrics = final_info["metrics"]
-    name = next(k for k in metrics if not k.startswith("_"))  # the task metric comes first
-    return float(metrics[name][i])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +302,7 @@ def sequence_outputs(model, ids, attention, positions, tokens, temperature: floa
 def greedy_metric(lm: LanguageModel | str, env_id: str, split: str = "test", max_samples: int = 200,
                   max_new_tokens: int = 16, reward: str | None = None) -> float:
     """Mean task metric of greedy decoding (top-1 actions) over the first ``max_samples`` of a split."""
-    env = gym.make(env_id, model=lm, split=split, action_mode="topk", k=1, max_new_tokens=max_new_tokens,
+    env = gym.make(env_id, model=lm, split=split, token_mode="topk", k=1, max_steps=max_new_tokens,
                    **({"reward": reward} if reward else {}))
     return evaluate_policy(env, lambda obs, mask: 0, max_samples=max_samples)["mean_metric"]
 
@@ -339,13 +327,13 @@ class TokenPPO:
         self.value_head = torch.nn.Linear(self.lm.hidden_size, 1).to(self.lm.device)
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
-        env_kwargs = {"model": self.lm, "action_mode": "vocab", "max_new_tokens": config.max_new_tokens,
+        env_kwargs = {"model": self.lm, "token_mode": "vocab", "max_steps": config.max_new_tokens,
                       "device": config.device, "dense": config.dense}
         if config.reward is not None:
             env_kwargs["reward"] = config.reward
         try:
             self.envs = gym.make_vec(config.env_id, num_envs=config.num_envs, **env_kwargs)
-        except TypeError as e:  # an env that takes no action_mode / max_new_tokens: not a generation env
+        except TypeError as e:  # an env that takes no token_mode / max_steps: not a textenvs env
             raise ValueError(
                 f"Token PPO needs a generation env whose actions are the vocabulary; {config.env_id} is not one ({e}). "
                 "Use textenvs/Summarize-v0, Translate-v0 or Generate-v0."

@@ -8,14 +8,23 @@ split at evenly spaced points, giving a learning curve (task metric vs environme
 
 Agents: ``random`` (uniform over valid actions) and ``greedy`` (the LM's top token; for edit envs,
 stop on the LM's draft) as baselines, ``qlearning`` (tabular, hashed hidden states), ``ppo``
-(SB3, generation envs), ``maskable_ppo`` (sb3-contrib, edit envs), ``token_ppo`` (the LM is the
-policy, generation envs). An agent that does not apply to an env is skipped.
+(SB3, envs without action masks: generation), ``maskable_ppo`` (sb3-contrib, envs with
+``action_masks()``: editing), ``token_ppo`` (the LM is the policy, generation envs). An agent that
+does not apply to an env is skipped. Agents see the envs through the Gymnasium API and the env ->
+agent contract only (``info["metric"]``, ``action_masks()``, the documented keyword arguments).
+
+Every evaluation plays the first ``eval_samples`` test samples in order, so two agents' results
+are paired by sample: the table gives each agent's mean test metric with a 95% CI from a
+hierarchical bootstrap (resample seeds, then test samples within each seed) and its difference to
+the random and greedy baselines with a paired hierarchical bootstrap CI.
 
 Writes to ``--out`` (default ``results/bench``): ``cells.jsonl`` (one raw record per finished cell,
 so Ctrl-C keeps them and ``--resume`` skips them), ``results.json`` (every raw figure, the config,
-versions and this machine's throughput figures), ``table.md`` (mean, 95% bootstrap CI and
-interquartile mean across seeds per env and agent), ``learning_curves.png`` and
+versions and this machine's throughput figures), ``table.md``, ``learning_curves.png`` and
 ``final_metrics.png``.
+
+``--seeds 5 --agents random greedy qlearning ppo maskable_ppo --q-steps 24000 --ppo-steps 32000
+--eval-samples 200 --eval-points 1`` is the long agents-versus-baselines comparison of the README.
 """
 
 from __future__ import annotations
@@ -33,7 +42,6 @@ import gymnasium as gym
 import numpy as np
 
 import textenvs
-from textenvs import is_edit_env
 
 AGENTS = ("random", "greedy", "qlearning", "ppo", "maskable_ppo", "token_ppo")
 DEFAULT_ENVS = ("textenvs/Summarize-v0", "textenvs/Translate-v0", "textenvs/EditSummary-v0")
@@ -62,24 +70,29 @@ PRESETS = {
 
 
 def applies(agent: str, env_id: str) -> bool:
+    """Whether ``agent`` runs on ``env_id``: MaskablePPO where the env offers action masks, PPO and
+    token PPO where it does not (their actions are tokens)."""
+    from agents.sb3 import default_algo
+
+    masked = default_algo(env_id) == "maskable_ppo"
     if agent == "maskable_ppo":
-        return is_edit_env(env_id)
+        return masked
     if agent in ("ppo", "token_ppo"):
-        return not is_edit_env(env_id)
+        return not masked
     return True
 
 
-def env_kwargs(env_id: str, budget: Budget, model: str) -> dict:
-    if is_edit_env(env_id):
-        return {"model": model, "token_mode": "topk", "k": budget.k, "max_edits": budget.horizon, "max_len": 24}
-    return {"model": model, "action_mode": "topk", "k": budget.k, "max_new_tokens": budget.horizon}
+def env_kwargs(budget: Budget, model: str, extra: dict | None = None) -> dict:
+    """The same keyword arguments for every env id (the knob names are shared by both env kinds)."""
+    return {"model": model, "token_mode": "topk", "k": budget.k, "max_steps": budget.horizon, **(extra or {})}
 
 
 def test_env(env_id: str, kwargs: dict) -> gym.Env:
+    """The test-split env in a ``Discrete`` action space: edits flattened (with an exact action mask)."""
     from textenvs.wrappers import FlattenEditActions
 
     env = gym.make(env_id, split="test", **kwargs)
-    return FlattenEditActions(env) if is_edit_env(env_id) else env
+    return FlattenEditActions(env) if isinstance(env.action_space, gym.spaces.MultiDiscrete) else env
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,11 +100,11 @@ def test_env(env_id: str, kwargs: dict) -> gym.Env:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_cell(agent: str, env_id: str, seed: int, budget: Budget, model: str) -> dict:
+def run_cell(agent: str, env_id: str, seed: int, budget: Budget, model: str, extra: dict | None = None) -> dict:
     """Train one agent on one env for one seed; the learning curve on the test split."""
     from agents.common import evaluate_policy
 
-    kwargs = env_kwargs(env_id, budget, model)
+    kwargs = env_kwargs(budget, model, extra)
     curve: list[dict] = []
     start = time.time()
 
@@ -114,9 +127,9 @@ def run_cell(agent: str, env_id: str, seed: int, budget: Budget, model: str) -> 
     elif agent == "qlearning":
         from agents.qlearning import QLearning, QLearningConfig, make_tabular_env
 
-        horizon = {k: v for k, v in kwargs.items() if k not in ("k", "action_mode", "token_mode")}
-        train = make_tabular_env(env_id, "train", budget.k, "hash", 6, 64, seed, n_fit=256, **horizon)
-        test = make_tabular_env(env_id, "test", budget.k, "hash", 6, 64, seed, fitted=train, **horizon)
+        rest = {k: v for k, v in kwargs.items() if k not in ("k", "token_mode")}  # the helper sets those
+        train = make_tabular_env(env_id, "train", budget.k, "hash", 6, 64, seed, n_fit=256, **rest)
+        test = make_tabular_env(env_id, "test", budget.k, "hash", 6, 64, seed, fitted=train, **rest)
         learner = QLearning(train, QLearningConfig(seed=seed))
         greedy = lambda obs, mask: learner.act(obs, 0.0, mask)  # noqa: E731
         record(0, greedy, test)
@@ -161,8 +174,8 @@ def _token_ppo_eval(trainer, budget: Budget) -> dict:
     """Greedy decoding of the current policy on the test split, per sample (the env's own metric)."""
     from agents.common import evaluate_policy
 
-    env = gym.make(trainer.config.env_id, model=trainer.lm, split="test", action_mode="topk", k=1,
-                   max_new_tokens=trainer.config.max_new_tokens)
+    env = gym.make(trainer.config.env_id, model=trainer.lm, split="test", token_mode="topk", k=1,
+                   max_steps=trainer.config.max_new_tokens)
     result = evaluate_policy(env, lambda obs, mask: 0, max_samples=budget.eval_samples)
     return {"metric": result["mean_metric"], "metrics": result["metrics"]}
 
@@ -187,26 +200,78 @@ def iqm(values) -> float:
     return float(trim_mean(np.asarray(values, dtype=np.float64), 0.25))
 
 
+def hierarchical_bootstrap(per_seed: list, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over seeds of the per-seed means, and its 95% CI from a two-level bootstrap.
+
+    Each replicate resamples the seeds, then the test samples within each resampled seed, so the
+    CI covers both the training noise (seeds) and the evaluation noise (which test samples).
+
+    Args:
+        per_seed: One array of per-sample values per seed (per-sample differences for a paired test).
+    """
+    rng = np.random.default_rng(seed)
+    per_seed = [np.asarray(x, dtype=np.float64) for x in per_seed]
+    means = np.empty(n_boot)
+    for b in range(n_boot):
+        picked = rng.integers(len(per_seed), size=len(per_seed))
+        means[b] = np.mean([per_seed[i][rng.integers(len(per_seed[i]), size=len(per_seed[i]))].mean() for i in picked])
+    point = float(np.mean([x.mean() for x in per_seed]))
+    return point, float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def final_per_sample(cell: dict) -> np.ndarray:
+    """The per-test-sample metrics of a cell's last evaluation (samples in index order)."""
+    return np.asarray(cell["curve"][-1]["metrics"], dtype=np.float64)
+
+
 def aggregate(cells: list[dict]) -> list[dict]:
-    """One row per (env, agent): final test metric across seeds."""
+    """One row per (env, agent): the final test metric over seeds and samples, and paired differences.
+
+    ``vs_random`` / ``vs_greedy``: the agent's per-sample metric minus the baseline's on the same
+    test sample and seed, through :func:`hierarchical_bootstrap`; present where the baseline ran.
+    """
     rows = []
     for env_id in dict.fromkeys(c["env_id"] for c in cells):
+        by_agent: dict[str, dict[int, dict]] = {}
+        for c in cells:
+            if c["env_id"] == env_id:
+                by_agent.setdefault(c["agent"], {})[c["seed"]] = c
         for agent in AGENTS:
-            finals = [c["final_metric"] for c in cells if c["env_id"] == env_id and c["agent"] == agent]
-            if not finals:
+            runs = by_agent.get(agent)
+            if not runs:
                 continue
-            low, high = bootstrap_ci(finals)
-            rows.append({"env_id": env_id, "agent": agent, "seeds": len(finals), "mean": float(np.mean(finals)),
-                         "ci_low": low, "ci_high": high, "iqm": iqm(finals),
-                         "steps": max(c["steps"] for c in cells if c["env_id"] == env_id and c["agent"] == agent)})
+            seeds = sorted(runs)
+            mean, low, high = hierarchical_bootstrap([final_per_sample(runs[s]) for s in seeds])
+            row = {"env_id": env_id, "agent": agent, "seeds": len(seeds), "mean": mean, "ci_low": low,
+                   "ci_high": high, "iqm": iqm([runs[s]["final_metric"] for s in seeds]),
+                   "steps": max(runs[s]["steps"] for s in seeds)}
+            for base in ("random", "greedy"):
+                baseline = by_agent.get(base, {})
+                if agent == base:
+                    continue
+                diffs = [final_per_sample(runs[s]) - final_per_sample(baseline[s]) for s in seeds
+                         if s in baseline and len(final_per_sample(baseline[s])) == len(final_per_sample(runs[s]))]
+                if diffs:
+                    d, lo, hi = hierarchical_bootstrap(diffs)
+                    row[f"vs_{base}"] = {"diff": d, "ci_low": lo, "ci_high": hi, "excludes_zero": lo > 0 or hi < 0}
+            rows.append(row)
     return rows
 
 
+def _difference(row: dict, key: str) -> str:
+    if key not in row:
+        return ""
+    d = row[key]
+    return f"{d['diff']:+.4f} ({d['ci_low']:+.4f}, {d['ci_high']:+.4f})"
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| env | agent | seeds | test metric, mean (95% CI) | IQM | steps |", "|---|---|---|---|---|---|"]
+    lines = ["| env | agent | seeds | test metric, mean (95% CI) | - random (95% CI) | - greedy (95% CI) | IQM | steps |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['env_id'].split('/')[-1]} | {r['agent']} | {r['seeds']} | {r['mean']:.4f} "
-                     f"({r['ci_low']:.4f}, {r['ci_high']:.4f}) | {r['iqm']:.4f} | {r['steps']} |")
+                     f"({r['ci_low']:.4f}, {r['ci_high']:.4f}) | {_difference(r, 'vs_random')} | "
+                     f"{_difference(r, 'vs_greedy')} | {r['iqm']:.4f} | {r['steps']} |")
     return "\n".join(lines)
 
 
@@ -281,6 +346,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, help="override the preset's number of seeds")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every training budget (tests use 0.01)")
     p.add_argument("--eval-samples", type=int, help="override the preset's test samples per evaluation point")
+    p.add_argument("--eval-points", type=int, help="override the preset's evaluation points per learning curve")
+    p.add_argument("--q-steps", type=int, help="override the preset's Q-learning steps")
+    p.add_argument("--ppo-steps", type=int, help="override the preset's SB3 PPO / MaskablePPO steps")
+    p.add_argument("--token-ppo-episodes", type=int, help="override the preset's token-PPO episodes")
+    p.add_argument("--env-kwargs", type=json.loads, default={},
+                   help='JSON of extra keyword arguments for every env, e.g. \'{"max_len": 24}\'')
     p.add_argument("--out", default="results/bench")
     p.add_argument("--resume", action="store_true", help="keep the finished cells in --out and run the rest")
     p.add_argument("--overwrite", action="store_true", help="delete --out first")
@@ -298,10 +369,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def budget_for(args: argparse.Namespace) -> Budget:
     budget = Budget(**asdict(PRESETS["full" if args.full else "quick"]))
-    if args.seeds:
-        budget.seeds = args.seeds
-    if args.eval_samples:
-        budget.eval_samples = args.eval_samples
+    for name in ("seeds", "eval_samples", "eval_points", "q_steps", "ppo_steps", "token_ppo_episodes"):
+        if getattr(args, name):
+            setattr(budget, name, getattr(args, name))
     for name in ("q_steps", "ppo_steps", "token_ppo_episodes"):
         setattr(budget, name, max(1, int(getattr(budget, name) * args.scale)))
     if args.scale < 1:
@@ -333,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             for agent, env_id, seed in todo:
                 bar.set_postfix_str(f"{agent} {env_id.split('/')[-1]} seed {seed}")
-                cell = run_cell(agent, env_id, seed, budget, args.model)
+                cell = run_cell(agent, env_id, seed, budget, args.model, args.env_kwargs)
                 cells.append(cell)
                 with raw.open("a") as f:
                     f.write(json.dumps(cell) + "\n")

@@ -55,27 +55,32 @@ import numpy as np
 import torch
 
 import textenvs
+from textenvs.batching import takes_prepared_step_mask
 from textenvs.envs.edit import DELETE, INSERT, REPLACE, TextEditEnv
 from textenvs.envs.generate import TextGenerationEnv
 
 
-class NaiveGenerationEnv(TextGenerationEnv):
-    """The generation env without a KV cache: every step recomputes the whole sequence."""
+def recompute_forward(lm, seq, tokens: list[int]):
+    """``tokens`` appended to ``seq`` the way a text-only env must: the whole sequence run again, no cache reuse.
 
-    def step(self, action):
-        if self._done:
-            raise gym.error.ResetNeeded("call reset() first")
-        token = self.token_for(action)
-        ids = self._seq.ids + [token]
-        self._seq, hidden, logits = self.lm.prefill(ids)  # full forward over prompt + generated
-        terminated = token == self.lm.eos_token_id
-        if not terminated:
-            self.generated.append(token)
-            self.text = self.lm.decode(self.generated).strip()
-        truncated = not terminated and len(self.generated) >= self.max_new_tokens
-        self._done = terminated or truncated
-        reward, scores = self.shaper.step(self.text, self._done)
-        return self._observe(hidden[-1], logits), reward, terminated, truncated, self._info(scores)
+    Returns the hidden states and logits of the new positions, as :meth:`TextEnv.forward` does.
+    """
+    if not tokens:
+        return None, None
+    ids = seq.ids + tokens
+    lm.crop(seq, 0)
+    hidden, logits = lm.extend(seq, ids)  # one full forward over prompt + text
+    return hidden[-len(tokens) :], logits[-len(tokens) :]
+
+
+class NaiveGenerationEnv(TextGenerationEnv):
+    """The generation env without KV-cache reuse: every step recomputes the whole sequence.
+
+    Everything but the forward is the env's own (its ``begin_step`` / ``finish_step``).
+    """
+
+    def forward(self, tokens):
+        return recompute_forward(self.lm, self.sequence, tokens)
 
 
 def _non_eos_actions(env: TextGenerationEnv, rng: np.random.Generator, n: int) -> list[int]:
@@ -119,18 +124,13 @@ def time_raw_forward(env: TextGenerationEnv, episodes: int, length: int, seed: i
 
 
 class FullRecomputeEditEnv(TextEditEnv):
-    """The edit env without prefix reuse: every edit re-runs prompt + text from scratch."""
+    """The edit env without prefix reuse: every edit re-runs prompt + text from scratch.
 
-    def step(self, action):
-        tail = self.begin_step(action)
-        if self._edit_pos is None:
-            return self.finish_step(None, None)
-        ids = self._seq.ids + tail  # prompt + text up to the edit + the new tail
-        self.lm.crop(self._seq, 0)
-        self._rows, self._row_logits = self._rows[:0], self._row_logits[:0]
-        hidden, logits = self.lm.extend(self._seq, ids)
-        start = self._prompt_len - 1
-        return self.finish_step(hidden[start:], logits[start:])
+    Everything but the forward is the env's own (its ``begin_step`` / ``finish_step``).
+    """
+
+    def forward(self, tokens):
+        return recompute_forward(self.lm, self.sequence, tokens)
 
 
 def random_valid_edit(env: TextEditEnv, rng: np.random.Generator) -> tuple[int, int, int]:
@@ -155,7 +155,7 @@ def time_edit_steps(env: TextEditEnv, text: str, n_steps: int, seed: int) -> flo
 
 
 def measure_edit(args: argparse.Namespace, model) -> dict:
-    kwargs = dict(model=model, task="summarize", max_len=args.edit_length + 32, max_edits=10**9, token_mode="topk",
+    kwargs = dict(model=model, task="summarize", max_len=args.edit_length + 32, max_steps=10**9, token_mode="topk",
                   obs="positions", device=args.device)
     env = TextEditEnv(**kwargs)
     full = FullRecomputeEditEnv(**kwargs)
@@ -226,6 +226,7 @@ def time_batched_forward(lm, prompts: list[str], length: int, seed: int, prefill
     from transformers import DynamicCache
 
     rng = np.random.default_rng(seed)
+    mask_4d = takes_prepared_step_mask(lm.model.config)
     ids = [lm.encode(p) for p in prompts]
     lengths = torch.tensor([len(i) for i in ids])
     width = int(lengths.max()) if whole else int(lengths.min())
@@ -242,14 +243,14 @@ def time_batched_forward(lm, prompts: list[str], length: int, seed: int, prefill
         cache = DynamicCache()
         prefill_start = time.perf_counter()
         out = lm.model(input_ids=batch.to(lm.device), attention_mask=mask, past_key_values=cache, use_cache=True,
-                       output_hidden_states=True, **({"logits_to_keep": 1} if lm._keeps_logits else {}))
+                       output_hidden_states=True, **({"logits_to_keep": 1} if lm.keeps_logits else {}))
         out.logits.float().cpu()
         start = prefill_start if prefill else time.perf_counter()
         for t in range(length):
             if whole:
                 mask = torch.cat([mask, ones], dim=1)
             # the mask in the form the env hands the model (a ready 4D mask where the model takes one)
-            step_mask = mask.bool()[:, None, None, :] if whole and lm.step_mask_4d else mask
+            step_mask = mask.bool()[:, None, None, :] if whole and mask_4d else mask
             out = lm.model(input_ids=tokens[t][:, None], attention_mask=step_mask,
                            position_ids=None if positions is None else positions + t, past_key_values=cache,
                            use_cache=True, output_hidden_states=True)
@@ -260,9 +261,9 @@ def time_batched_forward(lm, prompts: list[str], length: int, seed: int, prefill
 
 def measure_vector(args: argparse.Namespace, model) -> dict:
     n, length = args.num_envs, args.episode_length
-    envs = gym.make_vec("textenvs/Summarize-v0", num_envs=n, model=model, max_new_tokens=length, device=args.device)
+    envs = gym.make_vec("textenvs/Summarize-v0", num_envs=n, model=model, max_steps=length, device=args.device)
     time_vector_steps(envs, 1, 4, args.seed)  # warm-up
-    terminal = gym.make_vec("textenvs/Summarize-v0", num_envs=n, model=model, max_new_tokens=length,
+    terminal = gym.make_vec("textenvs/Summarize-v0", num_envs=n, model=model, max_steps=length,
                             device=args.device, dense=False)
     lm = envs.unwrapped.lm
     # Every figure is the median of --repeats rounds, each round timing all of them in turn, so a
@@ -322,7 +323,7 @@ def random_gpt2(size: str) -> str:
 def measure(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model = random_gpt2(args.random_gpt2) if args.random_gpt2 else args.model
-    kwargs = dict(model=model, max_new_tokens=args.episode_length, device=args.device)
+    kwargs = dict(model=model, max_steps=args.episode_length, device=args.device)
     env = gym.make("textenvs/Summarize-v0", **kwargs).unwrapped
     naive = NaiveGenerationEnv(task="summarize", **kwargs)
     n, length, seed = args.episodes, args.episode_length, args.seed

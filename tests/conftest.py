@@ -16,7 +16,7 @@ import textenvs  # noqa: E402  (registers the ids)
 ENV_IDS = list(textenvs.ENV_IDS)
 # Small episodes keep the parametrized checks fast; every id accepts these kwargs.
 FAST_KWARGS: dict[str, dict] = {
-    env_id: {"max_new_tokens": 6} if env_id in textenvs.GENERATION_IDS else {"max_edits": 6, "max_len": 16}
+    env_id: {"max_steps": 6} if env_id in textenvs.GENERATION_IDS else {"max_steps": 6, "max_len": 16}
     for env_id in ENV_IDS
 }
 

@@ -36,7 +36,7 @@ def test_learns_deterministic_frozenlake():
 @pytest.mark.parametrize(
     "env_factory,config,match",
     [
-        (lambda: gym.make("textenvs/Summarize-v0", action_mode="topk"), QLearningConfig(), "DiscretizeObservation"),
+        (lambda: gym.make("textenvs/Summarize-v0", token_mode="topk"), QLearningConfig(), "DiscretizeObservation"),
         (lambda: gym.make("CartPole-v1"), QLearningConfig(), "DiscretizeObservation"),
         (lambda: gym.make("FrozenLake-v1"), QLearningConfig(learning_rate=0.0), "learning_rate"),
         (lambda: gym.make("FrozenLake-v1"), QLearningConfig(require_action_masks=True), "FlattenEditActions"),
@@ -55,7 +55,7 @@ def test_multidiscrete_actions_need_the_flattener():
 
 def test_discretizer_is_deterministic_for_a_seed():
     make = lambda seed, method: DiscretizeObservation(  # noqa: E731
-        gym.make("textenvs/Translate-v0", action_mode="topk", k=3, max_new_tokens=6), method=method, n_bits=6,
+        gym.make("textenvs/Translate-v0", token_mode="topk", k=3, max_steps=6), method=method, n_bits=6,
         n_clusters=8, n_fit=48, seed=seed)
     for method in ("hash", "kmeans"):
         a, b = make(0, method), make(0, method)
@@ -69,15 +69,15 @@ def test_discretizer_is_deterministic_for_a_seed():
 
 
 def test_fitted_discretizer_is_reused_on_another_split():
-    train = make_tabular_env("textenvs/Summarize-v0", "train", 3, "kmeans", 4, 8, 0, n_fit=64, max_new_tokens=4)
-    test = make_tabular_env("textenvs/Summarize-v0", "test", 3, "kmeans", 4, 8, 0, fitted=train, max_new_tokens=4)
+    train = make_tabular_env("textenvs/Summarize-v0", "train", 3, "kmeans", 4, 8, 0, n_fit=64, max_steps=4)
+    test = make_tabular_env("textenvs/Summarize-v0", "test", 3, "kmeans", 4, 8, 0, fitted=train, max_steps=4)
     assert test.kmeans is train.kmeans
     x = np.random.default_rng(0).standard_normal(128).astype(np.float32)
     assert train.observation(x) == test.observation(x)
 
 
 def test_discretizer_bad_arguments():
-    env = gym.make("textenvs/Summarize-v0", max_new_tokens=3)
+    env = gym.make("textenvs/Summarize-v0", max_steps=3)
     with pytest.raises(ValueError, match="method="):
         DiscretizeObservation(env, method="pca")
     with pytest.raises(ValueError, match="n_bits"):
@@ -85,7 +85,7 @@ def test_discretizer_bad_arguments():
 
 
 def test_qlearning_round_trip_on_edit_env(tmp_path):
-    env = make_tabular_env("textenvs/EditSummary-v0", "train", 2, "hash", 6, 8, 0, n_fit=64, max_len=8, max_edits=4)
+    env = make_tabular_env("textenvs/EditSummary-v0", "train", 2, "hash", 6, 8, 0, n_fit=64, max_len=8, max_steps=4)
     assert isinstance(env.env, FlattenEditActions)
     agent = QLearning(env, QLearningConfig(seed=0, require_action_masks=True))
     episodes = agent.learn(100)
@@ -95,16 +95,16 @@ def test_qlearning_round_trip_on_edit_env(tmp_path):
     loaded = QLearning.load(path, env)
     np.testing.assert_array_equal(loaded.q, agent.q)
     assert loaded.config == agent.config
-    test = make_tabular_env("textenvs/EditSummary-v0", "test", 2, "hash", 6, 8, 0, fitted=env, n_fit=64, max_len=8, max_edits=4)
+    test = make_tabular_env("textenvs/EditSummary-v0", "test", 2, "hash", 6, 8, 0, fitted=env, n_fit=64, max_len=8, max_steps=4)
     result = loaded.evaluate(test, max_samples=5)
     assert result["episodes"] == 5 and 0.0 <= result["mean_metric"] <= 1.0
-    other = make_tabular_env("textenvs/EditSummary-v0", "train", 3, "hash", 6, 8, 0, n_fit=64, max_len=8, max_edits=4)
+    other = make_tabular_env("textenvs/EditSummary-v0", "train", 3, "hash", 6, 8, 0, n_fit=64, max_len=8, max_steps=4)
     with pytest.raises(ValueError, match="shape"):
         QLearning.load(path, other)
 
 
 def test_masked_exploration_only_picks_valid_actions():
-    env = make_tabular_env("textenvs/EditSummary-v0", "train", 2, "hash", 4, 8, 0, n_fit=32, max_len=6, max_edits=30)
+    env = make_tabular_env("textenvs/EditSummary-v0", "train", 2, "hash", 4, 8, 0, n_fit=32, max_len=6, max_steps=30)
     agent = QLearning(env, QLearningConfig(seed=1))
     env.reset(seed=0)
     for _ in range(40):
@@ -118,7 +118,7 @@ def test_masked_exploration_only_picks_valid_actions():
 
 
 def test_evaluate_policy_plays_each_test_sample_once():
-    env = gym.make("textenvs/Summarize-v0", split="test", action_mode="topk", k=2, max_new_tokens=3)
+    env = gym.make("textenvs/Summarize-v0", split="test", token_mode="topk", k=2, max_steps=3)
     result = evaluate_policy(env, lambda obs, mask: 0, max_samples=7)
     assert result["episodes"] == 7 and len(result["metrics"]) == 7
 
@@ -127,7 +127,7 @@ def test_sb3_ppo_round_trip(tmp_path):
     pytest.importorskip("stable_baselines3")
     from agents import sb3
 
-    kwargs = {"action_mode": "topk", "k": 3, "max_new_tokens": 4}
+    kwargs = {"token_mode": "topk", "k": 3, "max_steps": 4}
     config = sb3.SB3Config(num_envs=2, n_steps=8, batch_size=8, n_epochs=1, tensorboard_log=str(tmp_path / "tb"))
     model = sb3.build("textenvs/Summarize-v0", config, **kwargs)
     callback = sb3.metric_callback()
@@ -146,12 +146,12 @@ def test_sb3_maskable_ppo_on_edit_env_and_bad_algo():
     pytest.importorskip("sb3_contrib")
     from agents import sb3
 
-    kwargs = {"k": 2, "max_len": 8, "max_edits": 3}
+    kwargs = {"k": 2, "max_len": 8, "max_steps": 3}
     model = sb3.build("textenvs/EditSummary-v0", sb3.SB3Config(algo="maskable_ppo", num_envs=2, n_steps=8,
                                                                batch_size=8, n_epochs=1), **kwargs)
     model.learn(16)
     assert sb3.evaluate(model, "textenvs/EditSummary-v0", max_samples=2, **kwargs)["episodes"] == 2
     with pytest.raises(ValueError, match="action_masks"):
-        sb3.build("textenvs/Summarize-v0", sb3.SB3Config(algo="maskable_ppo", num_envs=2), max_new_tokens=3)
+        sb3.build("textenvs/Summarize-v0", sb3.SB3Config(algo="maskable_ppo", num_envs=2), max_steps=3)
     with pytest.raises(ValueError, match="algo="):
         sb3.build("textenvs/Summarize-v0", sb3.SB3Config(algo="dqn"))

@@ -67,7 +67,7 @@ def test_interrupt_keeps_finished_cells(tmp_path, monkeypatch):
     out = tmp_path / "out"
     seen = []
 
-    def fake_cell(agent, env_id, seed, budget, model):
+    def fake_cell(agent, env_id, seed, budget, model, extra=None):
         if len(seen) == 2:
             raise KeyboardInterrupt
         seen.append(agent)

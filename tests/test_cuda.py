@@ -30,8 +30,8 @@ def test_cuda_env_matches_cpu(env_id):
 
 
 def test_cuda_vector_envs_match_single_envs():
-    envs = GenerationVectorEnv(4, task="summarize", max_new_tokens=5, device="cuda")
-    singles = [gym.make("textenvs/Summarize-v0", max_new_tokens=5, device="cuda").unwrapped for _ in range(4)]
+    envs = GenerationVectorEnv(4, task="summarize", max_steps=5, device="cuda")
+    singles = [gym.make("textenvs/Summarize-v0", max_steps=5, device="cuda").unwrapped for _ in range(4)]
     obs, _ = envs.reset(seed=3)
     for i, env in enumerate(singles):
         env.reset(seed=3 + i)
@@ -43,7 +43,7 @@ def test_cuda_vector_envs_match_single_envs():
             if te or tr:
                 o, _ = env.reset()
             np.testing.assert_allclose(obs[i], o, atol=1e-3)
-    edit = EditVectorEnv(2, task="summarize", max_len=10, max_edits=3, device="cuda")
+    edit = EditVectorEnv(2, task="summarize", max_len=10, max_steps=3, device="cuda")
     edit.reset(seed=0)
     for _ in range(5):
         edit.step(edit.action_space.sample())

@@ -16,7 +16,7 @@ START = "Norwick council approves park plan"
 
 @pytest.fixture(scope="module")
 def env():
-    return TextEditEnv(task="summarize", token_mode="vocab", obs="positions", max_len=12, max_edits=200)
+    return TextEditEnv(task="summarize", token_mode="vocab", obs="positions", max_len=12, max_steps=200)
 
 
 def ids(env, text):
@@ -147,7 +147,7 @@ def test_topk_tokens_are_the_lm_proposals_at_that_position():
 @pytest.mark.parametrize("task,reward", [("summarize", "rougeL"), ("translate", "bleu"), ("translate", "chrf")])
 def test_levenshtein_expert_reaches_the_maximum(task, reward):
     env = TextEditEnv(task=task, reward=reward, token_mode="vocab", start="source" if task == "translate" else "draft",
-                      max_len=40, max_edits=80)
+                      max_len=40, max_steps=80)
     for seed in range(3):
         _, info = env.reset(seed=seed)
         start_metric = info["metrics"][reward]
@@ -176,7 +176,7 @@ def test_edit_script_by_hand():
 
 
 def test_truncates_at_max_edits():
-    env = TextEditEnv(task="summarize", max_edits=3)
+    env = TextEditEnv(task="summarize", max_steps=3)
     env.reset(seed=0)
     outs = [env.step((DELETE, 40 - 9, 0)) for _ in range(3)]
     assert [o[3] for o in outs] == [False, False, True]
@@ -201,7 +201,7 @@ def test_reset_text_must_be_a_string(env):
 @given(seed=st.integers(0, 10_000), masked=st.booleans(), topk=st.booleans())
 def test_random_actions_never_corrupt_and_match_full_recompute(seed, masked, topk):
     env = TextEditEnv(task="summarize", token_mode="topk" if topk else "vocab", obs="positions", max_len=10,
-                      max_edits=1000)
+                      max_steps=1000)
     env.reset(seed=seed, options={"text": "Norwick council plan"})
     flat = FlattenEditActions(env)
     rng = np.random.default_rng(seed)
@@ -248,6 +248,6 @@ def test_maskable_ppo_runs_on_the_flattened_env():
     pytest.importorskip("sb3_contrib")
     from sb3_contrib import MaskablePPO
 
-    env = FlattenEditActions(gym.make("textenvs/EditSummary-v0", max_len=8, max_edits=4, k=2))
+    env = FlattenEditActions(gym.make("textenvs/EditSummary-v0", max_len=8, max_steps=4, k=2))
     model = MaskablePPO("MlpPolicy", env, n_steps=16, batch_size=8, n_epochs=1, seed=0)
     model.learn(32)

@@ -19,14 +19,14 @@ from textenvs.tasks import Sample
 
 def full_recompute(env: TextGenerationEnv) -> torch.Tensor:
     """Hidden states of prompt + generated tokens from one fresh forward, no cache reuse."""
-    _, hidden, _ = env.lm.prefill(list(env._seq.ids))
+    _, hidden, _ = env.lm.prefill(list(env.sequence.ids))
     return hidden
 
 
 @pytest.mark.parametrize("obs_mode", ["last", "mean"])
 @pytest.mark.parametrize("layer", [-1, 1])
 def test_incremental_observation_equals_full_recompute(obs_mode, layer):
-    env = TextGenerationEnv(task="summarize", obs=obs_mode, layer=layer, max_new_tokens=20)
+    env = TextGenerationEnv(task="summarize", obs=obs_mode, layer=layer, max_steps=20)
     obs, _ = env.reset(seed=3)
     rng = np.random.default_rng(0)
     for _ in range(12):
@@ -37,7 +37,7 @@ def test_incremental_observation_equals_full_recompute(obs_mode, layer):
 
 
 def test_each_step_is_one_single_token_forward(monkeypatch):
-    env = TextGenerationEnv(task="translate", max_new_tokens=10)
+    env = TextGenerationEnv(task="translate", max_steps=10)
     env.reset(seed=0)
     calls = []
     original = env.lm.model.forward
@@ -53,7 +53,7 @@ def test_each_step_is_one_single_token_forward(monkeypatch):
 
 
 def test_topk_action_zero_is_greedy_decoding():
-    env = TextGenerationEnv(task="summarize", action_mode="topk", k=4, max_new_tokens=24)
+    env = TextGenerationEnv(task="summarize", token_mode="topk", k=4, max_steps=24)
     _, info = env.reset(options={"index": 0})
     terminated = truncated = False
     while not (terminated or truncated):
@@ -64,7 +64,7 @@ def test_topk_action_zero_is_greedy_decoding():
 
 
 def test_topk_candidates_are_the_most_likely_tokens():
-    env = TextGenerationEnv(task="summarize", action_mode="topk", k=8)
+    env = TextGenerationEnv(task="summarize", token_mode="topk", k=8)
     env.reset(seed=1)
     probs = torch.softmax(env.logits, -1)
     cand = env.candidates
@@ -78,7 +78,7 @@ def rouge_l(hyp: str, ref: str) -> float:
 
 @pytest.mark.parametrize("env_id,metric", [("textenvs/Summarize-v0", "rougeL"), ("textenvs/Translate-v0", "bleu")])
 def test_dense_rewards_equal_library_deltas_and_sum_to_final_metric(env_id, metric):
-    env = gym.make(env_id, action_mode="topk", k=3, max_new_tokens=16).unwrapped
+    env = gym.make(env_id, token_mode="topk", k=3, max_steps=16).unwrapped
     _, info = env.reset(seed=11)
     ref = info["references"][0]
     rng = np.random.default_rng(1)
@@ -99,7 +99,7 @@ def test_dense_rewards_equal_library_deltas_and_sum_to_final_metric(env_id, metr
 
 
 def test_terminal_mode_pays_once_at_the_end():
-    env = TextGenerationEnv(task="summarize", dense=False, action_mode="topk", k=2, max_new_tokens=8)
+    env = TextGenerationEnv(task="summarize", dense=False, token_mode="topk", k=2, max_steps=8)
     env.reset(seed=2)
     rewards, has_metrics, done = [], [], False
     while not done:
@@ -114,14 +114,14 @@ def test_terminal_mode_pays_once_at_the_end():
     assert info["metrics"]["rougeL"] == rewards[-1]
 
 
-def test_terminates_at_max_new_tokens():
-    env = gym.make("textenvs/Summarize-v0", max_new_tokens=3)
+def test_terminates_at_max_steps():
+    env = gym.make("textenvs/Summarize-v0", max_steps=3)
     env.reset(seed=0)
     eos = env.unwrapped.lm.eos_token_id
     token = 1 if eos != 1 else 2
     out = [env.step(token) for _ in range(3)]
     assert [o[2] for o in out] == [False, False, True] and not any(o[3] for o in out)
-    assert out[-1][4]["tokens"] == 3 and out[-1][4]["stop"] == "max_new_tokens"
+    assert out[-1][4]["tokens"] == 3 and out[-1][4]["stop"] == "max_steps"
 
 
 def test_eos_terminates():
@@ -132,7 +132,7 @@ def test_eos_terminates():
 
 
 def test_info_and_render():
-    env = gym.make("textenvs/Translate-v0", render_mode="ansi", action_mode="topk")
+    env = gym.make("textenvs/Translate-v0", render_mode="ansi", token_mode="topk")
     _, info = env.reset(seed=0)
     assert info["prompt"].startswith("English: ") and info["references"] and info["text"] == ""
     env.step(0)
@@ -141,7 +141,7 @@ def test_info_and_render():
 
 def test_user_callable_reward_and_guardrails():
     env = TextGenerationEnv(task="summarize", reward=lambda hyp, refs: float(len(hyp.split())),
-                            repetition_penalty=0.5, action_mode="topk")
+                            repetition_penalty=0.5, token_mode="topk")
     env.reset(seed=0)
     _, r, *_ , info = env.step(0)
     assert "repeated_ngrams" in info["metrics"] and math.isfinite(r)
@@ -177,9 +177,9 @@ def test_translate_with_saved_model_and_bleu(random_gpt2_dir):
         ({"reward": "meteor"}, "Unknown reward 'meteor'"),
         ({"model": "./no/such/model"}, "no such folder"),
         ({"obs": "first"}, "obs='first' is not valid"),
-        ({"action_mode": "beam"}, "action_mode='beam'"),
-        ({"action_mode": "topk", "k": 0}, "k must be"),
-        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"token_mode": "beam"}, "token_mode='beam'"),
+        ({"token_mode": "topk", "k": 0}, "k must be"),
+        ({"max_steps": 0}, "max_steps"),
         ({"split": "dev"}, "no split 'dev'"),
         ({"task": "qa"}, "Unknown built-in task 'qa'"),
         ({"layer": 99}, "layer=99 is out of range"),

@@ -21,18 +21,18 @@ PINNED = Path(__file__).parent / "data" / "pinned_trajectories.npz"
 
 # (case name, env id, keyword arguments, vector sub-envs or 0 for a single env, steps)
 CASES = [
-    ("summarize", "textenvs/Summarize-v0", {"max_new_tokens": 5}, 0, 14),
-    ("translate_topk", "textenvs/Translate-v0", {"action_mode": "topk", "k": 4, "max_new_tokens": 6}, 0, 14),
+    ("summarize", "textenvs/Summarize-v0", {"max_steps": 5}, 0, 14),
+    ("translate_topk", "textenvs/Translate-v0", {"token_mode": "topk", "k": 4, "max_steps": 6}, 0, 14),
     ("generate_mean_terminal", "textenvs/Generate-v0",
-     {"task": "translate", "obs": "mean", "dense": False, "max_new_tokens": 4, "reward": "chrf"}, 0, 12),
-    ("edit", "textenvs/Edit-v0", {"max_edits": 5, "max_len": 12}, 0, 14),
+     {"task": "translate", "obs": "mean", "dense": False, "max_steps": 4, "reward": "chrf"}, 0, 12),
+    ("edit", "textenvs/Edit-v0", {"max_steps": 5, "max_len": 12}, 0, 14),
     ("edit_summary_positions", "textenvs/EditSummary-v0",
-     {"obs": "positions", "max_edits": 6, "max_len": 10, "k": 3}, 0, 14),
+     {"obs": "positions", "max_steps": 6, "max_len": 10, "k": 3}, 0, 14),
     ("edit_translation_vocab", "textenvs/EditTranslation-v0",
-     {"token_mode": "vocab", "max_edits": 4, "max_len": 16, "dense": False}, 0, 12),
-    ("vector_summarize", "textenvs/Summarize-v0", {"max_new_tokens": 4}, 3, 10),
-    ("vector_translate_topk", "textenvs/Translate-v0", {"action_mode": "topk", "k": 4, "max_new_tokens": 3}, 3, 10),
-    ("vector_edit_summary", "textenvs/EditSummary-v0", {"max_edits": 3, "max_len": 10, "obs": "positions"}, 3, 10),
+     {"token_mode": "vocab", "max_steps": 4, "max_len": 16, "dense": False}, 0, 12),
+    ("vector_summarize", "textenvs/Summarize-v0", {"max_steps": 4}, 3, 10),
+    ("vector_translate_topk", "textenvs/Translate-v0", {"token_mode": "topk", "k": 4, "max_steps": 3}, 3, 10),
+    ("vector_edit_summary", "textenvs/EditSummary-v0", {"max_steps": 3, "max_len": 10, "obs": "positions"}, 3, 10),
 ]
 
 

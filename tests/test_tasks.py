@@ -137,7 +137,7 @@ def test_hugging_face_datasets_builder_with_local_files(tmp_path):
     samples = task.split("train")
     assert [s.source for s in samples] == [r["document"] for r in rows]
     assert samples[3].references == ("Council 3 plan", "Plan")
-    env = gym.make("textenvs/Generate-v0", dataset="hf:json", dataset_kwargs=kwargs, max_new_tokens=3)
+    env = gym.make("textenvs/Generate-v0", dataset="hf:json", dataset_kwargs=kwargs, max_steps=3)
     _, info = env.reset(seed=0)
     assert info["prompt"] in [f"{r['document']}\n" for r in rows]
     with pytest.raises(ValueError, match=r"has columns \['document', 'summary'\].*source_key='text'"):

@@ -53,7 +53,7 @@ def test_batch_infos_matches_gymnasiums_add_info():
 
 @pytest.mark.parametrize("num_envs,action_mode", [(1, "vocab"), (3, "vocab"), (8, "vocab"), (3, "topk")])
 def test_generation_vector_equals_single_envs(num_envs, action_mode):
-    kwargs = dict(task="translate", max_new_tokens=6, action_mode=action_mode, k=8)
+    kwargs = dict(task="translate", max_steps=6, token_mode=action_mode, k=8)
     envs = GenerationVectorEnv(num_envs, **kwargs)
     singles = [gym.make("textenvs/Generate-v0", **kwargs).unwrapped for _ in range(num_envs)]
     obs, infos = envs.reset(seed=10)
@@ -82,7 +82,7 @@ def test_generation_vector_equals_single_envs(num_envs, action_mode):
 
 
 def test_edit_vector_equals_single_envs():
-    kwargs = dict(task="summarize", max_len=16, max_edits=5, obs="positions")
+    kwargs = dict(task="summarize", max_len=16, max_steps=5, obs="positions")
     envs = EditVectorEnv(3, **kwargs)
     singles = [gym.make("textenvs/Edit-v0", **kwargs).unwrapped for _ in range(3)]
     obs, _ = envs.reset(seed=1)
@@ -104,7 +104,7 @@ def test_edit_vector_equals_single_envs():
 
 @pytest.mark.parametrize("bad", [[0, 0, 8], [0, -1, 0], [4, 0, 0]])
 def test_edit_vector_rejects_an_edit_outside_the_space(bad):
-    kwargs = dict(task="summarize", max_len=16, max_edits=5)
+    kwargs = dict(task="summarize", max_len=16, max_steps=5)
     envs = EditVectorEnv(3, **kwargs)
     envs.reset(seed=1)
     texts = [env.text for env in envs.envs]
@@ -126,7 +126,7 @@ def test_make_vec_uses_the_batched_env(env_id):
 
 
 def test_next_step_autoreset():
-    envs = GenerationVectorEnv(2, task="summarize", max_new_tokens=2, autoreset_mode="NextStep")
+    envs = GenerationVectorEnv(2, task="summarize", max_steps=2, autoreset_mode="NextStep")
     envs.reset(seed=0)
     envs.step(np.array([5, 5]))
     obs, rewards, terminated, truncated, infos = envs.step(np.array([5, 5]))
@@ -137,7 +137,7 @@ def test_next_step_autoreset():
 
 
 def test_sync_mode_still_works():
-    envs = gym.make_vec("textenvs/Summarize-v0", num_envs=2, vectorization_mode="sync", max_new_tokens=3)
+    envs = gym.make_vec("textenvs/Summarize-v0", num_envs=2, vectorization_mode="sync", max_steps=3)
     envs.reset(seed=0)
     envs.step(envs.action_space.sample())
 
@@ -165,27 +165,27 @@ def test_step_before_reset():
 
 
 def test_finished_caches_are_dropped():
-    envs = GenerationVectorEnv(4, task="summarize", max_new_tokens=4)
+    envs = GenerationVectorEnv(4, task="summarize", max_steps=4)
     envs.reset(seed=0)
     longest = 0
     for _ in range(400):
         envs.step(np.full(4, 9))
-        longest = max(longest, max(len(env._seq) for env in envs.envs))
+        longest = max(longest, max(len(env.sequence) for env in envs.envs))
         # Freed slots are reclaimed: the batch never holds more than the longest row plus the slack.
         assert envs.batch.slots <= longest + envs.batch.slack + 1
-    assert all(env._seq.cache is None for env in envs.envs)  # each row lives in the batch only
-    edit = EditVectorEnv(3, task="summarize", max_len=12, max_edits=3)
+    assert all(env.sequence.cache is None for env in envs.envs)  # each row lives in the batch only
+    edit = EditVectorEnv(3, task="summarize", max_len=12, max_steps=3)
     edit.reset(seed=0)
     for _ in range(30):
         edit.step(edit.action_space.sample())
     for env in edit.envs:
-        assert env._seq.cache.layers[0].keys.shape[2] == len(env._seq) <= env._prompt_len + 12
+        assert env.sequence.cache.layers[0].keys.shape[2] == len(env.sequence) <= env._prompt_len + 12
 
 
 def test_lockstep_batch_compaction_keeps_results():
-    envs = GenerationVectorEnv(3, task="translate", max_new_tokens=3)
+    envs = GenerationVectorEnv(3, task="translate", max_steps=3)
     envs.batch.slack = 0  # compact after every reset
-    single = [gym.make("textenvs/Translate-v0", max_new_tokens=3).unwrapped for _ in range(3)]
+    single = [gym.make("textenvs/Translate-v0", max_steps=3).unwrapped for _ in range(3)]
     obs, _ = envs.reset(seed=5)
     for i, env in enumerate(single):
         env.reset(seed=5 + i)
@@ -202,8 +202,8 @@ def test_sb3_adapter_runs_ppo():
     pytest.importorskip("stable_baselines3")
     from stable_baselines3 import PPO
 
-    venv = as_sb3_vec_env(gym.make_vec("textenvs/Summarize-v0", num_envs=4, action_mode="topk", k=4,
-                                       max_new_tokens=4))
+    venv = as_sb3_vec_env(gym.make_vec("textenvs/Summarize-v0", num_envs=4, token_mode="topk", k=4,
+                                       max_steps=4))
     model = PPO("MlpPolicy", venv, n_steps=8, batch_size=16, n_epochs=1, seed=0)
     model.learn(64)
     obs = venv.reset()
@@ -213,7 +213,7 @@ def test_sb3_adapter_runs_ppo():
 
 
 def test_sb3_adapter_gives_terminal_observation():
-    venv = as_sb3_vec_env(GenerationVectorEnv(2, task="summarize", max_new_tokens=2))
+    venv = as_sb3_vec_env(GenerationVectorEnv(2, task="summarize", max_steps=2))
     venv.reset()
     venv.step(np.array([5, 5]))
     _, _, dones, infos = venv.step(np.array([5, 5]))
@@ -229,7 +229,7 @@ def test_maskable_ppo_on_batched_edit_env():
     pytest.importorskip("sb3_contrib")
     from sb3_contrib import MaskablePPO
 
-    venv = as_sb3_vec_env(gym.make_vec("textenvs/EditSummary-v0", num_envs=2, max_len=8, max_edits=4, k=2))
+    venv = as_sb3_vec_env(gym.make_vec("textenvs/EditSummary-v0", num_envs=2, max_len=8, max_steps=4, k=2))
     MaskablePPO("MlpPolicy", venv, n_steps=8, batch_size=8, n_epochs=1, seed=0).learn(16)
 
 
@@ -247,7 +247,7 @@ def test_env_pickles_mid_episode():
 @pytest.mark.slow
 def test_async_mode():
     # "spawn": a forked worker of a process whose torch thread pool already ran can deadlock.
-    envs = gym.make_vec("textenvs/Translate-v0", num_envs=2, vectorization_mode="async", max_new_tokens=3,
+    envs = gym.make_vec("textenvs/Translate-v0", num_envs=2, vectorization_mode="async", max_steps=3,
                         vector_kwargs={"context": "spawn"})
     try:
         obs, _ = envs.reset(seed=0)

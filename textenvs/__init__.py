@@ -14,7 +14,7 @@ from textenvs.tasks import Sample, Task, builtin_task, load_csv, load_dataset, l
 
 __version__ = "0.1.0"
 
-# No `max_episode_steps`: generation envs end themselves at `max_new_tokens` (terminated: the text
+# No `max_episode_steps`: generation envs end themselves at `max_steps` (terminated: the text
 # is final and scored) and a TimeLimit wrapper would cut an episode without paying the terminal
 # reward; both horizons are keyword arguments, so a fixed registered limit would contradict them.
 GENERATION_IDS = {
@@ -23,7 +23,7 @@ GENERATION_IDS = {
     "textenvs/Translate-v0": {"task": "translate"},
 }
 
-# Edit envs truncate themselves at `max_edits` (more edits could still raise the metric).
+# Edit envs truncate themselves at `max_steps` (more edits could still raise the metric).
 EDIT_IDS = {
     "textenvs/Edit-v0": {},
     "textenvs/EditSummary-v0": {"task": "summarize", "start": "draft"},
@@ -43,6 +43,7 @@ for _id, _kwargs in GENERATION_IDS.items():
     _register(_id, "textenvs.envs.generate:TextGenerationEnv", "textenvs.vector:GenerationVectorEnv", _kwargs)
 for _id, _kwargs in EDIT_IDS.items():
     _register(_id, "textenvs.envs.edit:TextEditEnv", "textenvs.vector:EditVectorEnv", _kwargs)
+
 
 def is_edit_env(env_id: str) -> bool:
     """Whether a registered id builds a TextEditEnv (decided by its entry point, not its name)."""

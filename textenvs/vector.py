@@ -3,13 +3,17 @@
 ``gym.make_vec("textenvs/Summarize-v0", num_envs=16)`` builds a :class:`GenerationVectorEnv`
 (the ids register it as their ``vector_entry_point``); the edit ids build an
 :class:`EditVectorEnv`. Each sub-environment is an ordinary single env (same class, same
-keyword arguments, the same language model object) that keeps its own KV cache; a vector step
-asks every sub-env which tokens it appends (``begin_step``), runs them all through
-:meth:`textenvs.lm.LanguageModel.extend_batch` as one padded, masked batch (or a few, grouped by
-tail length, where padding would cost more than another forward), and hands each
-sub-env its slice (``finish_step``). Generation sub-envs that (re)start in the same call share
-one batched forward of their prompts (``begin_reset`` / ``finish_reset``). Sub-env ``i`` of ``reset(seed=s)`` is seeded ``s + i``, as
-in gymnasium's ``SyncVectorEnv``, so it reproduces a single env seeded ``s + i`` exactly.
+keyword arguments, the same language model object). A vector step drives each sub-env through
+the protocol of :mod:`textenvs.envs.base`: it asks every sub-env which tokens it appends
+(``begin_step``), runs them all through one batched forward instead of each sub-env's
+``forward``, and hands each sub-env its slice (``finish_step``). Edit sub-envs keep their own
+KV caches and their tails run through :func:`textenvs.batching.extend_batch` (one padded, masked
+batch, or a few grouped by tail length where padding would cost more than another forward);
+generation sub-envs live in one :class:`textenvs.batching.LockstepBatch`. Generation sub-envs
+that (re)start in the same call share one batched forward of their prompts (``begin_reset`` /
+``finish_reset``). The vector env reads a sub-env's ``sequence`` and never writes its fields.
+Sub-env ``i`` of ``reset(seed=s)`` is seeded ``s + i``, as in gymnasium's ``SyncVectorEnv``, so
+it reproduces a single env seeded ``s + i`` exactly.
 
 Autoreset: ``autoreset_mode="SameStep"`` (the default here, what Stable-Baselines3 expects): a
 sub-env that ends is reset inside the same ``step``; the returned observation is the new
@@ -30,9 +34,10 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from textenvs.batching import LockstepBatch, extend_batch, prefill_batch
+from textenvs.envs.base import TextEnv, invalid_rows, top_candidates
 from textenvs.envs.edit import TextEditEnv
 from textenvs.envs.generate import TextGenerationEnv
-from textenvs.lm import LockstepBatch
 
 
 class BatchedTextVectorEnv(VectorEnv):
@@ -44,7 +49,7 @@ class BatchedTextVectorEnv(VectorEnv):
         **env_kwargs: Keyword arguments of every sub-environment (``model``, ``task``, ...).
     """
 
-    env_class: type[gym.Env] = TextGenerationEnv
+    env_class: type[TextEnv] = TextGenerationEnv
 
     def __init__(self, num_envs: int = 1, autoreset_mode: str | AutoresetMode = AutoresetMode.SAME_STEP,
                  **env_kwargs: Any) -> None:
@@ -54,7 +59,7 @@ class BatchedTextVectorEnv(VectorEnv):
         if mode == AutoresetMode.DISABLED:
             raise ValueError("autoreset_mode='Disabled' is not supported: use 'SameStep' or 'NextStep'.")
         self.envs = [self.env_class(**env_kwargs) for _ in range(num_envs)]
-        self.lm = self.envs[0].lm  # load() shares one model object between the sub-envs
+        self.lm = self.envs[0].lm  # shared_model() gives the sub-envs one model object
         self.num_envs = int(num_envs)
         self.metadata = {**self.env_class.metadata, "autoreset_mode": mode}
         self.render_mode = self.envs[0].render_mode
@@ -154,7 +159,7 @@ class BatchedTextVectorEnv(VectorEnv):
 
     def _forward(self, stepping: list[int], tails: list[list[int]]) -> list:
         """Run the sub-envs' new tokens: one batched forward over their own caches."""
-        return self.lm.extend_batch([self.envs[i]._seq for i in stepping], tails)
+        return extend_batch(self.lm, [self.envs[i].sequence for i in stepping], tails)
 
     def _seeds(self, seed: int | list[int | None] | None) -> list[int | None]:
         if seed is None:
@@ -174,7 +179,7 @@ class BatchedTextVectorEnv(VectorEnv):
                 f"Expected an integer action array of shape {expected} (one action of {self.single_action_space} "
                 f"per sub-env), got shape {arr.shape} and dtype {arr.dtype}."
             )
-        for i in self._invalid_actions(arr):
+        for i in invalid_rows(self.single_action_space, arr):
             if not self._needs_reset[i]:
                 a = arr[i]
                 raise ValueError(
@@ -182,16 +187,6 @@ class BatchedTextVectorEnv(VectorEnv):
                     "no sub-env was stepped."
                 )
         return arr
-
-    def _invalid_actions(self, arr: np.ndarray) -> np.ndarray:
-        """Indices of the sub-envs whose action is outside the single action space."""
-        space = self.single_action_space
-        if isinstance(space, gym.spaces.Discrete):
-            return np.flatnonzero((arr < space.start) | (arr >= space.start + space.n))
-        if isinstance(space, gym.spaces.MultiDiscrete):
-            outside = (arr < space.start) | (arr >= space.start + space.nvec)
-            return np.flatnonzero(outside.reshape(self.num_envs, -1).any(axis=1))
-        return np.array([i for i, a in enumerate(arr) if not space.contains(a.astype(np.int64))], dtype=int)
 
 
 def batch_infos(num_envs: int, items: list[tuple[int, dict]]) -> dict:
@@ -234,8 +229,9 @@ class GenerationVectorEnv(BatchedTextVectorEnv):
     """Batched :class:`~textenvs.envs.generate.TextGenerationEnv` (``vector_entry_point`` of the generation ids).
 
     Every sub-env appends exactly one token per step, so the sub-envs live in one persistent
-    batch cache (:class:`~textenvs.lm.LockstepBatch`): a step is one forward with no per-step
-    copying of caches; a sub-env's cache moves into its row when it resets.
+    batch cache (:class:`~textenvs.batching.LockstepBatch`): a step is one forward with no per-step
+    copying of caches; a sub-env's cache moves into its row when it resets. A sub-env waiting for
+    its NextStep reset sits the step out: its row is masked, its sequence unchanged.
     """
 
     env_class = TextGenerationEnv
@@ -253,9 +249,9 @@ class GenerationVectorEnv(BatchedTextVectorEnv):
         seeds = seeds or [None] * len(indices)
         prompts = [self.envs[i].begin_reset(seed=seed, options=options) for i, seed in zip(indices, seeds)]
         out = []
-        for i, (seq, hidden, logits) in zip(indices, self.lm.prefill_batch(prompts)):
+        for i, (seq, hidden, logits) in zip(indices, prefill_batch(self.lm, prompts)):
             out.append(self.envs[i].finish_reset(seq, hidden, logits))
-            self.batch.load(i, seq)
+            self.batch.adopt(i, seq)
         return out
 
     @property
@@ -270,17 +266,15 @@ class GenerationVectorEnv(BatchedTextVectorEnv):
         return torch.stack([env.logits for env in self.envs])
 
     def _forward(self, stepping: list[int], tails: list[list[int]]) -> list:
-        tokens = [0] * self.num_envs  # rows waiting for a NextStep reset get a throw-away token
+        tokens = [0] * self.num_envs  # rows that sit the step out (NextStep resets) run a masked token
         for i, tail in zip(stepping, tails):
             tokens[i] = tail[0]
-        hidden, logits = self.batch.advance(tokens)
+        hidden, logits = self.batch.advance(tokens, stepping)
         hidden = hidden.cpu()  # one device-to-host copy for the whole batch
-        for i, tail in zip(stepping, tails):
-            self.envs[i]._seq.ids.extend(tail)
         rows = list(zip(hidden[:, None].unbind(), logits[:, None].unbind()))  # (1, d), (1, V) views, made at once
         first = self.envs[0]
-        if first.action_mode == "topk":  # every row's candidates from one top-k and one copy to the host
-            candidates = logits.topk(first.k).indices.cpu().numpy()
+        if first.token_mode == "topk":  # every row's candidates from one top-k and one copy to the host
+            candidates = top_candidates(logits, first.k).cpu().numpy()
             return [(*rows[i], candidates[i]) for i in stepping]
         return [rows[i] for i in stepping]
 

@@ -6,22 +6,19 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
 from gymnasium.error import ResetNeeded
 
-from textenvs import lm as lm_backend
-from textenvs.envs.generate import check_can_step, check_choice, draw_episode, resolve_task
-from textenvs.rewards import RewardShaper
+from textenvs.envs.base import TextEnv, check_choice, check_positive_int, renamed_argument, top_candidates
+from textenvs.lm import TINY, LanguageModel
 from textenvs.tasks import Sample, Task
 
 INSERT, DELETE, REPLACE, STOP = 0, 1, 2, 3
 OP_NAMES = ("insert", "delete", "replace", "stop")
 START_MODES = ("source", "draft", "empty")
 OBS_MODES = ("positions", "pooled")
-TOKEN_MODES = ("vocab", "topk")
 
 
 def edit_script(source: Sequence[int], target: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -56,7 +53,7 @@ def edit_script(source: Sequence[int], target: Sequence[int]) -> list[tuple[int,
     return script
 
 
-class TextEditEnv(gym.Env):
+class TextEditEnv(TextEnv):
     """Edit a text token by token (insert, delete, replace) to raise a summarization / translation metric.
 
     ## Description
@@ -67,7 +64,7 @@ class TextEditEnv(gym.Env):
     recompute of the new text).
 
     ## Action Space
-    ``MultiDiscrete([4, max_len + 1, n_tokens])``: ``(op, position, token)`` with op
+    ``MultiDiscrete([4, max_len + 1, n_tokens])``: ``(op, position, token)`` integers with op
     0 = insert ``token`` before text token ``position`` (``position == len`` appends), 1 = delete
     the token at ``position``, 2 = replace the token at ``position`` by ``token``, 3 = stop (position
     and token ignored). ``token_mode="vocab"``: ``token`` is a token id (n_tokens = V).
@@ -81,7 +78,8 @@ class TextEditEnv(gym.Env):
     ``action_masks()`` marks these as invalid, following sb3-contrib: for this MultiDiscrete space
     the concatenation of one mask per dimension (``4 + max_len + 1 + n_tokens`` booleans), which
     cannot express every joint constraint; :class:`textenvs.wrappers.FlattenEditActions` gives a
-    ``Discrete`` space with an exact mask.
+    ``Discrete`` space with an exact mask. An action outside the space (a wrong shape, a value out
+    of bounds, floats or bools) raises ``ValueError``.
 
     ## Observation Space
     ``obs="positions"``: ``Box(-inf, inf, (max_len + 1, d), float32)``. Row ``j`` is the hidden
@@ -106,24 +104,34 @@ class TextEditEnv(gym.Env):
 
     ## Episode End
     Terminated on the stop action or when the metric reaches 1.0 (a reference is matched);
-    truncated after ``max_edits`` steps (the env truncates itself).
+    truncated after ``max_steps`` edits (the env truncates itself: more edits could still raise the
+    metric, so an agent may bootstrap past it).
 
     ## Arguments
-    ``gym.make("textenvs/EditSummary-v0", model="textenvs/tiny", split="train", reward=None,
-    dense=True, start=..., max_len=32, max_edits=32, token_mode="topk", k=8, obs="pooled",
-    layer=-1, edit_cost=0.0, invalid_penalty=0.01, device="cpu", dtype=None, render_mode=None,
-    length_penalty=0.0, repetition_penalty=0.0)``; ``textenvs/Edit-v0`` also takes ``task`` or
-    ``dataset`` / ``dataset_kwargs`` as the generation envs do.
+    * ``model``, ``task``, ``dataset``, ``dataset_kwargs``, ``split``, ``reward``, ``dense``,
+      ``layer``, ``device``, ``dtype``, ``length_penalty``, ``repetition_penalty``: as in
+      :class:`~textenvs.envs.generate.TextGenerationEnv` (``task`` / ``dataset`` for
+      ``textenvs/Edit-v0``; the other ids fix the task).
+    * ``start``: the starting text, ``"source"``, ``"draft"`` or ``"empty"`` (above).
+    * ``max_len``: the longest text in tokens (the position dimension of the space).
+    * ``max_steps``: edits per episode at most.
+    * ``token_mode``: ``"topk"`` or ``"vocab"`` (above); ``k``: candidates in top-k mode.
+    * ``obs``: ``"pooled"`` or ``"positions"`` (above).
+    * ``edit_cost``: subtracted from the reward of every valid edit (a finite number >= 0).
+    * ``invalid_penalty``: the cost of an impossible edit (a finite number >= 0).
+    * ``render_mode``: None or ``"ansi"`` (``render()`` returns the edit count and the text).
+    * ``max_edits``: deprecated name of ``max_steps``.
 
     ## Version History
     * v0: Initial version.
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    obs_modes = OBS_MODES
 
     def __init__(
         self,
-        model: str | os.PathLike | lm_backend.LanguageModel = lm_backend.TINY,
+        model: str | os.PathLike | LanguageModel = TINY,
+        *,
         task: str | Task | None = "summarize",
         dataset: str | os.PathLike | Sequence[Sample] | Task | None = None,
         dataset_kwargs: dict | None = None,
@@ -132,7 +140,7 @@ class TextEditEnv(gym.Env):
         dense: bool = True,
         start: str = "draft",
         max_len: int = 32,
-        max_edits: int = 32,
+        max_steps: int = 32,
         token_mode: str = "topk",
         k: int = 8,
         obs: str = "pooled",
@@ -144,51 +152,48 @@ class TextEditEnv(gym.Env):
         render_mode: str | None = None,
         length_penalty: float = 0.0,
         repetition_penalty: float = 0.0,
+        max_edits: int | None = None,
     ) -> None:
         check_choice("start", start, START_MODES)
-        check_choice("obs", obs, OBS_MODES)
-        check_choice("token_mode", token_mode, TOKEN_MODES)
-        check_choice("render_mode", render_mode, [None, *self.metadata["render_modes"]])
-        for name, value in (("max_len", max_len), ("max_edits", max_edits)):
-            if not (isinstance(value, (int, np.integer)) and value >= 1):
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+        self.max_len = check_positive_int("max_len", max_len)
         for name, value in (("edit_cost", edit_cost), ("invalid_penalty", invalid_penalty)):
             if not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
-        self.task = resolve_task(task, dataset, dataset_kwargs)
-        self.samples = self.task.split(split)
-        self.lm = lm_backend.load(model, device, dtype, layer)
-        if token_mode == "topk" and not (isinstance(k, (int, np.integer)) and 1 <= k < self.lm.vocab_size):
-            raise ValueError(f"k must be an int in [1, {self.lm.vocab_size - 1}] for token_mode='topk', got {k!r}.")
-        self.shaper = RewardShaper(
-            reward if reward is not None else self.task.default_reward, dense, length_penalty, repetition_penalty
+        max_steps = renamed_argument("max_steps", max_steps, 32, "max_edits", max_edits)
+        super().__init__(
+            model, task=task, dataset=dataset, dataset_kwargs=dataset_kwargs, split=split, reward=reward,
+            dense=dense, obs=obs, layer=layer, token_mode=token_mode, k=k, max_steps=max_steps, device=device,
+            dtype=dtype, render_mode=render_mode, length_penalty=length_penalty,
+            repetition_penalty=repetition_penalty,
         )
-        self.start_mode, self.obs_mode, self.token_mode = start, obs, token_mode
-        self.max_len, self.max_edits, self.k = int(max_len), int(max_edits), int(k)
+        self._check_k(k, self.lm.vocab_size - 1)
+        self.start_mode = start
         self.edit_cost, self.invalid_penalty = float(edit_cost), float(invalid_penalty)
-        self.render_mode = render_mode
         self.n_tokens = self.k if token_mode == "topk" else self.lm.vocab_size
         self.special_ids = sorted(set(self.lm.tokenizer.all_special_ids) | {self.lm.eos_token_id})
         self.action_space = spaces.MultiDiscrete([4, self.max_len + 1, self.n_tokens])
         d = self.lm.hidden_size
         shape = (self.max_len + 1, d) if obs == "positions" else (2 * d,)
         self.observation_space = spaces.Box(-np.inf, np.inf, shape, np.float32)
-        self._seq: lm_backend.Sequence | None = None
-        self._done = True
+
+    @property
+    def max_edits(self) -> int:
+        """Deprecated name of :attr:`max_steps`."""
+        return self.max_steps
 
     # -- Gymnasium API ---------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         options = options or {}
-        prompt_ids = draw_episode(self, options, "max_len", self.max_len)
+        prompt_ids = self._draw_episode(options)
         self._prompt_len = len(prompt_ids)
-        self._seq, hidden, logits = self.lm.prefill(prompt_ids)
+        self._sequence, hidden, logits = self.lm.prefill(prompt_ids)
         self._rows = hidden[-1:]  # (1, d): row 0, the prompt's last position
         self._row_logits = logits[None]  # (1, V)
         text_ids = self._start_ids(options)
         self.start_truncated = len(text_ids) > self.max_len
         if text_ids:
-            self._append(*self.lm.extend(self._seq, text_ids[: self.max_len]))
+            self._append(*self.lm.extend(self._sequence, text_ids[: self.max_len]))
         self.text = self.lm.decode(self.text_ids).strip()
         self.edits, self.valid, self.op = 0, True, None
         self._done = False
@@ -196,20 +201,15 @@ class TextEditEnv(gym.Env):
         scores = self.shaper.start(self.sample.references, self.text)
         return self._observe(), self._info(scores)
 
-    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
-        tail = self.begin_step(action)
-        hidden, logits = self.lm.extend(self._seq, tail) if tail else (None, None)
-        return self.finish_step(hidden, logits)
-
-    # Split in two like TextGenerationEnv.step, so a vector env batches the forwards of N envs.
+    # step() is begin_step, forward, finish_step (textenvs.envs.base): a vector env batches the forwards.
     def begin_step(self, action: Any) -> list[int]:
         """Check and apply the action up to the forward: crop the cache at the edit position.
 
-        Returns the tokens to append to ``self._seq`` (the new text from the edit position on;
+        Returns the tokens to append to :attr:`sequence` (the new text from the edit position on;
         empty for stop, an invalid edit, or a delete of the last token).
         """
-        check_can_step(self)
-        op, pos, token_index = self._parse(action)
+        self._check_can_step()
+        op, pos, token_index = (int(x) for x in self._checked_action(action))
         self.edits += 1
         self.op = OP_NAMES[op]
         token = self._token(pos, token_index) if op in (INSERT, REPLACE) else None
@@ -224,9 +224,8 @@ class TextEditEnv(gym.Env):
         self._crop(pos)
         return new[pos:]
 
-    def finish_step(
-        self, hidden: torch.Tensor | None, logits: torch.Tensor | None
-    ) -> tuple[np.ndarray, float, bool, bool, dict]:
+    def finish_step(self, hidden: torch.Tensor | None, logits: torch.Tensor | None,
+                    candidates: np.ndarray | None = None) -> tuple[np.ndarray, float, bool, bool, dict]:
         """Complete the step from the forward of the new tail (``None`` when nothing was run)."""
         if hidden is not None:
             self._append(hidden, logits)
@@ -235,7 +234,7 @@ class TextEditEnv(gym.Env):
         stop = self.op == "stop"
         scores = self.shaper.score(self.text)
         terminated = stop or scores[self.shaper.name] >= 1.0
-        truncated = not terminated and self.edits >= self.max_edits
+        truncated = not terminated and self.edits >= self.max_steps
         self._done = terminated or truncated
         reward, scores = self.shaper.step(self.text, self._done, scores)
         if not stop:
@@ -244,7 +243,7 @@ class TextEditEnv(gym.Env):
 
     def action_masks(self) -> np.ndarray:
         """Per-dimension masks, concatenated (sb3-contrib's MultiDiscrete convention): op, position, token."""
-        if self._seq is None:
+        if self._sequence is None:
             raise ResetNeeded("Cannot compute action masks before reset(): call env.reset() first.")
         n = len(self.text_ids)
         can_insert, can_change = n < self.max_len, n > 0
@@ -269,17 +268,14 @@ class TextEditEnv(gym.Env):
         acts += [(REPLACE, p, t) for p in range(n) for t in tokens]
         return acts
 
-    def render(self) -> str | None:
-        if self.render_mode != "ansi":
-            return None
-        if self._seq is None:
-            return "(call reset() first)"
+    def _render_text(self) -> str:
         return f"[{self.edits} edits, last {self.op}{'' if self.valid else ' (invalid)'}] {self.text}"
 
     # -- helpers ---------------------------------------------------------------------------
     @property
     def text_ids(self) -> list[int]:
-        return self._seq.ids[self._prompt_len :]
+        """The current text's token ids (the sequence after the prompt)."""
+        return self._sequence.ids[self._prompt_len :]
 
     def _start_ids(self, options: dict) -> list[int]:
         if "text" in options:
@@ -289,14 +285,14 @@ class TextEditEnv(gym.Env):
         elif self.start_mode == "source":
             text = self.sample.source
         elif self.start_mode == "draft":
-            text = self.lm.greedy(self._seq.ids, self.max_len)
+            text = self.lm.greedy(self._sequence.ids, self.max_len)
         else:
             text = ""
         return self.lm.encode(" " + text.strip()) if text.strip() else []
 
     def _crop(self, pos: int) -> None:
         """Drop the cache and observation rows from text position ``pos`` on (rows 0..pos stay valid)."""
-        self.lm.crop(self._seq, self._prompt_len + pos)
+        self.lm.crop(self._sequence, self._prompt_len + pos)
         self._rows, self._row_logits = self._rows[: pos + 1], self._row_logits[: pos + 1]
 
     def _append(self, hidden: torch.Tensor, logits: torch.Tensor) -> None:
@@ -304,30 +300,17 @@ class TextEditEnv(gym.Env):
         self._rows = torch.cat([self._rows, hidden])  # (len + 1, d)
         self._row_logits = torch.cat([self._row_logits, logits])  # (len + 1, V)
 
-    def _parse(self, action: Any) -> tuple[int, int, int]:
-        try:
-            arr = np.asarray(action)
-            valid = (
-                arr.shape == (3,) and np.issubdtype(arr.dtype, np.number) and np.all(arr == np.floor(arr))
-                and self.action_space.contains(arr.astype(np.int64))
-            )
-        except (TypeError, ValueError, OverflowError):
-            valid = False
-        if not valid:
-            raise ValueError(
-                f"Action {action!r} is not in the action space {self.action_space}: give (op, position, token) "
-                f"integers with op in 0..3 (insert, delete, replace, stop), position in 0..{self.max_len}, "
-                f"token in 0..{self.n_tokens - 1}."
-            )
-        op, pos, tok = (int(x) for x in arr)
-        return op, pos, tok
+    def _action_hint(self) -> str:
+        return (f"(op, position, token) integers with op in 0..3 (insert, delete, replace, stop), position in "
+                f"0..{self.max_len}, token in 0..{self.n_tokens - 1}")
+
+    def _context_budget(self) -> tuple[str, int]:
+        return "max_len", self.max_len
 
     def _token(self, pos: int, token_index: int) -> int:
         if self.token_mode == "vocab" or pos >= len(self._row_logits):
             return token_index
-        logits = self._row_logits[pos].clone()
-        logits[self.special_ids] = -torch.inf
-        return int(logits.topk(self.k).indices[token_index])
+        return int(top_candidates(self._row_logits[pos], self.k, self.special_ids)[token_index])
 
     def _is_valid(self, op: int, pos: int, token: int | None) -> bool:
         n = len(self.text_ids)
@@ -349,16 +332,7 @@ class TextEditEnv(gym.Env):
         return out.cpu().numpy().astype(np.float32)
 
     def _info(self, scores: dict[str, float]) -> dict:
-        return {
-            "prompt": self.prompt,
-            "text": self.text,
-            "start_text": self.start_text,
-            "references": list(self.sample.references),
-            "metrics": scores,
-            "length": len(self.text_ids),
-            "edits": self.edits,
-            "valid": self.valid,
-            "op": self.op,
-            "index": self.index,
-            "start_truncated": self.start_truncated,
-        }
+        info = super()._info(scores)
+        info.update(start_text=self.start_text, length=len(self.text_ids), edits=self.edits, valid=self.valid,
+                    op=self.op, start_truncated=self.start_truncated)
+        return info

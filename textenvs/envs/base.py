@@ -1,0 +1,239 @@
+"""What every textenvs environment shares: its arguments, the episode draw, the reset/step contract.
+
+:class:`TextEnv` is the base of :class:`~textenvs.envs.generate.TextGenerationEnv` and
+:class:`~textenvs.envs.edit.TextEditEnv`; it is not registered itself. A subclass says what an
+action does to the text and what the agent observes; the base owns everything else.
+
+The protocol a batched vector env (:mod:`textenvs.vector`) drives, the same one ``step`` runs::
+
+    tokens = env.begin_step(action)          # check the action, apply it up to the forward
+    hidden, logits = env.forward(tokens)     # the LM over the new tokens, on env.sequence
+    obs, reward, terminated, truncated, info = env.finish_step(hidden, logits)
+
+A vector env runs the forwards of all its sub-envs as one batch instead of calling
+:meth:`TextEnv.forward`, reading each sub-env's :attr:`TextEnv.sequence`; it never writes an
+env's fields. Generation envs split ``reset`` the same way (``begin_reset`` / ``finish_reset``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.error import ResetNeeded
+
+from textenvs.kvcache import TokenSequence
+from textenvs.lm import TINY, LanguageModel, shared_model
+from textenvs.rewards import RewardShaper
+from textenvs.tasks import Sample, Task, resolve_task
+
+TOKEN_MODES = ("vocab", "topk")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid: choose one of {list(choices)}.")
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    if not (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 1):
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+    return int(value)
+
+
+def renamed_argument(new_name: str, new_value: Any, default: Any, old_name: str, old_value: Any) -> Any:
+    """The value of an argument that has a deprecated old name (``old_value`` None: not given)."""
+    if old_value is None:
+        return new_value
+    warnings.warn(f"{old_name}= is deprecated: pass {new_name}= (the same knob in every textenvs env).",
+                  DeprecationWarning, stacklevel=4)
+    if new_value != default and new_value != old_value:
+        raise ValueError(f"Got {new_name}={new_value!r} and its deprecated name {old_name}={old_value!r}: pass only "
+                         f"{new_name}=.")
+    return old_value
+
+
+def invalid_rows(space: spaces.Discrete | spaces.MultiDiscrete, actions: np.ndarray) -> np.ndarray:
+    """Indices of the rows of ``actions`` ``(N, *space.shape)`` (integers) outside ``space``."""
+    if isinstance(space, spaces.Discrete):
+        return np.flatnonzero((actions < space.start) | (actions >= space.start + space.n))
+    outside = (actions < space.start) | (actions >= space.start + space.nvec)
+    return np.flatnonzero(outside.reshape(len(actions), -1).any(axis=1))
+
+
+def top_candidates(logits: torch.Tensor, k: int, exclude: Sequence[int] = ()) -> torch.Tensor:
+    """The ``k`` most likely token ids of ``logits`` ``(..., V)``, most likely first; ``exclude`` never proposed."""
+    if len(exclude):
+        logits = logits.clone()
+        logits[..., list(exclude)] = -torch.inf
+    return logits.topk(k).indices
+
+
+class TextEnv(gym.Env):
+    """Base of the textenvs environments: an LM reads ``prompt + text``, an agent acts on the text.
+
+    Subclasses set the spaces and implement :meth:`begin_step`, :meth:`finish_step`, ``reset`` and
+    :meth:`_render_text`. Documented attributes an agent may read: ``lm`` (the
+    :class:`~textenvs.lm.LanguageModel`), ``task``, ``samples`` (the split), ``token_mode``, ``k``,
+    ``max_steps``, ``sample`` / ``index`` / ``prompt`` (of the current episode) and ``sequence``.
+
+    Every info carries ``prompt``, ``text``, ``references``, ``index`` and, whenever the metric was
+    computed (every step in dense mode, the last step in terminal mode), ``metric`` (the task metric
+    of ``text``, a float), ``metric_name`` and ``metrics`` (the metric and the guardrail terms).
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    obs_modes: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        model: str | os.PathLike | LanguageModel = TINY,
+        *,
+        task: str | Task | None = "summarize",
+        dataset: str | os.PathLike | Sequence[Sample] | Task | None = None,
+        dataset_kwargs: dict | None = None,
+        split: str = "train",
+        reward: str | Callable[[str, Sequence[str]], float] | None = None,
+        dense: bool = True,
+        obs: str,
+        layer: int = -1,
+        token_mode: str,
+        k: int = 8,
+        max_steps: int = 32,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        render_mode: str | None = None,
+        length_penalty: float = 0.0,
+        repetition_penalty: float = 0.0,
+    ) -> None:
+        check_choice("obs", obs, self.obs_modes)
+        check_choice("token_mode", token_mode, TOKEN_MODES)
+        check_choice("render_mode", render_mode, [None, *self.metadata["render_modes"]])
+        self.max_steps = check_positive_int("max_steps", max_steps)
+        self.task = resolve_task(task, dataset, dataset_kwargs)
+        self.samples = self.task.split(split)
+        self.lm = shared_model(model, device, dtype, layer)
+        self.shaper = RewardShaper(
+            reward if reward is not None else self.task.default_reward, dense, length_penalty, repetition_penalty
+        )
+        self.obs_mode, self.token_mode, self.render_mode = obs, token_mode, render_mode
+        self.k = int(k) if token_mode == "topk" else k
+        self._sequence: TokenSequence | None = None
+        self._done = True
+
+    def _check_k(self, k: Any, largest: int) -> None:
+        if self.token_mode == "topk" and not (isinstance(k, (int, np.integer)) and 1 <= k <= largest):
+            raise ValueError(f"k must be an int in [1, {largest}] for token_mode='topk', got {k!r}.")
+
+    # -- the protocol with textenvs.vector ---------------------------------------------------
+    @property
+    def sequence(self) -> TokenSequence | None:
+        """``prompt + text`` as the LM holds it (ids and KV cache); None before the first reset."""
+        return self._sequence
+
+    def begin_step(self, action: Any) -> list[int]:
+        """Check ``action`` and apply it up to the forward; the tokens to run on :attr:`sequence`."""
+        raise NotImplementedError
+
+    def forward(self, tokens: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Run the LM over ``tokens`` appended to :attr:`sequence`: hidden ``(n, d)``, logits ``(n, V)``.
+
+        ``(None, None)`` when there is nothing to run. Overridden by benchmarks' baselines (a full
+        recompute); a vector env runs all sub-envs' tokens in one batch instead.
+        """
+        if not tokens:
+            return None, None
+        return self.lm.extend(self._sequence, tokens)
+
+    def finish_step(self, hidden: torch.Tensor | None, logits: torch.Tensor | None,
+                    candidates: np.ndarray | None = None) -> tuple[np.ndarray, float, bool, bool, dict]:
+        """Complete the step from the forward's outputs (``candidates``: top-k ids of the last logits)."""
+        raise NotImplementedError
+
+    # -- Gymnasium API ---------------------------------------------------------------------
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        return self.finish_step(*self.forward(self.begin_step(action)))
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi":
+            return None
+        if self._sequence is None:
+            return "(call reset() first)"
+        return self._render_text()
+
+    def _render_text(self) -> str:
+        raise NotImplementedError
+
+    # -- shared pieces -----------------------------------------------------------------------
+    def _context_budget(self) -> tuple[str, int]:
+        """The argument that bounds the text's length in tokens, and its value (checked against the context)."""
+        return "max_steps", self.max_steps
+
+    def _draw_episode(self, options: dict) -> list[int]:
+        """Pick the episode's sample (``options["index"]`` or ``self.np_random``); its prompt's ids.
+
+        Sets ``index``, ``sample`` and ``prompt``, and checks that the prompt plus the longest text
+        the episode can reach fit the model's context.
+        """
+        if "index" in options:
+            index = int(options["index"])
+            if not 0 <= index < len(self.samples):
+                raise ValueError(
+                    f"options['index']={index} is out of range: the split has {len(self.samples)} samples."
+                )
+        else:
+            index = int(self.np_random.integers(len(self.samples)))
+        self.index, self.sample = index, self.samples[index]
+        self.prompt = self.task.prompt(self.sample)
+        prompt_ids = self.lm.encode(self.prompt)
+        budget_name, budget = self._context_budget()
+        if len(prompt_ids) + budget > self.lm.max_positions:
+            raise ValueError(
+                f"Sample {index}: the prompt has {len(prompt_ids)} tokens and {budget_name}={budget}, more than the "
+                f"model's context of {self.lm.max_positions}: shorten the source, lower {budget_name}, or use a "
+                "model with a longer context."
+            )
+        return prompt_ids
+
+    def _check_can_step(self) -> None:
+        """The reset/step contract: a clear error for a step before reset or after the episode ended."""
+        if self._sequence is None:
+            raise ResetNeeded("Cannot call step() before reset(): call env.reset() first.")
+        if self._done:
+            raise ResetNeeded("The episode has ended (terminated or truncated): call env.reset() before step().")
+
+    def _checked_action(self, action: Any) -> np.ndarray:
+        """``action`` as an int64 array of the action space's shape; a clear error for anything else.
+
+        Exactly what the space contains: Python and NumPy integers and integer arrays (not bools,
+        floats, strings or objects), each inside the space's bounds.
+        """
+        space = self.action_space
+        try:
+            arr = np.asarray(action)
+            valid = (arr.shape == space.shape and np.issubdtype(arr.dtype, np.integer)
+                     and not len(invalid_rows(space, arr[None])))
+        except (TypeError, ValueError, OverflowError):
+            valid = False
+        if not valid:
+            raise ValueError(f"Action {action!r} is not in the action space {space}: give {self._action_hint()}.")
+        return arr.astype(np.int64)
+
+    def _action_hint(self) -> str:
+        return "an action inside the space"
+
+    def _info(self, scores: dict[str, float] | None) -> dict:
+        """The info keys every env reports; the metric keys only where ``scores`` were computed."""
+        info = {"prompt": self.prompt, "text": self.text, "references": list(self.sample.references),
+                "index": self.index}
+        if scores is not None:
+            info["metrics"] = scores
+            info["metric"] = scores[self.shaper.name]
+            info["metric_name"] = self.shaper.name
+        return info

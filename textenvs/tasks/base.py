@@ -1,0 +1,55 @@
+"""The two types every task is made of: :class:`Sample` (a source and its references) and :class:`Task`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One source text and its reference outputs (at least one)."""
+
+    source: str
+    references: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ValueError("Sample.source is empty: every sample needs a non-empty source text.")
+        refs = (self.references,) if isinstance(self.references, str) else tuple(self.references)
+        if not refs or not all(isinstance(r, str) and r.strip() for r in refs):
+            raise ValueError(
+                f"Sample with source {self.source[:40]!r} has no non-empty reference: give at least "
+                "one reference string."
+            )
+        object.__setattr__(self, "references", refs)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named task: samples per split and how a source becomes a prompt.
+
+    Attributes:
+        name: Task name (``summarize``, ``translate`` or a user's name for a loaded dataset).
+        splits: Samples per split name.
+        prompt_template: ``str.format`` template with a ``{source}`` field; the LM continues it.
+        default_reward: The metric the environments use when the user names none.
+    """
+
+    name: str
+    splits: dict[str, tuple[Sample, ...]]
+    prompt_template: str = "{source}\n"
+    default_reward: str = "rougeL"
+
+    def split(self, name: str) -> tuple[Sample, ...]:
+        """The samples of one split; a clear error names the splits that exist."""
+        if name not in self.splits:
+            raise ValueError(f"Task {self.name!r} has no split {name!r}; choose one of {sorted(self.splits)}.")
+        samples = self.splits[name]
+        if not samples:
+            raise ValueError(f"Split {name!r} of task {self.name!r} is empty.")
+        return samples
+
+    def prompt(self, sample: Sample) -> str:
+        return self.prompt_template.format(source=sample.source)

@@ -1,0 +1,170 @@
+"""Loaders for real data: JSON Lines and CSV files, Hugging Face ``datasets``, lists of samples.
+
+Every malformed record raises :class:`DatasetFormatError` naming the file (or dataset) and the line
+(or row).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+
+from textenvs.tasks.base import SPLITS, Sample, Task
+
+
+class DatasetFormatError(ValueError):
+    """A data file line that cannot become a :class:`Sample`; the message names file and line."""
+
+
+def _as_references(value: object, where: str, reference_key: str) -> tuple[str, ...]:
+    refs = [value] if isinstance(value, str) else value
+    if not isinstance(refs, (list, tuple)) or not refs:
+        raise DatasetFormatError(f"{where}: field {reference_key!r} must be a string or a non-empty list of strings.")
+    if not all(isinstance(r, str) and r.strip() for r in refs):
+        raise DatasetFormatError(f"{where}: field {reference_key!r} holds an empty or non-string reference.")
+    return tuple(refs)
+
+
+def _make_sample(record: dict, where: str, source_key: str, reference_key: str) -> Sample:
+    source = record.get(source_key)
+    if not isinstance(source, str) or not source.strip():
+        raise DatasetFormatError(f"{where}: field {source_key!r} is missing or empty; every sample needs a source.")
+    if reference_key not in record:
+        raise DatasetFormatError(f"{where}: field {reference_key!r} is missing; every sample needs a reference.")
+    return Sample(source, _as_references(record[reference_key], where, reference_key))
+
+
+def load_jsonl(path: str | os.PathLike, source_key: str = "source", reference_key: str = "references") -> list[Sample]:
+    """Samples from a JSON Lines file: one object a line, ``{"source": ..., "references": [...]}``.
+
+    ``references`` may be one string or a list of strings. Blank lines are skipped.
+
+    Raises:
+        DatasetFormatError: naming the file, the line number and what is wrong.
+    """
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{os.fspath(path)}, line {lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetFormatError(f"{where}: not valid JSON ({e.msg}).") from e
+            if not isinstance(record, dict):
+                raise DatasetFormatError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+            samples.append(_make_sample(record, where, source_key, reference_key))
+    if not samples:
+        raise DatasetFormatError(f"{os.fspath(path)}: holds no samples.")
+    return samples
+
+
+def load_csv(path: str | os.PathLike, source_key: str = "source", reference_key: str = "reference") -> list[Sample]:
+    """Samples from a CSV file with a header row.
+
+    The source column is ``source_key``; every column whose name starts with ``reference_key``
+    (``reference``, ``reference2``, ``references_1``, ...) holds one reference; empty cells are ignored.
+
+    Raises:
+        DatasetFormatError: naming the file, the line number and what is wrong.
+    """
+    samples = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        ref_cols = [c for c in header if c.startswith(reference_key)]
+        if source_key not in header or not ref_cols:
+            raise DatasetFormatError(
+                f"{os.fspath(path)}, line 1: header {header} needs a {source_key!r} column and at least one "
+                f"column starting with {reference_key!r}."
+            )
+        for row in reader:
+            where = f"{os.fspath(path)}, line {reader.line_num}"
+            if None in row:
+                raise DatasetFormatError(f"{where}: more cells than header columns.")
+            refs = [row[c] for c in ref_cols if row[c] is not None and row[c].strip()]
+            if not refs:
+                raise DatasetFormatError(f"{where}: no reference; fill at least one of the columns {ref_cols}.")
+            samples.append(_make_sample({source_key: row[source_key], reference_key: refs}, where, source_key, reference_key))
+    if not samples:
+        raise DatasetFormatError(f"{os.fspath(path)}: holds no samples.")
+    return samples
+
+
+def load_hf_dataset(
+    name: str, split: str = "train", source_key: str | None = None, reference_key: str | None = None,
+    config: str | None = None, **load_kwargs,
+) -> list[Sample]:
+    """Samples from a Hugging Face ``datasets`` dataset (needs ``pip install textenvs[hub]``).
+
+    Args:
+        name: A dataset name or a ``datasets`` builder (``"json"``, ``"csv"``, ... with ``data_files=``).
+        split: The split to read.
+        source_key: The column holding the source text.
+        reference_key: The column holding the reference (a string or a list of strings).
+        config: The dataset's configuration name, if it has several.
+        **load_kwargs: Passed to ``datasets.load_dataset`` (``data_files``, ``revision``, ...).
+    """
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("Loading a dataset by name needs the 'datasets' package: pip install 'textenvs[hub]'.") from e
+    ds = datasets.load_dataset(name, config, split=split, **load_kwargs)
+    for role, key in (("source_key", source_key), ("reference_key", reference_key)):
+        if key not in ds.column_names:
+            raise ValueError(
+                f"Dataset {name!r} ({split}) has columns {ds.column_names}; {role}={key!r} is not one of them: pass "
+                "dataset_kwargs={'source_key': ..., 'reference_key': ...} naming its source and reference columns."
+            )
+    return [_make_sample(dict(r), f"{name}[{split}], row {i}", source_key, reference_key) for i, r in enumerate(ds)]
+
+
+def task_from_samples(
+    name: str,
+    samples: Sequence[Sample] | dict[str, Sequence[Sample]],
+    prompt_template: str = "{source}\n",
+    default_reward: str = "rougeL",
+) -> Task:
+    """Wrap user samples as a Task; a plain list becomes every split (train = validation = test)."""
+    if "{source}" not in prompt_template:
+        raise ValueError(f"prompt_template {prompt_template!r} must contain '{{source}}'.")
+    if isinstance(samples, dict):
+        splits = {k: tuple(v) for k, v in samples.items()}
+    else:
+        splits = {s: tuple(samples) for s in SPLITS}
+    for split, values in splits.items():
+        for s in values:
+            if not isinstance(s, Sample):
+                raise TypeError(f"Split {split!r} holds a {type(s).__name__}; build samples with textenvs.Sample.")
+    return Task(name, splits, prompt_template, default_reward)
+
+
+def load_dataset(dataset: str | os.PathLike | Sequence[Sample] | Task, **kwargs) -> Task:
+    """A Task from what a user passes as ``dataset=``.
+
+    Accepts a :class:`Task`, a list of :class:`Sample`, a ``.jsonl`` / ``.csv`` path, or
+    ``"hf:NAME"`` for a Hugging Face dataset (``hf_split``, ``source_key``, ``reference_key``
+    keyword arguments). Extra keyword arguments ``prompt_template`` and ``default_reward`` apply.
+    """
+    template = kwargs.pop("prompt_template", "{source}\n")
+    reward = kwargs.pop("default_reward", "rougeL")
+    if isinstance(dataset, Task):
+        return dataset
+    if isinstance(dataset, (list, tuple)):
+        return task_from_samples("custom", dataset, template, reward)
+    path = os.fspath(dataset)
+    if path.startswith("hf:"):
+        split = kwargs.pop("hf_split", "train")
+        samples = load_hf_dataset(path[3:], split, **kwargs)
+        return task_from_samples(path, samples, template, reward)
+    if path.endswith(".jsonl"):
+        return task_from_samples(path, load_jsonl(path, **kwargs), template, reward)
+    if path.endswith(".csv"):
+        return task_from_samples(path, load_csv(path, **kwargs), template, reward)
+    raise ValueError(
+        f"Cannot load dataset {path!r}: give a .jsonl or .csv file, 'hf:NAME' for a Hugging Face dataset, "
+        "a list of textenvs.Sample, or a textenvs.tasks.Task."
+    )
