@@ -19,8 +19,9 @@ def metric_of(info: dict) -> dict:
     return {"metric": float(info["metric"]), "metric_name": info["metric_name"]}
 
 
-def evaluate_policy(env: gym.Env, policy, episodes: int | None = None, seed: int = 0,
-                    max_samples: int | None = None) -> dict:
+def evaluate_policy(
+    env: gym.Env, policy, episodes: int | None = None, seed: int = 0, max_samples: int | None = None
+) -> dict:
     """Run ``policy(obs, mask) -> action`` for whole episodes and average return and task metric.
 
     When the env has a split of samples (a textenvs env: ``env.unwrapped.samples``) and
@@ -29,7 +30,9 @@ def evaluate_policy(env: gym.Env, policy, episodes: int | None = None, seed: int
     """
     samples = getattr(env.unwrapped, "samples", None)
     by_index = samples is not None and episodes is None
-    indices = range(min(len(samples), max_samples or len(samples))) if by_index else range(episodes or 10)
+    indices = (
+        range(min(len(samples), max_samples or len(samples))) if by_index else range(episodes or 10)
+    )
     masks = find_action_masks(env)
     returns, metrics = [], []
     for j in indices:
@@ -48,5 +51,3 @@ def evaluate_policy(env: gym.Env, policy, episodes: int | None = None, seed: int
         out["mean_metric"] = float(np.mean(metrics))
         out["metrics"] = metrics
     return out
-
-

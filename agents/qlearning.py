@@ -62,8 +62,17 @@ class QLearningConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {value}.")
 
 
-def q_update(q: np.ndarray, s: int, a: int, r: float, s_next: int, terminal: bool, alpha: float, gamma: float,
-             next_mask: np.ndarray | None = None) -> float:
+def q_update(
+    q: np.ndarray,
+    s: int,
+    a: int,
+    r: float,
+    s_next: int,
+    terminal: bool,
+    alpha: float,
+    gamma: float,
+    next_mask: np.ndarray | None = None,
+) -> float:
     """One Q-learning update in place; returns the TD error.
 
     A terminal transition bootstraps nothing; a truncated one (time limit) still bootstraps, since
@@ -100,8 +109,10 @@ class QLearning:
         self.n_states, self.n_actions = int(env.observation_space.n), int(env.action_space.n)
         self.masks = find_action_masks(env) if self.config.use_action_masks else None
         if self.config.require_action_masks and self.masks is None:
-            raise ValueError(f"require_action_masks=True but {env} has no action_masks(): wrap an edit env with "
-                             "textenvs.wrappers.FlattenEditActions, or set require_action_masks=False.")
+            raise ValueError(
+                f"require_action_masks=True but {env} has no action_masks(): wrap an edit env with "
+                "textenvs.wrappers.FlattenEditActions, or set require_action_masks=False."
+            )
         self.q = np.full((self.n_states, self.n_actions), self.config.initial_q, dtype=np.float64)
         self.rng = np.random.default_rng(self.config.seed)
         self.steps = 0
@@ -112,16 +123,22 @@ class QLearning:
         return c.epsilon_end + (c.epsilon_start - c.epsilon_end) * max(0.0, 1 - step / decay)
 
     def act(self, state: int, epsilon: float = 0.0, mask: np.ndarray | None = None) -> int:
-        valid = np.flatnonzero(mask) if mask is not None and mask.any() else np.arange(self.n_actions)
+        valid = (
+            np.flatnonzero(mask) if mask is not None and mask.any() else np.arange(self.n_actions)
+        )
         if self.rng.random() < epsilon:
             return int(self.rng.choice(valid))
         values = self.q[state, valid]
-        return int(valid[self.rng.choice(np.flatnonzero(values == values.max()))])  # random tie-break
+        return int(
+            valid[self.rng.choice(np.flatnonzero(values == values.max()))]
+        )  # random tie-break
 
     def _mask(self) -> np.ndarray | None:
         return np.asarray(self.masks(), dtype=bool) if self.masks is not None else None
 
-    def learn(self, total_steps: int, progress: bool = False, callback=None, callback_every: int = 0) -> list[dict]:
+    def learn(
+        self, total_steps: int, progress: bool = False, callback=None, callback_every: int = 0
+    ) -> list[dict]:
         """Train for ``total_steps`` env steps; returns one record per finished episode.
 
         ``callback(steps_done)`` is called every ``callback_every`` steps (evaluation points of a
@@ -137,8 +154,17 @@ class QLearning:
             action = self.act(state, self.epsilon(step, total_steps), mask)
             next_state, reward, terminated, truncated, info = self.env.step(action)
             next_mask = None if terminated or truncated else self._mask()
-            q_update(self.q, state, action, reward, next_state, terminated, self.config.learning_rate,
-                     self.config.gamma, next_mask)
+            q_update(
+                self.q,
+                state,
+                action,
+                reward,
+                next_state,
+                terminated,
+                self.config.learning_rate,
+                self.config.gamma,
+                next_mask,
+            )
             ret += reward
             self.steps += 1
             state = next_state
@@ -153,16 +179,26 @@ class QLearning:
         bar.close()
         return episodes
 
-    def evaluate(self, env: gym.Env | None = None, episodes: int | None = None, seed: int = 0,
-                 max_samples: int | None = None) -> dict:
-        """Greedy policy; one episode per sample of the env's split when it has them, else ``episodes``.
+    def evaluate(
+        self,
+        env: gym.Env | None = None,
+        episodes: int | None = None,
+        seed: int = 0,
+        max_samples: int | None = None,
+    ) -> dict:
+        """Greedy policy; one episode per sample of the env's split when it has them, else
+        ``episodes``.
 
         Returns mean return, mean task metric (when the env reports one) and the episode count.
         """
-        return evaluate_policy(env or self.env, lambda s, mask: self.act(s, 0.0, mask), episodes, seed, max_samples)
+        return evaluate_policy(
+            env or self.env, lambda s, mask: self.act(s, 0.0, mask), episodes, seed, max_samples
+        )
 
     def save(self, path: str | Path) -> None:
-        np.savez(path, q=self.q, config=json.dumps(dataclasses.asdict(self.config)), steps=self.steps)
+        np.savez(
+            path, q=self.q, config=json.dumps(dataclasses.asdict(self.config)), steps=self.steps
+        )
 
     @classmethod
     def load(cls, path: str | Path, env: gym.Env) -> QLearning:
@@ -171,8 +207,9 @@ class QLearning:
         agent = cls(env, QLearningConfig(**json.loads(str(data["config"]))))
         if data["q"].shape != agent.q.shape:
             raise ValueError(
-                f"The Q-table in {path} has shape {data['q'].shape} but the env needs {agent.q.shape} "
-                "(states, actions): load it with the env (and discretizer) it was trained on."
+                f"The Q-table in {path} has shape {data['q'].shape} but the env needs "
+                f"{agent.q.shape} (states, actions): load it with the env (and discretizer) it was "
+                "trained on."
             )
         agent.q, agent.steps = data["q"], int(data["steps"])
         return agent
@@ -181,28 +218,49 @@ class QLearning:
 def check_tabular(env: gym.Env) -> None:
     if not isinstance(env.observation_space, spaces.Discrete):
         raise ValueError(
-            f"Tabular Q-learning needs a Discrete observation space, got {env.observation_space}: wrap the env "
-            "with textenvs.wrappers.DiscretizeObservation(env, method='hash' or 'kmeans')."
+            f"Tabular Q-learning needs a Discrete observation space, got {env.observation_space}: "
+            "wrap the env with textenvs.wrappers.DiscretizeObservation(env, method='hash' or "
+            "'kmeans')."
         )
     if not isinstance(env.action_space, spaces.Discrete):
         raise ValueError(
-            f"Tabular Q-learning needs a Discrete action space, got {env.action_space}: use token_mode='topk' "
-            "for generation envs or textenvs.wrappers.FlattenEditActions for edit envs."
+            f"Tabular Q-learning needs a Discrete action space, got {env.action_space}: use "
+            "token_mode='topk' for generation envs or textenvs.wrappers.FlattenEditActions for "
+            "edit envs."
         )
 
 
-def make_tabular_env(env_id: str, split: str, k: int, discretizer: str, n_bits: int, n_clusters: int, seed: int,
-                     fitted=None, n_fit: int = 512, **kwargs) -> gym.Env:
-    """A textenvs env made tabular: top-k tokens, edits flattened to one ``Discrete`` where the action is an
-    ``(op, position, token)`` triple, and a discretizer of the hidden state (``fitted`` reuses one)."""
+def make_tabular_env(
+    env_id: str,
+    split: str,
+    k: int,
+    discretizer: str,
+    n_bits: int,
+    n_clusters: int,
+    seed: int,
+    fitted=None,
+    n_fit: int = 512,
+    **kwargs,
+) -> gym.Env:
+    """A textenvs env made tabular: top-k tokens, edits flattened to one ``Discrete`` where the
+    action is an
+    ``(op, position, token)`` triple, and a discretizer of the hidden state (``fitted``: reuse one).
+    """
     import textenvs  # noqa: F401  (registers the ids)
     from textenvs.wrappers import DiscretizeObservation, FlattenEditActions
 
     env = gym.make(env_id, split=split, token_mode="topk", k=k, **kwargs)
     if isinstance(env.action_space, spaces.MultiDiscrete):
         env = FlattenEditActions(env)
-    return DiscretizeObservation(env, method=discretizer, n_bits=n_bits, n_clusters=n_clusters, seed=seed,
-                                 fitted=fitted, n_fit=n_fit)
+    return DiscretizeObservation(
+        env,
+        method=discretizer,
+        n_bits=n_bits,
+        n_clusters=n_clusters,
+        seed=seed,
+        fitted=fitted,
+        n_fit=n_fit,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -217,24 +275,46 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--learning-rate", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", help="write the Q-table (npz) here")
-    p.add_argument("--eval-samples", type=int, default=200, help="test-split samples to evaluate on")
+    p.add_argument(
+        "--eval-samples", type=int, default=200, help="test-split samples to evaluate on"
+    )
     args = p.parse_args(argv)
     horizon = {"max_steps": args.max_steps}
-    env = make_tabular_env(args.env_id, "train", args.k, args.discretizer, args.n_bits, args.n_clusters, args.seed,
-                           **horizon)
+    env = make_tabular_env(
+        args.env_id,
+        "train",
+        args.k,
+        args.discretizer,
+        args.n_bits,
+        args.n_clusters,
+        args.seed,
+        **horizon,
+    )
     agent = QLearning(env, QLearningConfig(learning_rate=args.learning_rate, seed=args.seed))
     start = time.time()
     agent.learn(args.total_steps, progress=True)
     train_s = time.time() - start
     if args.save:
         agent.save(args.save)
-    test_env = make_tabular_env(args.env_id, "test", args.k, args.discretizer, args.n_bits, args.n_clusters,
-                                args.seed, fitted=env, **horizon)
+    test_env = make_tabular_env(
+        args.env_id,
+        "test",
+        args.k,
+        args.discretizer,
+        args.n_bits,
+        args.n_clusters,
+        args.seed,
+        fitted=env,
+        **horizon,
+    )
     result = agent.evaluate(test_env, max_samples=args.eval_samples)
     result.pop("metrics", None)
     result.update(train_seconds=round(train_s, 1), steps=args.total_steps)
     print(json.dumps(result))
-    print(f"test {result.get('mean_metric', math.nan):.4f} mean metric over {result['episodes']} test samples")
+    print(
+        f"test {result.get('mean_metric', math.nan):.4f} mean metric over {result['episodes']} "
+        "test samples"
+    )
     return result
 
 

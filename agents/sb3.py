@@ -68,7 +68,9 @@ class SB3Config:
             raise ValueError("num_envs, n_steps and batch_size must be >= 1.")
 
 
-def make_vec_env(env_id: str, num_envs: int, split: str = "train", normalize_obs: bool = False, **env_kwargs):
+def make_vec_env(
+    env_id: str, num_envs: int, split: str = "train", normalize_obs: bool = False, **env_kwargs
+):
     """An SB3 VecEnv over the batched textenvs vector env, with episode statistics (VecMonitor) and,
     optionally, observation normalisation (VecNormalize, rewards left as they are)."""
     from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
@@ -114,18 +116,30 @@ def build(env_id: str, config: SB3Config | None = None, **env_kwargs):
             venv.get_attr("action_masks", indices=[0])
         except AttributeError as e:
             raise ValueError(
-                f"MaskablePPO needs action_masks(), which {env_id} does not have: use algo='ppo', or an edit env."
+                f"MaskablePPO needs action_masks(), which {env_id} does not have: use algo='ppo', "
+                "or an edit env."
             ) from e
     return cls(
-        "MlpPolicy", venv, n_steps=config.n_steps, batch_size=config.batch_size, n_epochs=config.n_epochs,
-        learning_rate=config.learning_rate, gamma=config.gamma, gae_lambda=config.gae_lambda,
-        ent_coef=config.ent_coef, seed=config.seed, policy_kwargs=config.policy_kwargs or None,
-        tensorboard_log=config.tensorboard_log, verbose=0,
+        "MlpPolicy",
+        venv,
+        n_steps=config.n_steps,
+        batch_size=config.batch_size,
+        n_epochs=config.n_epochs,
+        learning_rate=config.learning_rate,
+        gamma=config.gamma,
+        gae_lambda=config.gae_lambda,
+        ent_coef=config.ent_coef,
+        seed=config.seed,
+        policy_kwargs=config.policy_kwargs or None,
+        tensorboard_log=config.tensorboard_log,
+        verbose=0,
     )
 
 
 def default_algo(env_id: str) -> str:
-    """``maskable_ppo`` for an env that offers ``action_masks()`` (sb3-contrib's convention), else ``ppo``."""
+    """``maskable_ppo`` for an env that offers ``action_masks()`` (sb3-contrib's convention), else
+    ``ppo``.
+    """
     from gymnasium.envs.registration import load_env_creator
 
     entry_point = gym.spec(env_id).entry_point
@@ -141,18 +155,23 @@ def _algo_class(algo: str):
     try:
         from sb3_contrib import MaskablePPO
     except ImportError as e:
-        raise ImportError("algo='maskable_ppo' needs sb3-contrib: pip install 'textenvs[sb3]'.") from e
+        raise ImportError(
+            "algo='maskable_ppo' needs sb3-contrib: pip install 'textenvs[sb3]'."
+        ) from e
     return MaskablePPO
 
 
-def evaluate(model, env_id: str, split: str = "test", max_samples: int | None = None, **env_kwargs) -> dict:
-    """The deterministic policy on each sample of ``split`` (a single env, one episode per sample)."""
+def evaluate(
+    model, env_id: str, split: str = "test", max_samples: int | None = None, **env_kwargs
+) -> dict:
+    """The deterministic policy on each sample of ``split`` (a single env, one episode a sample)."""
     env = gym.make(env_id, split=split, **env_kwargs)
     return evaluate_policy(env, deterministic_policy(model), max_samples=max_samples)
 
 
 def deterministic_policy(model):
-    """``policy(obs, mask) -> action`` of a trained model for a single env, with the model's observation
+    """``policy(obs, mask) -> action`` of a trained model for a single env, with the model's
+    observation
     normalisation (frozen at evaluation) and its action masks where it is a MaskablePPO."""
     from stable_baselines3.common.vec_env import VecNormalize
 
@@ -174,7 +193,9 @@ def save(model, path: str | Path, config: SB3Config, env_id: str, env_kwargs: di
     model.save(path)
     if config.normalize_obs:
         model.get_env().save(f"{path}.vecnormalize.pkl")
-    Path(f"{path}.json").write_text(json.dumps({"config": asdict(config), "env_id": env_id, "env_kwargs": env_kwargs}))
+    Path(f"{path}.json").write_text(
+        json.dumps({"config": asdict(config), "env_id": env_id, "env_kwargs": env_kwargs})
+    )
 
 
 def load(path: str | Path):
@@ -191,10 +212,16 @@ def load(path: str | Path):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description="Stable-Baselines3 PPO / MaskablePPO on a textenvs env.")
+    p = argparse.ArgumentParser(
+        description="Stable-Baselines3 PPO / MaskablePPO on a textenvs env."
+    )
     p.add_argument("--env-id", default="textenvs/Summarize-v0")
-    p.add_argument("--algo", choices=ALGOS, default=None,
-                   help="default: maskable_ppo where the env offers action_masks() (edit envs), else ppo")
+    p.add_argument(
+        "--algo",
+        choices=ALGOS,
+        default=None,
+        help="default: maskable_ppo where the env offers action_masks() (edit envs), else ppo",
+    )
     p.add_argument("--total-steps", type=int, default=20_000)
     p.add_argument("--k", type=int, default=4, help="top-k actions / tokens")
     p.add_argument("--max-steps", type=int, default=16, help="tokens / edits per episode at most")
@@ -205,8 +232,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-samples", type=int, default=200)
     args = p.parse_args(argv)
     env_kwargs = {"token_mode": "topk", "k": args.k, "max_steps": args.max_steps}
-    config = SB3Config(algo=args.algo or default_algo(args.env_id), num_envs=args.num_envs, seed=args.seed,
-                       tensorboard_log=args.tensorboard_log)
+    config = SB3Config(
+        algo=args.algo or default_algo(args.env_id),
+        num_envs=args.num_envs,
+        seed=args.seed,
+        tensorboard_log=args.tensorboard_log,
+    )
     model = build(args.env_id, config, **env_kwargs)
     start = time.time()
     model.learn(args.total_steps, callback=metric_callback(), progress_bar=True)
@@ -217,7 +248,10 @@ def main(argv: list[str] | None = None) -> dict:
     result.pop("metrics", None)
     result.update(train_seconds=round(train_s, 1), steps=args.total_steps, algo=config.algo)
     print(json.dumps(result))
-    print(f"test {result.get('mean_metric', float('nan')):.4f} mean metric over {result['episodes']} test samples")
+    print(
+        f"test {result.get('mean_metric', float('nan')):.4f} mean metric over {result['episodes']} "
+        "test samples"
+    )
     return result
 
 

@@ -102,7 +102,8 @@ class TokenPPOConfig:
     eval_samples: int = 200
     """Test-split samples of the greedy evaluation before and after training."""
     eval_reward: str | None = None
-    """Metric of the greedy evaluation (None: the training reward), e.g. train on chrF, report BLEU."""
+    """Metric of the greedy evaluation (None: the training reward), e.g. train on chrF, report BLEU.
+    """
     checkpoint_dir: str | None = None
     """Where checkpoints go (None: no checkpoints)."""
     save_every: int = 0
@@ -111,7 +112,13 @@ class TokenPPOConfig:
     """TensorBoard log folder (None: no logging)."""
 
     def validate(self) -> None:
-        for name in ("num_envs", "max_new_tokens", "total_episodes", "num_epochs", "minibatch_size"):
+        for name in (
+            "num_envs",
+            "max_new_tokens",
+            "total_episodes",
+            "num_epochs",
+            "minibatch_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         for name in ("learning_rate", "clip_range", "temperature"):
@@ -139,14 +146,17 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """``(x - mean) / std`` over the masked entries; the mean is added back when ``shift_mean`` is False."""
+    """``(x - mean) / std`` over the masked entries; the mean is added back when ``shift_mean`` is
+    False.
+    """
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return out if shift_mean else out + mean
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-        ) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation per token (Schulman et al. 2016).
 
     Args:
@@ -172,8 +182,13 @@ def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return logp - ref_logp
 
 
-def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                        clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate (to minimise) and the fraction of tokens where the clip is active."""
     ratio = torch.exp(logp - old_logp)
     unclipped = -advantages * ratio
@@ -183,8 +198,13 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     return loss, clipfrac
 
 
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                       clip: float) -> torch.Tensor:
+def clipped_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+) -> torch.Tensor:
     """``0.5 * max((v - R)^2, (clip(v, v_old +- c) - R)^2)`` averaged over the mask."""
     clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
@@ -196,7 +216,7 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torc
 
 
 class AdaptiveKLController:
-    """Ziegler et al. (2019): ``beta *= 1 + clip((KL - target) / target, -0.2, 0.2) * n / horizon``."""
+    """Ziegler et al. (2019): ``beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon``."""
 
     def __init__(self, init: float, target: float, horizon: int) -> None:
         self.value, self.target, self.horizon = init, target, horizon
@@ -226,8 +246,12 @@ class Rollout:
 
 
 @torch.no_grad()
-def collect_rollout(envs, value_head: torch.nn.Module, config: TokenPPOConfig, iteration: int) -> Rollout:
-    """One episode per sub-env. Finished sub-envs auto-reset and keep stepping; those steps are dropped."""
+def collect_rollout(
+    envs, value_head: torch.nn.Module, config: TokenPPOConfig, iteration: int
+) -> Rollout:
+    """One episode per sub-env. Finished sub-envs auto-reset and keep stepping; those steps are
+    dropped.
+    """
     n, T = envs.num_envs, config.max_new_tokens
     obs, infos = envs.reset(seed=config.seed * 1_000_003 + iteration * n)
     lm = envs.unwrapped.lm
@@ -246,7 +270,11 @@ def collect_rollout(envs, value_head: torch.nn.Module, config: TokenPPOConfig, i
         obs, reward, terminated, truncated, infos = envs.step(action.numpy())
         for i in np.flatnonzero(active):
             tokens[i, t], mask[i, t] = action[i], 1.0
-            logprobs[i, t], values[i, t], rewards[i, t] = logp_all[i, action[i]], value[i], float(reward[i])
+            logprobs[i, t], values[i, t], rewards[i, t] = (
+                logp_all[i, action[i]],
+                value[i],
+                float(reward[i]),
+            )
             if terminated[i] or truncated[i]:
                 active[i] = False
                 final = infos["final_info"]
@@ -283,11 +311,16 @@ def batch_sequences(prompts: list[list[int]], tokens: torch.Tensor, mask: torch.
     return ids, attention, positions
 
 
-def sequence_outputs(model, ids, attention, positions, tokens, temperature: float, with_hidden: bool):
-    """Log-probs of ``tokens`` ``(B, T)``, entropy ``(B, T)`` and final hidden states ``(B, T, d)``."""
+def sequence_outputs(
+    model, ids, attention, positions, tokens, temperature: float, with_hidden: bool
+):
+    """Log-probs of ``tokens`` ``(B, T)``, entropy ``(B, T)``, final hidden states ``(B, T, d)``."""
     out = model(input_ids=ids, attention_mask=attention, output_hidden_states=with_hidden)
     index = positions[..., None]
-    logits = torch.gather(out.logits, 1, index.expand(-1, -1, out.logits.shape[-1])).float() / temperature
+    logits = (
+        torch.gather(out.logits, 1, index.expand(-1, -1, out.logits.shape[-1])).float()
+        / temperature
+    )
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = torch.gather(logp_all, 2, tokens[..., None]).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -299,11 +332,26 @@ def sequence_outputs(model, ids, attention, positions, tokens, temperature: floa
 
 
 @torch.no_grad()
-def greedy_metric(lm: LanguageModel | str, env_id: str, split: str = "test", max_samples: int = 200,
-                  max_new_tokens: int = 16, reward: str | None = None) -> float:
-    """Mean task metric of greedy decoding (top-1 actions) over the first ``max_samples`` of a split."""
-    env = gym.make(env_id, model=lm, split=split, token_mode="topk", k=1, max_steps=max_new_tokens,
-                   **({"reward": reward} if reward else {}))
+def greedy_metric(
+    lm: LanguageModel | str,
+    env_id: str,
+    split: str = "test",
+    max_samples: int = 200,
+    max_new_tokens: int = 16,
+    reward: str | None = None,
+) -> float:
+    """Mean task metric of greedy decoding (top-1 actions) over the first ``max_samples`` of a
+    split.
+    """
+    env = gym.make(
+        env_id,
+        model=lm,
+        split=split,
+        token_mode="topk",
+        k=1,
+        max_steps=max_new_tokens,
+        **({"reward": reward} if reward else {}),
+    )
     return evaluate_policy(env, lambda obs, mask: 0, max_samples=max_samples)["mean_metric"]
 
 
@@ -319,7 +367,9 @@ class TokenPPO:
         config.validate()
         self.config = config
         torch.manual_seed(config.seed)
-        self.lm = LanguageModel(config.model, device=config.device)  # our own copy: it will be trained
+        self.lm = LanguageModel(
+            config.model, device=config.device
+        )  # our own copy: it will be trained
         self.model = self.lm.model
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.model.requires_grad_(True)
@@ -327,25 +377,34 @@ class TokenPPO:
         self.value_head = torch.nn.Linear(self.lm.hidden_size, 1).to(self.lm.device)
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
-        env_kwargs = {"model": self.lm, "token_mode": "vocab", "max_steps": config.max_new_tokens,
-                      "device": config.device, "dense": config.dense}
+        env_kwargs = {
+            "model": self.lm,
+            "token_mode": "vocab",
+            "max_steps": config.max_new_tokens,
+            "device": config.device,
+            "dense": config.dense,
+        }
         if config.reward is not None:
             env_kwargs["reward"] = config.reward
         try:
             self.envs = gym.make_vec(config.env_id, num_envs=config.num_envs, **env_kwargs)
         except TypeError as e:  # an env that takes no token_mode / max_steps: not a textenvs env
             raise ValueError(
-                f"Token PPO needs a generation env whose actions are the vocabulary; {config.env_id} is not one ({e}). "
-                "Use textenvs/Summarize-v0, Translate-v0 or Generate-v0."
+                "Token PPO needs a generation env whose actions are the vocabulary; "
+                f"{config.env_id} is not one ({e}). Use textenvs/Summarize-v0, Translate-v0 or "
+                "Generate-v0."
             ) from e
         space = self.envs.single_action_space
         if not (isinstance(space, gym.spaces.Discrete) and space.n == self.lm.vocab_size):
             raise ValueError(
-                f"Token PPO needs an env whose action space is the vocabulary (Discrete({self.lm.vocab_size})), got "
-                f"{space} from {config.env_id}: use a generation env (textenvs/Summarize-v0, Translate-v0, Generate-v0)."
+                "Token PPO needs an env whose action space is the vocabulary "
+                f"(Discrete({self.lm.vocab_size})), got {space} from {config.env_id}: use a "
+                "generation env (textenvs/Summarize-v0, Translate-v0, Generate-v0)."
             )
         if not hasattr(type(self.envs.unwrapped), "logits"):
-            raise ValueError(f"{config.env_id} does not expose next-token logits: use a textenvs generation env.")
+            raise ValueError(
+                f"{config.env_id} does not expose next-token logits: use a textenvs generation env."
+            )
         params = list(self.model.parameters()) + list(self.value_head.parameters())
         self.optimizer = torch.optim.Adam(params, lr=config.learning_rate, eps=1e-5)
         self.kl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
@@ -365,12 +424,16 @@ class TokenPPO:
         """KL-penalised rewards, GAE, then PPO epochs over shuffled minibatches of episodes."""
         c, device = self.config, self.lm.device
         pad = self.lm.eos_token_id
-        ids, attention, positions = batch_sequences(rollout.prompts, rollout.tokens, rollout.mask, pad)
+        ids, attention, positions = batch_sequences(
+            rollout.prompts, rollout.tokens, rollout.mask, pad
+        )
         ids, attention, positions = ids.to(device), attention.to(device), positions.to(device)
         tokens, mask = rollout.tokens.to(device), rollout.mask.to(device)
         old_logp, old_values = rollout.logprobs.to(device), rollout.values.to(device)
         with torch.no_grad():
-            ref_logp, _, _ = sequence_outputs(self.reference, ids, attention, positions, tokens, c.temperature, False)
+            ref_logp, _, _ = sequence_outputs(
+                self.reference, ids, attention, positions, tokens, c.temperature, False
+            )
             kl = kl_k1(old_logp, ref_logp) * mask  # (B, T)
             rewards = rollout.env_rewards.to(device) - self.kl.value * kl
             advantages, returns = gae(rewards, old_values, mask, c.gamma, c.gae_lambda)
@@ -386,24 +449,38 @@ class TokenPPO:
             order = rng.permutation(B)
             for start in range(0, B, c.minibatch_size):
                 mb = torch.as_tensor(order[start : start + c.minibatch_size], device=device)
-                logp, entropy, hidden = sequence_outputs(self.model, ids[mb], attention[mb], positions[mb], tokens[mb],
-                                                         c.temperature, True)
+                logp, entropy, hidden = sequence_outputs(
+                    self.model,
+                    ids[mb],
+                    attention[mb],
+                    positions[mb],
+                    tokens[mb],
+                    c.temperature,
+                    True,
+                )
                 values = self.value_head(hidden).squeeze(-1)
                 m = mask[mb]
-                pg_loss, clipfrac = clipped_policy_loss(logp, old_logp[mb], advantages[mb], m, c.clip_range)
-                v_loss = clipped_value_loss(values, old_values[mb], returns[mb], m, c.clip_range_value)
+                pg_loss, clipfrac = clipped_policy_loss(
+                    logp, old_logp[mb], advantages[mb], m, c.clip_range
+                )
+                v_loss = clipped_value_loss(
+                    values, old_values[mb], returns[mb], m, c.clip_range_value
+                )
                 ent = masked_mean(entropy, m)
                 loss = pg_loss + c.vf_coef * v_loss - c.ent_coef * ent
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
-                        f"Non-finite loss ({loss.item()}) at iteration {self.iteration}, epoch {epoch}, minibatch "
-                        f"{start // c.minibatch_size}: training stopped. The last good checkpoint "
-                        f"({c.checkpoint_dir or 'none configured'}) is intact; lower learning_rate or check the reward."
+                        f"Non-finite loss ({loss.item()}) at iteration {self.iteration}, epoch "
+                        f"{epoch}, minibatch {start // c.minibatch_size}: training stopped. The "
+                        f"last good checkpoint ({c.checkpoint_dir or 'none configured'}) is "
+                        "intact; lower learning_rate or check the reward."
                     )
                 self.optimizer.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(list(self.model.parameters()) + list(self.value_head.parameters()),
-                                               c.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(
+                    list(self.model.parameters()) + list(self.value_head.parameters()),
+                    c.max_grad_norm,
+                )
                 self.optimizer.step()
                 with torch.no_grad():
                     stats["policy_loss"].append(pg_loss.item())
@@ -415,9 +492,14 @@ class TokenPPO:
         if c.adaptive_kl:
             self.kl.update(episode_kl, B)
         out = {k: float(np.mean(v)) for k, v in stats.items()}
-        out.update(kl=episode_kl, kl_coef=self.kl.value, explained_variance=explained_variance(old_values, returns, mask),
-                   reward=float((rollout.env_rewards.sum(1)).mean()), metric=float(np.mean(rollout.metrics)),
-                   lr=self.optimizer.param_groups[0]["lr"])
+        out.update(
+            kl=episode_kl,
+            kl_coef=self.kl.value,
+            explained_variance=explained_variance(old_values, returns, mask),
+            reward=float((rollout.env_rewards.sum(1)).mean()),
+            metric=float(np.mean(rollout.metrics)),
+            lr=self.optimizer.param_groups[0]["lr"],
+        )
         return out
 
     def train(self, progress: bool = True, stop_after: int | None = None) -> list[dict]:
@@ -426,17 +508,29 @@ class TokenPPO:
         ``stop_after`` ends the call after that many iterations (the run can be resumed later).
         """
         c = self.config
-        last = self.iterations if stop_after is None else min(self.iterations, self.iteration + stop_after)
-        bar = tqdm(total=self.iterations * c.num_envs, initial=self.iteration * c.num_envs, disable=not progress,
-                   desc="token-ppo episodes")
+        last = (
+            self.iterations
+            if stop_after is None
+            else min(self.iterations, self.iteration + stop_after)
+        )
+        bar = tqdm(
+            total=self.iterations * c.num_envs,
+            initial=self.iteration * c.num_envs,
+            disable=not progress,
+            desc="token-ppo episodes",
+        )
         while self.iteration < last:
             start = time.time()
             rollout = collect_rollout(self.envs, self.value_head, c, self.iteration)
             rollout_s = time.time() - start
             stats = self.update(rollout)
-            stats.update(iteration=self.iteration, episodes=(self.iteration + 1) * c.num_envs,
-                         tokens=int(rollout.mask.sum()),
-                         completions_per_s=c.num_envs / rollout_s, iteration_s=time.time() - start)
+            stats.update(
+                iteration=self.iteration,
+                episodes=(self.iteration + 1) * c.num_envs,
+                tokens=int(rollout.mask.sum()),
+                completions_per_s=c.num_envs / rollout_s,
+                iteration_s=time.time() - start,
+            )
             self.history.append(stats)
             if self.writer is not None:
                 for key, value in stats.items():
@@ -454,8 +548,14 @@ class TokenPPO:
     # -- evaluation ------------------------------------------------------------------------
     def evaluate(self, split: str = "test", max_samples: int | None = None) -> float:
         """Mean task metric of greedy decoding over the split (the same env, task and reward)."""
-        return greedy_metric(self.lm, self.config.env_id, split, max_samples or self.config.eval_samples,
-                             self.config.max_new_tokens, self.config.eval_reward or self.config.reward)
+        return greedy_metric(
+            self.lm,
+            self.config.env_id,
+            split,
+            max_samples or self.config.eval_samples,
+            self.config.max_new_tokens,
+            self.config.eval_reward or self.config.reward,
+        )
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, folder: str | os.PathLike) -> Path:
@@ -472,11 +572,19 @@ class TokenPPO:
         tmp.mkdir(parents=True)
         self.model.save_pretrained(tmp, safe_serialization=True)
         self.lm.tokenizer.save_pretrained(tmp)
-        save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, tmp / "value_head.safetensors")
+        save_file(
+            {k: v.contiguous() for k, v in self.value_head.state_dict().items()},
+            tmp / "value_head.safetensors",
+        )
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(self.reference.state_dict(), tmp / "reference.pt")
-        state = {"iteration": self.iteration, "kl_coef": self.kl.value, "config": dataclasses.asdict(self.config),
-                 "model_signature": self._signature(), "history": self.history}
+        state = {
+            "iteration": self.iteration,
+            "kl_coef": self.kl.value,
+            "config": dataclasses.asdict(self.config),
+            "model_signature": self._signature(),
+            "history": self.history,
+        }
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         old = folder.with_name(folder.name + ".old")
         if folder.exists():
@@ -486,7 +594,9 @@ class TokenPPO:
         return folder
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
-        """Resume from :meth:`save_checkpoint`: same results as an uninterrupted run for the same seed."""
+        """Resume from :meth:`save_checkpoint`: same results as an uninterrupted run for the same
+        seed.
+        """
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
 
@@ -494,20 +604,36 @@ class TokenPPO:
         state = json.loads((folder / "trainer_state.json").read_text())
         if state["model_signature"] != self._signature():
             raise ValueError(
-                f"The checkpoint in {folder} is for another model ({state['model_signature']}), not "
-                f"{self._signature()}: resume with the same --model it was trained from."
+                f"The checkpoint in {folder} is for another model ({state['model_signature']}), "
+                f"not {self._signature()}: resume with the same --model it was trained from."
             )
-        trained = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, trust_remote_code=False)
+        trained = AutoModelForCausalLM.from_pretrained(
+            folder, use_safetensors=True, trust_remote_code=False
+        )
         self.model.load_state_dict(trained.state_dict())
-        self.value_head.load_state_dict(load_file(folder / "value_head.safetensors", device=str(self.lm.device)))
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location=self.lm.device))
-        self.reference.load_state_dict(torch.load(folder / "reference.pt", weights_only=True, map_location=self.lm.device))
-        self.iteration, self.kl.value, self.history = state["iteration"], state["kl_coef"], state["history"]
+        self.value_head.load_state_dict(
+            load_file(folder / "value_head.safetensors", device=str(self.lm.device))
+        )
+        self.optimizer.load_state_dict(
+            torch.load(folder / "optimizer.pt", weights_only=True, map_location=self.lm.device)
+        )
+        self.reference.load_state_dict(
+            torch.load(folder / "reference.pt", weights_only=True, map_location=self.lm.device)
+        )
+        self.iteration, self.kl.value, self.history = (
+            state["iteration"],
+            state["kl_coef"],
+            state["history"],
+        )
 
     def _signature(self) -> dict:
         cfg = self.model.config
-        return {"model_type": cfg.model_type, "vocab_size": self.lm.vocab_size, "hidden_size": self.lm.hidden_size,
-                "num_hidden_layers": self.lm.n_layers}
+        return {
+            "model_type": cfg.model_type,
+            "vocab_size": self.lm.vocab_size,
+            "hidden_size": self.lm.hidden_size,
+            "num_hidden_layers": self.lm.n_layers,
+        }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -530,11 +656,18 @@ def main(argv: list[str] | None = None) -> dict:
     before = trainer.evaluate() if not resume else None
     start = time.time()
     history = trainer.train()
-    report = {"env_id": trainer.config.env_id, "test_metric_before": before, "test_metric_after": trainer.evaluate(),
-              "episodes": trainer.iteration * trainer.config.num_envs, "train_seconds": round(time.time() - start, 1),
-              "final_kl": history[-1]["kl"] if history else None,
-              "max_kl": max(h["kl"] for h in history) if history else None,
-              "completions_per_s": float(np.mean([h["completions_per_s"] for h in history])) if history else None}
+    report = {
+        "env_id": trainer.config.env_id,
+        "test_metric_before": before,
+        "test_metric_after": trainer.evaluate(),
+        "episodes": trainer.iteration * trainer.config.num_envs,
+        "train_seconds": round(time.time() - start, 1),
+        "final_kl": history[-1]["kl"] if history else None,
+        "max_kl": max(h["kl"] for h in history) if history else None,
+        "completions_per_s": float(np.mean([h["completions_per_s"] for h in history]))
+        if history
+        else None,
+    }
     print(json.dumps(report))
     if json_out:
         Path(json_out).write_text(json.dumps({**report, "history": history}, indent=1))

@@ -50,27 +50,47 @@ def run_trl(kind: str, model_dir: str, args: argparse.Namespace, metric_name: st
         from trl import RLOOTrainer as Trainer
     task = builtin_task(args.task)
     train = task.split("train")
-    dataset = Dataset.from_list([{"prompt": task.prompt(s), "references": list(s.references)} for s in train])
+    dataset = Dataset.from_list(
+        [{"prompt": task.prompt(s), "references": list(s.references)} for s in train]
+    )
     batch = args.batch  # completions per optimisation step = per_device_train_batch_size
     out = tempfile.mkdtemp(prefix=f"textenvs-{kind}-")
     config = Config(
-        output_dir=out, per_device_train_batch_size=batch, num_generations=args.generations,
-        max_completion_length=args.max_new_tokens, max_steps=max(1, args.completions // batch),
-        learning_rate=args.learning_rate, beta=args.kl_coef, temperature=1.0, use_cpu=args.device == "cpu",
-        report_to="none", logging_steps=10, save_strategy="no", seed=args.seed, bf16=False,
+        output_dir=out,
+        per_device_train_batch_size=batch,
+        num_generations=args.generations,
+        max_completion_length=args.max_new_tokens,
+        max_steps=max(1, args.completions // batch),
+        learning_rate=args.learning_rate,
+        beta=args.kl_coef,
+        temperature=1.0,
+        use_cpu=args.device == "cpu",
+        report_to="none",
+        logging_steps=10,
+        save_strategy="no",
+        seed=args.seed,
+        bf16=False,
     )
-    trainer = Trainer(model=model_dir, reward_funcs=trl_reward(metric_name), args=config, train_dataset=dataset)
+    trainer = Trainer(
+        model=model_dir, reward_funcs=trl_reward(metric_name), args=config, train_dataset=dataset
+    )
     start = time.time()
     trainer.train()
     wall = time.time() - start
     trained = Path(out) / "final"
     trainer.save_model(str(trained))
     lm = LanguageModel(str(trained), device=args.device)
-    after = greedy_metric(lm, ENV_FOR_TASK[args.task], "test", args.eval_samples, args.max_new_tokens, metric_name)
+    after = greedy_metric(
+        lm, ENV_FOR_TASK[args.task], "test", args.eval_samples, args.max_new_tokens, metric_name
+    )
     shutil.rmtree(out, ignore_errors=True)
     completions = config.max_steps * batch
-    return {"test_metric_after": after, "completions": completions, "completions_per_s": completions / wall,
-            "wall_s": round(wall, 1)}
+    return {
+        "test_metric_after": after,
+        "completions": completions,
+        "completions_per_s": completions / wall,
+        "wall_s": round(wall, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -79,13 +99,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reward", default=None, help="metric name (default: the task's)")
     p.add_argument("--completions", type=int, default=1024, help="sampled completions per trainer")
     p.add_argument("--max-new-tokens", type=int, default=12)
-    p.add_argument("--batch", type=int, default=32, help="completions per optimisation step (all trainers)")
-    p.add_argument("--generations", type=int, default=4, help="completions per prompt (GRPO / RLOO groups)")
+    p.add_argument(
+        "--batch", type=int, default=32, help="completions per optimisation step (all trainers)"
+    )
+    p.add_argument(
+        "--generations", type=int, default=4, help="completions per prompt (GRPO / RLOO groups)"
+    )
     p.add_argument("--learning-rate", type=float, default=3e-4)
     p.add_argument("--kl-coef", type=float, default=0.02)
-    p.add_argument("--ppo-epochs", type=int, default=1,
-                   help="textenvs PPO epochs per rollout; 1 matches TRL's GRPO / RLOO default (num_iterations=1), "
-                        "so every trainer takes one optimisation pass over each batch")
+    p.add_argument(
+        "--ppo-epochs",
+        type=int,
+        default=1,
+        help="textenvs PPO epochs per rollout; 1 matches TRL's GRPO / RLOO default "
+        "(num_iterations=1), so every trainer takes one optimisation pass over each batch",
+    )
     p.add_argument("--eval-samples", type=int, default=200)
     p.add_argument("--trainers", nargs="+", default=["textenvs_ppo", "grpo", "rloo"])
     p.add_argument("--device", default="cpu")
@@ -94,23 +122,51 @@ def main(argv: list[str] | None = None) -> dict:
     metric_name = args.reward or builtin_task(args.task).default_reward
     env_id = ENV_FOR_TASK[args.task]
     model_dir = tempfile.mkdtemp(prefix="textenvs-tiny-")
-    shutil.copytree(BUILTIN_MODELS[textenvs.TINY], model_dir, dirs_exist_ok=True)  # TRL reloads from a folder
-    before = greedy_metric(LanguageModel(model_dir, device=args.device), env_id, "test", args.eval_samples,
-                           args.max_new_tokens, metric_name)
-    report = {"task": args.task, "metric": metric_name, "completions": args.completions, "test_metric_before": before}
+    shutil.copytree(
+        BUILTIN_MODELS[textenvs.TINY], model_dir, dirs_exist_ok=True
+    )  # TRL reloads from a folder
+    before = greedy_metric(
+        LanguageModel(model_dir, device=args.device),
+        env_id,
+        "test",
+        args.eval_samples,
+        args.max_new_tokens,
+        metric_name,
+    )
+    report = {
+        "task": args.task,
+        "metric": metric_name,
+        "completions": args.completions,
+        "test_metric_before": before,
+    }
     for name in args.trainers:
         if name == "textenvs_ppo":
-            trainer = TokenPPO(TokenPPOConfig(env_id=env_id, model=model_dir, reward=metric_name, num_envs=args.batch,
-                                              max_new_tokens=args.max_new_tokens, total_episodes=args.completions,
-                                              learning_rate=args.learning_rate, kl_coef=args.kl_coef,
-                                              num_epochs=args.ppo_epochs,
-                                              device=args.device, seed=args.seed, eval_samples=args.eval_samples))
+            trainer = TokenPPO(
+                TokenPPOConfig(
+                    env_id=env_id,
+                    model=model_dir,
+                    reward=metric_name,
+                    num_envs=args.batch,
+                    max_new_tokens=args.max_new_tokens,
+                    total_episodes=args.completions,
+                    learning_rate=args.learning_rate,
+                    kl_coef=args.kl_coef,
+                    num_epochs=args.ppo_epochs,
+                    device=args.device,
+                    seed=args.seed,
+                    eval_samples=args.eval_samples,
+                )
+            )
             start = time.time()
             trainer.train(progress=False)
             wall = time.time() - start
-            report[name] = {"test_metric_after": trainer.evaluate(), "completions": trainer.iteration * args.batch,
-                            "completions_per_s": trainer.iteration * args.batch / wall, "wall_s": round(wall, 1),
-                            "final_kl": trainer.history[-1]["kl"]}
+            report[name] = {
+                "test_metric_after": trainer.evaluate(),
+                "completions": trainer.iteration * args.batch,
+                "completions_per_s": trainer.iteration * args.batch / wall,
+                "wall_s": round(wall, 1),
+                "final_kl": trainer.history[-1]["kl"],
+            }
         else:
             report[name] = run_trl(name, model_dir, args, metric_name)
         print(json.dumps({name: report[name]}), flush=True)

@@ -63,9 +63,23 @@ class Budget:
 
 
 PRESETS = {
-    "quick": Budget(seeds=3, q_steps=1500, ppo_steps=2048, token_ppo_episodes=384, eval_points=2, eval_samples=32,
-                    horizon=8),
-    "full": Budget(seeds=5, q_steps=8000, ppo_steps=16000, token_ppo_episodes=1024, eval_points=5, eval_samples=100),
+    "quick": Budget(
+        seeds=3,
+        q_steps=1500,
+        ppo_steps=2048,
+        token_ppo_episodes=384,
+        eval_points=2,
+        eval_samples=32,
+        horizon=8,
+    ),
+    "full": Budget(
+        seeds=5,
+        q_steps=8000,
+        ppo_steps=16000,
+        token_ppo_episodes=1024,
+        eval_points=5,
+        eval_samples=100,
+    ),
 }
 
 
@@ -84,15 +98,25 @@ def applies(agent: str, env_id: str) -> bool:
 
 def env_kwargs(budget: Budget, model: str, extra: dict | None = None) -> dict:
     """The same keyword arguments for every env id (the knob names are shared by both env kinds)."""
-    return {"model": model, "token_mode": "topk", "k": budget.k, "max_steps": budget.horizon, **(extra or {})}
+    return {
+        "model": model,
+        "token_mode": "topk",
+        "k": budget.k,
+        "max_steps": budget.horizon,
+        **(extra or {}),
+    }
 
 
 def test_env(env_id: str, kwargs: dict) -> gym.Env:
-    """The test-split env in a ``Discrete`` action space: edits flattened (with an exact action mask)."""
+    """The test-split env in a ``Discrete`` action space: edits flattened (with an exact action
+    mask).
+    """
     from textenvs.wrappers import FlattenEditActions
 
     env = gym.make(env_id, split="test", **kwargs)
-    return FlattenEditActions(env) if isinstance(env.action_space, gym.spaces.MultiDiscrete) else env
+    return (
+        FlattenEditActions(env) if isinstance(env.action_space, gym.spaces.MultiDiscrete) else env
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +124,9 @@ def test_env(env_id: str, kwargs: dict) -> gym.Env:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_cell(agent: str, env_id: str, seed: int, budget: Budget, model: str, extra: dict | None = None) -> dict:
+def run_cell(
+    agent: str, env_id: str, seed: int, budget: Budget, model: str, extra: dict | None = None
+) -> dict:
     """Train one agent on one env for one seed; the learning curve on the test split."""
     from agents.common import evaluate_policy
 
@@ -110,7 +136,9 @@ def run_cell(agent: str, env_id: str, seed: int, budget: Budget, model: str, ext
 
     def record(steps: int, policy, env: gym.Env) -> None:
         result = evaluate_policy(env, policy, max_samples=budget.eval_samples)
-        curve.append({"steps": steps, "metric": result["mean_metric"], "metrics": result["metrics"]})
+        curve.append(
+            {"steps": steps, "metric": result["mean_metric"], "metrics": result["metrics"]}
+        )
 
     if agent in ("random", "greedy"):
         env = test_env(env_id, kwargs)
@@ -119,27 +147,37 @@ def run_cell(agent: str, env_id: str, seed: int, budget: Budget, model: str, ext
 
         def policy(obs, mask):
             if agent == "greedy":
-                return 0  # top-k: the LM's most likely token; flattened edits: stop (keep the draft)
-            return int(rng.choice(np.flatnonzero(mask))) if mask is not None else int(rng.integers(n))
+                return (
+                    0  # top-k: the LM's most likely token; flattened edits: stop (keep the draft)
+                )
+            return (
+                int(rng.choice(np.flatnonzero(mask))) if mask is not None else int(rng.integers(n))
+            )
 
         record(0, policy, env)
         steps = 0
     elif agent == "qlearning":
         from agents.qlearning import QLearning, QLearningConfig, make_tabular_env
 
-        rest = {k: v for k, v in kwargs.items() if k not in ("k", "token_mode")}  # the helper sets those
+        rest = {
+            k: v for k, v in kwargs.items() if k not in ("k", "token_mode")
+        }  # the helper sets those
         train = make_tabular_env(env_id, "train", budget.k, "hash", 6, 64, seed, n_fit=256, **rest)
         test = make_tabular_env(env_id, "test", budget.k, "hash", 6, 64, seed, fitted=train, **rest)
         learner = QLearning(train, QLearningConfig(seed=seed))
         greedy = lambda obs, mask: learner.act(obs, 0.0, mask)  # noqa: E731
         record(0, greedy, test)
         every = max(1, budget.q_steps // budget.eval_points)
-        learner.learn(budget.q_steps, callback=lambda s: record(s, greedy, test), callback_every=every)
+        learner.learn(
+            budget.q_steps, callback=lambda s: record(s, greedy, test), callback_every=every
+        )
         steps = budget.q_steps
     elif agent in ("ppo", "maskable_ppo"):
         from agents import sb3
 
-        config = sb3.SB3Config(algo=agent, num_envs=budget.num_envs, seed=seed, n_steps=32, batch_size=64)
+        config = sb3.SB3Config(
+            algo=agent, num_envs=budget.num_envs, seed=seed, n_steps=32, batch_size=64
+        )
         model_ = sb3.build(env_id, config, **kwargs)
         env = gym.make(env_id, split="test", **kwargs)  # the native space the SB3 model acts in
         policy = sb3.deterministic_policy(model_)
@@ -154,9 +192,18 @@ def run_cell(agent: str, env_id: str, seed: int, budget: Budget, model: str, ext
         from agents.token_ppo import TokenPPO, TokenPPOConfig
 
         num_envs = min(16, budget.token_ppo_episodes)
-        trainer = TokenPPO(TokenPPOConfig(env_id=env_id, model=model, num_envs=num_envs, seed=seed,
-                                          max_new_tokens=budget.horizon, total_episodes=budget.token_ppo_episodes,
-                                          minibatch_size=8, eval_samples=budget.eval_samples))
+        trainer = TokenPPO(
+            TokenPPOConfig(
+                env_id=env_id,
+                model=model,
+                num_envs=num_envs,
+                seed=seed,
+                max_new_tokens=budget.horizon,
+                total_episodes=budget.token_ppo_episodes,
+                minibatch_size=8,
+                eval_samples=budget.eval_samples,
+            )
+        )
         steps = 0
         curve.append({"steps": 0, **_token_ppo_eval(trainer, budget)})
         per_point = max(1, trainer.iterations // budget.eval_points)
@@ -166,16 +213,29 @@ def run_cell(agent: str, env_id: str, seed: int, budget: Budget, model: str, ext
             curve.append({"steps": steps, **_token_ppo_eval(trainer, budget)})
     else:
         raise ValueError(f"Unknown agent {agent!r}: choose from {list(AGENTS)}.")
-    return {"agent": agent, "env_id": env_id, "seed": seed, "steps": steps, "wall_s": round(time.time() - start, 2),
-            "final_metric": curve[-1]["metric"], "curve": curve}
+    return {
+        "agent": agent,
+        "env_id": env_id,
+        "seed": seed,
+        "steps": steps,
+        "wall_s": round(time.time() - start, 2),
+        "final_metric": curve[-1]["metric"],
+        "curve": curve,
+    }
 
 
 def _token_ppo_eval(trainer, budget: Budget) -> dict:
-    """Greedy decoding of the current policy on the test split, per sample (the env's own metric)."""
+    """Greedy decoding of the current policy on the test split, per sample (the env's metric)."""
     from agents.common import evaluate_policy
 
-    env = gym.make(trainer.config.env_id, model=trainer.lm, split="test", token_mode="topk", k=1,
-                   max_steps=trainer.config.max_new_tokens)
+    env = gym.make(
+        trainer.config.env_id,
+        model=trainer.lm,
+        split="test",
+        token_mode="topk",
+        k=1,
+        max_steps=trainer.config.max_new_tokens,
+    )
     result = evaluate_policy(env, lambda obs, mask: 0, max_samples=budget.eval_samples)
     return {"metric": result["mean_metric"], "metrics": result["metrics"]}
 
@@ -194,27 +254,35 @@ def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0) -> tuple[float, floa
 
 
 def iqm(values) -> float:
-    """Interquartile mean across seeds (Agarwal et al. 2021, rliable): the mean of the middle 50%."""
+    """Interquartile mean across seeds (Agarwal et al. 2021, rliable): the middle 50%'s mean."""
     from scipy.stats import trim_mean
 
     return float(trim_mean(np.asarray(values, dtype=np.float64), 0.25))
 
 
-def hierarchical_bootstrap(per_seed: list, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+def hierarchical_bootstrap(
+    per_seed: list, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """Mean over seeds of the per-seed means, and its 95% CI from a two-level bootstrap.
 
     Each replicate resamples the seeds, then the test samples within each resampled seed, so the
     CI covers both the training noise (seeds) and the evaluation noise (which test samples).
 
     Args:
-        per_seed: One array of per-sample values per seed (per-sample differences for a paired test).
+        per_seed: One array of per-sample values per seed (per-sample differences for a paired
+        test).
     """
     rng = np.random.default_rng(seed)
     per_seed = [np.asarray(x, dtype=np.float64) for x in per_seed]
     means = np.empty(n_boot)
     for b in range(n_boot):
         picked = rng.integers(len(per_seed), size=len(per_seed))
-        means[b] = np.mean([per_seed[i][rng.integers(len(per_seed[i]), size=len(per_seed[i]))].mean() for i in picked])
+        means[b] = np.mean(
+            [
+                per_seed[i][rng.integers(len(per_seed[i]), size=len(per_seed[i]))].mean()
+                for i in picked
+            ]
+        )
     point = float(np.mean([x.mean() for x in per_seed]))
     return point, float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
@@ -225,7 +293,8 @@ def final_per_sample(cell: dict) -> np.ndarray:
 
 
 def aggregate(cells: list[dict]) -> list[dict]:
-    """One row per (env, agent): the final test metric over seeds and samples, and paired differences.
+    """One row per (env, agent): the final test metric over seeds and samples, and paired
+    differences.
 
     ``vs_random`` / ``vs_greedy``: the agent's per-sample metric minus the baseline's on the same
     test sample and seed, through :func:`hierarchical_bootstrap`; present where the baseline ran.
@@ -242,18 +311,34 @@ def aggregate(cells: list[dict]) -> list[dict]:
                 continue
             seeds = sorted(runs)
             mean, low, high = hierarchical_bootstrap([final_per_sample(runs[s]) for s in seeds])
-            row = {"env_id": env_id, "agent": agent, "seeds": len(seeds), "mean": mean, "ci_low": low,
-                   "ci_high": high, "iqm": iqm([runs[s]["final_metric"] for s in seeds]),
-                   "steps": max(runs[s]["steps"] for s in seeds)}
+            row = {
+                "env_id": env_id,
+                "agent": agent,
+                "seeds": len(seeds),
+                "mean": mean,
+                "ci_low": low,
+                "ci_high": high,
+                "iqm": iqm([runs[s]["final_metric"] for s in seeds]),
+                "steps": max(runs[s]["steps"] for s in seeds),
+            }
             for base in ("random", "greedy"):
                 baseline = by_agent.get(base, {})
                 if agent == base:
                     continue
-                diffs = [final_per_sample(runs[s]) - final_per_sample(baseline[s]) for s in seeds
-                         if s in baseline and len(final_per_sample(baseline[s])) == len(final_per_sample(runs[s]))]
+                diffs = [
+                    final_per_sample(runs[s]) - final_per_sample(baseline[s])
+                    for s in seeds
+                    if s in baseline
+                    and len(final_per_sample(baseline[s])) == len(final_per_sample(runs[s]))
+                ]
                 if diffs:
                     d, lo, hi = hierarchical_bootstrap(diffs)
-                    row[f"vs_{base}"] = {"diff": d, "ci_low": lo, "ci_high": hi, "excludes_zero": lo > 0 or hi < 0}
+                    row[f"vs_{base}"] = {
+                        "diff": d,
+                        "ci_low": lo,
+                        "ci_high": hi,
+                        "excludes_zero": lo > 0 or hi < 0,
+                    }
             rows.append(row)
     return rows
 
@@ -266,12 +351,17 @@ def _difference(row: dict, key: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| env | agent | seeds | test metric, mean (95% CI) | - random (95% CI) | - greedy (95% CI) | IQM | steps |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| env | agent | seeds | test metric, mean (95% CI) | - random (95% CI) | - greedy (95% "
+        "CI) | IQM | steps |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['env_id'].split('/')[-1]} | {r['agent']} | {r['seeds']} | {r['mean']:.4f} "
-                     f"({r['ci_low']:.4f}, {r['ci_high']:.4f}) | {_difference(r, 'vs_random')} | "
-                     f"{_difference(r, 'vs_greedy')} | {r['iqm']:.4f} | {r['steps']} |")
+        lines.append(
+            f"| {r['env_id'].split('/')[-1]} | {r['agent']} | {r['seeds']} | {r['mean']:.4f} "
+            f"({r['ci_low']:.4f}, {r['ci_high']:.4f}) | {_difference(r, 'vs_random')} | "
+            f"{_difference(r, 'vs_greedy')} | {r['iqm']:.4f} | {r['steps']} |"
+        )
     return "\n".join(lines)
 
 
@@ -291,7 +381,12 @@ def plot(cells: list[dict], rows: list[dict], out: Path) -> list[Path]:
                 continue
             if len(runs[0]) == 1:  # a baseline: a level line
                 values = [r[0]["metric"] for r in runs]
-                ax.axhline(np.mean(values), linestyle="--", label=agent, color="gray" if agent == "random" else "black")
+                ax.axhline(
+                    np.mean(values),
+                    linestyle="--",
+                    label=agent,
+                    color="gray" if agent == "random" else "black",
+                )
                 continue
             n = min(len(r) for r in runs)
             x = np.mean([[p["steps"] for p in r[:n]] for r in runs], axis=0)
@@ -311,7 +406,9 @@ def plot(cells: list[dict], rows: list[dict], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
     labels = [f"{r['env_id'].split('/')[-1].replace('-v0', '')}\n{r['agent']}" for r in rows]
     means = [r["mean"] for r in rows]
-    errors = np.array([[r["mean"] - r["ci_low"] for r in rows], [r["ci_high"] - r["mean"] for r in rows]])
+    errors = np.array(
+        [[r["mean"] - r["ci_low"] for r in rows], [r["ci_high"] - r["mean"] for r in rows]]
+    )
     ax.bar(range(len(rows)), means, yerr=errors, capsize=3)
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_ylabel("final test metric (95% CI)")
@@ -325,8 +422,21 @@ def plot(cells: list[dict], rows: list[dict], out: Path) -> list[Path]:
 def throughput_figures(model: str) -> dict:
     from benchmarks import throughput
 
-    args = ["--json", "--model", model, "--episodes", "2", "--episode-length", "32", "--edit-steps", "30",
-            "--vector-episodes", "1", "--memory-steps", "1000"]
+    args = [
+        "--json",
+        "--model",
+        model,
+        "--episodes",
+        "2",
+        "--episode-length",
+        "32",
+        "--edit-steps",
+        "30",
+        "--vector-episodes",
+        "1",
+        "--memory-steps",
+        "1000",
+    ]
     return throughput.measure(throughput.parse_args(args))
 
 
@@ -340,27 +450,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="3 seeds, small budgets (the default)")
     mode.add_argument("--full", action="store_true", help="5 seeds, larger budgets")
-    p.add_argument("--env-id", nargs="+", default=list(DEFAULT_ENVS), help="any registered textenvs id")
+    p.add_argument(
+        "--env-id", nargs="+", default=list(DEFAULT_ENVS), help="any registered textenvs id"
+    )
     p.add_argument("--agents", nargs="+", default=list(AGENTS))
-    p.add_argument("--model", default=textenvs.TINY, help="textenvs/tiny, a save_pretrained folder or a hub name")
+    p.add_argument(
+        "--model",
+        default=textenvs.TINY,
+        help="textenvs/tiny, a save_pretrained folder or a hub name",
+    )
     p.add_argument("--seeds", type=int, help="override the preset's number of seeds")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply every training budget (tests use 0.01)")
-    p.add_argument("--eval-samples", type=int, help="override the preset's test samples per evaluation point")
-    p.add_argument("--eval-points", type=int, help="override the preset's evaluation points per learning curve")
+    p.add_argument(
+        "--scale", type=float, default=1.0, help="multiply every training budget (tests use 0.01)"
+    )
+    p.add_argument(
+        "--eval-samples", type=int, help="override the preset's test samples per evaluation point"
+    )
+    p.add_argument(
+        "--eval-points", type=int, help="override the preset's evaluation points per learning curve"
+    )
     p.add_argument("--q-steps", type=int, help="override the preset's Q-learning steps")
-    p.add_argument("--ppo-steps", type=int, help="override the preset's SB3 PPO / MaskablePPO steps")
-    p.add_argument("--token-ppo-episodes", type=int, help="override the preset's token-PPO episodes")
-    p.add_argument("--env-kwargs", type=json.loads, default={},
-                   help='JSON of extra keyword arguments for every env, e.g. \'{"max_len": 24}\'')
+    p.add_argument(
+        "--ppo-steps", type=int, help="override the preset's SB3 PPO / MaskablePPO steps"
+    )
+    p.add_argument(
+        "--token-ppo-episodes", type=int, help="override the preset's token-PPO episodes"
+    )
+    p.add_argument(
+        "--env-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON of extra keyword arguments for every env, e.g. '{\"max_len\": 24}'",
+    )
     p.add_argument("--out", default="results/bench")
-    p.add_argument("--resume", action="store_true", help="keep the finished cells in --out and run the rest")
+    p.add_argument(
+        "--resume", action="store_true", help="keep the finished cells in --out and run the rest"
+    )
     p.add_argument("--overwrite", action="store_true", help="delete --out first")
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput figures")
     args = p.parse_args(argv)
     textenvs_ids = [i for i in gym.registry if i.startswith("textenvs/")]
     for env_id in args.env_id:
         if env_id not in gym.registry:
-            p.error(f"unknown env id {env_id!r}; registered textenvs ids: {', '.join(textenvs_ids)}")
+            p.error(
+                f"unknown env id {env_id!r}; registered textenvs ids: {', '.join(textenvs_ids)}"
+            )
     for agent in args.agents:
         if agent not in AGENTS:
             p.error(f"unknown agent {agent!r}; valid agents: {', '.join(AGENTS)}")
@@ -369,13 +503,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def budget_for(args: argparse.Namespace) -> Budget:
     budget = Budget(**asdict(PRESETS["full" if args.full else "quick"]))
-    for name in ("seeds", "eval_samples", "eval_points", "q_steps", "ppo_steps", "token_ppo_episodes"):
+    for name in (
+        "seeds",
+        "eval_samples",
+        "eval_points",
+        "q_steps",
+        "ppo_steps",
+        "token_ppo_episodes",
+    ):
         if getattr(args, name):
             setattr(budget, name, getattr(args, name))
     for name in ("q_steps", "ppo_steps", "token_ppo_episodes"):
         setattr(budget, name, max(1, int(getattr(budget, name) * args.scale)))
     if args.scale < 1:
-        budget.ppo_steps = max(budget.ppo_steps, budget.num_envs * 32 * budget.eval_points)  # one SB3 rollout a point
+        budget.ppo_steps = max(
+            budget.ppo_steps, budget.num_envs * 32 * budget.eval_points
+        )  # one SB3 rollout a point
         budget.token_ppo_episodes = max(budget.token_ppo_episodes, 4)
     return budget
 
@@ -387,16 +530,23 @@ def main(argv: list[str] | None = None) -> dict:
     budget = budget_for(args)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
-        raise SystemExit(f"{out} exists and is not empty: pass --resume to keep its finished cells or --overwrite "
-                         "to start over.")
+        raise SystemExit(
+            f"{out} exists and is not empty: pass --resume to keep its finished cells or "
+            "--overwrite to start over."
+        )
     if args.overwrite:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     raw = out / "cells.jsonl"
     cells = [json.loads(line) for line in raw.read_text().splitlines()] if raw.exists() else []
     done = {(c["agent"], c["env_id"], c["seed"]) for c in cells}
-    todo = [(a, e, s) for e in args.env_id for s in range(budget.seeds) for a in args.agents
-            if applies(a, e) and (a, e, s) not in done]
+    todo = [
+        (a, e, s)
+        for e in args.env_id
+        for s in range(budget.seeds)
+        for a in args.agents
+        if applies(a, e) and (a, e, s) not in done
+    ]
     start = time.time()
     interrupted = False
     with tqdm(total=len(todo) + len(done), initial=len(done), desc="suite", unit="cell") as bar:
@@ -410,16 +560,25 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.update()
         except KeyboardInterrupt:
             interrupted = True
-            print(f"\ninterrupted: {len(cells)} finished cells kept in {raw}; rerun with --resume", file=sys.stderr)
+            print(
+                f"\ninterrupted: {len(cells)} finished cells kept in {raw}; rerun with --resume",
+                file=sys.stderr,
+            )
     rows = aggregate(cells)
     report = {
         "config": {**vars(args), "budget": asdict(budget)},
         "cells": cells,
         "rows": rows,
-        "wall_s": round(time.time() - start, 1),  # this invocation (a --resume run only counts its own cells)
+        "wall_s": round(
+            time.time() - start, 1
+        ),  # this invocation (a --resume run only counts its own cells)
         "cells_wall_s": round(sum(c["wall_s"] for c in cells), 1),
         "interrupted": interrupted,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": sys.version.split()[0]},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "python": sys.version.split()[0],
+        },
         "versions": _versions(),
     }
     if not args.no_throughput and not interrupted:
@@ -439,7 +598,14 @@ def _versions() -> dict:
     import importlib.metadata as md
 
     out = {}
-    for name in ("textenvs", "torch", "transformers", "gymnasium", "stable-baselines3", "sb3-contrib"):
+    for name in (
+        "textenvs",
+        "torch",
+        "transformers",
+        "gymnasium",
+        "stable-baselines3",
+        "sb3-contrib",
+    ):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:

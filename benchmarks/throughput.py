@@ -61,7 +61,8 @@ from textenvs.envs.generate import TextGenerationEnv
 
 
 def recompute_forward(lm, seq, tokens: list[int]):
-    """``tokens`` appended to ``seq`` the way a text-only env must: the whole sequence run again, no cache reuse.
+    """``tokens`` appended to ``seq`` the way a text-only env must: the whole sequence run again, no
+    cache reuse.
 
     Returns the hidden states and logits of the new positions, as :meth:`TextEnv.forward` does.
     """
@@ -89,7 +90,9 @@ def _non_eos_actions(env: TextGenerationEnv, rng: np.random.Generator, n: int) -
     return [int(a) if a != env.lm.eos_token_id else int(a) + 1 for a in actions]
 
 
-def time_env_steps(env: TextGenerationEnv, episodes: int, length: int, seed: int, resets: bool = False) -> float:
+def time_env_steps(
+    env: TextGenerationEnv, episodes: int, length: int, seed: int, resets: bool = False
+) -> float:
     """Steps per second over ``episodes`` full episodes, reset time excluded unless ``resets``."""
     rng = np.random.default_rng(seed)
     steps, elapsed = 0, 0.0
@@ -155,8 +158,15 @@ def time_edit_steps(env: TextEditEnv, text: str, n_steps: int, seed: int) -> flo
 
 
 def measure_edit(args: argparse.Namespace, model) -> dict:
-    kwargs = dict(model=model, task="summarize", max_len=args.edit_length + 32, max_steps=10**9, token_mode="topk",
-                  obs="positions", device=args.device)
+    kwargs = dict(
+        model=model,
+        task="summarize",
+        max_len=args.edit_length + 32,
+        max_steps=10**9,
+        token_mode="topk",
+        obs="positions",
+        device=args.device,
+    )
     env = TextEditEnv(**kwargs)
     full = FullRecomputeEditEnv(**kwargs)
     env.reset(seed=args.seed)
@@ -178,7 +188,7 @@ def measure_edit(args: argparse.Namespace, model) -> dict:
 
 
 def time_edit_vector_steps(envs, text: str, n_steps: int, seed: int) -> float:
-    """Sub-env steps per second of the batched edit env, every sub-env editing ``text`` at random."""
+    """Sub-env steps per second of the batched edit env, each sub-env editing ``text`` at random."""
     rng = np.random.default_rng(seed)
     envs.reset(seed=seed, options={"text": text})
     elapsed = 0.0
@@ -213,8 +223,9 @@ def time_vector_steps(envs, episodes: int, length: int, seed: int) -> float:
     return steps / elapsed
 
 
-def time_batched_forward(lm, prompts: list[str], length: int, seed: int, prefill: bool = False,
-                         whole: bool = False) -> float:
+def time_batched_forward(
+    lm, prompts: list[str], length: int, seed: int, prefill: bool = False, whole: bool = False
+) -> float:
     """Tokens per second of the bare batched incremental forward: one cache, no env.
 
     ``whole=False`` (the bound): every prompt cut to the shortest, so the rows have equal lengths
@@ -238,22 +249,35 @@ def time_batched_forward(lm, prompts: list[str], length: int, seed: int, prefill
     positions = lengths[:, None].to(lm.device) if whole else None
     mask = mask.to(lm.device) if whole else None
     with torch.inference_mode():
-        tokens = torch.from_numpy(rng.integers(1, lm.vocab_size, size=(length, len(prompts)))).to(lm.device)
+        tokens = torch.from_numpy(rng.integers(1, lm.vocab_size, size=(length, len(prompts)))).to(
+            lm.device
+        )
         ones = torch.ones(len(prompts), 1, dtype=torch.long, device=lm.device)
         cache = DynamicCache()
         prefill_start = time.perf_counter()
-        out = lm.model(input_ids=batch.to(lm.device), attention_mask=mask, past_key_values=cache, use_cache=True,
-                       output_hidden_states=True, **({"logits_to_keep": 1} if lm.keeps_logits else {}))
+        out = lm.model(
+            input_ids=batch.to(lm.device),
+            attention_mask=mask,
+            past_key_values=cache,
+            use_cache=True,
+            output_hidden_states=True,
+            **({"logits_to_keep": 1} if lm.keeps_logits else {}),
+        )
         out.logits.float().cpu()
         start = prefill_start if prefill else time.perf_counter()
         for t in range(length):
             if whole:
                 mask = torch.cat([mask, ones], dim=1)
-            # the mask in the form the env hands the model (a ready 4D mask where the model takes one)
+            # the mask in the form the env hands the model (a ready 4D mask where it takes one)
             step_mask = mask.bool()[:, None, None, :] if whole and mask_4d else mask
-            out = lm.model(input_ids=tokens[t][:, None], attention_mask=step_mask,
-                           position_ids=None if positions is None else positions + t, past_key_values=cache,
-                           use_cache=True, output_hidden_states=True)
+            out = lm.model(
+                input_ids=tokens[t][:, None],
+                attention_mask=step_mask,
+                position_ids=None if positions is None else positions + t,
+                past_key_values=cache,
+                use_cache=True,
+                output_hidden_states=True,
+            )
             out.logits.float().cpu()  # what an env needs back on the host
         elapsed = time.perf_counter() - start
     return len(prompts) * length / elapsed
@@ -261,10 +285,18 @@ def time_batched_forward(lm, prompts: list[str], length: int, seed: int, prefill
 
 def measure_vector(args: argparse.Namespace, model) -> dict:
     n, length = args.num_envs, args.episode_length
-    envs = gym.make_vec("textenvs/Summarize-v0", num_envs=n, model=model, max_steps=length, device=args.device)
+    envs = gym.make_vec(
+        "textenvs/Summarize-v0", num_envs=n, model=model, max_steps=length, device=args.device
+    )
     time_vector_steps(envs, 1, 4, args.seed)  # warm-up
-    terminal = gym.make_vec("textenvs/Summarize-v0", num_envs=n, model=model, max_steps=length,
-                            device=args.device, dense=False)
+    terminal = gym.make_vec(
+        "textenvs/Summarize-v0",
+        num_envs=n,
+        model=model,
+        max_steps=length,
+        device=args.device,
+        dense=False,
+    )
     lm = envs.unwrapped.lm
     # Every figure is the median of --repeats rounds, each round timing all of them in turn, so a
     # slow spell of a shared machine hits the env and its bounds alike.
@@ -272,14 +304,18 @@ def measure_vector(args: argparse.Namespace, model) -> dict:
     for r in range(args.repeats):
         seed = args.seed + r
         envs.reset(seed=seed)
-        prompts = [env.prompt for env in envs.unwrapped.envs]  # the prompts of the round's first episodes
-        rounds.append((
-            time_vector_steps(envs, args.vector_episodes, length, seed),
-            time_vector_steps(terminal, args.vector_episodes, length, seed),
-            time_batched_forward(lm, prompts, length, seed),
-            time_batched_forward(lm, prompts, length, seed, prefill=True),
-            time_batched_forward(lm, prompts, length, seed, prefill=True, whole=True),
-        ))
+        prompts = [
+            env.prompt for env in envs.unwrapped.envs
+        ]  # the prompts of the round's first episodes
+        rounds.append(
+            (
+                time_vector_steps(envs, args.vector_episodes, length, seed),
+                time_vector_steps(terminal, args.vector_episodes, length, seed),
+                time_batched_forward(lm, prompts, length, seed),
+                time_batched_forward(lm, prompts, length, seed, prefill=True),
+                time_batched_forward(lm, prompts, length, seed, prefill=True, whole=True),
+            )
+        )
     vector, vector_terminal, bound, bound_prefill, model_work = np.median(rounds, axis=0)
     rss = []
     rng = np.random.default_rng(args.seed)
@@ -289,32 +325,47 @@ def measure_vector(args: argparse.Namespace, model) -> dict:
         envs.step(rng.integers(envs.single_action_space.n, size=n))
         if step + 1 in (steps // 10, steps):  # after the first tenth of the run, and at its end
             rss.append(rss_mb())
-    return {"num_envs": n, "vector_steps_per_s": round(vector, 1), "batched_bound_steps_per_s": round(bound, 1),
-            "vector_ratio_to_bound": round(vector / bound, 3),
-            "vector_terminal_steps_per_s": round(vector_terminal, 1),
-            "vector_terminal_ratio_to_bound": round(vector_terminal / bound, 3),
-            "batched_bound_with_prefill_steps_per_s": round(bound_prefill, 1),
-            "vector_ratio_to_bound_with_prefill": round(vector / bound_prefill, 3),
-            "batched_model_work_steps_per_s": round(model_work, 1),
-            "vector_ratio_to_model_work": round(vector / model_work, 3),
-            "memory_env_steps": args.memory_steps,
-            "vector_rss_mb_first": round(rss[0], 1), "vector_rss_mb_last": round(rss[-1], 1)}
+    return {
+        "num_envs": n,
+        "vector_steps_per_s": round(vector, 1),
+        "batched_bound_steps_per_s": round(bound, 1),
+        "vector_ratio_to_bound": round(vector / bound, 3),
+        "vector_terminal_steps_per_s": round(vector_terminal, 1),
+        "vector_terminal_ratio_to_bound": round(vector_terminal / bound, 3),
+        "batched_bound_with_prefill_steps_per_s": round(bound_prefill, 1),
+        "vector_ratio_to_bound_with_prefill": round(vector / bound_prefill, 3),
+        "batched_model_work_steps_per_s": round(model_work, 1),
+        "vector_ratio_to_model_work": round(vector / model_work, 3),
+        "memory_env_steps": args.memory_steps,
+        "vector_rss_mb_first": round(rss[0], 1),
+        "vector_rss_mb_last": round(rss[-1], 1),
+    }
 
 
 def random_gpt2(size: str) -> str:
-    """A randomly initialised GPT-2 of a standard layout with the tiny tokenizer, saved to a temp folder."""
+    """A randomly initialised GPT-2 of a standard layout with the tiny tokenizer, saved to a temp
+    folder.
+    """
     import tempfile
 
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    layouts = {"small": dict(n_layer=12, n_embd=768, n_head=12), "medium": dict(n_layer=24, n_embd=1024, n_head=16)}
+    layouts = {
+        "small": dict(n_layer=12, n_embd=768, n_head=12),
+        "medium": dict(n_layer=24, n_embd=1024, n_head=16),
+    }
     if size not in layouts:
         raise SystemExit(f"--random-gpt2 must be one of {list(layouts)}, got {size!r}.")
     folder = tempfile.mkdtemp(prefix=f"textenvs-gpt2-{size}-")
     tokenizer = AutoTokenizer.from_pretrained(textenvs.lm.BUILTIN_MODELS[textenvs.TINY])
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, eos_token_id=tokenizer.eos_token_id,
-                        bos_token_id=tokenizer.eos_token_id, **layouts[size])
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=1024,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        **layouts[size],
+    )
     GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
@@ -330,12 +381,18 @@ def measure(args: argparse.Namespace) -> dict:
     time_env_steps(env, 1, length, seed)  # warm-up: allocator, lazy init
     raw = np.median([time_raw_forward(env, n, length, seed + r) for r in range(args.repeats)])
     env_sps = np.median([time_env_steps(env, n, length, seed + r) for r in range(args.repeats)])
-    env_resets_sps = np.median([time_env_steps(env, n, length, seed + r, resets=True) for r in range(args.repeats)])
-    naive_sps = np.median([time_env_steps(naive, max(1, n // 2), length, seed + r) for r in range(args.repeats)])
+    env_resets_sps = np.median(
+        [time_env_steps(env, n, length, seed + r, resets=True) for r in range(args.repeats)]
+    )
+    naive_sps = np.median(
+        [time_env_steps(naive, max(1, n // 2), length, seed + r) for r in range(args.repeats)]
+    )
     edit = measure_edit(args, model)
     vector = measure_vector(args, model)
     vector["vector_speedup_vs_single"] = round(vector["vector_steps_per_s"] / env_sps, 2)
-    vector["vector_speedup_vs_single_with_resets"] = round(vector["vector_steps_per_s"] / env_resets_sps, 2)
+    vector["vector_speedup_vs_single_with_resets"] = round(
+        vector["vector_steps_per_s"] / env_resets_sps, 2
+    )
     return {
         "model": f"random GPT-2 {args.random_gpt2}" if args.random_gpt2 else args.model,
         "device": args.device,
@@ -356,7 +413,9 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Environment throughput against the raw and naive forwards.")
+    p = argparse.ArgumentParser(
+        description="Environment throughput against the raw and naive forwards."
+    )
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     p.add_argument("--model", default=textenvs.TINY)
     p.add_argument("--device", default="cpu")
@@ -366,9 +425,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--edit-steps", type=int, default=150)
     p.add_argument("--num-envs", type=int, default=16)
     p.add_argument("--vector-episodes", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="rounds per figure (the median is reported)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="rounds per figure (the median is reported)"
+    )
     p.add_argument("--memory-steps", type=int, default=10_000, help="env steps of the memory check")
-    p.add_argument("--random-gpt2", choices=["small", "medium"], help="measure a random GPT-2 of this layout")
+    p.add_argument(
+        "--random-gpt2", choices=["small", "medium"], help="measure a random GPT-2 of this layout"
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 

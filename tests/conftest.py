@@ -16,14 +16,18 @@ import textenvs  # noqa: E402  (registers the ids)
 ENV_IDS = list(textenvs.ENV_IDS)
 # Small episodes keep the parametrized checks fast; every id accepts these kwargs.
 FAST_KWARGS: dict[str, dict] = {
-    env_id: {"max_steps": 6} if env_id in textenvs.GENERATION_IDS else {"max_steps": 6, "max_len": 16}
+    env_id: {"max_steps": 6}
+    if env_id in textenvs.GENERATION_IDS
+    else {"max_steps": 6, "max_len": 16}
     for env_id in ENV_IDS
 }
 
 
 @pytest.fixture(scope="session", autouse=True)
 def sb3_log_folder(tmp_path_factory):
-    """SB3 makes a log folder per learn() (``$SB3_LOGDIR``, else a new /tmp/SB3-<date>): keep it in pytest's tmp."""
+    """SB3 makes a log folder per learn() (``$SB3_LOGDIR``, else a new /tmp/SB3-<date>): keep it in
+    pytest's tmp.
+    """
     folder = str(tmp_path_factory.mktemp("sb3_logs"))
     previous = os.environ.get("SB3_LOGDIR")
     os.environ["SB3_LOGDIR"] = folder
@@ -42,8 +46,15 @@ def random_gpt2_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("random_gpt2")
     tokenizer = AutoTokenizer.from_pretrained(textenvs.lm.BUILTIN_MODELS[textenvs.TINY])
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
-                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=256,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
     GPT2LMHeadModel(config).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return str(path)

@@ -1,4 +1,6 @@
-"""Agents: the Q-learning update by hand, FrozenLake, config errors, save/load, SB3 helpers, discretizer."""
+"""Agents: the Q-learning update by hand, FrozenLake, config errors, save/load, SB3 helpers,
+discretizer.
+"""
 
 from __future__ import annotations
 
@@ -21,13 +23,25 @@ def test_q_update_two_state_mdp_by_hand():
     q_update(q, s=1, a=1, r=3.0, s_next=0, terminal=True, alpha=0.5, gamma=0.9)
     assert q[1, 1] == pytest.approx(5.0 + 0.5 * (3.0 - 5.0))
     # A mask restricts the max over next actions: only action 0 (value 2) is valid in state 1.
-    q_update(q, s=0, a=1, r=0.0, s_next=1, terminal=False, alpha=1.0, gamma=1.0, next_mask=np.array([True, False]))
+    q_update(
+        q,
+        s=0,
+        a=1,
+        r=0.0,
+        s_next=1,
+        terminal=False,
+        alpha=1.0,
+        gamma=1.0,
+        next_mask=np.array([True, False]),
+    )
     assert q[0, 1] == pytest.approx(2.0)
 
 
 def test_learns_deterministic_frozenlake():
     env = gym.make("FrozenLake-v1", is_slippery=False, map_name="4x4")
-    agent = QLearning(env, QLearningConfig(learning_rate=0.5, gamma=0.95, epsilon_decay_fraction=0.6, seed=0))
+    agent = QLearning(
+        env, QLearningConfig(learning_rate=0.5, gamma=0.95, epsilon_decay_fraction=0.6, seed=0)
+    )
     agent.learn(8000)
     result = agent.evaluate(episodes=20)
     assert result["mean_return"] == 1.0
@@ -36,10 +50,18 @@ def test_learns_deterministic_frozenlake():
 @pytest.mark.parametrize(
     "env_factory,config,match",
     [
-        (lambda: gym.make("textenvs/Summarize-v0", token_mode="topk"), QLearningConfig(), "DiscretizeObservation"),
+        (
+            lambda: gym.make("textenvs/Summarize-v0", token_mode="topk"),
+            QLearningConfig(),
+            "DiscretizeObservation",
+        ),
         (lambda: gym.make("CartPole-v1"), QLearningConfig(), "DiscretizeObservation"),
         (lambda: gym.make("FrozenLake-v1"), QLearningConfig(learning_rate=0.0), "learning_rate"),
-        (lambda: gym.make("FrozenLake-v1"), QLearningConfig(require_action_masks=True), "FlattenEditActions"),
+        (
+            lambda: gym.make("FrozenLake-v1"),
+            QLearningConfig(require_action_masks=True),
+            "FlattenEditActions",
+        ),
     ],
 )
 def test_bad_configs_fail_at_construction(env_factory, config, match):
@@ -55,8 +77,13 @@ def test_multidiscrete_actions_need_the_flattener():
 
 def test_discretizer_is_deterministic_for_a_seed():
     make = lambda seed, method: DiscretizeObservation(  # noqa: E731
-        gym.make("textenvs/Translate-v0", token_mode="topk", k=3, max_steps=6), method=method, n_bits=6,
-        n_clusters=8, n_fit=48, seed=seed)
+        gym.make("textenvs/Translate-v0", token_mode="topk", k=3, max_steps=6),
+        method=method,
+        n_bits=6,
+        n_clusters=8,
+        n_fit=48,
+        seed=seed,
+    )
     for method in ("hash", "kmeans"):
         a, b = make(0, method), make(0, method)
         oa, _ = a.reset(seed=5)
@@ -69,8 +96,12 @@ def test_discretizer_is_deterministic_for_a_seed():
 
 
 def test_fitted_discretizer_is_reused_on_another_split():
-    train = make_tabular_env("textenvs/Summarize-v0", "train", 3, "kmeans", 4, 8, 0, n_fit=64, max_steps=4)
-    test = make_tabular_env("textenvs/Summarize-v0", "test", 3, "kmeans", 4, 8, 0, fitted=train, max_steps=4)
+    train = make_tabular_env(
+        "textenvs/Summarize-v0", "train", 3, "kmeans", 4, 8, 0, n_fit=64, max_steps=4
+    )
+    test = make_tabular_env(
+        "textenvs/Summarize-v0", "test", 3, "kmeans", 4, 8, 0, fitted=train, max_steps=4
+    )
     assert test.kmeans is train.kmeans
     x = np.random.default_rng(0).standard_normal(128).astype(np.float32)
     assert train.observation(x) == test.observation(x)
@@ -85,7 +116,9 @@ def test_discretizer_bad_arguments():
 
 
 def test_qlearning_round_trip_on_edit_env(tmp_path):
-    env = make_tabular_env("textenvs/EditSummary-v0", "train", 2, "hash", 6, 8, 0, n_fit=64, max_len=8, max_steps=4)
+    env = make_tabular_env(
+        "textenvs/EditSummary-v0", "train", 2, "hash", 6, 8, 0, n_fit=64, max_len=8, max_steps=4
+    )
     assert isinstance(env.env, FlattenEditActions)
     agent = QLearning(env, QLearningConfig(seed=0, require_action_masks=True))
     episodes = agent.learn(100)
@@ -95,16 +128,32 @@ def test_qlearning_round_trip_on_edit_env(tmp_path):
     loaded = QLearning.load(path, env)
     np.testing.assert_array_equal(loaded.q, agent.q)
     assert loaded.config == agent.config
-    test = make_tabular_env("textenvs/EditSummary-v0", "test", 2, "hash", 6, 8, 0, fitted=env, n_fit=64, max_len=8, max_steps=4)
+    test = make_tabular_env(
+        "textenvs/EditSummary-v0",
+        "test",
+        2,
+        "hash",
+        6,
+        8,
+        0,
+        fitted=env,
+        n_fit=64,
+        max_len=8,
+        max_steps=4,
+    )
     result = loaded.evaluate(test, max_samples=5)
     assert result["episodes"] == 5 and 0.0 <= result["mean_metric"] <= 1.0
-    other = make_tabular_env("textenvs/EditSummary-v0", "train", 3, "hash", 6, 8, 0, n_fit=64, max_len=8, max_steps=4)
+    other = make_tabular_env(
+        "textenvs/EditSummary-v0", "train", 3, "hash", 6, 8, 0, n_fit=64, max_len=8, max_steps=4
+    )
     with pytest.raises(ValueError, match="shape"):
         QLearning.load(path, other)
 
 
 def test_masked_exploration_only_picks_valid_actions():
-    env = make_tabular_env("textenvs/EditSummary-v0", "train", 2, "hash", 4, 8, 0, n_fit=32, max_len=6, max_steps=30)
+    env = make_tabular_env(
+        "textenvs/EditSummary-v0", "train", 2, "hash", 4, 8, 0, n_fit=32, max_len=6, max_steps=30
+    )
     agent = QLearning(env, QLearningConfig(seed=1))
     env.reset(seed=0)
     for _ in range(40):
@@ -128,7 +177,9 @@ def test_sb3_ppo_round_trip(tmp_path):
     from agents import sb3
 
     kwargs = {"token_mode": "topk", "k": 3, "max_steps": 4}
-    config = sb3.SB3Config(num_envs=2, n_steps=8, batch_size=8, n_epochs=1, tensorboard_log=str(tmp_path / "tb"))
+    config = sb3.SB3Config(
+        num_envs=2, n_steps=8, batch_size=8, n_epochs=1, tensorboard_log=str(tmp_path / "tb")
+    )
     model = sb3.build("textenvs/Summarize-v0", config, **kwargs)
     callback = sb3.metric_callback()
     model.learn(32, callback=callback)
@@ -147,11 +198,16 @@ def test_sb3_maskable_ppo_on_edit_env_and_bad_algo():
     from agents import sb3
 
     kwargs = {"k": 2, "max_len": 8, "max_steps": 3}
-    model = sb3.build("textenvs/EditSummary-v0", sb3.SB3Config(algo="maskable_ppo", num_envs=2, n_steps=8,
-                                                               batch_size=8, n_epochs=1), **kwargs)
+    model = sb3.build(
+        "textenvs/EditSummary-v0",
+        sb3.SB3Config(algo="maskable_ppo", num_envs=2, n_steps=8, batch_size=8, n_epochs=1),
+        **kwargs,
+    )
     model.learn(16)
     assert sb3.evaluate(model, "textenvs/EditSummary-v0", max_samples=2, **kwargs)["episodes"] == 2
     with pytest.raises(ValueError, match="action_masks"):
-        sb3.build("textenvs/Summarize-v0", sb3.SB3Config(algo="maskable_ppo", num_envs=2), max_steps=3)
+        sb3.build(
+            "textenvs/Summarize-v0", sb3.SB3Config(algo="maskable_ppo", num_envs=2), max_steps=3
+        )
     with pytest.raises(ValueError, match="algo="):
         sb3.build("textenvs/Summarize-v0", sb3.SB3Config(algo="dqn"))

@@ -1,4 +1,6 @@
-"""Batched forwards: padded / grouped tails, batched prompts and the lockstep batch equal single forwards."""
+"""Batched forwards: padded / grouped tails, batched prompts and the lockstep batch equal single
+forwards.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from textenvs.batching import LockstepBatch, extend_batch, plan_tail_groups, prefill_batch, takes_prepared_step_mask
+from textenvs.batching import (
+    LockstepBatch,
+    extend_batch,
+    plan_tail_groups,
+    prefill_batch,
+    takes_prepared_step_mask,
+)
 from textenvs.lm import BUILTIN_MODELS, TINY, LanguageModel, shared_model
 
 
@@ -15,12 +23,21 @@ def lm():
     return shared_model()
 
 
-@pytest.mark.parametrize("overhead", [0.0, 2.0, 1e9], ids=["one-forward-per-row", "grouped", "one-batch"])
+@pytest.mark.parametrize(
+    "overhead", [0.0, 2.0, 1e9], ids=["one-forward-per-row", "grouped", "one-batch"]
+)
 @pytest.mark.parametrize("tail_sizes", [[1, 1, 1], [3, 0, 1, 5], [9, 1, 2, 8, 1]])
-def test_extend_batch_of_unequal_lengths_equals_single_extends(lm, monkeypatch, tail_sizes, overhead):
+def test_extend_batch_of_unequal_lengths_equals_single_extends(
+    lm, monkeypatch, tail_sizes, overhead
+):
     monkeypatch.setattr(lm, "forward_overhead_tokens", overhead)
-    texts = ["Article: A", "English: The old farmer sees a red bird near the river", "Veltic: La kolo",
-             "Headline: Norwick council", "Article: The mayor"][: len(tail_sizes)]
+    texts = [
+        "Article: A",
+        "English: The old farmer sees a red bird near the river",
+        "Veltic: La kolo",
+        "Headline: Norwick council",
+        "Article: The mayor",
+    ][: len(tail_sizes)]
     batch = [lm.prefill(lm.encode(t))[0] for t in texts]
     single = [lm.prefill(lm.encode(t))[0] for t in texts]
     for step in range(3):
@@ -50,7 +67,9 @@ def test_tail_groups_are_the_cheapest_contiguous_split():
         sizes = rng.integers(1, 40, size=int(rng.integers(1, 8))).tolist()
         overhead = float(rng.choice([0.0, 3.0, 16.0, 32.0, 1e9]))
         groups = plan_tail_groups(sizes, overhead)
-        assert sorted(k for g in groups for k in g) == list(range(len(sizes)))  # every row exactly once
+        assert sorted(k for g in groups for k in g) == list(
+            range(len(sizes))
+        )  # every row exactly once
         order = sorted(range(len(sizes)), key=lambda k: sizes[k])
         best = min(  # brute force over every way to cut the sorted rows into contiguous groups
             cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))], sizes, overhead)
@@ -66,7 +85,11 @@ def test_tail_groups_are_the_cheapest_contiguous_split():
 @pytest.mark.parametrize("keeps_logits", [True, False], ids=["logits_to_keep", "all-logits"])
 def test_prefill_batch_of_unequal_lengths_equals_single_prefills(lm, monkeypatch, keeps_logits):
     # Models without transformers' logits_to_keep return every position's logits; both paths agree.
-    texts = ["Article: A", "English: The old farmer sees a red bird near the river", "Headline: Norwick council"]
+    texts = [
+        "Article: A",
+        "English: The old farmer sees a red bird near the river",
+        "Headline: Norwick council",
+    ]
     full = [lm.model(torch.tensor([lm.encode(t)])).logits[0, -1] for t in texts]
     monkeypatch.setattr(lm, "keeps_logits", keeps_logits)
     batched = prefill_batch(lm, [lm.encode(t) for t in texts])
@@ -77,22 +100,36 @@ def test_prefill_batch_of_unequal_lengths_equals_single_prefills(lm, monkeypatch
         torch.testing.assert_close(hidden, h, atol=1e-4, rtol=0)
         torch.testing.assert_close(logits, lg, atol=1e-4, rtol=0)
         # The cache continues like the single one.
-        torch.testing.assert_close(lm.extend(seq, [17])[1], lm.extend(single, [17])[1], atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            lm.extend(seq, [17])[1], lm.extend(single, [17])[1], atol=1e-4, rtol=0
+        )
     with pytest.raises(ValueError, match="empty sequence"):
         prefill_batch(lm, [[1, 2], []])
 
 
 def random_model_dir(root, model_type: str) -> str:
-    """A randomly initialised small causal LM of ``model_type`` with the tiny tokenizer, saved offline."""
+    """A randomly initialised small causal LM of ``model_type`` with the tiny tokenizer, saved
+    offline.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(BUILTIN_MODELS[TINY])
-    sizes = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    sizes = dict(
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
     if model_type == "gpt2":
         sizes.update(n_embd=32, n_layer=2, n_head=2, n_positions=256)
     else:
-        sizes.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=256)
+        sizes.update(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes))
     path = root / model_type
@@ -146,8 +183,9 @@ def test_only_plain_full_attention_takes_a_prepared_mask():
     eager = AutoConfig.for_model("gpt2")
     eager._attn_implementation = "eager"
     assert not takes_prepared_step_mask(eager)
-    sliding = AutoConfig.for_model("qwen2", num_hidden_layers=2, use_sliding_window=True, sliding_window=8,
-                                   max_window_layers=0)
+    sliding = AutoConfig.for_model(
+        "qwen2", num_hidden_layers=2, use_sliding_window=True, sliding_window=8, max_window_layers=0
+    )
     sliding._attn_implementation = "sdpa"
     assert not takes_prepared_step_mask(sliding)
     other = AutoConfig.for_model("bloom")  # ALiBi from the 2D mask

@@ -1,4 +1,4 @@
-"""The CUDA paths: the same envs on a GPU give the CPU's results (skipped where no GPU is present)."""
+"""The CUDA paths: the same envs on a GPU give the CPU's results (skipped without a GPU)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,11 @@ def test_cuda_env_matches_cpu(env_id):
     np.testing.assert_allclose(o1, o2, atol=2e-3)
     rng = np.random.default_rng(0)
     for _ in range(6):
-        a = cpu.action_space.sample() if isinstance(cpu.action_space, gym.spaces.MultiDiscrete) else int(rng.integers(1, 1000))
+        a = (
+            cpu.action_space.sample()
+            if isinstance(cpu.action_space, gym.spaces.MultiDiscrete)
+            else int(rng.integers(1, 1000))
+        )
         r1, r2 = cpu.step(a), gpu.step(a)
         np.testing.assert_allclose(r1[0], r2[0], atol=2e-3)
         assert r1[4]["text"] == r2[4]["text"]
@@ -31,7 +35,9 @@ def test_cuda_env_matches_cpu(env_id):
 
 def test_cuda_vector_envs_match_single_envs():
     envs = GenerationVectorEnv(4, task="summarize", max_steps=5, device="cuda")
-    singles = [gym.make("textenvs/Summarize-v0", max_steps=5, device="cuda").unwrapped for _ in range(4)]
+    singles = [
+        gym.make("textenvs/Summarize-v0", max_steps=5, device="cuda").unwrapped for _ in range(4)
+    ]
     obs, _ = envs.reset(seed=3)
     for i, env in enumerate(singles):
         env.reset(seed=3 + i)
@@ -50,7 +56,9 @@ def test_cuda_vector_envs_match_single_envs():
 
 
 def test_cuda_edit_observation_equals_recompute():
-    env = TextEditEnv(task="summarize", device="cuda", obs="positions", token_mode="vocab", max_len=12)
+    env = TextEditEnv(
+        task="summarize", device="cuda", obs="positions", token_mode="vocab", max_len=12
+    )
     env.reset(seed=0, options={"text": "Norwick council approves park plan"})
     env.step((0, 2, 500))
     env.step((1, 0, 0))

@@ -1,4 +1,4 @@
-"""TextEditEnv: edit semantics by hand, invalid-action rule, masks, prefix-cache reuse, the expert."""
+"""TextEditEnv: edits by hand, the invalid-action rule, masks, prefix-cache reuse, the expert."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ START = "Norwick council approves park plan"
 
 @pytest.fixture(scope="module")
 def env():
-    return TextEditEnv(task="summarize", token_mode="vocab", obs="positions", max_len=12, max_steps=200)
+    return TextEditEnv(
+        task="summarize", token_mode="vocab", obs="positions", max_len=12, max_steps=200
+    )
 
 
 def ids(env, text):
@@ -35,7 +37,11 @@ def full_recompute_rows(env):
 
 def test_start_text_from_options(env):
     _, info = env.reset(seed=0, options={"text": START})
-    assert info["text"] == START and env.text_ids == ids(env, START) and info["length"] == len(ids(env, START))
+    assert (
+        info["text"] == START
+        and env.text_ids == ids(env, START)
+        and info["length"] == len(ids(env, START))
+    )
 
 
 @pytest.mark.parametrize(
@@ -56,7 +62,9 @@ def test_single_edits_by_hand(env, action, expected):
     pos = {INSERT: n, DELETE: n - 1}[op] if pos == -1 else pos
     _, _, terminated, truncated, info = env.step((op, pos, tok(env, word) if word else 0))
     assert info["text"] == expected and info["valid"] and not terminated and not truncated
-    np.testing.assert_allclose(env._observe()[: n + 2][: len(env._rows)], full_recompute_rows(env).numpy(), atol=1e-4)
+    np.testing.assert_allclose(
+        env._observe()[: n + 2][: len(env._rows)], full_recompute_rows(env).numpy(), atol=1e-4
+    )
 
 
 def test_stop_terminates_and_keeps_text(env):
@@ -67,8 +75,13 @@ def test_stop_terminates_and_keeps_text(env):
 
 def test_sequence_of_edits(env):
     env.reset(seed=0, options={"text": START})
-    for op, pos, word in [(REPLACE, 0, "Halden"), (DELETE, 3, None), (INSERT, 3, "flood"), (REPLACE, 4, "wall"),
-                          (REPLACE, 2, "opens")]:
+    for op, pos, word in [
+        (REPLACE, 0, "Halden"),
+        (DELETE, 3, None),
+        (INSERT, 3, "flood"),
+        (REPLACE, 4, "wall"),
+        (REPLACE, 2, "opens"),
+    ]:
         env.step((op, pos, tok(env, word) if word else 0))
     assert env.text == "Halden council opens flood wall"
 
@@ -79,7 +92,11 @@ def test_invalid_edits_are_penalised_no_ops(env, action):
     before = list(env.text_ids)
     obs_before = env._observe()
     obs, reward, terminated, truncated, info = env.step(action)
-    assert env.text_ids == before and not info["valid"] and reward == pytest.approx(-env.invalid_penalty)
+    assert (
+        env.text_ids == before
+        and not info["valid"]
+        and reward == pytest.approx(-env.invalid_penalty)
+    )
     np.testing.assert_array_equal(obs, obs_before)
 
 
@@ -95,7 +112,9 @@ def test_special_token_and_full_text_are_invalid(env):
 
 def test_empty_start_text(env):
     obs, info = env.reset(seed=0, options={"text": ""})
-    assert info["text"] == "" and info["length"] == 0 and np.all(obs[1:] == 0) and np.any(obs[0] != 0)
+    assert (
+        info["text"] == "" and info["length"] == 0 and np.all(obs[1:] == 0) and np.any(obs[0] != 0)
+    )
     assert not env.action_masks()[DELETE] and not env.action_masks()[REPLACE]
     _, _, _, _, info = env.step((INSERT, 0, tok(env, "Halden")))
     assert info["text"] == "Halden"
@@ -144,10 +163,18 @@ def test_topk_tokens_are_the_lm_proposals_at_that_position():
     assert env.text_ids[1] == int(logits.argmax())
 
 
-@pytest.mark.parametrize("task,reward", [("summarize", "rougeL"), ("translate", "bleu"), ("translate", "chrf")])
+@pytest.mark.parametrize(
+    "task,reward", [("summarize", "rougeL"), ("translate", "bleu"), ("translate", "chrf")]
+)
 def test_levenshtein_expert_reaches_the_maximum(task, reward):
-    env = TextEditEnv(task=task, reward=reward, token_mode="vocab", start="source" if task == "translate" else "draft",
-                      max_len=40, max_steps=80)
+    env = TextEditEnv(
+        task=task,
+        reward=reward,
+        token_mode="vocab",
+        start="source" if task == "translate" else "draft",
+        max_len=40,
+        max_steps=80,
+    )
     for seed in range(3):
         _, info = env.reset(seed=seed)
         start_metric = info["metrics"][reward]
@@ -170,8 +197,13 @@ def test_edit_script_by_hand():
     src, tgt = [4, 1, 2, 7, 3], [1, 2, 3, 8]
     text = list(src)
     for op, p, t in edit_script(src, tgt):
-        text = text[:p] + [t] + text[p:] if op == INSERT else text[:p] + text[p + 1 :] if op == DELETE else \
-            text[:p] + [t] + text[p + 1 :]
+        text = (
+            text[:p] + [t] + text[p:]
+            if op == INSERT
+            else text[:p] + text[p + 1 :]
+            if op == DELETE
+            else text[:p] + [t] + text[p + 1 :]
+        )
     assert text == tgt and len(edit_script(src, tgt)) == 3
 
 
@@ -184,8 +216,14 @@ def test_truncates_at_max_edits():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"start": "random"}, "start='random'"), ({"obs": "last"}, "obs='last'"), ({"token_mode": "beam"}, "token_mode"),
-     ({"max_len": 0}, "max_len"), ({"invalid_penalty": -1.0}, "invalid_penalty"), ({"max_len": 10_000}, "context")],
+    [
+        ({"start": "random"}, "start='random'"),
+        ({"obs": "last"}, "obs='last'"),
+        ({"token_mode": "beam"}, "token_mode"),
+        ({"max_len": 0}, "max_len"),
+        ({"invalid_penalty": -1.0}, "invalid_penalty"),
+        ({"max_len": 10_000}, "context"),
+    ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -197,11 +235,18 @@ def test_reset_text_must_be_a_string(env):
         env.reset(options={"text": 5})
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(seed=st.integers(0, 10_000), masked=st.booleans(), topk=st.booleans())
 def test_random_actions_never_corrupt_and_match_full_recompute(seed, masked, topk):
-    env = TextEditEnv(task="summarize", token_mode="topk" if topk else "vocab", obs="positions", max_len=10,
-                      max_steps=1000)
+    env = TextEditEnv(
+        task="summarize",
+        token_mode="topk" if topk else "vocab",
+        obs="positions",
+        max_len=10,
+        max_steps=1000,
+    )
     env.reset(seed=seed, options={"text": "Norwick council plan"})
     flat = FlattenEditActions(env)
     rng = np.random.default_rng(seed)

@@ -76,7 +76,9 @@ def rouge_l(hyp: str, ref: str) -> float:
     return rouge_scorer.RougeScorer(["rougeL"]).score(ref, hyp)["rougeL"].fmeasure
 
 
-@pytest.mark.parametrize("env_id,metric", [("textenvs/Summarize-v0", "rougeL"), ("textenvs/Translate-v0", "bleu")])
+@pytest.mark.parametrize(
+    "env_id,metric", [("textenvs/Summarize-v0", "rougeL"), ("textenvs/Translate-v0", "bleu")]
+)
 def test_dense_rewards_equal_library_deltas_and_sum_to_final_metric(env_id, metric):
     env = gym.make(env_id, token_mode="topk", k=3, max_steps=16).unwrapped
     _, info = env.reset(seed=11)
@@ -140,10 +142,14 @@ def test_info_and_render():
 
 
 def test_user_callable_reward_and_guardrails():
-    env = TextGenerationEnv(task="summarize", reward=lambda hyp, refs: float(len(hyp.split())),
-                            repetition_penalty=0.5, token_mode="topk")
+    env = TextGenerationEnv(
+        task="summarize",
+        reward=lambda hyp, refs: float(len(hyp.split())),
+        repetition_penalty=0.5,
+        token_mode="topk",
+    )
     env.reset(seed=0)
-    _, r, *_ , info = env.step(0)
+    _, r, *_, info = env.step(0)
     assert "repeated_ngrams" in info["metrics"] and math.isfinite(r)
 
 
@@ -155,12 +161,23 @@ def test_nan_metric_raises_instead_of_leaving_the_env():
 
 def test_generate_with_a_jsonl_dataset_and_a_saved_model(tmp_path, random_gpt2_dir):
     path = tmp_path / "data.jsonl"
-    rows = [{"source": "Grüße aus Köln — 東京", "references": ["hello", "hi there"]}, {"source": "b", "references": "c"}]
+    rows = [
+        {"source": "Grüße aus Köln — 東京", "references": ["hello", "hi there"]},
+        {"source": "b", "references": "c"},
+    ]
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
-    env = gym.make("textenvs/Generate-v0", model=random_gpt2_dir, dataset=str(path), reward="chrf",
-                   dataset_kwargs={"prompt_template": "Say: {source} ->"})
+    env = gym.make(
+        "textenvs/Generate-v0",
+        model=random_gpt2_dir,
+        dataset=str(path),
+        reward="chrf",
+        dataset_kwargs={"prompt_template": "Say: {source} ->"},
+    )
     _, info = env.reset(options={"index": 0})
-    assert info["references"] == ["hello", "hi there"] and info["prompt"] == "Say: Grüße aus Köln — 東京 ->"
+    assert (
+        info["references"] == ["hello", "hi there"]
+        and info["prompt"] == "Say: Grüße aus Köln — 東京 ->"
+    )
     _, r, *_ = env.step(7)
     assert math.isfinite(r)
 
@@ -207,4 +224,8 @@ def test_reset_index_out_of_range():
 def test_envs_share_one_model_copy():
     a, b = gym.make("textenvs/Summarize-v0"), gym.make("textenvs/Translate-v0")
     assert a.unwrapped.lm is b.unwrapped.lm
-    assert textenvs.ENV_IDS[:3] == ["textenvs/Generate-v0", "textenvs/Summarize-v0", "textenvs/Translate-v0"]
+    assert textenvs.ENV_IDS[:3] == [
+        "textenvs/Generate-v0",
+        "textenvs/Summarize-v0",
+        "textenvs/Translate-v0",
+    ]

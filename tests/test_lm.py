@@ -43,11 +43,19 @@ def test_crop_then_extend_equals_prefill(lm):
 
 def test_decode_equals_the_tokenizers_decode(lm):
     rng = np.random.default_rng(0)
-    cases = [[], [lm.eos_token_id], *(rng.integers(lm.vocab_size, size=n).tolist() for n in (1, 2, 5, 40, 200))]
-    for ids in cases:  # random ids include special tokens and bytes that are not whole UTF-8 characters
+    cases = [
+        [],
+        [lm.eos_token_id],
+        *(rng.integers(lm.vocab_size, size=n).tolist() for n in (1, 2, 5, 40, 200)),
+    ]
+    for (
+        ids
+    ) in cases:  # random ids include special tokens and bytes that are not whole UTF-8 characters
         assert lm.decode(ids) == lm.tokenizer.decode(ids, skip_special_tokens=True)
     assert lm._backend_decode is not None  # the tiny tokenizer takes the fast path
-    assert lm.decode(np.array(cases[-1])) == lm.tokenizer.decode(cases[-1], skip_special_tokens=True)
+    assert lm.decode(np.array(cases[-1])) == lm.tokenizer.decode(
+        cases[-1], skip_special_tokens=True
+    )
 
 
 def test_decode_of_a_tokenizer_that_cleans_up_spaces_keeps_its_clean_up(random_gpt2_dir):
@@ -76,7 +84,9 @@ def test_folder_without_safetensors_is_refused(tmp_path, random_gpt2_dir):
 
     folder = tmp_path / "bin_only"
     shutil.copytree(random_gpt2_dir, folder)
-    AutoModelForCausalLM.from_pretrained(random_gpt2_dir).save_pretrained(folder, safe_serialization=False)
+    AutoModelForCausalLM.from_pretrained(random_gpt2_dir).save_pretrained(
+        folder, safe_serialization=False
+    )
     (folder / "model.safetensors").unlink(missing_ok=True)
     with pytest.raises(ValueError, match="safetensors"):
         lm_backend.LanguageModel(str(folder))
@@ -85,7 +95,9 @@ def test_folder_without_safetensors_is_refused(tmp_path, random_gpt2_dir):
 def test_model_without_causal_lm_head_is_refused(tmp_path, lm):
     from transformers import DistilBertConfig, DistilBertModel
 
-    DistilBertModel(DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=16)).save_pretrained(tmp_path)
+    DistilBertModel(
+        DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=16)
+    ).save_pretrained(tmp_path)
     lm.tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="causal LM"):
         lm_backend.LanguageModel(str(tmp_path))
@@ -97,7 +109,9 @@ def test_shared_model_with_another_layer_is_refused(lm):
 
 
 def test_tiny_model_leaves_headroom_and_finds_reference_tokens(lm):
-    """Greedy decoding scores above zero but far below 1.0; the reference token is often in the top 8."""
+    """Greedy decoding scores above zero but far below 1.0; the reference token is often in the top
+    8.
+    """
     for name, metric_name in (("summarize", "rougeL"), ("translate", "bleu")):
         task, metric = builtin_task(name), get_metric(metric_name)
         scores, hits, total = [], 0, 0

@@ -22,17 +22,50 @@ PINNED = Path(__file__).parent / "data" / "pinned_trajectories.npz"
 # (case name, env id, keyword arguments, vector sub-envs or 0 for a single env, steps)
 CASES = [
     ("summarize", "textenvs/Summarize-v0", {"max_steps": 5}, 0, 14),
-    ("translate_topk", "textenvs/Translate-v0", {"token_mode": "topk", "k": 4, "max_steps": 6}, 0, 14),
-    ("generate_mean_terminal", "textenvs/Generate-v0",
-     {"task": "translate", "obs": "mean", "dense": False, "max_steps": 4, "reward": "chrf"}, 0, 12),
+    (
+        "translate_topk",
+        "textenvs/Translate-v0",
+        {"token_mode": "topk", "k": 4, "max_steps": 6},
+        0,
+        14,
+    ),
+    (
+        "generate_mean_terminal",
+        "textenvs/Generate-v0",
+        {"task": "translate", "obs": "mean", "dense": False, "max_steps": 4, "reward": "chrf"},
+        0,
+        12,
+    ),
     ("edit", "textenvs/Edit-v0", {"max_steps": 5, "max_len": 12}, 0, 14),
-    ("edit_summary_positions", "textenvs/EditSummary-v0",
-     {"obs": "positions", "max_steps": 6, "max_len": 10, "k": 3}, 0, 14),
-    ("edit_translation_vocab", "textenvs/EditTranslation-v0",
-     {"token_mode": "vocab", "max_steps": 4, "max_len": 16, "dense": False}, 0, 12),
+    (
+        "edit_summary_positions",
+        "textenvs/EditSummary-v0",
+        {"obs": "positions", "max_steps": 6, "max_len": 10, "k": 3},
+        0,
+        14,
+    ),
+    (
+        "edit_translation_vocab",
+        "textenvs/EditTranslation-v0",
+        {"token_mode": "vocab", "max_steps": 4, "max_len": 16, "dense": False},
+        0,
+        12,
+    ),
     ("vector_summarize", "textenvs/Summarize-v0", {"max_steps": 4}, 3, 10),
-    ("vector_translate_topk", "textenvs/Translate-v0", {"token_mode": "topk", "k": 4, "max_steps": 3}, 3, 10),
-    ("vector_edit_summary", "textenvs/EditSummary-v0", {"max_steps": 3, "max_len": 10, "obs": "positions"}, 3, 10),
+    (
+        "vector_translate_topk",
+        "textenvs/Translate-v0",
+        {"token_mode": "topk", "k": 4, "max_steps": 3},
+        3,
+        10,
+    ),
+    (
+        "vector_edit_summary",
+        "textenvs/EditSummary-v0",
+        {"max_steps": 3, "max_len": 10, "obs": "positions"},
+        3,
+        10,
+    ),
 ]
 
 
@@ -60,14 +93,18 @@ def record(env_id: str, kwargs: dict, num_envs: int, steps: int) -> dict[str, np
             ends.append(np.stack([terminated, truncated], -1))
             texts += list(infos["text"])
             if "final_info" in infos:
-                texts += [str(t) for t, m in zip(infos["final_info"]["text"], infos["_final_info"]) if m]
+                texts += [
+                    str(t) for t, m in zip(infos["final_info"]["text"], infos["_final_info"]) if m
+                ]
     else:
         env = gym.make(env_id, **kwargs)
         obs, info = env.reset(seed=11)
         obs_list.append(obs)
         texts.append(info["text"])
         for _ in range(steps):
-            obs, reward, terminated, truncated, info = env.step(_single_actions(env.action_space, rng))
+            obs, reward, terminated, truncated, info = env.step(
+                _single_actions(env.action_space, rng)
+            )
             obs_list.append(obs)
             rewards.append(reward)
             ends.append([terminated, truncated])
@@ -76,8 +113,12 @@ def record(env_id: str, kwargs: dict, num_envs: int, steps: int) -> dict[str, np
                 obs, info = env.reset()
                 obs_list.append(obs)
                 texts.append(info["text"])
-    return {"obs": np.stack(obs_list).astype(np.float32), "rewards": np.asarray(rewards, dtype=np.float64),
-            "ends": np.asarray(ends, dtype=bool), "texts": np.asarray(texts, dtype=str)}
+    return {
+        "obs": np.stack(obs_list).astype(np.float32),
+        "rewards": np.asarray(rewards, dtype=np.float64),
+        "ends": np.asarray(ends, dtype=bool),
+        "texts": np.asarray(texts, dtype=str),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +128,9 @@ def pinned() -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("name,env_id,kwargs,num_envs,steps", CASES, ids=[c[0] for c in CASES])
-def test_trajectory_is_bit_identical_to_the_pinned_one(pinned, name, env_id, kwargs, num_envs, steps):
+def test_trajectory_is_bit_identical_to_the_pinned_one(
+    pinned, name, env_id, kwargs, num_envs, steps
+):
     got = record(env_id, kwargs, num_envs, steps)
     for key, value in got.items():
         expected = pinned[f"{name}/{key}"]
@@ -102,9 +145,13 @@ def test_every_registered_id_is_pinned():
     assert {c[1] for c in CASES} >= set(textenvs.ENV_IDS)
 
 
-if __name__ == "__main__":  # re-record, only when an env's semantics change on purpose (and its id's version)
+if (
+    __name__ == "__main__"
+):  # re-record, only when an env's semantics change on purpose (and its id's version)
     if "--write" not in sys.argv:
-        raise SystemExit("python -m tests.test_pinned_trajectories --write  re-records the pinned file")
+        raise SystemExit(
+            "python -m tests.test_pinned_trajectories --write  re-records the pinned file"
+        )
     arrays = {}
     for name, env_id, kwargs, num_envs, steps in CASES:
         for key, value in record(env_id, kwargs, num_envs, steps).items():

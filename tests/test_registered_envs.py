@@ -33,8 +33,11 @@ def rollout(env, seed: int, n_steps: int):
     action_rng = np.random.default_rng(123)
     trace = [(obs, 0.0, info["text"])]
     for _ in range(n_steps):
-        action = int(action_rng.integers(env.action_space.n)) if isinstance(env.action_space, gym.spaces.Discrete) \
+        action = (
+            int(action_rng.integers(env.action_space.n))
+            if isinstance(env.action_space, gym.spaces.Discrete)
             else action_rng.integers(env.action_space.nvec)
+        )
         obs, reward, terminated, truncated, info = env.step(action)
         trace.append((obs, reward, info["text"]))
         if terminated or truncated:
@@ -89,4 +92,6 @@ def test_is_edit_env_follows_the_entry_point(env_id):
     import textenvs
     from textenvs.envs.edit import TextEditEnv
 
-    assert textenvs.is_edit_env(env_id) == isinstance(gym.make(env_id, **FAST_KWARGS[env_id]).unwrapped, TextEditEnv)
+    assert textenvs.is_edit_env(env_id) == isinstance(
+        gym.make(env_id, **FAST_KWARGS[env_id]).unwrapped, TextEditEnv
+    )

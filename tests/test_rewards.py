@@ -8,7 +8,13 @@ from hypothesis import strategies as st
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU, CHRF, TER
 
-from textenvs.rewards import METRIC_NAMES, RewardShaper, get_metric, length_mismatch, repeated_ngrams
+from textenvs.rewards import (
+    METRIC_NAMES,
+    RewardShaper,
+    get_metric,
+    length_mismatch,
+    repeated_ngrams,
+)
 
 HYP = "Norwick council approves the park plan"
 REFS = ["Norwick council approves park plan", "council backs plan for parks"]
@@ -50,9 +56,15 @@ def test_rouge_l_of_a_growing_text_recomputes_only_the_changed_rows():
 
 
 def test_sacrebleu_metrics_equal_library_values():
-    assert get_metric("bleu")(HYP, REFS) == pytest.approx(BLEU(effective_order=True).sentence_score(HYP, REFS).score / 100)
-    assert get_metric("chrf")(HYP, REFS) == pytest.approx(CHRF().sentence_score(HYP, REFS).score / 100)
-    assert get_metric("ter")(HYP, REFS) == pytest.approx(1 - TER().sentence_score(HYP, REFS).score / 100)
+    assert get_metric("bleu")(HYP, REFS) == pytest.approx(
+        BLEU(effective_order=True).sentence_score(HYP, REFS).score / 100
+    )
+    assert get_metric("chrf")(HYP, REFS) == pytest.approx(
+        CHRF().sentence_score(HYP, REFS).score / 100
+    )
+    assert get_metric("ter")(HYP, REFS) == pytest.approx(
+        1 - TER().sentence_score(HYP, REFS).score / 100
+    )
 
 
 @pytest.mark.parametrize("name", METRIC_NAMES)
@@ -69,20 +81,33 @@ def test_unknown_metric_lists_valid_names():
 
 
 def test_dense_rewards_sum_to_terminal_score_with_guardrails():
-    texts = ["Norwick", "Norwick council", "Norwick council council council", "Norwick council approves park plan"]
-    dense = RewardShaper("rougeL", dense=True, length_penalty=0.3, repetition_penalty=0.2, repetition_ngram=1)
-    terminal = RewardShaper("rougeL", dense=False, length_penalty=0.3, repetition_penalty=0.2, repetition_ngram=1)
+    texts = [
+        "Norwick",
+        "Norwick council",
+        "Norwick council council council",
+        "Norwick council approves park plan",
+    ]
+    dense = RewardShaper(
+        "rougeL", dense=True, length_penalty=0.3, repetition_penalty=0.2, repetition_ngram=1
+    )
+    terminal = RewardShaper(
+        "rougeL", dense=False, length_penalty=0.3, repetition_penalty=0.2, repetition_ngram=1
+    )
     dense.start(REFS)
     terminal.start(REFS)
     d = [dense.step(t, i == len(texts) - 1)[0] for i, t in enumerate(texts)]
     t = [terminal.step(t_, i == len(texts) - 1)[0] for i, t_ in enumerate(texts)]
     assert sum(d) == pytest.approx(t[-1]) and t[:-1] == [0.0] * 3
     scores = dense.score(texts[2])
-    assert scores["score"] == pytest.approx(scores["rougeL"] - 0.3 * scores["length_mismatch"] - 0.2 * 2)
+    assert scores["score"] == pytest.approx(
+        scores["rougeL"] - 0.3 * scores["length_mismatch"] - 0.2 * 2
+    )
 
 
 def test_guardrail_helpers_by_hand():
-    assert repeated_ngrams("a b c a b c a b", n=3) == 3  # trigrams abc bca cab abc bca cab: 3 repeats
+    assert (
+        repeated_ngrams("a b c a b c a b", n=3) == 3
+    )  # trigrams abc bca cab abc bca cab: 3 repeats
     assert length_mismatch("a b c", ["a b c d e f"]) == pytest.approx(0.5)
     assert length_mismatch("a b c", ["x y z", "a"]) == 0.0
 
@@ -94,7 +119,9 @@ def test_edit_start_baseline_is_the_start_text_score():
     assert reward == pytest.approx(1.0 - start)
 
 
-@pytest.mark.parametrize("bad", [{"length_penalty": -1.0}, {"repetition_penalty": float("inf")}, {"repetition_ngram": 0}])
+@pytest.mark.parametrize(
+    "bad", [{"length_penalty": -1.0}, {"repetition_penalty": float("inf")}, {"repetition_ngram": 0}]
+)
 def test_bad_shaping_arguments(bad):
     with pytest.raises(ValueError, match="must be"):
         RewardShaper("rougeL", **bad)

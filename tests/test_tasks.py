@@ -1,4 +1,4 @@
-"""Built-in tasks (deterministic, disjoint splits, headroom by construction) and the file loaders."""
+"""Built-in tasks (deterministic, disjoint splits, headroom by construction) and the loaders."""
 
 from __future__ import annotations
 
@@ -48,8 +48,13 @@ def test_translation_rules_by_hand():
     # The word order is verb-final and every sentence ends with a period in both languages.
     for s in task.split("test")[:50]:
         assert s.source.endswith(".") and s.references[0].endswith(".")
-        assert s.references[0].split()[-1].rstrip(".") in {"silente", "lante", "hodiau", "denove", "ofte"} or \
-            s.references[0].split()[-1].rstrip(".").endswith(("as", "ta"))
+        assert s.references[0].split()[-1].rstrip(".") in {
+            "silente",
+            "lante",
+            "hodiau",
+            "denove",
+            "ofte",
+        } or s.references[0].split()[-1].rstrip(".").endswith(("as", "ta"))
 
 
 def test_summary_headline_names_the_town_of_the_article():
@@ -67,8 +72,11 @@ def test_sample_validation():
 
 def test_jsonl_loader_unicode_and_multiple_references(tmp_path):
     p = tmp_path / "d.jsonl"
-    p.write_text('{"source": "Ünïcödé ✓ 日本", "references": ["a", "b"]}\n\n{"source": "x", "references": "y"}\n',
-                 encoding="utf-8")
+    p.write_text(
+        '{"source": "Ünïcödé ✓ 日本", "references": ["a", "b"]}\n\n{"source": "x", "references": '
+        '"y"}\n',
+        encoding="utf-8",
+    )
     samples = load_jsonl(p)
     assert samples == [Sample("Ünïcödé ✓ 日本", ("a", "b")), Sample("x", ("y",))]
 
@@ -128,11 +136,20 @@ def test_hugging_face_datasets_builder_with_local_files(tmp_path):
     import gymnasium as gym
 
     path = tmp_path / "data.jsonl"
-    rows = [{"document": f"The council of town {i} approved a plan.", "summary": [f"Council {i} plan", "Plan"]}
-            for i in range(5)]
+    rows = [
+        {
+            "document": f"The council of town {i} approved a plan.",
+            "summary": [f"Council {i} plan", "Plan"],
+        }
+        for i in range(5)
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
-    kwargs = {"data_files": str(path), "cache_dir": str(tmp_path / "cache"), "source_key": "document",
-              "reference_key": "summary"}
+    kwargs = {
+        "data_files": str(path),
+        "cache_dir": str(tmp_path / "cache"),
+        "source_key": "document",
+        "reference_key": "summary",
+    }
     task = load_dataset("hf:json", **kwargs, prompt_template="Article: {source}\nHeadline:")
     samples = task.split("train")
     assert [s.source for s in samples] == [r["document"] for r in rows]
@@ -140,5 +157,7 @@ def test_hugging_face_datasets_builder_with_local_files(tmp_path):
     env = gym.make("textenvs/Generate-v0", dataset="hf:json", dataset_kwargs=kwargs, max_steps=3)
     _, info = env.reset(seed=0)
     assert info["prompt"] in [f"{r['document']}\n" for r in rows]
-    with pytest.raises(ValueError, match=r"has columns \['document', 'summary'\].*source_key='text'"):
+    with pytest.raises(
+        ValueError, match=r"has columns \['document', 'summary'\].*source_key='text'"
+    ):
         load_dataset("hf:json", data_files=str(path), source_key="text", reference_key="summary")

@@ -31,7 +31,8 @@ def test_gae_by_hand():
     rewards, values = T([[1.0, 0.0, 2.0], [1.0, 0.0, 2.0]]), T([[0.5, 0.2, 0.1], [0.5, 0.2, 0.1]])
     mask = T([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8)
-    # Row 0: deltas 1.9, -0.11, 0.68 from the end; A2 = 1.9, A1 = -0.11 + 0.72 * 1.9, A0 = 0.68 + 0.72 * A1.
+    # Row 0: deltas 1.9, -0.11, 0.68 from the end;
+    # A2 = 1.9, A1 = -0.11 + 0.72 * 1.9, A0 = 0.68 + 0.72 * A1.
     a1 = -0.11 + 0.72 * 1.9
     torch.testing.assert_close(adv[0], T([0.68 + 0.72 * a1, a1, 1.9]))
     # Row 1 ends after token 1 (terminal): A1 = 0 - 0.2, A0 = 0.68 + 0.72 * A1, padding stays 0.
@@ -44,13 +45,17 @@ def test_masked_statistics_by_hand():
     assert masked_mean(x, mask) == pytest.approx(2.0)
     assert masked_var(x, mask) == pytest.approx(1.0)  # unbiased: ((1) + 0 + (1)) / 2
     torch.testing.assert_close(masked_whiten(x, mask)[:3], T([-1.0, 0.0, 1.0]), atol=1e-4, rtol=0)
-    torch.testing.assert_close(masked_whiten(x, mask, shift_mean=False)[:3], T([1.0, 2.0, 3.0]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        masked_whiten(x, mask, shift_mean=False)[:3], T([1.0, 2.0, 3.0]), atol=1e-4, rtol=0
+    )
 
 
 def test_kl_estimators_by_hand():
     logp, ref = T([math.log(0.5)]), T([math.log(0.25)])
     assert kl_k1(logp, ref).item() == pytest.approx(math.log(2))
-    assert kl_k1(ref, logp).item() == pytest.approx(-math.log(2))  # k1 is signed: unbiased, not a distance
+    assert kl_k1(ref, logp).item() == pytest.approx(
+        -math.log(2)
+    )  # k1 is signed: unbiased, not a distance
 
 
 def test_clipped_losses_by_hand():
@@ -60,7 +65,9 @@ def test_clipped_losses_by_hand():
     assert loss.item() == pytest.approx((-1.2 + 1.5) / 2) and clipfrac.item() == pytest.approx(0.5)
     v = clipped_value_loss(T([1.0]), T([0.0]), T([0.5]), T([1.0]), clip=0.2)
     assert v.item() == pytest.approx(0.5 * max((1.0 - 0.5) ** 2, (0.2 - 0.5) ** 2))
-    assert explained_variance(T([1.0, 2.0, 3.0]), T([1.0, 2.0, 3.0]), T([1.0, 1.0, 1.0])) == pytest.approx(1.0)
+    assert explained_variance(
+        T([1.0, 2.0, 3.0]), T([1.0, 2.0, 3.0]), T([1.0, 1.0, 1.0])
+    ) == pytest.approx(1.0)
 
 
 def test_adaptive_kl_controller_by_hand():
@@ -72,16 +79,25 @@ def test_adaptive_kl_controller_by_hand():
 
 
 def test_batch_sequences_by_hand():
-    ids, attention, positions = batch_sequences([[5, 6, 7], [8]], T([[1, 2, 0], [3, 4, 9]]), T([[1.0, 1.0, 0.0],
-                                                                                             [1.0, 1.0, 1.0]]), pad=0)
+    ids, attention, positions = batch_sequences(
+        [[5, 6, 7], [8]], T([[1, 2, 0], [3, 4, 9]]), T([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]), pad=0
+    )
     assert ids.tolist() == [[5, 6, 7, 1, 2], [8, 3, 4, 9, 0]]
     assert attention.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
     assert positions[1].tolist() == [0, 1, 2] and positions[0, :2].tolist() == [2, 3]
 
 
 def small_config(model, **kw) -> TokenPPOConfig:
-    base = dict(model=model, num_envs=4, max_new_tokens=4, total_episodes=12, minibatch_size=2, num_epochs=2,
-                eval_samples=3, seed=3)
+    base = dict(
+        model=model,
+        num_envs=4,
+        max_new_tokens=4,
+        total_episodes=12,
+        minibatch_size=2,
+        num_epochs=2,
+        eval_samples=3,
+        seed=3,
+    )
     return TokenPPOConfig(**{**base, **kw})
 
 
@@ -98,24 +114,37 @@ def test_rollout_costs_one_env_forward_per_token(monkeypatch, random_gpt2_dir):
     rollout = collect_rollout(trainer.envs, trainer.value_head, trainer.config, 0)
     steps = [c for c in calls if c == (4, 1)]
     assert len(steps) == int(rollout.mask.sum(1).max())  # one batched forward per generation step
-    prefills = [c for c in calls if c != (4, 1)]  # the rest run the prompts of (re)starting episodes
+    prefills = [
+        c for c in calls if c != (4, 1)
+    ]  # the rest run the prompts of (re)starting episodes
     assert all(c[1] > 1 for c in prefills) and sum(c[0] for c in prefills) <= 2 * 4
     # The rollout's log-probs equal a full-sequence recompute of the same tokens.
     from agents.token_ppo import sequence_outputs
 
-    ids, attention, positions = batch_sequences(rollout.prompts, rollout.tokens, rollout.mask, trainer.lm.eos_token_id)
+    ids, attention, positions = batch_sequences(
+        rollout.prompts, rollout.tokens, rollout.mask, trainer.lm.eos_token_id
+    )
     with torch.no_grad():
-        logp, _, hidden = sequence_outputs(forward.__self__, ids, attention, positions, rollout.tokens, 1.0, True)
+        logp, _, hidden = sequence_outputs(
+            forward.__self__, ids, attention, positions, rollout.tokens, 1.0, True
+        )
         values = trainer.value_head(hidden).squeeze(-1)
-    torch.testing.assert_close(logp * rollout.mask, rollout.logprobs * rollout.mask, atol=1e-4, rtol=0)
-    torch.testing.assert_close(values * rollout.mask, rollout.values * rollout.mask, atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        logp * rollout.mask, rollout.logprobs * rollout.mask, atol=1e-4, rtol=0
+    )
+    torch.testing.assert_close(
+        values * rollout.mask, rollout.values * rollout.mask, atol=1e-4, rtol=0
+    )
 
 
 def test_resume_gives_the_uninterrupted_result(tmp_path, random_gpt2_dir):
     full = TokenPPO(small_config(random_gpt2_dir, adaptive_kl=True))
     full.train(progress=False)
-    first = TokenPPO(small_config(random_gpt2_dir, adaptive_kl=True, checkpoint_dir=str(tmp_path / "ckpt"),
-                                  save_every=1))
+    first = TokenPPO(
+        small_config(
+            random_gpt2_dir, adaptive_kl=True, checkpoint_dir=str(tmp_path / "ckpt"), save_every=1
+        )
+    )
     first.train(progress=False, stop_after=1)
     resumed = TokenPPO(small_config(random_gpt2_dir, adaptive_kl=True))
     resumed.load_checkpoint(tmp_path / "ckpt")
@@ -128,20 +157,37 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, random_gpt2_dir):
 
 
 def test_training_logs_and_checkpoint_layout(tmp_path):
-    trainer = TokenPPO(small_config("textenvs/tiny", env_id="textenvs/Translate-v0", reward="chrf",
-                                    checkpoint_dir=str(tmp_path / "ckpt"), tensorboard_log=str(tmp_path / "tb")))
+    trainer = TokenPPO(
+        small_config(
+            "textenvs/tiny",
+            env_id="textenvs/Translate-v0",
+            reward="chrf",
+            checkpoint_dir=str(tmp_path / "ckpt"),
+            tensorboard_log=str(tmp_path / "tb"),
+        )
+    )
     history = trainer.train(progress=False)
     assert len(history) == 3
     for h in history:
-        assert all(np.isfinite(h[k]) for k in ("policy_loss", "value_loss", "entropy", "kl", "metric", "clipfrac"))
+        assert all(
+            np.isfinite(h[k])
+            for k in ("policy_loss", "value_loss", "entropy", "kl", "metric", "clipfrac")
+        )
     names = {p.name for p in (tmp_path / "ckpt").iterdir()}
-    assert {"model.safetensors", "config.json", "value_head.safetensors", "trainer_state.json"} <= names
+    assert {
+        "model.safetensors",
+        "config.json",
+        "value_head.safetensors",
+        "trainer_state.json",
+    } <= names
     assert any((tmp_path / "tb").rglob("events.out.tfevents*"))
     assert 0.0 <= trainer.evaluate(max_samples=2) <= 1.0
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, random_gpt2_dir):
-    trainer = TokenPPO(small_config(random_gpt2_dir, checkpoint_dir=str(tmp_path / "ckpt"), save_every=1))
+    trainer = TokenPPO(
+        small_config(random_gpt2_dir, checkpoint_dir=str(tmp_path / "ckpt"), save_every=1)
+    )
     trainer.train(progress=False, stop_after=1)
     before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
     with torch.no_grad():

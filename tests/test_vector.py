@@ -1,4 +1,6 @@
-"""Batched vector envs: equivalence to single envs, autoreset, bad input, SB3 adapter, async and pickling."""
+"""Batched vector envs: equivalence to single envs, autoreset, bad input, SB3 adapter, async and
+pickling.
+"""
 
 from __future__ import annotations
 
@@ -37,9 +39,16 @@ def test_batch_infos_matches_gymnasiums_add_info():
     rng = np.random.default_rng(0)
     items = []
     for i in [0, 2, 3, 5]:
-        info = {"text": f"t{i}", "tokens": i, "score": float(i) / 3, "done": bool(i % 2), "f32": np.float32(i),
-                "vec": rng.normal(size=3).astype(np.float32), "metrics": {"rougeL": i / 7, "nested": {"n": i}},
-                "final_obs": rng.normal(size=2)}
+        info = {
+            "text": f"t{i}",
+            "tokens": i,
+            "score": float(i) / 3,
+            "done": bool(i % 2),
+            "f32": np.float32(i),
+            "vec": rng.normal(size=3).astype(np.float32),
+            "metrics": {"rougeL": i / 7, "nested": {"n": i}},
+            "final_obs": rng.normal(size=2),
+        }
         if i > 2:
             info["late"] = [i]
             info["final_info"] = {"text": "end", "metrics": {"rougeL": 0.5}}
@@ -51,7 +60,9 @@ def test_batch_infos_matches_gymnasiums_add_info():
     assert_infos_equal(batch_infos(6, items), reference)
 
 
-@pytest.mark.parametrize("num_envs,action_mode", [(1, "vocab"), (3, "vocab"), (8, "vocab"), (3, "topk")])
+@pytest.mark.parametrize(
+    "num_envs,action_mode", [(1, "vocab"), (3, "vocab"), (8, "vocab"), (3, "topk")]
+)
 def test_generation_vector_equals_single_envs(num_envs, action_mode):
     kwargs = dict(task="translate", max_steps=6, token_mode=action_mode, k=8)
     envs = GenerationVectorEnv(num_envs, **kwargs)
@@ -63,7 +74,11 @@ def test_generation_vector_equals_single_envs(num_envs, action_mode):
     eos = envs.lm.eos_token_id
     ended = 0
     for _ in range(20):
-        actions = gen_actions(rng, num_envs, eos) if action_mode == "vocab" else rng.integers(0, 8, size=num_envs)
+        actions = (
+            gen_actions(rng, num_envs, eos)
+            if action_mode == "vocab"
+            else rng.integers(0, 8, size=num_envs)
+        )
         obs, rewards, terminated, truncated, infos = envs.step(actions)
         for i, env in enumerate(singles):
             o, r, te, tr, info = env.step(int(actions[i]))
@@ -144,8 +159,11 @@ def test_sync_mode_still_works():
 
 @pytest.mark.parametrize(
     "actions,match",
-    [(np.array([1, 2]), r"shape \(3,\)"), (np.array([1.0, 2.0, 3.0]), "integer action array"),
-     (np.array([1, 2, 10**6]), "sub-env 2 is not in the action space")],
+    [
+        (np.array([1, 2]), r"shape \(3,\)"),
+        (np.array([1.0, 2.0, 3.0]), "integer action array"),
+        (np.array([1, 2, 10**6]), "sub-env 2 is not in the action space"),
+    ],
 )
 def test_bad_action_batches_raise_and_corrupt_nothing(actions, match):
     envs = GenerationVectorEnv(3, task="summarize")
@@ -179,7 +197,9 @@ def test_finished_caches_are_dropped():
     for _ in range(30):
         edit.step(edit.action_space.sample())
     for env in edit.envs:
-        assert env.sequence.cache.layers[0].keys.shape[2] == len(env.sequence) <= env._prompt_len + 12
+        assert (
+            env.sequence.cache.layers[0].keys.shape[2] == len(env.sequence) <= env._prompt_len + 12
+        )
 
 
 def test_lockstep_batch_compaction_keeps_results():
@@ -202,8 +222,9 @@ def test_sb3_adapter_runs_ppo():
     pytest.importorskip("stable_baselines3")
     from stable_baselines3 import PPO
 
-    venv = as_sb3_vec_env(gym.make_vec("textenvs/Summarize-v0", num_envs=4, token_mode="topk", k=4,
-                                       max_steps=4))
+    venv = as_sb3_vec_env(
+        gym.make_vec("textenvs/Summarize-v0", num_envs=4, token_mode="topk", k=4, max_steps=4)
+    )
     model = PPO("MlpPolicy", venv, n_steps=8, batch_size=16, n_epochs=1, seed=0)
     model.learn(64)
     obs = venv.reset()
@@ -217,7 +238,11 @@ def test_sb3_adapter_gives_terminal_observation():
     venv.reset()
     venv.step(np.array([5, 5]))
     _, _, dones, infos = venv.step(np.array([5, 5]))
-    assert dones.all() and infos[0]["terminal_observation"].shape == (128,) and not infos[0]["TimeLimit.truncated"]
+    assert (
+        dones.all()
+        and infos[0]["terminal_observation"].shape == (128,)
+        and not infos[0]["TimeLimit.truncated"]
+    )
 
 
 def test_sb3_adapter_refuses_next_step_mode():
@@ -229,7 +254,9 @@ def test_maskable_ppo_on_batched_edit_env():
     pytest.importorskip("sb3_contrib")
     from sb3_contrib import MaskablePPO
 
-    venv = as_sb3_vec_env(gym.make_vec("textenvs/EditSummary-v0", num_envs=2, max_len=8, max_steps=4, k=2))
+    venv = as_sb3_vec_env(
+        gym.make_vec("textenvs/EditSummary-v0", num_envs=2, max_len=8, max_steps=4, k=2)
+    )
     MaskablePPO("MlpPolicy", venv, n_steps=8, batch_size=8, n_epochs=1, seed=0).learn(16)
 
 
@@ -247,8 +274,13 @@ def test_env_pickles_mid_episode():
 @pytest.mark.slow
 def test_async_mode():
     # "spawn": a forked worker of a process whose torch thread pool already ran can deadlock.
-    envs = gym.make_vec("textenvs/Translate-v0", num_envs=2, vectorization_mode="async", max_steps=3,
-                        vector_kwargs={"context": "spawn"})
+    envs = gym.make_vec(
+        "textenvs/Translate-v0",
+        num_envs=2,
+        vectorization_mode="async",
+        max_steps=3,
+        vector_kwargs={"context": "spawn"},
+    )
     try:
         obs, _ = envs.reset(seed=0)
         assert obs.shape == (2, 128)

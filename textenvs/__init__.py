@@ -35,12 +35,19 @@ ENV_IDS: list[str] = []
 
 def _register(env_id: str, entry_point: str, vector_entry_point: str, kwargs: dict) -> None:
     if env_id not in registry:
-        register(id=env_id, entry_point=entry_point, vector_entry_point=vector_entry_point, kwargs=kwargs)
+        register(
+            id=env_id, entry_point=entry_point, vector_entry_point=vector_entry_point, kwargs=kwargs
+        )
     ENV_IDS.append(env_id)
 
 
 for _id, _kwargs in GENERATION_IDS.items():
-    _register(_id, "textenvs.envs.generate:TextGenerationEnv", "textenvs.vector:GenerationVectorEnv", _kwargs)
+    _register(
+        _id,
+        "textenvs.envs.generate:TextGenerationEnv",
+        "textenvs.vector:GenerationVectorEnv",
+        _kwargs,
+    )
 for _id, _kwargs in EDIT_IDS.items():
     _register(_id, "textenvs.envs.edit:TextEditEnv", "textenvs.vector:EditVectorEnv", _kwargs)
 
@@ -53,6 +60,17 @@ def is_edit_env(env_id: str) -> bool:
 
 
 __all__ = [
-    "ENV_IDS", "METRIC_NAMES", "TINY", "LanguageModel", "RewardShaper", "Sample", "Task", "builtin_task",
-    "get_metric", "is_edit_env", "load_csv", "load_dataset", "load_jsonl",
+    "ENV_IDS",
+    "METRIC_NAMES",
+    "TINY",
+    "LanguageModel",
+    "RewardShaper",
+    "Sample",
+    "Task",
+    "builtin_task",
+    "get_metric",
+    "is_edit_env",
+    "load_csv",
+    "load_dataset",
+    "load_jsonl",
 ]

@@ -1,4 +1,6 @@
-"""Stable-Baselines3 ``VecEnv`` adapter over a gymnasium vector env (imported only when SB3 is used)."""
+"""Stable-Baselines3 ``VecEnv`` adapter over a gymnasium vector env (imported only when SB3 is
+used).
+"""
 
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ def _unbatch_info(infos: dict, i: int) -> dict:
 
 
 class SB3VecEnvAdapter(VecEnv):
-    """SB3's ``VecEnv`` API (dones, ``terminal_observation``, ``TimeLimit.truncated``) over a gymnasium
+    """SB3's ``VecEnv`` API (dones, ``terminal_observation``, ``TimeLimit.truncated``) over a
+    gymnasium
     vector env whose autoreset mode is ``SameStep``. The batched textenvs envs keep their single
     batched forward per step underneath."""
 
@@ -35,8 +38,10 @@ class SB3VecEnvAdapter(VecEnv):
         mode = envs.metadata.get("autoreset_mode")
         if mode != AutoresetMode.SAME_STEP:
             raise ValueError(
-                f"as_sb3_vec_env needs a vector env in SameStep autoreset mode, got {mode!r}: build it with "
-                "gym.make_vec(id, num_envs=N) (textenvs ids default to SameStep), or for sync/async mode pass "
+                f"as_sb3_vec_env needs a vector env in SameStep autoreset mode, got {mode!r}: "
+                "build it with "
+                "gym.make_vec(id, num_envs=N) (textenvs ids default to SameStep), or for "
+                "sync/async mode pass "
                 "vector_kwargs={'autoreset_mode': gym.vector.AutoresetMode.SAME_STEP}."
             )
         self.vector_env = envs
@@ -45,8 +50,14 @@ class SB3VecEnvAdapter(VecEnv):
 
     def reset(self):
         seeds = [s if s is None else int(s) for s in self._seeds]
-        options = self._options[0] if self._options and all(o == self._options[0] for o in self._options) else None
-        obs, infos = self.vector_env.reset(seed=seeds if any(s is not None for s in seeds) else None, options=options)
+        options = (
+            self._options[0]
+            if self._options and all(o == self._options[0] for o in self._options)
+            else None
+        )
+        obs, infos = self.vector_env.reset(
+            seed=seeds if any(s is not None for s in seeds) else None, options=options
+        )
         self.reset_infos = [_unbatch_info(infos, i) for i in range(self.num_envs)]
         self._reset_seeds()
         self._reset_options()
@@ -65,9 +76,16 @@ class SB3VecEnvAdapter(VecEnv):
             if dones[i]:
                 info["terminal_observation"] = info.pop("final_obs")
                 final_info = info.pop("final_info", {})
-                self.reset_infos[i] = {k: v for k, v in info.items() if k not in ("TimeLimit.truncated", "terminal_observation")}
-                info = {**final_info, "TimeLimit.truncated": info["TimeLimit.truncated"],
-                        "terminal_observation": info["terminal_observation"]}
+                self.reset_infos[i] = {
+                    k: v
+                    for k, v in info.items()
+                    if k not in ("TimeLimit.truncated", "terminal_observation")
+                }
+                info = {
+                    **final_info,
+                    "TimeLimit.truncated": info["TimeLimit.truncated"],
+                    "terminal_observation": info["terminal_observation"],
+                }
             out.append(info)
         return obs, rewards.astype(np.float32), dones, out
 
@@ -89,7 +107,9 @@ class SB3VecEnvAdapter(VecEnv):
             values[i] = value
         self.vector_env.set_attr(attr_name, values)
 
-    def env_method(self, method_name: str, *method_args, indices=None, **method_kwargs) -> list[Any]:
+    def env_method(
+        self, method_name: str, *method_args, indices=None, **method_kwargs
+    ) -> list[Any]:
         results = self.vector_env.call(method_name, *method_args, **method_kwargs)
         return [results[i] for i in self._indices(indices)]
 

@@ -53,7 +53,9 @@ def plan_tail_groups(sizes: list[int], overhead: float) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def prefill_batch(lm: LanguageModel, batch: list[list[int]]) -> list[tuple[TokenSequence, torch.Tensor, torch.Tensor]]:
+def prefill_batch(
+    lm: LanguageModel, batch: list[list[int]]
+) -> list[tuple[TokenSequence, torch.Tensor, torch.Tensor]]:
     """:meth:`LanguageModel.prefill` of several sequences with ONE right-padded forward.
 
     Every sequence starts at position 0 and its padding comes after its last token, so the
@@ -74,18 +76,24 @@ def prefill_batch(lm: LanguageModel, batch: list[list[int]]) -> list[tuple[Token
         input_ids[b, : len(ids)] = torch.tensor(ids)
         mask[b, : len(ids)] = 1
     cache = kvcache.empty_cache()
-    last = torch.tensor(lengths, device=lm.device)[:, None] - 1  # (B, 1) each sequence's last position
+    last = (
+        torch.tensor(lengths, device=lm.device)[:, None] - 1
+    )  # (B, 1) each sequence's last position
     hidden, logits = lm.forward(input_ids.to(lm.device), cache, mask.to(lm.device), logits_at=last)
     if logits.shape[1] > 1:  # the model computed every position's logits: keep each row's last
         logits = logits.gather(1, last[:, :, None].expand(-1, -1, logits.shape[-1]))
-    return [(TokenSequence(list(batch[b]), kvcache.row_view(cache, b, n)), hidden[b, :n], logits[b, 0])
-            for b, n in enumerate(lengths)]
+    return [
+        (TokenSequence(list(batch[b]), kvcache.row_view(cache, b, n)), hidden[b, :n], logits[b, 0])
+        for b, n in enumerate(lengths)
+    ]
 
 
 @torch.inference_mode()
-def extend_batch(lm: LanguageModel, seqs: list[TokenSequence], tails: list[list[int]]
-                 ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-    """Append ``tails[i]`` to ``seqs[i]`` for every i, in as few batched incremental forwards as pay.
+def extend_batch(
+    lm: LanguageModel, seqs: list[TokenSequence], tails: list[list[int]]
+) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Append ``tails[i]`` to ``seqs[i]`` for every i, in as few batched incremental forwards as
+    pay.
 
     Caches of different lengths are right-padded into one temporary batch cache; an attention
     mask hides the padding and explicit position ids keep every sequence's positions, so each
@@ -105,13 +113,16 @@ def extend_batch(lm: LanguageModel, seqs: list[TokenSequence], tails: list[list[
         if len(rows) == 1:
             results[rows[0]] = lm.extend(seqs[rows[0]], tails[rows[0]])
             continue
-        for i, out in zip(rows, _extend_padded(lm, [seqs[i] for i in rows], [tails[i] for i in rows])):
+        for i, out in zip(
+            rows, _extend_padded(lm, [seqs[i] for i in rows], [tails[i] for i in rows])
+        ):
             results[i] = out
     return results
 
 
-def _extend_padded(lm: LanguageModel, seqs: list[TokenSequence], tails: list[list[int]]
-                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _extend_padded(
+    lm: LanguageModel, seqs: list[TokenSequence], tails: list[list[int]]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """ONE right-padded, masked forward appending ``tails[i]`` (non-empty) to ``seqs[i]``."""
     lengths = [len(seq) for seq in seqs]
     sizes = [len(tail) for tail in tails]
@@ -126,7 +137,9 @@ def _extend_padded(lm: LanguageModel, seqs: list[TokenSequence], tails: list[lis
         mask[b, past : past + m] = 1
         input_ids[b, :m] = torch.tensor(tail)
     position_ids = torch.tensor(lengths)[:, None] + torch.arange(new)[None]  # (B, new)
-    hidden, logits = lm.forward(input_ids.to(lm.device), cache, mask.to(lm.device), position_ids.to(lm.device))
+    hidden, logits = lm.forward(
+        input_ids.to(lm.device), cache, mask.to(lm.device), position_ids.to(lm.device)
+    )
     out = []
     for b, (seq, tail, n, m) in enumerate(zip(seqs, tails, lengths, sizes)):
         kvcache.take_row_segments(seq.cache, cache, b, n, past, m)
@@ -191,7 +204,9 @@ class LockstepBatch:
 
     @torch.inference_mode()
     def adopt(self, i: int, seq: TokenSequence) -> None:
-        """Put ``seq`` (cached by :meth:`LanguageModel.prefill`) into row ``i``; its own cache is released."""
+        """Put ``seq`` (cached by :meth:`LanguageModel.prefill`) into row ``i``; its own cache is
+        released.
+        """
         length = len(seq)
         if self.cache is None:
             self.cache = kvcache.zero_rows_like(seq.cache, self.n)
@@ -207,14 +222,18 @@ class LockstepBatch:
         self.rows[i] = seq
 
     @torch.inference_mode()
-    def advance(self, tokens: list[int], stepping: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``tokens[i]`` to every row ``i`` in ``stepping`` (default: all rows) in ONE forward.
+    def advance(
+        self, tokens: list[int], stepping: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``tokens[i]`` to every row ``i`` in ``stepping`` (default: all rows) in ONE
+        forward.
 
         A row not in ``stepping`` sits the step out: its token is run (the batch has one shape)
         but masked out of every later step and not counted, so its sequence is unchanged.
 
         Returns:
-            Hidden states ``(N, d)`` and logits ``(N, V)``; rows that sat out hold meaningless values.
+            Hidden states ``(N, d)`` and logits ``(N, V)``; rows that sat out hold meaningless
+            values.
         """
         if self.cache is None:
             raise RuntimeError("LockstepBatch.advance() before any adopt(): adopt every row first.")
@@ -227,8 +246,11 @@ class LockstepBatch:
             column = column.to(self.lm.device)
         self.lm.check_length(max(self.lengths[i] for i in stepped) + 1 if stepped else 0)
         self.mask = torch.cat([self.mask, column], dim=1)  # (N, S + 1)
-        new = torch.tensor([tokens, self.lengths], device=self.lm.device)  # (2, N): new tokens, their positions
-        # One new token per row attends to exactly the row's valid slots (see takes_prepared_step_mask).
+        new = torch.tensor(
+            [tokens, self.lengths], device=self.lm.device
+        )  # (2, N): new tokens, their positions
+        # One new token per row attends to exactly the row's valid slots
+        # (see takes_prepared_step_mask).
         mask = self.mask.bool()[:, None, None, :] if self.mask_4d else self.mask
         hidden, logits = self.lm.forward(new[0][:, None], self.cache, mask, new[1][:, None])
         for i in stepped:

@@ -51,12 +51,18 @@ def crop(cache: DynamicCache, length: int) -> None:
 
 def row_view(batch: DynamicCache, row: int, length: int) -> DynamicCache:
     """A cache of batch size 1 viewing the first ``length`` positions of ``row`` (no copy)."""
-    return cache_from_layers([(layer.keys[row : row + 1, :, :length], layer.values[row : row + 1, :, :length])
-                              for layer in batch.layers])
+    return cache_from_layers(
+        [
+            (layer.keys[row : row + 1, :, :length], layer.values[row : row + 1, :, :length])
+            for layer in batch.layers
+        ]
+    )
 
 
 def stack_right_padded(caches: list[DynamicCache], lengths: list[int]) -> DynamicCache:
-    """One batch cache of several caches of batch size 1, each right-padded to the longest with zeros."""
+    """One batch cache of several caches of batch size 1, each right-padded to the longest with
+    zeros.
+    """
     past = max(lengths)
     layers = []
     for layer in range(len(caches[0].layers)):
@@ -69,32 +75,50 @@ def stack_right_padded(caches: list[DynamicCache], lengths: list[int]) -> Dynami
     return cache_from_layers(layers)
 
 
-def take_row_segments(own: DynamicCache, batch: DynamicCache, row: int, length: int, start: int, added: int) -> None:
-    """Make ``own`` the first ``length`` positions of batch ``row`` followed by its ``added`` from ``start``.
+def take_row_segments(
+    own: DynamicCache, batch: DynamicCache, row: int, length: int, start: int, added: int
+) -> None:
+    """Make ``own`` the first ``length`` positions of batch ``row`` followed by its ``added`` from
+    ``start``.
 
     After a right-padded forward the batch cache holds each row's old positions, its padding, then
     its new positions from ``start`` (the padded width) on; this drops the padding.
     """
     for layer, batch_layer in zip(own.layers, batch.layers):
-        k, v = batch_layer.keys[row : row + 1], batch_layer.values[row : row + 1]  # (1, H, past + new, hd)
+        k, v = (
+            batch_layer.keys[row : row + 1],
+            batch_layer.values[row : row + 1],
+        )  # (1, H, past + new, hd)
         layer.keys = torch.cat([k[:, :, :length], k[:, :, start : start + added]], dim=2)
         layer.values = torch.cat([v[:, :, :length], v[:, :, start : start + added]], dim=2)
 
 
-# -- caches of several rows that persist across forwards (textenvs.batching.LockstepBatch) ----------
+# -- caches of several rows that persist across forwards (textenvs.batching.LockstepBatch) -----
 
 
 def zero_rows_like(cache: DynamicCache, rows: int) -> DynamicCache:
-    """A cache of ``rows`` rows of zeros, each as long as ``cache`` (batch size 1) and of its dtype and device."""
-    return cache_from_layers([
-        (torch.zeros((rows, *layer.keys.shape[1:]), dtype=layer.keys.dtype, device=layer.keys.device),
-         torch.zeros((rows, *layer.values.shape[1:]), dtype=layer.values.dtype, device=layer.values.device))
-        for layer in cache.layers
-    ])
+    """A cache of ``rows`` rows of zeros, each as long as ``cache`` (batch size 1) and of its dtype
+    and device.
+    """
+    return cache_from_layers(
+        [
+            (
+                torch.zeros(
+                    (rows, *layer.keys.shape[1:]), dtype=layer.keys.dtype, device=layer.keys.device
+                ),
+                torch.zeros(
+                    (rows, *layer.values.shape[1:]),
+                    dtype=layer.values.dtype,
+                    device=layer.values.device,
+                ),
+            )
+            for layer in cache.layers
+        ]
+    )
 
 
 def write_row(batch: DynamicCache, row: int, cache: DynamicCache, length: int) -> None:
-    """Overwrite ``row`` of ``batch`` with the ``length`` positions of ``cache`` followed by zeros."""
+    """Overwrite ``row`` of ``batch`` with the ``length`` positions of ``cache``, then zeros."""
     for own, new in zip(batch.layers, cache.layers):
         own.keys[row] = 0
         own.values[row] = 0

@@ -40,14 +40,14 @@ BUILTIN_MODELS = {TINY: Path(__file__).parent / "models" / "tiny"}
 
 
 def resolve_model_path(name: str | os.PathLike) -> str:
-    """The folder or hub name to load for ``name``; a missing local path fails here, not at the hub."""
+    """The folder or hub name to load for ``name``; a missing local path fails here."""
     name = os.fspath(name)
     if name in BUILTIN_MODELS:
         path = BUILTIN_MODELS[name]
         if not (path / "model.safetensors").exists():
             raise FileNotFoundError(
-                f"The built-in model {name!r} is missing from {path}: reinstall textenvs or rebuild it with "
-                "`python -m textenvs.models.train_tiny`."
+                f"The built-in model {name!r} is missing from {path}: reinstall textenvs or "
+                "rebuild it with `python -m textenvs.models.train_tiny`."
             )
         return str(path)
     if os.path.isdir(name):
@@ -55,8 +55,9 @@ def resolve_model_path(name: str | os.PathLike) -> str:
     # Hub names are "name" or "org/name"; anything else path-like must exist locally.
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise FileNotFoundError(
-            f"Model {name!r} looks like a local path but no such folder exists: pass a folder written by "
-            f"`save_pretrained`, a Hugging Face hub name such as 'gpt2', or the built-in {TINY!r}."
+            f"Model {name!r} looks like a local path but no such folder exists: pass a folder "
+            "written by `save_pretrained`, a Hugging Face hub name such as 'gpt2', or the "
+            f"built-in {TINY!r}."
         )
     return name
 
@@ -73,8 +74,11 @@ class LanguageModel:
     """
 
     def __init__(
-        self, name: str | os.PathLike = TINY, device: str | torch.device = "cpu",
-        dtype: torch.dtype | None = None, layer: int = -1,
+        self,
+        name: str | os.PathLike = TINY,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        layer: int = -1,
     ) -> None:
         self.name = os.fspath(name)
         self.device = torch.device(device)
@@ -87,20 +91,24 @@ class LanguageModel:
             )
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(
-                f"Could not load model {self.name!r} as a causal LM with safetensors weights ({e}). Use the built-in "
-                f"{TINY!r}, a folder written by `save_pretrained` holding model.safetensors, or a hub name "
-                "(needs network)."
+                f"Could not load model {self.name!r} as a causal LM with safetensors weights "
+                f"({e}). Use the built-in {TINY!r}, a folder written by `save_pretrained` holding "
+                "model.safetensors, or a hub name (needs network)."
             ) from e
         self.model.to(self.device).eval()
         self.model.requires_grad_(False)
         if self.tokenizer.pad_token_id is None:
             warnings.warn(
-                f"The tokenizer of {self.name!r} has no pad token; using its EOS token {self.tokenizer.eos_token!r}.",
+                f"The tokenizer of {self.name!r} has no pad token; using its EOS token "
+                f"{self.tokenizer.eos_token!r}.",
                 stacklevel=2,
             )
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.tokenizer.eos_token_id is None:
-            raise ValueError(f"The tokenizer of {self.name!r} has no EOS token: episodes could never end by themselves.")
+            raise ValueError(
+                f"The tokenizer of {self.name!r} has no EOS token: episodes could never end by "
+                "themselves."
+            )
         # An env decodes its text every step. Without clean-up of tokenization spaces, a fast
         # tokenizer's decode is exactly its backend's, so decode() calls the backend directly and
         # skips transformers' per-call argument conversion (half the cost of a short decode).
@@ -109,21 +117,26 @@ class LanguageModel:
         # A prompt's forward needs the logits of its last position only: models that take
         # transformers' logits_to_keep skip the LM head for the others.
         self.keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-        # What one more forward costs in tokens of compute, for batching.extend_batch's grouping of tails:
-        # on a CPU a small model's forward is about 30 tokens' worth of fixed cost; on a GPU a
-        # forward is launch-bound, so padding is nearly free and the rows stay in one batch.
+        # What one more forward costs in tokens of compute, for batching.extend_batch's grouping
+        # of tails: on a CPU a small model's forward is about 30 tokens' worth of fixed cost; on a
+        # GPU a forward is launch-bound, so padding is nearly free and the rows stay in one batch.
         self.forward_overhead_tokens = 32.0 if self.device.type == "cpu" else 4096.0
         config = self.model.config
         self.n_layers = config.num_hidden_layers
         if not -(self.n_layers + 1) <= layer <= self.n_layers:
-            raise ValueError(f"layer={layer} is out of range for a model with {self.n_layers} layers: use -1..{self.n_layers}.")
+            raise ValueError(
+                f"layer={layer} is out of range for a model with {self.n_layers} layers: use "
+                f"-1..{self.n_layers}."
+            )
         self.layer = layer
         self.hidden_size = config.hidden_size
         # The LM head may be padded beyond the tokenizer; every head row is a valid action.
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.eos_token_id = int(self.tokenizer.eos_token_id)
         self.max_positions = int(
-            getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 2048
+            getattr(config, "n_positions", None)
+            or getattr(config, "max_position_embeddings", None)
+            or 2048
         )
 
     def __reduce__(self):
@@ -137,8 +150,14 @@ class LanguageModel:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
-        """The text of ``ids``, special tokens left out: ``tokenizer.decode(ids, skip_special_tokens=True)``."""
-        if self._backend_decode is not None and type(ids) is list and not self.tokenizer.clean_up_tokenization_spaces:
+        """The text of ``ids``, special tokens left out: ``tokenizer.decode(ids,
+        skip_special_tokens=True)``.
+        """
+        if (
+            self._backend_decode is not None
+            and type(ids) is list
+            and not self.tokenizer.clean_up_tokenization_spaces
+        ):
             return self._backend_decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -156,7 +175,9 @@ class LanguageModel:
         self.check_length(len(ids))
         cache = kvcache.empty_cache()
         last = torch.tensor([[len(ids) - 1]], device=self.device)
-        hidden, logits = self.forward(torch.tensor([ids], device=self.device), cache, logits_at=last)
+        hidden, logits = self.forward(
+            torch.tensor([ids], device=self.device), cache, logits_at=last
+        )
         return TokenSequence(list(ids), cache), hidden[0], logits[0, -1]
 
     @torch.inference_mode()
@@ -164,7 +185,8 @@ class LanguageModel:
         """Append ``ids`` to one sequence with one incremental forward over its cache.
 
         Returns:
-            Hidden states ``(len(ids), d)`` and next-token logits ``(len(ids), V)`` of the new positions.
+            Hidden states ``(len(ids), d)`` and next-token logits ``(len(ids), V)`` of the new
+            positions.
         """
         self.check_length(len(seq) + len(ids))
         hidden, logits = self.forward(torch.tensor([ids], device=self.device), seq.cache)
@@ -184,24 +206,33 @@ class LanguageModel:
         skips the rest where the model supports transformers' ``logits_to_keep``; the logits are
         then ``(B, k, V)``, otherwise ``(B, T, V)`` for the caller to index.
         """
-        kwargs = {"logits_to_keep": logits_at} if logits_at is not None and self.keeps_logits else {}
+        kwargs = (
+            {"logits_to_keep": logits_at} if logits_at is not None and self.keeps_logits else {}
+        )
         out = self.model(
-            input_ids=input_ids, past_key_values=cache, attention_mask=attention_mask, position_ids=position_ids,
-            use_cache=True, output_hidden_states=True, **kwargs,
+            input_ids=input_ids,
+            past_key_values=cache,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            output_hidden_states=True,
+            **kwargs,
         )
         return out.hidden_states[self.layer].float(), out.logits.float()
 
     def check_length(self, n: int) -> None:
         if n > self.max_positions:
             raise ValueError(
-                f"A sequence of {n} tokens exceeds the context of model {self.name!r} ({self.max_positions} "
-                "positions): shorten the source text, lower max_new_tokens / max_len, or use a model with a "
-                "longer context."
+                f"A sequence of {n} tokens exceeds the context of model {self.name!r} "
+                f"({self.max_positions} positions): shorten the source text, lower max_new_tokens "
+                "/ max_len, or use a model with a longer context."
             )
 
     @torch.inference_mode()
     def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> str:
-        """Greedy continuation of ``prompt_ids`` until EOS or ``max_new_tokens``; the decoded new text."""
+        """Greedy continuation of ``prompt_ids`` until EOS or ``max_new_tokens``; the decoded new
+        text.
+        """
         seq, _, logits = self.prefill(prompt_ids)
         new: list[int] = []
         for _ in range(max_new_tokens):
@@ -218,8 +249,10 @@ _SHARED: dict[tuple, LanguageModel] = {}
 
 
 def shared_model(
-    model: str | os.PathLike | LanguageModel = TINY, device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None, layer: int = -1,
+    model: str | os.PathLike | LanguageModel = TINY,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    layer: int = -1,
 ) -> LanguageModel:
     """A :class:`LanguageModel`, shared between environments that ask for the same one.
 
@@ -229,8 +262,8 @@ def shared_model(
     if isinstance(model, LanguageModel):
         if layer != model.layer:
             raise ValueError(
-                f"The LanguageModel passed in observes layer {model.layer}, not layer={layer}: build it with "
-                f"LanguageModel(..., layer={layer}) or pass layer={model.layer}."
+                f"The LanguageModel passed in observes layer {model.layer}, not layer={layer}: "
+                f"build it with LanguageModel(..., layer={layer}) or pass layer={model.layer}."
             )
         return model
     key = (os.fspath(model), str(torch.device(device)), dtype, layer)

@@ -20,7 +20,8 @@ A user callable ``(hypothesis: str, references: Sequence[str]) -> float`` is use
 must return a finite number (a NaN or infinity raises, never reaches an agent).
 
 Shaping (:class:`RewardShaper`): the scored quantity is
-``score(text) = metric(text) - length_penalty * length_mismatch(text) - repetition_penalty * repeats(text)``.
+``score(text) = metric(text) - length_penalty * length_mismatch(text) - repetition_penalty *
+repeats(text)``.
 Dense mode pays ``score(text_t) - score(text_{t-1})`` each step, so an episode's rewards sum to
 ``score(final) - score(start)``; terminal mode pays ``score(final)`` once at the end. The two
 guardrails are off (0.0) by default:
@@ -71,12 +72,14 @@ class _RememberingTokenizer(rouge_tokenizers.Tokenizer):
 
 
 class _LcsRows:
-    """The rows of rouge-score's LCS table of one reference against a hypothesis that changes a little per call.
+    """The rows of rouge-score's LCS table of one reference against a hypothesis that changes a
+    little per call.
 
     rouge-score builds the whole ``len(reference) x len(hypothesis)`` table for every score. An
     environment scores a text that grows by a token (or is edited at one place) per step, so the
     rows of the hypothesis tokens that did not change are kept and only the rows from the first
-    changed token on are recomputed: the same recurrence, the same LCS length, a fraction of the work.
+    changed token on are recomputed: the same recurrence, the same LCS length, a fraction of the
+    work.
     """
 
     def __init__(self, reference: list[str]) -> None:
@@ -113,7 +116,9 @@ class RougeMetric:
     def __init__(self, kind: str) -> None:
         self.kind = self.__name__ = kind
         self._tokenizer = _RememberingTokenizer()
-        self._scorer = rouge_scorer.RougeScorer([kind], use_stemmer=False, tokenizer=self._tokenizer)
+        self._scorer = rouge_scorer.RougeScorer(
+            [kind], use_stemmer=False, tokenizer=self._tokenizer
+        )
         self._lcs: dict[str, _LcsRows] = {}
 
     def __call__(self, hypothesis: str, references: Sequence[str]) -> float:
@@ -125,7 +130,9 @@ class RougeMetric:
     def _rouge_l(self, hypothesis: str, references: Sequence[str]):
         if len(self._lcs) > len(references) or any(ref not in self._lcs for ref in references):
             self._lcs = {ref: _LcsRows(self._tokenizer.tokenize(ref)) for ref in references}
-        hyp = self._tokenizer.inner.tokenize(hypothesis)  # a new text each step: nothing to remember
+        hyp = self._tokenizer.inner.tokenize(
+            hypothesis
+        )  # a new text each step: nothing to remember
         for ref in references:
             rows = self._lcs[ref]
             if not hyp or not rows.reference:  # rouge-score's convention for an empty side
@@ -175,8 +182,8 @@ def get_metric(reward: str | MetricFn) -> MetricFn:
     if reward in SACREBLEU_METRICS:
         return SacreBleuMetric(reward)
     raise ValueError(
-        f"Unknown reward {reward!r}: use one of {list(METRIC_NAMES)} or a callable "
-        "(hypothesis: str, references: list[str]) -> float."
+        f"Unknown reward {reward!r}: use one of {list(METRIC_NAMES)} or a callable (hypothesis: "
+        "str, references: list[str]) -> float."
     )
 
 
@@ -192,7 +199,9 @@ def repeated_ngrams(text: str, n: int = 3) -> int:
 
 
 def length_mismatch(text: str, references: Sequence[str]) -> float:
-    """Relative word-count distance to the closest reference (0 when some reference has the same length)."""
+    """Relative word-count distance to the closest reference (0 when some reference has the same
+    length).
+    """
     n = len(text.split())
     return min(abs(n - len(r.split())) / max(len(r.split()), 1) for r in references)
 
@@ -221,19 +230,25 @@ class RewardShaper:
         for field in ("length_penalty", "repetition_penalty"):
             value = getattr(self, field)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{field} must be a finite number >= 0 (0 turns it off), got {value!r}.")
+                raise ValueError(
+                    f"{field} must be a finite number >= 0 (0 turns it off), got {value!r}."
+                )
         if not (isinstance(self.repetition_ngram, int) and self.repetition_ngram >= 1):
-            raise ValueError(f"repetition_ngram must be an int >= 1, got {self.repetition_ngram!r}.")
+            raise ValueError(
+                f"repetition_ngram must be an int >= 1, got {self.repetition_ngram!r}."
+            )
         self.references: tuple[str, ...] = ()
         self._last_score = 0.0
 
     def score(self, text: str) -> dict[str, float]:
-        """The metric, the guardrail terms and the shaped ``score`` of ``text`` against the references."""
+        """The metric, the guardrail terms and the shaped ``score`` of ``text`` against the
+        references.
+        """
         value = float(self.metric(text, self.references))
         if not math.isfinite(value):
             raise ValueError(
-                f"Reward metric {self.name!r} returned {value} for hypothesis {text!r}: a reward metric must "
-                "return a finite number."
+                f"Reward metric {self.name!r} returned {value} for hypothesis {text!r}: a reward "
+                "metric must return a finite number."
             )
         out = {self.name: value, "score": value}
         if self.length_penalty:
@@ -255,7 +270,9 @@ class RewardShaper:
         self._last_score = scores["score"] if text else 0.0
         return scores
 
-    def step(self, text: str, done: bool, scores: dict[str, float] | None = None) -> tuple[float, dict[str, float]]:
+    def step(
+        self, text: str, done: bool, scores: dict[str, float] | None = None
+    ) -> tuple[float, dict[str, float]]:
         """The reward for reaching ``text``; ``done`` marks the episode's last step.
 
         ``scores`` may pass ``self.score(text)`` when the caller has computed it already.

@@ -51,13 +51,19 @@ class BatchedTextVectorEnv(VectorEnv):
 
     env_class: type[TextEnv] = TextGenerationEnv
 
-    def __init__(self, num_envs: int = 1, autoreset_mode: str | AutoresetMode = AutoresetMode.SAME_STEP,
-                 **env_kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_envs: int = 1,
+        autoreset_mode: str | AutoresetMode = AutoresetMode.SAME_STEP,
+        **env_kwargs: Any,
+    ) -> None:
         if not (isinstance(num_envs, (int, np.integer)) and num_envs >= 1):
             raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}.")
         mode = AutoresetMode(autoreset_mode)
         if mode == AutoresetMode.DISABLED:
-            raise ValueError("autoreset_mode='Disabled' is not supported: use 'SameStep' or 'NextStep'.")
+            raise ValueError(
+                "autoreset_mode='Disabled' is not supported: use 'SameStep' or 'NextStep'."
+            )
         self.envs = [self.env_class(**env_kwargs) for _ in range(num_envs)]
         self.lm = self.envs[0].lm  # shared_model() gives the sub-envs one model object
         self.num_envs = int(num_envs)
@@ -77,14 +83,20 @@ class BatchedTextVectorEnv(VectorEnv):
         mask = options.pop("reset_mask", None)
         mask = np.ones(self.num_envs, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
         if mask.shape != (self.num_envs,):
-            raise ValueError(f"options['reset_mask'] must have shape ({self.num_envs},), got {mask.shape}.")
+            raise ValueError(
+                f"options['reset_mask'] must have shape ({self.num_envs},), got {mask.shape}."
+            )
         if not self._was_reset and not mask.all():
-            raise ValueError("The first reset() must reset every sub-env: drop options['reset_mask'].")
+            raise ValueError(
+                "The first reset() must reset every sub-env: drop options['reset_mask']."
+            )
         if not self._was_reset:
             self._obs = np.zeros(self.observation_space.shape, dtype=self.observation_space.dtype)
         indices = np.flatnonzero(mask).tolist()
         items = []
-        for i, (obs, info) in zip(indices, self._reset_envs(indices, [seeds[i] for i in indices], options or None)):
+        for i, (obs, info) in zip(
+            indices, self._reset_envs(indices, [seeds[i] for i in indices], options or None)
+        ):
             self._obs[i] = obs
             items.append((i, info))
         self._needs_reset[mask] = False
@@ -93,7 +105,9 @@ class BatchedTextVectorEnv(VectorEnv):
 
     def step(self, actions: Any):
         if not self._was_reset:
-            raise gym.error.ResetNeeded("Cannot call step() before reset(): call envs.reset() first.")
+            raise gym.error.ResetNeeded(
+                "Cannot call step() before reset(): call envs.reset() first."
+            )
         actions = self._check_actions(actions)
         rewards = np.zeros(self.num_envs, dtype=np.float64)
         terminated = np.zeros(self.num_envs, dtype=bool)
@@ -131,7 +145,7 @@ class BatchedTextVectorEnv(VectorEnv):
         return tuple(env.render() for env in self.envs)
 
     def call(self, name: str, *args: Any, **kwargs: Any) -> tuple:
-        """Call a method (or read an attribute) of every sub-env, as gymnasium's SyncVectorEnv does."""
+        """Call a method (or read an attribute) of every sub-env, as gymnasium's SyncVectorEnv."""
         out = []
         for env in self.envs:
             attr = getattr(env, name)
@@ -151,8 +165,9 @@ class BatchedTextVectorEnv(VectorEnv):
         return np.stack(self.call("action_masks"))
 
     # -- helpers -----------------------------------------------------------------------------
-    def _reset_envs(self, indices: list[int], seeds: list[int | None] | None = None,
-                    options: dict | None = None) -> list[tuple[np.ndarray, dict]]:
+    def _reset_envs(
+        self, indices: list[int], seeds: list[int | None] | None = None, options: dict | None = None
+    ) -> list[tuple[np.ndarray, dict]]:
         """Reset the sub-envs ``indices`` (seeded by ``seeds``); their ``(obs, info)`` in order."""
         seeds = seeds or [None] * len(indices)
         return [self.envs[i].reset(seed=seed, options=options) for i, seed in zip(indices, seeds)]
@@ -168,7 +183,10 @@ class BatchedTextVectorEnv(VectorEnv):
             return [int(seed) + i for i in range(self.num_envs)]
         seeds = list(seed)
         if len(seeds) != self.num_envs:
-            raise ValueError(f"Got {len(seeds)} seeds for {self.num_envs} sub-envs: give one int or one seed per sub-env.")
+            raise ValueError(
+                f"Got {len(seeds)} seeds for {self.num_envs} sub-envs: give one int or one seed "
+                "per sub-env."
+            )
         return seeds
 
     def _check_actions(self, actions: Any) -> np.ndarray:
@@ -176,15 +194,16 @@ class BatchedTextVectorEnv(VectorEnv):
         expected = self.action_space.shape
         if arr.shape != expected or not np.issubdtype(arr.dtype, np.integer):
             raise ValueError(
-                f"Expected an integer action array of shape {expected} (one action of {self.single_action_space} "
-                f"per sub-env), got shape {arr.shape} and dtype {arr.dtype}."
+                f"Expected an integer action array of shape {expected} (one action of "
+                f"{self.single_action_space} per sub-env), got shape {arr.shape} and dtype "
+                f"{arr.dtype}."
             )
         for i in invalid_rows(self.single_action_space, arr):
             if not self._needs_reset[i]:
                 a = arr[i]
                 raise ValueError(
-                    f"Action {a!r} of sub-env {i} is not in the action space {self.single_action_space}; "
-                    "no sub-env was stepped."
+                    f"Action {a!r} of sub-env {i} is not in the action space "
+                    f"{self.single_action_space}; no sub-env was stepped."
                 )
         return arr
 
@@ -210,7 +229,9 @@ def batch_infos(num_envs: int, items: list[tuple[int, dict]]) -> dict:
         if isinstance(first, dict) and key != "final_obs":
             out[key] = batch_infos(num_envs, entries)
         else:
-            if key == "final_obs" or not (type(first) in (int, float, bool) or isinstance(first, (np.number, np.ndarray))):
+            if key == "final_obs" or not (
+                type(first) in (int, float, bool) or isinstance(first, (np.number, np.ndarray))
+            ):
                 array = np.full(num_envs, fill_value=None, dtype=object)
             elif isinstance(first, np.ndarray):
                 array = np.zeros((num_envs, *first.shape), dtype=first.dtype)
@@ -226,7 +247,8 @@ def batch_infos(num_envs: int, items: list[tuple[int, dict]]) -> dict:
 
 
 class GenerationVectorEnv(BatchedTextVectorEnv):
-    """Batched :class:`~textenvs.envs.generate.TextGenerationEnv` (``vector_entry_point`` of the generation ids).
+    """Batched :class:`~textenvs.envs.generate.TextGenerationEnv` (``vector_entry_point`` of the
+    generation ids).
 
     Every sub-env appends exactly one token per step, so the sub-envs live in one persistent
     batch cache (:class:`~textenvs.batching.LockstepBatch`): a step is one forward with no per-step
@@ -236,18 +258,27 @@ class GenerationVectorEnv(BatchedTextVectorEnv):
 
     env_class = TextGenerationEnv
 
-    def __init__(self, num_envs: int = 1, autoreset_mode: str | AutoresetMode = AutoresetMode.SAME_STEP,
-                 **env_kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_envs: int = 1,
+        autoreset_mode: str | AutoresetMode = AutoresetMode.SAME_STEP,
+        **env_kwargs: Any,
+    ) -> None:
         super().__init__(num_envs, autoreset_mode, **env_kwargs)
         self.batch = LockstepBatch(self.lm, self.num_envs)
 
-    def _reset_envs(self, indices: list[int], seeds: list[int | None] | None = None,
-                    options: dict | None = None) -> list[tuple[np.ndarray, dict]]:
-        """Reset sub-envs with ONE batched prefill of their prompts, then move them into the batch cache."""
+    def _reset_envs(
+        self, indices: list[int], seeds: list[int | None] | None = None, options: dict | None = None
+    ) -> list[tuple[np.ndarray, dict]]:
+        """Reset sub-envs with ONE batched prefill of their prompts, then move them into the batch
+        cache.
+        """
         if not indices:
             return []
         seeds = seeds or [None] * len(indices)
-        prompts = [self.envs[i].begin_reset(seed=seed, options=options) for i, seed in zip(indices, seeds)]
+        prompts = [
+            self.envs[i].begin_reset(seed=seed, options=options) for i, seed in zip(indices, seeds)
+        ]
         out = []
         for i, (seq, hidden, logits) in zip(indices, prefill_batch(self.lm, prompts)):
             out.append(self.envs[i].finish_reset(seq, hidden, logits))
@@ -256,7 +287,8 @@ class GenerationVectorEnv(BatchedTextVectorEnv):
 
     @property
     def logits(self):
-        """Next-token logits of every sub-env ``(N, V)``, from the forward of the last step or reset.
+        """Next-token logits of every sub-env ``(N, V)``, from the forward of the last step or
+        reset.
 
         An agent whose policy is the language model itself samples from these, so a generated token
         costs the env's one forward and no second one (``agents.token_ppo``).
@@ -266,14 +298,20 @@ class GenerationVectorEnv(BatchedTextVectorEnv):
         return torch.stack([env.logits for env in self.envs])
 
     def _forward(self, stepping: list[int], tails: list[list[int]]) -> list:
-        tokens = [0] * self.num_envs  # rows that sit the step out (NextStep resets) run a masked token
+        tokens = [
+            0
+        ] * self.num_envs  # rows that sit the step out (NextStep resets) run a masked token
         for i, tail in zip(stepping, tails):
             tokens[i] = tail[0]
         hidden, logits = self.batch.advance(tokens, stepping)
         hidden = hidden.cpu()  # one device-to-host copy for the whole batch
-        rows = list(zip(hidden[:, None].unbind(), logits[:, None].unbind()))  # (1, d), (1, V) views, made at once
+        rows = list(
+            zip(hidden[:, None].unbind(), logits[:, None].unbind())
+        )  # (1, d), (1, V) views, made at once
         first = self.envs[0]
-        if first.token_mode == "topk":  # every row's candidates from one top-k and one copy to the host
+        if (
+            first.token_mode == "topk"
+        ):  # every row's candidates from one top-k and one copy to the host
             candidates = top_candidates(logits, first.k).cpu().numpy()
             return [(*rows[i], candidates[i]) for i in stepping]
         return [rows[i] for i in stepping]

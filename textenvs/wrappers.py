@@ -22,7 +22,8 @@ DISCRETIZE_METHODS = ("hash", "kmeans")
 
 
 class FlattenEditActions(gym.ActionWrapper):
-    """Turn an edit env's ``MultiDiscrete([4, L + 1, K])`` space into one ``Discrete`` with an exact mask.
+    """Turn an edit env's ``MultiDiscrete([4, L + 1, K])`` space into one ``Discrete`` with an exact
+    mask.
 
     Only distinct edits are enumerated (delete needs no token, stop no position or token)::
 
@@ -38,10 +39,12 @@ class FlattenEditActions(gym.ActionWrapper):
     def __init__(self, env: gym.Env) -> None:
         super().__init__(env)
         space = env.action_space
-        if not (isinstance(space, spaces.MultiDiscrete) and space.shape == (3,) and space.nvec[0] == 4):
+        if not (
+            isinstance(space, spaces.MultiDiscrete) and space.shape == (3,) and space.nvec[0] == 4
+        ):
             raise ValueError(
-                f"FlattenEditActions needs an edit env with MultiDiscrete([4, max_len + 1, n_tokens]) actions, "
-                f"got {space}: wrap a textenvs edit env (textenvs/Edit*-v0)."
+                "FlattenEditActions needs an edit env with MultiDiscrete([4, max_len + 1, "
+                f"n_tokens]) actions, got {space}: wrap a textenvs edit env (textenvs/Edit*-v0)."
             )
         self.max_len, self.n_tokens = int(space.nvec[1]) - 1, int(space.nvec[2])
         L, K = self.max_len, self.n_tokens
@@ -50,8 +53,15 @@ class FlattenEditActions(gym.ActionWrapper):
         self.action_space = spaces.Discrete(self._replace0 + L * K)
 
     def action(self, action: Any) -> np.ndarray:
-        if not (np.ndim(action) == 0 and self.action_space.contains(np.int64(action)) and float(action) == int(action)):
-            raise ValueError(f"Action {action!r} is not in the action space {self.action_space}: give an integer index.")
+        if not (
+            np.ndim(action) == 0
+            and self.action_space.contains(np.int64(action))
+            and float(action) == int(action)
+        ):
+            raise ValueError(
+                f"Action {action!r} is not in the action space {self.action_space}: give an "
+                "integer index."
+            )
         return np.array(self.unflatten(int(action)), dtype=np.int64)
 
     def unflatten(self, a: int) -> tuple[int, int, int]:
@@ -88,7 +98,9 @@ class FlattenEditActions(gym.ActionWrapper):
 
 
 def sample_observations(env: gym.Env, n: int, seed: int) -> np.ndarray:
-    """``n`` observations of ``env`` under a uniformly random (masked, where the env has masks) policy."""
+    """``n`` observations of ``env`` under a uniformly random (masked, where the env has masks)
+    policy.
+    """
     rng = np.random.default_rng(seed)
     obs, _ = env.reset(seed=seed)
     samples = [np.asarray(obs, dtype=np.float32).reshape(-1)]
@@ -111,7 +123,9 @@ def _random_action(space: spaces.Space, rng: np.random.Generator):
         return int(space.start + rng.integers(space.n))
     if isinstance(space, spaces.MultiDiscrete):
         return rng.integers(space.nvec)
-    raise ValueError(f"Cannot sample random actions from {space}: use a Discrete or MultiDiscrete action space.")
+    raise ValueError(
+        f"Cannot sample random actions from {space}: use a Discrete or MultiDiscrete action space."
+    )
 
 
 class DiscretizeObservation(gym.ObservationWrapper):
@@ -125,7 +139,8 @@ class DiscretizeObservation(gym.ObservationWrapper):
       beyond the mean, and nearby hidden states tend to share a state; but the hyperplanes ignore
       where the data lie, so many of the ``2 ** n_bits`` states stay empty while others are crowded.
     * ``method="kmeans"``: a codebook of ``n_clusters`` centroids fitted with scikit-learn's
-      ``KMeans`` (seeded); the state is the nearest centroid, ``Discrete(n_clusters)``. It spends its
+      ``KMeans`` (seeded); the state is the nearest centroid, ``Discrete(n_clusters)``. It spends
+      its
       states where the hidden states actually are, at the cost of fitting and of one distance
       computation per step; states never seen during fitting fall into the nearest cluster.
 
@@ -133,30 +148,52 @@ class DiscretizeObservation(gym.ObservationWrapper):
     train split, evaluate on the test split). ``action_masks()`` is passed through from the env.
     """
 
-    def __init__(self, env: gym.Env, method: str = "hash", n_bits: int = 8, n_clusters: int = 64,
-                 n_fit: int = 512, seed: int = 0, fitted: DiscretizeObservation | None = None) -> None:
+    def __init__(
+        self,
+        env: gym.Env,
+        method: str = "hash",
+        n_bits: int = 8,
+        n_clusters: int = 64,
+        n_fit: int = 512,
+        seed: int = 0,
+        fitted: DiscretizeObservation | None = None,
+    ) -> None:
         super().__init__(env)
         if fitted is not None:  # reuse a map fitted on another env (train split -> test split)
             if fitted.observation_space_in != env.observation_space:
-                raise ValueError(f"The fitted discretizer expects {fitted.observation_space_in}, the env gives "
-                                 f"{env.observation_space}.")
+                raise ValueError(
+                    f"The fitted discretizer expects {fitted.observation_space_in}, the env gives "
+                    f"{env.observation_space}."
+                )
             self.__dict__.update({k: v for k, v in vars(fitted).items() if k in self._FITTED})
             self.observation_space_in = env.observation_space
             return
         self.observation_space_in = env.observation_space
         if method not in DISCRETIZE_METHODS:
-            raise ValueError(f"method={method!r} is not valid: choose one of {list(DISCRETIZE_METHODS)}.")
+            raise ValueError(
+                f"method={method!r} is not valid: choose one of {list(DISCRETIZE_METHODS)}."
+            )
         if not isinstance(env.observation_space, spaces.Box):
-            raise ValueError(f"DiscretizeObservation needs a Box observation space, got {env.observation_space}.")
+            raise ValueError(
+                f"DiscretizeObservation needs a Box observation space, got {env.observation_space}."
+            )
         if method == "hash" and not (isinstance(n_bits, int) and 1 <= n_bits <= 24):
-            raise ValueError(f"n_bits must be an int in [1, 24] (2 ** n_bits states), got {n_bits!r}.")
+            raise ValueError(
+                f"n_bits must be an int in [1, 24] (2 ** n_bits states), got {n_bits!r}."
+            )
         if method == "kmeans" and not (isinstance(n_clusters, int) and 2 <= n_clusters <= n_fit):
-            raise ValueError(f"n_clusters must be an int in [2, n_fit={n_fit}], got {n_clusters!r}.")
+            raise ValueError(
+                f"n_clusters must be an int in [2, n_fit={n_fit}], got {n_clusters!r}."
+            )
         self.method, self.seed = method, seed
         samples = sample_observations(env, n_fit, seed)  # (n_fit, D)
         self.mean = samples.mean(0)
         if method == "hash":
-            self.planes = np.random.default_rng(seed).standard_normal((n_bits, samples.shape[1])).astype(np.float32)
+            self.planes = (
+                np.random.default_rng(seed)
+                .standard_normal((n_bits, samples.shape[1]))
+                .astype(np.float32)
+            )
             self._powers = 1 << np.arange(n_bits, dtype=np.int64)
             self.observation_space = spaces.Discrete(2**n_bits)
         else:

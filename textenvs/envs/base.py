@@ -42,20 +42,31 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
 
 
 def check_positive_int(name: str, value: Any) -> int:
-    if not (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 1):
+    if not (
+        isinstance(value, (int, np.integer))
+        and not isinstance(value, (bool, np.bool_))
+        and value >= 1
+    ):
         raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
     return int(value)
 
 
-def renamed_argument(new_name: str, new_value: Any, default: Any, old_name: str, old_value: Any) -> Any:
+def renamed_argument(
+    new_name: str, new_value: Any, default: Any, old_name: str, old_value: Any
+) -> Any:
     """The value of an argument that has a deprecated old name (``old_value`` None: not given)."""
     if old_value is None:
         return new_value
-    warnings.warn(f"{old_name}= is deprecated: pass {new_name}= (the same knob in every textenvs env).",
-                  DeprecationWarning, stacklevel=4)
+    warnings.warn(
+        f"{old_name}= is deprecated: pass {new_name}= (the same knob in every textenvs env).",
+        DeprecationWarning,
+        stacklevel=4,
+    )
     if new_value != default and new_value != old_value:
-        raise ValueError(f"Got {new_name}={new_value!r} and its deprecated name {old_name}={old_value!r}: pass only "
-                         f"{new_name}=.")
+        raise ValueError(
+            f"Got {new_name}={new_value!r} and its deprecated name {old_name}={old_value!r}: pass "
+            f"only {new_name}=."
+        )
     return old_value
 
 
@@ -68,7 +79,9 @@ def invalid_rows(space: spaces.Discrete | spaces.MultiDiscrete, actions: np.ndar
 
 
 def top_candidates(logits: torch.Tensor, k: int, exclude: Sequence[int] = ()) -> torch.Tensor:
-    """The ``k`` most likely token ids of ``logits`` ``(..., V)``, most likely first; ``exclude`` never proposed."""
+    """The ``k`` most likely token ids of ``logits`` ``(..., V)``, most likely first; ``exclude``
+    never proposed.
+    """
     if len(exclude):
         logits = logits.clone()
         logits[..., list(exclude)] = -torch.inf
@@ -120,7 +133,10 @@ class TextEnv(gym.Env):
         self.samples = self.task.split(split)
         self.lm = shared_model(model, device, dtype, layer)
         self.shaper = RewardShaper(
-            reward if reward is not None else self.task.default_reward, dense, length_penalty, repetition_penalty
+            reward if reward is not None else self.task.default_reward,
+            dense,
+            length_penalty,
+            repetition_penalty,
         )
         self.obs_mode, self.token_mode, self.render_mode = obs, token_mode, render_mode
         self.k = int(k) if token_mode == "topk" else k
@@ -128,8 +144,12 @@ class TextEnv(gym.Env):
         self._done = True
 
     def _check_k(self, k: Any, largest: int) -> None:
-        if self.token_mode == "topk" and not (isinstance(k, (int, np.integer)) and 1 <= k <= largest):
-            raise ValueError(f"k must be an int in [1, {largest}] for token_mode='topk', got {k!r}.")
+        if self.token_mode == "topk" and not (
+            isinstance(k, (int, np.integer)) and 1 <= k <= largest
+        ):
+            raise ValueError(
+                f"k must be an int in [1, {largest}] for token_mode='topk', got {k!r}."
+            )
 
     # -- the protocol with textenvs.vector ---------------------------------------------------
     @property
@@ -138,11 +158,12 @@ class TextEnv(gym.Env):
         return self._sequence
 
     def begin_step(self, action: Any) -> list[int]:
-        """Check ``action`` and apply it up to the forward; the tokens to run on :attr:`sequence`."""
+        """Check ``action``, apply it up to the forward; the tokens to run on :attr:`sequence`."""
         raise NotImplementedError
 
     def forward(self, tokens: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Run the LM over ``tokens`` appended to :attr:`sequence`: hidden ``(n, d)``, logits ``(n, V)``.
+        """Run the LM over ``tokens`` appended to :attr:`sequence`: hidden ``(n, d)``, logits ``(n,
+        V)``.
 
         ``(None, None)`` when there is nothing to run. Overridden by benchmarks' baselines (a full
         recompute); a vector env runs all sub-envs' tokens in one batch instead.
@@ -151,9 +172,15 @@ class TextEnv(gym.Env):
             return None, None
         return self.lm.extend(self._sequence, tokens)
 
-    def finish_step(self, hidden: torch.Tensor | None, logits: torch.Tensor | None,
-                    candidates: np.ndarray | None = None) -> tuple[np.ndarray, float, bool, bool, dict]:
-        """Complete the step from the forward's outputs (``candidates``: top-k ids of the last logits)."""
+    def finish_step(
+        self,
+        hidden: torch.Tensor | None,
+        logits: torch.Tensor | None,
+        candidates: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, float, bool, bool, dict]:
+        """Complete the step from the forward's outputs (``candidates``: top-k ids of the last
+        logits).
+        """
         raise NotImplementedError
 
     # -- Gymnasium API ---------------------------------------------------------------------
@@ -172,7 +199,9 @@ class TextEnv(gym.Env):
 
     # -- shared pieces -----------------------------------------------------------------------
     def _context_budget(self) -> tuple[str, int]:
-        """The argument that bounds the text's length in tokens, and its value (checked against the context)."""
+        """The argument that bounds the text's length in tokens, and its value (checked against the
+        context).
+        """
         return "max_steps", self.max_steps
 
     def _draw_episode(self, options: dict) -> list[int]:
@@ -185,7 +214,8 @@ class TextEnv(gym.Env):
             index = int(options["index"])
             if not 0 <= index < len(self.samples):
                 raise ValueError(
-                    f"options['index']={index} is out of range: the split has {len(self.samples)} samples."
+                    f"options['index']={index} is out of range: the split has {len(self.samples)} "
+                    "samples."
                 )
         else:
             index = int(self.np_random.integers(len(self.samples)))
@@ -195,21 +225,27 @@ class TextEnv(gym.Env):
         budget_name, budget = self._context_budget()
         if len(prompt_ids) + budget > self.lm.max_positions:
             raise ValueError(
-                f"Sample {index}: the prompt has {len(prompt_ids)} tokens and {budget_name}={budget}, more than the "
-                f"model's context of {self.lm.max_positions}: shorten the source, lower {budget_name}, or use a "
-                "model with a longer context."
+                f"Sample {index}: the prompt has {len(prompt_ids)} tokens and "
+                f"{budget_name}={budget}, more than the model's context of "
+                f"{self.lm.max_positions}: shorten the source, lower {budget_name}, or use a model "
+                "with a longer context."
             )
         return prompt_ids
 
     def _check_can_step(self) -> None:
-        """The reset/step contract: a clear error for a step before reset or after the episode ended."""
+        """The reset/step contract: a clear error for a step before reset or after the episode
+        ended.
+        """
         if self._sequence is None:
             raise ResetNeeded("Cannot call step() before reset(): call env.reset() first.")
         if self._done:
-            raise ResetNeeded("The episode has ended (terminated or truncated): call env.reset() before step().")
+            raise ResetNeeded(
+                "The episode has ended (terminated or truncated): call env.reset() before step()."
+            )
 
     def _checked_action(self, action: Any) -> np.ndarray:
-        """``action`` as an int64 array of the action space's shape; a clear error for anything else.
+        """``action`` as an int64 array of the action space's shape; a clear error for anything
+        else.
 
         Exactly what the space contains: Python and NumPy integers and integer arrays (not bools,
         floats, strings or objects), each inside the space's bounds.
@@ -217,12 +253,17 @@ class TextEnv(gym.Env):
         space = self.action_space
         try:
             arr = np.asarray(action)
-            valid = (arr.shape == space.shape and np.issubdtype(arr.dtype, np.integer)
-                     and not len(invalid_rows(space, arr[None])))
+            valid = (
+                arr.shape == space.shape
+                and np.issubdtype(arr.dtype, np.integer)
+                and not len(invalid_rows(space, arr[None]))
+            )
         except (TypeError, ValueError, OverflowError):
             valid = False
         if not valid:
-            raise ValueError(f"Action {action!r} is not in the action space {space}: give {self._action_hint()}.")
+            raise ValueError(
+                f"Action {action!r} is not in the action space {space}: give {self._action_hint()}."
+            )
         return arr.astype(np.int64)
 
     def _action_hint(self) -> str:
@@ -230,8 +271,12 @@ class TextEnv(gym.Env):
 
     def _info(self, scores: dict[str, float] | None) -> dict:
         """The info keys every env reports; the metric keys only where ``scores`` were computed."""
-        info = {"prompt": self.prompt, "text": self.text, "references": list(self.sample.references),
-                "index": self.index}
+        info = {
+            "prompt": self.prompt,
+            "text": self.text,
+            "references": list(self.sample.references),
+            "index": self.index,
+        }
         if scores is not None:
             info["metrics"] = scores
             info["metric"] = scores[self.shaper.name]

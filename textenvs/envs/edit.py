@@ -11,7 +11,13 @@ import torch
 from gymnasium import spaces
 from gymnasium.error import ResetNeeded
 
-from textenvs.envs.base import TextEnv, check_choice, check_positive_int, renamed_argument, top_candidates
+from textenvs.envs.base import (
+    TextEnv,
+    check_choice,
+    check_positive_int,
+    renamed_argument,
+    top_candidates,
+)
 from textenvs.lm import TINY, LanguageModel
 from textenvs.tasks import Sample, Task
 
@@ -35,7 +41,9 @@ def edit_script(source: Sequence[int], target: Sequence[int]) -> list[tuple[int,
     for i in range(1, n + 1):
         for j in range(1, m + 1):
             dist[i, j] = min(
-                dist[i - 1, j] + 1, dist[i, j - 1] + 1, dist[i - 1, j - 1] + (source[i - 1] != target[j - 1])
+                dist[i - 1, j] + 1,
+                dist[i, j - 1] + 1,
+                dist[i - 1, j - 1] + (source[i - 1] != target[j - 1]),
             )
     script, i, j = [], n, m
     while i > 0 or j > 0:
@@ -54,7 +62,8 @@ def edit_script(source: Sequence[int], target: Sequence[int]) -> list[tuple[int,
 
 
 class TextEditEnv(TextEnv):
-    """Edit a text token by token (insert, delete, replace) to raise a summarization / translation metric.
+    """Edit a text token by token (insert, delete, replace) to raise a summarization / translation
+    metric.
 
     ## Description
     The language model reads ``prompt + text`` (for example ``"Article: <document>\\nHeadline:"``
@@ -66,7 +75,8 @@ class TextEditEnv(TextEnv):
     ## Action Space
     ``MultiDiscrete([4, max_len + 1, n_tokens])``: ``(op, position, token)`` integers with op
     0 = insert ``token`` before text token ``position`` (``position == len`` appends), 1 = delete
-    the token at ``position``, 2 = replace the token at ``position`` by ``token``, 3 = stop (position
+    the token at ``position``, 2 = replace the token at ``position`` by ``token``, 3 = stop
+    (position
     and token ignored). ``token_mode="vocab"``: ``token`` is a token id (n_tokens = V).
     ``token_mode="topk"``: ``token`` is ``i``, the LM's ``i``-th most likely token at that position
     (n_tokens = k; special tokens are never proposed).
@@ -161,9 +171,22 @@ class TextEditEnv(TextEnv):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
         max_steps = renamed_argument("max_steps", max_steps, 32, "max_edits", max_edits)
         super().__init__(
-            model, task=task, dataset=dataset, dataset_kwargs=dataset_kwargs, split=split, reward=reward,
-            dense=dense, obs=obs, layer=layer, token_mode=token_mode, k=k, max_steps=max_steps, device=device,
-            dtype=dtype, render_mode=render_mode, length_penalty=length_penalty,
+            model,
+            task=task,
+            dataset=dataset,
+            dataset_kwargs=dataset_kwargs,
+            split=split,
+            reward=reward,
+            dense=dense,
+            obs=obs,
+            layer=layer,
+            token_mode=token_mode,
+            k=k,
+            max_steps=max_steps,
+            device=device,
+            dtype=dtype,
+            render_mode=render_mode,
+            length_penalty=length_penalty,
             repetition_penalty=repetition_penalty,
         )
         self._check_k(k, self.lm.vocab_size - 1)
@@ -182,7 +205,9 @@ class TextEditEnv(TextEnv):
         return self.max_steps
 
     # -- Gymnasium API ---------------------------------------------------------------------
-    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+    def reset(
+        self, *, seed: int | None = None, options: dict | None = None
+    ) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         options = options or {}
         prompt_ids = self._draw_episode(options)
@@ -201,7 +226,8 @@ class TextEditEnv(TextEnv):
         scores = self.shaper.start(self.sample.references, self.text)
         return self._observe(), self._info(scores)
 
-    # step() is begin_step, forward, finish_step (textenvs.envs.base): a vector env batches the forwards.
+    # step() is begin_step, forward, finish_step (textenvs.envs.base);
+    # a vector env runs the forwards of all its sub-envs as one batch.
     def begin_step(self, action: Any) -> list[int]:
         """Check and apply the action up to the forward: crop the cache at the edit position.
 
@@ -218,14 +244,21 @@ class TextEditEnv(TextEnv):
         if not self.valid or op == STOP:
             return []
         ids = self.text_ids
-        new = {INSERT: ids[:pos] + [token] + ids[pos:], DELETE: ids[:pos] + ids[pos + 1 :],
-               REPLACE: ids[:pos] + [token] + ids[pos + 1 :]}[op]
+        new = {
+            INSERT: ids[:pos] + [token] + ids[pos:],
+            DELETE: ids[:pos] + ids[pos + 1 :],
+            REPLACE: ids[:pos] + [token] + ids[pos + 1 :],
+        }[op]
         self._edit_pos = pos
         self._crop(pos)
         return new[pos:]
 
-    def finish_step(self, hidden: torch.Tensor | None, logits: torch.Tensor | None,
-                    candidates: np.ndarray | None = None) -> tuple[np.ndarray, float, bool, bool, dict]:
+    def finish_step(
+        self,
+        hidden: torch.Tensor | None,
+        logits: torch.Tensor | None,
+        candidates: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, float, bool, bool, dict]:
         """Complete the step from the forward of the new tail (``None`` when nothing was run)."""
         if hidden is not None:
             self._append(hidden, logits)
@@ -242,7 +275,9 @@ class TextEditEnv(TextEnv):
         return self._observe(), float(reward), terminated, truncated, self._info(scores)
 
     def action_masks(self) -> np.ndarray:
-        """Per-dimension masks, concatenated (sb3-contrib's MultiDiscrete convention): op, position, token."""
+        """Per-dimension masks, concatenated (sb3-contrib's MultiDiscrete convention): op, position,
+        token.
+        """
         if self._sequence is None:
             raise ResetNeeded("Cannot compute action masks before reset(): call env.reset() first.")
         n = len(self.text_ids)
@@ -258,9 +293,15 @@ class TextEditEnv(TextEnv):
         return np.concatenate([ops, positions, tokens])
 
     def valid_actions(self) -> list[tuple[int, int, int]]:
-        """Every (op, position, token) that changes the text or stops: the exact joint mask as a list."""
+        """Every (op, position, token) that changes the text or stops: the exact joint mask as a
+        list.
+        """
         n = len(self.text_ids)
-        tokens = [t for t in range(self.n_tokens) if self.token_mode == "topk" or t not in self.special_ids]
+        tokens = [
+            t
+            for t in range(self.n_tokens)
+            if self.token_mode == "topk" or t not in self.special_ids
+        ]
         acts = [(STOP, 0, 0)]
         if n < self.max_len:
             acts += [(INSERT, p, t) for p in range(n + 1) for t in tokens]
@@ -269,7 +310,9 @@ class TextEditEnv(TextEnv):
         return acts
 
     def _render_text(self) -> str:
-        return f"[{self.edits} edits, last {self.op}{'' if self.valid else ' (invalid)'}] {self.text}"
+        return (
+            f"[{self.edits} edits, last {self.op}{'' if self.valid else ' (invalid)'}] {self.text}"
+        )
 
     # -- helpers ---------------------------------------------------------------------------
     @property
@@ -291,7 +334,9 @@ class TextEditEnv(TextEnv):
         return self.lm.encode(" " + text.strip()) if text.strip() else []
 
     def _crop(self, pos: int) -> None:
-        """Drop the cache and observation rows from text position ``pos`` on (rows 0..pos stay valid)."""
+        """Drop the cache and observation rows from text position ``pos`` on (rows 0..pos stay
+        valid).
+        """
         self.lm.crop(self._sequence, self._prompt_len + pos)
         self._rows, self._row_logits = self._rows[: pos + 1], self._row_logits[: pos + 1]
 
@@ -301,8 +346,10 @@ class TextEditEnv(TextEnv):
         self._row_logits = torch.cat([self._row_logits, logits])  # (len + 1, V)
 
     def _action_hint(self) -> str:
-        return (f"(op, position, token) integers with op in 0..3 (insert, delete, replace, stop), position in "
-                f"0..{self.max_len}, token in 0..{self.n_tokens - 1}")
+        return (
+            "(op, position, token) integers with op in 0..3 (insert, delete, replace, stop), "
+            f"position in 0..{self.max_len}, token in 0..{self.n_tokens - 1}"
+        )
 
     def _context_budget(self) -> tuple[str, int]:
         return "max_len", self.max_len
@@ -333,6 +380,12 @@ class TextEditEnv(TextEnv):
 
     def _info(self, scores: dict[str, float]) -> dict:
         info = super()._info(scores)
-        info.update(start_text=self.start_text, length=len(self.text_ids), edits=self.edits, valid=self.valid,
-                    op=self.op, start_truncated=self.start_truncated)
+        info.update(
+            start_text=self.start_text,
+            length=len(self.text_ids),
+            edits=self.edits,
+            valid=self.valid,
+            op=self.op,
+            start_truncated=self.start_truncated,
+        )
         return info

@@ -64,7 +64,8 @@ class TextGenerationEnv(TextEnv):
     * ``task``: ``"summarize"``, ``"translate"`` or a :class:`~textenvs.tasks.Task`
       (``textenvs/Generate-v0``; the other ids fix it).
     * ``dataset``, ``dataset_kwargs``: a ``.jsonl`` / ``.csv`` path, ``"hf:NAME"`` or a list of
-      :class:`~textenvs.tasks.Sample`, instead of ``task`` (see :func:`textenvs.tasks.load_dataset`).
+      :class:`~textenvs.tasks.Sample`, instead of ``task`` (see
+      :func:`textenvs.tasks.load_dataset`).
     * ``split``: ``"train"``, ``"validation"`` or ``"test"``.
     * ``reward``: a metric name or a callable ``(hypothesis, references) -> float``; None uses the
       task's default (ROUGE-L for summarization, BLEU for translation).
@@ -74,7 +75,8 @@ class TextGenerationEnv(TextEnv):
     * ``max_steps``: tokens per episode at most.
     * ``device``, ``dtype``: where and in which precision the model runs.
     * ``render_mode``: None or ``"ansi"`` (``render()`` returns prompt and text).
-    * ``length_penalty``, ``repetition_penalty``: guardrail weights (:class:`textenvs.rewards.RewardShaper`).
+    * ``length_penalty``, ``repetition_penalty``: guardrail weights
+      (:class:`textenvs.rewards.RewardShaper`).
     * ``action_mode``, ``max_new_tokens``: deprecated names of ``token_mode`` and ``max_steps``.
 
     ## Version History
@@ -109,9 +111,22 @@ class TextGenerationEnv(TextEnv):
         token_mode = renamed_argument("token_mode", token_mode, "vocab", "action_mode", action_mode)
         max_steps = renamed_argument("max_steps", max_steps, 32, "max_new_tokens", max_new_tokens)
         super().__init__(
-            model, task=task, dataset=dataset, dataset_kwargs=dataset_kwargs, split=split, reward=reward,
-            dense=dense, obs=obs, layer=layer, token_mode=token_mode, k=k, max_steps=max_steps, device=device,
-            dtype=dtype, render_mode=render_mode, length_penalty=length_penalty,
+            model,
+            task=task,
+            dataset=dataset,
+            dataset_kwargs=dataset_kwargs,
+            split=split,
+            reward=reward,
+            dense=dense,
+            obs=obs,
+            layer=layer,
+            token_mode=token_mode,
+            k=k,
+            max_steps=max_steps,
+            device=device,
+            dtype=dtype,
+            render_mode=render_mode,
+            length_penalty=length_penalty,
             repetition_penalty=repetition_penalty,
         )
         self._check_k(k, self.lm.vocab_size)
@@ -129,20 +144,25 @@ class TextGenerationEnv(TextEnv):
         return self.max_steps
 
     # -- Gymnasium API ---------------------------------------------------------------------
-    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+    def reset(
+        self, *, seed: int | None = None, options: dict | None = None
+    ) -> tuple[np.ndarray, dict]:
         prompt_ids = self.begin_reset(seed=seed, options=options)
         return self.finish_reset(*self.lm.prefill(prompt_ids))
 
     # Reset is split in two like step (see textenvs.envs.base), so that a vector env runs the
-    # prompt forwards of N envs as ONE batch: begin_reset says what to run, finish_reset consumes it.
+    # prompt forwards of N envs as ONE batch: begin_reset says what to run, finish_reset takes it.
     def begin_reset(self, *, seed: int | None = None, options: dict | None = None) -> list[int]:
         """Seed, draw the episode's sample; the prompt's token ids, to prefill."""
         super().reset(seed=seed)
         return self._draw_episode(options or {})
 
-    def finish_reset(self, seq: TokenSequence, hidden: torch.Tensor, logits: torch.Tensor
-                     ) -> tuple[np.ndarray, dict]:
-        """Complete the reset from the prompt's prefill: hidden ``(T, d)``, next-token logits ``(V,)``."""
+    def finish_reset(
+        self, seq: TokenSequence, hidden: torch.Tensor, logits: torch.Tensor
+    ) -> tuple[np.ndarray, dict]:
+        """Complete the reset from the prompt's prefill: hidden ``(T, d)``, next-token logits
+        ``(V,)``.
+        """
         self._sequence = seq
         self._prompt_len = len(seq)
         # (d,) running sum of hidden states for obs="mean", kept on the host
@@ -158,9 +178,11 @@ class TextGenerationEnv(TextEnv):
         self._check_can_step()
         return [self.token_for(action)]
 
-    def finish_step(self, hidden: torch.Tensor, logits: torch.Tensor,
-                    candidates: np.ndarray | None = None) -> tuple[np.ndarray, float, bool, bool, dict]:
-        """Complete the step from the forward of the new token: hidden ``(1, d)``, logits ``(1, V)``.
+    def finish_step(
+        self, hidden: torch.Tensor, logits: torch.Tensor, candidates: np.ndarray | None = None
+    ) -> tuple[np.ndarray, float, bool, bool, dict]:
+        """Complete the step from the forward of the new token: hidden ``(1, d)``, logits ``(1,
+        V)``.
 
         ``candidates``: the top-k token ids of ``logits[-1]`` when the caller has them already (a
         vector env takes the top-k of all its rows at once).
@@ -183,12 +205,20 @@ class TextGenerationEnv(TextEnv):
             reward, scores = 0.0, None
         info = self._info(scores)
         info["stop"] = "eos" if eos else ("max_steps" if terminated else None)
-        return self._observe(hidden[-1], logits[-1], candidates), float(reward), terminated, False, info
+        return (
+            self._observe(hidden[-1], logits[-1], candidates),
+            float(reward),
+            terminated,
+            False,
+            info,
+        )
 
     # -- helpers ---------------------------------------------------------------------------
     def token_for(self, action: Any) -> int:
         """The token id an action stands for; a clear error for an action outside the space."""
-        if type(action) is int or isinstance(action, np.integer):  # the common case, without the general path
+        if type(action) is int or isinstance(
+            action, np.integer
+        ):  # the common case, without the general path
             if 0 <= action < self.action_space.n:
                 return int(self.candidates[action]) if self.token_mode == "topk" else int(action)
         index = int(self._checked_action(action))
@@ -201,11 +231,14 @@ class TextGenerationEnv(TextEnv):
     def _render_text(self) -> str:
         return f"{self.prompt} {self.text}" + (" <end>" if self._done else "")
 
-    def _observe(self, last_hidden: torch.Tensor, logits: torch.Tensor,
-                 candidates: np.ndarray | None = None) -> np.ndarray:
+    def _observe(
+        self, last_hidden: torch.Tensor, logits: torch.Tensor, candidates: np.ndarray | None = None
+    ) -> np.ndarray:
         self.logits = logits  # (V,) next-token logits, read by agents that share the forward
         if self.token_mode == "topk":
-            self.candidates = top_candidates(logits, self.k).cpu().numpy() if candidates is None else candidates
+            self.candidates = (
+                top_candidates(logits, self.k).cpu().numpy() if candidates is None else candidates
+            )
         vec = last_hidden if self.obs_mode == "last" else self._hidden_sum / len(self._sequence)
         return vec.to("cpu", torch.float32).numpy()
 
@@ -213,4 +246,3 @@ class TextGenerationEnv(TextEnv):
         info = super()._info(scores)
         info["tokens"] = len(self.generated)
         return info
-

@@ -1,7 +1,8 @@
 """Pretrain the built-in tiny GPT-2 (``textenvs/tiny``) from a seed, on CPU, in a few minutes.
 
 Run ``python -m textenvs.models.train_tiny`` (``--out`` to write elsewhere, ``--pair-share`` and
-``--translate-pair-share`` to change the supervised shares). It trains a byte-level BPE tokenizer and a small GPT-2 on text of the
+``--translate-pair-share`` to change the supervised shares). It trains a byte-level BPE tokenizer
+and a small GPT-2 on text of the
 two built-in task domains:
 
 * mostly **unpaired** text: articles alone, headlines alone, English sentences alone and Veltic
@@ -66,10 +67,14 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator((d.replace(EOS, "") for d in docs), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS
+    )
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -85,8 +90,13 @@ def train(args: argparse.Namespace) -> dict:
     tokenizer = train_tokenizer(docs, args.vocab_size)
     ids = np.concatenate([tokenizer(d)["input_ids"] for d in docs]).astype(np.int64)
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=args.n_positions, n_embd=args.d_model, n_layer=args.n_layer,
-        n_head=args.n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        n_positions=args.n_positions,
+        n_embd=args.d_model,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
     )
     model = GPT2LMHeadModel(config)
@@ -96,7 +106,9 @@ def train(args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     model.train()
     for step in range(args.steps):
-        lr = args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        lr = (
+            args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        )
         for g in opt.param_groups:
             g["lr"] = lr
         batch = blocks[torch.randint(n_blocks, (args.batch,), generator=gen)]
@@ -106,16 +118,25 @@ def train(args: argparse.Namespace) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 200 == 0 or step == args.steps - 1:
-            print(f"step {step} loss {loss.item():.3f} lr {lr:.2e} {time.time() - t0:.0f}s", flush=True)
+            print(
+                f"step {step} loss {loss.item():.3f} lr {lr:.2e} {time.time() - t0:.0f}s",
+                flush=True,
+            )
     model.eval()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     train_s = time.time() - t0
-    report = {"train_seconds": round(train_s, 1), "tokens": int(len(ids)), "parameters": model.num_parameters()}
+    report = {
+        "train_seconds": round(train_s, 1),
+        "tokens": int(len(ids)),
+        "parameters": model.num_parameters(),
+    }
     report.update(evaluate(str(out), args.eval_samples))
-    (out / "training_report.json").write_text(json.dumps({**report, "args": vars(args) | {"out": None}}, indent=1))
+    (out / "training_report.json").write_text(
+        json.dumps({**report, "args": vars(args) | {"out": None}}, indent=1)
+    )
     return report
 
 
@@ -136,7 +157,9 @@ def evaluate(model_path: str, n: int) -> dict:
             text = lm.greedy(prompt, max_new_tokens=48)
             scores.append(metric(text, s.references))
             target = lm.encode(" " + s.references[0]) + [lm.eos_token_id]
-            logits = lm.model(torch.tensor([prompt + target], device=lm.device)).logits[0, len(prompt) - 1 : -1]
+            logits = lm.model(torch.tensor([prompt + target], device=lm.device)).logits[
+                0, len(prompt) - 1 : -1
+            ]
             top8 = logits.topk(8, dim=-1).indices.cpu()
             hits += sum(int(t in row) for t, row in zip(target, top8.tolist(), strict=False))
             total += len(target)
@@ -149,12 +172,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pair-share", type=float, default=0.03, help="pairs per unpaired text of each task")
     p.add_argument(
-        "--translate-pair-share", type=float, default=0.16,
-        help="pair share of the translation task alone (it needs more pairs to learn to read its source)",
+        "--pair-share", type=float, default=0.03, help="pairs per unpaired text of each task"
     )
-    p.add_argument("--n-unpaired", type=int, default=6000, help="unpaired sources (and targets) per task")
+    p.add_argument(
+        "--translate-pair-share",
+        type=float,
+        default=0.16,
+        help="pair share of the translation task alone (it needs more pairs to learn to read its "
+        "source)",
+    )
+    p.add_argument(
+        "--n-unpaired", type=int, default=6000, help="unpaired sources (and targets) per task"
+    )
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--n-layer", type=int, default=4)

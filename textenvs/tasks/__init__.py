@@ -1,8 +1,10 @@
-"""Tasks: samples per split and the prompt template that turns a source into the text the LM continues.
+"""Tasks: samples per split and the prompt template that turns a source into the text the LM
+continues.
 
 * :mod:`textenvs.tasks.base`: :class:`Sample` and :class:`Task`;
 * :mod:`textenvs.tasks.builtin`: the two built-in task generators (``summarize``, ``translate``);
-* :mod:`textenvs.tasks.loaders`: JSON Lines / CSV files, Hugging Face ``datasets``, lists of samples.
+* :mod:`textenvs.tasks.loaders`: JSON Lines / CSV files, Hugging Face ``datasets``, lists of
+  samples.
 
 :func:`resolve_task` is what the environments call with their ``task`` / ``dataset`` arguments.
 """
@@ -14,7 +16,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from textenvs.tasks.base import SPLITS, Sample, Task
-from textenvs.tasks.builtin import BUILTIN_TASKS, SPLIT_SIZES, builtin_task, generate_samples, unpaired_texts
+from textenvs.tasks.builtin import (
+    BUILTIN_TASKS,
+    SPLIT_SIZES,
+    builtin_task,
+    generate_samples,
+    unpaired_texts,
+)
 from textenvs.tasks.loaders import (
     DatasetFormatError,
     load_csv,
@@ -25,9 +33,12 @@ from textenvs.tasks.loaders import (
 )
 
 
-def resolve_task(task: str | Task | None, dataset: str | os.PathLike | Sequence[Sample] | Task | None,
-                 dataset_kwargs: dict[str, Any] | None) -> Task:
-    """The Task an environment runs: ``dataset=`` (file, ``hf:NAME``, samples) wins over ``task=``."""
+def resolve_task(
+    task: str | Task | None,
+    dataset: str | os.PathLike | Sequence[Sample] | Task | None,
+    dataset_kwargs: dict[str, Any] | None,
+) -> Task:
+    """The Task an env runs: ``dataset=`` (file, ``hf:NAME``, samples) wins over ``task=``."""
     if dataset is not None:
         return load_dataset(dataset, **(dataset_kwargs or {}))
     if isinstance(task, Task):
@@ -36,7 +47,19 @@ def resolve_task(task: str | Task | None, dataset: str | os.PathLike | Sequence[
 
 
 __all__ = [
-    "BUILTIN_TASKS", "SPLITS", "SPLIT_SIZES", "DatasetFormatError", "Sample", "Task", "builtin_task",
-    "generate_samples", "load_csv", "load_dataset", "load_hf_dataset", "load_jsonl", "resolve_task",
-    "task_from_samples", "unpaired_texts",
+    "BUILTIN_TASKS",
+    "SPLITS",
+    "SPLIT_SIZES",
+    "DatasetFormatError",
+    "Sample",
+    "Task",
+    "builtin_task",
+    "generate_samples",
+    "load_csv",
+    "load_dataset",
+    "load_hf_dataset",
+    "load_jsonl",
+    "resolve_task",
+    "task_from_samples",
+    "unpaired_texts",
 ]

@@ -1,4 +1,6 @@
-"""The two types every task is made of: :class:`Sample` (a source and its references) and :class:`Task`."""
+"""The two types every task is made of: :class:`Sample` (a source and its references) and
+:class:`Task`.
+"""
 
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ class Sample:
         refs = (self.references,) if isinstance(self.references, str) else tuple(self.references)
         if not refs or not all(isinstance(r, str) and r.strip() for r in refs):
             raise ValueError(
-                f"Sample with source {self.source[:40]!r} has no non-empty reference: give at least "
-                "one reference string."
+                f"Sample with source {self.source[:40]!r} has no non-empty reference: give at "
+                "least one reference string."
             )
         object.__setattr__(self, "references", refs)
 
@@ -45,7 +47,9 @@ class Task:
     def split(self, name: str) -> tuple[Sample, ...]:
         """The samples of one split; a clear error names the splits that exist."""
         if name not in self.splits:
-            raise ValueError(f"Task {self.name!r} has no split {name!r}; choose one of {sorted(self.splits)}.")
+            raise ValueError(
+                f"Task {self.name!r} has no split {name!r}; choose one of {sorted(self.splits)}."
+            )
         samples = self.splits[name]
         if not samples:
             raise ValueError(f"Split {name!r} of task {self.name!r} is empty.")

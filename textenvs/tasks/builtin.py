@@ -26,37 +26,77 @@ _TASK_SEED = {"summarize": 20261122, "translate": 20261123}
 # ---------------------------------------------------------------------------------------------
 
 _TOWNS = [
-    "Norwick", "Halden", "Brisport", "Calloway", "Dunmore", "Eastvale", "Fenwick", "Glenrock",
-    "Harlow", "Ivybridge", "Kestrel", "Lakemoor", "Marston", "Oakhurst", "Pemberton", "Redcliff",
-    "Stanmore", "Thornbury", "Westfield", "Yarrow",
+    "Norwick",
+    "Halden",
+    "Brisport",
+    "Calloway",
+    "Dunmore",
+    "Eastvale",
+    "Fenwick",
+    "Glenrock",
+    "Harlow",
+    "Ivybridge",
+    "Kestrel",
+    "Lakemoor",
+    "Marston",
+    "Oakhurst",
+    "Pemberton",
+    "Redcliff",
+    "Stanmore",
+    "Thornbury",
+    "Westfield",
+    "Yarrow",
 ]
 # (actor as written in the article, short actor for the headline)
 _ACTORS = [
-    ("the city council", "council"), ("the local school board", "school board"),
-    ("the regional hospital", "hospital"), ("a group of farmers", "farmers"),
-    ("the police department", "police"), ("the town mayor", "mayor"),
-    ("a team of scientists", "scientists"), ("the football club", "football club"),
-    ("the public library", "library"), ("a local bakery", "bakery"),
-    ("the transport authority", "transport authority"), ("a group of students", "students"),
-    ("the water company", "water company"), ("the state university", "university"),
-    ("a charity", "charity"), ("the fire service", "fire service"),
+    ("the city council", "council"),
+    ("the local school board", "school board"),
+    ("the regional hospital", "hospital"),
+    ("a group of farmers", "farmers"),
+    ("the police department", "police"),
+    ("the town mayor", "mayor"),
+    ("a team of scientists", "scientists"),
+    ("the football club", "football club"),
+    ("the public library", "library"),
+    ("a local bakery", "bakery"),
+    ("the transport authority", "transport authority"),
+    ("a group of students", "students"),
+    ("the water company", "water company"),
+    ("the state university", "university"),
+    ("a charity", "charity"),
+    ("the fire service", "fire service"),
 ]
 # (past tense, headline present tense)
 _VERBS = [
-    ("approved", "approves"), ("rejected", "rejects"), ("announced", "announces"),
-    ("opened", "opens"), ("closed", "closes"), ("delayed", "delays"), ("launched", "launches"),
-    ("funded", "funds"), ("cancelled", "cancels"), ("expanded", "expands"),
-    ("criticised", "criticises"), ("completed", "completes"),
+    ("approved", "approves"),
+    ("rejected", "rejects"),
+    ("announced", "announces"),
+    ("opened", "opens"),
+    ("closed", "closes"),
+    ("delayed", "delays"),
+    ("launched", "launches"),
+    ("funded", "funds"),
+    ("cancelled", "cancels"),
+    ("expanded", "expands"),
+    ("criticised", "criticises"),
+    ("completed", "completes"),
 ]
 # (article object phrase, headline object)
 _OBJECTS = [
-    ("a new plan for local parks", "park plan"), ("a bridge over the river", "river bridge"),
-    ("a program for young readers", "reading program"), ("a new bus route", "bus route"),
-    ("a study of air quality", "air study"), ("a summer festival", "summer festival"),
-    ("a clinic for older patients", "new clinic"), ("a project to repair roads", "road project"),
-    ("a market for farm produce", "farm market"), ("a fund for small shops", "shop fund"),
-    ("a plan to plant trees", "tree plan"), ("a sports center", "sports center"),
-    ("a flood defence wall", "flood wall"), ("a recycling scheme", "recycling scheme"),
+    ("a new plan for local parks", "park plan"),
+    ("a bridge over the river", "river bridge"),
+    ("a program for young readers", "reading program"),
+    ("a new bus route", "bus route"),
+    ("a study of air quality", "air study"),
+    ("a summer festival", "summer festival"),
+    ("a clinic for older patients", "new clinic"),
+    ("a project to repair roads", "road project"),
+    ("a market for farm produce", "farm market"),
+    ("a fund for small shops", "shop fund"),
+    ("a plan to plant trees", "tree plan"),
+    ("a sports center", "sports center"),
+    ("a flood defence wall", "flood wall"),
+    ("a recycling scheme", "recycling scheme"),
 ]
 _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 _DETAILS = [
@@ -86,7 +126,9 @@ def _summarize_sample(rng: np.random.Generator) -> Sample:
     for i in rng.choice(len(_DETAILS), size=n_details, replace=False):
         details.append(
             _DETAILS[i].format(
-                n=int(rng.integers(2, 10)), m=int(rng.integers(0, 2)), month=_MONTHS[rng.integers(len(_MONTHS))]
+                n=int(rng.integers(2, 10)),
+                m=int(rng.integers(0, 2)),
+                month=_MONTHS[rng.integers(len(_MONTHS))],
             )
         )
     # The lead is usually first, as in news writing, but not always: the headline must be found.
@@ -104,33 +146,83 @@ def _summarize_sample(rng: np.random.Generator) -> Sample:
 # verb [adverb]; adjectives follow nouns; plural nouns take the particle "mi"; past verbs take
 # the suffix "-ta".
 _NOUNS = {
-    "farmer": "kolo", "bird": "piru", "dog": "vasko", "cat": "mirra", "child": "tanu",
-    "teacher": "seldo", "river": "duna", "house": "kasa", "tree": "elmo", "horse": "kavo",
-    "fish": "nesu", "king": "rego", "woman": "fema", "man": "viro", "boat": "navo",
-    "book": "libro", "garden": "orto", "road": "vio", "mountain": "monto", "village": "pago",
+    "farmer": "kolo",
+    "bird": "piru",
+    "dog": "vasko",
+    "cat": "mirra",
+    "child": "tanu",
+    "teacher": "seldo",
+    "river": "duna",
+    "house": "kasa",
+    "tree": "elmo",
+    "horse": "kavo",
+    "fish": "nesu",
+    "king": "rego",
+    "woman": "fema",
+    "man": "viro",
+    "boat": "navo",
+    "book": "libro",
+    "garden": "orto",
+    "road": "vio",
+    "mountain": "monto",
+    "village": "pago",
 }
 _PLURALS = {
-    "farmer": "farmers", "bird": "birds", "dog": "dogs", "cat": "cats", "child": "children",
-    "teacher": "teachers", "river": "rivers", "house": "houses", "tree": "trees", "horse": "horses",
-    "fish": "fish", "king": "kings", "woman": "women", "man": "men", "boat": "boats",
-    "book": "books", "garden": "gardens", "road": "roads", "mountain": "mountains",
+    "farmer": "farmers",
+    "bird": "birds",
+    "dog": "dogs",
+    "cat": "cats",
+    "child": "children",
+    "teacher": "teachers",
+    "river": "rivers",
+    "house": "houses",
+    "tree": "trees",
+    "horse": "horses",
+    "fish": "fish",
+    "king": "kings",
+    "woman": "women",
+    "man": "men",
+    "boat": "boats",
+    "book": "books",
+    "garden": "gardens",
+    "road": "roads",
+    "mountain": "mountains",
     "village": "villages",
 }
 _ADJECTIVES = {
-    "old": "vetu", "young": "juna", "red": "ruba", "small": "pika", "big": "granda",
-    "happy": "gaja", "quiet": "kvieta", "dark": "skura", "green": "verda", "tall": "alta",
+    "old": "vetu",
+    "young": "juna",
+    "red": "ruba",
+    "small": "pika",
+    "big": "granda",
+    "happy": "gaja",
+    "quiet": "kvieta",
+    "dark": "skura",
+    "green": "verda",
+    "tall": "alta",
 }
 # present (3rd singular / plural), past -> Veltic stem
 _VERBS_T = {
-    "see": ("sees", "see", "saw", "vid"), "follow": ("follows", "follow", "followed", "sekv"),
-    "help": ("helps", "help", "helped", "help"), "find": ("finds", "find", "found", "trov"),
-    "carry": ("carries", "carry", "carried", "port"), "watch": ("watches", "watch", "watched", "rigard"),
-    "call": ("calls", "call", "called", "vok"), "visit": ("visits", "visit", "visited", "vizit"),
-    "paint": ("paints", "paint", "painted", "pentr"), "love": ("loves", "love", "loved", "am"),
+    "see": ("sees", "see", "saw", "vid"),
+    "follow": ("follows", "follow", "followed", "sekv"),
+    "help": ("helps", "help", "helped", "help"),
+    "find": ("finds", "find", "found", "trov"),
+    "carry": ("carries", "carry", "carried", "port"),
+    "watch": ("watches", "watch", "watched", "rigard"),
+    "call": ("calls", "call", "called", "vok"),
+    "visit": ("visits", "visit", "visited", "vizit"),
+    "paint": ("paints", "paint", "painted", "pentr"),
+    "love": ("loves", "love", "loved", "am"),
 }
 _DETS = {"the": "la", "a": "un", "every": "cia", "no": "neni"}
 _PREPS = {"near": "pres", "behind": "malan", "under": "sub", "across": "trans", "beside": "apud"}
-_ADVERBS = {"slowly": "lante", "today": "hodiau", "again": "denove", "quietly": "silente", "often": "ofte"}
+_ADVERBS = {
+    "slowly": "lante",
+    "today": "hodiau",
+    "again": "denove",
+    "quietly": "silente",
+    "often": "ofte",
+}
 
 
 def _noun_phrase(rng: np.random.Generator) -> tuple[str, str, bool]:
@@ -139,7 +231,11 @@ def _noun_phrase(rng: np.random.Generator) -> tuple[str, str, bool]:
     det = "the" if plural else list(_DETS)[rng.integers(len(_DETS))]
     adj = list(_ADJECTIVES)[rng.integers(len(_ADJECTIVES))] if rng.random() < 0.5 else None
     en = [det] + ([adj] if adj else []) + [_PLURALS[noun] if plural else noun]
-    ve = [_DETS[det], _NOUNS[noun]] + (["mi"] if plural else []) + ([_ADJECTIVES[adj]] if adj else [])
+    ve = (
+        [_DETS[det], _NOUNS[noun]]
+        + (["mi"] if plural else [])
+        + ([_ADJECTIVES[adj]] if adj else [])
+    )
     return " ".join(en), " ".join(ve), plural
 
 
@@ -168,7 +264,10 @@ def _translate_sample(rng: np.random.Generator) -> Sample:
 
 
 _GENERATORS = {"summarize": _summarize_sample, "translate": _translate_sample}
-_TEMPLATES = {"summarize": "Article: {source}\nHeadline:", "translate": "English: {source}\nVeltic:"}
+_TEMPLATES = {
+    "summarize": "Article: {source}\nHeadline:",
+    "translate": "English: {source}\nVeltic:",
+}
 _DEFAULT_REWARDS = {"summarize": "rougeL", "translate": "bleu"}
 BUILTIN_TASKS = tuple(_GENERATORS)
 

@@ -21,22 +21,32 @@ class DatasetFormatError(ValueError):
 def _as_references(value: object, where: str, reference_key: str) -> tuple[str, ...]:
     refs = [value] if isinstance(value, str) else value
     if not isinstance(refs, (list, tuple)) or not refs:
-        raise DatasetFormatError(f"{where}: field {reference_key!r} must be a string or a non-empty list of strings.")
+        raise DatasetFormatError(
+            f"{where}: field {reference_key!r} must be a string or a non-empty list of strings."
+        )
     if not all(isinstance(r, str) and r.strip() for r in refs):
-        raise DatasetFormatError(f"{where}: field {reference_key!r} holds an empty or non-string reference.")
+        raise DatasetFormatError(
+            f"{where}: field {reference_key!r} holds an empty or non-string reference."
+        )
     return tuple(refs)
 
 
 def _make_sample(record: dict, where: str, source_key: str, reference_key: str) -> Sample:
     source = record.get(source_key)
     if not isinstance(source, str) or not source.strip():
-        raise DatasetFormatError(f"{where}: field {source_key!r} is missing or empty; every sample needs a source.")
+        raise DatasetFormatError(
+            f"{where}: field {source_key!r} is missing or empty; every sample needs a source."
+        )
     if reference_key not in record:
-        raise DatasetFormatError(f"{where}: field {reference_key!r} is missing; every sample needs a reference.")
+        raise DatasetFormatError(
+            f"{where}: field {reference_key!r} is missing; every sample needs a reference."
+        )
     return Sample(source, _as_references(record[reference_key], where, reference_key))
 
 
-def load_jsonl(path: str | os.PathLike, source_key: str = "source", reference_key: str = "references") -> list[Sample]:
+def load_jsonl(
+    path: str | os.PathLike, source_key: str = "source", reference_key: str = "references"
+) -> list[Sample]:
     """Samples from a JSON Lines file: one object a line, ``{"source": ..., "references": [...]}``.
 
     ``references`` may be one string or a list of strings. Blank lines are skipped.
@@ -55,18 +65,23 @@ def load_jsonl(path: str | os.PathLike, source_key: str = "source", reference_ke
             except json.JSONDecodeError as e:
                 raise DatasetFormatError(f"{where}: not valid JSON ({e.msg}).") from e
             if not isinstance(record, dict):
-                raise DatasetFormatError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+                raise DatasetFormatError(
+                    f"{where}: expected a JSON object, got {type(record).__name__}."
+                )
             samples.append(_make_sample(record, where, source_key, reference_key))
     if not samples:
         raise DatasetFormatError(f"{os.fspath(path)}: holds no samples.")
     return samples
 
 
-def load_csv(path: str | os.PathLike, source_key: str = "source", reference_key: str = "reference") -> list[Sample]:
+def load_csv(
+    path: str | os.PathLike, source_key: str = "source", reference_key: str = "reference"
+) -> list[Sample]:
     """Samples from a CSV file with a header row.
 
     The source column is ``source_key``; every column whose name starts with ``reference_key``
-    (``reference``, ``reference2``, ``references_1``, ...) holds one reference; empty cells are ignored.
+    (``reference``, ``reference2``, ``references_1``, ...) holds one reference; empty cells are
+    ignored.
 
     Raises:
         DatasetFormatError: naming the file, the line number and what is wrong.
@@ -78,8 +93,8 @@ def load_csv(path: str | os.PathLike, source_key: str = "source", reference_key:
         ref_cols = [c for c in header if c.startswith(reference_key)]
         if source_key not in header or not ref_cols:
             raise DatasetFormatError(
-                f"{os.fspath(path)}, line 1: header {header} needs a {source_key!r} column and at least one "
-                f"column starting with {reference_key!r}."
+                f"{os.fspath(path)}, line 1: header {header} needs a {source_key!r} column and at "
+                f"least one column starting with {reference_key!r}."
             )
         for row in reader:
             where = f"{os.fspath(path)}, line {reader.line_num}"
@@ -87,21 +102,35 @@ def load_csv(path: str | os.PathLike, source_key: str = "source", reference_key:
                 raise DatasetFormatError(f"{where}: more cells than header columns.")
             refs = [row[c] for c in ref_cols if row[c] is not None and row[c].strip()]
             if not refs:
-                raise DatasetFormatError(f"{where}: no reference; fill at least one of the columns {ref_cols}.")
-            samples.append(_make_sample({source_key: row[source_key], reference_key: refs}, where, source_key, reference_key))
+                raise DatasetFormatError(
+                    f"{where}: no reference; fill at least one of the columns {ref_cols}."
+                )
+            samples.append(
+                _make_sample(
+                    {source_key: row[source_key], reference_key: refs},
+                    where,
+                    source_key,
+                    reference_key,
+                )
+            )
     if not samples:
         raise DatasetFormatError(f"{os.fspath(path)}: holds no samples.")
     return samples
 
 
 def load_hf_dataset(
-    name: str, split: str = "train", source_key: str | None = None, reference_key: str | None = None,
-    config: str | None = None, **load_kwargs,
+    name: str,
+    split: str = "train",
+    source_key: str | None = None,
+    reference_key: str | None = None,
+    config: str | None = None,
+    **load_kwargs,
 ) -> list[Sample]:
     """Samples from a Hugging Face ``datasets`` dataset (needs ``pip install textenvs[hub]``).
 
     Args:
-        name: A dataset name or a ``datasets`` builder (``"json"``, ``"csv"``, ... with ``data_files=``).
+        name: A dataset name or a ``datasets`` builder (``"json"``, ``"csv"``, ... with
+        ``data_files=``).
         split: The split to read.
         source_key: The column holding the source text.
         reference_key: The column holding the reference (a string or a list of strings).
@@ -111,15 +140,22 @@ def load_hf_dataset(
     try:
         import datasets
     except ImportError as e:
-        raise ImportError("Loading a dataset by name needs the 'datasets' package: pip install 'textenvs[hub]'.") from e
+        raise ImportError(
+            "Loading a dataset by name needs the 'datasets' package: pip install 'textenvs[hub]'."
+        ) from e
     ds = datasets.load_dataset(name, config, split=split, **load_kwargs)
     for role, key in (("source_key", source_key), ("reference_key", reference_key)):
         if key not in ds.column_names:
             raise ValueError(
-                f"Dataset {name!r} ({split}) has columns {ds.column_names}; {role}={key!r} is not one of them: pass "
-                "dataset_kwargs={'source_key': ..., 'reference_key': ...} naming its source and reference columns."
+                f"Dataset {name!r} ({split}) has columns {ds.column_names}; {role}={key!r} is not "
+                "one of them: pass "
+                "dataset_kwargs={'source_key': ..., 'reference_key': ...} naming its source and "
+                "reference columns."
             )
-    return [_make_sample(dict(r), f"{name}[{split}], row {i}", source_key, reference_key) for i, r in enumerate(ds)]
+    return [
+        _make_sample(dict(r), f"{name}[{split}], row {i}", source_key, reference_key)
+        for i, r in enumerate(ds)
+    ]
 
 
 def task_from_samples(
@@ -138,7 +174,10 @@ def task_from_samples(
     for split, values in splits.items():
         for s in values:
             if not isinstance(s, Sample):
-                raise TypeError(f"Split {split!r} holds a {type(s).__name__}; build samples with textenvs.Sample.")
+                raise TypeError(
+                    f"Split {split!r} holds a {type(s).__name__}; build samples with "
+                    "textenvs.Sample."
+                )
     return Task(name, splits, prompt_template, default_reward)
 
 
@@ -165,6 +204,6 @@ def load_dataset(dataset: str | os.PathLike | Sequence[Sample] | Task, **kwargs)
     if path.endswith(".csv"):
         return task_from_samples(path, load_csv(path, **kwargs), template, reward)
     raise ValueError(
-        f"Cannot load dataset {path!r}: give a .jsonl or .csv file, 'hf:NAME' for a Hugging Face dataset, "
-        "a list of textenvs.Sample, or a textenvs.tasks.Task."
+        f"Cannot load dataset {path!r}: give a .jsonl or .csv file, 'hf:NAME' for a Hugging Face "
+        "dataset, a list of textenvs.Sample, or a textenvs.tasks.Task."
     )
