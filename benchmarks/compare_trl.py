@@ -22,7 +22,7 @@ from pathlib import Path
 import textenvs
 from agents.token_ppo import TokenPPO, TokenPPOConfig, greedy_metric
 from textenvs.lm import BUILTIN_MODELS, LanguageModel
-from textenvs.rewards import get_metric
+from textenvs.rewards import METRIC_NAMES, get_metric
 from textenvs.tasks import builtin_task
 
 ENV_FOR_TASK = {"summarize": "textenvs/Summarize-v0", "translate": "textenvs/Translate-v0"}
@@ -93,7 +93,11 @@ def run_trl(kind: str, model_dir: str, args: argparse.Namespace, metric_name: st
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+TRAINERS = ("textenvs_ppo", "grpo", "rloo")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: budgets every trainer meets exactly, known trainers and metric."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", choices=list(ENV_FOR_TASK), default="summarize")
     p.add_argument("--reward", default=None, help="metric name (default: the task's)")
@@ -115,10 +119,37 @@ def main(argv: list[str] | None = None) -> dict:
         "(num_iterations=1), so every trainer takes one optimisation pass over each batch",
     )
     p.add_argument("--eval-samples", type=int, default=200)
-    p.add_argument("--trainers", nargs="+", default=["textenvs_ppo", "grpo", "rloo"])
+    p.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    for name in (
+        "completions",
+        "max_new_tokens",
+        "batch",
+        "generations",
+        "eval_samples",
+        "ppo_epochs",
+    ):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.completions % args.batch:
+        p.error(
+            f"--completions {args.completions} is not a multiple of --batch {args.batch}: every "
+            "trainer must sample the same number of completions, in whole optimisation steps"
+        )
+    if args.batch % args.generations:
+        p.error(
+            f"--batch {args.batch} is not a multiple of --generations {args.generations}: GRPO and "
+            "RLOO sample whole groups of completions per prompt"
+        )
+    if args.reward is not None and args.reward not in METRIC_NAMES:
+        p.error(f"unknown --reward {args.reward!r}; choose one of {', '.join(METRIC_NAMES)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     metric_name = args.reward or builtin_task(args.task).default_reward
     env_id = ENV_FOR_TASK[args.task]
     model_dir = tempfile.mkdtemp(prefix="textenvs-tiny-")

@@ -64,8 +64,9 @@ def test_table_numbers_equal_a_recomputation_from_the_json(suite):
             if c["env_id"] == row["env_id"] and c["agent"] == row["agent"]
         ]
         assert f"{np.mean(finals):.4f}" in line
-        ordered = np.sort(finals)
-        assert row["iqm"] == pytest.approx(np.mean(ordered))  # 2 seeds: the trimmed mean keeps both
+        assert (row["agent"] in ("random",)) == (
+            "vs_random" not in row
+        )  # every other row is paired
         for c in results["cells"]:
             if c["env_id"] == row["env_id"] and c["agent"] == row["agent"]:
                 assert c["final_metric"] == pytest.approx(np.mean(c["curve"][-1]["metrics"]))
@@ -121,10 +122,95 @@ def test_bad_names_list_the_valid_ones(argv, match, capsys):
     assert match in capsys.readouterr().err
 
 
-def test_bootstrap_and_iqm_by_hand():
-    assert run.iqm([1, 2, 3, 4, 100, 5, 6, 7]) == pytest.approx(np.mean([3, 4, 5, 6]))
-    low, high = run.bootstrap_ci([0.5, 0.5, 0.5])
-    assert low == high == 0.5
+def test_percentile_bootstrap_of_two_values_by_hand():
+    # Resampling [0, 1] twice gives means 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4: the 2.5th and
+    # 97.5th percentiles of the bootstrap distribution are 0 and 1.
+    assert run.bootstrap_ci([0.0, 1.0]) == (0.0, 1.0)
+    low, high = run.bootstrap_ci(np.random.default_rng(1).normal(3.0, 1.0, size=400))
+    assert 3.0 - 0.2 < low < 3.0 < high < 3.0 + 0.2 and high - low == pytest.approx(0.196, abs=0.04)
+
+
+def test_hierarchical_bootstrap_by_hand():
+    # One seed with samples [0, 1]: the same as the plain bootstrap of the samples.
+    assert run.hierarchical_bootstrap([[0.0, 1.0]]) == (0.5, 0.0, 1.0)
+    # Two seeds, each constant: only the seed level varies, means 0, 0.5, 1 as above.
+    assert run.hierarchical_bootstrap([[0.0, 0.0], [1.0, 1.0]]) == (0.5, 0.0, 1.0)
+    # The point estimate is the mean of the per-seed means, not the pooled mean.
+    point, _, _ = run.hierarchical_bootstrap([[1.0], [0.0, 0.0, 0.0]])
+    assert point == 0.5
+
+
+def cell(agent, seed, per_sample, env_id="textenvs/Summarize-v0"):
+    return {
+        "agent": agent,
+        "env_id": env_id,
+        "seed": seed,
+        "steps": 10,
+        "wall_s": 0.0,
+        "final_metric": float(np.mean(per_sample)),
+        "curve": [{"steps": 10, "metric": float(np.mean(per_sample)), "metrics": list(per_sample)}],
+    }
+
+
+def test_aggregate_pairs_by_sample_and_seed():
+    rng = np.random.default_rng(0)
+    cells = []
+    for seed, shift in enumerate([0.0, 0.1, 0.2, 0.9]):
+        base = rng.uniform(0, 0.5, size=50)  # hard and easy samples: a large spread across samples
+        cells += [
+            cell("greedy", seed, base),
+            cell("qlearning", seed, base + 0.1),
+            cell("ppo", seed, base + rng.normal(0, 0.01, size=50)),
+        ]
+        cells.append(cell("random", seed, base - shift))
+    rows = {r["agent"]: r for r in run.aggregate(cells)}
+    # exactly +0.1 on every sample of every seed: the paired CI is the point
+    q = rows["qlearning"]["vs_greedy"]
+    assert q["diff"] == pytest.approx(0.1) and q["ci_low"] == pytest.approx(0.1)
+    assert q["ci_high"] == pytest.approx(0.1) and q["excludes_zero"]
+    # zero-mean noise around greedy: the paired CI holds 0 although the per-sample spread is large
+    p = rows["ppo"]["vs_greedy"]
+    assert (
+        p["ci_low"] < 0 < p["ci_high"]
+        and not p["excludes_zero"]
+        and p["ci_high"] - p["ci_low"] < 0.02
+    )
+    # the interquartile mean of four seeds drops the best and the worst one
+    finals = sorted(c["final_metric"] for c in cells if c["agent"] == "random")
+    assert rows["random"]["iqm"] == pytest.approx(np.mean(finals[1:3]))
+    assert rows["random"]["iqm"] != pytest.approx(np.mean(finals))
+    assert "vs_random" not in rows["random"] and "vs_greedy" not in rows["greedy"]
+    table = run.markdown_table(run.aggregate(cells))
+    assert "| Summarize-v0 | qlearning | 4 |" in table and "+0.1000 (+0.1000, +0.1000)" in table
+
+
+def test_throughput_baselines_compute_what_the_envs_compute():
+    """The naive and full-recompute baselines differ from the envs in the forward alone."""
+    from benchmarks.throughput import FullRecomputeEditEnv, NaiveGenerationEnv, random_valid_edit
+    from textenvs.envs.edit import TextEditEnv
+    from textenvs.envs.generate import TextGenerationEnv
+
+    kwargs = dict(task="summarize", max_steps=5)
+    for fast, slow in [
+        (TextGenerationEnv(**kwargs), NaiveGenerationEnv(**kwargs)),
+        (TextEditEnv(max_len=20, **kwargs), FullRecomputeEditEnv(max_len=20, **kwargs)),
+    ]:
+        a, _ = fast.reset(seed=3)
+        b, _ = slow.reset(seed=3)
+        rng = np.random.default_rng(0)
+        for _ in range(5):
+            action = (
+                random_valid_edit(fast, rng)
+                if isinstance(fast, TextEditEnv)
+                else int(rng.integers(50, 900))
+            )
+            a, ra, ta, tra, ia = fast.step(action)
+            b, rb, tb, trb, ib = slow.step(action)
+            np.testing.assert_allclose(a, b, atol=1e-4)
+            assert ra == pytest.approx(rb) and (ta, tra) == (tb, trb) and ia["text"] == ib["text"]
+        assert (
+            ta or tra
+        )  # the naive env ends its episode where the env does (terminated at max_steps)
 
 
 def test_throughput_script_reports_every_figure():
@@ -164,6 +250,38 @@ def test_throughput_script_reports_every_figure():
         "vector_rss_mb_last",
     ):
         assert np.isfinite(result[key]) and result[key] > 0, key
-    assert result["vector_ratio_to_bound"] == pytest.approx(
-        result["vector_steps_per_s"] / result["batched_bound_steps_per_s"], rel=0.01
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--trainers", "ppo2"], "invalid choice"),
+        (["--completions", "100", "--batch", "32"], "not a multiple of --batch"),
+        (
+            ["--completions", "120", "--batch", "30", "--generations", "4"],
+            "multiple of --generations",
+        ),
+        (["--reward", "meteor"], "unknown --reward"),
+        (["--completions", "0"], "--completions must be >= 1"),
+    ],
+)
+def test_compare_trl_refuses_budgets_it_cannot_give_every_trainer(argv, match, capsys):
+    from benchmarks import compare_trl
+
+    with pytest.raises(SystemExit):
+        compare_trl.parse_args(argv)
+    assert match in capsys.readouterr().err
+
+
+def test_compare_trl_defaults_and_reward_text():
+    from benchmarks import compare_trl
+
+    args = compare_trl.parse_args(["--trainers", "textenvs_ppo", "grpo"])
+    assert args.trainers == ["textenvs_ppo", "grpo"] and args.completions % args.batch == 0
+    reward = compare_trl.trl_reward("rougeL")
+    # TRL hands over the whole completion: only its first line is the headline that is scored
+    scores = reward(
+        ["Norwick council approves park plan\nArticle: more", "x"],
+        [["Norwick council approves park plan"]] * 2,
     )
+    assert scores[0] == pytest.approx(1.0) and scores[1] == 0.0 and reward.__name__ == "rougeL"

@@ -207,7 +207,7 @@ def test_edit_script_by_hand():
     assert text == tgt and len(edit_script(src, tgt)) == 3
 
 
-def test_truncates_at_max_edits():
+def test_truncates_at_max_steps():
     env = TextEditEnv(task="summarize", max_steps=3)
     env.reset(seed=0)
     outs = [env.step((DELETE, 40 - 9, 0)) for _ in range(3)]
@@ -296,3 +296,59 @@ def test_maskable_ppo_runs_on_the_flattened_env():
     env = FlattenEditActions(gym.make("textenvs/EditSummary-v0", max_len=8, max_steps=4, k=2))
     model = MaskablePPO("MlpPolicy", env, n_steps=16, batch_size=8, n_epochs=1, seed=0)
     model.learn(32)
+    assert model.num_timesteps == 32
+    # The flat mask is exact: the trained masked policy never picks an impossible edit.
+    obs, _ = env.reset(seed=1)
+    for _ in range(20):
+        action, _ = model.predict(obs, action_masks=env.action_masks())
+        obs, _, terminated, truncated, info = env.step(int(action))
+        assert info["valid"]
+        if terminated or truncated:
+            obs, _ = env.reset()
+
+
+def test_edit_cost_is_paid_by_every_valid_edit_only(env):
+    costly = TextEditEnv(
+        task="summarize",
+        token_mode="vocab",
+        obs="positions",
+        max_len=12,
+        max_steps=200,
+        edit_cost=0.05,
+        invalid_penalty=0.2,
+    )
+    for e in (env, costly):
+        e.reset(seed=0, options={"text": START})
+    for action in [(REPLACE, 2, tok(env, "rejects")), (DELETE, 0, 0), (DELETE, 9, 0)]:
+        _, r_free, *_ = env.step(action)
+        _, r_cost, *_, info = costly.step(action)
+        if info["valid"]:
+            assert r_cost == pytest.approx(r_free - 0.05)  # the metric's change minus the cost
+        else:
+            assert r_cost == pytest.approx(-0.2) and r_free == pytest.approx(
+                -0.01
+            )  # the penalty alone
+    _, r_stop, terminated, *_ = costly.step((STOP, 0, 0))
+    assert terminated and r_stop == 0.0  # stop costs nothing
+
+
+def test_terminal_reward_pays_the_final_score_once():
+    env = TextEditEnv(task="summarize", token_mode="vocab", max_len=12, max_steps=3, dense=False)
+    _, info = env.reset(seed=0, options={"text": START})
+    rewards, infos = [], []
+    for action in [
+        (REPLACE, 0, tok(env, "Halden")),
+        (DELETE, 9, 0),
+        (INSERT, 0, tok(env, "Norwick")),
+    ]:
+        _, reward, terminated, truncated, info = env.step(action)
+        rewards.append(reward)
+        infos.append(info)
+    assert truncated and not terminated
+    assert rewards[0] == 0.0  # nothing is paid before the end
+    assert rewards[1] == pytest.approx(-0.01)  # an invalid edit still pays its penalty at once
+    assert rewards[2] == pytest.approx(infos[-1]["metrics"]["score"])  # the final score, once
+    assert (
+        infos[-1]["metric"] == infos[-1]["metrics"]["rougeL"]
+        and infos[-1]["metric_name"] == "rougeL"
+    )

@@ -9,6 +9,7 @@ import pytest
 from gymnasium.error import ResetNeeded
 from gymnasium.utils.env_checker import check_env as gym_check_env
 
+import textenvs
 from tests.conftest import ENV_IDS, FAST_KWARGS
 
 
@@ -95,3 +96,46 @@ def test_is_edit_env_follows_the_entry_point(env_id):
     assert textenvs.is_edit_env(env_id) == isinstance(
         gym.make(env_id, **FAST_KWARGS[env_id]).unwrapped, TextEditEnv
     )
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+@pytest.mark.parametrize("dense", [True, False])
+def test_info_carries_the_task_metric_under_one_key(env_id, dense):
+    """The env -> agent contract: info["metric"] / info["metric_name"] wherever it was computed."""
+    env = make(env_id, dense=dense)
+    _, info = env.reset(seed=0)
+    name = env.unwrapped.shaper.name
+    infos = [info]
+    for _ in range(100):
+        _, _, terminated, truncated, info = env.step(env.action_space.sample())
+        infos.append(info)
+        if terminated or truncated:
+            break
+    assert terminated or truncated
+    last = infos[-1]
+    assert last["metric_name"] == name and last["metric"] == last["metrics"][name]
+    assert np.isfinite(last["metric"]) and isinstance(last["metric"], float)
+    for info in infos:
+        assert {"prompt", "text", "references", "index"} <= set(info)
+        if "metric" in info:
+            assert info["metric_name"] == name and info["metric"] == info["metrics"][name]
+    if dense:
+        assert all("metric" in info for info in infos)
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_both_env_kinds_share_the_knob_names(env_id):
+    env = gym.make(env_id, token_mode="topk", k=3, max_steps=2).unwrapped
+    assert (env.token_mode, env.k, env.max_steps) == ("topk", 3, 2)
+    old = "max_edits" if textenvs.is_edit_env(env_id) else "max_new_tokens"
+    with pytest.warns(DeprecationWarning, match=f"{old}= is deprecated"):
+        aliased = gym.make(env_id, **{old: 2}).unwrapped
+    assert aliased.max_steps == 2
+    with pytest.raises(ValueError, match="pass only max_steps"):
+        gym.make(env_id, max_steps=5, **{old: 2})
+
+
+def test_action_mode_is_a_deprecated_name_of_token_mode():
+    with pytest.warns(DeprecationWarning, match="action_mode= is deprecated"):
+        env = gym.make("textenvs/Summarize-v0", action_mode="topk", k=2).unwrapped
+    assert env.token_mode == env.action_mode == "topk" and env.action_space.n == 2

@@ -151,10 +151,145 @@ def test_next_step_autoreset():
     assert envs.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
 
 
-def test_sync_mode_still_works():
-    envs = gym.make_vec("textenvs/Summarize-v0", num_envs=2, vectorization_mode="sync", max_steps=3)
+def long_prompt_dataset(lm, max_steps: int):
+    """Samples whose longest prompt plus ``max_steps`` fills the model's context exactly."""
+    from textenvs.tasks import Sample, task_from_samples
+
+    words, source = "the old farmer sees a red bird near the river".split(), ""
+    while len(lm.encode(source + " word")) + max_steps <= lm.max_positions:
+        source += " " + words[len(source.split()) % len(words)]
+    budget = lm.max_positions - len(lm.encode(source.strip()))
+    samples = [Sample(source.strip(), ("la kolo",)), Sample("A dog.", ("un vasko",))]
+    return task_from_samples("long", samples, "{source}"), budget
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["generation-vocab", "generation-topk", "generation-fills-context", "edit"],
+)
+def test_next_step_autoreset_equals_single_envs_over_whole_episodes(case):
+    """NextStep: the step after an episode ends resets that sub-env (reward 0, its action ignored);
+    every later episode equals a single env's, however episodes of mixed lengths interleave."""
+    from textenvs.lm import shared_model
+
+    if case == "edit":
+        kwargs, n_steps = dict(task="summarize", max_len=12, max_steps=3, obs="positions"), 40
+    elif case == "generation-fills-context":
+        task, budget = long_prompt_dataset(shared_model(), 3)
+        kwargs, n_steps = dict(task=task, max_steps=budget), 30
+    else:
+        kwargs = dict(task="translate", max_steps=4, token_mode=case.split("-")[1], k=6)
+        n_steps = 60
+    cls = EditVectorEnv if case == "edit" else GenerationVectorEnv
+    envs = cls(3, autoreset_mode="NextStep", **kwargs)
+    singles = [cls.env_class(**kwargs) for _ in range(3)]
+    obs, _ = envs.reset(seed=4)
+    for i, env in enumerate(singles):
+        np.testing.assert_allclose(obs[i], env.reset(seed=4 + i)[0], atol=1e-4)
+    rng = np.random.default_rng(2)
+    waiting, episodes = [False] * 3, 0
+    for _ in range(n_steps):
+        if case == "edit":
+            actions = rng.integers(envs.single_action_space.nvec, size=(3, 3))
+        elif kwargs.get("token_mode") == "topk":
+            actions = rng.integers(0, 6, size=3)
+        else:
+            actions = gen_actions(rng, 3, envs.lm.eos_token_id)
+        obs, rewards, terminated, truncated, infos = envs.step(actions)
+        for i, env in enumerate(singles):
+            if waiting[i]:  # this step is the sub-env's reset
+                o, info = env.reset()
+                r, te, tr = 0.0, False, False
+                waiting[i] = False
+            else:
+                action = actions[i] if case == "edit" else int(actions[i])
+                o, r, te, tr, info = env.step(action)
+                waiting[i] = te or tr
+                episodes += te or tr
+            assert (te, tr) == (terminated[i], truncated[i]) and r == pytest.approx(rewards[i])
+            assert infos["text"][i] == info["text"] and infos["index"][i] == info["index"]
+            np.testing.assert_allclose(obs[i], o, atol=1e-4)
+    assert episodes >= 6  # many whole episodes ended and restarted in every sub-env
+
+
+def test_sync_mode_equals_the_batched_env():
+    kwargs = dict(max_steps=3)
+    same_step = {"autoreset_mode": AutoresetMode.SAME_STEP}
+    sync = gym.make_vec(
+        "textenvs/Summarize-v0",
+        num_envs=2,
+        vectorization_mode="sync",
+        vector_kwargs=same_step,
+        **kwargs,
+    )
+    batched = gym.make_vec("textenvs/Summarize-v0", num_envs=2, **kwargs)
+    a, _ = sync.reset(seed=0)
+    b, _ = batched.reset(seed=0)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    rng = np.random.default_rng(0)
+    for _ in range(7):  # episodes end and auto-reset in the same step in both
+        actions = gen_actions(rng, 2, batched.unwrapped.lm.eos_token_id)
+        a, ra, ta, _, ia = sync.step(actions)
+        b, rb, tb, _, ib = batched.step(actions)
+        np.testing.assert_allclose(a, b, atol=1e-4)
+        np.testing.assert_allclose(ra, rb, atol=1e-6)
+        assert (ta == tb).all() and list(ia["text"]) == list(ib["text"])
+
+
+def test_reset_mask_resets_only_the_masked_sub_envs():
+    envs = GenerationVectorEnv(3, task="summarize", max_steps=8)
+    with pytest.raises(ValueError, match="first reset"):
+        envs.reset(seed=0, options={"reset_mask": np.array([True, False, True])})
     envs.reset(seed=0)
-    envs.step(envs.action_space.sample())
+    envs.step(np.array([11, 12, 13]))
+    texts = [env.text for env in envs.envs]
+    with pytest.raises(ValueError, match="shape"):
+        envs.reset(options={"reset_mask": np.array([True, False])})
+    obs, infos = envs.reset(
+        seed=[None, 7, None], options={"reset_mask": np.array([False, True, False])}
+    )
+    assert list(infos["_text"]) == [False, True, False]  # only sub-env 1 reports a reset info
+    assert [envs.envs[0].text, envs.envs[2].text] == [
+        texts[0],
+        texts[2],
+    ]  # the others keep their episode
+    fresh = gym.make("textenvs/Summarize-v0", max_steps=8).unwrapped
+    np.testing.assert_allclose(obs[1], fresh.reset(seed=7)[0], atol=1e-4)
+    obs, *_ = envs.step(np.array([20, 21, 22]))  # every row steps on from where it is
+    o, *_ = fresh.step(21)
+    np.testing.assert_allclose(obs[1], o, atol=1e-4)
+    assert envs.envs[0].generated[-2:] == [11, 20]
+
+
+def test_edit_vector_final_obs_and_final_info_are_the_ended_episodes():
+    kwargs = dict(task="summarize", max_len=12, max_steps=2, obs="positions")
+    envs = EditVectorEnv(2, **kwargs)
+    singles = [EditVectorEnv.env_class(**kwargs) for _ in range(2)]
+    envs.reset(seed=3)
+    for i, env in enumerate(singles):
+        env.reset(seed=3 + i)
+    rng = np.random.default_rng(3)
+    ended = 0
+    for _ in range(6):
+        actions = rng.integers(envs.single_action_space.nvec, size=(2, 3))
+        obs, _, terminated, truncated, infos = envs.step(actions)
+        for i, env in enumerate(singles):
+            o, _, te, tr, info = env.step(actions[i])
+            if te or tr:
+                ended += 1
+                assert infos["_final_obs"][i] and infos["_final_info"][i]
+                np.testing.assert_allclose(infos["final_obs"][i], o, atol=1e-4)
+                assert infos["final_info"]["text"][i] == info["text"]
+                assert infos["final_info"]["metric"][i] == pytest.approx(info["metric"])
+                assert infos["final_info"]["edits"][i] == info["edits"]
+                o, info = env.reset()
+                assert (
+                    infos["text"][i] == info["text"]
+                )  # the returned obs is the new episode's first
+            else:
+                assert not infos.get("_final_obs", np.zeros(2, bool))[i]
+            np.testing.assert_allclose(obs[i], o, atol=1e-4)
+    assert ended >= 4
 
 
 @pytest.mark.parametrize(
@@ -245,6 +380,29 @@ def test_sb3_adapter_gives_terminal_observation():
     )
 
 
+def test_sb3_adapter_truncation_path():
+    # An edit env truncates itself at max_steps: SB3 must see done, TimeLimit.truncated (so it
+    # bootstraps from the terminal observation), the ended episode's info and the new episode's
+    # reset info.
+    envs = EditVectorEnv(2, task="summarize", max_len=10, max_steps=2)
+    venv = as_sb3_vec_env(envs)
+    venv.reset()
+    replace_first = np.array(
+        [[2, 0, 0], [2, 0, 1]]
+    )  # a valid replace in both (drafts are non-empty)
+    _, _, dones, infos = venv.step(replace_first)
+    assert not dones.any() and not infos[0]["TimeLimit.truncated"]
+    _, _, dones, infos = venv.step(replace_first)
+    assert dones.all()
+    for i, info in enumerate(infos):
+        assert info["TimeLimit.truncated"] and info["edits"] == 2  # the ended episode's info
+        assert info["terminal_observation"].shape == envs.single_observation_space.shape
+        assert venv.reset_infos[i]["edits"] == 0  # the new episode's reset info
+    stop = np.array([[3, 0, 0], [3, 0, 0]])
+    _, _, dones, infos = venv.step(stop)  # stop terminates: not a truncation
+    assert dones.all() and not any(info["TimeLimit.truncated"] for info in infos)
+
+
 def test_sb3_adapter_refuses_next_step_mode():
     with pytest.raises(ValueError, match="SameStep"):
         as_sb3_vec_env(GenerationVectorEnv(2, autoreset_mode="NextStep"))
@@ -253,11 +411,27 @@ def test_sb3_adapter_refuses_next_step_mode():
 def test_maskable_ppo_on_batched_edit_env():
     pytest.importorskip("sb3_contrib")
     from sb3_contrib import MaskablePPO
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class RecordValidity(BaseCallback):
+        def __init__(self):
+            super().__init__()
+            self.valid = []
+
+        def _on_step(self):
+            self.valid += [info["valid"] for info in self.locals["infos"]]
+            return True
 
     venv = as_sb3_vec_env(
         gym.make_vec("textenvs/EditSummary-v0", num_envs=2, max_len=8, max_steps=4, k=2)
     )
-    MaskablePPO("MlpPolicy", venv, n_steps=8, batch_size=8, n_epochs=1, seed=0).learn(16)
+    record = RecordValidity()
+    model = MaskablePPO("MlpPolicy", venv, n_steps=8, batch_size=8, n_epochs=1, seed=0)
+    model.learn(32, callback=record)
+    # The batched env's masks reach MaskablePPO: the per-dimension mask never allows an op that is
+    # impossible for the text (every edit after reset is an insert, delete, replace or stop).
+    assert model.num_timesteps == 32 and len(record.valid) == 32
+    assert np.mean(record.valid) > 0.5
 
 
 def test_env_pickles_mid_episode():
