@@ -139,17 +139,18 @@ class TextEnv(gym.Env):
             repetition_penalty,
         )
         self.obs_mode, self.token_mode, self.render_mode = obs, token_mode, render_mode
+        largest = self._largest_k()
+        if token_mode == "topk" and not (isinstance(k, (int, np.integer)) and 1 <= k <= largest):
+            raise ValueError(
+                f"k must be an int in [1, {largest}] for token_mode='topk', got {k!r}."
+            )
         self.k = int(k) if token_mode == "topk" else k
         self._sequence: TokenSequence | None = None
         self._done = True
 
-    def _check_k(self, k: Any, largest: int) -> None:
-        if self.token_mode == "topk" and not (
-            isinstance(k, (int, np.integer)) and 1 <= k <= largest
-        ):
-            raise ValueError(
-                f"k must be an int in [1, {largest}] for token_mode='topk', got {k!r}."
-            )
+    def _largest_k(self) -> int:
+        """The most candidates top-k mode can propose (the rows of the LM head)."""
+        return self.lm.vocab_size
 
     # -- the protocol with textenvs.vector ---------------------------------------------------
     @property

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,6 @@ from textenvs.envs.base import (
     top_candidates,
 )
 from textenvs.lm import TINY, LanguageModel
-from textenvs.tasks import Sample, Task
 
 INSERT, DELETE, REPLACE, STOP = 0, 1, 2, 3
 OP_NAMES = ("insert", "delete", "replace", "stop")
@@ -142,27 +141,15 @@ class TextEditEnv(TextEnv):
         self,
         model: str | os.PathLike | LanguageModel = TINY,
         *,
-        task: str | Task | None = "summarize",
-        dataset: str | os.PathLike | Sequence[Sample] | Task | None = None,
-        dataset_kwargs: dict | None = None,
-        split: str = "train",
-        reward: str | Callable[[str, Sequence[str]], float] | None = None,
-        dense: bool = True,
         start: str = "draft",
         max_len: int = 32,
         max_steps: int = 32,
         token_mode: str = "topk",
-        k: int = 8,
         obs: str = "pooled",
-        layer: int = -1,
         edit_cost: float = 0.0,
         invalid_penalty: float = 0.01,
-        device: str = "cpu",
-        dtype: torch.dtype | None = None,
-        render_mode: str | None = None,
-        length_penalty: float = 0.0,
-        repetition_penalty: float = 0.0,
         max_edits: int | None = None,
+        **common: Any,
     ) -> None:
         check_choice("start", start, START_MODES)
         self.max_len = check_positive_int("max_len", max_len)
@@ -170,26 +157,7 @@ class TextEditEnv(TextEnv):
             if not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
         max_steps = renamed_argument("max_steps", max_steps, 32, "max_edits", max_edits)
-        super().__init__(
-            model,
-            task=task,
-            dataset=dataset,
-            dataset_kwargs=dataset_kwargs,
-            split=split,
-            reward=reward,
-            dense=dense,
-            obs=obs,
-            layer=layer,
-            token_mode=token_mode,
-            k=k,
-            max_steps=max_steps,
-            device=device,
-            dtype=dtype,
-            render_mode=render_mode,
-            length_penalty=length_penalty,
-            repetition_penalty=repetition_penalty,
-        )
-        self._check_k(k, self.lm.vocab_size - 1)
+        super().__init__(model, obs=obs, token_mode=token_mode, max_steps=max_steps, **common)
         self.start_mode = start
         self.edit_cost, self.invalid_penalty = float(edit_cost), float(invalid_penalty)
         self.n_tokens = self.k if token_mode == "topk" else self.lm.vocab_size
@@ -353,6 +321,9 @@ class TextEditEnv(TextEnv):
 
     def _context_budget(self) -> tuple[str, int]:
         return "max_len", self.max_len
+
+    def _largest_k(self) -> int:
+        return self.lm.vocab_size - 1  # special tokens are never proposed, EOS at least
 
     def _token(self, pos: int, token_index: int) -> int:
         if self.token_mode == "vocab" or pos >= len(self._row_logits):

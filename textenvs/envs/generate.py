@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -13,7 +12,6 @@ from gymnasium import spaces
 from textenvs.envs.base import TextEnv, renamed_argument, top_candidates
 from textenvs.kvcache import TokenSequence
 from textenvs.lm import TINY, LanguageModel
-from textenvs.tasks import Sample, Task
 
 OBS_MODES = ("last", "mean")
 
@@ -89,47 +87,16 @@ class TextGenerationEnv(TextEnv):
         self,
         model: str | os.PathLike | LanguageModel = TINY,
         *,
-        task: str | Task | None = "summarize",
-        dataset: str | os.PathLike | Sequence[Sample] | Task | None = None,
-        dataset_kwargs: dict | None = None,
-        split: str = "train",
-        reward: str | Callable[[str, Sequence[str]], float] | None = None,
-        dense: bool = True,
         obs: str = "last",
-        layer: int = -1,
         token_mode: str = "vocab",
-        k: int = 8,
         max_steps: int = 32,
-        device: str = "cpu",
-        dtype: torch.dtype | None = None,
-        render_mode: str | None = None,
-        length_penalty: float = 0.0,
-        repetition_penalty: float = 0.0,
         action_mode: str | None = None,
         max_new_tokens: int | None = None,
+        **common: Any,
     ) -> None:
         token_mode = renamed_argument("token_mode", token_mode, "vocab", "action_mode", action_mode)
         max_steps = renamed_argument("max_steps", max_steps, 32, "max_new_tokens", max_new_tokens)
-        super().__init__(
-            model,
-            task=task,
-            dataset=dataset,
-            dataset_kwargs=dataset_kwargs,
-            split=split,
-            reward=reward,
-            dense=dense,
-            obs=obs,
-            layer=layer,
-            token_mode=token_mode,
-            k=k,
-            max_steps=max_steps,
-            device=device,
-            dtype=dtype,
-            render_mode=render_mode,
-            length_penalty=length_penalty,
-            repetition_penalty=repetition_penalty,
-        )
-        self._check_k(k, self.lm.vocab_size)
+        super().__init__(model, obs=obs, token_mode=token_mode, max_steps=max_steps, **common)
         self.action_space = spaces.Discrete(self.k if token_mode == "topk" else self.lm.vocab_size)
         self.observation_space = spaces.Box(-np.inf, np.inf, (self.lm.hidden_size,), np.float32)
 
