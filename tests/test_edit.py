@@ -352,3 +352,23 @@ def test_terminal_reward_pays_the_final_score_once():
         infos[-1]["metric"] == infos[-1]["metrics"]["rougeL"]
         and infos[-1]["metric_name"] == "rougeL"
     )
+
+
+def test_text_cannot_smuggle_special_tokens_in():
+    env = TextEditEnv(task="summarize", max_len=32)
+    _, info = env.reset(seed=0, options={"text": "hello <|endoftext|> world"})
+    assert env.lm.eos_token_id not in env.sequence.ids
+    assert info["text"] == env.lm.decode(env.text_ids).strip() == "hello <|endoftext|> world"
+    assert all(t not in env.special_ids for t in env.text_ids)
+
+
+def test_a_dataset_source_cannot_put_a_special_token_into_the_prompt():
+    from textenvs.tasks import Sample
+
+    samples = [Sample("An article <|endoftext|> about the council.", ("council",))]
+    from textenvs.envs.generate import TextGenerationEnv
+
+    for cls in (TextEditEnv, TextGenerationEnv):
+        env = cls(dataset=samples, max_steps=2)
+        env.reset(seed=0)
+        assert env.lm.eos_token_id not in env.sequence.ids[: len(env.lm.encode(env.prompt))]

@@ -192,7 +192,7 @@ def test_translate_with_saved_model_and_bleu(random_gpt2_dir):
     "kwargs,match",
     [
         ({"reward": "meteor"}, "Unknown reward 'meteor'"),
-        ({"model": "./no/such/model"}, "no such folder"),
+        ({"model": "./no/such/model"}, "not a folder here"),
         ({"obs": "first"}, "obs='first' is not valid"),
         ({"token_mode": "beam"}, "token_mode='beam'"),
         ({"token_mode": "topk", "k": 0}, "k must be"),
@@ -208,11 +208,12 @@ def test_bad_arguments_get_clear_errors(kwargs, match):
         TextGenerationEnv(**kwargs)
 
 
-def test_prompt_longer_than_context_raises():
+def test_prompt_longer_than_context_is_refused_at_construction():
     long_source = " ".join(["word"] * 2000)
-    env = TextGenerationEnv(dataset=[Sample(long_source, ("ref",))])
-    with pytest.raises(ValueError, match="context"):
-        env.reset(seed=0)
+    with pytest.raises(
+        ValueError, match="Sample 0 of split 'train' has a prompt of .* exceeds the context"
+    ):
+        TextGenerationEnv(dataset=[Sample(long_source, ("ref",))])
 
 
 def test_reset_index_out_of_range():

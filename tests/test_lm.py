@@ -73,7 +73,7 @@ def test_sequence_longer_than_context_raises(lm):
 
 
 def test_unknown_local_model_raises_before_any_download():
-    with pytest.raises(FileNotFoundError, match="looks like a local path"):
+    with pytest.raises(FileNotFoundError, match="not a folder here and not a hub name"):
         lm_backend.LanguageModel("./missing/model/dir")
 
 
@@ -126,3 +126,93 @@ def test_tiny_model_leaves_headroom_and_finds_reference_tokens(lm):
             total += len(target)
         assert 0.0 < np.mean(scores) < 0.6, (name, np.mean(scores))
         assert hits / total > 0.5, (name, hits / total)
+
+
+def test_a_bare_name_that_is_no_folder_fails_at_once_without_the_hub(monkeypatch):
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    with pytest.raises(FileNotFoundError, match="not a folder here and not a hub name"):
+        lm_backend.LanguageModel("my_local_model")
+
+
+@pytest.mark.parametrize(
+    "device,match",
+    [
+        ("gpu", "not a torch device"),
+        ("cuda", "no CUDA|CUDA device"),
+        ("cuda:7", "no CUDA|CUDA device"),
+    ],
+)
+def test_devices_this_machine_cannot_use_are_refused(device, match):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that device")
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match=match):
+        lm_backend.LanguageModel(device=device)
+
+
+def test_dtype_by_name_and_bad_dtype():
+    assert lm_backend.resolve_dtype("bfloat16") is torch.bfloat16
+    assert lm_backend.resolve_dtype("torch.float16") is torch.float16
+    with pytest.raises(ValueError, match="dtype='x' is not a dtype"):
+        lm_backend.LanguageModel(dtype="x")
+
+
+def test_a_model_that_needs_its_own_code_is_refused_without_advising_remote_code(
+    tmp_path, random_gpt2_dir
+):
+    import json
+    import shutil
+
+    folder = tmp_path / "custom"
+    shutil.copytree(random_gpt2_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="never runs code") as e:
+        lm_backend.LanguageModel(str(folder))
+    assert "trust_remote_code=True" not in str(e.value)
+
+
+def test_weights_that_do_not_match_the_config_are_refused(tmp_path, random_gpt2_dir):
+    import shutil
+
+    from transformers import BertConfig
+
+    folder = tmp_path / "bert_config_gpt2_weights"
+    shutil.copytree(random_gpt2_dir, folder)
+    BertConfig(
+        vocab_size=1024,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    ).save_pretrained(folder)
+    with pytest.raises(ValueError, match="do not match its config.json"):
+        lm_backend.LanguageModel(str(folder))
+
+
+def test_an_encoder_saved_as_a_causal_lm_is_refused(tmp_path, lm):
+    from transformers import BertConfig, BertLMHeadModel
+
+    config = BertConfig(
+        vocab_size=1024,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )  # is_decoder=False: bidirectional attention
+    BertLMHeadModel(config).save_pretrained(tmp_path, safe_serialization=True)
+    lm.tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="is not causal"):
+        lm_backend.LanguageModel(str(tmp_path))
+
+
+def test_special_token_strings_are_plain_text(lm):
+    ids = lm.encode("hello <|endoftext|> world")
+    assert lm.eos_token_id not in ids and lm.decode(ids) == "hello <|endoftext|> world"

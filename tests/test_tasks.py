@@ -78,7 +78,8 @@ def test_jsonl_loader_unicode_and_multiple_references(tmp_path):
         encoding="utf-8",
     )
     samples = load_jsonl(p)
-    assert samples == [Sample("Ünïcödé ✓ 日本", ("a", "b")), Sample("x", ("y",))]
+    assert list(samples) == [Sample("Ünïcödé ✓ 日本", ("a", "b")), Sample("x", ("y",))]
+    assert samples[1] == Sample("x", ("y",)) and samples.line_of(1) == 3 and len(samples) == 2
 
 
 @pytest.mark.parametrize(
@@ -161,3 +162,92 @@ def test_hugging_face_datasets_builder_with_local_files(tmp_path):
         ValueError, match=r"has columns \['document', 'summary'\].*source_key='text'"
     ):
         load_dataset("hf:json", data_files=str(path), source_key="text", reference_key="summary")
+
+
+def test_non_utf8_files_name_the_file_and_line(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(
+        '{"source": "ok", "references": "a"}\n{"source": "caf\xe9", "references": "b"}\n'.encode(
+            "latin-1"
+        )
+    )
+    with pytest.raises(DatasetFormatError, match=r"latin1.jsonl, line 2: not UTF-8"):
+        load_jsonl(p)
+    c = tmp_path / "latin1.csv"
+    c.write_bytes("source,reference\ncaf\xe9,b\n".encode("latin-1"))
+    with pytest.raises(DatasetFormatError, match=r"latin1.csv: not UTF-8"):
+        load_csv(c)
+
+
+@pytest.mark.parametrize("template", ["{source} {title}", "{0}", "Doc: {source!z}"])
+def test_a_template_that_samples_cannot_fill_is_refused_at_load(tmp_path, template):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"source": "x", "references": "y"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="cannot be filled from a sample"):
+        load_dataset(str(p), prompt_template=template)
+
+
+def test_a_file_is_loaded_once_per_process_and_read_on_access(tmp_path, monkeypatch):
+    import gymnasium as gym
+
+    from textenvs.tasks import loaders
+
+    p = tmp_path / "d.jsonl"
+    p.write_text(
+        "".join(f'{{"source": "s{i}", "references": "r{i}"}}\n' for i in range(50)),
+        encoding="utf-8",
+    )
+    calls = []
+    real = loaders.JsonlSamples.__init__
+
+    def counting(self, *args, **kwargs):
+        calls.append(args)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(loaders.JsonlSamples, "__init__", counting)
+    envs = gym.make_vec("textenvs/Generate-v0", num_envs=4, dataset=str(p), max_steps=2)
+    assert len(calls) == 1  # four sub-envs, one load
+    tasks = {id(env.task) for env in envs.unwrapped.envs}
+    assert len(tasks) == 1
+    samples = envs.unwrapped.envs[0].samples
+    assert isinstance(samples, loaders.JsonlSamples) and samples.offsets.nbytes == 50 * 8
+    _, infos = envs.reset(seed=0)
+    assert all(t.startswith("s") for t in infos["prompt"])
+    p.write_text('{"source": "changed", "references": "r"}\n', encoding="utf-8")
+    env = gym.make("textenvs/Generate-v0", dataset=str(p), max_steps=2)
+    assert len(calls) == 2 and len(env.unwrapped.samples) == 1  # a changed file is loaded again
+
+
+def test_a_sample_that_cannot_fit_the_context_is_refused_at_construction(tmp_path):
+    import gymnasium as gym
+
+    p = tmp_path / "long.jsonl"
+    long_source = " ".join(["word"] * 600)  # far more than the tiny model's 512 positions
+    p.write_text(
+        '{"source": "short", "references": "r"}\n\n'
+        + json.dumps({"source": long_source, "references": "r"})
+        + "\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(
+        ValueError, match=r"Sample 1 \(line 3 of .*long.jsonl\) of split 'train' has a prompt"
+    ):
+        gym.make("textenvs/Generate-v0", dataset=str(p))
+    with pytest.raises(
+        ValueError, match="line 3"
+    ):  # a vector env fails at construction, not at a reset
+        gym.make_vec("textenvs/Edit-v0", num_envs=2, dataset=str(p))
+
+
+@pytest.mark.parametrize(
+    "env_id,kwargs,name",
+    [
+        ("textenvs/Summarize-v0", {"max_steps": 512}, "max_steps"),
+        ("textenvs/EditSummary-v0", {"max_len": 600}, "max_len"),
+    ],
+)
+def test_a_budget_beyond_the_context_is_refused_at_construction(env_id, kwargs, name):
+    import gymnasium as gym
+
+    with pytest.raises(ValueError, match=f"{name}=.* leaves no room for a prompt"):
+        gym.make(env_id, **kwargs)

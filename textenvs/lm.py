@@ -25,6 +25,7 @@ it, and compute log-probabilities for a gradient step with a separate forward.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import warnings
 from pathlib import Path
@@ -37,6 +38,74 @@ from textenvs.kvcache import TokenSequence
 
 TINY = "textenvs/tiny"
 BUILTIN_MODELS = {TINY: Path(__file__).parent / "models" / "tiny"}
+# The hub's legacy model ids without an organisation: the only bare names sent to the hub. Any
+# other bare name is taken for a local folder, so a typo fails at once instead of retrying a hub.
+LEGACY_HUB_NAMES = frozenset(
+    {
+        "gpt2",
+        "gpt2-medium",
+        "gpt2-large",
+        "gpt2-xl",
+        "distilgpt2",
+        "openai-gpt",
+        "ctrl",
+        "transfo-xl-wt103",
+        "xlnet-base-cased",
+        "xlnet-large-cased",
+    }
+)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``dtype`` as a torch dtype: a ``torch.dtype``, None (the checkpoint's) or a DTYPES name."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(
+        f"dtype={dtype!r} is not a dtype: pass None (the checkpoint's), a torch.dtype such as "
+        f"torch.bfloat16, or one of {sorted(DTYPES)}."
+    )
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device that this machine and this torch build can use."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(
+            f"device={device!r} is not a torch device: use 'cpu', 'cuda', 'cuda:1' or 'mps'."
+        ) from e
+    if resolved.type == "cuda":
+        if torch.version.cuda is None:
+            raise ValueError(
+                f"device={device!r}, but this torch build ({torch.__version__}) has no CUDA: "
+                "install a CUDA build of torch (see pytorch.org) or use device='cpu'."
+            )
+        if not torch.cuda.is_available() or (resolved.index or 0) >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r}, but {torch.cuda.device_count()} CUDA device(s) are visible: "
+                "check CUDA_VISIBLE_DEVICES and the driver (nvidia-smi), or use device='cpu'."
+            )
+    return resolved
+
+
+def refuse_remote_code(path: str) -> None:
+    """A local model that needs its own Python code (``auto_map``) is refused: we never run it."""
+    config = Path(path) / "config.json"
+    if config.is_file():
+        try:
+            auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return  # transformers reports a broken config with its own message
+        if auto_map:
+            raise ValueError(
+                f"The model in {path} needs its own Python code (config.json has an 'auto_map'), "
+                "and textenvs never runs code that comes with a model (trust_remote_code stays "
+                "off). Use an architecture that transformers ships (GPT-2, Llama, Qwen2, ...) or "
+                "convert the checkpoint to one."
+            )
 
 
 def resolve_model_path(name: str | os.PathLike) -> str:
@@ -52,12 +121,13 @@ def resolve_model_path(name: str | os.PathLike) -> str:
         return str(path)
     if os.path.isdir(name):
         return name
-    # Hub names are "name" or "org/name"; anything else path-like must exist locally.
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+    # Hub names are "org/name" (or a legacy bare id); anything else must exist locally.
+    bare_local = "/" not in name and name not in LEGACY_HUB_NAMES
+    if bare_local or name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise FileNotFoundError(
-            f"Model {name!r} looks like a local path but no such folder exists: pass a folder "
-            "written by `save_pretrained`, a Hugging Face hub name such as 'gpt2', or the "
-            f"built-in {TINY!r}."
+            f"Model {name!r} is not a folder here and not a hub name: pass a folder written by "
+            "`save_pretrained`, a Hugging Face hub name 'org/name' (or a legacy id such as "
+            f"'gpt2'), or the built-in {TINY!r}."
         )
     return name
 
@@ -81,20 +151,34 @@ class LanguageModel:
         layer: int = -1,
     ) -> None:
         self.name = os.fspath(name)
-        self.device = torch.device(device)
-        self.dtype = dtype
+        self.device = resolve_device(device)
+        self.dtype = dtype = resolve_dtype(dtype)
         path = resolve_model_path(self.name)
+        refuse_remote_code(path)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-            self.model = AutoModelForCausalLM.from_pretrained(
-                path, trust_remote_code=False, use_safetensors=True, dtype=dtype
+            self.model, loading = AutoModelForCausalLM.from_pretrained(
+                path,
+                trust_remote_code=False,
+                use_safetensors=True,
+                dtype=dtype,
+                output_loading_info=True,
             )
         except (OSError, ValueError, KeyError) as e:
+            reason = "it needs its own code" if "trust_remote_code" in str(e) else str(e)
             raise ValueError(
                 f"Could not load model {self.name!r} as a causal LM with safetensors weights "
-                f"({e}). Use the built-in {TINY!r}, a folder written by `save_pretrained` holding "
-                "model.safetensors, or a hub name (needs network)."
+                f"({reason}). Use the built-in {TINY!r}, a folder written by `save_pretrained` "
+                "holding model.safetensors, or a hub name (needs network)."
             ) from e
+        mismatched = {k: v for k, v in loading.items() if k != "error_msgs" and v}
+        if mismatched:
+            raise ValueError(
+                f"The weights of {self.name!r} do not match its config.json "
+                f"({', '.join(f'{k}: {sorted(v)[:3]}' for k, v in mismatched.items())}): the model "
+                "would run with random weights. Save model and config together with "
+                "`save_pretrained`."
+            )
         self.model.to(self.device).eval()
         self.model.requires_grad_(False)
         if self.tokenizer.pad_token_id is None:
@@ -138,6 +222,26 @@ class LanguageModel:
             or getattr(config, "max_position_embeddings", None)
             or 2048
         )
+        self._check_causal()
+
+    @torch.inference_mode()
+    def _check_causal(self) -> None:
+        """Refuse a model whose earlier positions see later tokens (an encoder loaded as an LM).
+
+        The KV cache, crop and every incremental observation assume that a position's hidden state
+        never depends on later tokens; an encoder such as BERT would silently break all of them.
+        """
+        a = torch.tensor([[1, 2, 3, 4]], device=self.device) % self.vocab_size
+        b = a.clone()
+        b[0, -1] = (b[0, -1] + 1) % self.vocab_size
+        h_a = self.model(input_ids=a, output_hidden_states=True).hidden_states[-1][0, :-1]
+        h_b = self.model(input_ids=b, output_hidden_states=True).hidden_states[-1][0, :-1]
+        if not torch.allclose(h_a.float(), h_b.float(), atol=1e-3):
+            raise ValueError(
+                f"The model {self.name!r} ({self.model.config.model_type}) is not causal: its "
+                "earlier positions change when a later token changes, so KV caching, edits and "
+                "every observation would be wrong. Use a causal (decoder-only) language model."
+            )
 
     def __reduce__(self):
         # Pickle by reference: unpickling (an async vector env's worker, a checkpoint of an env)
@@ -147,7 +251,19 @@ class LanguageModel:
 
     # -- text ------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """The token ids of ``text`` as plain text: a special token's string (``"<|endoftext|>"``)
+        in it is split like any other text, so no text can smuggle a special token in."""
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)[
+            "input_ids"
+        ]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """:meth:`encode` of several texts in one tokenizer call."""
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)[
+            "input_ids"
+        ]
 
     def decode(self, ids: list[int]) -> str:
         """The text of ``ids``, special tokens left out: ``tokenizer.decode(ids,
@@ -266,7 +382,7 @@ def shared_model(
                 f"build it with LanguageModel(..., layer={layer}) or pass layer={model.layer}."
             )
         return model
-    key = (os.fspath(model), str(torch.device(device)), dtype, layer)
+    key = (os.fspath(model), str(resolve_device(device)), resolve_dtype(dtype), layer)
     if key not in _SHARED:
         _SHARED[key] = LanguageModel(model, device, dtype, layer)
     return _SHARED[key]

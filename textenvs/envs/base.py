@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -78,6 +79,24 @@ def invalid_rows(space: spaces.Discrete | spaces.MultiDiscrete, actions: np.ndar
     return np.flatnonzero(outside.reshape(len(actions), -1).any(axis=1))
 
 
+_LONGEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def longest_prompt(task: Task, split: str, lm: LanguageModel) -> tuple[int, int]:
+    """The token count and index of the longest prompt of a split (computed once per process)."""
+    per_task = _LONGEST.setdefault(task, {})
+    key = (split, lm.name)
+    if key not in per_task:
+        samples = task.split(split)
+        lengths = [0]
+        for start in range(0, len(samples), 1024):  # batches keep the memory of a large split flat
+            prompts = [task.prompt(s) for s in samples[start : start + 1024]]
+            lengths += [len(ids) for ids in lm.encode_batch(prompts)]
+        index = int(np.argmax(lengths[1:]))
+        per_task[key] = (lengths[1 + index], index)
+    return per_task[key]
+
+
 def top_candidates(logits: torch.Tensor, k: int, exclude: Sequence[int] = ()) -> torch.Tensor:
     """The ``k`` most likely token ids of ``logits`` ``(..., V)``, most likely first; ``exclude``
     never proposed.
@@ -130,7 +149,7 @@ class TextEnv(gym.Env):
         check_choice("render_mode", render_mode, [None, *self.metadata["render_modes"]])
         self.max_steps = check_positive_int("max_steps", max_steps)
         self.task = resolve_task(task, dataset, dataset_kwargs)
-        self.samples = self.task.split(split)
+        self.split, self.samples = split, self.task.split(split)
         self.lm = shared_model(model, device, dtype, layer)
         self.shaper = RewardShaper(
             reward if reward is not None else self.task.default_reward,
@@ -147,6 +166,29 @@ class TextEnv(gym.Env):
         self.k = int(k) if token_mode == "topk" else k
         self._sequence: TokenSequence | None = None
         self._done = True
+
+    def _check_split_fits(self) -> None:
+        """Refuse at construction a budget or a sample that could never fit the model's context.
+
+        Called by each subclass once its budget (:meth:`_context_budget`) is set, so a vector env
+        is never stuck at the reset that happens to draw an over-long sample.
+        """
+        budget_name, budget = self._context_budget()
+        if budget >= self.lm.max_positions:
+            raise ValueError(
+                f"{budget_name}={budget} leaves no room for a prompt in the context of model "
+                f"{self.lm.name!r} ({self.lm.max_positions} positions): lower {budget_name}."
+            )
+        length, index = longest_prompt(self.task, self.split, self.lm)
+        if length + budget > self.lm.max_positions:
+            line = getattr(self.samples, "line_of", None)
+            where = f" (line {line(index)} of {self.samples.path})" if line else ""
+            raise ValueError(
+                f"Sample {index}{where} of split {self.split!r} has a prompt of {length} tokens; "
+                f"with {budget_name}={budget} it exceeds the context of model {self.lm.name!r} "
+                f"({self.lm.max_positions} positions): shorten or drop that sample, lower "
+                f"{budget_name}, or use a model with a longer context."
+            )
 
     def _largest_k(self) -> int:
         """The most candidates top-k mode can propose (the rows of the LM head)."""

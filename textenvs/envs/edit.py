@@ -158,6 +158,7 @@ class TextEditEnv(TextEnv):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
         max_steps = renamed_argument("max_steps", max_steps, 32, "max_edits", max_edits)
         super().__init__(model, obs=obs, token_mode=token_mode, max_steps=max_steps, **common)
+        self._check_split_fits()
         self.start_mode = start
         self.edit_cost, self.invalid_penalty = float(edit_cost), float(invalid_penalty)
         self.n_tokens = self.k if token_mode == "topk" else self.lm.vocab_size

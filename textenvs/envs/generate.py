@@ -97,6 +97,7 @@ class TextGenerationEnv(TextEnv):
         token_mode = renamed_argument("token_mode", token_mode, "vocab", "action_mode", action_mode)
         max_steps = renamed_argument("max_steps", max_steps, 32, "max_new_tokens", max_new_tokens)
         super().__init__(model, obs=obs, token_mode=token_mode, max_steps=max_steps, **common)
+        self._check_split_fits()
         self.action_space = spaces.Discrete(self.k if token_mode == "topk" else self.lm.vocab_size)
         self.observation_space = spaces.Box(-np.inf, np.inf, (self.lm.hidden_size,), np.float32)
 

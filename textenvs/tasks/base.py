@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 SPLITS = ("train", "validation", "test")
@@ -28,7 +29,7 @@ class Sample:
         object.__setattr__(self, "references", refs)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Task:
     """A named task: samples per split and how a source becomes a prompt.
 
@@ -40,11 +41,24 @@ class Task:
     """
 
     name: str
-    splits: dict[str, tuple[Sample, ...]]
+    splits: dict[str, Sequence[Sample]]
     prompt_template: str = "{source}\n"
     default_reward: str = "rougeL"
 
-    def split(self, name: str) -> tuple[Sample, ...]:
+    def __post_init__(self) -> None:
+        # A template that needs more than {source} would only fail at the first reset.
+        try:
+            filled = self.prompt_template.format(source="\0")
+        except (KeyError, IndexError, ValueError, AttributeError) as e:
+            raise ValueError(
+                f"prompt_template {self.prompt_template!r} of task {self.name!r} cannot be filled "
+                f"from a sample ({type(e).__name__}: {e}): a sample gives only '{{source}}'; "
+                "write other braces as '{{' and '}}'."
+            ) from e
+        if "\0" not in filled:
+            raise ValueError(f"prompt_template {self.prompt_template!r} must contain '{{source}}'.")
+
+    def split(self, name: str) -> Sequence[Sample]:
         """The samples of one split; a clear error names the splits that exist."""
         if name not in self.splits:
             raise ValueError(

@@ -1,7 +1,9 @@
 """Loaders for real data: JSON Lines and CSV files, Hugging Face ``datasets``, lists of samples.
 
 Every malformed record raises :class:`DatasetFormatError` naming the file (or dataset) and the line
-(or row).
+(or row). A file is loaded once per process (:func:`load_dataset` keeps it by path, size and
+modification time), so N sub-envs share one copy; a JSON Lines file is not even held in memory:
+:class:`JsonlSamples` keeps one file offset per sample and reads a sample when it is drawn.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+
+import numpy as np
 
 from textenvs.tasks.base import SPLITS, Sample, Task
 
@@ -44,34 +48,81 @@ def _make_sample(record: dict, where: str, source_key: str, reference_key: str) 
     return Sample(source, _as_references(record[reference_key], where, reference_key))
 
 
+def _jsonl_sample(raw: bytes, where: str, source_key: str, reference_key: str) -> Sample:
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DatasetFormatError(
+            f"{where}: not UTF-8 (byte {e.start} of the line): save the file as UTF-8."
+        ) from e
+    except json.JSONDecodeError as e:
+        raise DatasetFormatError(f"{where}: not valid JSON ({e.msg}).") from e
+    if not isinstance(record, dict):
+        raise DatasetFormatError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+    return _make_sample(record, where, source_key, reference_key)
+
+
+class JsonlSamples(Sequence):
+    """The samples of a JSON Lines file, read from the file when accessed.
+
+    Loading checks every line once (file and line named on error) and keeps only each sample's
+    byte offset, so a large file costs a few bytes per sample in memory, however many envs
+    share it. A sample is read back (one seek, one line) when an episode draws it.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, source_key: str = "source", reference_key: str = "references"
+    ) -> None:
+        self.path, self.source_key, self.reference_key = os.fspath(path), source_key, reference_key
+        offsets, lines, position = [], [], 0
+        with open(self.path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if raw.strip():
+                    _jsonl_sample(raw, self._where(lineno), source_key, reference_key)
+                    offsets.append(position)
+                    lines.append(lineno)
+                position += len(raw)
+        if not offsets:
+            raise DatasetFormatError(f"{self.path}: holds no samples.")
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.lines = np.asarray(lines, dtype=np.int64)
+
+    def _where(self, lineno: int) -> str:
+        return f"{self.path}, line {lineno}"
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        with open(self.path, "rb") as f:
+            f.seek(int(self.offsets[index]))
+            raw = f.readline()
+        return _jsonl_sample(
+            raw, self._where(int(self.lines[index])), self.source_key, self.reference_key
+        )
+
+    def __iter__(self) -> Iterator[Sample]:
+        return (self[i] for i in range(len(self)))
+
+    def line_of(self, index: int) -> int:
+        """The file line of sample ``index``."""
+        return int(self.lines[index])
+
+
 def load_jsonl(
     path: str | os.PathLike, source_key: str = "source", reference_key: str = "references"
-) -> list[Sample]:
+) -> JsonlSamples:
     """Samples from a JSON Lines file: one object a line, ``{"source": ..., "references": [...]}``.
 
-    ``references`` may be one string or a list of strings. Blank lines are skipped.
+    ``references`` may be one string or a list of strings. Blank lines are skipped. The result is
+    a sequence of :class:`Sample` read from the file on access (:class:`JsonlSamples`).
 
     Raises:
         DatasetFormatError: naming the file, the line number and what is wrong.
     """
-    samples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{os.fspath(path)}, line {lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetFormatError(f"{where}: not valid JSON ({e.msg}).") from e
-            if not isinstance(record, dict):
-                raise DatasetFormatError(
-                    f"{where}: expected a JSON object, got {type(record).__name__}."
-                )
-            samples.append(_make_sample(record, where, source_key, reference_key))
-    if not samples:
-        raise DatasetFormatError(f"{os.fspath(path)}: holds no samples.")
-    return samples
+    return JsonlSamples(path, source_key, reference_key)
 
 
 def load_csv(
@@ -86,6 +137,17 @@ def load_csv(
     Raises:
         DatasetFormatError: naming the file, the line number and what is wrong.
     """
+    try:
+        return _read_csv(path, source_key, reference_key)
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1 if isinstance(e.object, bytes) else "?"
+        raise DatasetFormatError(
+            f"{os.fspath(path)}: not UTF-8 (near line {line} of the chunk being read): save the "
+            "file as UTF-8."
+        ) from e
+
+
+def _read_csv(path: str | os.PathLike, source_key: str, reference_key: str) -> list[Sample]:
     samples = []
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
@@ -164,21 +226,31 @@ def task_from_samples(
     prompt_template: str = "{source}\n",
     default_reward: str = "rougeL",
 ) -> Task:
-    """Wrap user samples as a Task; a plain list becomes every split (train = validation = test)."""
-    if "{source}" not in prompt_template:
-        raise ValueError(f"prompt_template {prompt_template!r} must contain '{{source}}'.")
+    """Wrap user samples as a Task; a plain list becomes every split (train = validation = test).
+
+    A :class:`JsonlSamples` stays as it is (read on access); other sequences become tuples.
+    """
     if isinstance(samples, dict):
-        splits = {k: tuple(v) for k, v in samples.items()}
+        splits = {k: _checked_samples(k, v) for k, v in samples.items()}
     else:
-        splits = {s: tuple(samples) for s in SPLITS}
-    for split, values in splits.items():
-        for s in values:
-            if not isinstance(s, Sample):
-                raise TypeError(
-                    f"Split {split!r} holds a {type(s).__name__}; build samples with "
-                    "textenvs.Sample."
-                )
+        shared = _checked_samples("every split", samples)
+        splits = {s: shared for s in SPLITS}
     return Task(name, splits, prompt_template, default_reward)
+
+
+def _checked_samples(split: str, samples: Sequence[Sample]) -> Sequence[Sample]:
+    if isinstance(samples, JsonlSamples):
+        return samples  # every line was checked when the file was loaded
+    samples = tuple(samples)
+    for s in samples:
+        if not isinstance(s, Sample):
+            raise TypeError(
+                f"Split {split!r} holds a {type(s).__name__}; build samples with textenvs.Sample."
+            )
+    return samples
+
+
+_LOADED: dict[tuple, Task] = {}
 
 
 def load_dataset(dataset: str | os.PathLike | Sequence[Sample] | Task, **kwargs) -> Task:
@@ -187,7 +259,24 @@ def load_dataset(dataset: str | os.PathLike | Sequence[Sample] | Task, **kwargs)
     Accepts a :class:`Task`, a list of :class:`Sample`, a ``.jsonl`` / ``.csv`` path, or
     ``"hf:NAME"`` for a Hugging Face dataset (``hf_split``, ``source_key``, ``reference_key``
     keyword arguments). Extra keyword arguments ``prompt_template`` and ``default_reward`` apply.
+    A file (or hub dataset) is loaded once per process for the same arguments and the same file
+    contents (path, size, modification time): every env that names it shares that Task.
     """
+    if isinstance(dataset, (str, os.PathLike)):
+        path = os.fspath(dataset)
+        stamp = (
+            (os.path.realpath(path), os.stat(path).st_size, os.stat(path).st_mtime_ns)
+            if os.path.exists(path)
+            else (path,)
+        )
+        key = (*stamp, repr(sorted(kwargs.items())))
+        if key not in _LOADED:
+            _LOADED[key] = _load_dataset(path, **kwargs)
+        return _LOADED[key]
+    return _load_dataset(dataset, **kwargs)
+
+
+def _load_dataset(dataset: str | Sequence[Sample] | Task, **kwargs) -> Task:
     template = kwargs.pop("prompt_template", "{source}\n")
     reward = kwargs.pop("default_reward", "rougeL")
     if isinstance(dataset, Task):
