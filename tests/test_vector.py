@@ -461,3 +461,24 @@ def test_async_mode():
         envs.step(envs.action_space.sample())
     finally:
         envs.close()
+
+
+def test_sb3_adapter_honours_indices():
+    envs = GenerationVectorEnv(3, task="summarize", max_steps=6)
+    venv = as_sb3_vec_env(envs)
+    venv.reset()
+    venv.step(np.array([11, 12, 13]))
+    before = [list(env.generated) for env in envs.envs]
+    venv.env_method("reset", indices=[1], seed=5)
+    # only sub-env 1 was reset
+    assert [list(env.generated) for env in envs.envs] == [before[0], [], before[2]]
+    single = gym.make("textenvs/Summarize-v0", max_steps=6).unwrapped
+    single.reset(seed=5)
+    obs, *_ = venv.step(np.array([21, 22, 23]))  # the batch takes the new episode in
+    np.testing.assert_allclose(obs[1], single.step(22)[0], atol=1e-4)
+    assert envs.envs[0].generated == before[0] + [21]
+    assert venv.get_attr("max_steps", indices=[2]) == [6]
+    venv.set_attr("render_mode", "ansi", indices=2)
+    assert [env.render_mode for env in envs.envs] == [None, None, "ansi"]
+    assert venv.env_method("render", indices=[0, 2])[0] is None
+    assert venv.get_attr("render_mode") == [None, None, "ansi"]

@@ -97,21 +97,39 @@ class SB3VecEnvAdapter(VecEnv):
             return list(range(self.num_envs))
         return [indices] if isinstance(indices, int) else list(indices)
 
+    def _sub_envs(self, indices) -> list[Any]:
+        """The selected sub-envs themselves (batched and sync vector envs hold them in ``envs``)."""
+        envs = getattr(self.vector_env, "envs", None)
+        if envs is None:
+            raise NotImplementedError(
+                f"{type(self.vector_env).__name__} does not expose its sub-envs, so a call on some "
+                "of them (indices=...) cannot be honoured: call all of them (indices=None), or "
+                "use a textenvs batched or gymnasium sync vector env."
+            )
+        return [envs[i] for i in self._indices(indices)]
+
     def get_attr(self, attr_name: str, indices=None) -> list[Any]:
-        values = self.vector_env.get_attr(attr_name)
-        return [values[i] for i in self._indices(indices)]
+        if indices is None:
+            return list(self.vector_env.get_attr(attr_name))
+        return [getattr(env, attr_name) for env in self._sub_envs(indices)]
 
     def set_attr(self, attr_name: str, value: Any, indices=None) -> None:
-        values = list(self.vector_env.get_attr(attr_name))
-        for i in self._indices(indices):
-            values[i] = value
-        self.vector_env.set_attr(attr_name, values)
+        if indices is None:
+            self.vector_env.set_attr(attr_name, [value] * self.num_envs)
+            return
+        for env in self._sub_envs(indices):
+            setattr(env, attr_name, value)
 
     def env_method(
         self, method_name: str, *method_args, indices=None, **method_kwargs
     ) -> list[Any]:
-        results = self.vector_env.call(method_name, *method_args, **method_kwargs)
-        return [results[i] for i in self._indices(indices)]
+        """Call a method of the sub-envs ``indices`` only (SB3's VecEnv contract)."""
+        if indices is None:
+            return list(self.vector_env.call(method_name, *method_args, **method_kwargs))
+        return [
+            getattr(env, method_name)(*method_args, **method_kwargs)
+            for env in self._sub_envs(indices)
+        ]
 
     def env_is_wrapped(self, wrapper_class, indices=None) -> list[bool]:
         return [False for _ in self._indices(indices)]

@@ -298,9 +298,13 @@ class GenerationVectorEnv(BatchedTextVectorEnv):
         return torch.stack([env.logits for env in self.envs])
 
     def _forward(self, stepping: list[int], tails: list[list[int]]) -> list:
-        tokens = [
-            0
-        ] * self.num_envs  # rows that sit the step out (NextStep resets) run a masked token
+        # A sub-env reset on its own (SB3's env_method("reset", indices=...)) holds a sequence the
+        # batch has not adopted yet: take it in before the step.
+        for i in stepping:
+            if self.batch.rows[i] is not self.envs[i].sequence:
+                self.batch.adopt(i, self.envs[i].sequence)
+        # rows that sit the step out (NextStep resets) run a masked token
+        tokens = [0] * self.num_envs
         for i, tail in zip(stepping, tails):
             tokens[i] = tail[0]
         hidden, logits = self.batch.advance(tokens, stepping)
