@@ -596,35 +596,98 @@ class TokenPPO:
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
         """Resume from :meth:`save_checkpoint`: same results as an uninterrupted run for the same
         seed.
+
+        All or nothing: every file is read and checked against this trainer first (fields,
+        tensor names and shapes, the optimizer's parameter groups), and only then is anything
+        replaced; a damaged checkpoint raises ``ValueError`` naming the file and leaves the
+        trainer as it was.
         """
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
 
         folder = Path(folder)
-        state = json.loads((folder / "trainer_state.json").read_text())
-        if state["model_signature"] != self._signature():
-            raise ValueError(
-                f"The checkpoint in {folder} is for another model ({state['model_signature']}), "
-                f"not {self._signature()}: resume with the same --model it was trained from."
-            )
-        trained = AutoModelForCausalLM.from_pretrained(
-            folder, use_safetensors=True, trust_remote_code=False
+        state = self._read_trainer_state(folder / "trainer_state.json")
+
+        def read(name: str, loader):
+            try:
+                return loader(folder / name)
+            except Exception as e:  # any damage: a missing, truncated or foreign file
+                raise ValueError(
+                    f"{folder / name}: cannot be read as part of a checkpoint ({type(e).__name__}: "
+                    f"{e}); the trainer was left unchanged. Resume from an intact checkpoint."
+                ) from e
+
+        device = self.lm.device
+        trained = read(
+            "model.safetensors",
+            lambda p: AutoModelForCausalLM.from_pretrained(
+                p.parent, use_safetensors=True, trust_remote_code=False
+            ).state_dict(),
         )
-        self.model.load_state_dict(trained.state_dict())
-        self.value_head.load_state_dict(
-            load_file(folder / "value_head.safetensors", device=str(self.lm.device))
+        value = read("value_head.safetensors", lambda p: load_file(p, device=str(device)))
+        optimizer = read(
+            "optimizer.pt", lambda p: torch.load(p, weights_only=True, map_location=device)
         )
-        self.optimizer.load_state_dict(
-            torch.load(folder / "optimizer.pt", weights_only=True, map_location=self.lm.device)
+        reference = read(
+            "reference.pt", lambda p: torch.load(p, weights_only=True, map_location=device)
         )
-        self.reference.load_state_dict(
-            torch.load(folder / "reference.pt", weights_only=True, map_location=self.lm.device)
+        for name, loaded, module in (
+            ("model.safetensors", trained, self.model),
+            ("value_head.safetensors", value, self.value_head),
+            ("reference.pt", reference, self.reference),
+        ):
+            _check_state_dict(folder / name, loaded, module.state_dict())
+        scratch = torch.optim.Adam(
+            [torch.zeros_like(p) for group in self.optimizer.param_groups for p in group["params"]]
         )
+        read("optimizer.pt", lambda p: scratch.load_state_dict(optimizer))  # checks the groups
+        # Everything is readable and fits: now replace, in an order that cannot fail half-way.
+        self.model.load_state_dict(trained)
+        self.value_head.load_state_dict(value)
+        self.optimizer.load_state_dict(optimizer)
+        self.reference.load_state_dict(reference)
         self.iteration, self.kl.value, self.history = (
             state["iteration"],
             state["kl_coef"],
             state["history"],
         )
+
+    def _read_trainer_state(self, path: Path) -> dict:
+        """``trainer_state.json``, every field checked; an error names the field and the file."""
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a readable trainer state ({e}).") from e
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(state).__name__}.")
+        checks = {
+            "iteration": lambda v: type(v) is int and 0 <= v <= self.iterations,
+            "kl_coef": lambda v: type(v) in (int, float) and math.isfinite(v) and v >= 0,
+            "history": lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v),
+            "config": lambda v: isinstance(v, dict),
+            "model_signature": lambda v: isinstance(v, dict),
+        }
+        expected = {
+            "iteration": f"an int in [0, {self.iterations}] (this run's iterations)",
+            "kl_coef": "a finite number >= 0",
+            "history": "a list of objects",
+            "config": "an object",
+            "model_signature": "an object",
+        }
+        for field, ok in checks.items():
+            if field not in state:
+                raise ValueError(f"{path}: field {field!r} is missing.")
+            if not ok(state[field]):
+                raise ValueError(
+                    f"{path}: field {field!r} is {state[field]!r}; expected {expected[field]}."
+                )
+        if state["model_signature"] != self._signature():
+            raise ValueError(
+                f"The checkpoint in {path.parent} is for another model "
+                f"({state['model_signature']}), not {self._signature()}: resume with the same "
+                "--model it was trained from."
+            )
+        return state
 
     def _signature(self) -> dict:
         cfg = self.model.config
@@ -634,6 +697,19 @@ class TokenPPO:
             "hidden_size": self.lm.hidden_size,
             "num_hidden_layers": self.lm.n_layers,
         }
+
+
+def _check_state_dict(path: Path, loaded: dict, expected: dict) -> None:
+    """A loaded state dict has exactly the expected tensor names and shapes, else ValueError."""
+    missing, extra = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
+    shapes = [
+        k for k in set(expected) & set(loaded) if tuple(loaded[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or extra or shapes:
+        raise ValueError(
+            f"{path}: does not fit this trainer (missing {missing[:3]}, unexpected {extra[:3]}, "
+            f"other shapes {sorted(shapes)[:3]}); the trainer was left unchanged."
+        )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -214,3 +214,48 @@ def test_env_that_is_not_token_level_is_refused(env_id):
 def test_bad_config():
     with pytest.raises(ValueError, match="learning_rate"):
         TokenPPO(TokenPPOConfig(learning_rate=0.0))
+
+
+def _damage(folder, case):
+    import json
+
+    state = json.loads((folder / "trainer_state.json").read_text())
+    if case in ("iteration", "kl_coef", "history"):
+        state[case] = {"iteration": -5, "kl_coef": float("nan"), "history": "x"}[case]
+        (folder / "trainer_state.json").write_text(json.dumps(state))
+    elif case == "truncated_value_head":
+        data = (folder / "value_head.safetensors").read_bytes()
+        (folder / "value_head.safetensors").write_bytes(data[: len(data) // 2])
+    elif case == "foreign_reference":
+        torch.save({"weight": torch.zeros(3)}, folder / "reference.pt")
+    elif case == "missing_optimizer":
+        (folder / "optimizer.pt").unlink()
+    elif case == "garbage_weights":
+        (folder / "model.safetensors").write_bytes(b"not safetensors")
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("iteration", "field 'iteration' is -5"),
+        ("kl_coef", "field 'kl_coef' is nan"),
+        ("history", "field 'history'"),
+        ("truncated_value_head", "value_head.safetensors"),
+        ("foreign_reference", "reference.pt: does not fit"),
+        ("missing_optimizer", "optimizer.pt"),
+        ("garbage_weights", "model.safetensors"),
+    ],
+)
+def test_a_damaged_checkpoint_leaves_the_trainer_untouched(tmp_path, random_gpt2_dir, case, match):
+    trained = TokenPPO(small_config(random_gpt2_dir, checkpoint_dir=str(tmp_path / "ckpt")))
+    trained.train(progress=False)
+    _damage(tmp_path / "ckpt", case)
+    fresh = TokenPPO(small_config(random_gpt2_dir))
+    before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    head = {k: v.clone() for k, v in fresh.value_head.state_dict().items()}
+    optim = str(fresh.optimizer.state_dict())
+    with pytest.raises(ValueError, match=match):
+        fresh.load_checkpoint(tmp_path / "ckpt")
+    assert all(torch.equal(before[k], v) for k, v in fresh.model.state_dict().items())
+    assert all(torch.equal(head[k], v) for k, v in fresh.value_head.state_dict().items())
+    assert str(fresh.optimizer.state_dict()) == optim and fresh.iteration == 0
