@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -523,22 +524,106 @@ def budget_for(args: argparse.Namespace) -> Budget:
     return budget
 
 
+LOCK_NAME = ".lock"
+
+
+def lock_output_folder(out: Path):
+    """An exclusive lock on ``out`` for this process: a second run on that folder fails at once."""
+    import fcntl
+
+    handle = (out / LOCK_NAME).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise SystemExit(
+            f"{out} is in use by another suite run ({owner}): wait for it to finish, or pass "
+            "another --out."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
+
+
+def check_recorded_run(path: Path, record: dict) -> None:
+    """Record the budget of a new run; refuse to add cells of another budget to a recorded one."""
+    if not path.exists():
+        path.write_text(json.dumps(record, indent=1))
+        return
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in d.items():
+            out.update(
+                flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}
+            )
+        return out
+
+    recorded, now = flat(json.loads(path.read_text())), flat(json.loads(json.dumps(record)))
+    changed = sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))
+    if changed:
+        raise SystemExit(
+            f"{path.parent} holds a run with another budget ({', '.join(changed)} differ from "
+            f"{path}): resume with the same --quick/--full, --scale, --seeds and overrides, or "
+            "pass another --out."
+        )
+
+
+def load_cells(raw: Path) -> list[dict]:
+    """The finished cells of ``cells.jsonl``; a torn last line (a killed run) is dropped, warned."""
+    if not raw.exists():
+        return []
+    lines = raw.read_text().splitlines()
+    cells, seen = [], set()
+    for number, line in enumerate(lines, 1):
+        try:
+            cell = json.loads(line)
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise SystemExit(
+                    f"{raw}, line {number}: not a JSON record; fix or delete the line."
+                ) from None
+            print(
+                f"warning: {raw}, line {number} is a torn record (the run was killed while writing "
+                "it): dropped, its cell runs again",
+                file=sys.stderr,
+            )
+            raw.write_text("".join(f"{line}\n" for line in lines[:-1]))
+            break
+        key = (cell["agent"], cell["env_id"], cell["seed"])
+        if key not in seen:  # a cell is counted once, whatever happened to the file
+            seen.add(key)
+            cells.append(cell)
+    return cells
+
+
 def main(argv: list[str] | None = None) -> dict:
     from tqdm import tqdm
 
     args = parse_args(argv)
     budget = budget_for(args)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
+    out.mkdir(parents=True, exist_ok=True)
+    _lock = lock_output_folder(out)  # held until this call returns
+    if any(p.name != LOCK_NAME for p in out.iterdir()) and not (args.resume or args.overwrite):
         raise SystemExit(
             f"{out} exists and is not empty: pass --resume to keep its finished cells or "
             "--overwrite to start over."
         )
     if args.overwrite:
-        shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+        for p in out.iterdir():
+            if p.name != LOCK_NAME:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    check_recorded_run(
+        out / "run.json",
+        {"budget": asdict(budget), "model": args.model, "env_kwargs": args.env_kwargs},
+    )
     raw = out / "cells.jsonl"
-    cells = [json.loads(line) for line in raw.read_text().splitlines()] if raw.exists() else []
+    cells = load_cells(raw)
     done = {(c["agent"], c["env_id"], c["seed"]) for c in cells}
     todo = [
         (a, e, s)

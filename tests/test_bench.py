@@ -285,3 +285,69 @@ def test_compare_trl_defaults_and_reward_text():
         [["Norwick council approves park plan"]] * 2,
     )
     assert scores[0] == pytest.approx(1.0) and scores[1] == 0.0 and reward.__name__ == "rougeL"
+
+
+def fake_cell(agent, env_id, seed, budget, model, extra=None):
+    return cell(agent, seed, [0.5, 0.25], env_id)
+
+
+def test_a_second_run_on_the_same_folder_fails_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    # Another process holds the folder's lock (a suite run in progress).
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from benchmarks import run; h = "
+            "run.lock_output_folder(Path(sys.argv[1])); print('locked', flush=True); "
+            "time.sleep(60)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match="in use by another suite run"):
+            run.main(ARGS + ["--out", str(out)])
+        assert not (out / "cells.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_resume_refuses_another_budget_and_recovers_a_torn_line(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    monkeypatch.setattr(run, "run_cell", fake_cell)
+    monkeypatch.setattr(run, "applies", lambda agent, env_id: True)
+    args = [
+        "--seeds",
+        "1",
+        "--no-throughput",
+        "--agents",
+        "random",
+        "greedy",
+        "--env-id",
+        "textenvs/Summarize-v0",
+        "--out",
+        str(out),
+    ]
+    run.main(args)
+    with pytest.raises(SystemExit, match="another budget .*budget.seeds"):
+        run.main(args[:1] + ["2"] + args[2:] + ["--resume"])
+    with pytest.raises(SystemExit, match="budget.q_steps"):
+        run.main(args + ["--resume", "--scale", "2"])
+    raw = out / "cells.jsonl"
+    lines = raw.read_text().splitlines()
+    raw.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # killed while writing
+    calls = []
+    monkeypatch.setattr(run, "run_cell", lambda *a, **k: calls.append(a[:3]) or fake_cell(*a, **k))
+    report = run.main(args + ["--resume"])
+    assert "torn record" in capsys.readouterr().err
+    assert calls == [("greedy", "textenvs/Summarize-v0", 0)]  # only the torn cell runs again
+    assert len(report["cells"]) == 2 and len(raw.read_text().splitlines()) == 2
+    assert [r["seeds"] for r in report["rows"]] == [1, 1]
