@@ -351,3 +351,13 @@ def test_resume_refuses_another_budget_and_recovers_a_torn_line(tmp_path, monkey
     assert calls == [("greedy", "textenvs/Summarize-v0", 0)]  # only the torn cell runs again
     assert len(report["cells"]) == 2 and len(raw.read_text().splitlines()) == 2
     assert [r["seeds"] for r in report["rows"]] == [1, 1]
+
+
+@pytest.mark.slow
+def test_memory_script_reports_the_dataset_cost():
+    from benchmarks import memory
+
+    result = memory.main(["--size-mb", "0.2", "--num-envs", "2"])
+    assert result["file_mb"] == pytest.approx(0.2, abs=0.01) and result["samples"] > 500
+    for key in ("rss_added_mb", "rss_added_mb_builtin_task", "dataset_cost_mb"):
+        assert np.isfinite(result[key][2])
