@@ -175,7 +175,7 @@ def test_non_utf8_files_name_the_file_and_line(tmp_path):
         load_jsonl(p)
     c = tmp_path / "latin1.csv"
     c.write_bytes("source,reference\ncaf\xe9,b\n".encode("latin-1"))
-    with pytest.raises(DatasetFormatError, match=r"latin1.csv: not UTF-8"):
+    with pytest.raises(DatasetFormatError, match=r"latin1.csv, line 2: not UTF-8"):
         load_csv(c)
 
 

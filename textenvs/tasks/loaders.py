@@ -140,11 +140,19 @@ def load_csv(
     try:
         return _read_csv(path, source_key, reference_key)
     except UnicodeDecodeError as e:
-        line = e.object[: e.start].count(b"\n") + 1 if isinstance(e.object, bytes) else "?"
         raise DatasetFormatError(
-            f"{os.fspath(path)}: not UTF-8 (near line {line} of the chunk being read): save the "
-            "file as UTF-8."
+            f"{os.fspath(path)}, line {_first_non_utf8_line(path)}: not UTF-8: save the file as UTF-8."
         ) from e
+
+
+def _first_non_utf8_line(path: str | os.PathLike) -> int | str:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return "?"
 
 
 def _read_csv(path: str | os.PathLike, source_key: str, reference_key: str) -> list[Sample]:
