@@ -141,7 +141,8 @@ def load_csv(
         return _read_csv(path, source_key, reference_key)
     except UnicodeDecodeError as e:
         raise DatasetFormatError(
-            f"{os.fspath(path)}, line {_first_non_utf8_line(path)}: not UTF-8: save the file as UTF-8."
+            f"{os.fspath(path)}, line {_first_non_utf8_line(path)}: not UTF-8: save the file as "
+            "UTF-8."
         ) from e
 
 
