@@ -24,6 +24,7 @@ import numpy as np
 from gymnasium import spaces
 from tqdm import tqdm
 
+from agents.checkpoint import replace_file_atomically
 from agents.common import evaluate_policy, metric_of
 from textenvs.wrappers import find_action_masks
 
@@ -195,23 +196,57 @@ class QLearning:
             env or self.env, lambda s, mask: self.act(s, 0.0, mask), episodes, seed, max_samples
         )
 
-    def save(self, path: str | Path) -> None:
-        np.savez(
-            path, q=self.q, config=json.dumps(dataclasses.asdict(self.config)), steps=self.steps
-        )
+    def save(self, path: str | Path) -> Path:
+        """The table, config and step count as one ``.npz`` (added to ``path`` if missing).
+
+        Written to a temporary file and renamed over ``path``: a crash leaves the old or the new
+        file, never half of one.
+        """
+        path = Path(path)
+        path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(
+                    f,
+                    q=self.q,
+                    config=json.dumps(dataclasses.asdict(self.config)),
+                    steps=self.steps,
+                )
+
+        return replace_file_atomically(path, write)
 
     @classmethod
     def load(cls, path: str | Path, env: gym.Env) -> QLearning:
-        """Rebuild an agent from :meth:`save`; the table must fit ``env``'s spaces."""
-        data = np.load(path, allow_pickle=False)
-        agent = cls(env, QLearningConfig(**json.loads(str(data["config"]))))
-        if data["q"].shape != agent.q.shape:
+        """Rebuild an agent from :meth:`save`; every field checked, the table must fit ``env``."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                fields = {k: data[k] for k in ("q", "config", "steps")}
+        except KeyError as e:
             raise ValueError(
-                f"The Q-table in {path} has shape {data['q'].shape} but the env needs "
+                f"{path}: field {e.args[0]!r} is missing; not a Q-learning save."
+            ) from e
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(f"{path}: not a readable Q-learning save ({e}).") from e
+        try:
+            config = QLearningConfig(**json.loads(str(fields["config"])))
+            config.validate()
+        except (TypeError, ValueError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: field 'config' is not a valid QLearningConfig ({e}).") from e
+        steps, q = fields["steps"], fields["q"]
+        if steps.shape != () or not np.issubdtype(steps.dtype, np.integer) or int(steps) < 0:
+            raise ValueError(f"{path}: field 'steps' is {steps!r}; expected an int >= 0.")
+        if q.ndim != 2 or not np.issubdtype(q.dtype, np.floating) or not np.isfinite(q).all():
+            raise ValueError(f"{path}: field 'q' must be a 2-D table of finite floats.")
+        agent = cls(env, config)
+        if q.shape != agent.q.shape:
+            raise ValueError(
+                f"The Q-table in {path} has shape {q.shape} but the env needs "
                 f"{agent.q.shape} (states, actions): load it with the env (and discretizer) it was "
                 "trained on."
             )
-        agent.q, agent.steps = data["q"], int(data["steps"])
+        agent.q, agent.steps = q.astype(np.float64), int(steps)
         return agent
 
 

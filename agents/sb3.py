@@ -20,6 +20,7 @@ import gymnasium as gym
 import numpy as np
 
 import textenvs  # noqa: F401  (registers the ids)
+from agents.checkpoint import recover, save_atomically
 from agents.common import evaluate_policy
 from textenvs.vector import as_sb3_vec_env
 
@@ -188,27 +189,100 @@ def deterministic_policy(model):
     return policy
 
 
-def save(model, path: str | Path, config: SB3Config, env_id: str, env_kwargs: dict) -> None:
-    """The SB3 zip plus a JSON of how it was built (``<path>.json``)."""
-    model.save(path)
-    if config.normalize_obs:
-        model.get_env().save(f"{path}.vecnormalize.pkl")
-    Path(f"{path}.json").write_text(
-        json.dumps({"config": asdict(config), "env_id": env_id, "env_kwargs": env_kwargs})
-    )
+def save(model, path: str | Path, config: SB3Config, env_id: str, env_kwargs: dict) -> Path:
+    """A checkpoint folder: SB3's ``model.zip``, ``sb3_config.json`` (how it was built) and, with
+    observation normalisation, its statistics in ``obs_normalization.npz`` (no pickle).
+
+    Crash-consistent (:func:`agents.checkpoint.save_atomically`): a process killed at any instant
+    leaves the previous or the new checkpoint complete.
+    """
+
+    def write(folder: Path) -> None:
+        model.save(folder / "model.zip")
+        if config.normalize_obs:
+            rms, venv = model.get_env().obs_rms, model.get_env()
+            with open(folder / "obs_normalization.npz", "wb") as f:
+                np.savez(
+                    f,
+                    mean=rms.mean,
+                    var=rms.var,
+                    count=rms.count,
+                    clip_obs=venv.clip_obs,
+                    epsilon=venv.epsilon,
+                )
+        meta = {"config": asdict(config), "env_id": env_id, "env_kwargs": env_kwargs}
+        (folder / "sb3_config.json").write_text(json.dumps(meta, indent=1))
+
+    return save_atomically(path, write)
 
 
 def load(path: str | Path):
-    """A model saved by :func:`save`, attached to a fresh train-split env; returns (model, meta)."""
-    meta = json.loads(Path(f"{path}.json").read_text())
+    """A model saved by :func:`save`, attached to a fresh train-split env; returns (model, meta).
+
+    Every field of ``sb3_config.json`` and of the normalisation statistics is checked; an error
+    names the file and the field.
+    """
+    if recover(path) is None:
+        raise FileNotFoundError(f"No SB3 checkpoint in {path}: write one with agents.sb3.save.")
+    path = Path(path)
+    meta = _read_meta(path / "sb3_config.json")
     config = SB3Config(**meta["config"])
     venv = make_vec_env(meta["env_id"], config.num_envs, "train", **meta["env_kwargs"])
     if config.normalize_obs:
         from stable_baselines3.common.vec_env import VecNormalize
 
-        venv = VecNormalize.load(f"{path}.vecnormalize.pkl", venv)
+        stats = _read_normalization(path / "obs_normalization.npz", venv.observation_space.shape)
+        venv = VecNormalize(
+            venv,
+            norm_obs=True,
+            norm_reward=False,
+            clip_obs=float(stats["clip_obs"]),
+            epsilon=float(stats["epsilon"]),
+        )
+        venv.obs_rms.mean, venv.obs_rms.var, venv.obs_rms.count = (
+            stats["mean"],
+            stats["var"],
+            float(stats["count"]),
+        )
         venv.training = False
-    return _algo_class(config.algo).load(path, env=venv), meta
+    return _algo_class(config.algo).load(path / "model.zip", env=venv), meta
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable SB3 checkpoint config ({e}).") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object.")
+    for name, kind in (("config", dict), ("env_id", str), ("env_kwargs", dict)):
+        if not isinstance(meta.get(name), kind):
+            raise ValueError(
+                f"{path}: field {name!r} is {meta.get(name)!r}; expected a {kind.__name__}."
+            )
+    if meta["env_id"] not in gym.registry:
+        raise ValueError(
+            f"{path}: field 'env_id' is {meta['env_id']!r}, which is not a registered id."
+        )
+    try:
+        SB3Config(**meta["config"]).validate()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: field 'config' is not a valid SB3Config ({e}).") from e
+    return meta
+
+
+def _read_normalization(path: Path, shape: tuple[int, ...]) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            stats = {k: data[k] for k in ("mean", "var", "count", "clip_obs", "epsilon")}
+    except (OSError, KeyError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: not readable observation statistics ({e}).") from e
+    for name in ("mean", "var"):
+        if stats[name].shape != shape or not np.isfinite(stats[name]).all():
+            raise ValueError(f"{path}: field {name!r} must be finite of shape {shape}.")
+    if (stats["var"] < 0).any() or not stats["count"] > 0:
+        raise ValueError(f"{path}: field 'var' must be >= 0 and 'count' > 0.")
+    return stats
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -28,7 +28,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 import textenvs  # noqa: F401  (registers the ids)
+from agents.checkpoint import recover, save_atomically
 from agents.common import evaluate_policy
 from textenvs.lm import LanguageModel
 
@@ -561,37 +561,30 @@ class TokenPPO:
     def save_checkpoint(self, folder: str | os.PathLike) -> Path:
         """``save_pretrained`` of the policy, the value head (safetensors) and the trainer state.
 
-        Written to a temporary folder and renamed, so an interrupted save never damages the last
-        good checkpoint.
+        Crash-consistent (:func:`agents.checkpoint.save_atomically`): a process killed at any
+        instant of the save leaves the previous or the new checkpoint complete and loadable.
         """
         from safetensors.torch import save_file
 
-        folder = Path(folder)
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.model.save_pretrained(tmp, safe_serialization=True)
-        self.lm.tokenizer.save_pretrained(tmp)
-        save_file(
-            {k: v.contiguous() for k, v in self.value_head.state_dict().items()},
-            tmp / "value_head.safetensors",
-        )
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(self.reference.state_dict(), tmp / "reference.pt")
-        state = {
-            "iteration": self.iteration,
-            "kl_coef": self.kl.value,
-            "config": dataclasses.asdict(self.config),
-            "model_signature": self._signature(),
-            "history": self.history,
-        }
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
-        old = folder.with_name(folder.name + ".old")
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-        return folder
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.lm.tokenizer.save_pretrained(tmp)
+            save_file(
+                {k: v.contiguous() for k, v in self.value_head.state_dict().items()},
+                tmp / "value_head.safetensors",
+            )
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.reference.state_dict(), tmp / "reference.pt")
+            state = {
+                "iteration": self.iteration,
+                "kl_coef": self.kl.value,
+                "config": dataclasses.asdict(self.config),
+                "model_signature": self._signature(),
+                "history": self.history,
+            }
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
+
+        return save_atomically(folder, write)
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
         """Resume from :meth:`save_checkpoint`: same results as an uninterrupted run for the same
@@ -605,6 +598,11 @@ class TokenPPO:
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
 
+        # An interrupted save leaves a complete checkpoint behind: put it in place first.
+        if recover(folder) is None:
+            raise FileNotFoundError(
+                f"No checkpoint in {folder}: train with --checkpoint-dir first."
+            )
         folder = Path(folder)
         state = self._read_trainer_state(folder / "trainer_state.json")
 

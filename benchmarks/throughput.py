@@ -32,7 +32,9 @@
   with ``env_steps_with_resets_per_s``. ``vector_terminal_steps_per_s``: the batched env with
   ``dense=False``, which computes the metric once per episode instead of every step;
 * ``vector_rss_mb_first`` / ``vector_rss_mb_last``: resident memory after the first tenth and at
-  the end of ``--memory-steps`` env steps of the batched env (flat when finished caches are freed).
+  the end of ``--memory-steps`` env steps of the batched env (flat when finished caches are freed);
+  ``memory``: the same for every id in each of its modes (generation vocab / top-k, editing pooled /
+  positions) with random actions, and ``memory_max_growth_pct``, the largest growth among them.
 
 ``--random-gpt2 small`` measures a randomly initialised GPT-2 of the 124M layout (12 layers,
 d = 768, the tiny model's tokenizer) saved to a temporary folder, to see how the ratios move with
@@ -371,9 +373,60 @@ def random_gpt2(size: str) -> str:
     return folder
 
 
+# Every id in each of its observation / action modes (``--memory-all``): generation in vocab and
+# top-k mode, editing with pooled and per-position observations (and top-k tokens, their default).
+MEMORY_CASES_ALL = [
+    *((env_id, {}) for env_id in textenvs.GENERATION_IDS),
+    *((env_id, {"token_mode": "topk", "k": 4}) for env_id in textenvs.GENERATION_IDS),
+    *((env_id, {}) for env_id in textenvs.EDIT_IDS),
+    *((env_id, {"obs": "positions"}) for env_id in textenvs.EDIT_IDS),
+]
+# By default each env kind in each mode once.
+MEMORY_CASES = [
+    ("textenvs/Summarize-v0", {}),
+    ("textenvs/Translate-v0", {"token_mode": "topk", "k": 4}),
+    ("textenvs/EditSummary-v0", {}),
+    ("textenvs/EditTranslation-v0", {"obs": "positions"}),
+]
+
+
+def measure_memory(args: argparse.Namespace, model) -> dict:
+    """Resident memory after the first tenth and at the end of ``--memory-steps`` sub-env steps of
+    a batched env of ``--num-envs`` sub-envs, for every case of :data:`MEMORY_CASES` (or
+    :data:`MEMORY_CASES_ALL`: every id in every mode, with ``--memory-all``; random
+    actions of the space, episodes of at most 16 steps so that many episodes start and end)."""
+    cases = {}
+    for env_id, extra in MEMORY_CASES_ALL if args.memory_all else MEMORY_CASES:
+        envs = gym.make_vec(
+            env_id, num_envs=args.num_envs, model=model, device=args.device, max_steps=16, **extra
+        )
+        envs.reset(seed=args.seed)
+        envs.action_space.seed(args.seed)
+        steps = max(10, args.memory_steps // args.num_envs)
+        marks = []
+        for step in range(steps):
+            envs.step(envs.action_space.sample())
+            if step + 1 in (steps // 10, steps):
+                marks.append(rss_mb())
+        name = env_id.split("/")[1] + "".join(f" {k}={v}" for k, v in extra.items() if k != "k")
+        cases[name] = {
+            "rss_mb_first": round(marks[0], 1),
+            "rss_mb_last": round(marks[-1], 1),
+            "growth_pct": round(100 * (marks[-1] - marks[0]) / marks[0], 2),
+        }
+        envs.close()
+    return {
+        "memory_sub_env_steps": args.memory_steps,
+        "memory": cases,
+        "memory_max_growth_pct": max(c["growth_pct"] for c in cases.values()),
+    }
+
+
 def measure(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model = random_gpt2(args.random_gpt2) if args.random_gpt2 else args.model
+    if args.memory_only:
+        return {"model": args.model, **measure_memory(args, model)}
     kwargs = dict(model=model, max_steps=args.episode_length, device=args.device)
     env = gym.make("textenvs/Summarize-v0", **kwargs).unwrapped
     naive = NaiveGenerationEnv(task="summarize", **kwargs)
@@ -389,6 +442,7 @@ def measure(args: argparse.Namespace) -> dict:
     )
     edit = measure_edit(args, model)
     vector = measure_vector(args, model)
+    memory = measure_memory(args, model)
     vector["vector_speedup_vs_single"] = round(vector["vector_steps_per_s"] / env_sps, 2)
     vector["vector_speedup_vs_single_with_resets"] = round(
         vector["vector_steps_per_s"] / env_resets_sps, 2
@@ -406,6 +460,7 @@ def measure(args: argparse.Namespace) -> dict:
         "speedup_vs_naive": round(env_sps / naive_sps, 2),
         **edit,
         **vector,
+        **memory,
         "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "versions": {"textenvs": textenvs.__version__, "torch": torch.__version__},
@@ -428,7 +483,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--repeats", type=int, default=3, help="rounds per figure (the median is reported)"
     )
-    p.add_argument("--memory-steps", type=int, default=10_000, help="env steps of the memory check")
+    p.add_argument(
+        "--memory-steps", type=int, default=20_000, help="sub-env steps of the memory checks"
+    )
+    p.add_argument(
+        "--memory-all",
+        action="store_true",
+        help="the memory check on every id in every mode (about 10 minutes)",
+    )
+    p.add_argument("--memory-only", action="store_true", help="only the memory check")
     p.add_argument(
         "--random-gpt2", choices=["small", "medium"], help="measure a random GPT-2 of this layout"
     )

@@ -150,16 +150,34 @@ def _clip01(x: float) -> float:
     return min(max(x, 0.0), 1.0)
 
 
+def _call_method(cls: type):
+    """The ``__call__`` a class defines or inherits, as stored (an lru_cache wrapper stays one)."""
+    return next((c.__dict__["__call__"] for c in cls.__mro__ if "__call__" in c.__dict__), None)
+
+
 class SacreBleuMetric:
     """A sacrebleu sentence metric scaled to [0, 1] (TER turned into ``1 - TER``)."""
 
     _CLASSES = {"bleu": lambda: BLEU(effective_order=True), "chrf": CHRF, "ter": TER}
 
+    # sacrebleu's tokenizers remember up to 2**16 tokenized texts in a process-wide LRU cache; an
+    # env scores a new text every step, so that cache would grow for 65,536 steps (tens of MB).
+    # It is emptied once it holds this many texts: memory stays flat, references are re-tokenized.
+    CACHE_LIMIT = 2048
+
     def __init__(self, kind: str) -> None:
         self.kind = self.__name__ = kind
         self._metric = self._CLASSES[kind]()
+        # the tokenizer and the tokenizers it calls (13a runs a regexp tokenizer after its own)
+        tokenizer = getattr(self._metric, "tokenizer", None)
+        parts = [tokenizer, *getattr(tokenizer, "__dict__", {}).values()]
+        methods = dict.fromkeys(_call_method(type(part)) for part in parts)
+        self._token_caches = [m for m in methods if hasattr(m, "cache_info")]
 
     def __call__(self, hypothesis: str, references: Sequence[str]) -> float:
+        for cache in self._token_caches:
+            if cache.cache_info().currsize > self.CACHE_LIMIT:
+                cache.cache_clear()
         score = self._metric.sentence_score(hypothesis, list(references)).score
         if self.kind == "ter":
             return _clip01(1.0 - min(score, 100.0) / 100.0)
@@ -206,6 +224,20 @@ def length_mismatch(text: str, references: Sequence[str]) -> float:
     return min(abs(n - len(r.split())) / max(len(r.split()), 1) for r in references)
 
 
+MAX_WEIGHT = 1000.0
+"""The largest guardrail weight or cost an env accepts: every reward stays a finite number."""
+
+
+def check_weight(name: str, value: object, zero_means: str = "0 means none") -> float:
+    """A guardrail weight or a cost: a finite number in [0, :data:`MAX_WEIGHT`], else ValueError."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (ok and 0 <= value <= MAX_WEIGHT):
+        raise ValueError(
+            f"{name} must be a finite number in [0, {MAX_WEIGHT:g}] ({zero_means}), got {value!r}."
+        )
+    return float(value)
+
+
 @dataclass
 class RewardShaper:
     """Turns a metric into per-step rewards for one episode at a time.
@@ -228,11 +260,7 @@ class RewardShaper:
         self.metric = get_metric(self.reward)
         self.name = metric_name(self.reward)
         for field in ("length_penalty", "repetition_penalty"):
-            value = getattr(self, field)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(
-                    f"{field} must be a finite number >= 0 (0 turns it off), got {value!r}."
-                )
+            check_weight(field, getattr(self, field), "0 turns it off")
         if not (isinstance(self.repetition_ngram, int) and self.repetition_ngram >= 1):
             raise ValueError(
                 f"repetition_ngram must be an int >= 1, got {self.repetition_ngram!r}."
@@ -244,8 +272,15 @@ class RewardShaper:
         """The metric, the guardrail terms and the shaped ``score`` of ``text`` against the
         references.
         """
-        value = float(self.metric(text, self.references))
-        if not math.isfinite(value):
+        raw = self.metric(text, self.references)
+        try:
+            value = float(raw)
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"Reward metric {self.name!r} returned {raw!r} for hypothesis {text!r}: a reward "
+                "metric must return a finite number."
+            ) from e
+        if not math.isfinite(value) or isinstance(raw, (bool, str)):
             raise ValueError(
                 f"Reward metric {self.name!r} returned {value} for hypothesis {text!r}: a reward "
                 "metric must return a finite number."
@@ -282,5 +317,10 @@ class RewardShaper:
             reward = scores["score"] - self._last_score
         else:
             reward = scores["score"] if done else 0.0
+        if not math.isfinite(reward):  # a user metric of values near the float limit
+            raise FloatingPointError(
+                f"The reward for {text!r} is {reward} (score {scores['score']}, previous "
+                f"{self._last_score}): scale the metric {self.name!r} to ordinary magnitudes."
+            )
         self._last_score = scores["score"]
         return reward, scores

@@ -97,6 +97,16 @@ def longest_prompt(task: Task, split: str, lm: LanguageModel) -> tuple[int, int]
     return per_task[key]
 
 
+def finite_observation(obs: np.ndarray, lm: LanguageModel) -> np.ndarray:
+    """``obs`` if every entry is finite; a clear error instead of a NaN or infinity for an agent."""
+    if not np.isfinite(obs).all():
+        raise FloatingPointError(
+            f"The hidden state of model {lm.name!r} (dtype {lm.model.dtype}) holds NaN or infinite "
+            "values: run it in float32 (dtype=None or 'float32'), or check its weights."
+        )
+    return obs
+
+
 def top_candidates(logits: torch.Tensor, k: int, exclude: Sequence[int] = ()) -> torch.Tensor:
     """The ``k`` most likely token ids of ``logits`` ``(..., V)``, most likely first; ``exclude``
     never proposed.

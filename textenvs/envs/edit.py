@@ -15,10 +15,12 @@ from textenvs.envs.base import (
     TextEnv,
     check_choice,
     check_positive_int,
+    finite_observation,
     renamed_argument,
     top_candidates,
 )
 from textenvs.lm import TINY, LanguageModel
+from textenvs.rewards import check_weight
 
 INSERT, DELETE, REPLACE, STOP = 0, 1, 2, 3
 OP_NAMES = ("insert", "delete", "replace", "stop")
@@ -126,8 +128,8 @@ class TextEditEnv(TextEnv):
     * ``max_steps``: edits per episode at most.
     * ``token_mode``: ``"topk"`` or ``"vocab"`` (above); ``k``: candidates in top-k mode.
     * ``obs``: ``"pooled"`` or ``"positions"`` (above).
-    * ``edit_cost``: subtracted from the reward of every valid edit (a finite number >= 0).
-    * ``invalid_penalty``: the cost of an impossible edit (a finite number >= 0).
+    * ``edit_cost``: subtracted from the reward of every valid edit (a number in [0, 1000]).
+    * ``invalid_penalty``: the cost of an impossible edit (a number in [0, 1000]).
     * ``render_mode``: None or ``"ansi"`` (``render()`` returns the edit count and the text).
     * ``max_edits``: deprecated name of ``max_steps``.
 
@@ -153,9 +155,10 @@ class TextEditEnv(TextEnv):
     ) -> None:
         check_choice("start", start, START_MODES)
         self.max_len = check_positive_int("max_len", max_len)
-        for name, value in (("edit_cost", edit_cost), ("invalid_penalty", invalid_penalty)):
-            if not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        edit_cost, invalid_penalty = (
+            check_weight("edit_cost", edit_cost),
+            check_weight("invalid_penalty", invalid_penalty),
+        )
         max_steps = renamed_argument("max_steps", max_steps, 32, "max_edits", max_edits)
         super().__init__(model, obs=obs, token_mode=token_mode, max_steps=max_steps, **common)
         self._check_split_fits()
@@ -348,7 +351,7 @@ class TextEditEnv(TextEnv):
             out[: len(rows)] = rows
         else:
             out = torch.cat([rows.mean(0), rows[-1]])
-        return out.cpu().numpy().astype(np.float32)
+        return finite_observation(out.cpu().numpy().astype(np.float32), self.lm)
 
     def _info(self, scores: dict[str, float]) -> dict:
         info = super()._info(scores)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from textenvs.envs.base import TextEnv, renamed_argument, top_candidates
+from textenvs.envs.base import TextEnv, finite_observation, renamed_argument, top_candidates
 from textenvs.kvcache import TokenSequence
 from textenvs.lm import TINY, LanguageModel
 
@@ -73,7 +73,7 @@ class TextGenerationEnv(TextEnv):
     * ``max_steps``: tokens per episode at most.
     * ``device``, ``dtype``: where and in which precision the model runs.
     * ``render_mode``: None or ``"ansi"`` (``render()`` returns prompt and text).
-    * ``length_penalty``, ``repetition_penalty``: guardrail weights
+    * ``length_penalty``, ``repetition_penalty``: guardrail weights in [0, 1000]
       (:class:`textenvs.rewards.RewardShaper`).
     * ``action_mode``, ``max_new_tokens``: deprecated names of ``token_mode`` and ``max_steps``.
 
@@ -208,7 +208,7 @@ class TextGenerationEnv(TextEnv):
                 top_candidates(logits, self.k).cpu().numpy() if candidates is None else candidates
             )
         vec = last_hidden if self.obs_mode == "last" else self._hidden_sum / len(self._sequence)
-        return vec.to("cpu", torch.float32).numpy()
+        return finite_observation(vec.to("cpu", torch.float32).numpy(), self.lm)
 
     def _info(self, scores: dict[str, float] | None) -> dict:
         info = super()._info(scores)
