@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,13 +221,12 @@ class QLearning:
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as data:
-                fields = {k: data[k] for k in ("q", "config", "steps")}
-        except KeyError as e:
-            raise ValueError(
-                f"{path}: field {e.args[0]!r} is missing; not a Q-learning save."
-            ) from e
+                fields = {k: data[k] for k in data.files}
         except (OSError, ValueError, EOFError) as e:
             raise ValueError(f"{path}: not a readable Q-learning save ({e}).") from e
+        for name in ("q", "config", "steps"):
+            if name not in fields:
+                raise ValueError(f"{path}: field {name!r} is missing; not a Q-learning save.")
         try:
             config = QLearningConfig(**json.loads(str(fields["config"])))
             config.validate()
@@ -298,58 +296,83 @@ def make_tabular_env(
     )
 
 
+def make_cli_env(args: argparse.Namespace, split: str, fitted=None) -> gym.Env:
+    """The CLI's env: a textenvs id made tabular, or any other Gymnasium id as it is (its ``Box``
+    observations discretized when it has them)."""
+    from textenvs.wrappers import DiscretizeObservation
+
+    if args.env_id.startswith("textenvs/"):
+        return make_tabular_env(
+            args.env_id,
+            split,
+            args.k,
+            args.discretizer,
+            args.n_bits,
+            args.n_clusters,
+            args.seed,
+            fitted=fitted,
+            max_steps=args.max_steps,
+        )
+    env = gym.make(args.env_id)
+    if isinstance(env.observation_space, spaces.Box):
+        env = DiscretizeObservation(
+            env,
+            method=args.discretizer,
+            n_bits=args.n_bits,
+            n_clusters=args.n_clusters,
+            seed=args.seed,
+            fitted=fitted,
+        )
+    return env
+
+
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description="Tabular Q-learning on a textenvs env.")
-    p.add_argument("--env-id", default="textenvs/Summarize-v0")
+    p = argparse.ArgumentParser(
+        description="Tabular Q-learning on a textenvs env or any Gymnasium env."
+    )
+    p.add_argument(
+        "--env-id",
+        default="textenvs/Summarize-v0",
+        help="a textenvs id, or any Gymnasium id with Discrete actions (FrozenLake-v1, ...)",
+    )
     p.add_argument("--total-steps", type=int, default=20_000)
-    p.add_argument("--k", type=int, default=4, help="top-k actions")
+    p.add_argument("--k", type=int, default=4, help="top-k actions (textenvs ids)")
     p.add_argument("--discretizer", choices=["hash", "kmeans"], default="hash")
     p.add_argument("--n-bits", type=int, default=10)
     p.add_argument("--n-clusters", type=int, default=128)
-    p.add_argument("--max-steps", type=int, default=16, help="tokens / edits per episode at most")
+    p.add_argument(
+        "--max-steps", type=int, default=16, help="tokens / edits per episode (textenvs ids)"
+    )
     p.add_argument("--learning-rate", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", help="write the Q-table (npz) here")
     p.add_argument(
-        "--eval-samples", type=int, default=200, help="test-split samples to evaluate on"
+        "--eval-samples",
+        type=int,
+        default=200,
+        help="test-split samples (textenvs ids) or evaluation episodes (other ids)",
     )
     args = p.parse_args(argv)
-    horizon = {"max_steps": args.max_steps}
-    env = make_tabular_env(
-        args.env_id,
-        "train",
-        args.k,
-        args.discretizer,
-        args.n_bits,
-        args.n_clusters,
-        args.seed,
-        **horizon,
-    )
+    env = make_cli_env(args, "train")
     agent = QLearning(env, QLearningConfig(learning_rate=args.learning_rate, seed=args.seed))
     start = time.time()
     agent.learn(args.total_steps, progress=True)
     train_s = time.time() - start
     if args.save:
         agent.save(args.save)
-    test_env = make_tabular_env(
-        args.env_id,
-        "test",
-        args.k,
-        args.discretizer,
-        args.n_bits,
-        args.n_clusters,
-        args.seed,
-        fitted=env,
-        **horizon,
+    test_env = make_cli_env(
+        args, "test", fitted=env if hasattr(env, "observation_space_in") else None
     )
-    result = agent.evaluate(test_env, max_samples=args.eval_samples)
+    textenvs_id = args.env_id.startswith("textenvs/")
+    result = agent.evaluate(
+        test_env, episodes=None if textenvs_id else args.eval_samples, max_samples=args.eval_samples
+    )
     result.pop("metrics", None)
     result.update(train_seconds=round(train_s, 1), steps=args.total_steps)
     print(json.dumps(result))
-    print(
-        f"test {result.get('mean_metric', math.nan):.4f} mean metric over {result['episodes']} "
-        "test samples"
-    )
+    what = "mean metric" if "mean_metric" in result else "mean return"
+    value = result.get("mean_metric", result["mean_return"])
+    print(f"test {value:.4f} {what} over {result['episodes']} episodes")
     return result
 
 

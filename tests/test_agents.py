@@ -211,3 +211,25 @@ def test_sb3_maskable_ppo_on_edit_env_and_bad_algo():
         )
     with pytest.raises(ValueError, match="algo="):
         sb3.build("textenvs/Summarize-v0", sb3.SB3Config(algo="dqn"))
+
+
+def test_qlearning_cli_runs_on_any_gymnasium_env(tmp_path):
+    from agents import qlearning
+
+    result = qlearning.main(
+        [
+            "--env-id",
+            "FrozenLake-v1",
+            "--total-steps",
+            "500",
+            "--eval-samples",
+            "5",
+            "--save",
+            str(tmp_path / "q"),
+        ]
+    )
+    assert result["episodes"] == 5 and np.isfinite(result["mean_return"])
+    result = qlearning.main(
+        ["--env-id", "CartPole-v1", "--total-steps", "300", "--eval-samples", "3", "--n-bits", "4"]
+    )  # Box observations, discretized
+    assert result["episodes"] == 3 and result["mean_return"] > 0

@@ -372,3 +372,11 @@ def test_a_dataset_source_cannot_put_a_special_token_into_the_prompt():
         env = cls(dataset=samples, max_steps=2)
         env.reset(seed=0)
         assert env.lm.eos_token_id not in env.sequence.ids[: len(env.lm.encode(env.prompt))]
+
+
+def test_flattened_masks_before_reset_raise_reset_needed():
+    from gymnasium.error import ResetNeeded
+
+    env = FlattenEditActions(gym.make("textenvs/EditSummary-v0", max_len=8, max_steps=4, k=2))
+    with pytest.raises(ResetNeeded, match="reset"):
+        env.action_masks()

@@ -139,3 +139,34 @@ def test_action_mode_is_a_deprecated_name_of_token_mode():
     with pytest.warns(DeprecationWarning, match="action_mode= is deprecated"):
         env = gym.make("textenvs/Summarize-v0", action_mode="topk", k=2).unwrapped
     assert env.token_mode == env.action_mode == "topk" and env.action_space.n == 2
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_sb3_make_vec_env_works_on_every_id(env_id):
+    # SB3's helper passes render_mode="rgb_array": the envs draw their text into an image.
+    from stable_baselines3.common.env_util import make_vec_env
+
+    venv = make_vec_env(env_id, n_envs=2, env_kwargs=FAST_KWARGS[env_id])
+    obs = venv.reset()
+    assert obs.shape == (2, *venv.observation_space.shape)
+    frame = venv.env_method("render", indices=[0])[0]
+    assert frame.shape == (160, 640, 3) and frame.dtype == np.uint8 and (frame < 255).any()
+    gym_check_env(make(env_id, render_mode="rgb_array").unwrapped)  # the render check included
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_infos_keep_their_keys_and_types_on_every_step(env_id):
+    """No None for "not yet": a vectorising library can stack every step's info."""
+    env = make(env_id)
+    _, first = env.reset(seed=0)
+    kinds = None
+    for _ in range(30):
+        _, _, terminated, truncated, info = env.step(env.action_space.sample())
+        assert all(v is not None for v in info.values()), info
+        step_kinds = {
+            k: type(v) for k, v in info.items() if k not in ("metric", "metric_name", "metrics")
+        }
+        kinds = kinds or step_kinds
+        assert step_kinds == kinds
+        if terminated or truncated:
+            env.reset()

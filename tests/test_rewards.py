@@ -132,3 +132,33 @@ def test_non_finite_user_metric_raises(value):
     shaper = RewardShaper(lambda h, r: value)
     with pytest.raises(ValueError, match="finite"):
         shaper.start(REFS)
+
+
+@pytest.mark.parametrize("kind", ["rouge1", "rouge2", "rougeL", "rougeLsum"])
+@pytest.mark.parametrize(
+    "hypothesis,reference",
+    [
+        ("Собака видит кошку у реки", "Собака видит кошку"),
+        ("犬が川の近くで猫を見る", "犬が猫を見る"),
+        ("El niño comió paella", "El niño comió"),
+    ],
+)
+def test_rouge_counts_words_of_every_script(kind, hypothesis, reference):
+    from textenvs.rewards import UnicodeTokenizer
+
+    metric = get_metric(kind)
+    assert metric(reference, [reference]) == pytest.approx(1.0)  # was 0.0 with a-z only tokens
+    expected = rouge_scorer.RougeScorer([kind], tokenizer=UnicodeTokenizer()).score(
+        reference, hypothesis
+    )
+    assert metric(hypothesis, [reference]) == pytest.approx(expected[kind].fmeasure)
+    assert 0.0 < metric(hypothesis, [reference]) < 1.0
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=60))
+def test_unicode_tokenizer_equals_rouge_scores_default_on_ascii(text):
+    from rouge_score import tokenizers
+
+    from textenvs.rewards import UnicodeTokenizer
+
+    assert UnicodeTokenizer().tokenize(text) == tokenizers.DefaultTokenizer().tokenize(text)

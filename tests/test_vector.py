@@ -482,3 +482,12 @@ def test_sb3_adapter_honours_indices():
     assert [env.render_mode for env in envs.envs] == [None, None, "ansi"]
     assert venv.env_method("render", indices=[0, 2])[0] is None
     assert venv.get_attr("render_mode") == [None, None, "ansi"]
+
+
+def test_vector_envs_carry_gymnasium_1x_attributes():
+    for mode in ("SameStep", "NextStep"):
+        envs = gym.make_vec("textenvs/Summarize-v0", num_envs=2, autoreset_mode=mode, max_steps=2)
+        assert (
+            envs.unwrapped.autoreset_mode == AutoresetMode(mode) == envs.metadata["autoreset_mode"]
+        )
+        assert "rgb_array" in envs.metadata["render_modes"]

@@ -5,7 +5,8 @@ Every built-in metric is scaled to [0, 1], 1 meaning the hypothesis equals a ref
 =============  =======================================================================
 name           value
 =============  =======================================================================
-``rouge1``     ROUGE-1 F-measure (``rouge_score.rouge_scorer``, no stemming), max over references
+``rouge1``     ROUGE-1 F-measure (``rouge_score.rouge_scorer``, no stemming, words of every
+               script: :class:`UnicodeTokenizer`), max over references
 ``rouge2``     ROUGE-2 F-measure, as above
 ``rougeL``     ROUGE-L F-measure, as above
 ``rougeLsum``  ROUGE-Lsum F-measure (sentences split on newlines), as above
@@ -35,6 +36,7 @@ guardrails are off (0.0) by default:
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,15 +52,38 @@ SACREBLEU_METRICS = ("bleu", "chrf", "ter")
 METRIC_NAMES = ROUGE_METRICS + SACREBLEU_METRICS
 
 
+# Scripts written without spaces between words: each character is a token (as ROUGE is computed
+# for Chinese and Japanese), Hiragana, Katakana, CJK ideographs and Thai.
+_UNSPACED = "\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_NON_WORD = re.compile(r"[\W_]+")
+_PIECES = re.compile(f"[{_UNSPACED}]|[^{_UNSPACED}]+")
+
+
+class UnicodeTokenizer(rouge_tokenizers.Tokenizer):
+    """rouge-score's default tokenizer for every script, not only a-z and 0-9.
+
+    rouge-score lowercases and keeps only ``[a-z0-9]`` runs, so a Russian or Japanese hypothesis
+    equal to its reference scores 0. This keeps every Unicode letter and digit run instead (one
+    token per character in scripts without spaces). On ASCII text it returns exactly rouge-score's
+    tokens, so English scores are unchanged.
+    """
+
+    def tokenize(self, text: str) -> list[str]:
+        words = _NON_WORD.sub(" ", text.lower()).split()
+        if all(word.isascii() for word in words):
+            return words
+        return [piece for word in words for piece in _PIECES.findall(word)]
+
+
 class _RememberingTokenizer(rouge_tokenizers.Tokenizer):
-    """rouge-score's own default tokenizer, remembering the texts it has tokenised.
+    """:class:`UnicodeTokenizer`, remembering the texts it has tokenised.
 
     A dense reward scores the same references at every step of an episode; remembering their
     tokens halves the tokenising work of each score. The memory is dropped every ``size`` texts.
     """
 
     def __init__(self, size: int = 256) -> None:
-        self.inner = rouge_tokenizers.DefaultTokenizer(use_stemmer=False)
+        self.inner = UnicodeTokenizer()
         self._seen: dict[str, list[str]] = {}
         self._size = size
 
@@ -109,8 +134,10 @@ class RougeMetric:
     """ROUGE F-measure from ``rouge_score``, the best over the references.
 
     ROUGE-L keeps the LCS rows of the last hypothesis per reference (:class:`_LcsRows`) and
-    scores with rouge-score's tokenizer and F-measure, so it returns exactly ``RougeScorer``'s
-    value while a step that appends a token costs one or two new rows instead of a whole table.
+    scores with rouge-score's F-measure and :class:`UnicodeTokenizer`, so it returns exactly
+    ``RougeScorer(tokenizer=UnicodeTokenizer())``'s value (on ASCII text, the default
+    ``RougeScorer``'s) while a step that appends a token costs one or two new rows instead of a
+    table.
     """
 
     def __init__(self, kind: str) -> None:

@@ -141,6 +141,11 @@ class BatchedTextVectorEnv(VectorEnv):
             items.append((i, info))
         return self._obs.copy(), rewards, terminated, truncated, batch_infos(self.num_envs, items)
 
+    @property
+    def autoreset_mode(self) -> AutoresetMode:
+        """The autoreset mode (also in ``metadata``), an attribute of gymnasium 1.x vector envs."""
+        return self.metadata["autoreset_mode"]
+
     def render(self) -> tuple | None:
         return tuple(env.render() for env in self.envs)
 

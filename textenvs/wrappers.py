@@ -86,8 +86,9 @@ class FlattenEditActions(gym.ActionWrapper):
 
     def action_masks(self) -> np.ndarray:
         env = self.env.unwrapped
+        # ResetNeeded before reset; same at every position
+        tokens = env.action_masks()[-self.n_tokens :]
         n, K = len(env.text_ids), self.n_tokens
-        tokens = env.action_masks()[-K:]  # token validity does not depend on the position
         mask = np.zeros(self.action_space.n, dtype=bool)
         mask[0] = True
         if n < self.max_len:

@@ -107,6 +107,18 @@ def finite_observation(obs: np.ndarray, lm: LanguageModel) -> np.ndarray:
     return obs
 
 
+def text_image(text: str, size: tuple[int, int] = (640, 160)) -> np.ndarray:
+    """``text`` drawn black on white, wrapped to the width: an ``(H, W, 3)`` uint8 array."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size, "white")
+    lines = textwrap.wrap(text, width=size[0] // 7)[: size[1] // 14]
+    ImageDraw.Draw(image).multiline_text((6, 4), "\n".join(lines), fill="black", spacing=2)
+    return np.asarray(image, dtype=np.uint8)
+
+
 def top_candidates(logits: torch.Tensor, k: int, exclude: Sequence[int] = ()) -> torch.Tensor:
     """The ``k`` most likely token ids of ``logits`` ``(..., V)``, most likely first; ``exclude``
     never proposed.
@@ -130,7 +142,7 @@ class TextEnv(gym.Env):
     of ``text``, a float), ``metric_name`` and ``metrics`` (the metric and the guardrail terms).
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
     obs_modes: tuple[str, ...] = ()
 
     def __init__(
@@ -240,12 +252,13 @@ class TextEnv(gym.Env):
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
         return self.finish_step(*self.forward(self.begin_step(action)))
 
-    def render(self) -> str | None:
-        if self.render_mode != "ansi":
+    def render(self) -> str | np.ndarray | None:
+        """``"ansi"``: the text; ``"rgb_array"``: the same text drawn into a ``(160, 640, 3)`` uint8
+        image (video recorders, SB3's ``make_vec_env``); None without a render mode."""
+        if self.render_mode is None:
             return None
-        if self._sequence is None:
-            return "(call reset() first)"
-        return self._render_text()
+        text = "(call reset() first)" if self._sequence is None else self._render_text()
+        return text if self.render_mode == "ansi" else text_image(text)
 
     def _render_text(self) -> str:
         raise NotImplementedError

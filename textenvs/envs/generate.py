@@ -52,9 +52,11 @@ class TextGenerationEnv(TextEnv):
 
     ## Episode End
     Terminated when the agent writes the EOS token or after ``max_steps`` tokens
-    (``info["stop"]`` says which). The token budget is part of the task: the text is final and
-    scored and no reward can follow, so an agent must not bootstrap past it; ``truncated`` is
-    never set by the env itself (an outer ``TimeLimit`` may set it).
+    (``info["stop"]`` says which: ``"eos"`` or ``"max_steps"``; ``""`` on the steps before, so the
+    info of every step has the same keys and types and vectorising libraries can stack it). The
+    token budget is part of the task: the text is final and scored and no reward can follow, so an
+    agent must not bootstrap past it; ``truncated`` is never set by the env itself (an outer
+    ``TimeLimit`` may set it).
 
     ## Arguments
     * ``model``: ``"textenvs/tiny"`` (built in), a local ``save_pretrained`` folder, a hub name,
@@ -172,7 +174,7 @@ class TextGenerationEnv(TextEnv):
         else:  # terminal reward: the metric is computed once, when the episode ends
             reward, scores = 0.0, None
         info = self._info(scores)
-        info["stop"] = "eos" if eos else ("max_steps" if terminated else None)
+        info["stop"] = "eos" if eos else ("max_steps" if terminated else "")  # "": not ended
         return (
             self._observe(hidden[-1], logits[-1], candidates),
             float(reward),
