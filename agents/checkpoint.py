@@ -17,6 +17,7 @@ never trips over leftovers and a load never finds nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -99,6 +100,17 @@ def save_atomically(
         shutil.rmtree(old)
     _call(hook, "done")
     return folder
+
+
+def read_json_object(path: str | os.PathLike, what: str) -> dict:
+    """A JSON object from ``path``; a ValueError naming the file for anything unreadable."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable {what} ({e}).") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}.")
+    return data
 
 
 def _call(hook: Callable[[str], None] | None, stage: str) -> None:

@@ -20,7 +20,7 @@ import gymnasium as gym
 import numpy as np
 
 import textenvs  # noqa: F401  (registers the ids)
-from agents.checkpoint import recover, save_atomically
+from agents.checkpoint import read_json_object, recover, save_atomically
 from agents.common import evaluate_policy
 from textenvs.vector import as_sb3_vec_env
 
@@ -249,12 +249,7 @@ def load(path: str | Path):
 
 
 def _read_meta(path: Path) -> dict:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable SB3 checkpoint config ({e}).") from e
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: expected a JSON object.")
+    meta = read_json_object(path, "SB3 checkpoint config")
     for name, kind in (("config", dict), ("env_id", str), ("env_kwargs", dict)):
         if not isinstance(meta.get(name), kind):
             raise ValueError(

@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 import textenvs  # noqa: F401  (registers the ids)
-from agents.checkpoint import recover, save_atomically
+from agents.checkpoint import read_json_object, recover, save_atomically
 from agents.common import evaluate_policy
 from textenvs.lm import LanguageModel
 
@@ -652,12 +652,7 @@ class TokenPPO:
 
     def _read_trainer_state(self, path: Path) -> dict:
         """``trainer_state.json``, every field checked; an error names the field and the file."""
-        try:
-            state = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a readable trainer state ({e}).") from e
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(state).__name__}.")
+        state = read_json_object(path, "trainer state")
         checks = {
             "iteration": lambda v: type(v) is int and 0 <= v <= self.iterations,
             "kl_coef": lambda v: type(v) in (int, float) and math.isfinite(v) and v >= 0,
