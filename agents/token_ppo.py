@@ -383,6 +383,7 @@ class TokenPPO:
             "max_steps": config.max_new_tokens,
             "device": config.device,
             "dense": config.dense,
+            "text_infos": True,  # the completions' texts, for logs and samples
         }
         if config.reward is not None:
             env_kwargs["reward"] = config.reward

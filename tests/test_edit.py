@@ -177,15 +177,15 @@ def test_levenshtein_expert_reaches_the_maximum(task, reward):
     )
     for seed in range(3):
         _, info = env.reset(seed=seed)
-        start_metric = info["metrics"][reward]
-        target = ids(env, info["references"][0])
+        start_metric = info["metric"]
+        target = ids(env, info["reference"])
         rewards, terminated = [], False
         for action in edit_script(env.text_ids, target):
             _, r, terminated, truncated, info = env.step(action)
             rewards.append(r)
             assert info["valid"] and not truncated
-        assert terminated and info["text"] == info["references"][0]
-        assert info["metrics"][reward] == pytest.approx(1.0)
+        assert terminated and info["text"] == info["reference"]
+        assert info["metric"] == pytest.approx(1.0)
         assert sum(rewards) == pytest.approx(1.0 - start_metric)
 
 
@@ -347,11 +347,8 @@ def test_terminal_reward_pays_the_final_score_once():
     assert truncated and not terminated
     assert rewards[0] == 0.0  # nothing is paid before the end
     assert rewards[1] == pytest.approx(-0.01)  # an invalid edit still pays its penalty at once
-    assert rewards[2] == pytest.approx(infos[-1]["metrics"]["score"])  # the final score, once
-    assert (
-        infos[-1]["metric"] == infos[-1]["metrics"]["rougeL"]
-        and infos[-1]["metric_name"] == "rougeL"
-    )
+    assert rewards[2] == pytest.approx(infos[-1]["score"])  # the final score, once
+    assert infos[-1]["metric_name"] == "rougeL" and infos[-1]["metric"] == infos[-1]["score"]
 
 
 def test_text_cannot_smuggle_special_tokens_in():

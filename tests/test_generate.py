@@ -82,7 +82,7 @@ def rouge_l(hyp: str, ref: str) -> float:
 def test_dense_rewards_equal_library_deltas_and_sum_to_final_metric(env_id, metric):
     env = gym.make(env_id, token_mode="topk", k=3, max_steps=16).unwrapped
     _, info = env.reset(seed=11)
-    ref = info["references"][0]
+    ref = info["reference"]
     rng = np.random.default_rng(1)
     rewards, previous = [], 0.0
     done = False
@@ -94,10 +94,10 @@ def test_dense_rewards_equal_library_deltas_and_sum_to_final_metric(env_id, metr
         else:
             value = BLEU(effective_order=True).sentence_score(info["text"], [ref]).score / 100
         assert reward == pytest.approx(value - previous, abs=1e-12)
-        assert info["metrics"][metric] == pytest.approx(value, abs=1e-12)
+        assert info["metric"] == pytest.approx(value, abs=1e-12)
         previous = value
         rewards.append(reward)
-    assert sum(rewards) == pytest.approx(info["metrics"][metric], abs=1e-9)
+    assert sum(rewards) == pytest.approx(info["metric"], abs=1e-9)
 
 
 def test_terminal_mode_pays_once_at_the_end():
@@ -107,13 +107,13 @@ def test_terminal_mode_pays_once_at_the_end():
     while not done:
         _, r, terminated, truncated, info = env.step(0)
         rewards.append(r)
-        has_metrics.append("metrics" in info)
+        has_metrics.append("metric" in info)
         done = terminated or truncated
     assert all(r == 0.0 for r in rewards[:-1])
-    assert rewards[-1] == pytest.approx(rouge_l(info["text"], info["references"][0]))
+    assert rewards[-1] == pytest.approx(rouge_l(info["text"], info["reference"]))
     # The metric is computed only when the episode ends.
     assert has_metrics == [False] * (len(rewards) - 1) + [True]
-    assert info["metrics"]["rougeL"] == rewards[-1]
+    assert info["metric"] == rewards[-1]
 
 
 def test_terminates_at_max_steps():
@@ -136,7 +136,7 @@ def test_eos_terminates():
 def test_info_and_render():
     env = gym.make("textenvs/Translate-v0", render_mode="ansi", token_mode="topk")
     _, info = env.reset(seed=0)
-    assert info["prompt"].startswith("English: ") and info["references"] and info["text"] == ""
+    assert info["prompt"].startswith("English: ") and info["reference"] and info["text"] == ""
     env.step(0)
     assert env.render().startswith(info["prompt"])
 
@@ -150,7 +150,7 @@ def test_user_callable_reward_and_guardrails():
     )
     env.reset(seed=0)
     _, r, *_, info = env.step(0)
-    assert "repeated_ngrams" in info["metrics"] and math.isfinite(r)
+    assert "repeated_ngrams" in info and math.isfinite(r)
 
 
 def test_nan_metric_raises_instead_of_leaving_the_env():
@@ -175,7 +175,8 @@ def test_generate_with_a_jsonl_dataset_and_a_saved_model(tmp_path, random_gpt2_d
     )
     _, info = env.reset(options={"index": 0})
     assert (
-        info["references"] == ["hello", "hi there"]
+        info["reference"] == "hello"
+        and env.unwrapped.sample.references == ("hello", "hi there")
         and info["prompt"] == "Say: Grüße aus Köln — 東京 ->"
     )
     _, r, *_ = env.step(7)

@@ -80,7 +80,7 @@ def record(env_id: str, kwargs: dict, num_envs: int, steps: int) -> dict[str, np
     rng = np.random.default_rng(5)
     obs_list, rewards, ends, texts = [], [], [], []
     if num_envs:
-        envs = gym.make_vec(env_id, num_envs=num_envs, **kwargs)
+        envs = gym.make_vec(env_id, num_envs=num_envs, text_infos=True, **kwargs)
         obs, infos = envs.reset(seed=11)
         obs_list.append(obs)
         texts += list(infos["text"])

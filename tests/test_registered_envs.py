@@ -113,14 +113,26 @@ def test_info_carries_the_task_metric_under_one_key(env_id, dense):
             break
     assert terminated or truncated
     last = infos[-1]
-    assert last["metric_name"] == name and last["metric"] == last["metrics"][name]
+    assert last["metric_name"] == name and isinstance(last["score"], float)
     assert np.isfinite(last["metric"]) and isinstance(last["metric"], float)
     for info in infos:
-        assert {"prompt", "text", "references", "index"} <= set(info)
+        assert {"prompt", "text", "reference", "index"} <= set(info)
         if "metric" in info:
-            assert info["metric_name"] == name and info["metric"] == info["metrics"][name]
+            assert info["metric_name"] == name and isinstance(info["score"], float)
     if dense:
         assert all("metric" in info for info in infos)
+    # Stackable by vectorising libraries: flat values of one type per key, reset included.
+    types: dict[str, type] = {}
+    for info in infos:
+        for key, value in info.items():
+            assert value is not None, key
+            if isinstance(value, dict):
+                assert all(type(v) is float for v in value.values()), (key, value)
+            else:
+                assert type(value) in (int, float, bool, str), (key, type(value))
+            assert types.setdefault(key, type(value)) is type(value), key
+    if dense:  # terminal mode adds the metric keys at the last step only
+        assert all(set(info) == set(infos[-1]) for info in infos)
 
 
 @pytest.mark.parametrize("env_id", ENV_IDS)

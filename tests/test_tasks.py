@@ -205,7 +205,9 @@ def test_a_file_is_loaded_once_per_process_and_read_on_access(tmp_path, monkeypa
         real(self, *args, **kwargs)
 
     monkeypatch.setattr(loaders.JsonlSamples, "__init__", counting)
-    envs = gym.make_vec("textenvs/Generate-v0", num_envs=4, dataset=str(p), max_steps=2)
+    envs = gym.make_vec(
+        "textenvs/Generate-v0", num_envs=4, dataset=str(p), max_steps=2, text_infos=True
+    )
     assert len(calls) == 1  # four sub-envs, one load
     tasks = {id(env.task) for env in envs.unwrapped.envs}
     assert len(tasks) == 1

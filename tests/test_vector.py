@@ -65,7 +65,7 @@ def test_batch_infos_matches_gymnasiums_add_info():
 )
 def test_generation_vector_equals_single_envs(num_envs, action_mode):
     kwargs = dict(task="translate", max_steps=6, token_mode=action_mode, k=8)
-    envs = GenerationVectorEnv(num_envs, **kwargs)
+    envs = GenerationVectorEnv(num_envs, text_infos=True, **kwargs)
     singles = [gym.make("textenvs/Generate-v0", **kwargs).unwrapped for _ in range(num_envs)]
     obs, infos = envs.reset(seed=10)
     single_obs = [env.reset(seed=10 + i)[0] for i, env in enumerate(singles)]
@@ -98,7 +98,7 @@ def test_generation_vector_equals_single_envs(num_envs, action_mode):
 
 def test_edit_vector_equals_single_envs():
     kwargs = dict(task="summarize", max_len=16, max_steps=5, obs="positions")
-    envs = EditVectorEnv(3, **kwargs)
+    envs = EditVectorEnv(3, text_infos=True, **kwargs)
     singles = [gym.make("textenvs/Edit-v0", **kwargs).unwrapped for _ in range(3)]
     obs, _ = envs.reset(seed=1)
     for i, env in enumerate(singles):
@@ -120,7 +120,7 @@ def test_edit_vector_equals_single_envs():
 @pytest.mark.parametrize("bad", [[0, 0, 8], [0, -1, 0], [4, 0, 0]])
 def test_edit_vector_rejects_an_edit_outside_the_space(bad):
     kwargs = dict(task="summarize", max_len=16, max_steps=5)
-    envs = EditVectorEnv(3, **kwargs)
+    envs = EditVectorEnv(3, text_infos=True, **kwargs)
     envs.reset(seed=1)
     texts = [env.text for env in envs.envs]
     actions = np.zeros((3, 3), dtype=np.int64)
@@ -141,7 +141,9 @@ def test_make_vec_uses_the_batched_env(env_id):
 
 
 def test_next_step_autoreset():
-    envs = GenerationVectorEnv(2, task="summarize", max_steps=2, autoreset_mode="NextStep")
+    envs = GenerationVectorEnv(
+        2, text_infos=True, task="summarize", max_steps=2, autoreset_mode="NextStep"
+    )
     envs.reset(seed=0)
     envs.step(np.array([5, 5]))
     obs, rewards, terminated, truncated, infos = envs.step(np.array([5, 5]))
@@ -181,7 +183,7 @@ def test_next_step_autoreset_equals_single_envs_over_whole_episodes(case):
         kwargs = dict(task="translate", max_steps=4, token_mode=case.split("-")[1], k=6)
         n_steps = 60
     cls = EditVectorEnv if case == "edit" else GenerationVectorEnv
-    envs = cls(3, autoreset_mode="NextStep", **kwargs)
+    envs = cls(3, autoreset_mode="NextStep", text_infos=True, **kwargs)
     singles = [cls.env_class(**kwargs) for _ in range(3)]
     obs, _ = envs.reset(seed=4)
     for i, env in enumerate(singles):
@@ -222,7 +224,7 @@ def test_sync_mode_equals_the_batched_env():
         vector_kwargs=same_step,
         **kwargs,
     )
-    batched = gym.make_vec("textenvs/Summarize-v0", num_envs=2, **kwargs)
+    batched = gym.make_vec("textenvs/Summarize-v0", num_envs=2, text_infos=True, **kwargs)
     a, _ = sync.reset(seed=0)
     b, _ = batched.reset(seed=0)
     np.testing.assert_allclose(a, b, atol=1e-4)
@@ -237,7 +239,7 @@ def test_sync_mode_equals_the_batched_env():
 
 
 def test_reset_mask_resets_only_the_masked_sub_envs():
-    envs = GenerationVectorEnv(3, task="summarize", max_steps=8)
+    envs = GenerationVectorEnv(3, text_infos=True, task="summarize", max_steps=8)
     with pytest.raises(ValueError, match="first reset"):
         envs.reset(seed=0, options={"reset_mask": np.array([True, False, True])})
     envs.reset(seed=0)
@@ -263,7 +265,7 @@ def test_reset_mask_resets_only_the_masked_sub_envs():
 
 def test_edit_vector_final_obs_and_final_info_are_the_ended_episodes():
     kwargs = dict(task="summarize", max_len=12, max_steps=2, obs="positions")
-    envs = EditVectorEnv(2, **kwargs)
+    envs = EditVectorEnv(2, text_infos=True, **kwargs)
     singles = [EditVectorEnv.env_class(**kwargs) for _ in range(2)]
     envs.reset(seed=3)
     for i, env in enumerate(singles):
@@ -301,8 +303,8 @@ def test_edit_vector_final_obs_and_final_info_are_the_ended_episodes():
     ],
 )
 def test_bad_action_batches_raise_and_corrupt_nothing(actions, match):
-    envs = GenerationVectorEnv(3, task="summarize")
-    reference = GenerationVectorEnv(3, task="summarize")
+    envs = GenerationVectorEnv(3, text_infos=True, task="summarize")
+    reference = GenerationVectorEnv(3, text_infos=True, task="summarize")
     envs.reset(seed=0)
     reference.reset(seed=0)
     with pytest.raises(ValueError, match=match):
@@ -318,7 +320,7 @@ def test_step_before_reset():
 
 
 def test_finished_caches_are_dropped():
-    envs = GenerationVectorEnv(4, task="summarize", max_steps=4)
+    envs = GenerationVectorEnv(4, text_infos=True, task="summarize", max_steps=4)
     envs.reset(seed=0)
     longest = 0
     for _ in range(400):
@@ -327,7 +329,7 @@ def test_finished_caches_are_dropped():
         # Freed slots are reclaimed: the batch never holds more than the longest row plus the slack.
         assert envs.batch.slots <= longest + envs.batch.slack + 1
     assert all(env.sequence.cache is None for env in envs.envs)  # each row lives in the batch only
-    edit = EditVectorEnv(3, task="summarize", max_len=12, max_steps=3)
+    edit = EditVectorEnv(3, text_infos=True, task="summarize", max_len=12, max_steps=3)
     edit.reset(seed=0)
     for _ in range(30):
         edit.step(edit.action_space.sample())
@@ -338,7 +340,7 @@ def test_finished_caches_are_dropped():
 
 
 def test_lockstep_batch_compaction_keeps_results():
-    envs = GenerationVectorEnv(3, task="translate", max_steps=3)
+    envs = GenerationVectorEnv(3, text_infos=True, task="translate", max_steps=3)
     envs.batch.slack = 0  # compact after every reset
     single = [gym.make("textenvs/Translate-v0", max_steps=3).unwrapped for _ in range(3)]
     obs, _ = envs.reset(seed=5)
@@ -384,7 +386,7 @@ def test_sb3_adapter_truncation_path():
     # An edit env truncates itself at max_steps: SB3 must see done, TimeLimit.truncated (so it
     # bootstraps from the terminal observation), the ended episode's info and the new episode's
     # reset info.
-    envs = EditVectorEnv(2, task="summarize", max_len=10, max_steps=2)
+    envs = EditVectorEnv(2, text_infos=True, task="summarize", max_len=10, max_steps=2)
     venv = as_sb3_vec_env(envs)
     venv.reset()
     replace_first = np.array(
@@ -464,7 +466,7 @@ def test_async_mode():
 
 
 def test_sb3_adapter_honours_indices():
-    envs = GenerationVectorEnv(3, task="summarize", max_steps=6)
+    envs = GenerationVectorEnv(3, text_infos=True, task="summarize", max_steps=6)
     venv = as_sb3_vec_env(envs)
     venv.reset()
     venv.step(np.array([11, 12, 13]))
@@ -491,3 +493,31 @@ def test_vector_envs_carry_gymnasium_1x_attributes():
             envs.unwrapped.autoreset_mode == AutoresetMode(mode) == envs.metadata["autoreset_mode"]
         )
         assert "rgb_array" in envs.metadata["render_modes"]
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_batched_infos_are_numeric_by_default_and_text_infos_adds_the_strings(env_id):
+    """TorchRL's GymWrapper cannot stack strings: the batched envs leave them out unless asked."""
+    kwargs = {**FAST_KWARGS[env_id], "max_steps": 2}
+    plain = gym.make_vec(env_id, num_envs=2, **kwargs)
+    full = gym.make_vec(env_id, num_envs=2, text_infos=True, **kwargs)
+    plain.action_space.seed(0)
+    pairs = [(plain.reset(seed=3)[1], full.reset(seed=3)[1])]
+    for _ in range(4):  # long enough for episodes to end and carry final_info
+        actions = plain.action_space.sample()
+        pairs.append((plain.step(actions)[4], full.step(actions)[4]))
+    strings = {"prompt", "text", "reference", "metric_name"}
+
+    def keys(infos: dict) -> set[str]:
+        return {k for k, v in infos.items() if not k.startswith("_")}
+
+    for a, b in pairs:
+        assert strings <= keys(b) and not keys(a) & strings
+        for key in keys(a) - {"final_obs", "final_info"}:
+            assert a[key].dtype != object and np.array_equal(a[key], b[key]), key
+        if "final_info" in a:
+            assert not {k for k, v in a["final_info"].items() if v.dtype == object}
+            assert keys(b["final_info"]) - keys(a["final_info"]) >= {"text", "prompt"}
+    assert any("final_info" in a for a, _ in pairs)
+    with pytest.raises(ValueError, match="text_infos must be True or False"):
+        gym.make_vec(env_id, num_envs=2, text_infos="yes", **kwargs)

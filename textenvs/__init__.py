@@ -1,16 +1,19 @@
 """textenvs: text generation and text editing as registered Gymnasium environments.
 
-``import textenvs`` registers every id below; ``gym.make("textenvs/Summarize-v0")`` then works
-offline with the built-in tiny language model and the built-in tasks.
+``import textenvs`` registers every id below and is light: it imports gymnasium's registry only,
+and torch, transformers and the metrics load when an env (or a name below) is first used. The
+installed ``textenvs-gymnasium-ids.pth`` hook imports this module right after gymnasium in every
+process, so ``gym.make("textenvs/Summarize-v0")`` works in subprocess, Ray and TorchRL workers
+that never import textenvs (opt out with ``TEXTENVS_NO_AUTOREGISTER=1``; gymnasium's own
+``"textenvs:textenvs/Summarize-v0"`` form works with or without the hook).
 """
 
 from __future__ import annotations
 
-from gymnasium.envs.registration import register, registry
+import importlib
+from typing import Any
 
-from textenvs.lm import TINY, LanguageModel
-from textenvs.rewards import METRIC_NAMES, RewardShaper, get_metric
-from textenvs.tasks import Sample, Task, builtin_task, load_csv, load_dataset, load_jsonl
+from gymnasium.envs.registration import register, registry
 
 __version__ = "0.1.0"
 
@@ -57,6 +60,48 @@ def is_edit_env(env_id: str) -> bool:
     from gymnasium import spec
 
     return spec(env_id).entry_point.endswith("TextEditEnv")
+
+
+# Public names and the module that defines each, imported on first access (PEP 562) so that the
+# registration above costs no torch import in processes that only resolve ids.
+_LAZY_NAMES = {
+    "TINY": "textenvs.lm",
+    "LanguageModel": "textenvs.lm",
+    "METRIC_NAMES": "textenvs.rewards",
+    "RewardShaper": "textenvs.rewards",
+    "get_metric": "textenvs.rewards",
+    "Sample": "textenvs.tasks",
+    "Task": "textenvs.tasks",
+    "builtin_task": "textenvs.tasks",
+    "load_csv": "textenvs.tasks",
+    "load_dataset": "textenvs.tasks",
+    "load_jsonl": "textenvs.tasks",
+}
+_SUBMODULES = {
+    "batching",
+    "envs",
+    "kvcache",
+    "lm",
+    "models",
+    "rewards",
+    "tasks",
+    "vector",
+    "wrappers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(_LAZY_NAMES[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"textenvs.{name}")
+    raise AttributeError(f"module 'textenvs' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_NAMES) | _SUBMODULES)
 
 
 __all__ = [

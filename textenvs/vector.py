@@ -19,6 +19,12 @@ Autoreset: ``autoreset_mode="SameStep"`` (the default here, what Stable-Baseline
 sub-env that ends is reset inside the same ``step``; the returned observation is the new
 episode's first, and ``infos["final_obs"]`` / ``infos["final_info"]`` hold the last
 observation and info of the episode that ended (masked by ``infos["_final_obs"]``).
+
+Infos: numbers and booleans only by default (``index``, ``metric``, ``score``, ``tokens``,
+``edits``, ...), because TorchRL's ``GymWrapper`` and other array-based clients cannot stack
+strings. ``text_infos=True`` adds the sub-envs' string keys (``prompt``, ``text``, ``reference``,
+``metric_name``, ``stop``, ``op``), exactly as gymnasium's ``SyncVectorEnv`` over single envs
+reports them; the current texts are also ``envs.get_attr("text")`` at any time.
 ``autoreset_mode="NextStep"`` (gymnasium's default for its own vector envs): the step that ends an
 episode returns its last observation, and the next ``step`` resets that sub-env, ignoring its
 action and returning reward 0. A finished sub-env's cache is dropped when it resets, so memory
@@ -46,6 +52,7 @@ class BatchedTextVectorEnv(VectorEnv):
     Args:
         num_envs: Number of sub-environments.
         autoreset_mode: ``"SameStep"`` (default) or ``"NextStep"``, see the module docstring.
+        text_infos: Also report the string-valued info keys (see the module docstring).
         **env_kwargs: Keyword arguments of every sub-environment (``model``, ``task``, ...).
     """
 
@@ -55,8 +62,10 @@ class BatchedTextVectorEnv(VectorEnv):
         self,
         num_envs: int = 1,
         autoreset_mode: str | AutoresetMode = AutoresetMode.SAME_STEP,
+        text_infos: bool = False,
         **env_kwargs: Any,
     ) -> None:
+        self.text_infos = text_infos
         if not (isinstance(num_envs, (int, np.integer)) and num_envs >= 1):
             raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}.")
         mode = AutoresetMode(autoreset_mode)
@@ -64,7 +73,7 @@ class BatchedTextVectorEnv(VectorEnv):
             raise ValueError(
                 "autoreset_mode='Disabled' is not supported: use 'SameStep' or 'NextStep'."
             )
-        self.envs = [self.env_class(**env_kwargs) for _ in range(num_envs)]
+        self.envs = [self.env_class(text_infos=text_infos, **env_kwargs) for _ in range(num_envs)]
         self.lm = self.envs[0].lm  # shared_model() gives the sub-envs one model object
         self.num_envs = int(num_envs)
         self.metadata = {**self.env_class.metadata, "autoreset_mode": mode}
@@ -139,7 +148,8 @@ class BatchedTextVectorEnv(VectorEnv):
             info["final_obs"], info["final_info"] = final_obs, final_info
             self._obs[i] = obs
             items.append((i, info))
-        return self._obs.copy(), rewards, terminated, truncated, batch_infos(self.num_envs, items)
+        infos = batch_infos(self.num_envs, items)
+        return self._obs.copy(), rewards, terminated, truncated, infos
 
     @property
     def autoreset_mode(self) -> AutoresetMode:
@@ -267,9 +277,10 @@ class GenerationVectorEnv(BatchedTextVectorEnv):
         self,
         num_envs: int = 1,
         autoreset_mode: str | AutoresetMode = AutoresetMode.SAME_STEP,
+        text_infos: bool = False,
         **env_kwargs: Any,
     ) -> None:
-        super().__init__(num_envs, autoreset_mode, **env_kwargs)
+        super().__init__(num_envs, autoreset_mode, text_infos, **env_kwargs)
         self.batch = LockstepBatch(self.lm, self.num_envs)
 
     def _reset_envs(

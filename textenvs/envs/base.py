@@ -137,9 +137,16 @@ class TextEnv(gym.Env):
     :class:`~textenvs.lm.LanguageModel`), ``task``, ``samples`` (the split), ``token_mode``, ``k``,
     ``max_steps``, ``sample`` / ``index`` / ``prompt`` (of the current episode) and ``sequence``.
 
-    Every info carries ``prompt``, ``text``, ``references``, ``index`` and, whenever the metric was
-    computed (every step in dense mode, the last step in terminal mode), ``metric`` (the task metric
-    of ``text``, a float), ``metric_name`` and ``metrics`` (the metric and the guardrail terms).
+    Every info carries ``prompt``, ``text``, ``reference`` (the sample's first reference; all of
+    them are ``sample.references``), ``index`` and, whenever the metric was computed (every step in
+    dense mode, the last step in terminal mode), ``metric`` (the task metric of ``text``, a float),
+    ``metric_name``, ``score`` (the metric less the guardrail penalties) and the guardrail terms
+    that are on (``length_mismatch``, ``repeated_ngrams``). Info values are numbers, booleans or
+    strings, flat, of one type per key on every step and never None, so vectorising libraries
+    (gymnasium, TorchRL, Tianshou, RLlib) can stack them. ``text_infos=False`` leaves the
+    string keys out (``prompt``, ``text``, ``reference``, ``metric_name`` and the env's own), for
+    array-only clients such as TorchRL's ``GymWrapper`` over a vector env; the batched vector envs
+    default to it.
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
@@ -165,8 +172,12 @@ class TextEnv(gym.Env):
         render_mode: str | None = None,
         length_penalty: float = 0.0,
         repetition_penalty: float = 0.0,
+        text_infos: bool = True,
     ) -> None:
         check_choice("obs", obs, self.obs_modes)
+        if not isinstance(text_infos, bool):
+            raise ValueError(f"text_infos must be True or False, got {text_infos!r}.")
+        self.text_infos = text_infos
         check_choice("token_mode", token_mode, TOKEN_MODES)
         check_choice("render_mode", render_mode, [None, *self.metadata["render_modes"]])
         self.max_steps = check_positive_int("max_steps", max_steps)
@@ -336,15 +347,25 @@ class TextEnv(gym.Env):
         return "an action inside the space"
 
     def _info(self, scores: dict[str, float] | None) -> dict:
-        """The info keys every env reports; the metric keys only where ``scores`` were computed."""
+        """The info of a reset or step: the keys every env reports, the metric keys where
+        ``scores`` were computed, the subclass's keys; no strings with ``text_infos=False``.
+        """
         info = {
             "prompt": self.prompt,
             "text": self.text,
-            "references": list(self.sample.references),
+            "reference": self.sample.references[0],
             "index": self.index,
         }
         if scores is not None:
-            info["metrics"] = scores
             info["metric"] = scores[self.shaper.name]
             info["metric_name"] = self.shaper.name
+            # the shaped score and the guardrail terms, flat: nested dicts do not stack
+            info.update((key, value) for key, value in scores.items() if key != self.shaper.name)
+        info.update(self._env_info())
+        if not self.text_infos:
+            return {key: value for key, value in info.items() if not isinstance(value, str)}
         return info
+
+    def _env_info(self) -> dict:
+        """Info keys of this env kind, added to every info."""
+        return {}

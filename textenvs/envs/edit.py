@@ -120,7 +120,8 @@ class TextEditEnv(TextEnv):
 
     ## Arguments
     * ``model``, ``task``, ``dataset``, ``dataset_kwargs``, ``split``, ``reward``, ``dense``,
-      ``layer``, ``device``, ``dtype``, ``length_penalty``, ``repetition_penalty``: as in
+      ``layer``, ``device``, ``dtype``, ``length_penalty``, ``repetition_penalty``, ``text_infos``
+      (also leaves out ``start_text`` and ``op``): as in
       :class:`~textenvs.envs.generate.TextGenerationEnv` (``task`` / ``dataset`` for
       ``textenvs/Edit-v0``; the other ids fix the task).
     * ``start``: the starting text, ``"source"``, ``"draft"`` or ``"empty"`` (above).
@@ -130,7 +131,8 @@ class TextEditEnv(TextEnv):
     * ``obs``: ``"pooled"`` or ``"positions"`` (above).
     * ``edit_cost``: subtracted from the reward of every valid edit (a number in [0, 1000]).
     * ``invalid_penalty``: the cost of an impossible edit (a number in [0, 1000]).
-    * ``render_mode``: None or ``"ansi"`` (``render()`` returns the edit count and the text).
+    * ``render_mode``: None, ``"ansi"`` (``render()`` returns the edit count and the text) or
+      ``"rgb_array"`` (drawn into an image).
     * ``max_edits``: deprecated name of ``max_steps``.
 
     ## Version History
@@ -353,14 +355,12 @@ class TextEditEnv(TextEnv):
             out = torch.cat([rows.mean(0), rows[-1]])
         return finite_observation(out.cpu().numpy().astype(np.float32), self.lm)
 
-    def _info(self, scores: dict[str, float]) -> dict:
-        info = super()._info(scores)
-        info.update(
-            start_text=self.start_text,
-            length=len(self.text_ids),
-            edits=self.edits,
-            valid=self.valid,
-            op=self.op,
-            start_truncated=self.start_truncated,
-        )
-        return info
+    def _env_info(self) -> dict:
+        return {
+            "start_text": self.start_text,
+            "length": len(self.text_ids),
+            "edits": self.edits,
+            "valid": self.valid,
+            "op": self.op or "",  # "" at reset: no edit yet
+            "start_truncated": self.start_truncated,
+        }

@@ -74,9 +74,12 @@ class TextGenerationEnv(TextEnv):
     * ``token_mode``: ``"vocab"`` or ``"topk"`` (above); ``k``: candidates in top-k mode.
     * ``max_steps``: tokens per episode at most.
     * ``device``, ``dtype``: where and in which precision the model runs.
-    * ``render_mode``: None or ``"ansi"`` (``render()`` returns prompt and text).
+    * ``render_mode``: None, ``"ansi"`` (``render()`` returns prompt and text) or
+      ``"rgb_array"`` (the same text drawn into an image).
     * ``length_penalty``, ``repetition_penalty``: guardrail weights in [0, 1000]
       (:class:`textenvs.rewards.RewardShaper`).
+    * ``text_infos``: True (default) reports the string info keys (``prompt``, ``text``,
+      ``reference``, ``metric_name``, ``stop``); False leaves them out, for array-only clients.
     * ``action_mode``, ``max_new_tokens``: deprecated names of ``token_mode`` and ``max_steps``.
 
     ## Version History
@@ -140,6 +143,7 @@ class TextGenerationEnv(TextEnv):
         self.generated: list[int] = []
         self.text = ""
         self._done = False
+        self._stop = ""
         scores = self.shaper.start(self.sample.references)
         return self._observe(hidden[-1], logits), self._info(scores)
 
@@ -173,8 +177,8 @@ class TextGenerationEnv(TextEnv):
             reward, scores = self.shaper.step(self.text, self._done)
         else:  # terminal reward: the metric is computed once, when the episode ends
             reward, scores = 0.0, None
+        self._stop = "eos" if eos else ("max_steps" if terminated else "")
         info = self._info(scores)
-        info["stop"] = "eos" if eos else ("max_steps" if terminated else "")  # "": not ended
         return (
             self._observe(hidden[-1], logits[-1], candidates),
             float(reward),
@@ -212,7 +216,5 @@ class TextGenerationEnv(TextEnv):
         vec = last_hidden if self.obs_mode == "last" else self._hidden_sum / len(self._sequence)
         return finite_observation(vec.to("cpu", torch.float32).numpy(), self.lm)
 
-    def _info(self, scores: dict[str, float] | None) -> dict:
-        info = super()._info(scores)
-        info["tokens"] = len(self.generated)
-        return info
+    def _env_info(self) -> dict:
+        return {"tokens": len(self.generated), "stop": self._stop}  # stop "": not ended
