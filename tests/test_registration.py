@@ -1,0 +1,71 @@
+"""The ids resolve in processes that never import textenvs (the installed .pth hook)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+# A fresh interpreter that imports gymnasium only, then makes the id in two spawned workers.
+WORKERS = textwrap.dedent(
+    """
+    import sys
+    from functools import partial
+    import gymnasium as gym
+    assert "torch" not in sys.modules  # resolving ids costs no torch import
+    make = partial(gym.make, ENV_ID, max_steps=2)
+    envs = gym.vector.AsyncVectorEnv([make, make], context="spawn")
+    obs, _ = envs.reset(seed=0)
+    envs.step(envs.action_space.sample())
+    envs.close()
+    print("ok", obs.shape)
+    """
+)
+
+
+def run_fresh(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,  # a regression fails instead of hanging CI
+        env={**os.environ, **env},
+        cwd=os.path.dirname(sys.executable),  # not the checkout: nothing of ours on sys.path
+    )
+
+
+def test_import_gymnasium_registers_the_ids_without_loading_torch():
+    code = (
+        "import sys, gymnasium as gym\n"
+        "print(sorted(i for i in gym.registry if i.startswith('textenvs/')))\n"
+        "print('torch' in sys.modules)"
+    )
+    out = run_fresh(code)
+    assert out.returncode == 0, out.stderr
+    ids, torch_loaded = out.stdout.strip().splitlines()
+    assert "textenvs/Summarize-v0" in ids and "textenvs/EditSummary-v0" in ids
+    assert torch_loaded == "False"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "env_id,switch_off",
+    [
+        ("textenvs/Summarize-v0", False),
+        ("textenvs/Summarize-v0", True),
+        ("textenvs:textenvs/Summarize-v0", True),  # gymnasium's own module:id form
+    ],
+)
+def test_spawned_workers_make_the_ids_with_no_import_of_ours(env_id, switch_off):
+    out = run_fresh(
+        WORKERS.replace("ENV_ID", repr(env_id)),
+        TEXTENVS_NO_AUTOREGISTER="1" if switch_off else "0",
+    )
+    if switch_off and ":" not in env_id:
+        assert out.returncode != 0 and "Namespace textenvs not found" in out.stderr
+    else:
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.startswith("ok (2,")
