@@ -377,3 +377,65 @@ def test_flattened_masks_before_reset_raise_reset_needed():
     env = FlattenEditActions(gym.make("textenvs/EditSummary-v0", max_len=8, max_steps=4, k=2))
     with pytest.raises(ResetNeeded, match="reset"):
         env.action_masks()
+
+
+@pytest.mark.parametrize("token_mode", ["topk", "vocab"])
+def test_flat_actions_equal_the_flatten_wrapper(token_mode):
+    kwargs = dict(task="summarize", max_len=6, max_steps=12, token_mode=token_mode, k=3)
+    flat = TextEditEnv(flat_actions=True, **kwargs)
+    wrapped = FlattenEditActions(TextEditEnv(**kwargs))
+    assert flat.action_space == wrapped.action_space
+    a, _ = flat.reset(seed=4)
+    b, _ = wrapped.reset(seed=4)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        np.testing.assert_array_equal(a, b)
+        mask = flat.action_masks()
+        np.testing.assert_array_equal(mask, wrapped.action_masks())
+        # mostly valid edits, some masked-out ones (they are no-ops with a penalty in both)
+        pool = np.flatnonzero(mask) if rng.random() < 0.8 else np.flatnonzero(~mask)
+        action = int(rng.choice(pool if len(pool) else [0]))
+        a, ra, ta, tra, ia = flat.step(action)
+        b, rb, tb, trb, ib = wrapped.step(action)
+        assert (ra, ta, tra, ia["text"], ia["valid"]) == (rb, tb, trb, ib["text"], ib["valid"])
+        if ta or tra:
+            a, _ = flat.reset()
+            b, _ = wrapped.reset()
+    with pytest.raises(ValueError, match="flat_actions=True"):
+        flat.step(flat.codec.n)
+    with pytest.raises(ValueError, match="made without flat_actions=True"):
+        FlattenEditActions(flat)
+
+
+def test_flat_actions_in_the_batched_env_give_n_by_n_masks_for_maskable_ppo():
+    pytest.importorskip("sb3_contrib")
+    from sb3_contrib import MaskablePPO
+    from sb3_contrib.common.maskable.utils import get_action_masks
+
+    from textenvs.vector import as_sb3_vec_env
+
+    envs = gym.make_vec(
+        "textenvs/EditSummary-v0", num_envs=3, max_len=6, max_steps=3, k=2, flat_actions=True
+    )
+    singles = [
+        TextEditEnv(task="summarize", max_len=6, max_steps=3, k=2, flat_actions=True)
+        for _ in range(3)
+    ]
+    envs.reset(seed=0)
+    for i, env in enumerate(singles):
+        env.reset(seed=i)
+    masks = envs.unwrapped.action_masks()
+    assert masks.shape == (3, envs.single_action_space.n)
+    np.testing.assert_array_equal(masks, np.stack([env.action_masks() for env in singles]))
+    actions = np.array([int(np.flatnonzero(m)[-1]) for m in masks])  # a replace in each
+    _, rewards, *_ = envs.step(actions)
+    for i, env in enumerate(singles):
+        assert env.step(int(actions[i]))[1] == pytest.approx(rewards[i], abs=1e-6)
+    np.testing.assert_array_equal(
+        envs.unwrapped.action_masks(), np.stack([env.action_masks() for env in singles])
+    )
+    venv = as_sb3_vec_env(envs)
+    assert get_action_masks(venv).shape == masks.shape
+    model = MaskablePPO("MlpPolicy", venv, n_steps=8, batch_size=12, n_epochs=1, seed=0)
+    model.learn(24)
+    assert model.num_timesteps >= 24

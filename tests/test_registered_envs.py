@@ -29,6 +29,16 @@ def test_sb3_check_env(env_id):
     check_env(make(env_id).unwrapped, warn=False)
 
 
+@pytest.mark.parametrize("env_id", [i for i in ENV_IDS if textenvs.is_edit_env(i)])
+@pytest.mark.parametrize("text_infos", [True, False])
+def test_both_checkers_pass_with_flat_actions_and_numeric_infos(env_id, text_infos):
+    from stable_baselines3.common.env_checker import check_env
+
+    env = make(env_id, flat_actions=True, text_infos=text_infos).unwrapped
+    gym_check_env(env, skip_render_check=True)
+    check_env(env, warn=False)
+
+
 def rollout(env, seed: int, n_steps: int):
     obs, info = env.reset(seed=seed)
     action_rng = np.random.default_rng(123)

@@ -16,24 +16,18 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from textenvs.envs.edit import DELETE, INSERT, REPLACE, STOP
+from textenvs.envs.edit import EditActionCodec
 
 DISCRETIZE_METHODS = ("hash", "kmeans")
 
 
 class FlattenEditActions(gym.ActionWrapper):
     """Turn an edit env's ``MultiDiscrete([4, L + 1, K])`` space into one ``Discrete`` with an exact
-    mask.
+    mask, one index per distinct edit (:class:`~textenvs.envs.edit.EditActionCodec`).
 
-    Only distinct edits are enumerated (delete needs no token, stop no position or token)::
-
-        0                                  stop
-        1 + p * K + t                      insert token t before position p   (p in 0..L)
-        1 + (L + 1) K + p                  delete position p                  (p in 0..L-1)
-        1 + (L + 1) K + L + p * K + t      replace position p by token t      (p in 0..L-1)
-
-    so ``n = 1 + (L + 1) K + L + L K``. ``action_masks()`` returns one boolean per action,
-    exactly the edits the env would apply (sb3-contrib's MaskablePPO reads it through the wrapper).
+    ``action_masks()`` returns one boolean per action, exactly the edits the env would apply
+    (sb3-contrib's MaskablePPO reads it through the wrapper). The same space and mask are the edit
+    envs' ``flat_actions=True`` keyword, which also works in the batched vector env.
     """
 
     def __init__(self, env: gym.Env) -> None:
@@ -44,13 +38,12 @@ class FlattenEditActions(gym.ActionWrapper):
         ):
             raise ValueError(
                 "FlattenEditActions needs an edit env with MultiDiscrete([4, max_len + 1, "
-                f"n_tokens]) actions, got {space}: wrap a textenvs edit env (textenvs/Edit*-v0)."
+                f"n_tokens]) actions, got {space}: wrap a textenvs edit env (textenvs/Edit*-v0) "
+                "made without flat_actions=True."
             )
         self.max_len, self.n_tokens = int(space.nvec[1]) - 1, int(space.nvec[2])
-        L, K = self.max_len, self.n_tokens
-        self._delete0 = 1 + (L + 1) * K
-        self._replace0 = self._delete0 + L
-        self.action_space = spaces.Discrete(self._replace0 + L * K)
+        self.codec = EditActionCodec(self.max_len, self.n_tokens)
+        self.action_space = spaces.Discrete(self.codec.n)
 
     def action(self, action: Any) -> np.ndarray:
         if not (
@@ -65,37 +58,16 @@ class FlattenEditActions(gym.ActionWrapper):
         return np.array(self.unflatten(int(action)), dtype=np.int64)
 
     def unflatten(self, a: int) -> tuple[int, int, int]:
-        K = self.n_tokens
-        if a == 0:
-            return STOP, 0, 0
-        if a < self._delete0:
-            return INSERT, (a - 1) // K, (a - 1) % K
-        if a < self._replace0:
-            return DELETE, a - self._delete0, 0
-        return REPLACE, (a - self._replace0) // K, (a - self._replace0) % K
+        return self.codec.unflatten(a)
 
     def flatten(self, op: int, position: int, token: int) -> int:
-        K = self.n_tokens
-        if op == STOP:
-            return 0
-        if op == INSERT:
-            return 1 + position * K + token
-        if op == DELETE:
-            return self._delete0 + position
-        return self._replace0 + position * K + token
+        return self.codec.flatten(op, position, token)
 
     def action_masks(self) -> np.ndarray:
         env = self.env.unwrapped
-        # ResetNeeded before reset; same at every position
+        # ResetNeeded before reset; the token mask is the same at every position
         tokens = env.action_masks()[-self.n_tokens :]
-        n, K = len(env.text_ids), self.n_tokens
-        mask = np.zeros(self.action_space.n, dtype=bool)
-        mask[0] = True
-        if n < self.max_len:
-            mask[1 : 1 + (n + 1) * K] = np.tile(tokens, n + 1)
-        mask[self._delete0 : self._delete0 + n] = True
-        mask[self._replace0 : self._replace0 + n * K] = np.tile(tokens, n)
-        return mask
+        return self.codec.mask(len(env.text_ids), tokens)
 
 
 def sample_observations(env: gym.Env, n: int, seed: int) -> np.ndarray:

@@ -28,6 +28,59 @@ START_MODES = ("source", "draft", "empty")
 OBS_MODES = ("positions", "pooled")
 
 
+class EditActionCodec:
+    """The distinct edits of a ``MultiDiscrete([4, L + 1, K])`` edit space as one index each.
+
+    Only distinct edits are enumerated (delete needs no token, stop no position or token)::
+
+        0                                  stop
+        1 + p * K + t                      insert token t before position p   (p in 0..L)
+        1 + (L + 1) K + p                  delete position p                  (p in 0..L-1)
+        1 + (L + 1) K + L + p * K + t      replace position p by token t      (p in 0..L-1)
+
+    so ``n = 1 + (L + 1) K + L + L K``.
+    """
+
+    def __init__(self, max_len: int, n_tokens: int) -> None:
+        self.max_len, self.n_tokens = max_len, n_tokens
+        L, K = max_len, n_tokens
+        self._delete0 = 1 + (L + 1) * K
+        self._replace0 = self._delete0 + L
+        self.n = self._replace0 + L * K
+
+    def unflatten(self, a: int) -> tuple[int, int, int]:
+        K = self.n_tokens
+        if a == 0:
+            return STOP, 0, 0
+        if a < self._delete0:
+            return INSERT, (a - 1) // K, (a - 1) % K
+        if a < self._replace0:
+            return DELETE, a - self._delete0, 0
+        return REPLACE, (a - self._replace0) // K, (a - self._replace0) % K
+
+    def flatten(self, op: int, position: int, token: int) -> int:
+        K = self.n_tokens
+        if op == STOP:
+            return 0
+        if op == INSERT:
+            return 1 + position * K + token
+        if op == DELETE:
+            return self._delete0 + position
+        return self._replace0 + position * K + token
+
+    def mask(self, length: int, tokens: np.ndarray) -> np.ndarray:
+        """The exact mask ``(n,)`` for a text of ``length`` tokens; ``tokens``: ``(K,)``, which
+        tokens may be written (the same at every position)."""
+        K = self.n_tokens
+        mask = np.zeros(self.n, dtype=bool)
+        mask[0] = True
+        if length < self.max_len:
+            mask[1 : 1 + (length + 1) * K] = np.tile(tokens, length + 1)
+        mask[self._delete0 : self._delete0 + length] = True
+        mask[self._replace0 : self._replace0 + length * K] = np.tile(tokens, length)
+        return mask
+
+
 def edit_script(source: Sequence[int], target: Sequence[int]) -> list[tuple[int, int, int]]:
     """A minimal (Levenshtein) edit script turning ``source`` into ``target``.
 
@@ -92,6 +145,13 @@ class TextEditEnv(TextEnv):
     ``Discrete`` space with an exact mask. An action outside the space (a wrong shape, a value out
     of bounds, floats or bools) raises ``ValueError``.
 
+    ``flat_actions=True``: ``Discrete(n)`` instead, one index per distinct edit
+    (:class:`EditActionCodec`: ``n = 1 + (L + 1) K + L + L K``), with an exact ``action_masks()``
+    of ``n`` booleans. It works in the batched vector env too
+    (``gym.make_vec(id, num_envs=N, flat_actions=True)``: ``action_masks()`` is ``(N, n)``, what
+    MaskablePPO reads), where gymnasium refuses wrappers such as
+    :class:`textenvs.wrappers.FlattenEditActions`.
+
     ## Observation Space
     ``obs="positions"``: ``Box(-inf, inf, (max_len + 1, d), float32)``. Row ``j`` is the hidden
     state (layer ``layer``) of the position just before text token ``j``, i.e. the state that
@@ -129,6 +189,7 @@ class TextEditEnv(TextEnv):
     * ``max_steps``: edits per episode at most.
     * ``token_mode``: ``"topk"`` or ``"vocab"`` (above); ``k``: candidates in top-k mode.
     * ``obs``: ``"pooled"`` or ``"positions"`` (above).
+    * ``flat_actions``: one ``Discrete`` action per distinct edit with an exact mask (above).
     * ``edit_cost``: subtracted from the reward of every valid edit (a number in [0, 1000]).
     * ``invalid_penalty``: the cost of an impossible edit (a number in [0, 1000]).
     * ``render_mode``: None, ``"ansi"`` (``render()`` returns the edit count and the text) or
@@ -152,10 +213,13 @@ class TextEditEnv(TextEnv):
         obs: str = "pooled",
         edit_cost: float = 0.0,
         invalid_penalty: float = 0.01,
+        flat_actions: bool = False,
         max_edits: int | None = None,
         **common: Any,
     ) -> None:
         check_choice("start", start, START_MODES)
+        if not isinstance(flat_actions, bool):
+            raise ValueError(f"flat_actions must be True or False, got {flat_actions!r}.")
         self.max_len = check_positive_int("max_len", max_len)
         edit_cost, invalid_penalty = (
             check_weight("edit_cost", edit_cost),
@@ -168,7 +232,13 @@ class TextEditEnv(TextEnv):
         self.edit_cost, self.invalid_penalty = float(edit_cost), float(invalid_penalty)
         self.n_tokens = self.k if token_mode == "topk" else self.lm.vocab_size
         self.special_ids = sorted(set(self.lm.tokenizer.all_special_ids) | {self.lm.eos_token_id})
-        self.action_space = spaces.MultiDiscrete([4, self.max_len + 1, self.n_tokens])
+        self.codec = EditActionCodec(self.max_len, self.n_tokens)
+        self.flat_actions = flat_actions
+        self.action_space = (
+            spaces.Discrete(self.codec.n)
+            if flat_actions
+            else spaces.MultiDiscrete([4, self.max_len + 1, self.n_tokens])
+        )
         d = self.lm.hidden_size
         shape = (self.max_len + 1, d) if obs == "positions" else (2 * d,)
         self.observation_space = spaces.Box(-np.inf, np.inf, shape, np.float32)
@@ -209,7 +279,10 @@ class TextEditEnv(TextEnv):
         empty for stop, an invalid edit, or a delete of the last token).
         """
         self._check_can_step()
-        op, pos, token_index = (int(x) for x in self._checked_action(action))
+        if self.flat_actions:
+            op, pos, token_index = self.codec.unflatten(int(self._checked_action(action)))
+        else:
+            op, pos, token_index = (int(x) for x in self._checked_action(action))
         self.edits += 1
         self.op = OP_NAMES[op]
         token = self._token(pos, token_index) if op in (INSERT, REPLACE) else None
@@ -250,21 +323,27 @@ class TextEditEnv(TextEnv):
 
     def action_masks(self) -> np.ndarray:
         """Per-dimension masks, concatenated (sb3-contrib's MultiDiscrete convention): op, position,
-        token.
+        token; with ``flat_actions=True`` the exact mask of the ``Discrete`` space.
         """
         if self._sequence is None:
             raise ResetNeeded("Cannot compute action masks before reset(): call env.reset() first.")
         n = len(self.text_ids)
+        if self.flat_actions:
+            return self.codec.mask(n, self._writable_tokens())
         can_insert, can_change = n < self.max_len, n > 0
         ops = np.array([can_insert, can_change, can_change, True])
         positions = np.zeros(self.max_len + 1, dtype=bool)
         positions[: n + 1 if can_insert else n] = True
         if not can_insert and not can_change:
             positions[:] = True  # only stop is possible; its position is ignored
+        return np.concatenate([ops, positions, self._writable_tokens()])
+
+    def _writable_tokens(self) -> np.ndarray:
+        """``(n_tokens,)``: the token choices an insert or replace may write (any position)."""
         tokens = np.ones(self.n_tokens, dtype=bool)
         if self.token_mode == "vocab":
             tokens[self.special_ids] = False
-        return np.concatenate([ops, positions, tokens])
+        return tokens
 
     def valid_actions(self) -> list[tuple[int, int, int]]:
         """Every (op, position, token) that changes the text or stops: the exact joint mask as a
@@ -320,6 +399,8 @@ class TextEditEnv(TextEnv):
         self._row_logits = torch.cat([self._row_logits, logits])  # (len + 1, V)
 
     def _action_hint(self) -> str:
+        if self.flat_actions:
+            return f"an integer edit index in [0, {self.codec.n - 1}] (flat_actions=True)"
         return (
             "(op, position, token) integers with op in 0..3 (insert, delete, replace, stop), "
             f"position in 0..{self.max_len}, token in 0..{self.n_tokens - 1}"
