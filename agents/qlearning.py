@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from agents.checkpoint import replace_file_atomically
 from agents.common import evaluate_policy, metric_of
-from textenvs.wrappers import find_action_masks
+from textenvs.wrappers import DiscretizeObservation, find_action_masks
 
 
 @dataclass
@@ -196,28 +196,39 @@ class QLearning:
         )
 
     def save(self, path: str | Path) -> Path:
-        """The table, config and step count as one ``.npz`` (added to ``path`` if missing).
+        """Everything needed to use the agent again, as one ``.npz`` (added to ``path`` if
+        missing): the table, config and step count, the env (registered id, keyword arguments and
+        wrappers, when they can be rebuilt) and the fitted discretizer's arrays. No pickle.
 
         Written to a temporary file and renamed over ``path``: a crash leaves the old or the new
         file, never half of one.
         """
         path = Path(path)
         path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+        fields = {
+            "q": self.q,
+            "config": json.dumps(dataclasses.asdict(self.config)),
+            "steps": self.steps,
+            "env": json.dumps(describe_env(self.env)),
+        }
+        discretizer = find_wrapper(self.env, DiscretizeObservation)
+        if discretizer is not None:
+            fields.update({f"discretizer_{k}": v for k, v in discretizer.state().items()})
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
-                np.savez(
-                    f,
-                    q=self.q,
-                    config=json.dumps(dataclasses.asdict(self.config)),
-                    steps=self.steps,
-                )
+                np.savez(f, **fields)
 
         return replace_file_atomically(path, write)
 
     @classmethod
-    def load(cls, path: str | Path, env: gym.Env) -> QLearning:
-        """Rebuild an agent from :meth:`save`; every field checked, the table must fit ``env``."""
+    def load(cls, path: str | Path, env: gym.Env | None = None, **env_overrides) -> QLearning:
+        """Rebuild an agent from :meth:`save`; every field checked, the table must fit the env.
+
+        ``env=None`` rebuilds the env it was trained on (``env_overrides`` change its keyword
+        arguments, e.g. ``split="test"``) with its saved discretizer. A given ``env`` with a
+        ``Box`` observation is wrapped in the saved discretizer.
+        """
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -237,6 +248,7 @@ class QLearning:
             raise ValueError(f"{path}: field 'steps' is {steps!r}; expected an int >= 0.")
         if q.ndim != 2 or not np.issubdtype(q.dtype, np.floating) or not np.isfinite(q).all():
             raise ValueError(f"{path}: field 'q' must be a 2-D table of finite floats.")
+        env = rebuild_env(path, fields, env, env_overrides)
         agent = cls(env, config)
         if q.shape != agent.q.shape:
             raise ValueError(
@@ -246,6 +258,76 @@ class QLearning:
             )
         agent.q, agent.steps = q.astype(np.float64), int(steps)
         return agent
+
+
+# Wrappers that gym.make adds itself, and ours that a save knows how to rebuild.
+_MAKE_WRAPPERS = {"PassiveEnvChecker", "OrderEnforcing", "TimeLimit", "EnvChecker"}
+_REBUILT_WRAPPERS = ("FlattenEditActions", "DiscretizeObservation")
+
+
+def find_wrapper(env: gym.Env, kind: type) -> gym.Env | None:
+    """The outermost wrapper of class ``kind`` along ``env``'s chain, or None."""
+    while env is not None:
+        if isinstance(env, kind):
+            return env
+        env = getattr(env, "env", None)
+    return None
+
+
+def describe_env(env: gym.Env) -> dict | None:
+    """``{"id", "kwargs", "wrappers"}`` of an env made by ``gym.make`` and wrapped only in
+    FlattenEditActions / DiscretizeObservation, with JSON keyword arguments; None otherwise."""
+    spec = env.unwrapped.spec
+    if spec is None:
+        return None
+    wrappers, e = [], env
+    while isinstance(e, gym.Wrapper):
+        name = type(e).__name__
+        if name in _REBUILT_WRAPPERS:
+            wrappers.insert(0, name)
+        elif name not in _MAKE_WRAPPERS:
+            return None
+        e = e.env
+    try:
+        kwargs = json.loads(json.dumps(spec.kwargs))
+    except (TypeError, ValueError):  # a model object, a Task: not rebuildable from a file
+        return None
+    return {"id": spec.id, "kwargs": kwargs, "wrappers": wrappers}
+
+
+def rebuild_env(path: Path, fields: dict, env: gym.Env | None, overrides: dict) -> gym.Env:
+    """The env of a Q-learning save: ``env`` (with the saved discretizer around a Box one), or
+    the saved id and wrappers rebuilt."""
+    state = {
+        k.removeprefix("discretizer_"): v for k, v in fields.items() if k.startswith("discretizer_")
+    }
+    if env is None:
+        try:
+            meta = json.loads(str(fields.get("env", "null")))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: field 'env' is not JSON ({e}).") from e
+        if meta is None:
+            raise ValueError(
+                f"{path} does not say how to rebuild its env (it was not made by gym.make with "
+                "JSON keyword arguments): pass env= to QLearning.load."
+            )
+        if not (isinstance(meta, dict) and isinstance(meta.get("id"), str)):
+            raise ValueError(f"{path}: field 'env' is {meta!r}; expected {{'id', 'kwargs', ...}}.")
+        if meta["id"].startswith("textenvs/"):
+            import textenvs  # noqa: F401  (registers the ids)
+        env = gym.make(meta["id"], **{**meta.get("kwargs", {}), **overrides})
+        if "FlattenEditActions" in meta.get("wrappers", []):
+            from textenvs.wrappers import FlattenEditActions
+
+            env = FlattenEditActions(env)
+    elif overrides:
+        raise ValueError("env_overrides apply only when the env is rebuilt: pass env=None.")
+    if state and isinstance(env.observation_space, spaces.Box):
+        try:
+            env = DiscretizeObservation.from_state(env, state)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+    return env
 
 
 def check_tabular(env: gym.Env) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -219,9 +220,22 @@ def save(model, path: str | Path, config: SB3Config, env_id: str, env_kwargs: di
 def load(path: str | Path):
     """A model saved by :func:`save`, attached to a fresh train-split env; returns (model, meta).
 
-    Every field of ``sb3_config.json`` and of the normalisation statistics is checked; an error
-    names the file and the field.
+    ``path`` is the checkpoint folder (or its ``model.zip``, which loads the folder). Every field of
+    ``sb3_config.json`` and of the normalisation statistics is checked; an error names the file
+    and the field. SB3's own ``PPO.load("folder/model.zip")`` gets the weights but not the
+    observation statistics, so such a policy sees raw hidden states and scores far lower: load
+    through here, or see :func:`normalizer`.
     """
+    path = Path(path)
+    if path.suffix == ".zip" and path.is_file():
+        if not (path.parent / "sb3_config.json").is_file():
+            raise ValueError(
+                f"{path} has no sb3_config.json beside it, so the env it was trained on and its "
+                "observation statistics are unknown: load it with SB3's own "
+                f"{{PPO,MaskablePPO}}.load({str(path)!r}, env=...) and know that a model trained "
+                "with observation normalisation scores lower without its statistics."
+            )
+        path = path.parent
     if recover(path) is None:
         raise FileNotFoundError(f"No SB3 checkpoint in {path}: write one with agents.sb3.save.")
     path = Path(path)
@@ -229,23 +243,46 @@ def load(path: str | Path):
     config = SB3Config(**meta["config"])
     venv = make_vec_env(meta["env_id"], config.num_envs, "train", **meta["env_kwargs"])
     if config.normalize_obs:
-        from stable_baselines3.common.vec_env import VecNormalize
-
-        stats = _read_normalization(path / "obs_normalization.npz", venv.observation_space.shape)
-        venv = VecNormalize(
-            venv,
-            norm_obs=True,
-            norm_reward=False,
-            clip_obs=float(stats["clip_obs"]),
-            epsilon=float(stats["epsilon"]),
-        )
-        venv.obs_rms.mean, venv.obs_rms.var, venv.obs_rms.count = (
-            stats["mean"],
-            stats["var"],
-            float(stats["count"]),
-        )
-        venv.training = False
+        if not (path / "obs_normalization.npz").is_file():
+            raise ValueError(
+                f"{path}: sb3_config.json says normalize_obs but obs_normalization.npz is missing; "
+                "the model cannot be evaluated as trained without it."
+            )
+        venv = normalizer(path, venv)
     return _algo_class(config.algo).load(path / "model.zip", env=venv), meta
+
+
+def normalizer(path: str | Path, venv):
+    """``venv`` wrapped in the observation normalisation saved in the checkpoint folder ``path``
+    (frozen statistics), for a model loaded the SB3 way::
+
+        model = MaskablePPO.load("ckpt/model.zip")
+        venv = agents.sb3.normalizer("ckpt", agents.sb3.make_vec_env(env_id, 8, "test", **kw))
+
+    ``venv`` is returned unchanged, with a warning, when the checkpoint has no statistics.
+    """
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    path = Path(path)
+    if not (path / "obs_normalization.npz").is_file():
+        warnings.warn(
+            f"{path} holds no obs_normalization.npz: the model was trained without observation "
+            "normalisation (or it was lost), so the env is returned as it is.",
+            stacklevel=2,
+        )
+        return venv
+    stats = _read_normalization(path / "obs_normalization.npz", venv.observation_space.shape)
+    venv = VecNormalize(
+        venv,
+        norm_obs=True,
+        norm_reward=False,
+        clip_obs=float(stats["clip_obs"]),
+        epsilon=float(stats["epsilon"]),
+    )
+    venv.obs_rms.mean, venv.obs_rms.var = stats["mean"], stats["var"]
+    venv.obs_rms.count = float(stats["count"])
+    venv.training = False
+    return venv
 
 
 def _read_meta(path: Path) -> dict:

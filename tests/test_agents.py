@@ -102,7 +102,7 @@ def test_fitted_discretizer_is_reused_on_another_split():
     test = make_tabular_env(
         "textenvs/Summarize-v0", "test", 3, "kmeans", 4, 8, 0, fitted=train, max_steps=4
     )
-    assert test.kmeans is train.kmeans
+    assert test.centroids is train.centroids
     x = np.random.default_rng(0).standard_normal(128).astype(np.float32)
     assert train.observation(x) == test.observation(x)
 
@@ -150,6 +150,48 @@ def test_qlearning_round_trip_on_edit_env(tmp_path):
         QLearning.load(path, other)
 
 
+@pytest.mark.parametrize("method", ["hash", "kmeans"])
+def test_a_qlearning_save_holds_the_env_and_discretizer(tmp_path, method):
+    """Nothing but the file: the env, its wrappers and the fitted map come back, same actions."""
+    env = make_tabular_env(
+        "textenvs/EditSummary-v0", "train", 2, method, 6, 8, 0, n_fit=64, max_len=8, max_steps=4
+    )
+    agent = QLearning(env, QLearningConfig(seed=0))
+    agent.learn(60)
+    path = agent.save(tmp_path / "q")
+    loaded = QLearning.load(path, split="test")
+    assert isinstance(loaded.env.env, FlattenEditActions)
+    assert loaded.env.unwrapped.split == "test" and loaded.env.unwrapped.max_len == 8
+    probe = gym.make("textenvs/EditSummary-v0", split="test", k=2, max_len=8, max_steps=4)
+    raw = [probe.reset(seed=s)[0] for s in range(6)]
+    assert [loaded.env.observation(o) for o in raw] == [env.observation(o) for o in raw]
+    np.testing.assert_array_equal(loaded.q, agent.q)
+    result = loaded.evaluate(max_samples=3)
+    assert result["episodes"] == 3
+    # A raw env given by the caller gets the saved discretizer around it.
+    given = FlattenEditActions(gym.make("textenvs/EditSummary-v0", k=2, max_len=8, max_steps=4))
+    assert QLearning.load(path, given).env.observation(raw[0]) == env.observation(raw[0])
+    with pytest.raises(ValueError, match="only when the env is rebuilt"):
+        QLearning.load(path, given, split="test")
+    with np.load(path) as data:
+        fields = dict(data)
+    fields["discretizer_mean"] = fields["discretizer_mean"][:3]
+    np.savez(tmp_path / "bad.npz", **fields)
+    with pytest.raises(ValueError, match="bad.npz: discretizer field 'mean'"):
+        QLearning.load(tmp_path / "bad.npz")
+
+
+def test_a_qlearning_save_of_an_unrebuildable_env_asks_for_it(tmp_path):
+    env = gym.make("FrozenLake-v1")
+    agent = QLearning(gym.wrappers.RecordEpisodeStatistics(env))
+    path = agent.save(tmp_path / "q")
+    with pytest.raises(ValueError, match="pass env= to QLearning.load"):
+        QLearning.load(path)
+    assert QLearning.load(path, env).q.shape == (16, 4)
+    plain = QLearning(gym.make("FrozenLake-v1", is_slippery=False)).save(tmp_path / "plain")
+    assert QLearning.load(plain).env.spec.kwargs["is_slippery"] is False
+
+
 def test_masked_exploration_only_picks_valid_actions():
     env = make_tabular_env(
         "textenvs/EditSummary-v0", "train", 2, "hash", 4, 8, 0, n_fit=32, max_len=6, max_steps=30
@@ -191,6 +233,24 @@ def test_sb3_ppo_round_trip(tmp_path):
     assert model.predict(obs, deterministic=True)[0] == loaded.predict(obs, deterministic=True)[0]
     result = sb3.evaluate(loaded, "textenvs/Summarize-v0", max_samples=4, **kwargs)
     assert result["episodes"] == 4
+    # The SB3 way: the zip, then the saved statistics around a fresh env; the same actions.
+    from stable_baselines3 import PPO
+
+    plain = PPO.load(tmp_path / "ppo" / "model.zip")
+    venv = sb3.normalizer(tmp_path / "ppo", sb3.make_vec_env("textenvs/Summarize-v0", 2, **kwargs))
+    raw = np.random.default_rng(0).standard_normal((2, 128)).astype(np.float32)
+    ours = loaded.predict(loaded.get_env().normalize_obs(raw), deterministic=True)[0]
+    np.testing.assert_array_equal(
+        plain.predict(venv.normalize_obs(raw), deterministic=True)[0], ours
+    )
+    assert not np.allclose(venv.normalize_obs(raw), raw)  # the statistics do change what it sees
+    assert sb3.load(tmp_path / "ppo" / "model.zip")[1] == meta  # the zip path loads the folder
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "ppo" / "model.zip").rename(tmp_path / "bare" / "model.zip")
+    with pytest.raises(ValueError, match="no sb3_config.json beside it"):
+        sb3.load(tmp_path / "bare" / "model.zip")
+    with pytest.warns(UserWarning, match="holds no obs_normalization.npz"):
+        assert sb3.normalizer(tmp_path / "bare", venv.venv) is venv.venv
 
 
 def test_sb3_maskable_ppo_on_edit_env_and_bad_algo():

@@ -172,17 +172,66 @@ class DiscretizeObservation(gym.ObservationWrapper):
         else:
             from sklearn.cluster import KMeans
 
-            self.kmeans = KMeans(n_clusters=n_clusters, random_state=seed, n_init=3).fit(samples)
+            kmeans = KMeans(n_clusters=n_clusters, random_state=seed, n_init=3).fit(samples)
+            self.centroids = kmeans.cluster_centers_.astype(np.float32)  # (n_clusters, D)
             self.observation_space = spaces.Discrete(n_clusters)
 
-    _FITTED = ("method", "seed", "mean", "planes", "_powers", "kmeans", "_observation_space")
+    _FITTED = ("method", "seed", "mean", "planes", "_powers", "centroids", "_observation_space")
 
     def observation(self, observation: np.ndarray) -> int:
         flat = np.asarray(observation, dtype=np.float32).reshape(1, -1)
         if self.method == "hash":
             bits = (flat - self.mean) @ self.planes.T > 0  # (1, n_bits)
             return int(bits[0].astype(np.int64) @ self._powers)
-        return int(self.kmeans.predict(flat)[0])
+        # the nearest centroid (what KMeans.predict computes), from arrays that save without pickle
+        return int(((self.centroids - flat) ** 2).sum(1).argmin())
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The fitted map as plain arrays (``np.savez``-able, no pickle); see :meth:`from_state`."""
+        state = {"method": np.array(self.method), "seed": np.array(self.seed), "mean": self.mean}
+        if self.method == "hash":
+            state["planes"] = self.planes
+        else:
+            state["centroids"] = self.centroids
+        return state
+
+    @classmethod
+    def from_state(cls, env: gym.Env, state: dict[str, np.ndarray]) -> DiscretizeObservation:
+        """The discretizer of :meth:`state` around ``env``, with no fitting; a clear error names
+        the field that does not fit."""
+        method = str(state.get("method", ""))
+        if method not in DISCRETIZE_METHODS:
+            raise ValueError(f"discretizer field 'method' is {method!r}: not one of hash/kmeans.")
+        dim = int(np.prod(env.observation_space.shape))
+        table = "planes" if method == "hash" else "centroids"
+        for name, ndim in (("mean", 1), (table, 2)):
+            value = state.get(name)
+            if (
+                not isinstance(value, np.ndarray)
+                or value.ndim != ndim
+                or value.shape[-1] != dim
+                or not np.issubdtype(value.dtype, np.floating)
+                or not np.isfinite(value).all()
+            ):
+                raise ValueError(
+                    f"discretizer field {name!r} must be finite floats with last dimension {dim} "
+                    f"(the env's observation size), got {getattr(value, 'shape', value)!r}."
+                )
+        self = cls.__new__(cls)
+        gym.ObservationWrapper.__init__(self, env)
+        self.observation_space_in = env.observation_space
+        self.method, self.seed = method, int(state.get("seed", 0))
+        self.mean = state["mean"].astype(np.float32)
+        if method == "hash":
+            self.planes = state["planes"].astype(np.float32)
+            if not 1 <= len(self.planes) <= 24:
+                raise ValueError("discretizer field 'planes' must hold 1 to 24 hyperplanes.")
+            self._powers = 1 << np.arange(len(self.planes), dtype=np.int64)
+            self.observation_space = spaces.Discrete(2 ** len(self.planes))
+        else:
+            self.centroids = state["centroids"].astype(np.float32)
+            self.observation_space = spaces.Discrete(len(self.centroids))
+        return self
 
     def action_masks(self) -> np.ndarray:
         masks = find_action_masks(self.env)
