@@ -212,7 +212,7 @@ def test_bad_arguments_get_clear_errors(kwargs, match):
 def test_prompt_longer_than_context_is_refused_at_construction():
     long_source = " ".join(["word"] * 2000)
     with pytest.raises(
-        ValueError, match="Sample 0 of split 'train' has a prompt of .* exceeds the context"
+        ValueError, match=r"1 of the 1 samples of split 'train' \(samples 0; .* do not fit"
     ):
         TextGenerationEnv(dataset=[Sample(long_source, ("ref",))])
 

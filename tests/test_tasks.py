@@ -232,13 +232,77 @@ def test_a_sample_that_cannot_fit_the_context_is_refused_at_construction(tmp_pat
         encoding="utf-8",
     )
     with pytest.raises(
-        ValueError, match=r"Sample 1 \(line 3 of .*long.jsonl\) of split 'train' has a prompt"
+        ValueError,
+        match=r"1 of the 2 samples of split 'train' of .*long.jsonl \(samples 1 \(line 3\);.*"
+        "too_long='skip'",
     ):
         gym.make("textenvs/Generate-v0", dataset=str(p))
     with pytest.raises(
         ValueError, match="line 3"
     ):  # a vector env fails at construction, not at a reset
         gym.make_vec("textenvs/Edit-v0", num_envs=2, dataset=str(p))
+    # too_long="skip": reported once at construction with the count, and never drawn.
+    with pytest.warns(UserWarning, match=r"1 of the 2 samples .*line 3.*skipped"):
+        envs = gym.make_vec("textenvs/Generate-v0", num_envs=2, dataset=str(p), too_long="skip")
+    assert all(len(env.samples) == 1 for env in envs.unwrapped.envs)
+    envs.reset(seed=0)
+    assert all(env.sample.source == "short" for env in envs.unwrapped.envs)
+    with pytest.raises(ValueError, match="too_long="):
+        gym.make("textenvs/Generate-v0", dataset=str(p), too_long="drop")
+
+
+def write_jsonl(path, n: int) -> None:
+    path.write_text(
+        "".join(
+            json.dumps({"source": f"text {i}", "references": f"r{i}"}) + "\n" for i in range(n)
+        ),
+        encoding="utf-8",
+    )
+
+
+def test_one_file_serves_every_split_with_a_warning_or_a_seeded_disjoint_split(tmp_path):
+    import gymnasium as gym
+
+    p = tmp_path / "data.jsonl"
+    write_jsonl(p, 20)
+    with pytest.warns(UserWarning, match="same 20 samples as train, validation and test"):
+        shared = load_dataset(str(p))
+    assert all(len(shared.split(s)) == 20 for s in ("train", "validation", "test"))
+    task = load_dataset(str(p), split_fractions=(0.7, 0.15, 0.15), split_seed=3)
+    parts = {s: [x.source for x in task.split(s)] for s in ("train", "validation", "test")}
+    assert [len(v) for v in parts.values()] == [14, 3, 3]
+    assert len(set(sum(parts.values(), []))) == 20  # disjoint, and together the whole file
+    again = load_dataset(str(p), split_fractions=(0.7, 0.15, 0.15), split_seed=3)
+    assert [x.source for x in again.split("test")] == parts["test"]
+    other = load_dataset(str(p), split_fractions=(0.7, 0.15, 0.15), split_seed=4)
+    assert [x.source for x in other.split("test")] != parts["test"]
+    assert task.split("test").line_of(0) == int(parts["test"][0].split()[1]) + 1
+    env = gym.make(
+        "textenvs/Generate-v0",
+        dataset=str(p),
+        split="validation",
+        dataset_kwargs={"split_fractions": (0.7, 0.15, 0.15), "split_seed": 3},
+    )
+    _, info = env.reset(options={"index": 1})
+    assert info["prompt"].strip() == parts["validation"][1]
+    with pytest.raises(ValueError, match="split_fractions must be three numbers"):
+        load_dataset(str(p), split_fractions=(0.5, 0.5))
+    with pytest.raises(ValueError, match="leaves split 'test' empty"):
+        load_dataset(str(p), split_fractions=(0.95, 0.05, 0.0))
+
+
+def test_separate_files_per_split(tmp_path):
+    files = {}
+    for split, n in (("train", 5), ("validation", 2), ("test", 3)):
+        files[split] = str(tmp_path / f"{split}.jsonl")
+        write_jsonl(tmp_path / f"{split}.jsonl", n)
+    task = load_dataset(files)
+    assert [len(task.split(s)) for s in ("train", "validation", "test")] == [5, 2, 3]
+    assert load_dataset(files) is task  # cached by the files' paths and contents
+    with pytest.raises(ValueError, match="needs exactly the splits"):
+        load_dataset({"train": files["train"]})
+    with pytest.raises(ValueError, match="split_fractions splits one file"):
+        load_dataset(files, split_fractions=(0.8, 0.1, 0.1))
 
 
 @pytest.mark.parametrize(

@@ -33,8 +33,10 @@ from textenvs.kvcache import TokenSequence
 from textenvs.lm import TINY, LanguageModel, shared_model
 from textenvs.rewards import RewardShaper
 from textenvs.tasks import Sample, Task, resolve_task
+from textenvs.tasks.loaders import SampleSubset
 
 TOKEN_MODES = ("vocab", "topk")
+TOO_LONG_MODES = ("error", "skip")
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
@@ -79,21 +81,20 @@ def invalid_rows(space: spaces.Discrete | spaces.MultiDiscrete, actions: np.ndar
     return np.flatnonzero(outside.reshape(len(actions), -1).any(axis=1))
 
 
-_LONGEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LENGTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def longest_prompt(task: Task, split: str, lm: LanguageModel) -> tuple[int, int]:
-    """The token count and index of the longest prompt of a split (computed once per process)."""
-    per_task = _LONGEST.setdefault(task, {})
+def prompt_lengths(task: Task, split: str, lm: LanguageModel) -> np.ndarray:
+    """``(n,)`` int32: the token count of every prompt of a split (computed once per process)."""
+    per_task = _LENGTHS.setdefault(task, {})
     key = (split, lm.name)
     if key not in per_task:
         samples = task.split(split)
-        lengths = [0]
+        lengths: list[int] = []
         for start in range(0, len(samples), 1024):  # batches keep the memory of a large split flat
             prompts = [task.prompt(s) for s in samples[start : start + 1024]]
             lengths += [len(ids) for ids in lm.encode_batch(prompts)]
-        index = int(np.argmax(lengths[1:]))
-        per_task[key] = (lengths[1 + index], index)
+        per_task[key] = np.asarray(lengths, dtype=np.int32)
     return per_task[key]
 
 
@@ -173,11 +174,14 @@ class TextEnv(gym.Env):
         length_penalty: float = 0.0,
         repetition_penalty: float = 0.0,
         text_infos: bool = True,
+        too_long: str = "error",
     ) -> None:
         check_choice("obs", obs, self.obs_modes)
         if not isinstance(text_infos, bool):
             raise ValueError(f"text_infos must be True or False, got {text_infos!r}.")
         self.text_infos = text_infos
+        check_choice("too_long", too_long, TOO_LONG_MODES)
+        self.too_long = too_long
         check_choice("token_mode", token_mode, TOKEN_MODES)
         check_choice("render_mode", render_mode, [None, *self.metadata["render_modes"]])
         self.max_steps = check_positive_int("max_steps", max_steps)
@@ -212,16 +216,30 @@ class TextEnv(gym.Env):
                 f"{budget_name}={budget} leaves no room for a prompt in the context of model "
                 f"{self.lm.name!r} ({self.lm.max_positions} positions): lower {budget_name}."
             )
-        length, index = longest_prompt(self.task, self.split, self.lm)
-        if length + budget > self.lm.max_positions:
-            line = getattr(self.samples, "line_of", None)
-            where = f" (line {line(index)} of {self.samples.path})" if line else ""
+        lengths = prompt_lengths(self.task, self.split, self.lm)
+        over = np.flatnonzero(lengths + budget > self.lm.max_positions)
+        if not len(over):
+            return
+        line = getattr(self.samples, "line_of", None)
+        shown = [
+            f"{i} (line {line(i)})" if line and line(i) else str(i) for i in over[:10].tolist()
+        ]
+        what = (
+            f"{len(over)} of the {len(lengths)} samples of split {self.split!r}"
+            + (f" of {self.samples.path}" if getattr(self.samples, "path", None) else "")
+            + f" (samples {', '.join(shown)}{', ...' if len(over) > 10 else ''}; the longest "
+            f"prompt has {int(lengths.max())} tokens) do not fit the context of model "
+            f"{self.lm.name!r} ({self.lm.max_positions} positions) with {budget_name}={budget}"
+        )
+        if self.too_long == "error" or len(over) == len(lengths):
             raise ValueError(
-                f"Sample {index}{where} of split {self.split!r} has a prompt of {length} tokens; "
-                f"with {budget_name}={budget} it exceeds the context of model {self.lm.name!r} "
-                f"({self.lm.max_positions} positions): shorten or drop that sample, lower "
-                f"{budget_name}, or use a model with a longer context."
+                f"{what}: shorten or drop them, pass too_long='skip', lower {budget_name}, or use "
+                "a model with a longer context."
             )
+        warnings.warn(f"{what}; skipped (too_long='skip').", UserWarning, stacklevel=4)
+        self.samples = SampleSubset(
+            self.samples, np.flatnonzero(lengths + budget <= self.lm.max_positions)
+        )
 
     def _largest_k(self) -> int:
         """The most candidates top-k mode can propose (the rows of the LM head)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -109,6 +110,62 @@ class JsonlSamples(Sequence):
     def line_of(self, index: int) -> int:
         """The file line of sample ``index``."""
         return int(self.lines[index])
+
+
+class SampleSubset(Sequence):
+    """A view of some samples of a larger sequence (a split of a file, the samples that fit a
+    model), in the order of ``indices``; file lines stay known where the base knows them."""
+
+    def __init__(self, base: Sequence[Sample], indices: Sequence[int]) -> None:
+        self.base, self.indices = base, np.asarray(indices, dtype=np.int64)
+        self.path = getattr(base, "path", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self.base[int(i)] for i in self.indices[index]]
+        return self.base[int(self.indices[index])]
+
+    def __iter__(self) -> Iterator[Sample]:
+        return (self.base[int(i)] for i in self.indices)
+
+    def line_of(self, index: int) -> int | None:
+        """The file line of sample ``index`` (None when the base is not a file)."""
+        line_of = getattr(self.base, "line_of", None)
+        return line_of(int(self.indices[index])) if line_of else None
+
+
+def split_samples(
+    samples: Sequence[Sample], fractions: Sequence[float], seed: int
+) -> dict[str, SampleSubset]:
+    """A seeded, disjoint split of ``samples`` into train / validation / test by ``fractions``.
+
+    The same file and seed always give the same split; each split keeps file order.
+    """
+    if not (
+        isinstance(fractions, (list, tuple))
+        and len(fractions) == len(SPLITS)
+        and all(isinstance(x, (int, float)) and 0 <= x <= 1 for x in fractions)
+        and abs(sum(fractions) - 1) < 1e-9
+    ):
+        raise ValueError(
+            f"split_fractions must be three numbers in [0, 1] for {list(SPLITS)} that sum to 1, "
+            f"got {fractions!r}."
+        )
+    order = np.random.default_rng(seed).permutation(len(samples))
+    ends = np.round(np.cumsum(fractions) * len(samples)).astype(int)
+    parts = np.split(order, ends[:-1])
+    out = {}
+    for name, part in zip(SPLITS, parts):
+        if not len(part):
+            raise ValueError(
+                f"split_fractions={tuple(fractions)} leaves split {name!r} empty for "
+                f"{len(samples)} samples: give it a larger fraction, or use more samples."
+            )
+        out[name] = SampleSubset(samples, np.sort(part))
+    return out
 
 
 def load_jsonl(
@@ -248,7 +305,7 @@ def task_from_samples(
 
 
 def _checked_samples(split: str, samples: Sequence[Sample]) -> Sequence[Sample]:
-    if isinstance(samples, JsonlSamples):
+    if isinstance(samples, (JsonlSamples, SampleSubset)):
         return samples  # every line was checked when the file was loaded
     samples = tuple(samples)
     for s in samples:
@@ -262,46 +319,89 @@ def _checked_samples(split: str, samples: Sequence[Sample]) -> Sequence[Sample]:
 _LOADED: dict[tuple, Task] = {}
 
 
-def load_dataset(dataset: str | os.PathLike | Sequence[Sample] | Task, **kwargs) -> Task:
+def load_dataset(dataset: str | os.PathLike | Sequence[Sample] | Task | dict, **kwargs) -> Task:
     """A Task from what a user passes as ``dataset=``.
 
-    Accepts a :class:`Task`, a list of :class:`Sample`, a ``.jsonl`` / ``.csv`` path, or
+    Accepts a :class:`Task`, a list of :class:`Sample`, a ``.jsonl`` / ``.csv`` path,
     ``"hf:NAME"`` for a Hugging Face dataset (``hf_split``, ``source_key``, ``reference_key``
-    keyword arguments). Extra keyword arguments ``prompt_template`` and ``default_reward`` apply.
-    A file (or hub dataset) is loaded once per process for the same arguments and the same file
-    contents (path, size, modification time): every env that names it shares that Task.
+    keyword arguments), or a dict with one of those per split (``{"train": "a.jsonl",
+    "validation": ..., "test": ...}``: separate files). Extra keyword arguments
+    ``prompt_template`` and ``default_reward`` apply.
+
+    Splits of one file: by default every split is the whole file (train = validation = test, with
+    a warning); ``split_fractions=(0.8, 0.1, 0.1)`` makes a seeded disjoint split instead
+    (``split_seed``, default 0). A file (or hub dataset) is loaded once per process for the same
+    arguments and the same file contents (path, size, modification time): every env that names it
+    shares that Task.
     """
-    if isinstance(dataset, (str, os.PathLike)):
-        path = os.fspath(dataset)
-        stamp = (
-            (os.path.realpath(path), os.stat(path).st_size, os.stat(path).st_mtime_ns)
-            if os.path.exists(path)
-            else (path,)
-        )
-        key = (*stamp, repr(sorted(kwargs.items())))
-        if key not in _LOADED:
-            _LOADED[key] = _load_dataset(path, **kwargs)
-        return _LOADED[key]
-    return _load_dataset(dataset, **kwargs)
-
-
-def _load_dataset(dataset: str | Sequence[Sample] | Task, **kwargs) -> Task:
-    template = kwargs.pop("prompt_template", "{source}\n")
-    reward = kwargs.pop("default_reward", "rougeL")
     if isinstance(dataset, Task):
         return dataset
+    sources = dataset if isinstance(dataset, dict) else {None: dataset}
+    if not all(isinstance(v, (str, os.PathLike)) for v in sources.values()):
+        return _load_dataset(dataset, **kwargs)  # in-memory samples: nothing to cache by file
+    key = (
+        *(_file_stamp(k, v) for k, v in sorted(sources.items(), key=str)),
+        repr(sorted(kwargs.items())),
+    )
+    if key not in _LOADED:
+        _LOADED[key] = _load_dataset(dataset, **kwargs)
+    return _LOADED[key]
+
+
+def _file_stamp(split: str | None, source: str | os.PathLike) -> tuple:
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        return (split, path)
+    stat = os.stat(path)
+    return (split, os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+
+def _load_dataset(dataset: Sequence[Sample] | str | os.PathLike | dict, **kwargs) -> Task:
+    template = kwargs.pop("prompt_template", "{source}\n")
+    reward = kwargs.pop("default_reward", "rougeL")
+    fractions = kwargs.pop("split_fractions", None)
+    seed = kwargs.pop("split_seed", 0)
+    if isinstance(dataset, dict):  # separate files (or sample lists) per split
+        if set(dataset) != set(SPLITS):
+            raise ValueError(
+                f"A dataset dict needs exactly the splits {list(SPLITS)}, got {sorted(dataset)}."
+            )
+        if fractions is not None:
+            raise ValueError("split_fractions splits one file: give one path, not a dict.")
+        splits = {name: _load_samples(dataset[name], kwargs)[1] for name in SPLITS}
+        return task_from_samples(f"dataset {dataset['train']}", splits, template, reward)
+    name, samples = _load_samples(dataset, kwargs)
+    if fractions is not None:
+        return task_from_samples(name, split_samples(samples, fractions, seed), template, reward)
+    if name != "custom":
+        warnings.warn(
+            f"Dataset {name} serves the same {len(samples)} samples as train, validation and "
+            "test: pass dataset_kwargs={'split_fractions': (0.8, 0.1, 0.1)} for a seeded "
+            "held-out split, or dataset={'train': ..., 'validation': ..., 'test': ...} for "
+            "separate files.",
+            UserWarning,
+            stacklevel=5,
+        )
+    return task_from_samples(name, samples, template, reward)
+
+
+def _load_samples(dataset: Sequence[Sample] | str | os.PathLike, kwargs: dict) -> tuple:
+    """``(name, samples)`` of one file, hub dataset or list."""
     if isinstance(dataset, (list, tuple)):
-        return task_from_samples("custom", dataset, template, reward)
+        return "custom", _checked_samples("every split", dataset)
     path = os.fspath(dataset)
     if path.startswith("hf:"):
-        split = kwargs.pop("hf_split", "train")
-        samples = load_hf_dataset(path[3:], split, **kwargs)
-        return task_from_samples(path, samples, template, reward)
+        hub_kwargs = dict(kwargs)
+        split = hub_kwargs.pop("hf_split", "train")
+        return path, load_hf_dataset(path[3:], split, **hub_kwargs)
     if path.endswith(".jsonl"):
-        return task_from_samples(path, load_jsonl(path, **kwargs), template, reward)
+        return path, load_jsonl(path, **kwargs)
     if path.endswith(".csv"):
-        return task_from_samples(path, load_csv(path, **kwargs), template, reward)
-    raise ValueError(
-        f"Cannot load dataset {path!r}: give a .jsonl or .csv file, 'hf:NAME' for a Hugging Face "
-        "dataset, a list of textenvs.Sample, or a textenvs.tasks.Task."
-    )
+        return path, load_csv(path, **kwargs)
+    raise ValueError(_NOT_A_DATASET.format(path=path))
+
+
+_NOT_A_DATASET = (
+    "Cannot load dataset {path!r}: give a .jsonl or .csv file, 'hf:NAME' for a Hugging Face "
+    "dataset, a list of textenvs.Sample, a textenvs.tasks.Task, or a dict of those per split."
+)
