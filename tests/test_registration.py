@@ -69,3 +69,24 @@ def test_spawned_workers_make_the_ids_with_no_import_of_ours(env_id, switch_off)
     else:
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.startswith("ok (2,")
+
+
+@pytest.mark.slow
+def test_sb3_subproc_vec_env_from_a_fresh_interpreter():
+    """SB3's SubprocVecEnv (forkserver by default) from `python -c`, nothing of ours imported."""
+    pytest.importorskip("stable_baselines3")
+    code = textwrap.dedent(
+        """
+        from stable_baselines3.common.env_util import make_vec_env
+        from stable_baselines3.common.vec_env import SubprocVecEnv
+        venv = make_vec_env("textenvs/EditSummary-v0", n_envs=2, vec_env_cls=SubprocVecEnv,
+                            env_kwargs={"max_len": 8, "max_steps": 2, "k": 2})
+        obs = venv.reset()
+        venv.step([venv.action_space.sample() for _ in range(2)])
+        venv.close()
+        print("ok", obs.shape)
+        """
+    )
+    out = run_fresh(code)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ok (2,")
