@@ -90,3 +90,28 @@ def test_sb3_subproc_vec_env_from_a_fresh_interpreter():
     out = run_fresh(code)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ok (2,")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("context", [None, "fork", "forkserver", "spawn"])
+def test_async_vector_env_after_torch_work_in_the_parent_does_not_hang(context):
+    """Forked workers of a process whose torch thread pool ran used to deadlock in reset()."""
+    vector_kwargs = "" if context is None else f", vector_kwargs={{'context': {context!r}}}"
+    code = textwrap.dedent(
+        f"""
+        import torch, gymnasium as gym
+        x = torch.randn(256, 256)
+        for _ in range(20):
+            x = torch.tanh(x @ x)  # the parent's intra-op pool has run
+        envs = gym.make_vec("textenvs/Summarize-v0", num_envs=2, vectorization_mode="async",
+                            max_steps=2{vector_kwargs})
+        envs.reset(seed=0)
+        envs.step(envs.action_space.sample())
+        envs.close()
+        print("ok")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=240
+    )  # a regression fails here (TimeoutExpired) instead of hanging CI
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

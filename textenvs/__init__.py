@@ -11,6 +11,8 @@ that never import textenvs (opt out with ``TEXTENVS_NO_AUTOREGISTER=1``; gymnasi
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any
 
 from gymnasium.envs.registration import register, registry
@@ -34,6 +36,21 @@ EDIT_IDS = {
 }
 
 ENV_IDS: list[str] = []
+
+
+def _one_torch_thread_after_fork() -> None:
+    """A forked child of a process whose torch thread pool already ran deadlocks in its first
+    parallel op (the pool's threads do not survive a fork; GNU OpenMP waits for them). One intra-op
+    thread never enters that pool, so async vector envs work under gymnasium's default fork
+    context; PyTorch's DataLoader workers run with one thread for the same reason. Call
+    ``torch.set_num_threads`` in the child to change it."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; Windows has no fork
+    os.register_at_fork(after_in_child=_one_torch_thread_after_fork)
 
 
 def _register(env_id: str, entry_point: str, vector_entry_point: str, kwargs: dict) -> None:
