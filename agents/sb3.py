@@ -26,6 +26,16 @@ from agents.common import evaluate_policy
 from textenvs.vector import as_sb3_vec_env
 
 ALGOS = ("ppo", "maskable_ppo")
+POLICIES = ("mlp", "lm_prior")
+
+
+def __getattr__(name: str):
+    # ``from agents.sb3 import LMPriorPolicy`` without importing SB3 when this module loads
+    if name == "LMPriorPolicy":
+        from agents.lm_prior import LMPriorPolicy
+
+        return LMPriorPolicy
+    raise AttributeError(f"module 'agents.sb3' has no attribute {name!r}")
 
 
 @dataclass
@@ -34,6 +44,10 @@ class SB3Config:
 
     algo: str = "ppo"
     """``ppo`` (stable_baselines3.PPO) or ``maskable_ppo`` (sb3_contrib.MaskablePPO, edit envs)."""
+    policy: str = "mlp"
+    """``mlp`` (SB3's MlpPolicy) or ``lm_prior`` (:class:`agents.lm_prior.LMPriorPolicy`: starts at
+    the LM's distribution; generation envs with ``candidates_obs=True``, no observation
+    normalisation)."""
     num_envs: int = 8
     """Sub-envs of the batched vector env (one LM forward per step for all of them)."""
     n_steps: int = 64
@@ -64,6 +78,12 @@ class SB3Config:
     def validate(self) -> None:
         if self.algo not in ALGOS:
             raise ValueError(f"algo={self.algo!r} is not valid: choose one of {list(ALGOS)}.")
+        if self.policy not in POLICIES:
+            raise ValueError(
+                f"policy={self.policy!r} is not valid: choose one of {list(POLICIES)}."
+            )
+        if self.policy == "lm_prior" and self.algo != "ppo":
+            raise ValueError("policy='lm_prior' runs with algo='ppo' (generation envs).")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
         if self.num_envs < 1 or self.n_steps < 1 or self.batch_size < 1:
@@ -111,7 +131,12 @@ def build(env_id: str, config: SB3Config | None = None, **env_kwargs):
     """The SB3 model for ``env_id`` on its train split."""
     config = config or SB3Config()
     config.validate()
-    venv = make_vec_env(env_id, config.num_envs, "train", config.normalize_obs, **env_kwargs)
+    if config.policy == "lm_prior" and not env_kwargs.get("candidates_obs"):
+        raise ValueError(
+            "policy='lm_prior' reads the actions' log-probabilities from the observation: make "
+            "the env with candidates_obs=True (pass it in env_kwargs)."
+        )
+    venv = make_vec_env(env_id, config.num_envs, "train", normalizes(config), **env_kwargs)
     cls = _algo_class(config.algo)
     if config.algo == "maskable_ppo":
         try:
@@ -121,8 +146,11 @@ def build(env_id: str, config: SB3Config | None = None, **env_kwargs):
                 f"MaskablePPO needs action_masks(), which {env_id} does not have: use algo='ppo', "
                 "or an edit env."
             ) from e
+    policy = "MlpPolicy"
+    if config.policy == "lm_prior":
+        from agents.lm_prior import LMPriorPolicy as policy
     return cls(
-        "MlpPolicy",
+        policy,
         venv,
         n_steps=config.n_steps,
         batch_size=config.batch_size,
@@ -136,6 +164,12 @@ def build(env_id: str, config: SB3Config | None = None, **env_kwargs):
         tensorboard_log=config.tensorboard_log,
         verbose=0,
     )
+
+
+def normalizes(config: SB3Config) -> bool:
+    """Whether the model's env normalises observations (never under the LM-prior policy, whose
+    observation carries log-probabilities that must stay as they are)."""
+    return config.normalize_obs and config.policy != "lm_prior"
 
 
 def default_algo(env_id: str) -> str:
@@ -200,7 +234,7 @@ def save(model, path: str | Path, config: SB3Config, env_id: str, env_kwargs: di
 
     def write(folder: Path) -> None:
         model.save(folder / "model.zip")
-        if config.normalize_obs:
+        if normalizes(config):
             rms, venv = model.get_env().obs_rms, model.get_env()
             with open(folder / "obs_normalization.npz", "wb") as f:
                 np.savez(
@@ -242,7 +276,7 @@ def load(path: str | Path):
     meta = _read_meta(path / "sb3_config.json")
     config = SB3Config(**meta["config"])
     venv = make_vec_env(meta["env_id"], config.num_envs, "train", **meta["env_kwargs"])
-    if config.normalize_obs:
+    if normalizes(config):
         if not (path / "obs_normalization.npz").is_file():
             raise ValueError(
                 f"{path}: sb3_config.json says normalize_obs but obs_normalization.npz is missing; "
@@ -328,6 +362,13 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="default: maskable_ppo where the env offers action_masks() (edit envs), else ppo",
     )
+    p.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default="mlp",
+        help="lm_prior: start at the LM's distribution (PPO on generation envs; adds "
+        "candidates_obs=True to the env)",
+    )
     p.add_argument("--total-steps", type=int, default=20_000)
     p.add_argument("--k", type=int, default=4, help="top-k actions / tokens")
     p.add_argument("--max-steps", type=int, default=16, help="tokens / edits per episode at most")
@@ -338,8 +379,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-samples", type=int, default=200)
     args = p.parse_args(argv)
     env_kwargs = {"token_mode": "topk", "k": args.k, "max_steps": args.max_steps}
+    if args.policy == "lm_prior":
+        env_kwargs["candidates_obs"] = True
     config = SB3Config(
         algo=args.algo or default_algo(args.env_id),
+        policy=args.policy,
         num_envs=args.num_envs,
         seed=args.seed,
         tensorboard_log=args.tensorboard_log,

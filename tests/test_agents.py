@@ -293,3 +293,57 @@ def test_qlearning_cli_runs_on_any_gymnasium_env(tmp_path):
         ["--env-id", "CartPole-v1", "--total-steps", "300", "--eval-samples", "3", "--n-bits", "4"]
     )  # Box observations, discretized
     assert result["episodes"] == 3 and result["mean_return"] > 0
+
+
+@pytest.mark.parametrize("token_mode", ["topk", "vocab"])
+def test_lm_prior_policy_starts_exactly_at_the_lm(token_mode):
+    """At initialisation: the LM's distribution over the actions, and its greedy token."""
+    pytest.importorskip("stable_baselines3")
+    import torch
+
+    from agents import sb3
+
+    kwargs = {"token_mode": token_mode, "k": 4, "max_steps": 4, "candidates_obs": True}
+    config = sb3.SB3Config(policy="lm_prior", num_envs=2, n_steps=8, batch_size=8, n_epochs=1)
+    model = sb3.build("textenvs/Summarize-v0", config, **kwargs)
+    env = gym.make("textenvs/Summarize-v0", **kwargs)
+    obs, _ = env.reset(seed=0)
+    for _ in range(3):
+        logits = env.unwrapped.logits.float()
+        n = env.action_space.n
+        expected = torch.log_softmax(logits, -1)
+        if token_mode == "topk":
+            expected = torch.log_softmax(expected[torch.as_tensor(env.unwrapped.candidates)], -1)
+        dist = model.policy.get_distribution(torch.as_tensor(obs[None]))
+        np.testing.assert_allclose(
+            dist.distribution.logits[0].detach().numpy(), expected.numpy(), atol=1e-5
+        )
+        action = int(model.predict(obs, deterministic=True)[0])
+        assert action == (0 if token_mode == "topk" else int(logits.argmax()))
+        assert obs.shape == (
+            n + env.unwrapped.lm.hidden_size + (32 if token_mode == "topk" else 0),
+        )
+        obs, *_ = env.step(action)
+    model.learn(16)  # forward and evaluate_actions read the prior as well
+    with pytest.raises(ValueError, match="candidates_obs=True"):
+        sb3.build("textenvs/Summarize-v0", config, token_mode="topk", k=4)
+    with pytest.raises(ValueError, match="runs with algo='ppo'"):
+        sb3.SB3Config(policy="lm_prior", algo="maskable_ppo").validate()
+
+
+def test_lm_prior_policy_round_trips_through_a_checkpoint(tmp_path):
+    pytest.importorskip("stable_baselines3")
+    from agents import sb3
+
+    kwargs = {"token_mode": "topk", "k": 3, "max_steps": 3, "candidates_obs": True}
+    config = sb3.SB3Config(policy="lm_prior", num_envs=2, n_steps=8, batch_size=8, n_epochs=1)
+    model = sb3.build("textenvs/Summarize-v0", config, **kwargs)
+    model.learn(16)
+    sb3.save(model, tmp_path / "prior", config, "textenvs/Summarize-v0", kwargs)
+    assert not (tmp_path / "prior" / "obs_normalization.npz").exists()
+    loaded, _ = sb3.load(tmp_path / "prior")
+    obs = np.random.default_rng(0).standard_normal((5, model.observation_space.shape[0]))
+    obs = obs.astype(np.float32)
+    np.testing.assert_array_equal(
+        loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0]
+    )

@@ -231,3 +231,32 @@ def test_envs_share_one_model_copy():
         "textenvs/Summarize-v0",
         "textenvs/Translate-v0",
     ]
+
+
+@pytest.mark.parametrize("token_mode", ["topk", "vocab"])
+def test_candidates_obs_carries_what_the_actions_stand_for(token_mode):
+    import torch
+
+    env = TextGenerationEnv(
+        task="summarize", token_mode=token_mode, k=5, max_steps=4, candidates_obs=True
+    )
+    plain = TextGenerationEnv(task="summarize", token_mode=token_mode, k=5, max_steps=4)
+    obs, _ = env.reset(seed=1)
+    base, _ = plain.reset(seed=1)
+    d = env.lm.hidden_size
+    for _ in range(3):
+        assert env.observation_space.contains(obs)
+        np.testing.assert_array_equal(obs[:d], base)  # the hidden state comes first, unchanged
+        logprobs = torch.log_softmax(env.logits.float(), -1)
+        if token_mode == "topk":
+            ids = torch.as_tensor(env.candidates)
+            np.testing.assert_allclose(obs[-5:], logprobs[ids].numpy(), atol=1e-6)
+            features = env.lm.token_features(ids).flatten().numpy()
+            np.testing.assert_allclose(obs[d:-5], features, atol=1e-6)
+            assert obs.shape == (d + 9 * 5,)
+        else:
+            np.testing.assert_allclose(obs[d:], logprobs.numpy(), atol=1e-6)
+        obs, *_ = env.step(1)
+        base, *_ = plain.step(1)
+    with pytest.raises(ValueError, match="candidates_obs must be True or False"):
+        TextGenerationEnv(candidates_obs=1)

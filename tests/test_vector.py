@@ -517,3 +517,21 @@ def test_batched_infos_are_numeric_by_default_and_text_infos_adds_the_strings(en
     assert any("final_info" in a for a, _ in pairs)
     with pytest.raises(ValueError, match="text_infos must be True or False"):
         gym.make_vec(env_id, num_envs=2, text_infos="yes", **kwargs)
+
+
+@pytest.mark.parametrize("token_mode", ["topk", "vocab"])
+def test_batched_candidate_observations_equal_single_envs(token_mode):
+    kwargs = dict(task="summarize", max_steps=4, token_mode=token_mode, k=4, candidates_obs=True)
+    envs = GenerationVectorEnv(3, **kwargs)
+    singles = [GenerationVectorEnv.env_class(**kwargs) for _ in range(3)]
+    obs, _ = envs.reset(seed=5)
+    single = [env.reset(seed=5 + i)[0] for i, env in enumerate(singles)]
+    rng = np.random.default_rng(1)
+    for _ in range(6):
+        np.testing.assert_allclose(obs, np.stack(single), atol=1e-4)
+        actions = rng.integers(0, 4, size=3)
+        obs, _, terminated, truncated, infos = envs.step(actions)
+        single = []
+        for i, env in enumerate(singles):
+            o, _, te, tr, _ = env.step(int(actions[i]))
+            single.append(env.reset()[0] if te or tr else o)

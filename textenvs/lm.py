@@ -37,6 +37,7 @@ from textenvs import kvcache
 from textenvs.kvcache import TokenSequence
 
 TINY = "textenvs/tiny"
+CANDIDATE_FEATURES = 8  # numbers per candidate token in candidate observations
 BUILTIN_MODELS = {TINY: Path(__file__).parent / "models" / "tiny"}
 # The hub's legacy model ids without an organisation: the only bare names sent to the hub. Any
 # other bare name is taken for a local folder, so a typo fails at once instead of retrying a hub.
@@ -345,6 +346,18 @@ class LanguageModel:
             )
 
     @torch.inference_mode()
+    def token_features(self, ids, dim: int = CANDIDATE_FEATURES) -> torch.Tensor:
+        """``(len(ids), dim)`` float32: each token's output-embedding row, unit-normalised and
+        projected by a fixed Gaussian matrix (seed 0): what an agent sees of which token an action
+        stands for. The projection is made once per model."""
+        if getattr(self, "_projection", None) is None or self._projection.shape[1] != dim:
+            weight = self.model.get_output_embeddings().weight
+            generator = torch.Generator().manual_seed(0)
+            projection = torch.randn(weight.shape[1], dim, generator=generator)
+            self._projection = projection.to(weight.device, torch.float32)
+        rows = self.model.get_output_embeddings().weight[torch.as_tensor(ids, device=self.device)]
+        return torch.nn.functional.normalize(rows.float(), dim=-1) @ self._projection
+
     def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> str:
         """Greedy continuation of ``prompt_ids`` until EOS or ``max_new_tokens``; the decoded new
         text.

@@ -11,7 +11,7 @@ from gymnasium import spaces
 
 from textenvs.envs.base import TextEnv, finite_observation, renamed_argument, top_candidates
 from textenvs.kvcache import TokenSequence
-from textenvs.lm import TINY, LanguageModel
+from textenvs.lm import CANDIDATE_FEATURES, TINY, LanguageModel
 
 OBS_MODES = ("last", "mean")
 
@@ -37,6 +37,15 @@ class TextGenerationEnv(TextEnv):
     model's ``hidden_states`` (default -1: the final layer after its final norm).
     ``obs="last"``: the hidden state at the last position (the token just written, or the
     prompt's last token after reset). ``obs="mean"``: the mean over all positions, prompt included.
+
+    ``candidates_obs=True`` appends what the actions stand for, so an agent can act on the LM's
+    own preferences (``agents.sb3.LMPriorPolicy`` starts from them). Top-k mode:
+    ``(d + 9 k,)`` = the hidden state, then 8 numbers per candidate (its output-embedding row,
+    unit-normalised and projected by a fixed seeded Gaussian matrix,
+    :meth:`~textenvs.lm.LanguageModel.token_features`), then the k candidates' log-probabilities
+    under the LM (action order). Vocab mode: ``(d + V,)`` = the hidden state, then the LM's
+    log-probabilities of every token. The last ``action_space.n`` entries are always the actions'
+    log-probabilities.
 
     ## Rewards
     The task metric (``reward``: ``rouge1``, ``rouge2``, ``rougeL``, ``rougeLsum``, ``bleu``,
@@ -73,6 +82,7 @@ class TextGenerationEnv(TextEnv):
     * ``obs``: ``"last"`` or ``"mean"`` (above); ``layer``: which hidden state is observed.
     * ``token_mode``: ``"vocab"`` or ``"topk"`` (above); ``k``: candidates in top-k mode.
     * ``max_steps``: tokens per episode at most.
+    * ``candidates_obs``: append the candidates' features and log-probabilities (above).
     * ``device``, ``dtype``: where and in which precision the model runs.
     * ``render_mode``: None, ``"ansi"`` (``render()`` returns prompt and text) or
       ``"rgb_array"`` (the same text drawn into an image).
@@ -95,6 +105,7 @@ class TextGenerationEnv(TextEnv):
         obs: str = "last",
         token_mode: str = "vocab",
         max_steps: int = 32,
+        candidates_obs: bool = False,
         action_mode: str | None = None,
         max_new_tokens: int | None = None,
         **common: Any,
@@ -104,7 +115,15 @@ class TextGenerationEnv(TextEnv):
         super().__init__(model, obs=obs, token_mode=token_mode, max_steps=max_steps, **common)
         self._check_split_fits()
         self.action_space = spaces.Discrete(self.k if token_mode == "topk" else self.lm.vocab_size)
-        self.observation_space = spaces.Box(-np.inf, np.inf, (self.lm.hidden_size,), np.float32)
+        if not isinstance(candidates_obs, bool):
+            raise ValueError(f"candidates_obs must be True or False, got {candidates_obs!r}.")
+        self.candidates_obs = candidates_obs
+        size = self.lm.hidden_size
+        if candidates_obs:  # + features and log-probs of the k candidates, or V log-probs
+            size += (
+                (CANDIDATE_FEATURES + 1) * self.k if token_mode == "topk" else self.lm.vocab_size
+            )
+        self.observation_space = spaces.Box(-np.inf, np.inf, (size,), np.float32)
 
     @property
     def action_mode(self) -> str:
@@ -214,7 +233,16 @@ class TextGenerationEnv(TextEnv):
                 top_candidates(logits, self.k).cpu().numpy() if candidates is None else candidates
             )
         vec = last_hidden if self.obs_mode == "last" else self._hidden_sum / len(self._sequence)
-        return finite_observation(vec.to("cpu", torch.float32).numpy(), self.lm)
+        vec = vec.to("cpu", torch.float32)
+        if self.candidates_obs:
+            logprobs = torch.log_softmax(logits.float(), dim=-1)  # (V,)
+            if self.token_mode == "topk":
+                ids = torch.as_tensor(self.candidates, device=logprobs.device)
+                features = self.lm.token_features(ids).flatten()  # (k * CANDIDATE_FEATURES,)
+                vec = torch.cat([vec, features.cpu(), logprobs[ids].cpu()])
+            else:
+                vec = torch.cat([vec, logprobs.cpu()])
+        return finite_observation(vec.numpy(), self.lm)
 
     def _env_info(self) -> dict:
         return {"tokens": len(self.generated), "stop": self._stop}  # stop "": not ended
