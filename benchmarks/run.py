@@ -44,7 +44,10 @@ import numpy as np
 
 import textenvs
 
-AGENTS = ("random", "greedy", "qlearning", "ppo", "maskable_ppo", "token_ppo")
+AGENTS = ("random", "greedy", "qlearning", "ppo", "ppo_prior", "maskable_ppo", "token_ppo")
+# What the main job runs unless --agents says otherwise: SB3 PPO with the LM-prior policy stands
+# for SB3 on the generation envs (plain "ppo", an MLP from scratch, stays available).
+DEFAULT_AGENTS = ("random", "greedy", "qlearning", "ppo_prior", "maskable_ppo", "token_ppo")
 DEFAULT_ENVS = ("textenvs/Summarize-v0", "textenvs/Translate-v0", "textenvs/EditSummary-v0")
 
 
@@ -64,6 +67,17 @@ class Budget:
 
 
 PRESETS = {
+    # The main job: about 10 minutes on 2 CPU cores; 3 seeds x all 200 test samples, paired.
+    "default": Budget(
+        seeds=3,
+        q_steps=1500,
+        ppo_steps=2048,
+        token_ppo_episodes=1536,
+        eval_points=2,
+        eval_samples=200,
+        horizon=8,
+    ),
+    # A smoke run (the tests use it with --scale): the same agents, small budgets, 32 samples.
     "quick": Budget(
         seeds=3,
         q_steps=1500,
@@ -92,7 +106,7 @@ def applies(agent: str, env_id: str) -> bool:
     masked = default_algo(env_id) == "maskable_ppo"
     if agent == "maskable_ppo":
         return masked
-    if agent in ("ppo", "token_ppo"):
+    if agent in ("ppo", "ppo_prior", "token_ppo"):
         return not masked
     return True
 
@@ -173,12 +187,19 @@ def run_cell(
             budget.q_steps, callback=lambda s: record(s, greedy, test), callback_every=every
         )
         steps = budget.q_steps
-    elif agent in ("ppo", "maskable_ppo"):
+    elif agent in ("ppo", "ppo_prior", "maskable_ppo"):
         from agents import sb3
 
         config = sb3.SB3Config(
-            algo=agent, num_envs=budget.num_envs, seed=seed, n_steps=32, batch_size=64
+            algo="ppo" if agent == "ppo_prior" else agent,
+            policy="lm_prior" if agent == "ppo_prior" else "mlp",
+            num_envs=budget.num_envs,
+            seed=seed,
+            n_steps=32,
+            batch_size=64,
         )
+        if agent == "ppo_prior":
+            kwargs = {**kwargs, "candidates_obs": True}
         model_ = sb3.build(env_id, config, **kwargs)
         env = gym.make(env_id, split="test", **kwargs)  # the native space the SB3 model acts in
         policy = sb3.deterministic_policy(model_)
@@ -201,7 +222,7 @@ def run_cell(
                 seed=seed,
                 max_new_tokens=budget.horizon,
                 total_episodes=budget.token_ppo_episodes,
-                minibatch_size=8,
+                minibatch_size=16,
                 eval_samples=budget.eval_samples,
             )
         )
@@ -366,6 +387,31 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def verdict(rows: list[dict]) -> str:
+    """One sentence: which learning agents beat the greedy LM (95% CI of the paired difference
+    above zero), by how much, and where none did."""
+    learners = [r for r in rows if r["agent"] not in ("random", "greedy") and "vs_greedy" in r]
+    wins = [r for r in learners if r["vs_greedy"]["ci_low"] > 0]
+    below_random = [r for r in learners if "vs_random" in r and r["vs_random"]["ci_low"] <= 0]
+    envs = list(dict.fromkeys(r["env_id"].split("/")[-1] for r in learners))
+    if wins:
+        parts = [
+            f"{r['agent']} on {r['env_id'].split('/')[-1]} by {r['vs_greedy']['diff']:+.4f} "
+            f"(95% CI {r['vs_greedy']['ci_low']:+.4f}, {r['vs_greedy']['ci_high']:+.4f})"
+            for r in wins
+        ]
+        text = "Beat the greedy LM: " + "; ".join(parts)
+        lost = [e for e in envs if not any(r["env_id"].endswith(e) for r in wins)]
+        if lost:
+            text += f"; no agent beat it on {', '.join(lost)}"
+    else:
+        text = "No learning agent beat the greedy LM (no 95% CI of the difference above zero)"
+    if below_random:
+        names = ", ".join(f"{r['agent']} on {r['env_id'].split('/')[-1]}" for r in below_random)
+        text += f". Not above random (CI includes zero or below): {names}"
+    return text + "."
+
+
 def plot(cells: list[dict], rows: list[dict], out: Path) -> list[Path]:
     import matplotlib
 
@@ -449,12 +495,14 @@ def throughput_figures(model: str) -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="The textenvs benchmark suite (the main job).")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="3 seeds, small budgets (the default)")
+    mode.add_argument(
+        "--quick", action="store_true", help="a smoke run: small budgets, 32 test samples"
+    )
     mode.add_argument("--full", action="store_true", help="5 seeds, larger budgets")
     p.add_argument(
         "--env-id", nargs="+", default=list(DEFAULT_ENVS), help="any registered textenvs id"
     )
-    p.add_argument("--agents", nargs="+", default=list(AGENTS))
+    p.add_argument("--agents", nargs="+", default=list(DEFAULT_AGENTS), help=f"any of {AGENTS}")
     p.add_argument(
         "--model",
         default=textenvs.TINY,
@@ -503,7 +551,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def budget_for(args: argparse.Namespace) -> Budget:
-    budget = Budget(**asdict(PRESETS["full" if args.full else "quick"]))
+    preset = "full" if args.full else "quick" if args.quick else "default"
+    budget = Budget(**asdict(PRESETS[preset]))
     for name in (
         "seeds",
         "eval_samples",
@@ -672,6 +721,7 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "table.md").write_text(markdown_table(rows) + "\n")
     files = [out / "results.json", out / "table.md"] + (plot(cells, rows, out) if cells else [])
     print(markdown_table(rows))
+    print(verdict(rows))
     for f in files:
         print(f"wrote {f}")
     if interrupted:
