@@ -73,7 +73,7 @@ PRESETS = {
         q_steps=1500,
         ppo_steps=2048,
         token_ppo_episodes=1536,
-        eval_points=2,
+        eval_points=1,
         eval_samples=200,
         horizon=8,
     ),
@@ -531,6 +531,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default={},
         help="JSON of extra keyword arguments for every env, e.g. '{\"max_len\": 24}'",
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="cells run at once, each in a worker process with one torch thread (1: in this "
+        "process)",
+    )
     p.add_argument("--out", default="results/bench")
     p.add_argument(
         "--resume", action="store_true", help="keep the finished cells in --out and run the rest"
@@ -544,6 +551,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(
                 f"unknown env id {env_id!r}; registered textenvs ids: {', '.join(textenvs_ids)}"
             )
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     for agent in args.agents:
         if agent not in AGENTS:
             p.error(f"unknown agent {agent!r}; valid agents: {', '.join(AGENTS)}")
@@ -650,6 +659,43 @@ def load_cells(raw: Path) -> list[dict]:
     return cells
 
 
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_cells(todo: list[tuple], budget: Budget, args: argparse.Namespace, keep) -> None:
+    """Run the cells, ``args.jobs`` at a time, handing each finished cell to ``keep`` at once.
+
+    With more than one job every cell runs in a worker process with one torch thread (a cell is
+    seeded on its own, so its result does not depend on which worker runs it or when); a tiny
+    model's forward gains little from a second thread, so two one-thread jobs do nearly twice the
+    work of one two-thread job on 2 cores.
+    """
+    if args.jobs <= 1:
+        for agent, env_id, seed in todo:
+            keep(run_cell(agent, env_id, seed, budget, args.model, args.env_kwargs))
+        return
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_one_thread) as pool:
+        pending = {
+            pool.submit(run_cell, a, e, s, budget, args.model, args.env_kwargs) for a, e, s in todo
+        }
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    keep(future.result())
+        except KeyboardInterrupt:
+            for future in pending:
+                future.cancel()
+            raise
+
+
 def main(argv: list[str] | None = None) -> dict:
     from tqdm import tqdm
 
@@ -684,14 +730,16 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     interrupted = False
     with tqdm(total=len(todo) + len(done), initial=len(done), desc="suite", unit="cell") as bar:
+
+        def keep(cell: dict) -> None:
+            cells.append(cell)
+            with raw.open("a") as f:
+                f.write(json.dumps(cell) + "\n")
+            bar.set_postfix_str(f"{cell['agent']} {cell['env_id'].split('/')[-1]} done")
+            bar.update()
+
         try:
-            for agent, env_id, seed in todo:
-                bar.set_postfix_str(f"{agent} {env_id.split('/')[-1]} seed {seed}")
-                cell = run_cell(agent, env_id, seed, budget, args.model, args.env_kwargs)
-                cells.append(cell)
-                with raw.open("a") as f:
-                    f.write(json.dumps(cell) + "\n")
-                bar.update()
+            run_cells(todo, budget, args, keep)
         except KeyboardInterrupt:
             interrupted = True
             print(

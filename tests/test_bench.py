@@ -11,6 +11,8 @@ from benchmarks import run
 
 ARGS = [
     "--quick",
+    "--jobs",
+    "1",
     "--seeds",
     "2",
     "--scale",
@@ -27,7 +29,8 @@ ARGS = [
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "out"
-    report = run.main(ARGS + ["--out", str(out)])
+    # two worker processes, the main job's default: cells come back in any order
+    report = run.main(ARGS + ["--out", str(out), "--jobs", "2"])
     return out, report
 
 
@@ -327,6 +330,8 @@ def test_resume_refuses_another_budget_and_recovers_a_torn_line(tmp_path, monkey
     args = [
         "--seeds",
         "1",
+        "--jobs",
+        "1",
         "--no-throughput",
         "--agents",
         "random",
@@ -361,3 +366,26 @@ def test_memory_script_reports_the_dataset_cost():
     assert result["file_mb"] == pytest.approx(0.2, abs=0.01) and result["samples"] > 500
     for key in ("rss_added_mb", "rss_added_mb_builtin_task", "dataset_cost_mb"):
         assert np.isfinite(result[key][2])
+
+
+def test_verdict_names_the_agents_that_beat_the_greedy_lm():
+    def row(env, agent, greedy=None, random=None):
+        out = {"env_id": f"textenvs/{env}", "agent": agent}
+        for key, value in (("vs_greedy", greedy), ("vs_random", random)):
+            if value is not None:
+                out[key] = {"diff": value[0], "ci_low": value[1], "ci_high": value[2]}
+        return out
+
+    rows = [
+        row("Summarize-v0", "greedy"),
+        row("Summarize-v0", "token_ppo", (0.1, 0.05, 0.15), (0.2, 0.1, 0.3)),
+        row("Summarize-v0", "ppo_prior", (0.0, -0.01, 0.01), (0.1, 0.05, 0.15)),
+        row("Translate-v0", "token_ppo", (-0.01, -0.02, 0.0), (0.05, -0.01, 0.1)),
+    ]
+    text = run.verdict(rows)
+    assert text.startswith("Beat the greedy LM: token_ppo on Summarize-v0 by +0.1000")
+    assert "ppo_prior" not in text.split(";")[0]  # its CI includes zero: not a win
+    assert "no agent beat it on Translate-v0" in text
+    assert text.endswith("Not above random (CI includes zero or below): token_ppo on Translate-v0.")
+    none = run.verdict([rows[2]])
+    assert none.startswith("No learning agent beat the greedy LM")
