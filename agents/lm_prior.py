@@ -23,8 +23,12 @@ class LMPriorPolicy(ActorCriticPolicy):
     ``agents.sb3.build`` leaves it out for this policy.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, max_correction: float | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if max_correction is not None and not max_correction > 0:
+            raise ValueError(f"max_correction must be > 0 or None, got {max_correction!r}.")
+        # None: an unbounded correction; a number c bounds it to c * tanh(.), c nats from the LM
+        self.max_correction = max_correction
         n, size = int(self.action_space.n), int(self.observation_space.shape[-1])
         if size <= n:
             raise ValueError(
@@ -55,5 +59,8 @@ class LMPriorPolicy(ActorCriticPolicy):
         return obs[..., -int(self.action_space.n) :].float()  # (B, n) log-probabilities
 
     def _get_action_dist_from_latent(self, latent_pi: th.Tensor):
-        logits = self.action_net(latent_pi) + self._prior  # (B, n)
+        correction = self.action_net(latent_pi)  # (B, n)
+        if self.max_correction is not None:
+            correction = self.max_correction * th.tanh(correction / self.max_correction)
+        logits = correction + self._prior
         return self.action_dist.proba_distribution(action_logits=logits)

@@ -61,6 +61,7 @@ class Budget:
     token_ppo_episodes: int
     eval_points: int
     eval_samples: int
+    prior_steps: int = 0  # SB3 PPO with the LM-prior policy (0: as ppo_steps)
     horizon: int = 12
     k: int = 4
     num_envs: int = 8
@@ -74,6 +75,7 @@ PRESETS = {
         ppo_steps=2048,
         token_ppo_episodes=1536,
         eval_points=1,
+        prior_steps=8192,
         eval_samples=200,
         horizon=8,
     ),
@@ -92,6 +94,7 @@ PRESETS = {
         q_steps=8000,
         ppo_steps=16000,
         token_ppo_episodes=1024,
+        prior_steps=32768,
         eval_points=5,
         eval_samples=100,
     ),
@@ -199,17 +202,21 @@ def run_cell(
             batch_size=64,
         )
         if agent == "ppo_prior":
+            # a smaller step than from scratch: the policy starts at the LM, and larger steps
+            # overshoot (lr 2e-3 rose above greedy, then fell below it)
+            config.learning_rate = 1e-4
             kwargs = {**kwargs, "candidates_obs": True}
         model_ = sb3.build(env_id, config, **kwargs)
         env = gym.make(env_id, split="test", **kwargs)  # the native space the SB3 model acts in
         policy = sb3.deterministic_policy(model_)
 
         record(0, policy, env)
-        per_point = budget.ppo_steps // budget.eval_points
+        total = budget.prior_steps if agent == "ppo_prior" else budget.ppo_steps
+        per_point = total // budget.eval_points
         for point in range(budget.eval_points):
             model_.learn(per_point, reset_num_timesteps=False)
             record((point + 1) * per_point, policy, env)
-        steps = budget.ppo_steps
+        steps = total
     elif agent == "token_ppo":
         from agents.token_ppo import TokenPPO, TokenPPOConfig
 
@@ -523,6 +530,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--ppo-steps", type=int, help="override the preset's SB3 PPO / MaskablePPO steps"
     )
     p.add_argument(
+        "--prior-steps", type=int, help="override the preset's steps of PPO with the LM prior"
+    )
+    p.add_argument(
         "--token-ppo-episodes", type=int, help="override the preset's token-PPO episodes"
     )
     p.add_argument(
@@ -568,16 +578,19 @@ def budget_for(args: argparse.Namespace) -> Budget:
         "eval_points",
         "q_steps",
         "ppo_steps",
+        "prior_steps",
         "token_ppo_episodes",
     ):
         if getattr(args, name):
             setattr(budget, name, getattr(args, name))
-    for name in ("q_steps", "ppo_steps", "token_ppo_episodes"):
+    budget.prior_steps = budget.prior_steps or budget.ppo_steps
+    for name in ("q_steps", "ppo_steps", "prior_steps", "token_ppo_episodes"):
         setattr(budget, name, max(1, int(getattr(budget, name) * args.scale)))
     if args.scale < 1:
-        budget.ppo_steps = max(
-            budget.ppo_steps, budget.num_envs * 32 * budget.eval_points
-        )  # one SB3 rollout a point
+        for name in ("ppo_steps", "prior_steps"):  # one SB3 rollout a point
+            setattr(
+                budget, name, max(getattr(budget, name), budget.num_envs * 32 * budget.eval_points)
+            )
         budget.token_ppo_episodes = max(budget.token_ppo_episodes, 4)
     return budget
 

@@ -347,3 +347,35 @@ def test_lm_prior_policy_round_trips_through_a_checkpoint(tmp_path):
     np.testing.assert_array_equal(
         loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0]
     )
+
+
+def test_lm_prior_policy_bounds_its_correction():
+    pytest.importorskip("stable_baselines3")
+    import torch
+
+    from agents import sb3
+
+    kwargs = {"token_mode": "topk", "k": 4, "max_steps": 3, "candidates_obs": True}
+    config = sb3.SB3Config(
+        policy="lm_prior",
+        num_envs=2,
+        n_steps=8,
+        batch_size=8,
+        policy_kwargs={"max_correction": 0.5},
+    )
+    model = sb3.build("textenvs/Summarize-v0", config, **kwargs)
+    with torch.no_grad():
+        model.policy.action_net.bias.fill_(100.0)  # a huge correction is squashed to 0.5 nats
+    obs = torch.as_tensor(
+        np.random.default_rng(0).standard_normal((3, model.observation_space.shape[0])),
+        dtype=torch.float32,
+    )
+    logits = model.policy.get_distribution(obs).distribution.logits
+    expected = torch.log_softmax(obs[:, -4:] + 0.5, -1)
+    np.testing.assert_allclose(logits.detach().numpy(), expected.numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="max_correction must be > 0"):
+        sb3.build(
+            "textenvs/Summarize-v0",
+            sb3.SB3Config(policy="lm_prior", policy_kwargs={"max_correction": 0}),
+            **kwargs,
+        )
