@@ -1,14 +1,17 @@
 """The benchmark suite, the project's main job: agents x environments x seeds, tables and plots.
 
-``python -m benchmarks.run --quick`` (or ``textenvs-bench --quick``) runs every agent on
-Summarize, Translate and EditSummary for 3 seeds with small fixed budgets (under 10 minutes on
-2 CPU cores with the tiny model); ``--full`` uses 5 seeds and larger budgets. Each cell (agent, env,
-seed) trains with a fixed step budget and evaluates the greedy / deterministic policy on the test
-split at evenly spaced points, giving a learning curve (task metric vs environment steps).
+``python -m benchmarks.run`` (or ``textenvs-bench``) runs every agent on Summarize, Translate and
+EditSummary for 3 seeds on all 200 test samples, two cells at a time (about 8 minutes on 2 CPU
+cores with the tiny model); ``--quick`` is a smoke run with small budgets and 32 test samples,
+``--full`` uses 5 seeds and larger budgets. Each cell (agent, env, seed) trains with a fixed step
+budget and evaluates the greedy / deterministic policy on the test split at the start and at
+evenly spaced points, giving a learning curve (task metric vs environment steps). The run ends
+with one sentence naming the agents that beat the greedy LM and by how much.
 
 Agents: ``random`` (uniform over valid actions) and ``greedy`` (the LM's top token; for edit envs,
 stop on the LM's draft) as baselines, ``qlearning`` (tabular, hashed hidden states), ``ppo``
-(SB3, envs without action masks: generation), ``maskable_ppo`` (sb3-contrib, envs with
+(SB3 with an MLP policy, generation envs), ``ppo_prior`` (SB3 PPO with
+:class:`agents.lm_prior.LMPriorPolicy`: starts at the LM), ``maskable_ppo`` (sb3-contrib, envs with
 ``action_masks()``: editing), ``token_ppo`` (the LM is the policy, generation envs). An agent that
 does not apply to an env is skipped. Agents see the envs through the Gymnasium API and the env ->
 agent contract only (``info["metric"]``, ``action_masks()``, the documented keyword arguments).
