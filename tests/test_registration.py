@@ -115,3 +115,16 @@ def test_async_vector_env_after_torch_work_in_the_parent_does_not_hang(context):
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=240
     )  # a regression fails here (TimeoutExpired) instead of hanging CI
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_a_broken_textenvs_never_breaks_import_gymnasium(tmp_path):
+    """The hook runs in every process that imports gymnasium: a failing import of ours warns."""
+    broken = tmp_path / "textenvs"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise RuntimeError('half-installed')\n")
+    code = "import gymnasium as gym; print('ok', 'CartPole-v1' in gym.registry)"
+    out = run_fresh(code, PYTHONPATH=str(tmp_path))  # shadows the installed package
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok True"
+    assert "textenvs could not register its Gymnasium ids" in out.stderr
+    assert "half-installed" in out.stderr
