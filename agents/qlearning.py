@@ -48,6 +48,11 @@ class QLearningConfig:
     """Restrict exploration and the greedy choice to ``env.action_masks()`` when the env has it."""
     require_action_masks: bool = False
     """Fail at construction when the env offers no ``action_masks()``."""
+    lm_prior: float = 0.0
+    """Weight of the LM's log-probabilities of the actions in every greedy choice (generation envs
+    in top-k mode, read from their documented ``candidates`` and ``logits``); 0 turns it off. The
+    agent then starts as the greedy LM, and unvisited states and ties follow the LM instead of a
+    coin."""
     seed: int = 0
     """Seed of exploration and of the env resets."""
 
@@ -56,6 +61,8 @@ class QLearningConfig:
             raise ValueError(f"learning_rate must be in (0, 1], got {self.learning_rate}.")
         if not (0 <= self.gamma <= 1):
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}.")
+        if not (0 <= self.lm_prior <= 1000):
+            raise ValueError(f"lm_prior must be in [0, 1000], got {self.lm_prior}.")
         for name in ("epsilon_start", "epsilon_end", "epsilon_decay_fraction"):
             value = getattr(self, name)
             if not (0 <= value <= 1):
@@ -113,6 +120,11 @@ class QLearning:
                 f"require_action_masks=True but {env} has no action_masks(): wrap an edit env with "
                 "textenvs.wrappers.FlattenEditActions, or set require_action_masks=False."
             )
+        if self.config.lm_prior and getattr(env.unwrapped, "token_mode", None) != "topk":
+            raise ValueError(
+                f"lm_prior={self.config.lm_prior} needs a generation env in top-k mode (its "
+                "actions are the LM's candidates); set lm_prior=0 for other envs."
+            )
         self.q = np.full((self.n_states, self.n_actions), self.config.initial_q, dtype=np.float64)
         self.rng = np.random.default_rng(self.config.seed)
         self.steps = 0
@@ -122,16 +134,34 @@ class QLearning:
         decay = max(1, int(c.epsilon_decay_fraction * total_steps))
         return c.epsilon_end + (c.epsilon_start - c.epsilon_end) * max(0.0, 1 - step / decay)
 
-    def act(self, state: int, epsilon: float = 0.0, mask: np.ndarray | None = None) -> int:
+    def act(
+        self,
+        state: int,
+        epsilon: float = 0.0,
+        mask: np.ndarray | None = None,
+        env: gym.Env | None = None,
+    ) -> int:
+        """Epsilon-greedy over the valid actions; ``env``: the env the state is from (for the LM
+        prior; default the training env)."""
         valid = (
             np.flatnonzero(mask) if mask is not None and mask.any() else np.arange(self.n_actions)
         )
         if self.rng.random() < epsilon:
             return int(self.rng.choice(valid))
         values = self.q[state, valid]
+        if self.config.lm_prior:
+            values = values + self.config.lm_prior * self._lm_logprobs(env or self.env)[valid]
         return int(
             valid[self.rng.choice(np.flatnonzero(values == values.max()))]
         )  # random tie-break
+
+    def _lm_logprobs(self, env: gym.Env) -> np.ndarray:
+        """``(n_actions,)``: the LM's log-probabilities of ``env``'s current top-k candidates."""
+        import torch
+
+        env = env.unwrapped
+        logprobs = torch.log_softmax(env.logits.float(), dim=-1)
+        return logprobs[torch.as_tensor(env.candidates, device=logprobs.device)].cpu().numpy()
 
     def _mask(self) -> np.ndarray | None:
         return np.asarray(self.masks(), dtype=bool) if self.masks is not None else None
@@ -191,8 +221,9 @@ class QLearning:
 
         Returns mean return, mean task metric (when the env reports one) and the episode count.
         """
+        env = env or self.env
         return evaluate_policy(
-            env or self.env, lambda s, mask: self.act(s, 0.0, mask), episodes, seed, max_samples
+            env, lambda s, mask: self.act(s, 0.0, mask, env), episodes, seed, max_samples
         )
 
     def save(self, path: str | Path) -> Path:

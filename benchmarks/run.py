@@ -185,8 +185,10 @@ def run_cell(
         }  # the helper sets those
         train = make_tabular_env(env_id, "train", budget.k, "hash", 6, 64, seed, n_fit=256, **rest)
         test = make_tabular_env(env_id, "test", budget.k, "hash", 6, 64, seed, fitted=train, **rest)
-        learner = QLearning(train, QLearningConfig(seed=seed))
-        greedy = lambda obs, mask: learner.act(obs, 0.0, mask)  # noqa: E731
+        # the LM's log-probabilities break ties where the actions are its candidates
+        prior = 0.0 if textenvs.is_edit_env(env_id) else 0.01
+        learner = QLearning(train, QLearningConfig(seed=seed, lm_prior=prior))
+        greedy = lambda obs, mask: learner.act(obs, 0.0, mask, test)  # noqa: E731
         record(0, greedy, test)
         every = max(1, budget.q_steps // budget.eval_points)
         learner.learn(

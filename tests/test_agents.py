@@ -379,3 +379,22 @@ def test_lm_prior_policy_bounds_its_correction():
             sb3.SB3Config(policy="lm_prior", policy_kwargs={"max_correction": 0}),
             **kwargs,
         )
+
+
+def test_qlearning_with_the_lm_prior_starts_as_the_greedy_lm():
+    env = make_tabular_env(
+        "textenvs/Summarize-v0", "test", 3, "hash", 6, 8, 0, n_fit=32, max_steps=4
+    )
+    agent = QLearning(env, QLearningConfig(lm_prior=0.01))
+    plain = QLearning(env, QLearningConfig(seed=1))
+    lm = gym.make("textenvs/Summarize-v0", split="test", token_mode="topk", k=3, max_steps=4)
+    greedy = evaluate_policy(lm, lambda obs, mask: 0, max_samples=6)
+    assert agent.evaluate(max_samples=6)["metrics"] == greedy["metrics"]  # Q = 0: the LM decides
+    assert plain.evaluate(max_samples=6)["metrics"] != greedy["metrics"]  # Q = 0: coin flips
+    agent.q[:, 2] = 1.0  # a learned preference outweighs the prior
+    state, _ = env.reset(seed=0)
+    assert agent.act(state, 0.0, None, env) == 2
+    with pytest.raises(ValueError, match="lm_prior=0.01 needs a generation env in top-k mode"):
+        QLearning(gym.make("FrozenLake-v1"), QLearningConfig(lm_prior=0.01))
+    with pytest.raises(ValueError, match="lm_prior must be in"):
+        QLearningConfig(lm_prior=-1).validate()
