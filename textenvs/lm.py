@@ -24,6 +24,7 @@ it, and compute log-probabilities for a gradient step with a separate forward.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -345,19 +346,23 @@ class LanguageModel:
                 "/ max_len, or use a model with a longer context."
             )
 
-    @torch.inference_mode()
-    def token_features(self, ids, dim: int = CANDIDATE_FEATURES) -> torch.Tensor:
-        """``(len(ids), dim)`` float32: each token's output-embedding row, unit-normalised and
-        projected by a fixed Gaussian matrix (seed 0): what an agent sees of which token an action
-        stands for. The projection is made once per model."""
-        if getattr(self, "_projection", None) is None or self._projection.shape[1] != dim:
-            weight = self.model.get_output_embeddings().weight
-            generator = torch.Generator().manual_seed(0)
-            projection = torch.randn(weight.shape[1], dim, generator=generator)
-            self._projection = projection.to(weight.device, torch.float32)
-        rows = self.model.get_output_embeddings().weight[torch.as_tensor(ids, device=self.device)]
-        return torch.nn.functional.normalize(rows.float(), dim=-1) @ self._projection
+    @functools.cached_property
+    def _feature_projection(self) -> torch.Tensor:
+        """``(d, CANDIDATE_FEATURES)``: the fixed Gaussian matrix (seed 0) of token_features."""
+        weight = self.model.get_output_embeddings().weight
+        generator = torch.Generator().manual_seed(0)
+        projection = torch.randn(weight.shape[1], CANDIDATE_FEATURES, generator=generator)
+        return projection.to(weight.device, torch.float32)
 
+    @torch.inference_mode()
+    def token_features(self, ids) -> torch.Tensor:
+        """``(len(ids), CANDIDATE_FEATURES)`` float32: each token's output-embedding row,
+        unit-normalised and projected by a fixed Gaussian matrix (seed 0): what an agent sees of
+        which token an action stands for."""
+        rows = self.model.get_output_embeddings().weight[torch.as_tensor(ids, device=self.device)]
+        return torch.nn.functional.normalize(rows.float(), dim=-1) @ self._feature_projection
+
+    @torch.inference_mode()
     def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> str:
         """Greedy continuation of ``prompt_ids`` until EOS or ``max_new_tokens``; the decoded new
         text.
