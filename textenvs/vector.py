@@ -19,16 +19,16 @@ Autoreset: ``autoreset_mode="SameStep"`` (the default here, what Stable-Baseline
 sub-env that ends is reset inside the same ``step``; the returned observation is the new
 episode's first, and ``infos["final_obs"]`` / ``infos["final_info"]`` hold the last
 observation and info of the episode that ended (masked by ``infos["_final_obs"]``).
+``autoreset_mode="NextStep"`` (gymnasium's default for its own vector envs): the step that ends an
+episode returns its last observation, and the next ``step`` resets that sub-env, ignoring its
+action and returning reward 0. A finished sub-env's cache is dropped when it resets, so memory
+stays flat however long the run.
 
 Infos: numbers and booleans only by default (``index``, ``metric``, ``score``, ``tokens``,
 ``edits``, ...), because TorchRL's ``GymWrapper`` and other array-based clients cannot stack
 strings. ``text_infos=True`` adds the sub-envs' string keys (``prompt``, ``text``, ``reference``,
 ``metric_name``, ``stop``, ``op``), exactly as gymnasium's ``SyncVectorEnv`` over single envs
 reports them; the current texts are also ``envs.get_attr("text")`` at any time.
-``autoreset_mode="NextStep"`` (gymnasium's default for its own vector envs): the step that ends an
-episode returns its last observation, and the next ``step`` resets that sub-env, ignoring its
-action and returning reward 0. A finished sub-env's cache is dropped when it resets, so memory
-stays flat however long the run.
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ class BatchedTextVectorEnv(VectorEnv):
         text_infos: bool = False,
         **env_kwargs: Any,
     ) -> None:
-        self.text_infos = text_infos
         if not (isinstance(num_envs, (int, np.integer)) and num_envs >= 1):
             raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}.")
         mode = AutoresetMode(autoreset_mode)
@@ -273,14 +272,8 @@ class GenerationVectorEnv(BatchedTextVectorEnv):
 
     env_class = TextGenerationEnv
 
-    def __init__(
-        self,
-        num_envs: int = 1,
-        autoreset_mode: str | AutoresetMode = AutoresetMode.SAME_STEP,
-        text_infos: bool = False,
-        **env_kwargs: Any,
-    ) -> None:
-        super().__init__(num_envs, autoreset_mode, text_infos, **env_kwargs)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # the arguments of the base class
+        super().__init__(*args, **kwargs)
         self.batch = LockstepBatch(self.lm, self.num_envs)
 
     def _reset_envs(
