@@ -50,7 +50,7 @@ class QLearningConfig:
     """Fail at construction when the env offers no ``action_masks()``."""
     lm_prior: float = 0.0
     """Weight of the LM's log-probabilities of the actions in every greedy choice (generation envs
-    in top-k mode, read from their documented ``candidates`` and ``logits``); 0 turns it off. The
+    in top-k mode, from their documented ``action_logprobs()``); 0 turns it off. The
     agent then starts as the greedy LM, and unvisited states and ties follow the LM instead of a
     coin."""
     seed: int = 0
@@ -150,18 +150,11 @@ class QLearning:
             return int(self.rng.choice(valid))
         values = self.q[state, valid]
         if self.config.lm_prior:
-            values = values + self.config.lm_prior * self._lm_logprobs(env or self.env)[valid]
+            prior = (env or self.env).unwrapped.action_logprobs()
+            values = values + self.config.lm_prior * prior[valid]
         return int(
             valid[self.rng.choice(np.flatnonzero(values == values.max()))]
         )  # random tie-break
-
-    def _lm_logprobs(self, env: gym.Env) -> np.ndarray:
-        """``(n_actions,)``: the LM's log-probabilities of ``env``'s current top-k candidates."""
-        import torch
-
-        env = env.unwrapped
-        logprobs = torch.log_softmax(env.logits.float(), dim=-1)
-        return logprobs[torch.as_tensor(env.candidates, device=logprobs.device)].cpu().numpy()
 
     def _mask(self) -> np.ndarray | None:
         return np.asarray(self.masks(), dtype=bool) if self.masks is not None else None

@@ -256,6 +256,8 @@ def test_candidates_obs_carries_what_the_actions_stand_for(token_mode):
             assert obs.shape == (d + 9 * 5,)
         else:
             np.testing.assert_allclose(obs[d:], logprobs.numpy(), atol=1e-6)
+        n = env.action_space.n
+        np.testing.assert_array_equal(env.action_logprobs(), obs[-n:])  # what agents read
         obs, *_ = env.step(1)
         base, *_ = plain.step(1)
     with pytest.raises(ValueError, match="candidates_obs must be True or False"):

@@ -235,14 +235,22 @@ class TextGenerationEnv(TextEnv):
         vec = last_hidden if self.obs_mode == "last" else self._hidden_sum / len(self._sequence)
         vec = vec.to("cpu", torch.float32)
         if self.candidates_obs:
-            logprobs = torch.log_softmax(logits.float(), dim=-1)  # (V,)
-            if self.token_mode == "topk":
-                ids = torch.as_tensor(self.candidates, device=logprobs.device)
-                features = self.lm.token_features(ids).flatten()  # (k * CANDIDATE_FEATURES,)
-                vec = torch.cat([vec, features.cpu(), logprobs[ids].cpu()])
-            else:
-                vec = torch.cat([vec, logprobs.cpu()])
+            parts = [vec]
+            if self.token_mode == "topk":  # (k * CANDIDATE_FEATURES,)
+                parts.append(self.lm.token_features(self.candidates).flatten().cpu())
+            vec = torch.cat([*parts, self._action_logprobs(logits).cpu()])
         return finite_observation(vec.numpy(), self.lm)
+
+    def action_logprobs(self) -> np.ndarray:
+        """``(action_space.n,)`` float32: the LM's log-probabilities of the actions at the current
+        position (the top-k candidates in action order, or every token); an agent's LM prior."""
+        return self._action_logprobs(self.logits).cpu().numpy()
+
+    def _action_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # (V,)
+        if self.token_mode == "topk":
+            return logprobs[torch.as_tensor(self.candidates, device=logprobs.device)]  # (k,)
+        return logprobs
 
     def _env_info(self) -> dict:
         return {"tokens": len(self.generated), "stop": self._stop}  # stop "": not ended
