@@ -217,7 +217,8 @@ class TextEnv(gym.Env):
                 f"{self.lm.name!r} ({self.lm.max_positions} positions): lower {budget_name}."
             )
         lengths = prompt_lengths(self.task, self.split, self.lm)
-        over = np.flatnonzero(lengths + budget > self.lm.max_positions)
+        fits = lengths + budget <= self.lm.max_positions
+        over = np.flatnonzero(~fits)
         if not len(over):
             return
         line = getattr(self.samples, "line_of", None)
@@ -237,9 +238,7 @@ class TextEnv(gym.Env):
                 "a model with a longer context."
             )
         warnings.warn(f"{what}; skipped (too_long='skip').", UserWarning, stacklevel=4)
-        self.samples = SampleSubset(
-            self.samples, np.flatnonzero(lengths + budget <= self.lm.max_positions)
-        )
+        self.samples = SampleSubset(self.samples, np.flatnonzero(fits))
 
     def _largest_k(self) -> int:
         """The most candidates top-k mode can propose (the rows of the LM head)."""
