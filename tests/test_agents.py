@@ -179,6 +179,13 @@ def test_a_qlearning_save_holds_the_env_and_discretizer(tmp_path, method):
     np.savez(tmp_path / "bad.npz", **fields)
     with pytest.raises(ValueError, match="bad.npz: discretizer field 'mean'"):
         QLearning.load(tmp_path / "bad.npz")
+    for env_field, match in (("{not json", "field 'env' is not JSON"), ("[1]", "field 'env' is")):
+        with np.load(path) as data:
+            fields = dict(data)
+        fields["env"] = env_field
+        np.savez(tmp_path / "bad_env.npz", **fields)
+        with pytest.raises(ValueError, match=match):
+            QLearning.load(tmp_path / "bad_env.npz")
 
 
 def test_a_qlearning_save_of_an_unrebuildable_env_asks_for_it(tmp_path):
@@ -329,6 +336,8 @@ def test_lm_prior_policy_starts_exactly_at_the_lm(token_mode):
         sb3.build("textenvs/Summarize-v0", config, token_mode="topk", k=4)
     with pytest.raises(ValueError, match="runs with algo='ppo'"):
         sb3.SB3Config(policy="lm_prior", algo="maskable_ppo").validate()
+    with pytest.raises(ValueError, match="policy='cnn' is not valid"):
+        sb3.SB3Config(policy="cnn").validate()
 
 
 def test_lm_prior_policy_round_trips_through_a_checkpoint(tmp_path):

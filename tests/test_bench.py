@@ -117,6 +117,7 @@ def test_interrupt_keeps_finished_cells(tmp_path, monkeypatch):
     [
         (["--env-id", "textenvs/Nope-v0"], "registered textenvs ids"),
         (["--agents", "dqn"], "valid agents"),
+        (["--jobs", "0"], "--jobs must be >= 1"),
     ],
 )
 def test_bad_names_list_the_valid_ones(argv, match, capsys):

@@ -405,6 +405,8 @@ def test_flat_actions_equal_the_flatten_wrapper(token_mode):
         flat.step(flat.codec.n)
     with pytest.raises(ValueError, match="made without flat_actions=True"):
         FlattenEditActions(flat)
+    with pytest.raises(ValueError, match="flat_actions must be True or False"):
+        TextEditEnv(flat_actions="yes", **kwargs)
 
 
 def test_flat_actions_in_the_batched_env_give_n_by_n_masks_for_maskable_ppo():
