@@ -25,10 +25,13 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
+import importlib
 import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +113,17 @@ class TokenPPOConfig:
     """Checkpoint every this many iterations (0: only at the end)."""
     tensorboard_log: str | None = None
     """TensorBoard log folder (None: no logging)."""
+    lora_r: int = 0
+    """LoRA rank (peft); 0 trains every weight. With LoRA the reference is the base model with the
+    adapter switched off (no second copy of the weights) and checkpoints hold the adapter."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_r``)."""
+    lora_target_modules: str | None = None
+    """Comma-separated names of the modules LoRA adapts (None: peft's default for the model type,
+    ``c_attn`` for GPT-2)."""
+    mixed_precision: str = "no"
+    """``no``, ``bf16`` or ``fp16`` (autocast through accelerate; fp16 needs CUDA). Under
+    ``accelerate launch``, ``no`` leaves the choice to the launcher's ``--mixed_precision``."""
 
     def validate(self) -> None:
         for name in (
@@ -126,6 +140,14 @@ class TokenPPOConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}.")
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0 (0: no LoRA), got {self.lora_r}.")
+        if self.lora_r and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}.")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(
+                f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}."
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,23 +155,44 @@ class TokenPPOConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def _local(x: torch.Tensor) -> torch.Tensor:
+    """The reduction over processes when there is one process: nothing to add."""
+    return x
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, reduce=_local) -> torch.Tensor:
+    """Mean over the masked entries; ``reduce`` sums a tensor over the processes of a data-parallel
+    run, which makes it the mean over every process's entries (no gradient flows through it).
+    """
+    return reduce((x * mask).sum()) / reduce(mask.sum()).clamp(min=1)
+
+
+def masked_share(x: torch.Tensor, mask: torch.Tensor, total: torch.Tensor, world: int):
+    """This process's share of the mean over the masked entries of all ``world`` processes:
+    ``world * sum(x * mask) / total``, where ``total`` is the mask's sum over all processes.
+
+    Data-parallel engines average gradients over the processes, so the averaged gradient is that of
+    the global masked mean, whatever each process's token count; with one process it is
+    :func:`masked_mean`.
+    """
+    return (x * mask).sum() / total.clamp(min=1) * world
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, reduce=_local) -> torch.Tensor:
     """Unbiased variance over the masked entries (as TRL's ``masked_var``)."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = masked_mean((x - mean) ** 2, mask)
+    mean = masked_mean(x, mask, reduce)
+    n = reduce(mask.sum())
+    var = masked_mean((x - mean) ** 2, mask, reduce)
     return var * n / (n - 1).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce=_local
+) -> torch.Tensor:
     """``(x - mean) / std`` over the masked entries; the mean is added back when ``shift_mean`` is
     False.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = masked_mean(x, mask, reduce), masked_var(x, mask, reduce)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return out if shift_mean else out + mean
 
@@ -188,13 +231,17 @@ def clipped_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip: float,
+    mean=masked_mean,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate (to minimise) and the fraction of tokens where the clip is active."""
+    """PPO's clipped surrogate (to minimise) and the fraction of tokens where the clip is active.
+
+    ``mean(x, mask)`` averages over the tokens (a :func:`masked_share` in data-parallel runs).
+    """
     ratio = torch.exp(logp - old_logp)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    loss = mean(torch.maximum(unclipped, clipped), mask)
+    clipfrac = mean((clipped > unclipped).float(), mask)
     return loss, clipfrac
 
 
@@ -204,15 +251,20 @@ def clipped_value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip: float,
+    mean=masked_mean,
 ) -> torch.Tensor:
     """``0.5 * max((v - R)^2, (clip(v, v_old +- c) - R)^2)`` averaged over the mask."""
     clipped = old_values + torch.clamp(values - old_values, -clip, clip)
-    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    return 0.5 * mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
-def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
-    var = masked_var(target, mask)
-    return float("nan") if var == 0 else float(1 - masked_var(target - predicted, mask) / var)
+def explained_variance(
+    predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, reduce=_local
+) -> float:
+    var = masked_var(target, mask, reduce)
+    return (
+        float("nan") if var == 0 else float(1 - masked_var(target - predicted, mask, reduce) / var)
+    )
 
 
 class AdaptiveKLController:
@@ -247,16 +299,27 @@ class Rollout:
 
 @torch.no_grad()
 def collect_rollout(
-    envs, value_head: torch.nn.Module, config: TokenPPOConfig, iteration: int
+    envs,
+    value_head: torch.nn.Module,
+    config: TokenPPOConfig,
+    iteration: int,
+    rank: int = 0,
+    world: int = 1,
 ) -> Rollout:
     """One episode per sub-env. Finished sub-envs auto-reset and keep stepping; those steps are
     dropped.
+
+    In a data-parallel run, process ``rank`` of ``world`` draws the samples that sub-envs
+    ``rank * n ...`` of one ``world * n`` batched env would draw, and samples tokens from its own
+    random stream; with one process both are as they always were.
     """
     n, T = envs.num_envs, config.max_new_tokens
-    obs, infos = envs.reset(seed=config.seed * 1_000_003 + iteration * n)
+    obs, infos = envs.reset(seed=config.seed * 1_000_003 + (iteration * world + rank) * n)
     lm = envs.unwrapped.lm
     prompts = [lm.encode(p) for p in infos["prompt"]]  # encoded as the env encodes them
-    gen = torch.Generator(device="cpu").manual_seed(config.seed * 7919 + iteration)
+    gen = torch.Generator(device="cpu").manual_seed(
+        config.seed * 7919 + iteration + rank * 1_000_000_007
+    )
     tokens = torch.full((n, T), lm.eos_token_id, dtype=torch.long)
     mask, logprobs, values, rewards = (torch.zeros(n, T) for _ in range(4))
     active = np.ones(n, dtype=bool)
@@ -356,23 +419,96 @@ def greedy_metric(
 
 
 # ---------------------------------------------------------------------------------------------
+# Past one process: accelerate (data parallel, mixed precision) and peft (LoRA), both optional
+# ---------------------------------------------------------------------------------------------
+
+
+def require(module: str, extra: str, feature: str):
+    """Import an optional engine, or say which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(
+            f"{feature} needs the {module!r} package: pip install 'textenvs[{extra}]'."
+        ) from e
+
+
+def make_accelerator(config: TokenPPOConfig):
+    """An ``accelerate.Accelerator`` when this process is one of several (started by ``accelerate
+    launch`` or ``torchrun``) or mixed precision is asked for; None otherwise (plain PyTorch).
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if not launched and config.mixed_precision == "no" and launcher_precision == "no":
+        return None
+    accelerate = require("accelerate", "accelerate", "Data-parallel or mixed-precision token PPO")
+    return accelerate.Accelerator(
+        cpu=torch.device(config.device).type == "cpu",
+        mixed_precision=None if config.mixed_precision == "no" else config.mixed_precision,
+    )
+
+
+class PolicyWithValue(torch.nn.Module):
+    """The policy LM and its value head as one module: what a data-parallel engine wraps, so that
+    one forward gives every quantity the loss differentiates.
+    """
+
+    def __init__(self, model: torch.nn.Module, value_head: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.value_head = model, value_head
+
+    def forward(self, ids, attention, positions, tokens, temperature: float):
+        """Log-probs, entropies and values of ``tokens``, each ``(B, T)``."""
+        logp, entropy, hidden = sequence_outputs(
+            self.model, ids, attention, positions, tokens, temperature, True
+        )
+        return logp, entropy, self.value_head(hidden).squeeze(-1).float()
+
+
+# ---------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------
 
 
 class TokenPPO:
-    """Token-level PPO on a textenvs generation env; the policy is ``self.lm`` itself."""
+    """Token-level PPO on a textenvs generation env; the policy is ``self.lm`` itself.
 
-    def __init__(self, config: TokenPPOConfig) -> None:
+    ``accelerator`` (an ``accelerate.Accelerator``, see :func:`make_accelerator`) runs it data
+    parallel: each process collects ``num_envs`` episodes through its own batched env, every loss
+    and statistic is a mean over all processes' tokens, the engine all-reduces the gradients, and
+    process 0 alone writes checkpoints, logs and the progress bar. ``total_episodes`` counts the
+    episodes of all processes. None: one process, plain PyTorch.
+
+    With ``lora_r > 0`` the LM gets a peft LoRA adapter in place: the env's forwards run the
+    adapted model, the value head reads the adapted trunk, the reference is the same weights with
+    the adapter switched off, and only the adapter and the value head train.
+    """
+
+    def __init__(self, config: TokenPPOConfig, accelerator=None) -> None:
         config.validate()
         self.config = config
+        self.accelerator = accelerator
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.world = accelerator.num_processes if accelerator is not None else 1
+        device = config.device
+        if accelerator is not None:
+            device = accelerator.device
+            if torch.device(config.device).type != device.type:
+                raise ValueError(
+                    f"config.device is {config.device!r} but the accelerator runs on {device}: "
+                    "pass the device type the launcher uses (--device cuda on GPUs)."
+                )
+            self._refuse_parameter_sharding()
         torch.manual_seed(config.seed)
-        self.lm = LanguageModel(
-            config.model, device=config.device
-        )  # our own copy: it will be trained
+        self.lm = LanguageModel(config.model, device=device)  # our own copy: it will be trained
         self.model = self.lm.model
-        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.model.requires_grad_(True)
+        self.peft = None
+        if config.lora_r:
+            self.peft = self._add_lora()
+            self.reference = None  # the base weights with the adapter switched off
+        else:
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.model.requires_grad_(True)
         self.model.eval()  # no dropout: rollout and update must score tokens alike
         self.value_head = torch.nn.Linear(self.lm.hidden_size, 1).to(self.lm.device)
         torch.nn.init.zeros_(self.value_head.weight)
@@ -381,7 +517,7 @@ class TokenPPO:
             "model": self.lm,
             "token_mode": "vocab",
             "max_steps": config.max_new_tokens,
-            "device": config.device,
+            "device": str(self.lm.device),
             "dense": config.dense,
             "text_infos": True,  # the completions' texts, for logs and samples
         }
@@ -406,23 +542,112 @@ class TokenPPO:
             raise ValueError(
                 f"{config.env_id} does not expose next-token logits: use a textenvs generation env."
             )
-        params = list(self.model.parameters()) + list(self.value_head.parameters())
-        self.optimizer = torch.optim.Adam(params, lr=config.learning_rate, eps=1e-5)
+        self.policy = PolicyWithValue(self.model, self.value_head)
+        self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.trainable, lr=config.learning_rate, eps=1e-5)
+        if accelerator is not None:  # DDP (or ZeRO-1/2) around the policy, autocast in its forward
+            self.policy, self.optimizer = accelerator.prepare(self.policy, self.optimizer)
         self.kl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.iteration = 0
         self.history: list[dict] = []
         self.writer = None
-        if config.tensorboard_log:
+        if config.tensorboard_log and self.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(config.tensorboard_log)
 
+    def _add_lora(self):
+        """Inject a LoRA adapter into ``self.model`` in place; returns the ``peft.PeftModel``."""
+        peft = require("peft", "lora", "LoRA (lora_r > 0)")
+        c = self.config
+        targets = (
+            [m.strip() for m in c.lora_target_modules.split(",") if m.strip()]
+            if c.lora_target_modules
+            else None
+        )
+        lora = peft.LoraConfig(
+            r=c.lora_r,
+            lora_alpha=c.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=targets,
+            fan_in_fan_out=self.model.config.model_type == "gpt2",  # GPT-2's Conv1D layout
+            task_type="CAUSAL_LM",
+        )
+        try:
+            return peft.get_peft_model(self.model, lora)
+        except ValueError as e:
+            raise ValueError(
+                f"LoRA cannot adapt {c.model!r} with lora_target_modules="
+                f"{c.lora_target_modules!r} ({e}). Name modules this model has, e.g. c_attn for "
+                "GPT-2 or q_proj,v_proj for Llama-style models."
+            ) from e
+
+    def _refuse_parameter_sharding(self) -> None:
+        """Rollouts run the policy token by token on each process's own env, a different number of
+        forwards per process; engines that shard the parameters (FSDP, DeepSpeed ZeRO-3) gather
+        them in a collective at every forward, which would wait for ever.
+        """
+        from accelerate.utils import DistributedType
+
+        state = self.accelerator.state
+        zero3 = (
+            state.distributed_type == DistributedType.DEEPSPEED
+            and state.deepspeed_plugin.zero_stage == 3
+        )
+        if state.distributed_type == DistributedType.FSDP or zero3:
+            raise ValueError(
+                f"{state.distributed_type} with sharded parameters is not supported: each process "
+                "generates its own episodes, a different number of forwards per process, and "
+                "sharded parameters need every process in every forward. Use DDP "
+                "(agents/accelerate/ddp.yaml) or DeepSpeed ZeRO-2 (deepspeed_zero2.yaml), and "
+                "--lora-r to fit a large model."
+            )
+
+    # -- the processes of a data-parallel run ----------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        """Process 0 (the only one in a plain run): it writes checkpoints, logs and reports."""
+        return self.rank == 0
+
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over the processes (``x`` itself with one process); no gradient."""
+        return x if self.accelerator is None else self.accelerator.reduce(x, reduction="sum")
+
+    def _mean_over_processes(self, x: torch.Tensor) -> float:
+        return float(self._sum(x.to(self.lm.device)) / self.world)
+
+    def _wait(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    def _autocast(self):
+        return self.accelerator.autocast() if self.accelerator is not None else nullcontext()
+
+    @property
+    def episodes_per_iteration(self) -> int:
+        return self.config.num_envs * self.world
+
     @property
     def iterations(self) -> int:
-        return math.ceil(self.config.total_episodes / self.config.num_envs)
+        return math.ceil(self.config.total_episodes / self.episodes_per_iteration)
+
+    def _reference_logprobs(self, ids, attention, positions, tokens) -> torch.Tensor:
+        if self.peft is None:
+            model = self.reference
+            adapter_off = nullcontext()
+        else:  # the same weights, adapter switched off: no second copy of the model
+            model = self.model
+            adapter_off = self.peft.disable_adapter()
+        with adapter_off:
+            return sequence_outputs(
+                model, ids, attention, positions, tokens, self.config.temperature, False
+            )[0]
 
     def update(self, rollout: Rollout) -> dict:
-        """KL-penalised rewards, GAE, then PPO epochs over shuffled minibatches of episodes."""
+        """KL-penalised rewards, GAE, then PPO epochs over shuffled minibatches of episodes.
+
+        Every mean (whitening, losses, logged figures) is over the tokens of all processes.
+        """
         c, device = self.config, self.lm.device
         pad = self.lm.eos_token_id
         ids, attention, positions = batch_sequences(
@@ -432,73 +657,70 @@ class TokenPPO:
         tokens, mask = rollout.tokens.to(device), rollout.mask.to(device)
         old_logp, old_values = rollout.logprobs.to(device), rollout.values.to(device)
         with torch.no_grad():
-            ref_logp, _, _ = sequence_outputs(
-                self.reference, ids, attention, positions, tokens, c.temperature, False
-            )
+            with self._autocast():
+                ref_logp = self._reference_logprobs(ids, attention, positions, tokens)
             kl = kl_k1(old_logp, ref_logp) * mask  # (B, T)
             rewards = rollout.env_rewards.to(device) - self.kl.value * kl
             advantages, returns = gae(rewards, old_values, mask, c.gamma, c.gae_lambda)
             if c.whiten_advantages:
-                advantages = masked_whiten(advantages, mask) * mask
+                advantages = masked_whiten(advantages, mask, reduce=self._sum) * mask
         if c.anneal_lr:
             for g in self.optimizer.param_groups:
                 g["lr"] = c.learning_rate * (1 - self.iteration / self.iterations)
         rng = np.random.default_rng(c.seed * 1_000_003 + self.iteration)
-        stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl")}
+        names = ("loss", "policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl")
+        stats = {k: [] for k in names[1:]}
         B = tokens.shape[0]
         for epoch in range(c.num_epochs):
             order = rng.permutation(B)
             for start in range(0, B, c.minibatch_size):
                 mb = torch.as_tensor(order[start : start + c.minibatch_size], device=device)
-                logp, entropy, hidden = sequence_outputs(
-                    self.model,
-                    ids[mb],
-                    attention[mb],
-                    positions[mb],
-                    tokens[mb],
-                    c.temperature,
-                    True,
-                )
-                values = self.value_head(hidden).squeeze(-1)
                 m = mask[mb]
+                logp, entropy, values = self.policy(
+                    ids[mb], attention[mb], positions[mb], tokens[mb], c.temperature
+                )
+                mean = functools.partial(masked_share, total=self._sum(m.sum()), world=self.world)
                 pg_loss, clipfrac = clipped_policy_loss(
-                    logp, old_logp[mb], advantages[mb], m, c.clip_range
+                    logp, old_logp[mb], advantages[mb], m, c.clip_range, mean
                 )
                 v_loss = clipped_value_loss(
-                    values, old_values[mb], returns[mb], m, c.clip_range_value
+                    values, old_values[mb], returns[mb], m, c.clip_range_value, mean
                 )
-                ent = masked_mean(entropy, m)
+                ent = mean(entropy, m)
                 loss = pg_loss + c.vf_coef * v_loss - c.ent_coef * ent
-                if not torch.isfinite(loss):
+                with torch.no_grad():  # one all-reduce: global figures, and one verdict on NaN
+                    approx_kl = mean(old_logp[mb] - logp, m)
+                    parts = torch.stack([loss, pg_loss, v_loss, ent, clipfrac, approx_kl])
+                    figures = (self._sum(parts.float()) / self.world).tolist()
+                if not math.isfinite(figures[0]):
                     raise FloatingPointError(
-                        f"Non-finite loss ({loss.item()}) at iteration {self.iteration}, epoch "
+                        f"Non-finite loss ({figures[0]}) at iteration {self.iteration}, epoch "
                         f"{epoch}, minibatch {start // c.minibatch_size}: training stopped. The "
                         f"last good checkpoint ({c.checkpoint_dir or 'none configured'}) is "
                         "intact; lower learning_rate or check the reward."
                     )
                 self.optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(
-                    list(self.model.parameters()) + list(self.value_head.parameters()),
-                    c.max_grad_norm,
-                )
+                if self.accelerator is not None:
+                    self.accelerator.backward(loss)
+                    self.accelerator.clip_grad_norm_(self.trainable, c.max_grad_norm)
+                else:
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(self.trainable, c.max_grad_norm)
                 self.optimizer.step()
-                with torch.no_grad():
-                    stats["policy_loss"].append(pg_loss.item())
-                    stats["value_loss"].append(v_loss.item())
-                    stats["entropy"].append(ent.item())
-                    stats["clipfrac"].append(clipfrac.item())
-                    stats["approx_kl"].append(masked_mean(old_logp[mb] - logp, m).item())
-        episode_kl = float((kl.sum(1)).mean())
+                for name, value in zip(names[1:], figures[1:]):
+                    stats[name].append(value)
+        episode_kl = self._mean_over_processes(kl.sum(1).mean())
         if c.adaptive_kl:
-            self.kl.update(episode_kl, B)
+            self.kl.update(episode_kl, B * self.world)
         out = {k: float(np.mean(v)) for k, v in stats.items()}
         out.update(
             kl=episode_kl,
             kl_coef=self.kl.value,
-            explained_variance=explained_variance(old_values, returns, mask),
-            reward=float((rollout.env_rewards.sum(1)).mean()),
-            metric=float(np.mean(rollout.metrics)),
+            explained_variance=explained_variance(old_values, returns, mask, self._sum),
+            reward=self._mean_over_processes(rollout.env_rewards.sum(1).mean()),
+            metric=self._mean_over_processes(
+                torch.tensor(np.mean(rollout.metrics), dtype=torch.float64)
+            ),
             lr=self.optimizer.param_groups[0]["lr"],
         )
         return out
@@ -509,27 +731,31 @@ class TokenPPO:
         ``stop_after`` ends the call after that many iterations (the run can be resumed later).
         """
         c = self.config
+        per_iteration = self.episodes_per_iteration
         last = (
             self.iterations
             if stop_after is None
             else min(self.iterations, self.iteration + stop_after)
         )
         bar = tqdm(
-            total=self.iterations * c.num_envs,
-            initial=self.iteration * c.num_envs,
-            disable=not progress,
+            total=self.iterations * per_iteration,
+            initial=self.iteration * per_iteration,
+            disable=not progress or not self.is_main,
             desc="token-ppo episodes",
         )
         while self.iteration < last:
             start = time.time()
-            rollout = collect_rollout(self.envs, self.value_head, c, self.iteration)
+            with self._autocast():
+                rollout = collect_rollout(
+                    self.envs, self.value_head, c, self.iteration, self.rank, self.world
+                )
             rollout_s = time.time() - start
             stats = self.update(rollout)
             stats.update(
                 iteration=self.iteration,
-                episodes=(self.iteration + 1) * c.num_envs,
-                tokens=int(rollout.mask.sum()),
-                completions_per_s=c.num_envs / rollout_s,
+                episodes=(self.iteration + 1) * per_iteration,
+                tokens=int(self._sum(rollout.mask.sum().to(self.lm.device))),
+                completions_per_s=per_iteration / rollout_s,
                 iteration_s=time.time() - start,
             )
             self.history.append(stats)
@@ -537,7 +763,7 @@ class TokenPPO:
                 for key, value in stats.items():
                     self.writer.add_scalar(f"token_ppo/{key}", value, stats["episodes"])
             self.iteration += 1
-            bar.update(c.num_envs)
+            bar.update(per_iteration)
             bar.set_postfix(metric=f"{stats['metric']:.3f}", kl=f"{stats['kl']:.2f}")
             if c.checkpoint_dir and c.save_every and self.iteration % c.save_every == 0:
                 self.save_checkpoint(c.checkpoint_dir)
@@ -560,7 +786,8 @@ class TokenPPO:
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, folder: str | os.PathLike) -> Path:
-        """``save_pretrained`` of the policy, the value head (safetensors) and the trainer state.
+        """The policy (``save_pretrained``; with LoRA the adapter only), the value head
+        (safetensors) and the trainer state; process 0 writes, the others wait for it.
 
         Crash-consistent (:func:`agents.checkpoint.save_atomically`): a process killed at any
         instant of the save leaves the previous or the new checkpoint complete and loadable.
@@ -568,14 +795,17 @@ class TokenPPO:
         from safetensors.torch import save_file
 
         def write(tmp: Path) -> None:
-            self.model.save_pretrained(tmp, safe_serialization=True)
+            if self.peft is not None:  # adapter_model.safetensors + adapter_config.json
+                self.peft.save_pretrained(tmp, safe_serialization=True)
+            else:
+                self.model.save_pretrained(tmp, safe_serialization=True)
+                torch.save(self.reference.state_dict(), tmp / "reference.pt")
             self.lm.tokenizer.save_pretrained(tmp)
             save_file(
                 {k: v.contiguous() for k, v in self.value_head.state_dict().items()},
                 tmp / "value_head.safetensors",
             )
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.reference.state_dict(), tmp / "reference.pt")
             state = {
                 "iteration": self.iteration,
                 "kl_coef": self.kl.value,
@@ -585,7 +815,26 @@ class TokenPPO:
             }
             (tmp / "trainer_state.json").write_text(json.dumps(state))
 
-        return save_atomically(folder, write)
+        if self.is_main:
+            save_atomically(folder, write)
+        self._wait()
+        return Path(folder)
+
+    def export(self, folder: str | os.PathLike) -> Path:
+        """The trained policy as a plain ``save_pretrained`` folder (safetensors + tokenizer) that
+        transformers and ``gym.make(id, model=folder)`` load; with LoRA, the adapter merged into a
+        copy of the base weights (this trainer keeps its adapter and can go on training).
+        """
+        if self.is_main:
+            model = self.model if self.peft is None else copy.deepcopy(self.peft).merge_and_unload()
+
+            def write(tmp: Path) -> None:
+                model.save_pretrained(tmp, safe_serialization=True)
+                self.lm.tokenizer.save_pretrained(tmp)
+
+            save_atomically(folder, write)
+        self._wait()
+        return Path(folder)
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
         """Resume from :meth:`save_checkpoint`: same results as an uninterrupted run for the same
@@ -599,7 +848,10 @@ class TokenPPO:
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
 
-        # An interrupted save leaves a complete checkpoint behind: put it in place first.
+        # An interrupted save leaves a complete checkpoint behind: process 0 puts it in place.
+        if self.is_main:
+            recover(folder)
+        self._wait()
         if recover(folder) is None:
             raise FileNotFoundError(
                 f"No checkpoint in {folder}: train with --checkpoint-dir first."
@@ -617,34 +869,55 @@ class TokenPPO:
                 ) from e
 
         device = self.lm.device
-        trained = read(
-            "model.safetensors",
-            lambda p: AutoModelForCausalLM.from_pretrained(
-                p.parent, use_safetensors=True, trust_remote_code=False
-            ).state_dict(),
+        if self.peft is not None:
+            from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+            weights = {
+                "adapter_model.safetensors": (
+                    read("adapter_model.safetensors", lambda p: load_file(p, device=str(device))),
+                    get_peft_model_state_dict(self.peft),
+                )
+            }
+        else:
+            weights = {
+                "model.safetensors": (
+                    read(
+                        "model.safetensors",
+                        lambda p: AutoModelForCausalLM.from_pretrained(
+                            p.parent, use_safetensors=True, trust_remote_code=False
+                        ).state_dict(),
+                    ),
+                    self.model.state_dict(),
+                ),
+                "reference.pt": (
+                    read(
+                        "reference.pt",
+                        lambda p: torch.load(p, weights_only=True, map_location=device),
+                    ),
+                    self.reference.state_dict(),
+                ),
+            }
+        weights["value_head.safetensors"] = (
+            read("value_head.safetensors", lambda p: load_file(p, device=str(device))),
+            self.value_head.state_dict(),
         )
-        value = read("value_head.safetensors", lambda p: load_file(p, device=str(device)))
         optimizer = read(
             "optimizer.pt", lambda p: torch.load(p, weights_only=True, map_location=device)
         )
-        reference = read(
-            "reference.pt", lambda p: torch.load(p, weights_only=True, map_location=device)
-        )
-        for name, loaded, module in (
-            ("model.safetensors", trained, self.model),
-            ("value_head.safetensors", value, self.value_head),
-            ("reference.pt", reference, self.reference),
-        ):
-            _check_state_dict(folder / name, loaded, module.state_dict())
+        for name, (loaded, expected) in weights.items():
+            _check_state_dict(folder / name, loaded, expected)
         scratch = torch.optim.Adam(
             [torch.zeros_like(p) for group in self.optimizer.param_groups for p in group["params"]]
         )
         read("optimizer.pt", lambda p: scratch.load_state_dict(optimizer))  # checks the groups
         # Everything is readable and fits: now replace, in an order that cannot fail half-way.
-        self.model.load_state_dict(trained)
-        self.value_head.load_state_dict(value)
+        if self.peft is not None:
+            set_peft_model_state_dict(self.peft, weights["adapter_model.safetensors"][0])
+        else:
+            self.model.load_state_dict(weights["model.safetensors"][0])
+            self.reference.load_state_dict(weights["reference.pt"][0])
+        self.value_head.load_state_dict(weights["value_head.safetensors"][0])
         self.optimizer.load_state_dict(optimizer)
-        self.reference.load_state_dict(reference)
         self.iteration, self.kl.value, self.history = (
             state["iteration"],
             state["kl_coef"],
@@ -681,6 +954,12 @@ class TokenPPO:
                 f"({state['model_signature']}), not {self._signature()}: resume with the same "
                 "--model it was trained from."
             )
+        trained_r = state["config"].get("lora_r", 0)
+        if trained_r != self.config.lora_r:
+            raise ValueError(
+                f"The checkpoint in {path.parent} was trained with lora_r={trained_r}, this "
+                f"trainer has lora_r={self.config.lora_r}: resume with the same --lora-r."
+            )
         return state
 
     def _signature(self) -> dict:
@@ -706,7 +985,10 @@ def _check_state_dict(path: Path, loaded: dict, expected: dict) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
+    """The CLI; under ``accelerate launch`` / ``torchrun`` every process runs it, process 0
+    evaluates, prints and writes the report.
+    """
     p = argparse.ArgumentParser(description="Token-level PPO: the language model is the policy.")
     defaults = TokenPPOConfig()
     for f in dataclasses.fields(TokenPPOConfig):
@@ -718,29 +1000,43 @@ def main(argv: list[str] | None = None) -> dict:
             p.add_argument(flag, type=type(value) if value is not None else str, default=value)
     p.add_argument("--resume", help="a checkpoint folder to resume from")
     p.add_argument("--json-out", help="write the final report (JSON) here")
+    p.add_argument(
+        "--export",
+        help="save the trained policy here as a plain save_pretrained folder (LoRA: merged)",
+    )
     args = vars(p.parse_args(argv))
-    resume, json_out = args.pop("resume"), args.pop("json_out")
-    trainer = TokenPPO(TokenPPOConfig(**args))
+    resume, json_out, export = args.pop("resume"), args.pop("json_out"), args.pop("export")
+    config = TokenPPOConfig(**args)
+    trainer = TokenPPO(config, accelerator=make_accelerator(config))
     if resume:
         trainer.load_checkpoint(resume)
-    before = trainer.evaluate() if not resume else None
+    before = trainer.evaluate() if not resume and trainer.is_main else None
+    trainer._wait()
     start = time.time()
     history = trainer.train()
-    report = {
-        "env_id": trainer.config.env_id,
-        "test_metric_before": before,
-        "test_metric_after": trainer.evaluate(),
-        "episodes": trainer.iteration * trainer.config.num_envs,
-        "train_seconds": round(time.time() - start, 1),
-        "final_kl": history[-1]["kl"] if history else None,
-        "max_kl": max(h["kl"] for h in history) if history else None,
-        "completions_per_s": float(np.mean([h["completions_per_s"] for h in history]))
-        if history
-        else None,
-    }
-    print(json.dumps(report))
-    if json_out:
-        Path(json_out).write_text(json.dumps({**report, "history": history}, indent=1))
+    train_seconds = round(time.time() - start, 1)
+    if export:
+        trainer.export(export)
+    report = None
+    if trainer.is_main:
+        report = {
+            "env_id": trainer.config.env_id,
+            "test_metric_before": before,
+            "test_metric_after": trainer.evaluate(),
+            "episodes": trainer.iteration * trainer.episodes_per_iteration,
+            "processes": trainer.world,
+            "lora_r": trainer.config.lora_r,
+            "train_seconds": train_seconds,
+            "final_kl": history[-1]["kl"] if history else None,
+            "max_kl": max(h["kl"] for h in history) if history else None,
+            "completions_per_s": float(np.mean([h["completions_per_s"] for h in history]))
+            if history
+            else None,
+        }
+        print(json.dumps(report))
+        if json_out:
+            Path(json_out).write_text(json.dumps({**report, "history": history}, indent=1))
+    trainer._wait()
     return report
 
 

@@ -1,0 +1,196 @@
+"""Token PPO past one process: data parallel under accelerate (gloo on this CPU), mixed precision.
+
+The 2-process runs are real ``accelerate launch`` runs; each has a timeout so that a hang fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("accelerate", reason="pip install -e '.[accelerate]'")
+
+from agents.token_ppo import TokenPPO, TokenPPOConfig, collect_rollout  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(args: list[str], processes: int = 2, timeout: int = 300):
+    """``accelerate launch`` with ``processes`` CPU processes (torchrun underneath, gloo)."""
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",  # torchrun's launcher; on a machine without GPUs it runs CPU processes
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _config(model: str, **kw) -> TokenPPOConfig:
+    base = dict(
+        model=model,
+        num_envs=4,
+        max_new_tokens=5,
+        total_episodes=8,
+        minibatch_size=4,
+        num_epochs=2,
+        eval_samples=2,
+        seed=5,
+        adaptive_kl=True,
+    )
+    return TokenPPOConfig(**{**base, **kw})
+
+
+@pytest.mark.slow
+def test_two_processes_update_like_one_process_over_the_same_global_batch(
+    tmp_path, random_gpt2_dir
+):
+    # One process: collect a global batch of 8 episodes and update on all of it (one minibatch).
+    single = TokenPPO(_config(random_gpt2_dir, num_envs=8, minibatch_size=8))
+    rollout = collect_rollout(single.envs, single.value_head, single.config, 0)
+    # Episodes of different lengths, so that the two processes hold different token counts and
+    # only means over every process's tokens can match the one-process update.
+    for row, length in enumerate((1, 2, 3, 2)):
+        rollout.mask[row, length:] = 0
+    assert rollout.mask[:4].sum() != rollout.mask[4:].sum()
+    torch.save(
+        {f.name: getattr(rollout, f.name) for f in dataclasses.fields(rollout) if f.name != "texts"},
+        tmp_path / "rollout.pt",
+    )
+    stats_1 = single.update(rollout)
+    # Two processes of 4 episodes each, the same rows, one minibatch each: the same update.
+    config_2 = _config(random_gpt2_dir, num_envs=4, minibatch_size=4)
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(config_2)))
+    run = accelerate_launch(["tests/ddp_update_worker.py", str(tmp_path)])
+    assert run.returncode == 0, run.stderr[-3000:]
+    stats_2 = json.loads((tmp_path / "stats_2.json").read_text())
+    assert stats_2["world"] == 2
+    for key in ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "kl", "reward"):
+        assert stats_2[key] == pytest.approx(stats_1[key], rel=1e-4, abs=1e-6), key
+    assert stats_2["kl_coef"] == pytest.approx(stats_1["kl_coef"], rel=1e-9)
+    from safetensors.torch import load_file
+
+    params_2 = load_file(tmp_path / "params_2.safetensors")
+    params_1 = dict(single.model.named_parameters())
+    params_1.update({f"value_head.{k}": v for k, v in single.value_head.state_dict().items()})
+    assert params_2.keys() == params_1.keys()
+    moved = 0
+    for name, p in params_1.items():
+        torch.testing.assert_close(params_2[name], p.detach(), atol=2e-6, rtol=1e-4)
+        moved += int(not torch.equal(p.detach(), single.reference.state_dict().get(name, p)))
+    assert moved > 0  # the update did change the policy: the comparison is not vacuous
+
+
+@pytest.mark.slow
+def test_accelerate_launch_of_the_cli_trains_and_process_0_writes(tmp_path, random_gpt2_dir):
+    run = accelerate_launch(
+        [
+            "-m",
+            "agents.token_ppo",
+            "--model",
+            random_gpt2_dir,
+            "--num-envs",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--total-episodes",
+            "8",
+            "--minibatch-size",
+            "2",
+            "--eval-samples",
+            "2",
+            "--checkpoint-dir",
+            str(tmp_path / "ckpt"),
+            "--tensorboard-log",
+            str(tmp_path / "tb"),
+            "--json-out",
+            str(tmp_path / "report.json"),
+        ]
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["processes"] == 2 and report["episodes"] == 8
+    assert len(report["history"]) == 2  # 8 episodes = 2 iterations of 2 processes x 2 envs
+    assert [h["episodes"] for h in report["history"]] == [4, 8]
+    assert run.stdout.count('"test_metric_after"') == 1  # one process reports
+    assert len(list((tmp_path / "tb").rglob("events.out.tfevents*"))) == 1  # one process logs
+    state = json.loads((tmp_path / "ckpt" / "trainer_state.json").read_text())
+    assert state["iteration"] == 2
+    resumed = TokenPPO(_config(random_gpt2_dir, num_envs=2, minibatch_size=2))
+    resumed.load_checkpoint(tmp_path / "ckpt")  # a data-parallel checkpoint loads in one process
+    assert resumed.iteration == 2
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path, random_gpt2_dir):
+    script = (
+        "import json, math\n"
+        "from agents.token_ppo import TokenPPO, TokenPPOConfig, make_accelerator\n"
+        f"c = TokenPPOConfig(model={random_gpt2_dir!r}, num_envs=2, max_new_tokens=4,"
+        " total_episodes=4, minibatch_size=2, mixed_precision='bf16')\n"
+        "t = TokenPPO(c, accelerator=make_accelerator(c))\n"
+        "h = t.train(progress=False)\n"
+        "assert t.accelerator.mixed_precision == 'bf16', t.accelerator.mixed_precision\n"
+        "assert all(math.isfinite(x[k]) for x in h for k in ('policy_loss', 'value_loss', 'kl'))\n"
+        "print(json.dumps(len(h)))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "2"
+
+
+def test_a_missing_engine_names_the_pip_command(monkeypatch, random_gpt2_dir):
+    import agents.token_ppo as token_ppo
+
+    real = token_ppo.importlib.import_module
+
+    def without_peft(name, *args):
+        if name == "peft":
+            raise ImportError("No module named 'peft'")
+        return real(name, *args)
+
+    monkeypatch.setattr(token_ppo.importlib, "import_module", without_peft)
+    with pytest.raises(ImportError, match=r"pip install 'textenvs\[lora\]'"):
+        TokenPPO(_config(random_gpt2_dir, lora_r=4))
+
+
+def test_no_accelerator_for_a_plain_single_process_run(monkeypatch):
+    from agents.token_ppo import make_accelerator
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert make_accelerator(TokenPPOConfig()) is None
