@@ -38,7 +38,9 @@ def main(folder: str) -> None:
     if trainer.is_main:
         (folder / "stats_2.json").write_text(json.dumps({**stats, "world": trainer.world}))
         params = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
-        params.update({f"value_head.{k}": v.clone() for k, v in trainer.value_head.state_dict().items()})
+        params.update(
+            {f"value_head.{k}": v.clone() for k, v in trainer.value_head.state_dict().items()}
+        )
         save_file(params, folder / "params_2.safetensors")
     accelerator.wait_for_everyone()
 

@@ -82,7 +82,11 @@ def test_two_processes_update_like_one_process_over_the_same_global_batch(
         rollout.mask[row, length:] = 0
     assert rollout.mask[:4].sum() != rollout.mask[4:].sum()
     torch.save(
-        {f.name: getattr(rollout, f.name) for f in dataclasses.fields(rollout) if f.name != "texts"},
+        {
+            f.name: getattr(rollout, f.name)
+            for f in dataclasses.fields(rollout)
+            if f.name != "texts"
+        },
         tmp_path / "rollout.pt",
     )
     stats_1 = single.update(rollout)
