@@ -151,7 +151,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, random_gpt2_dir):
     assert resumed.iteration == 1
     resumed.train(progress=False)
     for a, b in zip(full.model.parameters(), resumed.model.parameters()):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        assert torch.equal(a, b)  # bit for bit: a full reset starts the env's batch afresh
     assert [h["metric"] for h in full.history] == [h["metric"] for h in resumed.history]
     assert full.kl.value == pytest.approx(resumed.kl.value)
 

@@ -103,7 +103,10 @@ class BatchedTextVectorEnv(VectorEnv):
         indices = np.flatnonzero(mask).tolist()
         items = []
         for i, (obs, info) in zip(
-            indices, self._reset_envs(indices, [seeds[i] for i in indices], options or None)
+            indices,
+            self._reset_envs(
+                indices, [seeds[i] for i in indices], options or None, afresh=bool(mask.all())
+            ),
         ):
             self._obs[i] = obs
             items.append((i, info))
@@ -180,9 +183,17 @@ class BatchedTextVectorEnv(VectorEnv):
 
     # -- helpers -----------------------------------------------------------------------------
     def _reset_envs(
-        self, indices: list[int], seeds: list[int | None] | None = None, options: dict | None = None
+        self,
+        indices: list[int],
+        seeds: list[int | None] | None = None,
+        options: dict | None = None,
+        afresh: bool = False,
     ) -> list[tuple[np.ndarray, dict]]:
-        """Reset the sub-envs ``indices`` (seeded by ``seeds``); their ``(obs, info)`` in order."""
+        """Reset the sub-envs ``indices`` (seeded by ``seeds``); their ``(obs, info)`` in order.
+
+        ``afresh``: an explicit ``reset()`` of every sub-env, after which nothing of the history
+        may change a float (a batched env then starts its shared state anew).
+        """
         seeds = seeds or [None] * len(indices)
         return [self.envs[i].reset(seed=seed, options=options) for i, seed in zip(indices, seeds)]
 
@@ -277,10 +288,14 @@ class GenerationVectorEnv(BatchedTextVectorEnv):
         self.batch = LockstepBatch(self.lm, self.num_envs)
 
     def _reset_envs(
-        self, indices: list[int], seeds: list[int | None] | None = None, options: dict | None = None
+        self,
+        indices: list[int],
+        seeds: list[int | None] | None = None,
+        options: dict | None = None,
+        afresh: bool = False,
     ) -> list[tuple[np.ndarray, dict]]:
         """Reset sub-envs with ONE batched prefill of their prompts, then move them into the batch
-        cache.
+        cache (a new one when ``afresh``).
         """
         if not indices:
             return []
@@ -288,8 +303,11 @@ class GenerationVectorEnv(BatchedTextVectorEnv):
         prompts = [
             self.envs[i].begin_reset(seed=seed, options=options) for i, seed in zip(indices, seeds)
         ]
+        prefilled = prefill_batch(self.lm, prompts)
+        if afresh:  # a new batch cache: the floats that follow do not depend on the history
+            self.batch = LockstepBatch(self.lm, self.num_envs)
         out = []
-        for i, (seq, hidden, logits) in zip(indices, prefill_batch(self.lm, prompts)):
+        for i, (seq, hidden, logits) in zip(indices, prefilled):
             out.append(self.envs[i].finish_reset(seq, hidden, logits))
             self.batch.adopt(i, seq)
         return out
