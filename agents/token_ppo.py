@@ -448,6 +448,70 @@ def make_accelerator(config: TokenPPOConfig):
     )
 
 
+def make_rollout_envs(config: TokenPPOConfig, lm: LanguageModel):
+    """The batched env that runs ``lm`` (the policy) for rollouts: ``config.num_envs`` sub-envs of
+    ``config.env_id`` in vocabulary mode; refuses an env whose actions are not the vocabulary.
+    """
+    env_kwargs = {
+        "model": lm,
+        "token_mode": "vocab",
+        "max_steps": config.max_new_tokens,
+        "device": str(lm.device),
+        "dense": config.dense,
+        "text_infos": True,  # the completions' texts, for logs and samples
+    }
+    if config.reward is not None:
+        env_kwargs["reward"] = config.reward
+    try:
+        envs = gym.make_vec(config.env_id, num_envs=config.num_envs, **env_kwargs)
+    except TypeError as e:  # an env that takes no token_mode / max_steps: not a textenvs env
+        raise ValueError(
+            "Token PPO needs a generation env whose actions are the vocabulary; "
+            f"{config.env_id} is not one ({e}). Use textenvs/Summarize-v0, Translate-v0 or "
+            "Generate-v0."
+        ) from e
+    space = envs.single_action_space
+    if not (isinstance(space, gym.spaces.Discrete) and space.n == lm.vocab_size):
+        raise ValueError(
+            "Token PPO needs an env whose action space is the vocabulary "
+            f"(Discrete({lm.vocab_size})), got {space} from {config.env_id}: use a "
+            "generation env (textenvs/Summarize-v0, Translate-v0, Generate-v0)."
+        )
+    if not hasattr(type(envs.unwrapped), "logits"):
+        raise ValueError(
+            f"{config.env_id} does not expose next-token logits: use a textenvs generation env."
+        )
+    return envs
+
+
+def add_lora(model: torch.nn.Module, config: TokenPPOConfig):
+    """Inject ``config``'s LoRA adapter into ``model`` in place; returns the ``peft.PeftModel``
+    (whose ``disable_adapter()`` gives the base model back).
+    """
+    peft = require("peft", "lora", "LoRA (lora_r > 0)")
+    targets = (
+        [m.strip() for m in config.lora_target_modules.split(",") if m.strip()]
+        if config.lora_target_modules
+        else None
+    )
+    lora = peft.LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=targets,
+        fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2's Conv1D layout
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return peft.get_peft_model(model, lora)
+    except ValueError as e:
+        raise ValueError(
+            f"LoRA cannot adapt {config.model!r} with lora_target_modules="
+            f"{config.lora_target_modules!r} ({e}). Name modules this model has, e.g. c_attn for "
+            "GPT-2 or q_proj,v_proj for Llama-style models."
+        ) from e
+
+
 class PolicyWithValue(torch.nn.Module):
     """The policy LM and its value head as one module: what a data-parallel engine wraps, so that
     one forward gives every quantity the loss differentiates.
@@ -504,7 +568,7 @@ class TokenPPO:
         self.model = self.lm.model
         self.peft = None
         if config.lora_r:
-            self.peft = self._add_lora()
+            self.peft = add_lora(self.model, config)
             self.reference = None  # the base weights with the adapter switched off
         else:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -513,35 +577,7 @@ class TokenPPO:
         self.value_head = torch.nn.Linear(self.lm.hidden_size, 1).to(self.lm.device)
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
-        env_kwargs = {
-            "model": self.lm,
-            "token_mode": "vocab",
-            "max_steps": config.max_new_tokens,
-            "device": str(self.lm.device),
-            "dense": config.dense,
-            "text_infos": True,  # the completions' texts, for logs and samples
-        }
-        if config.reward is not None:
-            env_kwargs["reward"] = config.reward
-        try:
-            self.envs = gym.make_vec(config.env_id, num_envs=config.num_envs, **env_kwargs)
-        except TypeError as e:  # an env that takes no token_mode / max_steps: not a textenvs env
-            raise ValueError(
-                "Token PPO needs a generation env whose actions are the vocabulary; "
-                f"{config.env_id} is not one ({e}). Use textenvs/Summarize-v0, Translate-v0 or "
-                "Generate-v0."
-            ) from e
-        space = self.envs.single_action_space
-        if not (isinstance(space, gym.spaces.Discrete) and space.n == self.lm.vocab_size):
-            raise ValueError(
-                "Token PPO needs an env whose action space is the vocabulary "
-                f"(Discrete({self.lm.vocab_size})), got {space} from {config.env_id}: use a "
-                "generation env (textenvs/Summarize-v0, Translate-v0, Generate-v0)."
-            )
-        if not hasattr(type(self.envs.unwrapped), "logits"):
-            raise ValueError(
-                f"{config.env_id} does not expose next-token logits: use a textenvs generation env."
-            )
+        self.envs = make_rollout_envs(config, self.lm)
         self.policy = PolicyWithValue(self.model, self.value_head)
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.trainable, lr=config.learning_rate, eps=1e-5)
@@ -555,32 +591,6 @@ class TokenPPO:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(config.tensorboard_log)
-
-    def _add_lora(self):
-        """Inject a LoRA adapter into ``self.model`` in place; returns the ``peft.PeftModel``."""
-        peft = require("peft", "lora", "LoRA (lora_r > 0)")
-        c = self.config
-        targets = (
-            [m.strip() for m in c.lora_target_modules.split(",") if m.strip()]
-            if c.lora_target_modules
-            else None
-        )
-        lora = peft.LoraConfig(
-            r=c.lora_r,
-            lora_alpha=c.lora_alpha,
-            lora_dropout=0.0,
-            target_modules=targets,
-            fan_in_fan_out=self.model.config.model_type == "gpt2",  # GPT-2's Conv1D layout
-            task_type="CAUSAL_LM",
-        )
-        try:
-            return peft.get_peft_model(self.model, lora)
-        except ValueError as e:
-            raise ValueError(
-                f"LoRA cannot adapt {c.model!r} with lora_target_modules="
-                f"{c.lora_target_modules!r} ({e}). Name modules this model has, e.g. c_attn for "
-                "GPT-2 or q_proj,v_proj for Llama-style models."
-            ) from e
 
     def _refuse_parameter_sharding(self) -> None:
         """Rollouts run the policy token by token on each process's own env, a different number of
@@ -630,6 +640,15 @@ class TokenPPO:
     @property
     def iterations(self) -> int:
         return math.ceil(self.config.total_episodes / self.episodes_per_iteration)
+
+    def collect(self) -> Rollout:
+        """This iteration's episodes (this process's share), through this process's batched env.
+        A subclass may collect them elsewhere (``agents.ray_rollouts``: on Ray actors).
+        """
+        with self._autocast():
+            return collect_rollout(
+                self.envs, self.value_head, self.config, self.iteration, self.rank, self.world
+            )
 
     def _reference_logprobs(self, ids, attention, positions, tokens) -> torch.Tensor:
         if self.peft is None:
@@ -745,10 +764,7 @@ class TokenPPO:
         )
         while self.iteration < last:
             start = time.time()
-            with self._autocast():
-                rollout = collect_rollout(
-                    self.envs, self.value_head, c, self.iteration, self.rank, self.world
-                )
+            rollout = self.collect()
             rollout_s = time.time() - start
             stats = self.update(rollout)
             stats.update(
