@@ -62,7 +62,9 @@ class RolloutWorker:
         torch.set_num_threads(threads)
         self.config = TokenPPOConfig(**config)
         self.rank, self.world = rank, world
-        self.lm = LanguageModel(self.config.model, device=self.config.device)
+        self.lm = LanguageModel(
+            self.config.model, device=self.config.device, dtype=self.config.dtype
+        )
         if self.config.lora_r:
             add_lora(self.lm.model, self.config)
         self.lm.model.eval()

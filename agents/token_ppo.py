@@ -102,6 +102,9 @@ class TokenPPOConfig:
     """Seeds the env resets, the sampling and the minibatch order of every iteration."""
     device: str = "cpu"
     """Torch device."""
+    dtype: str | None = None
+    """Weights' dtype (``float32``, ``bfloat16``, ``float16``; None: the checkpoint's). A large
+    model with LoRA: ``bfloat16`` base weights, the adapter stays float32 (peft's default)."""
     eval_samples: int = 200
     """Test-split samples of the greedy evaluation before and after training."""
     eval_reward: str | None = None
@@ -564,7 +567,7 @@ class TokenPPO:
                 )
             self._refuse_parameter_sharding()
         torch.manual_seed(config.seed)
-        self.lm = LanguageModel(config.model, device=device)  # our own copy: it will be trained
+        self.lm = LanguageModel(config.model, device=device, dtype=config.dtype)  # trained
         self.model = self.lm.model
         self.peft = None
         if config.lora_r:
@@ -581,7 +584,7 @@ class TokenPPO:
         self.policy = PolicyWithValue(self.model, self.value_head)
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.trainable, lr=config.learning_rate, eps=1e-5)
-        if accelerator is not None:  # DDP (or ZeRO-1/2) around the policy, autocast in its forward
+        if accelerator is not None:  # DDP around the policy, autocast in its forward
             self.policy, self.optimizer = accelerator.prepare(self.policy, self.optimizer)
         self.kl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.iteration = 0
@@ -593,24 +596,24 @@ class TokenPPO:
             self.writer = SummaryWriter(config.tensorboard_log)
 
     def _refuse_parameter_sharding(self) -> None:
-        """Rollouts run the policy token by token on each process's own env, a different number of
+        """Data parallel here means DDP: every process holds the whole model.
+
+        Rollouts run the policy token by token on each process's own env, a different number of
         forwards per process; engines that shard the parameters (FSDP, DeepSpeed ZeRO-3) gather
-        them in a collective at every forward, which would wait for ever.
+        them in a collective at every forward, which would wait for ever, and engines that shard
+        the optimizer state (DeepSpeed ZeRO-1/2) would need sharded checkpoints, which this
+        trainer's checkpoints are not. Both are refused before anything is built.
         """
         from accelerate.utils import DistributedType
 
-        state = self.accelerator.state
-        zero3 = (
-            state.distributed_type == DistributedType.DEEPSPEED
-            and state.deepspeed_plugin.zero_stage == 3
-        )
-        if state.distributed_type == DistributedType.FSDP or zero3:
+        kind = self.accelerator.state.distributed_type
+        if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             raise ValueError(
-                f"{state.distributed_type} with sharded parameters is not supported: each process "
-                "generates its own episodes, a different number of forwards per process, and "
-                "sharded parameters need every process in every forward. Use DDP "
-                "(agents/accelerate/ddp.yaml) or DeepSpeed ZeRO-2 (deepspeed_zero2.yaml), and "
-                "--lora-r to fit a large model."
+                f"Token PPO runs data parallel with DDP only, not {kind.value}: each process "
+                "generates its own episodes (a different number of forwards per process, which "
+                "sharded parameters cannot serve) and checkpoints hold whole optimizer states. "
+                "Use agents/accelerate/ddp.yaml, and --lora-r (with --mixed-precision bf16) to fit "
+                "a large model on each GPU."
             )
 
     # -- the processes of a data-parallel run ----------------------------------------------

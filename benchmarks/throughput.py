@@ -344,9 +344,10 @@ def measure_vector(args: argparse.Namespace, model) -> dict:
     }
 
 
-def random_gpt2(size: str) -> str:
+def random_gpt2(size: str, vocab_size: int | None = None) -> str:
     """A randomly initialised GPT-2 of a standard layout with the tiny tokenizer, saved to a temp
-    folder.
+    folder; ``vocab_size`` (default: the tokenizer's) sets the embedding table, e.g. 50257 for
+    GPT-2's own parameter count.
     """
     import tempfile
 
@@ -362,7 +363,7 @@ def random_gpt2(size: str) -> str:
     tokenizer = AutoTokenizer.from_pretrained(textenvs.lm.BUILTIN_MODELS[textenvs.TINY])
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         n_positions=1024,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,

@@ -390,3 +390,19 @@ def test_verdict_names_the_agents_that_beat_the_greedy_lm():
     assert text.endswith("Not above random (CI includes zero or below): token_ppo on Translate-v0.")
     none = run.verdict([rows[2]])
     assert none.startswith("No learning agent beat the greedy LM")
+
+
+@pytest.mark.slow
+def test_scale_script_reports_one_and_two_process_completions():
+    pytest.importorskip("accelerate")
+    from benchmarks import scale
+
+    result = scale.main(
+        ["--skip", "memory", "--skip", "ray", "--iterations", "1", "--num-envs", "2"]
+        + ["--max-new-tokens", "3"]
+    )
+    one, two = result["completions"]["one_process"], result["completions"]["two_processes"]
+    assert (one["processes"], one["episodes"]) == (1, 2)
+    assert (two["processes"], two["episodes"]) == (2, 4)  # each process its own 2 episodes
+    ratio = two["completions_per_s"] / one["completions_per_s"]
+    assert result["completions"]["speedup_two_processes"] == pytest.approx(ratio, abs=1e-3)

@@ -35,15 +35,10 @@ def accelerate_launch(args: list[str], processes: int = 2, timeout: int = 300):
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--multi_gpu",  # torchrun's launcher; on a machine without GPUs it runs CPU processes
+        "--config_file",  # the shipped DDP config: on a machine without GPUs, CPU processes
+        str(ROOT / "agents" / "accelerate" / "ddp.yaml"),
         "--num_processes",
         str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
         "--main_process_port",
         str(_free_port()),
         *args,
@@ -198,3 +193,18 @@ def test_no_accelerator_for_a_plain_single_process_run(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     assert make_accelerator(TokenPPOConfig()) is None
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharding_engines_are_refused_with_what_to_use(monkeypatch, kind):
+    from accelerate.utils import DistributedType
+
+    class State:
+        distributed_type = DistributedType[kind]
+
+    class Accelerator:
+        state = State()
+        process_index, num_processes, device = 0, 2, torch.device("cpu")
+
+    with pytest.raises(ValueError, match="DDP only.*ddp.yaml.*--lora-r"):
+        TokenPPO(TokenPPOConfig(), accelerator=Accelerator())

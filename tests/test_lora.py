@@ -136,3 +136,13 @@ def test_a_checkpoint_of_the_other_kind_is_refused(tmp_path, random_gpt2_dir):
 def test_bad_lora_settings_are_refused(random_gpt2_dir, kw, match):
     with pytest.raises(ValueError, match=match):
         TokenPPO(lora_config(random_gpt2_dir, **kw))
+
+
+def test_lora_on_bfloat16_base_weights_trains_a_float32_adapter(random_gpt2_dir):
+    trainer = TokenPPO(lora_config(random_gpt2_dir, dtype="bfloat16", total_episodes=4))
+    base = [p for n, p in trainer.model.named_parameters() if "lora_" not in n]
+    adapter = [p for n, p in trainer.model.named_parameters() if "lora_" in n]
+    assert {p.dtype for p in base} == {torch.bfloat16}
+    assert {p.dtype for p in adapter} == {torch.float32}
+    history = trainer.train(progress=False)
+    assert all(torch.isfinite(torch.tensor(h["policy_loss"])) for h in history)
