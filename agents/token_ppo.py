@@ -398,16 +398,16 @@ def sequence_outputs(
 
 
 @torch.no_grad()
-def greedy_metric(
+def greedy_metrics(
     lm: LanguageModel | str,
     env_id: str,
     split: str = "test",
     max_samples: int = 200,
     max_new_tokens: int = 16,
     reward: str | None = None,
-) -> float:
-    """Mean task metric of greedy decoding (top-1 actions) over the first ``max_samples`` of a
-    split.
+) -> list[float]:
+    """The task metric of greedy decoding (top-1 actions) on each of the first ``max_samples`` of
+    a split, in sample order (what paired comparisons need).
     """
     env = gym.make(
         env_id,
@@ -418,7 +418,12 @@ def greedy_metric(
         max_steps=max_new_tokens,
         **({"reward": reward} if reward else {}),
     )
-    return evaluate_policy(env, lambda obs, mask: 0, max_samples=max_samples)["mean_metric"]
+    return evaluate_policy(env, lambda obs, mask: 0, max_samples=max_samples)["metrics"]
+
+
+def greedy_metric(*args, **kwargs) -> float:
+    """Mean of :func:`greedy_metrics` (same arguments)."""
+    return float(np.mean(greedy_metrics(*args, **kwargs)))
 
 
 # ---------------------------------------------------------------------------------------------

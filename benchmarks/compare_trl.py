@@ -1,99 +1,197 @@
-"""Token-level PPO against TRL's GRPOTrainer and RLOOTrainer on the same model, reward and budget.
+"""Token-level PPO against TRL's GRPOTrainer and RLOOTrainer: equal budgets, tuned alike.
 
 ``pip install -e ".[compare]"`` then ``python -m benchmarks.compare_trl --completions 1024``.
 
-All three start from the same model (the built-in tiny LM, saved to a folder first because TRL
-reloads its reference model from one), optimise the same reward function from
-:mod:`textenvs.rewards` on the same train-split prompts, and sample the same number of completions
-of at most ``--max-new-tokens`` tokens. It prints one JSON object with, for each trainer, the
-greedy test-split metric before and after, completions per second over the whole training, and
-wall time. TRL runs on the CPU here (``use_cpu=True``) unless ``--device cuda``.
+Fair by construction, and every setting below is printed in the output's ``config``:
+
+* **Budget.** Every trainer samples ``--completions`` completions and takes ``--completions /
+  --batch`` optimizer steps, one per ``--batch`` completions. Ours: one PPO epoch, minibatch =
+  batch. TRL: ``per_device_train_batch_size`` = batch, ``gradient_accumulation_steps`` =
+  ``steps_per_generation`` = ``num_iterations`` = 1. Both counts are measured on every run (the
+  completions the reward function scored, the optimizer's steps) and printed.
+* **Tuning.** A grid of the same size for every trainer; each point trains once (seed 0) and is
+  scored greedily on the validation split. The best point and the trainer's own defaults then
+  train with ``--seeds`` seeds and are scored on the test split.
+  - GRPO / RLOO: learning rate x KL coefficient (``beta``) x group size (``num_generations``);
+    RLOO's grid runs also whiten advantages (``normalize_advantages=True``).
+  - Ours: learning rate x KL coefficient x reward (dense per token, or the metric at the end).
+  - Defaults: TRL's own learning rate, beta, group size, loss and advantage settings, and ours.
+    The budget and the settings below stay equal.
+* **Identical for all.** The same model copy, train prompts and reward metric. The reward text is
+  the completion only: decoded without special tokens, ended at EOS or ``--max-new-tokens``,
+  stripped of surrounding whitespace; this is exactly the env's ``info["text"]``. Sampling:
+  temperature 1, no top-k / top-p. Dropout off (ours runs the model in eval mode; TRL:
+  ``disable_dropout=True``). No gradient checkpointing. Learning rate decays linearly to 0 with
+  no warm-up. Gradient-norm clip 1. fp32. Greedy evaluation through the same env.
+* **Reported.** Per trainer and setting:
+  - the test metric (mean over seeds, 95% CI);
+  - the paired difference to ours at the same setting kind (best vs best, defaults vs defaults),
+    per test sample and seed, with a hierarchical bootstrap CI;
+  - wall seconds of the whole ``train()`` call (generation included) and completions/s.
+  TRL runs on the CPU here (``use_cpu=True``) unless ``--device cuda``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 import textenvs
-from agents.token_ppo import TokenPPO, TokenPPOConfig, greedy_metric
+from agents.token_ppo import TokenPPO, TokenPPOConfig, greedy_metrics
+from benchmarks.run import hierarchical_bootstrap
 from textenvs.lm import BUILTIN_MODELS, LanguageModel
 from textenvs.rewards import METRIC_NAMES, get_metric
 from textenvs.tasks import builtin_task
 
 ENV_FOR_TASK = {"summarize": "textenvs/Summarize-v0", "translate": "textenvs/Translate-v0"}
-
-
-def trl_reward(metric_name: str):
-    """The textenvs metric as a TRL reward function over the dataset's ``references`` column."""
-    metric = get_metric(metric_name)
-
-    def reward(completions, references, **kwargs):
-        return [metric(c.split("\n")[0].strip(), refs) for c, refs in zip(completions, references)]
-
-    reward.__name__ = metric_name
-    return reward
-
-
-def run_trl(kind: str, model_dir: str, args: argparse.Namespace, metric_name: str) -> dict:
-    from datasets import Dataset
-
-    if kind == "grpo":
-        from trl import GRPOConfig as Config
-        from trl import GRPOTrainer as Trainer
-    else:
-        from trl import RLOOConfig as Config
-        from trl import RLOOTrainer as Trainer
-    task = builtin_task(args.task)
-    train = task.split("train")
-    dataset = Dataset.from_list(
-        [{"prompt": task.prompt(s), "references": list(s.references)} for s in train]
-    )
-    batch = args.batch  # completions per optimisation step = per_device_train_batch_size
-    out = tempfile.mkdtemp(prefix=f"textenvs-{kind}-")
-    config = Config(
-        output_dir=out,
-        per_device_train_batch_size=batch,
-        num_generations=args.generations,
-        max_completion_length=args.max_new_tokens,
-        max_steps=max(1, args.completions // batch),
-        learning_rate=args.learning_rate,
-        beta=args.kl_coef,
-        temperature=1.0,
-        use_cpu=args.device == "cpu",
-        report_to="none",
-        logging_steps=10,
-        save_strategy="no",
-        seed=args.seed,
-        bf16=False,
-    )
-    trainer = Trainer(
-        model=model_dir, reward_funcs=trl_reward(metric_name), args=config, train_dataset=dataset
-    )
-    start = time.time()
-    trainer.train()
-    wall = time.time() - start
-    trained = Path(out) / "final"
-    trainer.save_model(str(trained))
-    lm = LanguageModel(str(trained), device=args.device)
-    after = greedy_metric(
-        lm, ENV_FOR_TASK[args.task], "test", args.eval_samples, args.max_new_tokens, metric_name
-    )
-    shutil.rmtree(out, ignore_errors=True)
-    completions = config.max_steps * batch
-    return {
-        "test_metric_after": after,
-        "completions": completions,
-        "completions_per_s": completions / wall,
-        "wall_s": round(wall, 1),
-    }
-
-
 TRAINERS = ("textenvs_ppo", "grpo", "rloo")
+OURS_DEFAULTS = {"learning_rate": 3e-4, "kl_coef": 0.02, "dense": True}
+
+
+def reward_text(completion: str) -> str:
+    """What every trainer's reward scores: the env's ``info["text"]`` rule."""
+    return completion.strip()
+
+
+class CountingReward:
+    """The textenvs metric as a TRL reward function over the dataset's ``references`` column,
+    counting the completions it scores (the measured completion budget).
+    """
+
+    def __init__(self, metric_name: str) -> None:
+        self.metric, self.scored = get_metric(metric_name), 0
+        self.__name__ = metric_name
+
+    def __call__(self, completions, references, **kwargs) -> list[float]:
+        self.scored += len(completions)
+        return [self.metric(reward_text(c), refs) for c, refs in zip(completions, references)]
+
+
+def grid(args: argparse.Namespace, trainer: str) -> list[dict]:
+    """The documented grid of one trainer: the same number of points for every trainer."""
+    third = ("dense", args.grid_dense) if trainer == "textenvs_ppo" else ("group", args.grid_group)
+    return [
+        {"learning_rate": lr, "kl_coef": kl, third[0]: value}
+        for lr, kl, value in itertools.product(args.grid_lr, args.grid_kl, third[1])
+    ]
+
+
+def trl_config(kind: str, args: argparse.Namespace, point: dict | None, seed: int, out: str):
+    """TRL's config for a grid point (None: TRL's defaults) at this comparison's budget."""
+    from trl import GRPOConfig, RLOOConfig
+
+    kw = dict(
+        output_dir=out,
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_iterations=1,
+        max_steps=args.completions // args.batch,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        disable_dropout=True,
+        gradient_checkpointing=False,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        use_cpu=args.device == "cpu",
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=max(1, args.completions // args.batch),
+        seed=seed,
+    )
+    if point is not None:
+        kw.update(
+            learning_rate=point["learning_rate"],
+            beta=point["kl_coef"],
+            num_generations=point["group"],
+        )
+        if kind == "rloo":
+            kw["normalize_advantages"] = True
+    return (GRPOConfig if kind == "grpo" else RLOOConfig)(**kw)
+
+
+def ours_config(args, point: dict | None, seed: int, env_id: str, model: str, metric: str):
+    """Our config for a grid point (None: our defaults) at this comparison's budget."""
+    point = point or OURS_DEFAULTS
+    return TokenPPOConfig(
+        env_id=env_id,
+        model=model,
+        reward=metric,
+        dense=point["dense"],
+        num_envs=args.batch,
+        minibatch_size=args.batch,  # one optimizer step per batch of completions, as TRL
+        num_epochs=1,
+        max_new_tokens=args.max_new_tokens,
+        total_episodes=args.completions,
+        learning_rate=point["learning_rate"],
+        kl_coef=point["kl_coef"],
+        temperature=1.0,
+        device=args.device,
+        seed=seed,
+    )
+
+
+def train_one(name: str, args, point: dict | None, seed: int, split: str, samples: int, ctx: dict):
+    """Train one trainer once; its greedy per-sample metrics on ``split`` and measured budget."""
+    if name == "textenvs_ppo":
+        trainer = TokenPPO(
+            ours_config(args, point, seed, ctx["env_id"], ctx["model"], ctx["metric"])
+        )
+        steps = [0]
+        trainer.optimizer.register_step_post_hook(lambda *a: steps.__setitem__(0, steps[0] + 1))
+        start = time.time()
+        trainer.train(progress=False)
+        wall = time.time() - start
+        completions, optimizer_steps, lm = trainer.iteration * args.batch, steps[0], trainer.lm
+    else:
+        from datasets import Dataset
+
+        if name == "grpo":
+            from trl import GRPOTrainer as Trainer
+        else:
+            from trl import RLOOTrainer as Trainer
+        task = builtin_task(args.task)
+        dataset = Dataset.from_list(
+            [
+                {"prompt": task.prompt(s), "references": list(s.references)}
+                for s in task.split("train")
+            ]
+        )
+        out = tempfile.mkdtemp(prefix=f"textenvs-{name}-")
+        reward = CountingReward(ctx["metric"])
+        trainer = Trainer(
+            model=ctx["model"],
+            reward_funcs=reward,
+            args=trl_config(name, args, point, seed, out),
+            train_dataset=dataset,
+        )
+        start = time.time()
+        trainer.train()
+        wall = time.time() - start
+        completions, optimizer_steps = reward.scored, trainer.state.global_step
+        trainer.save_model(str(Path(out) / "final"))
+        lm = LanguageModel(str(Path(out) / "final"), device=args.device)
+        shutil.rmtree(out, ignore_errors=True)
+    metrics = greedy_metrics(lm, ctx["env_id"], split, samples, args.max_new_tokens, ctx["metric"])
+    return {
+        "metrics": metrics,
+        "mean": float(np.mean(metrics)),
+        "completions": completions,
+        "optimizer_steps": optimizer_steps,
+        "wall_s": round(wall, 2),
+        "completions_per_s": round(completions / wall, 2),
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,109 +199,196 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", choices=list(ENV_FOR_TASK), default="summarize")
     p.add_argument("--reward", default=None, help="metric name (default: the task's)")
-    p.add_argument("--completions", type=int, default=1024, help="sampled completions per trainer")
+    p.add_argument("--completions", type=int, default=1024, help="sampled completions per run")
     p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--batch", type=int, default=32, help="completions per optimizer step (all)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the best point and defaults")
+    p.add_argument("--grid-lr", type=float, nargs="+", default=[3e-4, 1e-3])
+    p.add_argument("--grid-kl", type=float, nargs="+", default=[0.0, 0.02])
+    p.add_argument("--grid-group", type=int, nargs="+", default=[4, 8], help="GRPO / RLOO")
     p.add_argument(
-        "--batch", type=int, default=32, help="completions per optimisation step (all trainers)"
+        "--grid-dense",
+        type=lambda s: s.lower() in ("1", "true", "yes"),
+        nargs="+",
+        default=[True, False],
+        help="ours: dense per-token reward or the metric at the end",
     )
-    p.add_argument(
-        "--generations", type=int, default=4, help="completions per prompt (GRPO / RLOO groups)"
-    )
-    p.add_argument("--learning-rate", type=float, default=3e-4)
-    p.add_argument("--kl-coef", type=float, default=0.02)
-    p.add_argument(
-        "--ppo-epochs",
-        type=int,
-        default=1,
-        help="textenvs PPO epochs per rollout; 1 matches TRL's GRPO / RLOO default "
-        "(num_iterations=1), so every trainer takes one optimisation pass over each batch",
-    )
-    p.add_argument("--eval-samples", type=int, default=200)
+    p.add_argument("--validation-samples", type=int, default=100, help="grid scoring")
+    p.add_argument("--eval-samples", type=int, default=200, help="test samples, paired")
     p.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json-out", help="write the report (JSON) here")
     args = p.parse_args(argv)
     for name in (
         "completions",
         "max_new_tokens",
         "batch",
-        "generations",
+        "seeds",
         "eval_samples",
-        "ppo_epochs",
+        "validation_samples",
     ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.completions % args.batch:
         p.error(
             f"--completions {args.completions} is not a multiple of --batch {args.batch}: every "
-            "trainer must sample the same number of completions, in whole optimisation steps"
+            "trainer must sample the same number of completions, in whole optimizer steps"
         )
-    if args.batch % args.generations:
+    groups = [g for g in args.grid_group if g < 2 or args.batch % g]
+    if groups:
         p.error(
-            f"--batch {args.batch} is not a multiple of --generations {args.generations}: GRPO and "
-            "RLOO sample whole groups of completions per prompt"
+            f"--batch {args.batch} is not a multiple of --grid-group {groups} (each >= 2): GRPO "
+            "and RLOO sample whole groups of completions per prompt"
+        )
+    if len(args.grid_dense) != len(args.grid_group):
+        p.error(
+            f"--grid-dense has {len(args.grid_dense)} values and --grid-group "
+            f"{len(args.grid_group)}: every trainer's grid must have the same size"
         )
     if args.reward is not None and args.reward not in METRIC_NAMES:
         p.error(f"unknown --reward {args.reward!r}; choose one of {', '.join(METRIC_NAMES)}")
     return args
 
 
+def shared_config(args, metric: str) -> dict:
+    """The settings every trainer shares, as the output states them."""
+    return {
+        "task": args.task,
+        "metric": metric,
+        "completions_per_run": args.completions,
+        "completions_per_optimizer_step": args.batch,
+        "optimizer_steps_per_run": args.completions // args.batch,
+        "max_new_tokens": args.max_new_tokens,
+        "sampling": "temperature 1.0, top_k off, top_p 1.0, ends at EOS or max_new_tokens",
+        "reward_text": "the completion only, decoded without special tokens, whitespace-stripped",
+        "dropout": "off",
+        "gradient_checkpointing": "off",
+        "lr_schedule": "linear to 0, no warm-up",
+        "max_grad_norm": 1.0,
+        "precision": "fp32",
+        "grid": {name: grid(args, name) for name in args.trainers},
+        "grid_scoring": f"seed 0, first {args.validation_samples} validation samples, greedy",
+        "test": f"{args.seeds} seeds x first {args.eval_samples} test samples, greedy, paired",
+        "trl_defaults_kept": "learning_rate, beta, num_generations, loss_type, scale_rewards, "
+        "normalize_advantages (the defaults rows)",
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    metric_name = args.reward or builtin_task(args.task).default_reward
+    metric = args.reward or builtin_task(args.task).default_reward
     env_id = ENV_FOR_TASK[args.task]
     model_dir = tempfile.mkdtemp(prefix="textenvs-tiny-")
-    shutil.copytree(
-        BUILTIN_MODELS[textenvs.TINY], model_dir, dirs_exist_ok=True
-    )  # TRL reloads from a folder
-    before = greedy_metric(
+    shutil.copytree(BUILTIN_MODELS[textenvs.TINY], model_dir, dirs_exist_ok=True)  # TRL reloads
+    ctx = {"env_id": env_id, "model": model_dir, "metric": metric}
+    before = greedy_metrics(
         LanguageModel(model_dir, device=args.device),
         env_id,
         "test",
         args.eval_samples,
         args.max_new_tokens,
-        metric_name,
+        metric,
     )
     report = {
-        "task": args.task,
-        "metric": metric_name,
-        "completions": args.completions,
-        "test_metric_before": before,
+        "config": shared_config(args, metric),
+        "test_metric_before": float(np.mean(before)),
+        "trainers": {},
     }
     for name in args.trainers:
-        if name == "textenvs_ppo":
-            trainer = TokenPPO(
-                TokenPPOConfig(
-                    env_id=env_id,
-                    model=model_dir,
-                    reward=metric_name,
-                    num_envs=args.batch,
-                    max_new_tokens=args.max_new_tokens,
-                    total_episodes=args.completions,
-                    learning_rate=args.learning_rate,
-                    kl_coef=args.kl_coef,
-                    num_epochs=args.ppo_epochs,
-                    device=args.device,
-                    seed=args.seed,
-                    eval_samples=args.eval_samples,
+        points, searched = grid(args, name), []
+        for point in points:
+            run = train_one(name, args, point, 0, "validation", args.validation_samples, ctx)
+            searched.append({**point, **{k: v for k, v in run.items() if k != "metrics"}})
+            print(json.dumps({name: searched[-1]}), flush=True)
+        best = points[int(np.argmax([s["mean"] for s in searched]))]
+        rows = {}
+        for setting, point in (("best", best), ("defaults", None)):
+            runs = [
+                train_one(name, args, point, seed, "test", args.eval_samples, ctx)
+                for seed in range(args.seeds)
+            ]
+            rows[setting] = {"point": point or "defaults", "runs": runs}
+            print(json.dumps({name: setting, "means": [r["mean"] for r in runs]}), flush=True)
+        report["trainers"][name] = {"grid": searched, **rows}
+    shutil.rmtree(model_dir, ignore_errors=True)
+    summarise(report)
+    print(json.dumps(report_without_metrics(report)))
+    print(table(report))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def summarise(report: dict) -> None:
+    """Add to every row its mean, CI, budget and speed, and the paired difference to ours."""
+    trainers = report["trainers"]
+    for name, rows in trainers.items():
+        for setting in ("best", "defaults"):
+            row = rows[setting]
+            per_seed = [r["metrics"] for r in row["runs"]]
+            mean, lo, hi = hierarchical_bootstrap(per_seed)
+            row.update(
+                test_metric=mean,
+                test_ci=[lo, hi],
+                completions=[r["completions"] for r in row["runs"]],
+                optimizer_steps=[r["optimizer_steps"] for r in row["runs"]],
+                wall_s=float(np.mean([r["wall_s"] for r in row["runs"]])),
+                completions_per_s=float(np.mean([r["completions_per_s"] for r in row["runs"]])),
+            )
+            ours = trainers.get("textenvs_ppo", {}).get(setting)
+            if ours is not None and name != "textenvs_ppo":
+                diffs = [
+                    np.asarray(a["metrics"]) - np.asarray(b["metrics"])
+                    for a, b in zip(row["runs"], ours["runs"])
+                ]
+                d, dlo, dhi = hierarchical_bootstrap(diffs)
+                row.update(minus_ours=d, minus_ours_ci=[dlo, dhi])
+
+
+def report_without_metrics(report: dict) -> dict:
+    """The report without the per-sample lists (for the printed JSON line)."""
+    out = json.loads(json.dumps(report))
+    for rows in out["trainers"].values():
+        for setting in ("best", "defaults"):
+            for run in rows[setting]["runs"]:
+                run.pop("metrics", None)
+    return out
+
+
+def table(report: dict) -> str:
+    """The Markdown table of the README."""
+    lines = [
+        "| trainer | setting | learning rate, KL, group / reward | completions | optimizer steps "
+        "| test metric (95% CI) | minus ours (95% CI) | train() wall s | completions/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, rows in report["trainers"].items():
+        for setting in ("best", "defaults"):
+            row = rows[setting]
+            point = row["point"]
+            hyper = (
+                "defaults"
+                if point == "defaults"
+                else f"{point['learning_rate']:g}, {point['kl_coef']:g}, "
+                + (
+                    f"group {point['group']}"
+                    if "group" in point
+                    else ("dense" if point["dense"] else "terminal")
                 )
             )
-            start = time.time()
-            trainer.train(progress=False)
-            wall = time.time() - start
-            report[name] = {
-                "test_metric_after": trainer.evaluate(),
-                "completions": trainer.iteration * args.batch,
-                "completions_per_s": trainer.iteration * args.batch / wall,
-                "wall_s": round(wall, 1),
-                "final_kl": trainer.history[-1]["kl"],
-            }
-        else:
-            report[name] = run_trl(name, model_dir, args, metric_name)
-        print(json.dumps({name: report[name]}), flush=True)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    print(json.dumps(report))
-    return report
+            diff = (
+                f"{row['minus_ours']:+.3f} ({row['minus_ours_ci'][0]:+.3f}, "
+                f"{row['minus_ours_ci'][1]:+.3f})"
+                if "minus_ours" in row
+                else "-"
+            )
+            lines.append(
+                f"| {name} | {setting} | {hyper} | {sorted(set(row['completions']))} "
+                f"| {sorted(set(row['optimizer_steps']))} | {row['test_metric']:.3f} "
+                f"({row['test_ci'][0]:.3f}, {row['test_ci'][1]:.3f}) | {diff} "
+                f"| {row['wall_s']:.1f} | {row['completions_per_s']:.1f} |"
+            )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

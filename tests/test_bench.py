@@ -262,9 +262,11 @@ def test_throughput_script_reports_every_figure():
         (["--trainers", "ppo2"], "invalid choice"),
         (["--completions", "100", "--batch", "32"], "not a multiple of --batch"),
         (
-            ["--completions", "120", "--batch", "30", "--generations", "4"],
-            "multiple of --generations",
+            ["--completions", "120", "--batch", "30", "--grid-group", "4", "8"],
+            "not a multiple of --grid-group [4, 8]",
         ),
+        (["--grid-group", "4", "8", "16"], "same size"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
         (["--reward", "meteor"], "unknown --reward"),
         (["--completions", "0"], "--completions must be >= 1"),
     ],
@@ -277,18 +279,81 @@ def test_compare_trl_refuses_budgets_it_cannot_give_every_trainer(argv, match, c
     assert match in capsys.readouterr().err
 
 
-def test_compare_trl_defaults_and_reward_text():
+def test_compare_trl_budgets_and_shared_settings_are_equal_from_the_same_arguments():
+    pytest.importorskip("trl")
     from benchmarks import compare_trl
 
-    args = compare_trl.parse_args(["--trainers", "textenvs_ppo", "grpo"])
-    assert args.trainers == ["textenvs_ppo", "grpo"] and args.completions % args.batch == 0
-    reward = compare_trl.trl_reward("rougeL")
-    # TRL hands over the whole completion: only its first line is the headline that is scored
-    scores = reward(
-        ["Norwick council approves park plan\nArticle: more", "x"],
-        [["Norwick council approves park plan"]] * 2,
+    args = compare_trl.parse_args(["--completions", "96", "--batch", "16"])
+    C, B = args.completions, args.batch
+    for point in [None, *compare_trl.grid(args, "textenvs_ppo")]:
+        c = compare_trl.ours_config(args, point, 0, "textenvs/Summarize-v0", "m", "rougeL")
+        rollouts = -(-c.total_episodes // c.num_envs)
+        steps = rollouts * c.num_epochs * -(-c.num_envs // c.minibatch_size)
+        assert (rollouts * c.num_envs, steps) == (C, C // B)
+        assert c.temperature == 1.0 and c.max_new_tokens == args.max_new_tokens
+    sizes = {len(compare_trl.grid(args, name)) for name in compare_trl.TRAINERS}
+    assert sizes == {8}  # the same grid size for every trainer
+    for kind in ("grpo", "rloo"):
+        for point in [None, *compare_trl.grid(args, kind)]:
+            c = compare_trl.trl_config(kind, args, point, 0, "/tmp/unused")
+            per_step = c.per_device_train_batch_size * c.gradient_accumulation_steps
+            assert (c.max_steps * per_step, c.max_steps) == (C, C // B)
+            assert c.steps_per_generation == 1 and c.num_iterations == 1
+            assert c.disable_dropout and not c.gradient_checkpointing
+            assert (c.temperature, c.top_k, c.top_p) == (1.0, 0, 1.0)
+            assert c.max_completion_length == args.max_new_tokens
+            assert c.max_grad_norm == 1.0 and c.lr_scheduler_type == "linear"
+            if point is not None:
+                assert (c.learning_rate, c.beta, c.num_generations) == (
+                    point["learning_rate"],
+                    point["kl_coef"],
+                    point["group"],
+                )
+
+
+def test_compare_trl_reward_text_is_the_envs_text():
+    import gymnasium as gym
+
+    from benchmarks import compare_trl
+
+    env = gym.make("textenvs/Summarize-v0", token_mode="vocab", max_steps=6)
+    env.reset(seed=2)
+    lm = env.unwrapped.lm
+    ids = lm.encode(" Council approves the new park plan")[:5]
+    for token in ids:
+        _, _, _, _, info = env.step(token)
+    decoded = lm.tokenizer.decode(ids, skip_special_tokens=True)  # what TRL hands the reward
+    assert compare_trl.reward_text(decoded) == info["text"]
+    reward = compare_trl.CountingReward("rougeL")
+    headline = "Norwick council approves park plan"
+    scores = reward([f"  {headline} ", "x"], [[headline]] * 2)
+    assert scores[0] == pytest.approx(1.0) and scores[1] == 0.0 and reward.scored == 2
+
+
+@pytest.mark.slow
+def test_compare_trl_measures_equal_budgets_on_every_trainer(tmp_path):
+    pytest.importorskip("trl")
+    from benchmarks import compare_trl
+
+    out = str(tmp_path / "r.json")
+    report = compare_trl.main(
+        ["--completions", "16", "--batch", "8", "--seeds", "2", "--grid-lr", "1e-3"]
+        + ["--grid-kl", "0.0", "--grid-group", "4", "--grid-dense", "true"]
+        + ["--validation-samples", "3", "--eval-samples", "3", "--json-out", out]
     )
-    assert scores[0] == pytest.approx(1.0) and scores[1] == 0.0 and reward.__name__ == "rougeL"
+    assert set(report["trainers"]) == set(compare_trl.TRAINERS)
+    for name, rows in report["trainers"].items():
+        for point in rows["grid"]:
+            assert (point["completions"], point["optimizer_steps"]) == (16, 2), name
+        for setting in ("best", "defaults"):
+            row = rows[setting]
+            assert row["completions"] == [16, 16] and row["optimizer_steps"] == [2, 2], name
+            assert len(row["runs"]) == 2 and all(len(r["metrics"]) == 3 for r in row["runs"])
+            assert row["test_ci"][0] <= row["test_metric"] <= row["test_ci"][1]
+            if name != "textenvs_ppo":
+                assert row["minus_ours_ci"][0] <= row["minus_ours"] <= row["minus_ours_ci"][1]
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["config"]["optimizer_steps_per_run"] == 2
 
 
 def fake_cell(agent, env_id, seed, budget, model, extra=None):
