@@ -50,6 +50,7 @@ def _free_port() -> int:
 
 
 def _token_ppo_args(args, episodes: int, out: Path) -> list[str]:
+    """The run's flags, which ``agents.token_ppo`` and ``agents.ray_rollouts`` both take."""
     return [
         "--env-id",
         args.env_id,
@@ -63,8 +64,6 @@ def _token_ppo_args(args, episodes: int, out: Path) -> list[str]:
         str(args.num_envs // 2 or 1),
         "--eval-samples",
         "1",
-        "--device",
-        args.device,
         "--json-out",
         str(out),
     ]
@@ -96,14 +95,28 @@ def completions(args, folder: Path) -> dict:
     result = {}
     out = folder / "one.json"
     _run(
-        [sys.executable, "-m", "agents.token_ppo", *_token_ppo_args(args, per_process, out)],
+        [
+            sys.executable,
+            "-m",
+            "agents.token_ppo",
+            *_token_ppo_args(args, per_process, out),
+            "--device",
+            args.device,
+        ],
         {"OMP_NUM_THREADS": str(cores)},
     )
     result["one_process"] = _figures(out, 1)
     if args.device == "cpu" and cores > 1:  # what each of the two processes below has
         out = folder / "one_thread.json"
         _run(
-            [sys.executable, "-m", "agents.token_ppo", *_token_ppo_args(args, per_process, out)],
+            [
+                sys.executable,
+                "-m",
+                "agents.token_ppo",
+                *_token_ppo_args(args, per_process, out),
+                "--device",
+                args.device,
+            ],
             {"OMP_NUM_THREADS": str(max(1, cores // 2))},
         )
         result["one_process_half_the_threads"] = _figures(out, 1)
@@ -125,7 +138,17 @@ def completions(args, folder: Path) -> dict:
         str(_free_port()),
     ]
     threads = {"OMP_NUM_THREADS": str(max(1, cores // 2))} if args.device == "cpu" else {}
-    _run([*launch, "-m", "agents.token_ppo", *_token_ppo_args(args, 2 * per_process, out)], threads)
+    _run(
+        [
+            *launch,
+            "-m",
+            "agents.token_ppo",
+            *_token_ppo_args(args, 2 * per_process, out),
+            "--device",
+            args.device,
+        ],
+        threads,
+    )
     result["two_processes"] = _figures(out, 2)
     result["speedup_two_processes"] = round(
         result["two_processes"]["completions_per_s"] / result["one_process"]["completions_per_s"],
@@ -154,20 +177,7 @@ def completions(args, folder: Path) -> dict:
             "2",
             "--num-cpus",
             str(max(2, cores)),
-            "--env-id",
-            args.env_id,
-            "--num-envs",
-            str(args.num_envs),
-            "--max-new-tokens",
-            str(args.max_new_tokens),
-            "--total-episodes",
-            str(2 * per_process),
-            "--minibatch-size",
-            str(args.num_envs // 2 or 1),
-            "--eval-samples",
-            "1",
-            "--json-out",
-            str(out),
+            *_token_ppo_args(args, 2 * per_process, out),
         ],
         {"RAY_DISABLE_USAGE_STATS": "1"},
     )

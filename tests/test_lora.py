@@ -8,25 +8,15 @@ import torch
 pytest.importorskip("peft", reason="pip install -e '.[lora]'")
 
 from agents.token_ppo import TokenPPO, TokenPPOConfig, batch_sequences, collect_rollout  # noqa: E402
+from tests.test_token_ppo import small_config  # noqa: E402
 from textenvs.lm import LanguageModel  # noqa: E402
 
 
 def lora_config(model, **kw) -> TokenPPOConfig:
-    base = dict(
-        model=model,
-        num_envs=4,
-        max_new_tokens=4,
-        total_episodes=12,
-        minibatch_size=2,
-        num_epochs=2,
-        eval_samples=2,
-        seed=3,
-        lora_r=4,
-        lora_alpha=8.0,
-        learning_rate=1e-2,  # LoRA moves far at this rate: the checks below see it
-        adaptive_kl=True,
-    )
-    return TokenPPOConfig(**{**base, **kw})
+    """test_token_ppo's small run, with a rank-4 adapter."""
+    base = dict(lora_r=4, lora_alpha=8.0, adaptive_kl=True, eval_samples=2)
+    # LoRA moves far at this rate: the checks below see it
+    return small_config(model, **{**base, "learning_rate": 1e-2, **kw})
 
 
 def _state(trainer) -> dict[str, torch.Tensor]:
