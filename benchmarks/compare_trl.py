@@ -155,26 +155,17 @@ def train_one(name: str, args, point: dict | None, seed: int, split: str, sample
         wall = time.time() - start
         completions, optimizer_steps, lm = trainer.iteration * args.batch, steps[0], trainer.lm
     else:
-        from datasets import Dataset
-
         if name == "grpo":
             from trl import GRPOTrainer as Trainer
         else:
             from trl import RLOOTrainer as Trainer
-        task = builtin_task(args.task)
-        dataset = Dataset.from_list(
-            [
-                {"prompt": task.prompt(s), "references": list(s.references)}
-                for s in task.split("train")
-            ]
-        )
         out = tempfile.mkdtemp(prefix=f"textenvs-{name}-")
         reward = CountingReward(ctx["metric"])
         trainer = Trainer(
             model=ctx["model"],
             reward_funcs=reward,
             args=trl_config(name, args, point, seed, out),
-            train_dataset=dataset,
+            train_dataset=ctx["train_dataset"],
         )
         start = time.time()
         trainer.train()
@@ -281,6 +272,16 @@ def main(argv: list[str] | None = None) -> dict:
     model_dir = tempfile.mkdtemp(prefix="textenvs-tiny-")
     shutil.copytree(BUILTIN_MODELS[textenvs.TINY], model_dir, dirs_exist_ok=True)  # TRL reloads
     ctx = {"env_id": env_id, "model": model_dir, "metric": metric}
+    if set(args.trainers) - {"textenvs_ppo"}:  # TRL's train prompts, built once for every run
+        from datasets import Dataset
+
+        task = builtin_task(args.task)
+        ctx["train_dataset"] = Dataset.from_list(
+            [
+                {"prompt": task.prompt(s), "references": list(s.references)}
+                for s in task.split("train")
+            ]
+        )
     before = greedy_metrics(
         LanguageModel(model_dir, device=args.device),
         env_id,

@@ -93,33 +93,19 @@ def completions(args, folder: Path) -> dict:
     per_process = args.num_envs * args.iterations
     cores = os.cpu_count() or 1
     result = {}
-    out = folder / "one.json"
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "agents.token_ppo",
-            *_token_ppo_args(args, per_process, out),
-            "--device",
-            args.device,
-        ],
-        {"OMP_NUM_THREADS": str(cores)},
-    )
-    result["one_process"] = _figures(out, 1)
-    if args.device == "cpu" and cores > 1:  # what each of the two processes below has
-        out = folder / "one_thread.json"
+
+    def one_process(name: str, threads: int) -> dict:
+        out = folder / f"{name}.json"
+        command = [sys.executable, "-m", "agents.token_ppo"]
         _run(
-            [
-                sys.executable,
-                "-m",
-                "agents.token_ppo",
-                *_token_ppo_args(args, per_process, out),
-                "--device",
-                args.device,
-            ],
-            {"OMP_NUM_THREADS": str(max(1, cores // 2))},
+            [*command, *_token_ppo_args(args, per_process, out), "--device", args.device],
+            {"OMP_NUM_THREADS": str(threads)},
         )
-        result["one_process_half_the_threads"] = _figures(out, 1)
+        return _figures(out, 1)
+
+    result["one_process"] = one_process("one", cores)
+    if args.device == "cpu" and cores > 1:  # what each of the two processes below has
+        result["one_process_half_the_threads"] = one_process("one_thread", max(1, cores // 2))
     out = folder / "two.json"
     launch = [
         sys.executable,

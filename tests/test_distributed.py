@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("accelerate", reason="pip install -e '.[accelerate]'")
 
 from agents.token_ppo import TokenPPO, TokenPPOConfig, collect_rollout  # noqa: E402
+from tests.test_token_ppo import small_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,18 +51,9 @@ def accelerate_launch(args: list[str], processes: int = 2, timeout: int = 300):
 
 
 def _config(model: str, **kw) -> TokenPPOConfig:
-    base = dict(
-        model=model,
-        num_envs=4,
-        max_new_tokens=5,
-        total_episodes=8,
-        minibatch_size=4,
-        num_epochs=2,
-        eval_samples=2,
-        seed=5,
-        adaptive_kl=True,
-    )
-    return TokenPPOConfig(**{**base, **kw})
+    """test_token_ppo's small run: 5-token episodes, 8 of them in all, adaptive KL."""
+    base = dict(max_new_tokens=5, total_episodes=8, minibatch_size=4, eval_samples=2, seed=5)
+    return small_config(model, **{**base, "adaptive_kl": True, **kw})
 
 
 @pytest.mark.slow

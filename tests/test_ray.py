@@ -49,19 +49,24 @@ ray.shutdown()
 """
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("lora_r", [0, 4])
-def test_ray_workers_collect_with_the_learners_weights(random_gpt2_dir, lora_r):
-    if lora_r:
-        pytest.importorskip("peft")
-    run = subprocess.run(
-        [sys.executable, "-c", SCRIPT, random_gpt2_dir, str(lora_r)],
+def _run(argv: list[str]) -> subprocess.CompletedProcess:
+    """A child Python with ``argv``, one torch thread, no usage stats, a timeout against hangs."""
+    return subprocess.run(
+        [sys.executable, *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, "RAY_DISABLE_USAGE_STATS": "1", "OMP_NUM_THREADS": "1"},
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_ray_workers_collect_with_the_learners_weights(random_gpt2_dir, lora_r):
+    if lora_r:
+        pytest.importorskip("peft")
+    run = _run(["-c", SCRIPT, random_gpt2_dir, str(lora_r)])
     assert run.returncode == 0, run.stderr[-4000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["iterations"] == 2 and out["batch"] == 4 and out["episodes"] == [4, 8]
@@ -71,31 +76,10 @@ def test_ray_workers_collect_with_the_learners_weights(random_gpt2_dir, lora_r):
 
 @pytest.mark.slow
 def test_the_ray_example_runs_locally(tmp_path):
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "agents.ray_rollouts",
-            "--workers",
-            "2",
-            "--num-envs",
-            "4",
-            "--max-new-tokens",
-            "6",
-            "--total-episodes",
-            "24",
-            "--minibatch-size",
-            "4",
-            "--eval-samples",
-            "4",
-            "--json-out",
-            str(tmp_path / "report.json"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "RAY_DISABLE_USAGE_STATS": "1", "OMP_NUM_THREADS": "1"},
+    run = _run(
+        ["-m", "agents.ray_rollouts", "--workers", "2", "--num-envs", "4", "--max-new-tokens", "6"]
+        + ["--total-episodes", "24", "--minibatch-size", "4", "--eval-samples", "4"]
+        + ["--json-out", str(tmp_path / "report.json")]
     )
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())
