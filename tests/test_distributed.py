@@ -200,3 +200,11 @@ def test_sharding_engines_are_refused_with_what_to_use(monkeypatch, kind):
 
     with pytest.raises(ValueError, match="DDP only.*ddp.yaml.*--lora-r"):
         TokenPPO(TokenPPOConfig(), accelerator=Accelerator())
+
+
+def test_a_device_other_than_the_accelerators_is_refused():
+    class Accelerator:
+        process_index, num_processes, device = 0, 2, torch.device("cuda", 0)
+
+    with pytest.raises(ValueError, match="--device cuda on GPUs"):
+        TokenPPO(TokenPPOConfig(device="cpu"), accelerator=Accelerator())

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("ray", reason="pip install -e '.[ray]'")
 
@@ -85,3 +86,20 @@ def test_the_ray_example_runs_locally(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["workers"] == 2 and report["episodes"] == 24 and len(report["history"]) == 3
     assert 0.0 <= report["test_metric_after"] <= 1.0
+
+
+def test_bad_ray_setups_are_refused_with_the_fix(random_gpt2_dir):
+    import ray
+
+    from agents.ray_rollouts import RayTokenPPO, RolloutWorker
+    from agents.token_ppo import TokenPPOConfig
+
+    config = TokenPPOConfig(model=random_gpt2_dir, num_envs=2, max_new_tokens=3)
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        RayTokenPPO(config, workers=0)
+    assert not ray.is_initialized()
+    with pytest.raises(RuntimeError, match=r"Call ray.init\(\)"):
+        RayTokenPPO(config, workers=2)
+    worker = RolloutWorker(vars(config), 0, 1)
+    with pytest.raises(ValueError, match="same config"):
+        worker.collect({"not_a_weight": torch.zeros(1)}, 0)
