@@ -7,6 +7,12 @@ initialisation the policy samples exactly from the LM's distribution over the ac
 deterministic action is the LM's greedy token, so PPO starts at the LM and moves away from it only
 where the reward says so (the idea of KL-regularised fine-tuning, Jaques et al. 2017, as a policy
 parameterisation: the prior is part of the logits, not a penalty).
+
+In top-k mode the correction has two parts: one logit per action from the observation (SB3's
+``action_net``), and a score of each candidate from its own features (the observation's
+per-candidate block: embedding projection and copy flags) and the policy's latent, by one small
+network shared by all candidates (a pointer-network head: what it learns about "a token copied
+from the prompt" holds for every action index).
 """
 
 from __future__ import annotations
@@ -15,20 +21,39 @@ import torch as th
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import PyTorchObs
 
+from textenvs.envs.generate import CANDIDATE_OBS_FEATURES
+
 
 class LMPriorPolicy(ActorCriticPolicy):
     """Actor-critic with action logits = LM log-probabilities (from the observation) + correction.
 
     The observation must not be normalised (VecNormalize would rescale the log-probabilities);
     ``agents.sb3.build`` leaves it out for this policy.
+
+    Args (besides ``ActorCriticPolicy``'s):
+        max_correction: None (unbounded) or c > 0: the correction is ``c * tanh(. / c)``, at most
+            c nats from the LM.
+        candidate_features: numbers per candidate in the observation (the generation env's
+            ``CANDIDATE_OBS_FEATURES``); the candidate head is built when the observation holds
+            that block (top-k mode), and left out otherwise (vocabulary mode) or with 0.
     """
 
-    def __init__(self, *args, max_correction: float | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        *args,
+        max_correction: float | None = None,
+        candidate_features: int = CANDIDATE_OBS_FEATURES,
+        **kwargs,
+    ) -> None:
         if max_correction is not None and not max_correction > 0:
             raise ValueError(f"max_correction must be > 0 or None, got {max_correction!r}.")
-        # None: an unbounded correction; a number c bounds it to c * tanh(.), c nats from the LM
+        if not (isinstance(candidate_features, int) and candidate_features >= 0):
+            raise ValueError(
+                f"candidate_features must be an integer >= 0, got {candidate_features!r}."
+            )
         self.max_correction = max_correction
+        self.candidate_features = candidate_features
+        super().__init__(*args, **kwargs)
         n, size = int(self.action_space.n), int(self.observation_space.shape[-1])
         if size <= n:
             raise ValueError(
@@ -40,26 +65,54 @@ class LMPriorPolicy(ActorCriticPolicy):
             self.action_net.weight.zero_()
             self.action_net.bias.zero_()
         self._prior: th.Tensor | None = None
+        self._candidates: th.Tensor | None = None
+
+    def _build_mlp_extractor(self) -> None:
+        # called by _build before the optimizer is made, so the head's parameters are trained
+        super()._build_mlp_extractor()
+        n, size, f = int(self.action_space.n), int(self.observation_space.shape[-1]), 0
+        if self.candidate_features and size > n * (self.candidate_features + 1):
+            f = self.candidate_features
+        self._per_candidate = f
+        self.candidate_net = None
+        if f:
+            latent = self.mlp_extractor.latent_dim_pi
+            self.candidate_net = th.nn.Sequential(
+                th.nn.Linear(latent + f, 64), th.nn.Tanh(), th.nn.Linear(64, 1)
+            )
+            with th.no_grad():  # zero at initialisation, like action_net
+                self.candidate_net[-1].weight.zero_()
+                self.candidate_net[-1].bias.zero_()
 
     # The three entry points that build an action distribution (predict goes through
-    # get_distribution) keep the observation's prior for _get_action_dist_from_latent.
+    # get_distribution) keep the observation's prior and candidates for
+    # _get_action_dist_from_latent.
     def forward(self, obs: th.Tensor, deterministic: bool = False):
-        self._prior = self._prior_of(obs)
+        self._read(obs)
         return super().forward(obs, deterministic)
 
     def evaluate_actions(self, obs: PyTorchObs, actions: th.Tensor):
-        self._prior = self._prior_of(obs)
+        self._read(obs)
         return super().evaluate_actions(obs, actions)
 
     def get_distribution(self, obs: PyTorchObs):
-        self._prior = self._prior_of(obs)
+        self._read(obs)
         return super().get_distribution(obs)
 
-    def _prior_of(self, obs: th.Tensor) -> th.Tensor:
-        return obs[..., -int(self.action_space.n) :].float()  # (B, n) log-probabilities
+    def _read(self, obs: th.Tensor) -> None:
+        n, f = int(self.action_space.n), self._per_candidate
+        obs = obs.float()
+        self._prior = obs[..., -n:]  # (B, n) log-probabilities
+        # (B, n, f): the per-candidate block before the log-probabilities, or None
+        self._candidates = obs[..., -n * (f + 1) : -n].unflatten(-1, (n, f)) if f else None
 
     def _get_action_dist_from_latent(self, latent_pi: th.Tensor):
         correction = self.action_net(latent_pi)  # (B, n)
+        if self.candidate_net is not None:
+            n = int(self.action_space.n)
+            shared = latent_pi.unsqueeze(-2).expand(*latent_pi.shape[:-1], n, latent_pi.shape[-1])
+            scores = self.candidate_net(th.cat([shared, self._candidates], dim=-1))  # (B, n, 1)
+            correction = correction + scores.squeeze(-1)
         if self.max_correction is not None:
             correction = self.max_correction * th.tanh(correction / self.max_correction)
         logits = correction + self._prior

@@ -328,7 +328,7 @@ def test_lm_prior_policy_starts_exactly_at_the_lm(token_mode):
         action = int(model.predict(obs, deterministic=True)[0])
         assert action == (0 if token_mode == "topk" else int(logits.argmax()))
         assert obs.shape == (
-            n + env.unwrapped.lm.hidden_size + (32 if token_mode == "topk" else 0),
+            n + env.unwrapped.lm.hidden_size + (40 if token_mode == "topk" else 0),
         )
         obs, *_ = env.step(action)
     model.learn(16)  # forward and evaluate_actions read the prior as well
@@ -338,6 +338,48 @@ def test_lm_prior_policy_starts_exactly_at_the_lm(token_mode):
         sb3.SB3Config(policy="lm_prior", algo="maskable_ppo").validate()
     with pytest.raises(ValueError, match="policy='cnn' is not valid"):
         sb3.SB3Config(policy="cnn").validate()
+
+
+def test_lm_prior_candidate_head_scores_each_candidate_by_its_own_features():
+    """Top-k mode: one network scores every candidate from its block (embedding numbers, copy
+    flags), so permuting the candidates permutes their scores; it is trained (in the optimizer);
+    vocabulary mode has no such block and no head."""
+    pytest.importorskip("stable_baselines3")
+    import torch
+
+    from agents import sb3
+    from textenvs.envs.generate import CANDIDATE_OBS_FEATURES as F
+
+    kwargs = {"token_mode": "topk", "k": 4, "max_steps": 3, "candidates_obs": True}
+    config = sb3.SB3Config(policy="lm_prior", num_envs=2, n_steps=8, batch_size=8)
+    policy = sb3.build("textenvs/Summarize-v0", config, **kwargs).policy
+    trained = {id(p) for group in policy.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in trained for p in policy.candidate_net.parameters())
+    n, block = 4, 4 * (F + 1)
+    with torch.no_grad():  # a non-zero head, no per-index part, a latent of the hidden state only
+        policy.candidate_net[-1].weight.normal_()
+        policy.action_net.weight.zero_()
+        policy.mlp_extractor.policy_net[0].weight[:, -block:] = 0.0
+    obs = torch.randn(3, policy.observation_space.shape[0])
+    order = torch.tensor([2, 0, 3, 1])
+    permuted = obs.clone()
+    permuted[:, -block:-n] = obs[:, -block:-n].unflatten(-1, (n, F))[:, order].flatten(1)
+    permuted[:, -n:] = obs[:, -n:][:, order]
+    with torch.no_grad():
+        logits = policy.get_distribution(obs).distribution.logits
+        moved = policy.get_distribution(permuted).distribution.logits
+    torch.testing.assert_close(moved, logits[:, order])
+    assert not torch.allclose(logits, torch.log_softmax(obs[:, -n:], -1))  # the head acts
+    vocab = sb3.build(
+        "textenvs/Summarize-v0", config, token_mode="vocab", max_steps=3, candidates_obs=True
+    ).policy
+    assert vocab.candidate_net is None
+    with pytest.raises(ValueError, match="candidate_features must be an integer >= 0"):
+        sb3.build(
+            "textenvs/Summarize-v0",
+            sb3.SB3Config(policy="lm_prior", policy_kwargs={"candidate_features": -1}),
+            **kwargs,
+        )
 
 
 def test_lm_prior_policy_round_trips_through_a_checkpoint(tmp_path):

@@ -251,14 +251,21 @@ def test_candidates_obs_carries_what_the_actions_stand_for(token_mode):
         if token_mode == "topk":
             ids = torch.as_tensor(env.candidates)
             np.testing.assert_allclose(obs[-5:], logprobs[ids].numpy(), atol=1e-6)
-            features = env.lm.token_features(ids).flatten().numpy()
-            np.testing.assert_allclose(obs[d:-5], features, atol=1e-6)
-            assert obs.shape == (d + 9 * 5,)
+            per = obs[d:-5].reshape(5, 10)
+            np.testing.assert_allclose(per[:, :8], env.lm.token_features(ids).numpy(), atol=1e-6)
+            prompt = env.sequence.ids[: len(env.sequence) - len(env.generated)]
+            np.testing.assert_array_equal(per[:, 8], [float(t in prompt) for t in env.candidates])
+            np.testing.assert_array_equal(
+                per[:, 9], [float(t in env.generated) for t in env.candidates]
+            )
+            assert obs.shape == (d + 11 * 5,)
         else:
             np.testing.assert_allclose(obs[d:], logprobs.numpy(), atol=1e-6)
         n = env.action_space.n
         np.testing.assert_array_equal(env.action_logprobs(), obs[-n:])  # what agents read
         obs, *_ = env.step(1)
         base, *_ = plain.step(1)
+    if token_mode == "topk":  # the flags take both values on this sample (the test can fail)
+        assert set(per[:, 8]) | set(per[:, 9]) >= {0.0, 1.0}
     with pytest.raises(ValueError, match="candidates_obs must be True or False"):
         TextGenerationEnv(candidates_obs=1)

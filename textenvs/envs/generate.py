@@ -14,6 +14,9 @@ from textenvs.kvcache import TokenSequence
 from textenvs.lm import CANDIDATE_FEATURES, TINY, LanguageModel
 
 OBS_MODES = ("last", "mean")
+# numbers per candidate in a top-k candidate observation: CANDIDATE_FEATURES projected
+# output-embedding numbers, then two copy flags (in the prompt, already written)
+CANDIDATE_OBS_FEATURES = CANDIDATE_FEATURES + 2
 
 
 class TextGenerationEnv(TextEnv):
@@ -40,10 +43,12 @@ class TextGenerationEnv(TextEnv):
 
     ``candidates_obs=True`` appends what the actions stand for, so an agent can act on the LM's
     own preferences (``agents.sb3.LMPriorPolicy`` starts from them). Top-k mode:
-    ``(d + 9 k,)`` = the hidden state, then 8 numbers per candidate (its output-embedding row,
-    unit-normalised and projected by a fixed seeded Gaussian matrix,
-    :meth:`~textenvs.lm.LanguageModel.token_features`), then the k candidates' log-probabilities
-    under the LM (action order). Vocab mode: ``(d + V,)`` = the hidden state, then the LM's
+    ``(d + 11 k,)`` = the hidden state, then 10 numbers per candidate (action order): 8 from its
+    output-embedding row, unit-normalised and projected by a fixed seeded Gaussian matrix
+    (:meth:`~textenvs.lm.LanguageModel.token_features`), then 1.0 / 0.0 whether the token occurs
+    in the prompt (a copy feature, as in pointer-generator summarisers) and whether the agent
+    already wrote it in this episode; then the k candidates' log-probabilities under the LM
+    (action order). Vocab mode: ``(d + V,)`` = the hidden state, then the LM's
     log-probabilities of every token. The last ``action_space.n`` entries are always the actions'
     log-probabilities.
 
@@ -93,7 +98,8 @@ class TextGenerationEnv(TextEnv):
     * ``action_mode``, ``max_new_tokens``: deprecated names of ``token_mode`` and ``max_steps``.
 
     ## Version History
-    * v0: Initial version.
+    * v0: Initial version. The opt-in ``candidates_obs=True`` top-k block gained the two copy
+      flags per candidate (8 -> 10 numbers); the default observation is unchanged.
     """
 
     obs_modes = OBS_MODES
@@ -121,7 +127,9 @@ class TextGenerationEnv(TextEnv):
         size = self.lm.hidden_size
         if candidates_obs:  # + features and log-probs of the k candidates, or V log-probs
             size += (
-                (CANDIDATE_FEATURES + 1) * self.k if token_mode == "topk" else self.lm.vocab_size
+                (CANDIDATE_OBS_FEATURES + 1) * self.k
+                if token_mode == "topk"
+                else self.lm.vocab_size
             )
         self.observation_space = spaces.Box(-np.inf, np.inf, (size,), np.float32)
 
@@ -157,6 +165,7 @@ class TextGenerationEnv(TextEnv):
         """
         self._sequence = seq
         self._prompt_len = len(seq)
+        self._prompt_tokens = frozenset(seq.ids)  # for the candidates' copy flags
         # (d,) running sum of hidden states for obs="mean", kept on the host
         self._hidden_sum = hidden.sum(0).cpu() if self.obs_mode == "mean" else None
         self.generated: list[int] = []
@@ -236,8 +245,15 @@ class TextGenerationEnv(TextEnv):
         vec = vec.to("cpu", torch.float32)
         if self.candidates_obs:
             parts = [vec]
-            if self.token_mode == "topk":  # (k * CANDIDATE_FEATURES,)
-                parts.append(self.lm.token_features(self.candidates).flatten().cpu())
+            if self.token_mode == "topk":  # (k * CANDIDATE_OBS_FEATURES,)
+                flags = torch.tensor(
+                    [
+                        [float(t in self._prompt_tokens), float(t in self.generated)]
+                        for t in self.candidates.tolist()
+                    ]
+                )
+                embedded = self.lm.token_features(self.candidates).cpu()
+                parts.append(torch.cat([embedded, flags], dim=1).flatten())
             vec = torch.cat([*parts, self._action_logprobs(logits).cpu()])
         return finite_observation(vec.numpy(), self.lm)
 
