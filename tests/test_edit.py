@@ -441,3 +441,66 @@ def test_flat_actions_in_the_batched_env_give_n_by_n_masks_for_maskable_ppo():
     model = MaskablePPO("MlpPolicy", venv, n_steps=8, batch_size=12, n_epochs=1, seed=0)
     model.learn(24)
     assert model.num_timesteps >= 24
+
+
+@pytest.mark.parametrize("obs_mode", ["pooled", "positions"])
+def test_candidate_block_describes_the_token_choices(obs_mode):
+    """candidates_obs=True: per row, the k choices' copy flags and log-probabilities (the tokens an
+    insert / replace there writes), then the text's own token; the batched env gives the same."""
+    import torch
+
+    from textenvs.envs.edit import candidate_row_size
+    from textenvs.vector import EditVectorEnv
+
+    kwargs = dict(task="summarize", max_len=12, max_steps=6, k=3, obs=obs_mode)
+    env = TextEditEnv(candidates_obs=True, flat_actions=True, **kwargs)
+    plain = TextEditEnv(flat_actions=True, **kwargs)
+    obs, info = env.reset(seed=3)
+    base, _ = plain.reset(seed=3)
+    c, d = candidate_row_size(3), env.lm.hidden_size
+    assert env.observation_space.contains(obs)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(5):
+        rows = obs[:, d:] if obs_mode == "positions" else obs[2 * d :].reshape(13, c)
+        body = obs[:, :d] if obs_mode == "positions" else obs[: 2 * d]
+        np.testing.assert_array_equal(body, base)  # the plain observation comes first, unchanged
+        text, prompt = env.text_ids, env.sequence.ids[: len(env.sequence) - len(env.text_ids)]
+        n = len(text)
+        logprobs = torch.log_softmax(env._row_logits.float(), -1)
+        for j in range(n + 1):
+            tokens = [env._token(j, t) for t in range(3)]  # what the actions at row j write
+            np.testing.assert_array_equal(rows[j, 0:9:3], [float(t in prompt) for t in tokens])
+            np.testing.assert_array_equal(rows[j, 1:9:3], [float(t in text) for t in tokens])
+            np.testing.assert_allclose(rows[j, 2:9:3], logprobs[j, tokens].numpy(), atol=1e-5)
+            if j < n:
+                t = text[j]
+                np.testing.assert_allclose(
+                    rows[j, 9:],
+                    [1.0, t in prompt, text.count(t) > 1, float(logprobs[j, t])],
+                    atol=1e-5,
+                )
+            seen |= set(rows[j, 0:9:3])
+        assert not rows[n + 1 :].any() and not rows[n, 9:].any()
+        mask = env.action_masks()
+        action = int(rng.choice(np.flatnonzero(mask[1:]))) + 1  # an edit, never stop
+        obs, *_ = env.step(action)
+        base, *_ = plain.step(action)
+    assert seen == {0.0, 1.0}  # copy flags of both kinds occurred: the check can fail
+    batched = EditVectorEnv(2, candidates_obs=True, flat_actions=True, **kwargs)
+    singles = [TextEditEnv(candidates_obs=True, flat_actions=True, **kwargs) for _ in range(2)]
+    obs, _ = batched.reset(seed=7)
+    single = [e.reset(seed=7 + i)[0] for i, e in enumerate(singles)]
+    for _ in range(4):
+        np.testing.assert_allclose(obs, np.stack(single), atol=1e-4)
+        masks = batched.action_masks()
+        actions = np.array([int(rng.choice(np.flatnonzero(m[1:]))) + 1 for m in masks])
+        obs, _, terminated, truncated, _ = batched.step(actions)
+        single = []
+        for i, e in enumerate(singles):
+            o, _, te, tr, _ = e.step(int(actions[i]))
+            single.append(e.reset()[0] if te or tr else o)
+    with pytest.raises(ValueError, match="candidates_obs=True describes the k token choices"):
+        TextEditEnv(candidates_obs=True, token_mode="vocab", max_len=4)
+    with pytest.raises(ValueError, match="candidates_obs must be True or False"):
+        TextEditEnv(candidates_obs="yes", max_len=4)

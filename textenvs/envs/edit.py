@@ -26,6 +26,15 @@ INSERT, DELETE, REPLACE, STOP = 0, 1, 2, 3
 OP_NAMES = ("insert", "delete", "replace", "stop")
 START_MODES = ("source", "draft", "empty")
 OBS_MODES = ("positions", "pooled")
+# candidates_obs=True: numbers per row j = 0..max_len of the candidate block. For each of the k
+# token choices at j: in the prompt, in the text, its LM log-probability at j; then the text's
+# token j: present, in the prompt, elsewhere in the text, its LM log-probability at j.
+CANDIDATE_NUMBERS, CURRENT_NUMBERS = 3, 4
+
+
+def candidate_row_size(k: int) -> int:
+    """Numbers per row of an edit env's candidate block (``candidates_obs=True``, top-k mode)."""
+    return CANDIDATE_NUMBERS * k + CURRENT_NUMBERS
 
 
 class EditActionCodec:
@@ -161,6 +170,15 @@ class TextEditEnv(TextEnv):
     gives ``len``. ``obs="pooled"``: ``Box(-inf, inf, (2 d,), float32)``, the mean of the valid
     rows followed by row ``len`` (the end of the text).
 
+    ``candidates_obs=True`` (top-k mode) adds what the token choices stand for, a block of
+    ``c = 3 k + 4`` numbers per row ``j = 0..max_len``: for each of the k choices at ``j`` (action
+    order) 1.0 / 0.0 whether the token occurs in the prompt (a copy feature), whether it occurs in
+    the text, and its LM log-probability at ``j``; then for the text's token ``j``: 1.0 if there is
+    one, whether it occurs in the prompt, whether it occurs elsewhere in the text, and its LM
+    log-probability at ``j`` (rows past ``len`` are zero, row ``len`` has no token). ``positions``:
+    the block is appended to each row, ``(max_len + 1, d + c)``; ``pooled``: flattened after the
+    pooled vector, ``(2 d + (max_len + 1) c,)``. ``agents.lm_prior.EditPriorPolicy`` reads it.
+
     ## Rewards
     ``dense=True`` (default): each edit pays the change of the score (the task metric minus the
     optional guardrails, see :mod:`textenvs.rewards`) minus ``edit_cost``, so the rewards of an
@@ -190,6 +208,7 @@ class TextEditEnv(TextEnv):
     * ``token_mode``: ``"topk"`` or ``"vocab"`` (above); ``k``: candidates in top-k mode.
     * ``obs``: ``"pooled"`` or ``"positions"`` (above).
     * ``flat_actions``: one ``Discrete`` action per distinct edit with an exact mask (above).
+    * ``candidates_obs``: add the token choices' copy flags and log-probabilities (above).
     * ``edit_cost``: subtracted from the reward of every valid edit (a number in [0, 1000]).
     * ``invalid_penalty``: the cost of an impossible edit (a number in [0, 1000]).
     * ``render_mode``: None, ``"ansi"`` (``render()`` returns the edit count and the text) or
@@ -214,12 +233,14 @@ class TextEditEnv(TextEnv):
         edit_cost: float = 0.0,
         invalid_penalty: float = 0.01,
         flat_actions: bool = False,
+        candidates_obs: bool = False,
         max_edits: int | None = None,
         **common: Any,
     ) -> None:
         check_choice("start", start, START_MODES)
-        if not isinstance(flat_actions, bool):
-            raise ValueError(f"flat_actions must be True or False, got {flat_actions!r}.")
+        for name, value in (("flat_actions", flat_actions), ("candidates_obs", candidates_obs)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}.")
         self.max_len = check_positive_int("max_len", max_len)
         edit_cost, invalid_penalty = (
             check_weight("edit_cost", edit_cost),
@@ -239,8 +260,15 @@ class TextEditEnv(TextEnv):
             if flat_actions
             else spaces.MultiDiscrete([4, self.max_len + 1, self.n_tokens])
         )
-        d = self.lm.hidden_size
-        shape = (self.max_len + 1, d) if obs == "positions" else (2 * d,)
+        if candidates_obs and token_mode != "topk":
+            raise ValueError(
+                "candidates_obs=True describes the k token choices of top-k mode: use "
+                "token_mode='topk' (in vocab mode every token is a choice)."
+            )
+        self.candidates_obs = candidates_obs
+        d, c = self.lm.hidden_size, candidate_row_size(self.k) if candidates_obs else 0
+        rows = self.max_len + 1
+        shape = (rows, d + c) if obs == "positions" else (2 * d + rows * c,)
         self.observation_space = spaces.Box(-np.inf, np.inf, shape, np.float32)
 
     @property
@@ -259,6 +287,7 @@ class TextEditEnv(TextEnv):
         self._sequence, hidden, logits = self.lm.prefill(prompt_ids)
         self._rows = hidden[-1:]  # (1, d): row 0, the prompt's last position
         self._row_logits = logits[None]  # (1, V)
+        self._row_candidates: torch.Tensor | None = None  # (len + 1, k), on first use
         text_ids = self._start_ids(options)
         self.start_truncated = len(text_ids) > self.max_len
         if text_ids:
@@ -392,11 +421,13 @@ class TextEditEnv(TextEnv):
         """
         self.lm.crop(self._sequence, self._prompt_len + pos)
         self._rows, self._row_logits = self._rows[: pos + 1], self._row_logits[: pos + 1]
+        self._row_candidates = None
 
     def _append(self, hidden: torch.Tensor, logits: torch.Tensor) -> None:
         """Add the rows of newly run text tokens: hidden ``(n, d)``, logits ``(n, V)``."""
         self._rows = torch.cat([self._rows, hidden])  # (len + 1, d)
         self._row_logits = torch.cat([self._row_logits, logits])  # (len + 1, V)
+        self._row_candidates = None
 
     def _action_hint(self) -> str:
         if self.flat_actions:
@@ -415,7 +446,14 @@ class TextEditEnv(TextEnv):
     def _token(self, pos: int, token_index: int) -> int:
         if self.token_mode == "vocab" or pos >= len(self._row_logits):
             return token_index
-        return int(top_candidates(self._row_logits[pos], self.k, self.special_ids)[token_index])
+        return int(self.row_candidates()[pos, token_index])
+
+    def row_candidates(self) -> torch.Tensor:
+        """``(len + 1, k)``: the token choices of top-k mode at every text position (row ``j``:
+        what an insert or replace at ``j`` may write), most likely first, no special tokens."""
+        if self._row_candidates is None:  # computed once per text, for all rows at once
+            self._row_candidates = top_candidates(self._row_logits, self.k, self.special_ids)
+        return self._row_candidates
 
     def _is_valid(self, op: int, pos: int, token: int | None) -> bool:
         n = len(self.text_ids)
@@ -428,13 +466,40 @@ class TextEditEnv(TextEnv):
         return ok and (token is None or token not in self.special_ids)
 
     def _observe(self) -> np.ndarray:
-        rows = self._rows  # (len + 1, d)
+        rows = self._rows.float().cpu()  # (len + 1, d)
         if self.obs_mode == "positions":
             out = torch.zeros(self.max_len + 1, rows.shape[1])
             out[: len(rows)] = rows
         else:
             out = torch.cat([rows.mean(0), rows[-1]])
-        return finite_observation(out.cpu().numpy().astype(np.float32), self.lm)
+        if self.candidates_obs:
+            block = self._candidate_block()  # (max_len + 1, c)
+            out = torch.cat([out, block], 1) if self.obs_mode == "positions" else out
+            out = out if self.obs_mode == "positions" else torch.cat([out, block.flatten()])
+        return finite_observation(out.numpy().astype(np.float32), self.lm)
+
+    def _candidate_block(self) -> torch.Tensor:
+        """``(max_len + 1, 3 k + 4)``: the rows of the candidate observation (class docstring)."""
+        text = self.text_ids
+        n, k = len(text), self.k
+        logprobs = torch.log_softmax(self._row_logits.float(), -1).cpu()  # (n + 1, V)
+        candidates = self.row_candidates().cpu()  # (n + 1, k)
+        prompt = set(self._sequence.ids[: self._prompt_len])
+        counts: dict[int, int] = {}
+        for t in text:
+            counts[t] = counts.get(t, 0) + 1
+        block = torch.zeros(self.max_len + 1, candidate_row_size(k))
+        for j, row in enumerate(candidates.tolist()):
+            block[j, 0 : 3 * k : 3] = torch.tensor([float(t in prompt) for t in row])
+            block[j, 1 : 3 * k : 3] = torch.tensor([float(t in counts) for t in row])
+        block[: n + 1, 2 : 3 * k : 3] = logprobs.gather(1, candidates)
+        if n:
+            ids = torch.tensor(text)
+            block[:n, 3 * k] = 1.0
+            block[:n, 3 * k + 1] = torch.tensor([float(t in prompt) for t in text])
+            block[:n, 3 * k + 2] = torch.tensor([float(counts[t] > 1) for t in text])
+            block[:n, 3 * k + 3] = logprobs[:n].gather(1, ids[:, None])[:, 0]
+        return block
 
     def _env_info(self) -> dict:
         return {
