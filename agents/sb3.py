@@ -35,6 +35,10 @@ def __getattr__(name: str):
         from agents.lm_prior import LMPriorPolicy
 
         return LMPriorPolicy
+    if name == "EditPriorPolicy":
+        from agents.edit_prior import EditPriorPolicy
+
+        return EditPriorPolicy
     raise AttributeError(f"module 'agents.sb3' has no attribute {name!r}")
 
 
@@ -45,9 +49,11 @@ class SB3Config:
     algo: str = "ppo"
     """``ppo`` (stable_baselines3.PPO) or ``maskable_ppo`` (sb3_contrib.MaskablePPO, edit envs)."""
     policy: str = "mlp"
-    """``mlp`` (SB3's MlpPolicy) or ``lm_prior`` (:class:`agents.lm_prior.LMPriorPolicy`: starts at
-    the LM's distribution; generation envs with ``candidates_obs=True``, no observation
-    normalisation)."""
+    """``mlp`` (SB3's MlpPolicy) or ``lm_prior``: a policy that starts where the LM is, reading the
+    env's ``candidates_obs=True`` block (no observation normalisation). With PPO on generation
+    envs :class:`agents.lm_prior.LMPriorPolicy` (the LM's distribution over the actions); with
+    MaskablePPO on edit envs made with ``flat_actions=True``
+    :class:`agents.edit_prior.EditPriorPolicy` (stop at once: the LM's draft)."""
     num_envs: int = 8
     """Sub-envs of the batched vector env (one LM forward per step for all of them)."""
     n_steps: int = 64
@@ -82,8 +88,6 @@ class SB3Config:
             raise ValueError(
                 f"policy={self.policy!r} is not valid: choose one of {list(POLICIES)}."
             )
-        if self.policy == "lm_prior" and self.algo != "ppo":
-            raise ValueError("policy='lm_prior' runs with algo='ppo' (generation envs).")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
         if self.num_envs < 1 or self.n_steps < 1 or self.batch_size < 1:
@@ -146,8 +150,18 @@ def build(env_id: str, config: SB3Config | None = None, **env_kwargs):
                 f"MaskablePPO needs action_masks(), which {env_id} does not have: use algo='ppo', "
                 "or an edit env."
             ) from e
-    policy = "MlpPolicy"
-    if config.policy == "lm_prior":
+    policy, policy_kwargs = "MlpPolicy", dict(config.policy_kwargs)
+    if config.policy == "lm_prior" and config.algo == "maskable_ppo":
+        if not env_kwargs.get("flat_actions"):
+            raise ValueError(
+                "policy='lm_prior' with MaskablePPO scores each flat edit: make the edit env with "
+                "flat_actions=True (pass it in env_kwargs)."
+            )
+        from agents.edit_prior import EditPriorPolicy as policy
+
+        for name in ("max_len", "k"):  # the env's layout of actions and candidate block
+            policy_kwargs.setdefault(name, venv.get_attr(name, indices=[0])[0])
+    elif config.policy == "lm_prior":
         from agents.lm_prior import LMPriorPolicy as policy
     return cls(
         policy,
@@ -160,7 +174,7 @@ def build(env_id: str, config: SB3Config | None = None, **env_kwargs):
         gae_lambda=config.gae_lambda,
         ent_coef=config.ent_coef,
         seed=config.seed,
-        policy_kwargs=config.policy_kwargs or None,
+        policy_kwargs=policy_kwargs or None,
         tensorboard_log=config.tensorboard_log,
         verbose=0,
     )
@@ -366,8 +380,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--policy",
         choices=POLICIES,
         default="mlp",
-        help="lm_prior: start at the LM's distribution (PPO on generation envs; adds "
-        "candidates_obs=True to the env)",
+        help="lm_prior: start where the LM is (PPO on generation envs: its distribution; "
+        "MaskablePPO on edit envs: its draft); adds candidates_obs=True to the env, and "
+        "flat_actions=True to an edit env",
     )
     p.add_argument("--total-steps", type=int, default=20_000)
     p.add_argument("--k", type=int, default=4, help="top-k actions / tokens")
@@ -381,6 +396,8 @@ def main(argv: list[str] | None = None) -> dict:
     env_kwargs = {"token_mode": "topk", "k": args.k, "max_steps": args.max_steps}
     if args.policy == "lm_prior":
         env_kwargs["candidates_obs"] = True
+        if textenvs.is_edit_env(args.env_id):
+            env_kwargs["flat_actions"] = True
     config = SB3Config(
         algo=args.algo or default_algo(args.env_id),
         policy=args.policy,

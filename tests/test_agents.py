@@ -334,8 +334,6 @@ def test_lm_prior_policy_starts_exactly_at_the_lm(token_mode):
     model.learn(16)  # forward and evaluate_actions read the prior as well
     with pytest.raises(ValueError, match="candidates_obs=True"):
         sb3.build("textenvs/Summarize-v0", config, token_mode="topk", k=4)
-    with pytest.raises(ValueError, match="runs with algo='ppo'"):
-        sb3.SB3Config(policy="lm_prior", algo="maskable_ppo").validate()
     with pytest.raises(ValueError, match="policy='cnn' is not valid"):
         sb3.SB3Config(policy="cnn").validate()
 
@@ -449,3 +447,73 @@ def test_qlearning_with_the_lm_prior_starts_as_the_greedy_lm():
         QLearning(gym.make("FrozenLake-v1"), QLearningConfig(lm_prior=0.01))
     with pytest.raises(ValueError, match="lm_prior must be in"):
         QLearningConfig(lm_prior=-1).validate()
+
+
+EDIT_PRIOR_KWARGS = {
+    "token_mode": "topk",
+    "k": 3,
+    "max_len": 10,
+    "max_steps": 3,
+    "candidates_obs": True,
+    "flat_actions": True,
+}
+
+
+def test_edit_prior_policy_starts_at_the_draft_and_scores_each_edit_by_its_own_numbers(tmp_path):
+    """At initialisation: stop (the LM's draft) is the deterministic action and every edit has the
+    same logit; an edit's logit reads its own row of the candidate block only; MaskablePPO trains
+    it through agents.sb3 and a checkpoint round trip keeps it."""
+    pytest.importorskip("sb3_contrib")
+    import torch
+
+    from agents import sb3
+    from textenvs.envs.edit import candidate_row_size
+
+    config = sb3.SB3Config(
+        algo="maskable_ppo", policy="lm_prior", num_envs=2, n_steps=8, batch_size=8, n_epochs=1
+    )
+    model = sb3.build("textenvs/EditSummary-v0", config, **EDIT_PRIOR_KWARGS)
+    policy = model.policy
+    assert type(policy).__name__ == "EditPriorPolicy"
+    env = gym.make("textenvs/EditSummary-v0", **EDIT_PRIOR_KWARGS)
+    obs, _ = env.reset(seed=0)
+    mask = env.unwrapped.action_masks()
+    assert int(model.predict(obs, deterministic=True, action_masks=mask)[0]) == 0  # stop
+    with torch.no_grad():
+        logits = policy.get_distribution(torch.as_tensor(obs[None])).distribution.logits[0]
+    assert float(logits[0]) > float(logits[1]) and torch.all(logits[1:] == logits[1])
+    c, rows = candidate_row_size(3), 11
+    with torch.no_grad():  # a non-zero edit head, a latent blind to the block
+        policy.edit_net[-1].weight.normal_()
+        policy.mlp_extractor.policy_net[0].weight[:, -rows * c :] = 0.0
+        changed = obs.copy()
+        changed[-rows * c :].reshape(rows, c)[4] += 1.0  # row 4 only
+        a = policy.get_distribution(torch.as_tensor(obs[None])).distribution.logits[0]
+        b = policy.get_distribution(torch.as_tensor(changed[None])).distribution.logits[0]
+    codec = env.unwrapped.codec
+    relative = (a - a[0]) - (b - b[0])  # stop's logit reads no row: it removes the normaliser
+    moved = {codec.unflatten(i)[1] for i in np.flatnonzero(relative.abs().numpy() > 1e-4)}
+    assert moved == {4}  # only edits at position 4
+    model.learn(16)
+    sb3.save(model, tmp_path / "edit", config, "textenvs/EditSummary-v0", EDIT_PRIOR_KWARGS)
+    loaded, _ = sb3.load(tmp_path / "edit")
+    np.testing.assert_array_equal(
+        loaded.predict(obs, deterministic=True, action_masks=mask)[0],
+        model.predict(obs, deterministic=True, action_masks=mask)[0],
+    )
+
+
+def test_edit_prior_policy_refuses_what_it_cannot_read():
+    pytest.importorskip("sb3_contrib")
+    from agents import sb3
+
+    config = sb3.SB3Config(algo="maskable_ppo", policy="lm_prior", num_envs=1, n_steps=8)
+    kwargs = {**EDIT_PRIOR_KWARGS, "flat_actions": False}
+    with pytest.raises(ValueError, match="make the edit env with flat_actions=True"):
+        sb3.build("textenvs/EditSummary-v0", config, **kwargs)
+    wrong = sb3.SB3Config(**{**config.__dict__, "policy_kwargs": {"max_len": 9}})
+    with pytest.raises(ValueError, match=r"EditPriorPolicy\(max_len=9, k=3\) expects"):
+        sb3.build("textenvs/EditSummary-v0", wrong, **EDIT_PRIOR_KWARGS)
+    bad = sb3.SB3Config(**{**config.__dict__, "policy_kwargs": {"stop_logit": 0.0}})
+    with pytest.raises(ValueError, match="stop_logit must be > 0"):
+        sb3.build("textenvs/EditSummary-v0", bad, **EDIT_PRIOR_KWARGS)

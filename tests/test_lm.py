@@ -216,3 +216,26 @@ def test_an_encoder_saved_as_a_causal_lm_is_refused(tmp_path, lm):
 def test_special_token_strings_are_plain_text(lm):
     ids = lm.encode("hello <|endoftext|> world")
     assert lm.eos_token_id not in ids and lm.decode(ids) == "hello <|endoftext|> world"
+
+
+def test_shared_models_remember_greedy_drafts_and_caller_models_recompute(monkeypatch):
+    """A shared (read-only) model memoises greedy(): the same text, no forward the second time; a
+    model the caller built (and may train) runs every time; the memo keeps GREEDY_CACHE entries."""
+    from textenvs.lm import TINY, LanguageModel, shared_model
+
+    shared, own = shared_model(TINY), LanguageModel(TINY)
+    prompt = shared.encode("Article: the council opened a bridge.\nHeadline:")
+    for model, runs_again in ((shared, False), (own, True)):
+        first = model.greedy(prompt, 6)
+        calls = []
+        original = model.prefill
+        monkeypatch.setattr(
+            model, "prefill", lambda ids, c=calls, f=original: c.append(1) or f(ids)
+        )
+        assert model.greedy(prompt, 6) == first
+        assert bool(calls) is runs_again
+        assert model.greedy(prompt, 3) == own._greedy(prompt, 3)  # the budget is part of the key
+    monkeypatch.setattr(lm_backend, "GREEDY_CACHE", 2)
+    for n in (1, 2, 4):
+        shared.greedy(prompt, n)
+    assert len(shared._greedy_cache) == 2

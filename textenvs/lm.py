@@ -24,6 +24,7 @@ it, and compute log-probabilities for a gradient step with a separate forward.
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import json
@@ -38,6 +39,7 @@ from textenvs import kvcache
 from textenvs.kvcache import TokenSequence
 
 TINY = "textenvs/tiny"
+GREEDY_CACHE = 8192  # greedy() results a shared (read-only) model remembers, least recent dropped
 CANDIDATE_FEATURES = 8  # numbers per candidate token in candidate observations
 BUILTIN_MODELS = {TINY: Path(__file__).parent / "models" / "tiny"}
 # The hub's legacy model ids without an organisation: the only bare names sent to the hub. Any
@@ -153,6 +155,8 @@ class LanguageModel:
         layer: int = -1,
     ) -> None:
         self.name = os.fspath(name)
+        # greedy()'s memo (text by prompt and budget): set by shared_model() only (read-only)
+        self._greedy_cache: collections.OrderedDict | None = None
         self.device = resolve_device(device)
         self.dtype = dtype = resolve_dtype(dtype)
         path = resolve_model_path(self.name)
@@ -366,7 +370,24 @@ class LanguageModel:
     def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> str:
         """Greedy continuation of ``prompt_ids`` until EOS or ``max_new_tokens``; the decoded new
         text.
+
+        A model from :func:`shared_model` (read-only: environments never train it) remembers the
+        last ``GREEDY_CACHE`` results, so an edit env's draft of a sample it drew before costs no
+        forward; a model built or passed in by the caller (which may train it) recomputes.
         """
+        cache = self._greedy_cache
+        key = (tuple(prompt_ids), max_new_tokens)
+        if cache is not None and key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        text = self._greedy(prompt_ids, max_new_tokens)
+        if cache is not None:
+            cache[key] = text
+            if len(cache) > GREEDY_CACHE:
+                cache.popitem(last=False)
+        return text
+
+    def _greedy(self, prompt_ids: list[int], max_new_tokens: int) -> str:
         seq, _, logits = self.prefill(prompt_ids)
         new: list[int] = []
         for _ in range(max_new_tokens):
@@ -403,4 +424,5 @@ def shared_model(
     key = (os.fspath(model), str(resolve_device(device)), resolve_dtype(dtype), layer)
     if key not in _SHARED:
         _SHARED[key] = LanguageModel(model, device, dtype, layer)
+        _SHARED[key]._greedy_cache = collections.OrderedDict()  # read-only: memoise greedy()
     return _SHARED[key]
