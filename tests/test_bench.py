@@ -40,7 +40,7 @@ def test_suite_writes_json_table_and_plots(suite):
     results = json.loads((out / "results.json").read_text())
     agents = {(c["agent"], c["env_id"]) for c in results["cells"]}
     assert ("token_ppo", "textenvs/Summarize-v0") in agents and (
-        "maskable_ppo",
+        "maskable_prior",
         "textenvs/EditSummary-v0",
     ) in agents
     assert ("token_ppo", "textenvs/EditSummary-v0") not in agents  # not applicable: skipped
