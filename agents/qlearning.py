@@ -49,10 +49,11 @@ class QLearningConfig:
     require_action_masks: bool = False
     """Fail at construction when the env offers no ``action_masks()``."""
     lm_prior: float = 0.0
-    """Weight of the LM's log-probabilities of the actions in every greedy choice (generation envs
-    in top-k mode, from their documented ``action_logprobs()``); 0 turns it off. The
-    agent then starts as the greedy LM, and unvisited states and ties follow the LM instead of a
-    coin."""
+    """Weight of the LM's preference in every greedy choice; 0 turns it off. Generation envs in
+    top-k mode: the LM's log-probabilities of the actions (their documented
+    ``action_logprobs()``). Edit envs with flattened actions: 1 for stop (flat index 0, keeping the
+    text, which starts as the LM's draft), 0 for every edit. The agent then starts as the greedy
+    LM, and unvisited states and ties follow the LM instead of a coin."""
     seed: int = 0
     """Seed of exploration and of the env resets."""
 
@@ -120,10 +121,11 @@ class QLearning:
                 f"require_action_masks=True but {env} has no action_masks(): wrap an edit env with "
                 "textenvs.wrappers.FlattenEditActions, or set require_action_masks=False."
             )
-        if self.config.lm_prior and getattr(env.unwrapped, "token_mode", None) != "topk":
+        if self.config.lm_prior and not self._has_lm_prior(env):
             raise ValueError(
                 f"lm_prior={self.config.lm_prior} needs a generation env in top-k mode (its "
-                "actions are the LM's candidates); set lm_prior=0 for other envs."
+                "actions are the LM's candidates) or an edit env with flattened actions (stop "
+                "keeps the LM's draft); set lm_prior=0 for other envs."
             )
         self.q = np.full((self.n_states, self.n_actions), self.config.initial_q, dtype=np.float64)
         self.rng = np.random.default_rng(self.config.seed)
@@ -150,11 +152,28 @@ class QLearning:
             return int(self.rng.choice(valid))
         values = self.q[state, valid]
         if self.config.lm_prior:
-            prior = (env or self.env).unwrapped.action_logprobs()
-            values = values + self.config.lm_prior * prior[valid]
+            values = values + self.config.lm_prior * self._lm_prior(env or self.env)[valid]
         return int(
             valid[self.rng.choice(np.flatnonzero(values == values.max()))]
         )  # random tie-break
+
+    @staticmethod
+    def _has_lm_prior(env: gym.Env) -> bool:
+        from textenvs.envs.edit import TextEditEnv
+
+        inner = env.unwrapped
+        if isinstance(inner, TextEditEnv):
+            return True  # its actions are flattened (Q-learning needs Discrete): 0 is stop
+        return getattr(inner, "token_mode", None) == "topk" and hasattr(inner, "action_logprobs")
+
+    def _lm_prior(self, env: gym.Env) -> np.ndarray:
+        """``(n_actions,)``: the LM's preference over the actions (see ``QLearningConfig``)."""
+        inner = env.unwrapped
+        if hasattr(inner, "action_logprobs"):
+            return inner.action_logprobs()
+        prior = np.zeros(self.n_actions)
+        prior[0] = 1.0  # stop: the edit env's text as it is, the LM's draft at the start
+        return prior
 
     def _mask(self) -> np.ndarray | None:
         return np.asarray(self.masks(), dtype=bool) if self.masks is not None else None

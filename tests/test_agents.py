@@ -445,6 +445,13 @@ def test_qlearning_with_the_lm_prior_starts_as_the_greedy_lm():
     assert agent.act(state, 0.0, None, env) == 2
     with pytest.raises(ValueError, match="lm_prior=0.01 needs a generation env in top-k mode"):
         QLearning(gym.make("FrozenLake-v1"), QLearningConfig(lm_prior=0.01))
+    edit = make_tabular_env(
+        "textenvs/EditSummary-v0", "test", 3, "hash", 6, 8, 0, n_fit=32, max_steps=3, max_len=12
+    )
+    agent = QLearning(edit, QLearningConfig(lm_prior=0.01))  # on an edit env: keep the draft
+    draft = evaluate_policy(edit, lambda obs, mask: 0, max_samples=4)["metrics"]  # stop at once
+    assert agent.evaluate(max_samples=4)["metrics"] == draft
+    assert QLearning(edit, QLearningConfig(seed=1)).evaluate(max_samples=4)["metrics"] != draft
     with pytest.raises(ValueError, match="lm_prior must be in"):
         QLearningConfig(lm_prior=-1).validate()
 
