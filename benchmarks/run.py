@@ -13,9 +13,9 @@ stop on the LM's draft) as baselines, ``qlearning`` (tabular, hashed hidden stat
 (SB3 with an MLP policy, generation envs), ``ppo_prior`` (SB3 PPO with
 :class:`agents.lm_prior.LMPriorPolicy`: starts at the LM), ``maskable_ppo`` (sb3-contrib, envs with
 ``action_masks()``: editing), ``maskable_prior`` (MaskablePPO with
-:class:`agents.edit_prior.EditPriorPolicy`: starts at the LM's draft), ``token_ppo`` (the LM is the policy, generation envs). An agent that
-does not apply to an env is skipped. Agents see the envs through the Gymnasium API and the env ->
-agent contract only (``info["metric"]``, ``action_masks()``, the documented keyword arguments).
+:class:`agents.edit_prior.EditPriorPolicy`: starts at the LM's draft), ``token_ppo`` (the LM is
+the policy, generation envs). An agent that does not apply to an env is skipped. Agents see the
+envs through the Gymnasium API and the env -> agent contract only (``info["metric"]``, ``action_masks()``, the documented keyword arguments).
 
 Every evaluation plays the first ``eval_samples`` test samples in order, so two agents' results
 are paired by sample: the table gives each agent's mean test metric with a 95% CI from a
