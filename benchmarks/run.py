@@ -9,13 +9,14 @@ evenly spaced points, giving a learning curve (task metric vs environment steps)
 with one sentence naming the agents that beat the greedy LM and by how much.
 
 Agents: ``random`` (uniform over valid actions) and ``greedy`` (the LM's top token; for edit envs,
-stop on the LM's draft) as baselines, ``qlearning`` (tabular, hashed hidden states), ``ppo``
-(SB3 with an MLP policy, generation envs), ``ppo_prior`` (SB3 PPO with
+stop on the LM's draft) as baselines, ``qlearning`` (tabular, hashed hidden states), ``ppo`` (SB3
+with an MLP policy, generation envs), ``ppo_prior`` (SB3 PPO with
 :class:`agents.lm_prior.LMPriorPolicy`: starts at the LM), ``maskable_ppo`` (sb3-contrib, envs with
 ``action_masks()``: editing), ``maskable_prior`` (MaskablePPO with
-:class:`agents.edit_prior.EditPriorPolicy`: starts at the LM's draft), ``token_ppo`` (the LM is
-the policy, generation envs). An agent that does not apply to an env is skipped. Agents see the
-envs through the Gymnasium API and the env -> agent contract only (``info["metric"]``, ``action_masks()``, the documented keyword arguments).
+:class:`agents.edit_prior.EditPriorPolicy`: starts at the LM's draft), ``token_ppo`` (the LM is the
+policy, generation envs). An agent that does not apply to an env is skipped. Agents see the envs
+through the Gymnasium API and the env -> agent contract only (``info["metric"]``,
+``action_masks()``, the documented keyword arguments).
 
 Every evaluation plays the first ``eval_samples`` test samples in order, so two agents' results
 are paired by sample: the table gives each agent's mean test metric with a 95% CI from a
