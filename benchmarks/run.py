@@ -119,14 +119,18 @@ PRESETS = {
         eval_samples=32,
         horizon=8,
     ),
+    # The README's long figures: 5 seeds x all 200 test samples, paired; the LM-prior SB3 agents
+    # at 16k steps (the aim: a win within 50k env steps), token PPO at 8192 episodes.
     "full": Budget(
         seeds=5,
         q_steps=8000,
         ppo_steps=16000,
-        token_ppo_episodes=1024,
-        prior_steps=32768,
-        eval_points=5,
-        eval_samples=100,
+        token_ppo_episodes=8192,
+        prior_steps=16384,
+        eval_points=2,
+        eval_samples=200,
+        horizon=8,
+        translate_horizon=16,
     ),
 }
 
@@ -574,7 +578,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--ppo-steps", type=int, help="override the preset's SB3 PPO / MaskablePPO steps"
     )
     p.add_argument(
-        "--prior-steps", type=int, help="override the preset's steps of PPO with the LM prior"
+        "--prior-steps",
+        type=int,
+        help="override the preset's steps of the LM-prior SB3 agents (ppo_prior, maskable_prior)",
     )
     p.add_argument(
         "--token-ppo-episodes", type=int, help="override the preset's token-PPO episodes"
