@@ -51,3 +51,58 @@ def evaluate_policy(
         out["mean_metric"] = float(np.mean(metrics))
         out["metrics"] = metrics
     return out
+
+
+def evaluate_policy_batched(envs: gym.vector.VectorEnv, policy, max_samples: int | None = None):
+    """:func:`evaluate_policy` over a textenvs batched vector env: the same samples in the same
+    order, N at a time, their forwards batched (what a sequential evaluation of a split runs one
+    sample after the other).
+
+    Sub-env ``i`` plays one sample at a time, ``reset(options={"index": j})`` on its own (which
+    the batched vector env supports); the vector env's own autoreset (SameStep) restarts an ended
+    sub-env, which is then reset to its next sample. ``policy(obs, mask) -> action`` is called per
+    sub-env, with that sub-env's mask (edit envs need ``flat_actions=True``: the vector env takes
+    no wrapper). Returns what :func:`evaluate_policy` returns, metrics in sample order.
+    """
+    subs = envs.unwrapped.envs
+    samples = subs[0].unwrapped.samples
+    n = min(len(samples), max_samples or len(samples))
+    has_masks = hasattr(subs[0].unwrapped, "action_masks")  # edit envs
+    queue = iter(range(n))
+    playing: list[int | None] = [None] * len(subs)
+    obs: list = [None] * len(subs)
+    returns = np.zeros(n)
+    metrics: dict[int, float] = {}
+    envs.reset(seed=0)
+
+    def start(i: int) -> None:
+        j = next(queue, None)
+        playing[i] = j
+        if j is not None:
+            obs[i], _ = subs[i].reset(seed=j, options={"index": j})
+
+    for i in range(len(subs)):
+        start(i)
+    while any(j is not None for j in playing):
+        masks = envs.unwrapped.action_masks() if has_masks else None
+        actions = [
+            policy(obs[i], None if masks is None else masks[i]) if j is not None else 0
+            for i, j in enumerate(playing)
+        ]
+        next_obs, rewards, terminated, truncated, infos = envs.step(np.asarray(actions))
+        for i, j in enumerate(playing):
+            if j is None:
+                continue
+            returns[j] += rewards[i]
+            if terminated[i] or truncated[i]:
+                final = infos["final_info"]
+                if "metric" in final and final["_metric"][i]:
+                    metrics[j] = float(final["metric"][i])
+                start(i)
+            else:
+                obs[i] = next_obs[i]
+    out = {"episodes": n, "mean_return": float(returns.mean())}
+    if metrics:
+        out["metrics"] = [metrics[j] for j in range(n) if j in metrics]
+        out["mean_metric"] = float(np.mean(out["metrics"]))
+    return out

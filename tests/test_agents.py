@@ -524,3 +524,31 @@ def test_edit_prior_policy_refuses_what_it_cannot_read():
     bad = sb3.SB3Config(**{**config.__dict__, "policy_kwargs": {"stop_logit": 0.0}})
     with pytest.raises(ValueError, match="stop_logit must be > 0"):
         sb3.build("textenvs/EditSummary-v0", bad, **EDIT_PRIOR_KWARGS)
+
+
+def test_batched_evaluation_equals_one_env_sample_by_sample():
+    """evaluate_policy_batched plays the same samples in the same order as evaluate_policy, with
+    the same per-sample metrics and returns (generation: a policy of the observation; edit: a
+    policy of the mask), with fewer samples than sub-envs and with more."""
+    from agents.common import evaluate_policy_batched
+
+    def by_obs(obs, mask):  # depends on the observation, so a wrong obs would show
+        return int(abs(float(obs[0])) * 1e4) % 3
+
+    def by_mask(obs, mask):
+        valid = np.flatnonzero(mask)
+        return int(valid[len(valid) // 2])
+
+    cases = [
+        ("textenvs/Summarize-v0", {"token_mode": "topk", "k": 3, "max_steps": 5}, by_obs),
+        ("textenvs/EditSummary-v0", {"k": 3, "max_steps": 3, "flat_actions": True}, by_mask),
+    ]
+    for env_id, kwargs, policy in cases:
+        one = evaluate_policy(gym.make(env_id, split="test", **kwargs), policy, max_samples=11)
+        for num_envs in (4, 16):
+            envs = gym.make_vec(env_id, num_envs=num_envs, split="test", **kwargs)
+            batched = evaluate_policy_batched(envs, policy, max_samples=11)
+            assert batched["episodes"] == one["episodes"] == 11
+            assert batched["metrics"] == one["metrics"]
+            assert batched["mean_return"] == pytest.approx(one["mean_return"], abs=1e-9)
+    assert len(set(one["metrics"])) > 1  # the policies reach different metrics: the test can fail
