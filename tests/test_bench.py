@@ -471,3 +471,29 @@ def test_scale_script_reports_one_and_two_process_completions():
     assert (two["processes"], two["episodes"]) == (2, 4)  # each process its own 2 episodes
     ratio = two["completions_per_s"] / one["completions_per_s"]
     assert result["completions"]["speedup_two_processes"] == pytest.approx(ratio, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_every_default_agent_runs_unchanged_on_a_users_jsonl_dataset(tmp_path):
+    """The main job's agents on the user's own data: textenvs/Generate-v0 and textenvs/Edit-v0
+    with a JSONL file (seeded splits), no other change."""
+    data = tmp_path / "mine.jsonl"
+    rows = [
+        {"source": f"On Monday the council of town {i} opened a bridge.", "references": f"Town {i}"}
+        for i in range(40)
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    dataset = {"dataset": str(data), "dataset_kwargs": {"split_fractions": [0.6, 0.2, 0.2]}}
+    args = [a for a in ARGS if a not in ("textenvs/Summarize-v0", "textenvs/EditSummary-v0")]
+    args[args.index("--env-id") + 1 : args.index("--env-id") + 1] = [
+        "textenvs/Generate-v0",
+        "textenvs/Edit-v0",
+    ]
+    out = tmp_path / "out"
+    run.main(args + ["--seeds", "1", "--env-kwargs", json.dumps(dataset), "--out", str(out)])
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    ran = {(c["agent"], c["env_id"].split("/")[-1]) for c in cells}
+    generation = {"random", "greedy", "qlearning", "ppo_prior", "token_ppo"}
+    edit = {"random", "greedy", "qlearning", "maskable_prior"}
+    assert ran == {(a, "Generate-v0") for a in generation} | {(a, "Edit-v0") for a in edit}
+    assert all(0.0 <= p["metric"] <= 1.0 for c in cells for p in c["curve"])
