@@ -837,6 +837,12 @@ def main(argv: list[str] | None = None) -> dict:
                 f"\ninterrupted: {len(cells)} finished cells kept in {raw}; rerun with --resume",
                 file=sys.stderr,
             )
+    # the table and plots list the envs as asked and the agents in AGENTS order, whatever order
+    # the cells finished in
+    order = {e: i for i, e in enumerate(args.env_id)}
+    cells.sort(
+        key=lambda c: (order.get(c["env_id"], len(order)), AGENTS.index(c["agent"]), c["seed"])
+    )
     rows = aggregate(cells)
     report = {
         "config": {**vars(args), "budget": asdict(budget)},
