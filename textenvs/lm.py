@@ -383,7 +383,7 @@ class LanguageModel:
         text = self._greedy(prompt_ids, max_new_tokens)
         if cache is not None:
             cache[key] = text
-            if len(cache) > GREEDY_CACHE:
+            while len(cache) > GREEDY_CACHE:
                 cache.popitem(last=False)
         return text
 
