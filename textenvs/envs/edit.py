@@ -284,6 +284,7 @@ class TextEditEnv(TextEnv):
         options = options or {}
         prompt_ids = self._draw_episode(options)
         self._prompt_len = len(prompt_ids)
+        self._prompt_tokens = torch.tensor(prompt_ids)  # the candidate block's copy flags
         self._sequence, hidden, logits = self.lm.prefill(prompt_ids)
         self._rows = hidden[-1:]  # (1, d): row 0, the prompt's last position
         self._row_logits = logits[None]  # (1, V)
@@ -474,31 +475,26 @@ class TextEditEnv(TextEnv):
             out = torch.cat([rows.mean(0), rows[-1]])
         if self.candidates_obs:
             block = self._candidate_block()  # (max_len + 1, c)
-            out = torch.cat([out, block], 1) if self.obs_mode == "positions" else out
-            out = out if self.obs_mode == "positions" else torch.cat([out, block.flatten()])
+            if self.obs_mode == "positions":
+                out = torch.cat([out, block], 1)
+            else:
+                out = torch.cat([out, block.flatten()])
         return finite_observation(out.numpy().astype(np.float32), self.lm)
 
     def _candidate_block(self) -> torch.Tensor:
         """``(max_len + 1, 3 k + 4)``: the rows of the candidate observation (class docstring)."""
-        text = self.text_ids
+        text = torch.tensor(self.text_ids, dtype=torch.long)
         n, k = len(text), self.k
         logprobs = torch.log_softmax(self._row_logits.float(), -1).cpu()  # (n + 1, V)
         candidates = self.row_candidates().cpu()  # (n + 1, k)
-        prompt = set(self._sequence.ids[: self._prompt_len])
-        counts: dict[int, int] = {}
-        for t in text:
-            counts[t] = counts.get(t, 0) + 1
         block = torch.zeros(self.max_len + 1, candidate_row_size(k))
-        for j, row in enumerate(candidates.tolist()):
-            block[j, 0 : 3 * k : 3] = torch.tensor([float(t in prompt) for t in row])
-            block[j, 1 : 3 * k : 3] = torch.tensor([float(t in counts) for t in row])
+        block[: n + 1, 0 : 3 * k : 3] = torch.isin(candidates, self._prompt_tokens).float()
+        block[: n + 1, 1 : 3 * k : 3] = torch.isin(candidates, text).float()
         block[: n + 1, 2 : 3 * k : 3] = logprobs.gather(1, candidates)
-        if n:
-            ids = torch.tensor(text)
-            block[:n, 3 * k] = 1.0
-            block[:n, 3 * k + 1] = torch.tensor([float(t in prompt) for t in text])
-            block[:n, 3 * k + 2] = torch.tensor([float(counts[t] > 1) for t in text])
-            block[:n, 3 * k + 3] = logprobs[:n].gather(1, ids[:, None])[:, 0]
+        block[:n, 3 * k] = 1.0
+        block[:n, 3 * k + 1] = torch.isin(text, self._prompt_tokens).float()
+        block[:n, 3 * k + 2] = ((text[:, None] == text[None, :]).sum(1) > 1).float()
+        block[:n, 3 * k + 3] = logprobs[:n].gather(1, text[:, None])[:, 0]
         return block
 
     def _env_info(self) -> dict:
