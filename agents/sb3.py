@@ -180,6 +180,18 @@ def build(env_id: str, config: SB3Config | None = None, **env_kwargs):
     )
 
 
+def policy_env_kwargs(policy: str, env_id: str) -> dict:
+    """The env keyword arguments a policy reads: ``lm_prior`` needs the candidate block
+    (``candidates_obs=True``), and on an edit env one action per distinct edit
+    (``flat_actions=True``)."""
+    if policy != "lm_prior":
+        return {}
+    return {
+        "candidates_obs": True,
+        **({"flat_actions": True} if textenvs.is_edit_env(env_id) else {}),
+    }
+
+
 def normalizes(config: SB3Config) -> bool:
     """Whether the model's env normalises observations (never under the LM-prior policy, whose
     observation carries log-probabilities that must stay as they are)."""
@@ -394,10 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-samples", type=int, default=200)
     args = p.parse_args(argv)
     env_kwargs = {"token_mode": "topk", "k": args.k, "max_steps": args.max_steps}
-    if args.policy == "lm_prior":
-        env_kwargs["candidates_obs"] = True
-        if textenvs.is_edit_env(args.env_id):
-            env_kwargs["flat_actions"] = True
+    env_kwargs.update(policy_env_kwargs(args.policy, args.env_id))
     config = SB3Config(
         algo=args.algo or default_algo(args.env_id),
         policy=args.policy,

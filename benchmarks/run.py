@@ -267,15 +267,12 @@ def run_cell(
             n_steps=32,
             batch_size=64,
         )
-        if prior:  # the policies read the env's candidate block
-            kwargs = {**kwargs, "candidates_obs": True}
+        kwargs = {**kwargs, **sb3.policy_env_kwargs(config.policy, env_id)}
+        if prior:
             # a learning rate per policy, picked by hand on seed 0 (2 settings each, scored on
             # the test split's first 100-200 samples): the generation head went 0.10 -> 0.30 at
             # 3e-4 in 8k steps; the edit head 0.12 -> 0.29 at 1e-3 (3e-4 swung 0.16 / 0.08 / 0.22)
-            config.learning_rate = 3e-4
-        if agent == "maskable_prior":
-            kwargs = {**kwargs, "flat_actions": True}  # one logit per distinct edit
-            config.learning_rate = 1e-3
+            config.learning_rate = 1e-3 if agent == "maskable_prior" else 3e-4
         model_ = sb3.build(env_id, config, **kwargs)
         env = test_env(env_id, kwargs)  # the native space the SB3 model acts in
         policy = sb3.deterministic_policy(model_)

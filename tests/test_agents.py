@@ -552,3 +552,29 @@ def test_batched_evaluation_equals_one_env_sample_by_sample():
             assert batched["metrics"] == one["metrics"]
             assert batched["mean_return"] == pytest.approx(one["mean_return"], abs=1e-9)
     assert len(set(one["metrics"])) > 1  # the policies reach different metrics: the test can fail
+
+
+def test_sb3_cli_lm_prior_makes_the_env_the_policy_reads(tmp_path):
+    """--policy lm_prior adds candidates_obs (and flat_actions on an edit env) through
+    policy_env_kwargs, the one rule the CLI and the benchmark suite share; it trains, saves and
+    evaluates on an edit id."""
+    pytest.importorskip("sb3_contrib")
+    import json
+
+    from agents import sb3
+
+    assert sb3.policy_env_kwargs("mlp", "textenvs/EditSummary-v0") == {}
+    assert sb3.policy_env_kwargs("lm_prior", "textenvs/Summarize-v0") == {"candidates_obs": True}
+    edit = {"candidates_obs": True, "flat_actions": True}
+    assert sb3.policy_env_kwargs("lm_prior", "textenvs/EditSummary-v0") == edit
+    folder = tmp_path / "cli"
+    result = sb3.main(
+        ["--env-id", "textenvs/EditSummary-v0", "--policy", "lm_prior", "--total-steps", "64"]
+        + ["--num-envs", "1", "--k", "3", "--max-steps", "2", "--eval-samples", "2"]
+        + ["--save", str(folder)]
+    )
+    assert result["algo"] == "maskable_ppo" and result["episodes"] == 2
+    saved = json.loads((folder / "sb3_config.json").read_text())
+    assert {k: saved["env_kwargs"][k] for k in edit} == edit
+    loaded, _ = sb3.load(folder)
+    assert type(loaded.policy).__name__ == "EditPriorPolicy"
