@@ -46,6 +46,12 @@ def evaluate_policy(
         returns.append(ret)
         if "metric" in info:
             metrics.append(float(info["metric"]))
+    return _summary(returns, metrics)
+
+
+def _summary(returns, metrics: list[float]) -> dict:
+    """What an evaluation returns: episodes, mean return and, where the episodes ended with the
+    task metric, its mean and the per-episode values."""
     out = {"episodes": len(returns), "mean_return": float(np.mean(returns))}
     if metrics:
         out["mean_metric"] = float(np.mean(metrics))
@@ -101,8 +107,4 @@ def evaluate_policy_batched(envs: gym.vector.VectorEnv, policy, max_samples: int
                 start(i)
             else:
                 obs[i] = next_obs[i]
-    out = {"episodes": n, "mean_return": float(returns.mean())}
-    if metrics:
-        out["metrics"] = [metrics[j] for j in range(n) if j in metrics]
-        out["mean_metric"] = float(np.mean(out["metrics"]))
-    return out
+    return _summary(returns, [metrics[j] for j in range(n) if j in metrics])
