@@ -1,7 +1,7 @@
 """The benchmark suite, the project's main job: agents x environments x seeds, tables and plots.
 
 ``python -m benchmarks.run`` (or ``textenvs-bench``) runs every agent on Summarize, Translate and
-EditSummary for 3 seeds on all 200 test samples, two cells at a time (about 8 minutes on 2 CPU
+EditSummary for 3 seeds on all 200 test samples, two cells at a time (about 11 minutes on 2 CPU
 cores with the tiny model); ``--quick`` is a smoke run with small budgets and 32 test samples,
 ``--full`` uses 5 seeds and larger budgets. Each cell (agent, env, seed) trains with a fixed step
 budget and evaluates the greedy / deterministic policy on the test split at the start and at
@@ -95,14 +95,15 @@ class Budget:
     horizon: int = 12  # tokens (or edits) per episode
     # translation gets its own: the built-in Translate references are 11 tokens long (median, up
     # to 17), so an 8-token episode caps BLEU by its brevity penalty (16 fits nearly all, but
-    # doubles the Translate cells of the main job: 12 keeps it within 10 minutes)
+    # doubles the Translate cells of the main job; 12 costs less)
     translate_horizon: int = 12
     k: int = 4
     num_envs: int = 8
 
 
 PRESETS = {
-    # The main job: about 10 minutes on 2 CPU cores; 3 seeds x all 200 test samples, paired.
+    # The main job: about 11 minutes on 2 CPU cores (aimed at 10); 3 seeds x all 200 test
+    # samples, paired.
     "default": Budget(
         seeds=3,
         q_steps=1500,
