@@ -5,8 +5,9 @@ EditSummary for 3 seeds on all 200 test samples, two cells at a time (about 11 m
 cores with the tiny model); ``--quick`` is a smoke run with small budgets and 32 test samples,
 ``--full`` uses 5 seeds and larger budgets. Each cell (agent, env, seed) trains with a fixed step
 budget and evaluates the greedy / deterministic policy on the test split at the start (not in the
-default preset: ``Budget.eval_start``) and at evenly spaced points, giving a learning curve (task metric vs environment steps). The run ends
-with one sentence naming the agents that beat the greedy LM and by how much.
+default preset: ``Budget.eval_start``) and at evenly spaced points, giving a learning curve (task
+metric vs environment steps). The run ends with one sentence naming the agents that beat the greedy
+LM and by how much.
 
 Agents: ``random`` (uniform over valid actions) and ``greedy`` (the LM's top token; for edit envs,
 stop on the LM's draft) as baselines, ``qlearning`` (tabular, hashed hidden states), ``ppo`` (SB3
