@@ -163,7 +163,7 @@ def build(env_id: str, config: SB3Config | None = None, **env_kwargs):
             policy_kwargs.setdefault(name, venv.get_attr(name, indices=[0])[0])
     elif config.policy == "lm_prior":
         from agents.lm_prior import LMPriorPolicy as policy
-    return cls(
+    model = cls(
         policy,
         venv,
         n_steps=config.n_steps,
@@ -178,6 +178,21 @@ def build(env_id: str, config: SB3Config | None = None, **env_kwargs):
         tensorboard_log=config.tensorboard_log,
         verbose=0,
     )
+    return quiet_logger(model, config.tensorboard_log)
+
+
+def quiet_logger(model, tensorboard_log: str | None):
+    """Give a model that logs nowhere a logger without a folder.
+
+    Without TensorBoard, SB3's ``learn()`` still makes an empty ``SB3-<date>`` folder in the
+    system's temp directory at every call (``configure_logger`` -> ``configure``). A benchmark
+    that calls ``learn()`` once per learning-curve point would leave hundreds of them.
+    """
+    if tensorboard_log is None:
+        from stable_baselines3.common.logger import Logger
+
+        model.set_logger(Logger(folder=None, output_formats=[]))
+    return model
 
 
 def policy_env_kwargs(policy: str, env_id: str) -> dict:
@@ -309,7 +324,8 @@ def load(path: str | Path):
                 "the model cannot be evaluated as trained without it."
             )
         venv = normalizer(path, venv)
-    return _algo_class(config.algo).load(path / "model.zip", env=venv), meta
+    model = _algo_class(config.algo).load(path / "model.zip", env=venv)
+    return quiet_logger(model, config.tensorboard_log), meta
 
 
 def normalizer(path: str | Path, venv):

@@ -260,17 +260,22 @@ def test_sb3_ppo_round_trip(tmp_path):
         assert sb3.normalizer(tmp_path / "bare", venv.venv) is venv.venv
 
 
-def test_sb3_maskable_ppo_on_edit_env_and_bad_algo():
+def test_sb3_maskable_ppo_on_edit_env_and_bad_algo(tmp_path, monkeypatch):
     pytest.importorskip("sb3_contrib")
+    import tempfile
+
     from agents import sb3
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where SB3 puts its own log folders
     kwargs = {"k": 2, "max_len": 8, "max_steps": 3}
     model = sb3.build(
         "textenvs/EditSummary-v0",
         sb3.SB3Config(algo="maskable_ppo", num_envs=2, n_steps=8, batch_size=8, n_epochs=1),
         **kwargs,
     )
-    model.learn(16)
+    model.learn(8)
+    model.learn(8, reset_num_timesteps=False)
+    assert not list(tmp_path.iterdir())  # no empty SB3-<date> folder per learn() call
     assert sb3.evaluate(model, "textenvs/EditSummary-v0", max_samples=2, **kwargs)["episodes"] == 2
     with pytest.raises(ValueError, match="action_masks"):
         sb3.build(
