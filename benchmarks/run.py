@@ -49,6 +49,7 @@ import gymnasium as gym
 import numpy as np
 
 import textenvs
+from textenvs.rewards import METRIC_NAMES
 
 AGENTS = (
     "random",
@@ -98,6 +99,9 @@ class Budget:
     # to 17), so an 8-token episode caps BLEU by its brevity penalty (16 fits nearly all, but
     # doubles the Translate cells of the main job; 12 costs less)
     translate_horizon: int = 12
+    # token PPO's training reward (None: the env's metric, which every agent is evaluated on);
+    # e.g. chrF, whose character n-grams pay partial credit where sentence BLEU pays none
+    token_ppo_reward: str | None = None
     k: int = 4
     num_envs: int = 8
 
@@ -298,6 +302,7 @@ def run_cell(
                 num_envs=num_envs,
                 seed=seed,
                 max_new_tokens=kwargs["max_steps"],
+                reward=budget.token_ppo_reward,
                 total_episodes=budget.token_ppo_episodes,
                 minibatch_size=16,
                 eval_samples=budget.eval_samples,
@@ -610,6 +615,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--token-ppo-episodes", type=int, help="override the preset's token-PPO episodes"
     )
     p.add_argument(
+        "--token-ppo-reward",
+        choices=METRIC_NAMES,
+        help="token PPO's training reward (default: the env's metric, on which it is evaluated)",
+    )
+    p.add_argument(
         "--env-kwargs",
         type=json.loads,
         default={},
@@ -654,6 +664,7 @@ def budget_for(args: argparse.Namespace) -> Budget:
         "ppo_steps",
         "prior_steps",
         "token_ppo_episodes",
+        "token_ppo_reward",
     ):
         if getattr(args, name):
             setattr(budget, name, getattr(args, name))

@@ -118,12 +118,34 @@ def test_interrupt_keeps_finished_cells(tmp_path, monkeypatch):
         (["--env-id", "textenvs/Nope-v0"], "registered textenvs ids"),
         (["--agents", "dqn"], "valid agents"),
         (["--jobs", "0"], "--jobs must be >= 1"),
+        (["--token-ppo-reward", "meteor"], "invalid choice: 'meteor'"),
     ],
 )
 def test_bad_names_list_the_valid_ones(argv, match, capsys):
     with pytest.raises(SystemExit):
         run.parse_args(argv)
     assert match in capsys.readouterr().err
+
+
+def test_token_ppo_trains_on_its_own_reward_and_is_evaluated_on_the_envs(monkeypatch):
+    from agents import token_ppo
+
+    budget = run.budget_for(run.parse_args(ARGS + ["--token-ppo-reward", "chrf"]))
+    assert budget.token_ppo_reward == "chrf"
+    budget.eval_samples = 2
+    seen, update = [], token_ppo.TokenPPO.update
+
+    def spy(self, rollout):
+        seen.extend(s.name for s in self.envs.get_attr("shaper"))
+        return update(self, rollout)
+
+    monkeypatch.setattr(token_ppo.TokenPPO, "update", spy)
+    cell = run.run_cell("token_ppo", "textenvs/Translate-v0", 0, budget, "textenvs/tiny")
+    assert seen and set(seen) == {"chrf"}  # the rollouts were scored with chrF
+    kwargs = run.env_kwargs(budget, "textenvs/tiny", "textenvs/Translate-v0")
+    evaluated = run.test_env("textenvs/Translate-v0", kwargs)
+    assert {s.name for s in evaluated.get_attr("shaper")} == {"bleu"}
+    assert len(cell["curve"][-1]["metrics"]) == 2
 
 
 def test_percentile_bootstrap_of_two_values_by_hand():
