@@ -11,6 +11,7 @@ import torch
 from textenvs.batching import (
     LockstepBatch,
     extend_batch,
+    greedy_batch,
     plan_tail_groups,
     prefill_batch,
     takes_prepared_step_mask,
@@ -191,3 +192,26 @@ def test_only_plain_full_attention_takes_a_prepared_mask():
     other = AutoConfig.for_model("bloom")  # ALiBi from the 2D mask
     other._attn_implementation = "sdpa"
     assert not takes_prepared_step_mask(other)
+
+
+def test_greedy_batch_equals_one_greedy_per_prompt_and_fills_a_shared_models_memo(monkeypatch):
+    """Prompts of different lengths, budgets with and without EOS inside them: each text is the
+    single-prompt greedy text; a shared model remembers them and a second call runs no forward."""
+    from textenvs.tasks import resolve_task
+
+    own = LanguageModel(TINY)  # no memo: every call decodes
+    task = resolve_task("translate", None, None)
+    prompts = [own.encode(task.prompt(s)) for s in task.split("validation")[:5]]
+    prompts.append(own.encode("Article: The council met.\nHeadline: Council meets.\n"))
+    for budget in (1, 6, 40):
+        expected = [own._greedy(p, budget) for p in prompts]
+        assert greedy_batch(own, prompts, budget) == expected
+        assert greedy_batch(own, prompts[2:3], budget) == expected[2:3]
+    assert any(len(t.split()) < 10 for t in expected)  # some rows stop at EOS before 40 tokens
+    assert greedy_batch(own, prompts, 0) == [""] * len(prompts)
+    shared = LanguageModel(TINY)
+    shared._greedy_cache = __import__("collections").OrderedDict()  # as shared_model() makes it
+    assert shared.remembers_greedy and not own.remembers_greedy
+    assert greedy_batch(shared, prompts, 6) == [own._greedy(p, 6) for p in prompts]
+    monkeypatch.setattr(shared, "forward", lambda *a, **k: pytest.fail("ran a forward"))
+    assert greedy_batch(shared, prompts[::-1], 6) == [shared.greedy(p, 6) for p in prompts[::-1]]

@@ -144,6 +144,30 @@ def test_start_modes_and_observation_shapes(start, obs_mode):
         assert info["text"] == env.lm.greedy(env.lm.encode(env.prompt), 24)
 
 
+def test_a_shared_model_drafts_the_samples_chunk_at_once_and_a_callers_model_only_its_own():
+    from textenvs.envs.edit import DRAFT_CHUNK
+    from textenvs.lm import TINY, LanguageModel
+
+    env = TextEditEnv(task="summarize", split="test", max_len=8)
+    assert env.lm.remembers_greedy  # built by name: the shared model
+    prompts = [env.lm.encode(env.task.prompt(s)) for s in env.samples]
+    env.lm._greedy_cache.clear()
+    _, info = env.reset(options={"index": DRAFT_CHUNK + 3})
+    chunk = range(DRAFT_CHUNK, 2 * DRAFT_CHUNK)
+    own = LanguageModel(TINY)
+    assert [env.lm.recall_greedy(prompts[j], 8) for j in chunk] == [
+        own.greedy(prompts[j], 8) for j in chunk
+    ]  # the whole chunk, each as its own greedy decoding
+    assert env.lm.recall_greedy(prompts[0], 8) is None  # another chunk: not yet
+    assert info["text"] == own.greedy(prompts[DRAFT_CHUNK + 3], 8)
+    mine = TextEditEnv(task="summarize", split="test", max_len=8, model=own)
+    calls = []
+    original = own._greedy
+    own._greedy = lambda ids, n: calls.append(list(ids)) or original(ids, n)
+    _, info = mine.reset(options={"index": 5})
+    assert calls == [prompts[5]] and info["text"] == original(prompts[5], 8)
+
+
 def test_pooled_observation_is_mean_and_end_row():
     env = TextEditEnv(task="summarize", obs="pooled")
     obs, _ = env.reset(seed=1)

@@ -7,7 +7,9 @@ The batched vector envs (:mod:`textenvs.vector`) run their sub-envs' forwards he
   edit) appended to their sequences in one padded, masked forward, or a few grouped by tail length
   (:func:`plan_tail_groups`) where padding would cost more than another forward;
 * :class:`LockstepBatch`: sequences that each grow by one token per step (generation) kept in ONE
-  persistent batch cache, so a step is one forward with no copying of caches.
+  persistent batch cache, so a step is one forward with no copying of caches;
+* :func:`greedy_batch`: greedy continuations of many prompts decoded together (the edit envs'
+  drafts).
 
 Every result equals the single-sequence :meth:`textenvs.lm.LanguageModel.extend` of that sequence,
 up to float rounding. Cache layers are handled by :mod:`textenvs.kvcache` only.
@@ -268,3 +270,36 @@ class LockstepBatch:
         order = torch.sort(1 - self.mask, dim=1, stable=True).indices[:, :keep]  # (N, keep)
         kvcache.gather_slots(self.cache, order)
         self.mask = torch.gather(self.mask, 1, order)
+
+
+@torch.inference_mode()
+def greedy_batch(lm: LanguageModel, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """:meth:`LanguageModel.greedy` of several prompts: ONE padded prefill, then ONE forward per
+    new token for the rows still writing (a :class:`LockstepBatch`; a row stops at EOS).
+
+    Each text equals ``lm.greedy(prompt, max_new_tokens)`` up to float rounding. A shared model's
+    memo is read first (remembered prompts run no forward) and holds every new text after.
+    """
+    texts = [lm.recall_greedy(ids, max_new_tokens) for ids in prompts]
+    todo = [i for i, text in enumerate(texts) if text is None]
+    if not todo or max_new_tokens < 1:
+        return [text if text is not None else "" for text in texts]
+    starts = prefill_batch(lm, [prompts[i] for i in todo])
+    batch = LockstepBatch(lm, len(todo))
+    for row, (seq, _, _) in enumerate(starts):
+        batch.adopt(row, seq)
+    logits = torch.stack([row_logits for _, _, row_logits in starts])  # (n, V)
+    new: list[list[int]] = [[] for _ in todo]
+    writing = list(range(len(todo)))
+    for step in range(max_new_tokens):
+        tokens = logits.argmax(-1).tolist()
+        writing = [row for row in writing if tokens[row] != lm.eos_token_id]
+        for row in writing:
+            new[row].append(tokens[row])
+        if not writing or step == max_new_tokens - 1:  # the last token needs no forward
+            break
+        _, logits = batch.advance(tokens, writing)
+    for row, i in enumerate(todo):
+        texts[i] = lm.decode(new[row]).strip()
+        lm.remember_greedy(prompts[i], max_new_tokens, texts[i])
+    return texts

@@ -374,18 +374,37 @@ class LanguageModel:
         A model from :func:`shared_model` (read-only: environments never train it) remembers the
         last ``GREEDY_CACHE`` results, so an edit env's draft of a sample it drew before costs no
         forward; a model built or passed in by the caller (which may train it) recomputes.
+        :func:`textenvs.batching.greedy_batch` decodes many prompts at once and shares the memo.
         """
+        text = self.recall_greedy(prompt_ids, max_new_tokens)
+        if text is None:
+            text = self._greedy(prompt_ids, max_new_tokens)
+            self.remember_greedy(prompt_ids, max_new_tokens, text)
+        return text
+
+    @property
+    def remembers_greedy(self) -> bool:
+        """Whether greedy results are memoised (models from :func:`shared_model` only)."""
+        return self._greedy_cache is not None
+
+    def recall_greedy(self, prompt_ids: list[int], max_new_tokens: int) -> str | None:
+        """The memoised greedy text of ``prompt_ids`` (None: not remembered, or no memo)."""
         cache = self._greedy_cache
         key = (tuple(prompt_ids), max_new_tokens)
-        if cache is not None and key in cache:
-            cache.move_to_end(key)
-            return cache[key]
-        text = self._greedy(prompt_ids, max_new_tokens)
-        if cache is not None:
-            cache[key] = text
-            while len(cache) > GREEDY_CACHE:
-                cache.popitem(last=False)
-        return text
+        if cache is None or key not in cache:
+            return None
+        cache.move_to_end(key)
+        return cache[key]
+
+    def remember_greedy(self, prompt_ids: list[int], max_new_tokens: int, text: str) -> None:
+        """Memoise a greedy text (a no-op without a memo); the least recent beyond
+        ``GREEDY_CACHE`` are dropped."""
+        cache = self._greedy_cache
+        if cache is None:
+            return
+        cache[(tuple(prompt_ids), max_new_tokens)] = text
+        while len(cache) > GREEDY_CACHE:
+            cache.popitem(last=False)
 
     def _greedy(self, prompt_ids: list[int], max_new_tokens: int) -> str:
         seq, _, logits = self.prefill(prompt_ids)

@@ -11,6 +11,7 @@ import torch
 from gymnasium import spaces
 from gymnasium.error import ResetNeeded
 
+from textenvs.batching import greedy_batch
 from textenvs.envs.base import (
     TextEnv,
     check_choice,
@@ -26,6 +27,8 @@ INSERT, DELETE, REPLACE, STOP = 0, 1, 2, 3
 OP_NAMES = ("insert", "delete", "replace", "stop")
 START_MODES = ("source", "draft", "empty")
 OBS_MODES = ("positions", "pooled")
+# a shared model drafts this many consecutive split samples in one batched decoding (see _draft)
+DRAFT_CHUNK = 32
 # candidates_obs=True: numbers per row j = 0..max_len of the candidate block. For each of the k
 # token choices at j: in the prompt, in the text, its LM log-probability at j; then the text's
 # token j: present, in the prompt, elsewhere in the text, its LM log-probability at j.
@@ -411,10 +414,33 @@ class TextEditEnv(TextEnv):
         elif self.start_mode == "source":
             text = self.sample.source
         elif self.start_mode == "draft":
-            text = self.lm.greedy(self._sequence.ids, self.max_len)
+            text = self._draft()
         else:
             text = ""
         return self.lm.encode(" " + text.strip()) if text.strip() else []
+
+    def _draft(self) -> str:
+        """The LM's greedy continuation of the prompt (at most ``max_len`` tokens).
+
+        A shared model remembers its drafts, so on its first miss in a chunk of ``DRAFT_CHUNK``
+        consecutive split samples it decodes the whole chunk in one batch (:func:`greedy_batch`):
+        an env that draws many samples, as training and evaluation do, pays about one batched
+        decoding per chunk instead of one decoding per sample. A model the caller passed in (and
+        may train) decodes this prompt alone, every time.
+        """
+        prompt = self._sequence.ids  # the prompt's ids: reset() has prefilled it, no text yet
+        if not self.lm.remembers_greedy:
+            return self.lm.greedy(prompt, self.max_len)
+        text = self.lm.recall_greedy(prompt, self.max_len)
+        if text is not None:
+            return text
+        first = self.index - self.index % DRAFT_CHUNK
+        chunk = range(first, min(first + DRAFT_CHUNK, len(self.samples)))
+        prompts = [
+            prompt if j == self.index else self.lm.encode(self.task.prompt(self.samples[j]))
+            for j in chunk
+        ]
+        return greedy_batch(self.lm, prompts, self.max_len)[self.index - first]
 
     def _crop(self, pos: int) -> None:
         """Drop the cache and observation rows from text position ``pos`` on (rows 0..pos stay
