@@ -42,7 +42,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import gymnasium as gym
@@ -102,6 +102,8 @@ class Budget:
     # token PPO's training reward (None: the env's metric, which every agent is evaluated on);
     # e.g. chrF, whose character n-grams pay partial credit where sentence BLEU pays none
     token_ppo_reward: str | None = None
+    # any other TokenPPOConfig fields, over the suite's own (e.g. {"num_epochs": 4})
+    token_ppo_config: dict = field(default_factory=dict)
     k: int = 4
     num_envs: int = 8
 
@@ -309,9 +311,12 @@ def run_cell(
                 max_new_tokens=kwargs["max_steps"],
                 reward=budget.token_ppo_reward,
                 total_episodes=budget.token_ppo_episodes,
-                num_epochs=1,
-                minibatch_size=32,
-                learning_rate=5e-4,
+                **{
+                    "num_epochs": 1,
+                    "minibatch_size": 32,
+                    "learning_rate": 5e-4,
+                    **budget.token_ppo_config,
+                },
                 eval_samples=budget.eval_samples,
             )
         )
@@ -627,6 +632,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="token PPO's training reward (default: the env's metric, on which it is evaluated)",
     )
     p.add_argument(
+        "--token-ppo-config",
+        type=json.loads,
+        default={},
+        help="JSON of agents.token_ppo.TokenPPOConfig fields for token PPO, over the suite's "
+        "(num_epochs 1, minibatch_size 32, learning_rate 5e-4), e.g. '{\"num_epochs\": 4}'",
+    )
+    p.add_argument(
         "--env-kwargs",
         type=json.loads,
         default={},
@@ -654,10 +666,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             )
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
+    check_token_ppo_config(p, args.token_ppo_config)
     for agent in args.agents:
         if agent not in AGENTS:
             p.error(f"unknown agent {agent!r}; valid agents: {', '.join(AGENTS)}")
     return args
+
+
+# TokenPPOConfig fields the suite sets per cell (the env, model, seed, episode length and budget)
+SUITE_TOKEN_PPO_FIELDS = (
+    "env_id",
+    "model",
+    "seed",
+    "reward",
+    "max_new_tokens",
+    "total_episodes",
+    "eval_samples",
+)
+
+
+def check_token_ppo_config(p: argparse.ArgumentParser, config: object) -> None:
+    """``--token-ppo-config`` must be a JSON object of TokenPPOConfig fields the suite leaves
+    free."""
+    import dataclasses
+
+    from agents.token_ppo import TokenPPOConfig
+
+    free = sorted(
+        {f.name for f in dataclasses.fields(TokenPPOConfig)} - set(SUITE_TOKEN_PPO_FIELDS)
+    )
+    if not isinstance(config, dict):
+        p.error(f"--token-ppo-config must be a JSON object, got {config!r}")
+    unknown = sorted(set(config) - set(free))
+    if unknown:
+        p.error(
+            f"--token-ppo-config: {unknown} cannot be set there (the suite sets "
+            f"{', '.join(SUITE_TOKEN_PPO_FIELDS)}; --token-ppo-reward sets the reward); valid "
+            f"fields: {', '.join(free)}"
+        )
+    try:
+        TokenPPOConfig(**config).validate()
+    except (TypeError, ValueError) as e:
+        p.error(f"--token-ppo-config: {e}")
 
 
 def budget_for(args: argparse.Namespace) -> Budget:
@@ -672,6 +722,7 @@ def budget_for(args: argparse.Namespace) -> Budget:
         "prior_steps",
         "token_ppo_episodes",
         "token_ppo_reward",
+        "token_ppo_config",
     ):
         if getattr(args, name):
             setattr(budget, name, getattr(args, name))

@@ -119,6 +119,9 @@ def test_interrupt_keeps_finished_cells(tmp_path, monkeypatch):
         (["--agents", "dqn"], "valid agents"),
         (["--jobs", "0"], "--jobs must be >= 1"),
         (["--token-ppo-reward", "meteor"], "invalid choice: 'meteor'"),
+        (["--token-ppo-config", '{"seed": 3}'], "cannot be set there"),
+        (["--token-ppo-config", '{"num_epochs": 0}'], "num_epochs must be >= 1"),
+        (["--token-ppo-config", "[4]"], "must be a JSON object"),
     ],
 )
 def test_bad_names_list_the_valid_ones(argv, match, capsys):
@@ -127,15 +130,19 @@ def test_bad_names_list_the_valid_ones(argv, match, capsys):
     assert match in capsys.readouterr().err
 
 
-def test_token_ppo_trains_on_its_own_reward_and_is_evaluated_on_the_envs(monkeypatch):
+def test_token_ppo_trains_with_its_own_reward_and_settings_and_is_evaluated_on_the_envs(
+    monkeypatch,
+):
     from agents import token_ppo
 
-    budget = run.budget_for(run.parse_args(ARGS + ["--token-ppo-reward", "chrf"]))
-    assert budget.token_ppo_reward == "chrf"
+    argv = ["--token-ppo-reward", "chrf", "--token-ppo-config", '{"num_epochs": 2}']
+    budget = run.budget_for(run.parse_args(ARGS + argv))
+    assert budget.token_ppo_reward == "chrf" and budget.token_ppo_config == {"num_epochs": 2}
     budget.eval_samples = 2
     seen, update = [], token_ppo.TokenPPO.update
 
     def spy(self, rollout):
+        assert self.config.num_epochs == 2 and self.config.minibatch_size == 32  # given, suite's
         seen.extend(s.name for s in self.envs.get_attr("shaper"))
         return update(self, rollout)
 
