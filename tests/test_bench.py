@@ -17,7 +17,6 @@ ARGS = [
     "2",
     "--scale",
     "0.01",
-    "--no-throughput",
     "--eval-samples",
     "3",
     "--env-id",
@@ -153,6 +152,15 @@ def test_token_ppo_trains_with_its_own_reward_and_settings_and_is_evaluated_on_t
     evaluated = run.test_env("textenvs/Translate-v0", kwargs)
     assert {s.name for s in evaluated.get_attr("shaper")} == {"bleu"}
     assert len(cell["curve"][-1]["metrics"]) == 2
+
+
+def test_throughput_figures_are_opt_in(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "throughput_figures", lambda model: {"measured_for": model})
+    argv = ARGS + ["--seeds", "1", "--agents", "greedy", "--env-id", "textenvs/Summarize-v0"]
+    for extra, expected in (([], None), (["--throughput"], {"measured_for": "textenvs/tiny"})):
+        out = tmp_path / f"out{len(extra)}"
+        run.main(argv + extra + ["--out", str(out)])
+        assert json.loads((out / "results.json").read_text()).get("throughput") == expected
 
 
 def test_percentile_bootstrap_of_two_values_by_hand():
