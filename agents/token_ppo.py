@@ -328,8 +328,13 @@ def collect_rollout(
     active = np.ones(n, dtype=bool)
     metrics, texts = [0.0] * n, [""] * n
     device = next(value_head.parameters()).device
+    # NextStep autoreset (make_rollout_envs): an ended sub-env restarts only when stepped again,
+    # so the last step of a rollout runs no prefill of episodes that would be dropped; its final
+    # info is then the step's own info (under SameStep it is in infos["final_info"])
+    same_step = envs.metadata.get("autoreset_mode") == gym.vector.AutoresetMode.SAME_STEP
     for t in range(T):
         logits = envs.unwrapped.logits.float() / config.temperature  # (N, V): the env's own forward
+        logits[torch.as_tensor(~active, device=logits.device)] = 0.0  # ended rows: step dropped
         logp_all = torch.log_softmax(logits, dim=-1).cpu()
         action = torch.multinomial(logp_all.exp(), 1, generator=gen)[:, 0]  # (N,)
         value = value_head(torch.as_tensor(obs, device=device)).squeeze(-1).cpu()
@@ -343,7 +348,7 @@ def collect_rollout(
             )
             if terminated[i] or truncated[i]:
                 active[i] = False
-                final = infos["final_info"]
+                final = infos["final_info"] if same_step else infos
                 metrics[i] = float(final["metric"][i])
                 texts[i] = str(final["text"][i])
         if not active.any():
@@ -471,7 +476,12 @@ def make_rollout_envs(config: TokenPPOConfig, lm: LanguageModel):
     if config.reward is not None:
         env_kwargs["reward"] = config.reward
     try:
-        envs = gym.make_vec(config.env_id, num_envs=config.num_envs, **env_kwargs)
+        envs = gym.make_vec(
+            config.env_id,
+            num_envs=config.num_envs,
+            autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP,
+            **env_kwargs,
+        )
     except TypeError as e:  # an env that takes no token_mode / max_steps: not a textenvs env
         raise ValueError(
             "Token PPO needs a generation env whose actions are the vocabulary; "

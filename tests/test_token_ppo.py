@@ -101,6 +101,37 @@ def small_config(model, **kw) -> TokenPPOConfig:
     return TokenPPOConfig(**{**base, **kw})
 
 
+def test_rollouts_restart_no_episode_they_drop_and_equal_same_step_rollouts():
+    """The rollout env autoresets NextStep: when its last episodes end, no sub-env prefills a
+    new prompt whose steps would be dropped (SameStep restarts every one of them). The tokens,
+    log-probs, rewards and metrics are those of a SameStep env, bit for bit."""
+    import gymnasium as gym
+
+    trainer = TokenPPO(TokenPPOConfig(num_envs=4, max_new_tokens=4, total_episodes=8, seed=1))
+    assert trainer.envs.unwrapped.autoreset_mode == gym.vector.AutoresetMode.NEXT_STEP
+    same = gym.make_vec(
+        trainer.config.env_id,
+        num_envs=4,
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+        model=trainer.lm,
+        token_mode="vocab",
+        max_steps=4,
+        text_infos=True,
+    )
+    rollouts, resets = [], []
+    for envs in (trainer.envs, same):
+        calls = []
+        for sub in envs.unwrapped.envs:
+            sub.begin_reset = lambda *a, f=sub.begin_reset, **k: calls.append(1) or f(*a, **k)
+        rollouts.append(collect_rollout(envs, trainer.value_head, trainer.config, 0))
+        resets.append(len(calls))
+    ours, theirs = rollouts
+    for name in ("tokens", "mask", "logprobs", "env_rewards"):
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+    assert ours.metrics == theirs.metrics and ours.texts == theirs.texts
+    assert resets[0] < resets[1] and resets[1] >= 8  # SameStep restarted every ended episode
+
+
 def test_rollout_costs_one_env_forward_per_token(monkeypatch, random_gpt2_dir):
     trainer = TokenPPO(small_config(random_gpt2_dir, total_episodes=4))
     calls = []
