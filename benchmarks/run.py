@@ -109,7 +109,7 @@ class Budget:
 
 
 PRESETS = {
-    # The main job: 9 min 40 s on 2 CPU cores (aimed at 10 at most); 3 seeds x all 200 test
+    # The main job: 8.5-9.7 min on 2 CPU cores (aimed at 10 at most); 3 seeds x all 200 test
     # samples, paired.
     "default": Budget(
         seeds=3,

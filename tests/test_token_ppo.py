@@ -122,7 +122,7 @@ def test_rollouts_restart_no_episode_they_drop_and_equal_same_step_rollouts():
     for envs in (trainer.envs, same):
         calls = []
         for sub in envs.unwrapped.envs:
-            sub.begin_reset = lambda *a, f=sub.begin_reset, **k: calls.append(1) or f(*a, **k)
+            sub.begin_reset = lambda *a, f=sub.begin_reset, c=calls, **k: c.append(1) or f(*a, **k)
         rollouts.append(collect_rollout(envs, trainer.value_head, trainer.config, 0))
         resets.append(len(calls))
     ours, theirs = rollouts
