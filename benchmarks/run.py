@@ -306,12 +306,12 @@ def run_cell(
             TokenPPOConfig(
                 env_id=env_id,
                 model=model,
-                num_envs=min(32, budget.token_ppo_episodes),
                 seed=seed,
                 max_new_tokens=kwargs["max_steps"],
                 reward=budget.token_ppo_reward,
                 total_episodes=budget.token_ppo_episodes,
                 **{
+                    "num_envs": min(32, budget.token_ppo_episodes),
                     "num_epochs": 1,
                     "minibatch_size": 32,
                     "learning_rate": 5e-4,
@@ -636,7 +636,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=json.loads,
         default={},
         help="JSON of agents.token_ppo.TokenPPOConfig fields for token PPO, over the suite's "
-        "(num_epochs 1, minibatch_size 32, learning_rate 5e-4), e.g. '{\"num_epochs\": 4}'",
+        "(num_envs 32, num_epochs 1, minibatch_size 32, learning_rate 5e-4), e.g. "
+        "'{\"num_epochs\": 4}'",
     )
     p.add_argument(
         "--env-kwargs",

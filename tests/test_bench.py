@@ -134,14 +134,16 @@ def test_token_ppo_trains_with_its_own_reward_and_settings_and_is_evaluated_on_t
 ):
     from agents import token_ppo
 
-    argv = ["--token-ppo-reward", "chrf", "--token-ppo-config", '{"num_epochs": 2}']
+    given = {"num_epochs": 2, "num_envs": 2}  # num_envs: the suite's own default is overridable
+    argv = ["--token-ppo-reward", "chrf", "--token-ppo-config", json.dumps(given)]
     budget = run.budget_for(run.parse_args(ARGS + argv))
-    assert budget.token_ppo_reward == "chrf" and budget.token_ppo_config == {"num_epochs": 2}
+    assert budget.token_ppo_reward == "chrf" and budget.token_ppo_config == given
     budget.eval_samples = 2
     seen, update = [], token_ppo.TokenPPO.update
 
     def spy(self, rollout):
-        assert self.config.num_epochs == 2 and self.config.minibatch_size == 32  # given, suite's
+        assert (self.config.num_epochs, self.config.num_envs) == (2, 2)  # given
+        assert self.config.minibatch_size == 32  # the suite's
         seen.extend(s.name for s in self.envs.get_attr("shaper"))
         return update(self, rollout)
 
