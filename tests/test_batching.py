@@ -4,6 +4,8 @@ forwards.
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 import torch
@@ -210,7 +212,7 @@ def test_greedy_batch_equals_one_greedy_per_prompt_and_fills_a_shared_models_mem
     assert any(len(t.split()) < 10 for t in expected)  # some rows stop at EOS before 40 tokens
     assert greedy_batch(own, prompts, 0) == [""] * len(prompts)
     shared = LanguageModel(TINY)
-    shared._greedy_cache = __import__("collections").OrderedDict()  # as shared_model() makes it
+    shared._greedy_cache = collections.OrderedDict()  # as shared_model() makes it
     assert shared.remembers_greedy and not own.remembers_greedy
     assert greedy_batch(shared, prompts, 6) == [own._greedy(p, 6) for p in prompts]
     monkeypatch.setattr(shared, "forward", lambda *a, **k: pytest.fail("ran a forward"))
