@@ -4,6 +4,10 @@ The file ``tests/data/pinned_trajectories.npz`` was recorded from the code befor
 refactor (issue 12) and must never change unless an env's semantics change on purpose (then bump
 the id's version and re-record with ``python -m tests.test_pinned_trajectories --write``). Single
 envs and the batched vector envs (SameStep autoreset) are both pinned.
+
+Float sums depend on how many threads split them, so a trajectory is recorded and compared with
+``RECORDED_THREADS`` torch threads, whatever the process runs with otherwise (the test command's
+pytest-xdist workers run one thread each).
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 
 import textenvs  # noqa: F401  (registers the ids)
 
 PINNED = Path(__file__).parent / "data" / "pinned_trajectories.npz"
+RECORDED_THREADS = 2  # torch threads of the recording
 
 # (case name, env id, keyword arguments, vector sub-envs or 0 for a single env, steps)
 CASES = [
@@ -76,7 +82,17 @@ def _single_actions(space: gym.Space, rng: np.random.Generator):
 
 
 def record(env_id: str, kwargs: dict, num_envs: int, steps: int) -> dict[str, np.ndarray]:
-    """Observations, rewards, end flags and texts of ``steps`` random-action steps from seed 11."""
+    """Observations, rewards, end flags and texts of ``steps`` random-action steps from seed 11,
+    with ``RECORDED_THREADS`` torch threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(RECORDED_THREADS)
+    try:
+        return _record(env_id, kwargs, num_envs, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _record(env_id: str, kwargs: dict, num_envs: int, steps: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(5)
     obs_list, rewards, ends, texts = [], [], [], []
     if num_envs:
