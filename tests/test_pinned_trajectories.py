@@ -81,15 +81,17 @@ def _single_actions(space: gym.Space, rng: np.random.Generator):
     return rng.integers(space.nvec).astype(np.int64)
 
 
-def record(env_id: str, kwargs: dict, num_envs: int, steps: int) -> dict[str, np.ndarray]:
+def record(
+    env_id: str, kwargs: dict, num_envs: int, steps: int, threads: int = RECORDED_THREADS
+) -> dict[str, np.ndarray]:
     """Observations, rewards, end flags and texts of ``steps`` random-action steps from seed 11,
-    with ``RECORDED_THREADS`` torch threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(RECORDED_THREADS)
+    with ``threads`` torch threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         return _record(env_id, kwargs, num_envs, steps)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def _record(env_id: str, kwargs: dict, num_envs: int, steps: int) -> dict[str, np.ndarray]:
@@ -155,6 +157,17 @@ def test_trajectory_is_bit_identical_to_the_pinned_one(
             assert value.tolist() == expected.tolist(), name
         else:
             np.testing.assert_array_equal(value, expected, err_msg=f"{name}/{key}")
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[-1]], ids=[CASES[0][0], CASES[-1][0]])
+def test_one_thread_keeps_rewards_and_texts_and_moves_observations_within_1e_5(pinned, case):
+    """What the README promises across thread counts, on a single env and a batched edit env."""
+    name, env_id, kwargs, num_envs, steps = case
+    got = record(env_id, kwargs, num_envs, steps, threads=1)
+    for key in ("rewards", "ends"):
+        np.testing.assert_array_equal(got[key], pinned[f"{name}/{key}"], err_msg=key)
+    assert got["texts"].tolist() == pinned[f"{name}/texts"].tolist()
+    np.testing.assert_allclose(got["obs"], pinned[f"{name}/obs"], rtol=0, atol=1e-5)
 
 
 def test_every_registered_id_is_pinned():
