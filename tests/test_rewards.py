@@ -55,6 +55,23 @@ def test_rouge_l_of_a_growing_text_recomputes_only_the_changed_rows():
     assert rows.rows[1] is kept and len(rows.rows) == 3
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.lists(texts, min_size=1, max_size=3), st.lists(texts, min_size=1, max_size=12))
+@pytest.mark.parametrize("kind", ["bleu", "chrf", "ter"])
+def test_sacrebleu_metrics_over_a_sequence_of_texts_equal_sentence_scores(
+    kind, references, hypotheses
+):
+    # chrF keeps the references' statistics between calls: texts that change every call,
+    # references that change between episodes (and back), empty texts.
+    library = {"bleu": BLEU(effective_order=True), "chrf": CHRF(), "ter": TER()}[kind]
+    metric = get_metric(kind)
+    for i, hyp in enumerate(hypotheses):
+        refs = references if i % 5 < 3 else references[::-1][:1]
+        score = library.sentence_score(hyp, list(refs)).score / 100
+        expected = min(max(1 - score if kind == "ter" else score, 0.0), 1.0)
+        assert metric(hyp, refs) == expected
+
+
 def test_sacrebleu_metrics_equal_library_values():
     assert get_metric("bleu")(HYP, REFS) == pytest.approx(
         BLEU(effective_order=True).sentence_score(HYP, REFS).score / 100

@@ -185,7 +185,7 @@ def _call_method(cls: type):
 class SacreBleuMetric:
     """A sacrebleu sentence metric scaled to [0, 1] (TER turned into ``1 - TER``)."""
 
-    _CLASSES = {"bleu": lambda: BLEU(effective_order=True), "chrf": CHRF, "ter": TER}
+    _CLASSES = {"bleu": lambda **kw: BLEU(effective_order=True, **kw), "chrf": CHRF, "ter": TER}
 
     # sacrebleu's tokenizers remember up to 2**16 tokenized texts in a process-wide LRU cache; an
     # env scores a new text every step, so that cache would grow for 65,536 steps (tens of MB).
@@ -195,20 +195,39 @@ class SacreBleuMetric:
     def __init__(self, kind: str) -> None:
         self.kind = self.__name__ = kind
         self._metric = self._CLASSES[kind]()
+        self._references: tuple[str, ...] | None = None  # those self._kept holds
+        self._kept = None
         # the tokenizer and the tokenizers it calls (13a runs a regexp tokenizer after its own)
         tokenizer = getattr(self._metric, "tokenizer", None)
         parts = [tokenizer, *getattr(tokenizer, "__dict__", {}).values()]
         methods = dict.fromkeys(_call_method(type(part)) for part in parts)
         self._token_caches = [m for m in methods if hasattr(m, "cache_info")]
 
+    # chrF spends about a third of a sentence score on the references' character n-grams, and an
+    # env scores the same references every step of an episode: a metric built with them
+    # (sacrebleu keeps their statistics) scores chrF in 0.18 ms instead of 0.29, the same numbers.
+    # BLEU's and TER's reference work is too small to repay a metric per episode (0.125 ms against
+    # 0.106 for BLEU, 1.40 against 1.34 for TER; 3,160 prefixes of 300 Translate samples).
+    KEEPS_REFERENCES = frozenset({"chrf"})
+
     def __call__(self, hypothesis: str, references: Sequence[str]) -> float:
         for cache in self._token_caches:
             if cache.cache_info().currsize > self.CACHE_LIMIT:
                 cache.cache_clear()
-        score = self._metric.sentence_score(hypothesis, list(references)).score
+        if self.kind in self.KEEPS_REFERENCES:
+            score = self._with_references(tuple(references)).corpus_score([hypothesis], None).score
+        else:
+            score = self._metric.sentence_score(hypothesis, list(references)).score
         if self.kind == "ter":
             return _clip01(1.0 - min(score, 100.0) / 100.0)
         return _clip01(score / 100.0)
+
+    def _with_references(self, references: tuple[str, ...]):
+        """A metric holding the statistics of ``references`` (the last one, or a new one)."""
+        if self._references != references:
+            self._kept = self._CLASSES[self.kind](references=[[r] for r in references])
+            self._references = references
+        return self._kept
 
     def __reduce__(self):
         return SacreBleuMetric, (self.kind,)
