@@ -20,13 +20,19 @@ def metric_of(info: dict) -> dict:
 
 
 def evaluate_policy(
-    env: gym.Env, policy, episodes: int | None = None, seed: int = 0, max_samples: int | None = None
+    env: gym.Env,
+    policy,
+    episodes: int | None = None,
+    seed: int = 0,
+    max_samples: int | None = None,
+    with_env: bool = False,
 ) -> dict:
     """Run ``policy(obs, mask) -> action`` for whole episodes and average return and task metric.
 
     When the env has a split of samples (a textenvs env: ``env.unwrapped.samples``) and
     ``episodes`` is None, each sample (the first ``max_samples``) is played once with
-    ``reset(options={"index": i})``; otherwise ``episodes`` seeded resets.
+    ``reset(options={"index": i})``; otherwise ``episodes`` seeded resets. ``with_env=True`` calls
+    ``policy(obs, mask, env)``.
     """
     samples = getattr(env.unwrapped, "samples", None)
     by_index = samples is not None and episodes is None
@@ -40,7 +46,8 @@ def evaluate_policy(
         ret, done = 0.0, False
         while not done:
             mask = np.asarray(masks(), dtype=bool) if masks is not None else None
-            obs, reward, terminated, truncated, info = env.step(policy(obs, mask))
+            action = policy(obs, mask, env) if with_env else policy(obs, mask)
+            obs, reward, terminated, truncated, info = env.step(action)
             ret += reward
             done = terminated or truncated
         returns.append(ret)
@@ -59,7 +66,9 @@ def _summary(returns, metrics: list[float]) -> dict:
     return out
 
 
-def evaluate_policy_batched(envs: gym.vector.VectorEnv, policy, max_samples: int | None = None):
+def evaluate_policy_batched(
+    envs: gym.vector.VectorEnv, policy, max_samples: int | None = None, with_env: bool = False
+):
     """:func:`evaluate_policy` over a textenvs batched vector env: the same samples in the same
     order, N at a time, their forwards batched (what a sequential evaluation of a split runs one
     sample after the other).
@@ -68,7 +77,9 @@ def evaluate_policy_batched(envs: gym.vector.VectorEnv, policy, max_samples: int
     the batched vector env supports); the vector env's own autoreset (SameStep) restarts an ended
     sub-env, which is then reset to its next sample. ``policy(obs, mask) -> action`` is called per
     sub-env, with that sub-env's mask (edit envs need ``flat_actions=True``: the vector env takes
-    no wrapper). Returns what :func:`evaluate_policy` returns, metrics in sample order.
+    no wrapper). ``with_env=True`` calls ``policy(obs, mask, env)`` with the sub-env itself, for a
+    policy that reads it (tabular Q-learning's LM prior reads the sub-env's candidates).
+    Returns what :func:`evaluate_policy` returns, metrics in sample order.
     """
     subs = envs.unwrapped.envs
     samples = subs[0].unwrapped.samples
@@ -92,7 +103,9 @@ def evaluate_policy_batched(envs: gym.vector.VectorEnv, policy, max_samples: int
     while any(j is not None for j in playing):
         masks = envs.unwrapped.action_masks() if has_masks else None
         actions = [
-            policy(obs[i], None if masks is None else masks[i]) if j is not None else 0
+            policy(obs[i], None if masks is None else masks[i], *([subs[i]] if with_env else []))
+            if j is not None
+            else 0
             for i, j in enumerate(playing)
         ]
         next_obs, rewards, terminated, truncated, infos = envs.step(np.asarray(actions))

@@ -79,6 +79,26 @@ EXPECTED_ORDER = (
 DEFAULT_ENVS = ("textenvs/Summarize-v0", "textenvs/Translate-v0", "textenvs/EditSummary-v0")
 
 
+# Token PPO in the suite: 32 episodes a rollout, 4 PPO epochs of 16 at lr 3e-4, tokens sampled at
+# temperature 0.5. Sampling at 0.5 keeps each episode near the greedy text, so the reward compares
+# texts that differ in a word or two; at 1.0 most of an episode's tokens are off the greedy path.
+# Validation split, greedy metric after training (seed 0 unless named; two runs at a time):
+# - Summarize (8 tokens, ROUGE-L 0.1001 before), these settings: 768 episodes 0.2223 (59 s); 1024
+#   episodes 0.2881 / 0.2312 (seeds 0 / 1, 63-66 s); 1536 episodes 0.3089 (92 s). The earlier
+#   suite settings (one epoch of 32 at lr 5e-4, temperature 1.0): 2048 episodes 0.1665 (52 s).
+# - Translate (24 tokens, trained on chrF, BLEU 0.1036 before), 4096 episodes: the earlier suite
+#   settings 0.1092 (after 8192: 0.1089); 4 epochs of 16 at lr 3e-4 and temperature 1.0: 0.1052
+#   (after 8192: 0.1474: it takes off after about 5000); these settings 0.1198 / 0.1171 / 0.1096
+#   (seeds 0 / 1 / 2); over 3072 episodes (the learning rate annealed over them) 0.1238 / 0.1240 /
+#   0.1124, about 140 s each; over 2560: 0.1224 / 0.1144 / 0.1111; temperature 0.3 / 0.7: 0.1139
+#   / 0.1098; 2 epochs of 16 / 1 epoch of 16: 0.1142 / 0.1079.
+TOKEN_PPO = {"num_epochs": 4, "minibatch_size": 16, "learning_rate": 3e-4, "temperature": 0.5}
+
+# Translation trains on chrF (evaluated on the env's BLEU like every agent): its character n-grams
+# pay partial credit where sentence BLEU pays none.
+TRANSLATE_TOKEN_PPO = {"reward": "chrf"}
+
+
 @dataclass
 class Budget:
     """How much each cell trains and how it is evaluated."""
@@ -96,30 +116,36 @@ class Budget:
     eval_start: bool = True
     horizon: int = 12  # tokens (or edits) per episode
     # translation gets its own: the built-in Translate references are 11 tokens long (median, up
-    # to 17), so an 8-token episode caps BLEU by its brevity penalty (16 fits nearly all, but
-    # doubles the Translate cells of the main job; 12 costs less)
+    # to 17), so an 8-token episode caps BLEU by its brevity penalty; most episodes end at the EOS
+    # well before 24 (token PPO, 3072 episodes at temperature 0.5: 119 s at 12 tokens, 133 s at 24)
     translate_horizon: int = 12
     # token PPO's training reward (None: the env's metric, which every agent is evaluated on);
     # e.g. chrF, whose character n-grams pay partial credit where sentence BLEU pays none
     token_ppo_reward: str | None = None
     # any other TokenPPOConfig fields, over the suite's own (e.g. {"num_epochs": 4})
     token_ppo_config: dict = field(default_factory=dict)
+    # token PPO on translation tasks: TokenPPOConfig fields over the suite's own (under the two
+    # above) and its own episodes (0: token_ppo_episodes); see TRANSLATE_TOKEN_PPO
+    translate_token_ppo: dict = field(default_factory=dict)
+    translate_token_ppo_episodes: int = 0
     k: int = 4
     num_envs: int = 8
 
 
 PRESETS = {
-    # The main job: 8.5-9.7 min on 2 CPU cores (aimed at 10 at most); 3 seeds x all 200 test
-    # samples, paired.
+    # The main job: about 10 min on 2 CPU cores at most; 3 seeds x all 200 test samples, paired.
     "default": Budget(
         seeds=3,
         q_steps=1500,
         ppo_steps=2048,
-        token_ppo_episodes=3072,
+        token_ppo_episodes=768,
         eval_points=1,
-        prior_steps=8192,
+        prior_steps=6144,
         eval_samples=200,
         horizon=8,
+        translate_horizon=24,
+        translate_token_ppo=TRANSLATE_TOKEN_PPO,
+        translate_token_ppo_episodes=3072,
         eval_start=False,
     ),
     # A smoke run (the tests use it with --scale): the same agents, small budgets, 32 samples.
@@ -131,19 +157,23 @@ PRESETS = {
         eval_points=2,
         eval_samples=32,
         horizon=8,
+        translate_token_ppo=TRANSLATE_TOKEN_PPO,
     ),
     # The README's long figures: 5 seeds x all 200 test samples, paired; the LM-prior SB3 agents
-    # at 16k steps (the aim: a win within 50k env steps), token PPO at 8192 episodes.
+    # at 16k steps (the aim: a win within 50k env steps), token PPO at 4096 episodes (8192 on
+    # translation).
     "full": Budget(
         seeds=5,
         q_steps=8000,
         ppo_steps=16000,
-        token_ppo_episodes=8192,
+        token_ppo_episodes=4096,
+        translate_token_ppo_episodes=8192,
         prior_steps=16384,
         eval_points=2,
         eval_samples=200,
         horizon=8,
         translate_horizon=16,
+        translate_token_ppo=TRANSLATE_TOKEN_PPO,
     ),
 }
 
@@ -161,11 +191,29 @@ def applies(agent: str, env_id: str) -> bool:
     return True
 
 
+def task_of(env_id: str, extra: dict | None = None) -> str | None:
+    """The built-in task an env id (with the run's extra env arguments) names, if any."""
+    return {**gym.spec(env_id).kwargs, **(extra or {})}.get("task")
+
+
 def horizon(budget: Budget, env_id: str, extra: dict | None = None) -> int:
     """Tokens (or edits) per episode: ``translate_horizon`` on translation tasks, else
     ``horizon``."""
-    task = {**gym.spec(env_id).kwargs, **(extra or {})}.get("task")
-    return budget.translate_horizon if task == "translate" else budget.horizon
+    return budget.translate_horizon if task_of(env_id, extra) == "translate" else budget.horizon
+
+
+def token_ppo_settings(budget: Budget, task: str | None) -> dict:
+    """TokenPPOConfig fields of a token-PPO cell: the suite's, then the translation settings on
+    translation tasks, then the run's ``token_ppo_reward`` and ``token_ppo_config``."""
+    episodes = budget.token_ppo_episodes
+    settings = dict(TOKEN_PPO)
+    if task == "translate":
+        episodes = budget.translate_token_ppo_episodes or episodes
+        settings.update(budget.translate_token_ppo)
+    if budget.token_ppo_reward is not None:
+        settings["reward"] = budget.token_ppo_reward
+    settings.update(budget.token_ppo_config)
+    return {"total_episodes": episodes, "num_envs": min(32, episodes), **settings}
 
 
 def env_kwargs(budget: Budget, model: str, env_id: str, extra: dict | None = None) -> dict:
@@ -199,14 +247,15 @@ def test_env(env_id: str, kwargs: dict) -> gym.Env | gym.vector.VectorEnv:
     )
 
 
-def evaluate(env, policy, max_samples: int) -> dict:
-    """``policy(obs, mask)`` on the first ``max_samples`` test samples of ``env`` (a
-    :func:`test_env`), one episode each, in sample order."""
+def evaluate(env, policy, max_samples: int, with_env: bool = False) -> dict:
+    """``policy(obs, mask)`` (``policy(obs, mask, env)`` ``with_env``: the (sub-)env it acts in) on
+    the first ``max_samples`` test samples of ``env`` (a :func:`test_env`), one episode each, in
+    sample order."""
     from agents.common import evaluate_policy, evaluate_policy_batched
 
     if isinstance(env, gym.vector.VectorEnv):
-        return evaluate_policy_batched(env, policy, max_samples=max_samples)
-    return evaluate_policy(env, policy, max_samples=max_samples)
+        return evaluate_policy_batched(env, policy, max_samples=max_samples, with_env=with_env)
+    return evaluate_policy(env, policy, max_samples=max_samples, with_env=with_env)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,8 +271,8 @@ def run_cell(
     curve: list[dict] = []
     start = time.time()
 
-    def record(steps: int, policy, env) -> None:
-        result = evaluate(env, policy, max_samples=budget.eval_samples)
+    def record(steps: int, policy, env, with_env: bool = False) -> None:
+        result = evaluate(env, policy, max_samples=budget.eval_samples, with_env=with_env)
         curve.append(
             {"steps": steps, "metric": result["mean_metric"], "metrics": result["metrics"]}
         )
@@ -255,12 +304,21 @@ def run_cell(
         # the LM's preference breaks ties: its log-probabilities of the candidates, or on an
         # edit env stop (keep its draft), so unvisited states act as the greedy LM
         learner = QLearning(train, QLearningConfig(seed=seed, lm_prior=0.01))
-        greedy = lambda obs, mask: learner.act(obs, 0.0, mask, test)  # noqa: E731
+        # generation: the test split through a batched vector env, each sub-env's observation
+        # mapped by the test env's discretizer; edit: the tabular test env itself
+        env, state = (
+            (test, int)
+            if textenvs.is_edit_env(env_id)
+            else (test_env(env_id, kwargs), test.observation)
+        )
+        greedy = lambda obs, mask, sub: learner.act(state(obs), 0.0, mask, sub)  # noqa: E731
         if budget.eval_start:
-            record(0, greedy, test)
+            record(0, greedy, env, with_env=True)
         every = max(1, budget.q_steps // budget.eval_points)
         learner.learn(
-            budget.q_steps, callback=lambda s: record(s, greedy, test), callback_every=every
+            budget.q_steps,
+            callback=lambda s: record(s, greedy, env, with_env=True),
+            callback_every=every,
         )
         steps = budget.q_steps
     elif agent in ("ppo", "ppo_prior", "maskable_ppo", "maskable_prior"):
@@ -296,28 +354,14 @@ def run_cell(
     elif agent == "token_ppo":
         from agents.token_ppo import TokenPPO, TokenPPOConfig
 
-        # 32 episodes a rollout, one PPO epoch of one minibatch: the best point of
-        # benchmarks/compare_trl.py's grid (4096 completions, Summarize: 0.10 -> 0.26). Four epochs
-        # of 16 cost twice the seconds per episode and learned less per second of the main job;
-        # lr 5e-4 (not the grid's 1e-3) keeps Translate from collapsing (validation split, seed
-        # 0, 4096 episodes: BLEU 0.103 -> 0.111 at 5e-4, -> 0.052 at 1e-3; ROUGE-L 0.100 -> 0.318
-        # at 5e-4, -> 0.365 at 1e-3)
         trainer = TokenPPO(
             TokenPPOConfig(
                 env_id=env_id,
                 model=model,
                 seed=seed,
                 max_new_tokens=kwargs["max_steps"],
-                reward=budget.token_ppo_reward,
-                total_episodes=budget.token_ppo_episodes,
-                **{
-                    "num_envs": min(32, budget.token_ppo_episodes),
-                    "num_epochs": 1,
-                    "minibatch_size": 32,
-                    "learning_rate": 5e-4,
-                    **budget.token_ppo_config,
-                },
                 eval_samples=budget.eval_samples,
+                **token_ppo_settings(budget, task_of(env_id, extra)),
             )
         )
         steps = 0
@@ -735,8 +779,14 @@ def budget_for(args: argparse.Namespace) -> Budget:
         if getattr(args, name):
             setattr(budget, name, getattr(args, name))
     budget.prior_steps = budget.prior_steps or budget.ppo_steps
+    if args.token_ppo_episodes:  # the run's own count holds on every env
+        budget.translate_token_ppo_episodes = 0
     for name in ("q_steps", "ppo_steps", "prior_steps", "token_ppo_episodes"):
         setattr(budget, name, max(1, int(getattr(budget, name) * args.scale)))
+    if budget.translate_token_ppo_episodes:
+        budget.translate_token_ppo_episodes = max(
+            4, int(budget.translate_token_ppo_episodes * args.scale)
+        )
     if args.scale < 1:
         for name in ("ppo_steps", "prior_steps"):  # one SB3 rollout a point
             setattr(

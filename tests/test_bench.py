@@ -135,25 +135,55 @@ def test_token_ppo_trains_with_its_own_reward_and_settings_and_is_evaluated_on_t
     from agents import token_ppo
 
     given = {"num_epochs": 2, "num_envs": 2}  # num_envs: the suite's own default is overridable
-    argv = ["--token-ppo-reward", "chrf", "--token-ppo-config", json.dumps(given)]
+    argv = ["--token-ppo-reward", "rougeL", "--token-ppo-config", json.dumps(given)]
     budget = run.budget_for(run.parse_args(ARGS + argv))
-    assert budget.token_ppo_reward == "chrf" and budget.token_ppo_config == given
+    assert budget.token_ppo_reward == "rougeL" and budget.token_ppo_config == given
     budget.eval_samples = 2
     seen, update = [], token_ppo.TokenPPO.update
 
     def spy(self, rollout):
         assert (self.config.num_epochs, self.config.num_envs) == (2, 2)  # given
-        assert self.config.minibatch_size == 32  # the suite's
+        assert self.config.minibatch_size == 16  # the suite's
+        assert self.config.temperature == 0.5
         seen.extend(s.name for s in self.envs.get_attr("shaper"))
         return update(self, rollout)
 
     monkeypatch.setattr(token_ppo.TokenPPO, "update", spy)
     cell = run.run_cell("token_ppo", "textenvs/Translate-v0", 0, budget, "textenvs/tiny")
-    assert seen and set(seen) == {"chrf"}  # the rollouts were scored with chrF
+    assert seen and set(seen) == {"rougeL"}  # the run's reward, over the translation settings'
     kwargs = run.env_kwargs(budget, "textenvs/tiny", "textenvs/Translate-v0")
     evaluated = run.test_env("textenvs/Translate-v0", kwargs)
     assert {s.name for s in evaluated.get_attr("shaper")} == {"bleu"}
     assert len(cell["curve"][-1]["metrics"]) == 2
+
+
+def test_token_ppo_settings_layer_suite_translation_and_the_runs_own():
+    budget = run.budget_for(run.parse_args([]))  # the main job
+    summarize = run.token_ppo_settings(budget, "summarize")
+    translate = run.token_ppo_settings(budget, "translate")
+    assert summarize == {
+        "total_episodes": budget.token_ppo_episodes,
+        "num_envs": 32,
+        **run.TOKEN_PPO,
+    }
+    assert translate == {
+        "total_episodes": budget.translate_token_ppo_episodes,
+        "num_envs": 32,
+        **run.TOKEN_PPO,
+        **run.TRANSLATE_TOKEN_PPO,
+    }
+    assert budget.translate_token_ppo_episodes != budget.token_ppo_episodes
+    assert run.token_ppo_settings(budget, None) == summarize  # a user's dataset: no task
+    argv = ["--token-ppo-episodes", "64", "--token-ppo-config", '{"temperature": 0.8}']
+    budget = run.budget_for(run.parse_args(argv))
+    for task in ("summarize", "translate"):  # the run's own count and settings hold everywhere
+        settings = run.token_ppo_settings(budget, task)
+        assert settings["total_episodes"] == 64 and settings["temperature"] == 0.8
+    scaled = run.budget_for(run.parse_args(["--scale", "0.5"]))
+    assert (
+        scaled.translate_token_ppo_episodes
+        == run.PRESETS["default"].translate_token_ppo_episodes // 2
+    )
 
 
 def test_throughput_figures_are_opt_in(tmp_path, monkeypatch):
