@@ -300,17 +300,16 @@ def run_cell(
             k: v for k, v in kwargs.items() if k not in ("k", "token_mode")
         }  # the helper sets those
         train = make_tabular_env(env_id, "train", budget.k, "hash", 6, 64, seed, n_fit=256, **rest)
-        test = make_tabular_env(env_id, "test", budget.k, "hash", 6, 64, seed, fitted=train, **rest)
         # the LM's preference breaks ties: its log-probabilities of the candidates, or on an
         # edit env stop (keep its draft), so unvisited states act as the greedy LM
         learner = QLearning(train, QLearningConfig(seed=seed, lm_prior=0.01))
-        # generation: the test split through a batched vector env, each sub-env's observation
-        # mapped by the test env's discretizer; edit: the tabular test env itself
-        env, state = (
-            (test, int)
-            if textenvs.is_edit_env(env_id)
-            else (test_env(env_id, kwargs), test.observation)
-        )
+        if textenvs.is_edit_env(env_id):  # the tabular test env: its observations are states
+            env = make_tabular_env(
+                env_id, "test", budget.k, "hash", 6, 64, seed, fitted=train, **rest
+            )
+            state = int
+        else:  # the test split through a batched vector env, each observation mapped by the map
+            env, state = test_env(env_id, kwargs), train.observation  # fitted on the train split
         greedy = lambda obs, mask, sub: learner.act(state(obs), 0.0, mask, sub)  # noqa: E731
         if budget.eval_start:
             record(0, greedy, env, with_env=True)
