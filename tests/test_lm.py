@@ -239,3 +239,29 @@ def test_shared_models_remember_greedy_drafts_and_caller_models_recompute(monkey
     for n in (1, 2, 4):
         shared.greedy(prompt, n)
     assert len(shared._greedy_cache) == 2
+
+
+def test_gpt2s_tanh_gelu_runs_as_one_kernel_and_computes_the_same_logits(random_gpt2_dir):
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import ACT2CLS
+
+    plain = AutoModelForCausalLM.from_pretrained(random_gpt2_dir).eval()
+    model = lm_backend.LanguageModel(random_gpt2_dir).model
+    activations = [type(block.mlp.act) for block in model.transformer.h]
+    assert activations == [ACT2CLS["gelu_pytorch_tanh"]] * plain.config.n_layer
+    assert all(type(block.mlp.act) is ACT2CLS["gelu_new"] for block in plain.transformer.h)
+    ids = torch.randint(
+        0, plain.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, atol=1e-5, rtol=0)
+    assert lm_backend.fuse_tanh_gelu(model) == 0  # nothing left to swap
+
+
+def test_models_with_other_activations_are_left_as_they_are():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, activation_function="relu"))
+    before = [type(m) for m in model.modules()]
+    assert lm_backend.fuse_tanh_gelu(model) == 0
+    assert [type(m) for m in model.modules()] == before

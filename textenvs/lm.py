@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.activations import ACT2CLS, ACT2FN
 
 from textenvs import kvcache
 from textenvs.kvcache import TokenSequence
@@ -136,6 +137,22 @@ def resolve_model_path(name: str | os.PathLike) -> str:
     return name
 
 
+def fuse_tanh_gelu(model: torch.nn.Module) -> int:
+    """Swap every ``NewGELUActivation`` (transformers' tanh GELU, seven elementwise ops) in
+    ``model`` for ``GELUTanh``, PyTorch's one-kernel tanh GELU: the same function, within an ulp.
+    GPT-2's MLPs use it, where its seven ops are about a tenth of the tiny model's CPU time
+    (profiled). Returns how many modules were swapped (0 for models with other activations).
+    """
+
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is ACT2CLS["gelu_new"]:
+                setattr(module, name, ACT2FN["gelu_pytorch_tanh"])
+                swapped += 1
+    return swapped
+
+
 class LanguageModel:
     """A causal LM with its tokenizer, stepped incrementally.
 
@@ -187,6 +204,7 @@ class LanguageModel:
             )
         self.model.to(self.device).eval()
         self.model.requires_grad_(False)
+        fuse_tanh_gelu(self.model)
         if self.tokenizer.pad_token_id is None:
             warnings.warn(
                 f"The tokenizer of {self.name!r} has no pad token; using its EOS token "
