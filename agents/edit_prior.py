@@ -11,6 +11,7 @@ agents.sb3 --env-id textenvs/EditSummary-v0 --policy lm_prior``.
 from __future__ import annotations
 
 import torch as th
+import torch.nn.functional as F
 from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 
 from textenvs.envs.edit import DELETE, EditActionCodec, candidate_row_size
@@ -110,9 +111,8 @@ class EditPriorPolicy(MaskableActorCriticPolicy):
         written = at[..., : 3 * k].unflatten(-1, (k, 3))  # (B, E, k, 3)
         index = self._tokens.clamp(min=0)[None, :, None, None].expand(B, E, 1, 3)
         token = written.gather(2, index)[:, :, 0] * (self._tokens >= 0)[None, :, None]
-        numbers = th.cat(
+        own = th.cat(  # each edit's own numbers, after the latent in edit_net's input
             [
-                latent_pi[:, None].expand(B, E, latent_pi.shape[-1]),
                 self._kinds[None].expand(B, E, 3),
                 (self._positions.float() / self.codec.max_len)[None, :, None].expand(B, E, 1),
                 token,
@@ -120,6 +120,11 @@ class EditPriorPolicy(MaskableActorCriticPolicy):
             ],
             dim=-1,
         )
-        edits = self.edit_net(numbers).squeeze(-1)  # (B, E)
+        # edit_net on [latent, own], its first layer split by columns: the latent's part is one
+        # product per observation, not one per edit (~150 edits)
+        first, d = self.edit_net[0], latent_pi.shape[-1]
+        hidden = F.linear(own, first.weight[:, d:], first.bias)
+        hidden = hidden + F.linear(latent_pi, first.weight[:, :d])[:, None]
+        edits = self.edit_net[1:](hidden).squeeze(-1)  # (B, E)
         logits = th.cat([self.stop_net(latent_pi), edits], dim=-1)
         return self.action_dist.proba_distribution(action_logits=logits)
