@@ -515,6 +515,48 @@ def test_edit_prior_policy_starts_at_the_draft_and_scores_each_edit_by_its_own_n
     )
 
 
+def test_edit_prior_policy_logit_is_its_head_on_the_latent_and_the_edits_own_numbers():
+    """Every edit's logit is edit_net on [latent, kind one-hot, position / max_len, the written
+    token's 3 numbers (0 for a delete), the text token's 4 numbers], built here edit by edit from
+    the documented layout, with every layer of the head random."""
+    pytest.importorskip("sb3_contrib")
+    import torch
+
+    from agents import sb3
+    from textenvs.envs.edit import DELETE, candidate_row_size
+
+    config = sb3.SB3Config(algo="maskable_ppo", policy="lm_prior", num_envs=1, n_steps=8)
+    policy = sb3.build("textenvs/EditSummary-v0", config, **EDIT_PRIOR_KWARGS).policy
+    env = gym.make("textenvs/EditSummary-v0", **EDIT_PRIOR_KWARGS)
+    obs, _ = env.reset(seed=1)
+    k, rows, codec = 3, 11, env.unwrapped.codec
+    block = torch.as_tensor(obs[-rows * candidate_row_size(k) :]).reshape(rows, -1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in policy.edit_net.parameters():
+            parameter.normal_()
+        x = torch.as_tensor(obs[None])
+        latent = policy.mlp_extractor.forward_actor(policy.extract_features(x))[0]
+        logits = policy.get_distribution(x).distribution.logits[0]
+        expected = []
+        for action in range(1, codec.n):
+            op, position, token = codec.unflatten(action)
+            row = block[position]
+            written = torch.zeros(3) if op == DELETE else row[3 * token : 3 * token + 3]
+            numbers = torch.cat(
+                [
+                    latent,
+                    torch.nn.functional.one_hot(torch.tensor(op), 3).float(),
+                    torch.tensor([position / codec.max_len]),
+                    written,
+                    row[3 * k :],
+                ]
+            )
+            expected.append(policy.edit_net(numbers))
+        expected = torch.cat([policy.stop_net(latent), torch.cat(expected)])
+    torch.testing.assert_close(logits - logits[0], expected - expected[0], atol=1e-4, rtol=1e-5)
+
+
 def test_edit_prior_policy_refuses_what_it_cannot_read():
     pytest.importorskip("sb3_contrib")
     from agents import sb3
