@@ -143,7 +143,6 @@ def fuse_tanh_gelu(model: torch.nn.Module) -> int:
     GPT-2's MLPs use it, where its seven ops are about a tenth of the tiny model's CPU time
     (profiled). Returns how many modules were swapped (0 for models with other activations).
     """
-
     swapped = 0
     for module in list(model.modules()):
         for name, child in module.named_children():
