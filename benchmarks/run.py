@@ -132,6 +132,11 @@ class Budget:
     # above) and its own episodes (0: token_ppo_episodes); see TRANSLATE_TOKEN_PPO
     translate_token_ppo: dict = field(default_factory=dict)
     translate_token_ppo_episodes: int = 0
+    # tabular Q-learning's steps on edit envs (0: q_steps). EditSummary, 3 seeds x 200 test
+    # samples, minus greedy / minus random: 1500 steps +0.0003 (-0.0023, +0.0030) / +0.0102
+    # (-0.0000, +0.0203), 10 s a seed; 6000 steps +0.0020 (-0.0019, +0.0064) / +0.0119 (+0.0015,
+    # +0.0229), 22 s a seed
+    edit_q_steps: int = 0
     k: int = 4
     num_envs: int = 8
 
@@ -150,6 +155,7 @@ PRESETS = {
         translate_horizon=24,
         translate_token_ppo=TRANSLATE_TOKEN_PPO,
         translate_token_ppo_episodes=3072,
+        edit_q_steps=6000,
         eval_start=False,
     ),
     # A smoke run (the tests use it with --scale): the same agents, small budgets, 32 samples.
@@ -204,6 +210,13 @@ def horizon(budget: Budget, env_id: str, extra: dict | None = None) -> int:
     """Tokens (or edits) per episode: ``translate_horizon`` on translation tasks, else
     ``horizon``."""
     return budget.translate_horizon if task_of(env_id, extra) == "translate" else budget.horizon
+
+
+def q_steps(budget: Budget, env_id: str) -> int:
+    """Tabular Q-learning steps: ``edit_q_steps`` on edit envs (when set), else ``q_steps``."""
+    return (
+        (budget.edit_q_steps or budget.q_steps) if textenvs.is_edit_env(env_id) else budget.q_steps
+    )
 
 
 def token_ppo_settings(budget: Budget, task: str | None) -> dict:
@@ -317,13 +330,12 @@ def run_cell(
         greedy = lambda obs, mask, sub: learner.act(state(obs), 0.0, mask, sub)  # noqa: E731
         if budget.eval_start:
             record(0, greedy, env, with_env=True)
-        every = max(1, budget.q_steps // budget.eval_points)
+        steps = q_steps(budget, env_id)
         learner.learn(
-            budget.q_steps,
+            steps,
             callback=lambda s: record(s, greedy, env, with_env=True),
-            callback_every=every,
+            callback_every=max(1, steps // budget.eval_points),
         )
-        steps = budget.q_steps
     elif agent in ("ppo", "ppo_prior", "maskable_ppo", "maskable_prior"):
         from agents import sb3
 
@@ -683,8 +695,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=json.loads,
         default={},
         help="JSON of agents.token_ppo.TokenPPOConfig fields for token PPO, over the suite's "
-        "(num_envs 32, num_epochs 1, minibatch_size 32, learning_rate 5e-4), e.g. "
-        "'{\"num_epochs\": 4}'",
+        f"({', '.join(f'{k} {v}' for k, v in TOKEN_PPO.items())}; on translation also "
+        f"{', '.join(f'{k} {v}' for k, v in TRANSLATE_TOKEN_PPO.items())}), e.g. "
+        "'{\"num_epochs\": 1}'",
     )
     p.add_argument(
         "--env-kwargs",
@@ -784,12 +797,16 @@ def budget_for(args: argparse.Namespace) -> Budget:
     budget.prior_steps = budget.prior_steps or budget.ppo_steps
     if args.token_ppo_episodes:  # the run's own count holds on every env
         budget.translate_token_ppo_episodes = 0
+    if args.q_steps:
+        budget.edit_q_steps = 0
     for name in ("q_steps", "ppo_steps", "prior_steps", "token_ppo_episodes"):
         setattr(budget, name, max(1, int(getattr(budget, name) * args.scale)))
     if budget.translate_token_ppo_episodes:
         budget.translate_token_ppo_episodes = max(
             4, int(budget.translate_token_ppo_episodes * args.scale)
         )
+    if budget.edit_q_steps:
+        budget.edit_q_steps = max(1, int(budget.edit_q_steps * args.scale))
     if args.scale < 1:
         for name in ("ppo_steps", "prior_steps"):  # one SB3 rollout a point
             setattr(

@@ -186,6 +186,19 @@ def test_token_ppo_settings_layer_suite_translation_and_the_runs_own():
     )
 
 
+def test_q_learning_trains_on_edit_envs_with_their_own_steps():
+    edit, summarize = "textenvs/EditSummary-v0", "textenvs/Summarize-v0"
+    budget = run.budget_for(run.parse_args([]))  # the main job
+    assert run.q_steps(budget, edit) == budget.edit_q_steps != budget.q_steps
+    assert run.q_steps(budget, summarize) == budget.q_steps
+    own = run.budget_for(run.parse_args(["--q-steps", "300"]))  # the run's own count everywhere
+    assert run.q_steps(own, edit) == run.q_steps(own, summarize) == 300
+    scaled = run.budget_for(run.parse_args(["--scale", "0.5"]))
+    assert scaled.edit_q_steps == run.PRESETS["default"].edit_q_steps // 2
+    quick = run.budget_for(run.parse_args(["--quick"]))  # no edit budget: q_steps
+    assert run.q_steps(quick, edit) == quick.q_steps
+
+
 def test_throughput_figures_are_opt_in(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "throughput_figures", lambda model: {"measured_for": model})
     argv = ARGS + ["--seeds", "1", "--agents", "greedy", "--env-id", "textenvs/Summarize-v0"]
