@@ -137,6 +137,11 @@ class Budget:
     # (-0.0000, +0.0203), 10 s a seed; 6000 steps +0.0020 (-0.0019, +0.0064) / +0.0119 (+0.0015,
     # +0.0229), 22 s a seed
     edit_q_steps: int = 0
+    # MaskablePPO with the LM prior on edit envs (0: prior_steps). EditSummary, lr 1e-3, seeds 0-3,
+    # test ROUGE-L (greedy 0.1016): 6144 steps 0.3179 / 0.1267 / 0.2734 / 0.0739 (24-36 s a seed);
+    # 12288 steps 0.2871 / 0.2859 / 0.2911 / 0.2923 (60-71 s); lr 3e-4 at 6144 steps: 0.0 / 0.1016
+    # / 0.0803 / 0.0625
+    edit_prior_steps: int = 0
     k: int = 4
     num_envs: int = 8
 
@@ -156,6 +161,7 @@ PRESETS = {
         translate_token_ppo=TRANSLATE_TOKEN_PPO,
         translate_token_ppo_episodes=3072,
         edit_q_steps=6000,
+        edit_prior_steps=12288,
         eval_start=False,
     ),
     # A smoke run (the tests use it with --scale): the same agents, small budgets, 32 samples.
@@ -212,11 +218,14 @@ def horizon(budget: Budget, env_id: str, extra: dict | None = None) -> int:
     return budget.translate_horizon if task_of(env_id, extra) == "translate" else budget.horizon
 
 
-def q_steps(budget: Budget, env_id: str) -> int:
-    """Tabular Q-learning steps: ``edit_q_steps`` on edit envs (when set), else ``q_steps``."""
-    return (
-        (budget.edit_q_steps or budget.q_steps) if textenvs.is_edit_env(env_id) else budget.q_steps
-    )
+EDIT_BUDGETS = ("q_steps", "prior_steps")  # those with an edit_<name> of their own
+
+
+def steps_on(budget: Budget, name: str, env_id: str) -> int:
+    """``budget.<name>`` (one of ``EDIT_BUDGETS``), or ``budget.edit_<name>`` on edit envs where
+    that is set."""
+    own = getattr(budget, f"edit_{name}") if textenvs.is_edit_env(env_id) else 0
+    return own or getattr(budget, name)
 
 
 def token_ppo_settings(budget: Budget, task: str | None) -> dict:
@@ -330,7 +339,7 @@ def run_cell(
         greedy = lambda obs, mask, sub: learner.act(state(obs), 0.0, mask, sub)  # noqa: E731
         if budget.eval_start:
             record(0, greedy, env, with_env=True)
-        steps = q_steps(budget, env_id)
+        steps = steps_on(budget, "q_steps", env_id)
         learner.learn(
             steps,
             callback=lambda s: record(s, greedy, env, with_env=True),
@@ -360,7 +369,7 @@ def run_cell(
 
         if budget.eval_start:
             record(0, policy, env)
-        total = budget.prior_steps if prior else budget.ppo_steps
+        total = steps_on(budget, "prior_steps", env_id) if prior else budget.ppo_steps
         per_point = total // budget.eval_points
         for point in range(budget.eval_points):
             model_.learn(per_point, reset_num_timesteps=False)
@@ -797,21 +806,24 @@ def budget_for(args: argparse.Namespace) -> Budget:
     budget.prior_steps = budget.prior_steps or budget.ppo_steps
     if args.token_ppo_episodes:  # the run's own count holds on every env
         budget.translate_token_ppo_episodes = 0
-    if args.q_steps:
-        budget.edit_q_steps = 0
+    for name in EDIT_BUDGETS:  # the run's own count holds on every env
+        if getattr(args, name):
+            setattr(budget, f"edit_{name}", 0)
     for name in ("q_steps", "ppo_steps", "prior_steps", "token_ppo_episodes"):
         setattr(budget, name, max(1, int(getattr(budget, name) * args.scale)))
     if budget.translate_token_ppo_episodes:
         budget.translate_token_ppo_episodes = max(
             4, int(budget.translate_token_ppo_episodes * args.scale)
         )
-    if budget.edit_q_steps:
-        budget.edit_q_steps = max(1, int(budget.edit_q_steps * args.scale))
+    for name in (f"edit_{name}" for name in EDIT_BUDGETS):
+        if getattr(budget, name):
+            setattr(budget, name, max(1, int(getattr(budget, name) * args.scale)))
     if args.scale < 1:
-        for name in ("ppo_steps", "prior_steps"):  # one SB3 rollout a point
-            setattr(
-                budget, name, max(getattr(budget, name), budget.num_envs * 32 * budget.eval_points)
-            )
+        floor = budget.num_envs * 32 * budget.eval_points  # one SB3 rollout a point
+        budget.ppo_steps = max(budget.ppo_steps, floor)
+        budget.prior_steps = max(budget.prior_steps, floor)
+        if budget.edit_prior_steps:
+            budget.edit_prior_steps = max(budget.edit_prior_steps, floor)
         budget.token_ppo_episodes = max(budget.token_ppo_episodes, 4)
     return budget
 

@@ -186,17 +186,20 @@ def test_token_ppo_settings_layer_suite_translation_and_the_runs_own():
     )
 
 
-def test_q_learning_trains_on_edit_envs_with_their_own_steps():
+@pytest.mark.parametrize("name", run.EDIT_BUDGETS)
+def test_edit_envs_train_with_their_own_steps(name):
     edit, summarize = "textenvs/EditSummary-v0", "textenvs/Summarize-v0"
+    flag = "--" + name.replace("_", "-")
     budget = run.budget_for(run.parse_args([]))  # the main job
-    assert run.q_steps(budget, edit) == budget.edit_q_steps != budget.q_steps
-    assert run.q_steps(budget, summarize) == budget.q_steps
-    own = run.budget_for(run.parse_args(["--q-steps", "300"]))  # the run's own count everywhere
-    assert run.q_steps(own, edit) == run.q_steps(own, summarize) == 300
+    own = getattr(budget, f"edit_{name}")
+    assert run.steps_on(budget, name, edit) == own != getattr(budget, name)
+    assert run.steps_on(budget, name, summarize) == getattr(budget, name)
+    given = run.budget_for(run.parse_args([flag, "300"]))  # the run's own count everywhere
+    assert run.steps_on(given, name, edit) == run.steps_on(given, name, summarize) == 300
     scaled = run.budget_for(run.parse_args(["--scale", "0.5"]))
-    assert scaled.edit_q_steps == run.PRESETS["default"].edit_q_steps // 2
-    quick = run.budget_for(run.parse_args(["--quick"]))  # no edit budget: q_steps
-    assert run.q_steps(quick, edit) == quick.q_steps
+    assert run.steps_on(scaled, name, edit) == own // 2
+    quick = run.budget_for(run.parse_args(["--quick"]))  # no edit budget of its own
+    assert run.steps_on(quick, name, edit) == getattr(quick, name)
 
 
 def test_throughput_figures_are_opt_in(tmp_path, monkeypatch):
