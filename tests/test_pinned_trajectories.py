@@ -1,4 +1,5 @@
-"""Pinned trajectories: every env id's observations, rewards and texts for a seed, bit for bit.
+"""Pinned trajectories: every env id's rewards, end flags and texts for a seed, bit for bit, and
+its observations within 1e-5.
 
 The file ``tests/data/pinned_trajectories.npz`` was recorded from the code before the structural
 refactor (issue 12) and must never change unless an env's semantics change on purpose (then bump
@@ -12,7 +13,12 @@ most 1.5e-6, well inside the 1e-5 the README allows between thread counts.
 
 Float sums depend on how many threads split them, so a trajectory is recorded and compared with
 ``RECORDED_THREADS`` torch threads, whatever the process runs with otherwise (the test command's
-pytest-xdist workers run one thread each).
+pytest-xdist workers run one thread each). They also depend on the CPU: the kernels a CPU's
+vector units select round differently. On the machine that recorded the file the observations
+were the same bit for bit; on an AVX-512 Xeon (2026-12-02) every case kept its rewards, ends and
+texts bit for bit and its observations moved by at most 2.8e-6. Observations are therefore
+compared within ``OBS_ATOL``, the README's allowance between thread counts: far below what any
+change of what an env computes moves them by.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import textenvs  # noqa: F401  (registers the ids)
 
 PINNED = Path(__file__).parent / "data" / "pinned_trajectories.npz"
 RECORDED_THREADS = 2  # torch threads of the recording
+OBS_ATOL = 1e-5  # observations across CPUs and thread counts
 
 # (case name, env id, keyword arguments, vector sub-envs or 0 for a single env, steps)
 CASES = [
@@ -151,15 +158,15 @@ def pinned() -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("name,env_id,kwargs,num_envs,steps", CASES, ids=[c[0] for c in CASES])
-def test_trajectory_is_bit_identical_to_the_pinned_one(
-    pinned, name, env_id, kwargs, num_envs, steps
-):
+def test_trajectory_is_the_pinned_one(pinned, name, env_id, kwargs, num_envs, steps):
     got = record(env_id, kwargs, num_envs, steps)
     for key, value in got.items():
         expected = pinned[f"{name}/{key}"]
         assert value.shape == expected.shape, (name, key)
         if key == "texts":
             assert value.tolist() == expected.tolist(), name
+        elif key == "obs":
+            np.testing.assert_allclose(value, expected, rtol=0, atol=OBS_ATOL, err_msg=name)
         else:
             np.testing.assert_array_equal(value, expected, err_msg=f"{name}/{key}")
 
@@ -172,7 +179,7 @@ def test_one_thread_keeps_rewards_and_texts_and_moves_observations_within_1e_5(p
     for key in ("rewards", "ends"):
         np.testing.assert_array_equal(got[key], pinned[f"{name}/{key}"], err_msg=key)
     assert got["texts"].tolist() == pinned[f"{name}/texts"].tolist()
-    np.testing.assert_allclose(got["obs"], pinned[f"{name}/obs"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got["obs"], pinned[f"{name}/obs"], rtol=0, atol=OBS_ATOL)
 
 
 def test_every_registered_id_is_pinned():

@@ -44,7 +44,10 @@ print(json.dumps({
     "episodes": [h["episodes"] for h in history], "same_as_local": same,
     "logp_error": float(((logp - rollout.logprobs) * m).abs().max()),
     "value_error": float(((values - rollout.values) * m).abs().max()),
-    "finite": all(all(v == v for v in h.values()) for h in history),
+    # explained_variance is undefined (NaN, SB3's convention) when the returns do not vary: a
+    # random model scores 0 everywhere, and where the recompute equals the rollout's log-probs
+    # bit for bit (some CPUs) the KL term is 0 as well
+    "finite": all(v == v for h in history for k, v in h.items() if k != "explained_variance"),
 }))
 ray.shutdown()
 """
