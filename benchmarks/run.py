@@ -261,6 +261,21 @@ def token_ppo_settings(budget: Budget, task: str | None) -> dict:
     return {"total_episodes": episodes, "num_envs": min(32, episodes), **settings}
 
 
+def recorded_settings(budget: Budget, args: argparse.Namespace) -> dict:
+    """What a run records in ``run.json`` and a ``--resume`` must match: the budget, the model, the
+    env arguments and token PPO's effective settings (the suite's ``TOKEN_PPO`` are code, not
+    budget: cells trained before a change of them must not be mixed with cells trained after)."""
+    return {
+        "budget": asdict(budget),
+        "model": args.model,
+        "env_kwargs": args.env_kwargs,
+        "token_ppo": {
+            "translate": token_ppo_settings(budget, "translate"),
+            "other": token_ppo_settings(budget, None),
+        },
+    }
+
+
 def env_kwargs(budget: Budget, model: str, env_id: str, extra: dict | None = None) -> dict:
     """The same keyword arguments for every env id (the knob names are shared by both env kinds)."""
     return {
@@ -892,7 +907,8 @@ def check_recorded_run(path: Path, record: dict) -> None:
         raise SystemExit(
             f"{path.parent} holds a run with another budget ({', '.join(changed)} differ from "
             f"{path}): resume with the same --quick/--full, --scale, --seeds and overrides, or "
-            "pass another --out."
+            "pass another --out (token_ppo.* also differ when the code's token-PPO settings, "
+            "TOKEN_PPO in benchmarks/run.py, changed since the run began)."
         )
 
 
@@ -978,10 +994,8 @@ def main(argv: list[str] | None = None) -> dict:
         for p in out.iterdir():
             if p.name != LOCK_NAME:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-    check_recorded_run(
-        out / "run.json",
-        {"budget": asdict(budget), "model": args.model, "env_kwargs": args.env_kwargs},
-    )
+    recorded = recorded_settings(budget, args)
+    check_recorded_run(out / "run.json", recorded)
     raw = out / "cells.jsonl"
     cells = load_cells(raw)
     done = {(c["agent"], c["env_id"], c["seed"]) for c in cells}
@@ -1022,7 +1036,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     rows = aggregate(cells)
     report = {
-        "config": {**vars(args), "budget": asdict(budget)},
+        "config": {**vars(args), **recorded},
         "cells": cells,
         "rows": rows,
         "wall_s": round(

@@ -497,6 +497,15 @@ def test_resume_refuses_another_budget_and_recovers_a_torn_line(tmp_path, monkey
         run.main(args[:1] + ["2"] + args[2:] + ["--resume"])
     with pytest.raises(SystemExit, match="budget.q_steps"):
         run.main(args + ["--resume", "--scale", "2"])
+    # the suite's token-PPO settings are code, not budget: a change of them is a change of run
+    with monkeypatch.context() as patched:
+        patched.setattr(run, "TOKEN_PPO", {**run.TOKEN_PPO, "gae_lambda": 0.9})
+        with pytest.raises(SystemExit, match="token_ppo.other.gae_lambda, token_ppo.translate"):
+            run.main(args + ["--resume"])
+    recorded = json.loads((out / "run.json").read_text())
+    assert recorded["token_ppo"]["translate"] == run.token_ppo_settings(
+        run.budget_for(run.parse_args(args)), "translate"
+    )
     raw = out / "cells.jsonl"
     lines = raw.read_text().splitlines()
     raw.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # killed while writing
