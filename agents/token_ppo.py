@@ -1020,19 +1020,54 @@ def _check_state_dict(path: Path, loaded: dict, expected: dict) -> None:
         )
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (a string right after ``name: type =
+    value``), read from its source: what the CLI's ``--help`` says of each option."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for field, after in zip(body, body[1:]):
+        if (
+            isinstance(field, ast.AnnAssign)
+            and isinstance(field.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[field.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def parse_bool(text: str) -> bool:
+    """A command-line boolean: true / false, yes / no, 1 / 0 (any case); anything else is refused
+    rather than read as False."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(
+        text.strip().lower()
+    )
+    if value is None:
+        raise argparse.ArgumentTypeError(
+            f"expected true or false (or yes / no, 1 / 0), got {text!r}"
+        )
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     """The CLI; under ``accelerate launch`` / ``torchrun`` every process runs it, process 0
     evaluates, prints and writes the report.
     """
     p = argparse.ArgumentParser(description="Token-level PPO: the language model is the policy.")
-    defaults = TokenPPOConfig()
+    defaults, docs = TokenPPOConfig(), field_docs(TokenPPOConfig)
     for f in dataclasses.fields(TokenPPOConfig):
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
+        help = docs.get(f.name, "").replace("%", "%%") + " (default: %(default)s)"
         if isinstance(value, bool):
-            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=value)
+            p.add_argument(flag, type=parse_bool, default=value, help=help)
         else:
-            p.add_argument(flag, type=type(value) if value is not None else str, default=value)
+            kind = type(value) if value is not None else str
+            p.add_argument(flag, type=kind, default=value, help=help)
     p.add_argument("--resume", help="a checkpoint folder to resume from")
     p.add_argument("--json-out", help="write the final report (JSON) here")
     p.add_argument(

@@ -247,6 +247,37 @@ def test_bad_config():
         TokenPPO(TokenPPOConfig(learning_rate=0.0))
 
 
+def test_cli_help_documents_every_option(capsys):
+    import dataclasses
+
+    from agents.token_ppo import field_docs, main
+
+    docs = field_docs(TokenPPOConfig)
+    assert set(docs) == {f.name for f in dataclasses.fields(TokenPPOConfig)}
+    assert all(docs.values())
+    assert docs["gae_lambda"].startswith("GAE lambda. The main job's suite uses 0.5")
+    assert docs["eval_reward"].startswith("Metric of the greedy evaluation (None: the training")
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--gae-lambda GAE_LAMBDA GAE lambda." in out and "(default: 0.95)" in out
+    assert "--anneal-lr ANNEAL_LR Linear learning-rate decay over the run. (default: True)" in out
+
+
+@pytest.mark.parametrize("text", ["ture", "", "2", "on?"])
+def test_cli_refuses_a_boolean_it_cannot_read(text, capsys):
+    from agents.token_ppo import main, parse_bool
+
+    assert [parse_bool(t) for t in ("True", "yes", "1", " false ", "NO", "0")] == [1, 1, 1, 0, 0, 0]
+    with pytest.raises(SystemExit) as stop:
+        main(["--anneal-lr", text])  # read as False before: a typo silently turned annealing off
+    assert stop.value.code == 2
+    assert f"--anneal-lr: expected true or false (or yes / no, 1 / 0), got {text!r}" in (
+        capsys.readouterr().err
+    )
+
+
 def _damage(folder, case):
     import json
 
