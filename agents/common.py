@@ -1,10 +1,13 @@
-"""Pieces the agents share: evaluation of a policy over a split, the task metric of an episode.
+"""Pieces the agents share: evaluation of a policy over a split, the task metric of an episode, and
+a command-line boolean.
 
 They read the env -> agent contract only (README, "The env -> agent contract"): ``info["metric"]``
 and ``info["metric_name"]``, ``env.unwrapped.samples`` and ``reset(options={"index": i})``.
 """
 
 from __future__ import annotations
+
+import argparse
 
 import gymnasium as gym
 import numpy as np
@@ -121,3 +124,16 @@ def evaluate_policy_batched(
             else:
                 obs[i] = next_obs[i]
     return _summary(returns, [metrics[j] for j in range(n) if j in metrics])
+
+
+def parse_bool(text: str) -> bool:
+    """A command-line boolean: true / false, yes / no, 1 / 0 (any case); anything else is refused
+    rather than read as False."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(
+        text.strip().lower()
+    )
+    if value is None:
+        raise argparse.ArgumentTypeError(
+            f"expected true or false (or yes / no, 1 / 0), got {text!r}"
+        )
+    return value

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 import textenvs  # noqa: F401  (registers the ids)
 from agents.checkpoint import read_json_object, recover, save_atomically
-from agents.common import evaluate_policy
+from agents.common import evaluate_policy, parse_bool
 from textenvs.lm import LanguageModel
 
 
@@ -1038,19 +1038,6 @@ def field_docs(cls: type) -> dict[str, str]:
         ):
             docs[field.target.id] = " ".join(after.value.value.split())
     return docs
-
-
-def parse_bool(text: str) -> bool:
-    """A command-line boolean: true / false, yes / no, 1 / 0 (any case); anything else is refused
-    rather than read as False."""
-    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(
-        text.strip().lower()
-    )
-    if value is None:
-        raise argparse.ArgumentTypeError(
-            f"expected true or false (or yes / no, 1 / 0), got {text!r}"
-        )
-    return value
 
 
 def main(argv: list[str] | None = None) -> dict | None:

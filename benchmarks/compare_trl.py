@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 import textenvs
+from agents.common import parse_bool
 from agents.token_ppo import TokenPPO, TokenPPOConfig, greedy_metrics
 from benchmarks.run import hierarchical_bootstrap
 from textenvs.lm import BUILTIN_MODELS, LanguageModel
@@ -199,7 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid-group", type=int, nargs="+", default=[4, 8], help="GRPO / RLOO")
     p.add_argument(
         "--grid-dense",
-        type=lambda s: s.lower() in ("1", "true", "yes"),
+        type=parse_bool,
         nargs="+",
         default=[True, False],
         help="ours: dense per-token reward or the metric at the end",

@@ -354,6 +354,7 @@ def test_throughput_script_reports_every_figure():
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--reward", "meteor"], "unknown --reward"),
         (["--completions", "0"], "--completions must be >= 1"),
+        (["--grid-dense", "true", "flase"], "expected true or false (or yes / no, 1 / 0)"),
     ],
 )
 def test_compare_trl_refuses_budgets_it_cannot_give_every_trainer(argv, match, capsys):
