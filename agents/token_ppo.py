@@ -1049,12 +1049,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     for f in dataclasses.fields(TokenPPOConfig):
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
-        help = docs.get(f.name, "").replace("%", "%%") + " (default: %(default)s)"
+        doc = docs.get(f.name, "").replace("%", "%%") + " (default: %(default)s)"
         if isinstance(value, bool):
-            p.add_argument(flag, type=parse_bool, default=value, help=help)
+            p.add_argument(flag, type=parse_bool, default=value, help=doc)
         else:
             kind = type(value) if value is not None else str
-            p.add_argument(flag, type=kind, default=value, help=help)
+            p.add_argument(flag, type=kind, default=value, help=doc)
     p.add_argument("--resume", help="a checkpoint folder to resume from")
     p.add_argument("--json-out", help="write the final report (JSON) here")
     p.add_argument(

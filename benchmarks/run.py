@@ -97,7 +97,7 @@ DEFAULT_ENVS = ("textenvs/Summarize-v0", "textenvs/Translate-v0", "textenvs/Edit
 # few tokens ahead and lets the value head stand for the rest. On an AMD EPYC, the settings above
 # plus the translation ones below, seeds 0-5 (0-3 where four figures):
 # - Translate, 3072 episodes, BLEU 0.1036 before: lambda 0.95 0.1204 / 0.1145 / 0.1059 / 0.1039 /
-#   0.1232 / 0.1214 (mean 0.1149); 0.8 0.1110 / 0.1271 / 0.1172 / 0.1212 (0.1191); 0.5 0.1154 /
+#   0.1232 / 0.1214 (mean 0.1149); 0.8 0.1110 / 0.1271 / 0.1212 / 0.1172 (0.1191); 0.5 0.1154 /
 #   0.1276 / 0.1229 / 0.1239 / 0.1413 / 0.1260 (0.1262); 0.3 0.1195 / 0.1299 / 0.1174 / 0.1249
 #   (0.1229); 0.0 0.1188 / 0.1291 / 0.1320 / 0.1219 / 0.1331 / 0.1223 (0.1262); 68-78 s each.
 #   At lambda 0.5 temperature 0.5 stays best: 0.7 0.1170 / 0.1273 / 0.1174 / 0.1230 (0.1212), 1.0
