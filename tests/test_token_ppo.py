@@ -267,7 +267,8 @@ def test_cli_help_documents_every_option(capsys):
 
 @pytest.mark.parametrize("text", ["ture", "", "2", "on?"])
 def test_cli_refuses_a_boolean_it_cannot_read(text, capsys):
-    from agents.token_ppo import main, parse_bool
+    from agents.common import parse_bool
+    from agents.token_ppo import main
 
     assert [parse_bool(t) for t in ("True", "yes", "1", " false ", "NO", "0")] == [1, 1, 1, 0, 0, 0]
     with pytest.raises(SystemExit) as stop:
