@@ -13,9 +13,19 @@ In top-k mode the correction has two parts: one logit per action from the observ
 per-candidate block: embedding projection and copy flags) and the policy's latent, by one small
 network shared by all candidates (a pointer-network head: what it learns about "a token copied
 from the prompt" holds for every action index).
+
+Two options make PPO's update a KL-regularised fine-tuning of the LM, as token-level PPO does it:
+``prior_temperature`` samples near the LM's greedy text (logits = correction + log p / T, so the
+deterministic action is still the LM's greedy token at the start), and ``kl_to_prior=True`` turns
+SB3's entropy bonus into a KL penalty: the "entropy" that ``evaluate_actions`` returns is
+``-KL(policy || tempered LM)``, so PPO's ``ent_coef`` weighs how far the policy may move from the
+LM in each state it trains on (an entropy bonus is the same term against the uniform policy, up to
+a constant).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch as th
 from stable_baselines3.common.policies import ActorCriticPolicy
@@ -36,6 +46,10 @@ class LMPriorPolicy(ActorCriticPolicy):
         candidate_features: numbers per candidate in the observation (the generation env's
             ``CANDIDATE_OBS_FEATURES``); the candidate head is built when the observation holds
             that block (top-k mode), and left out otherwise (vocabulary mode) or with 0.
+        prior_temperature: T > 0: the prior is the LM's distribution at temperature T (its
+            log-probabilities divided by T); below 1 the policy samples nearer the greedy text.
+        kl_to_prior: the entropy term of ``evaluate_actions`` is ``-KL(policy || prior)``, so
+            PPO's ``ent_coef`` is a KL coefficient (and must be > 0 to act); False: the entropy.
     """
 
     def __init__(
@@ -43,10 +57,20 @@ class LMPriorPolicy(ActorCriticPolicy):
         *args,
         max_correction: float | None = None,
         candidate_features: int = CANDIDATE_OBS_FEATURES,
+        prior_temperature: float = 1.0,
+        kl_to_prior: bool = False,
         **kwargs,
     ) -> None:
         if max_correction is not None and not max_correction > 0:
             raise ValueError(f"max_correction must be > 0 or None, got {max_correction!r}.")
+        if not (isinstance(prior_temperature, (int, float)) and 0 < prior_temperature < math.inf):
+            raise ValueError(
+                f"prior_temperature must be a finite number > 0, got {prior_temperature!r}."
+            )
+        if not isinstance(kl_to_prior, bool):
+            raise ValueError(f"kl_to_prior must be True or False, got {kl_to_prior!r}.")
+        self.prior_temperature = float(prior_temperature)
+        self.kl_to_prior = kl_to_prior
         if not (isinstance(candidate_features, int) and candidate_features >= 0):
             raise ValueError(
                 f"candidate_features must be an integer >= 0, got {candidate_features!r}."
@@ -66,6 +90,7 @@ class LMPriorPolicy(ActorCriticPolicy):
             self.action_net.bias.zero_()
         self._prior: th.Tensor | None = None
         self._candidates: th.Tensor | None = None
+        self._distribution = None  # the action distribution last built, for kl_to_prior
 
     def _build_mlp_extractor(self) -> None:
         # called by _build before the optimizer is made, so the head's parameters are trained
@@ -93,7 +118,12 @@ class LMPriorPolicy(ActorCriticPolicy):
 
     def evaluate_actions(self, obs: PyTorchObs, actions: th.Tensor):
         self._read(obs)
-        return super().evaluate_actions(obs, actions)
+        values, log_prob, entropy = super().evaluate_actions(obs, actions)
+        if self.kl_to_prior:  # -KL(policy || prior) in place of the entropy (see the module doc)
+            policy = self._distribution.distribution
+            prior = th.log_softmax(self._prior, dim=-1)
+            entropy = -(policy.probs * (policy.logits - prior)).sum(-1)
+        return values, log_prob, entropy
 
     def get_distribution(self, obs: PyTorchObs):
         self._read(obs)
@@ -102,7 +132,7 @@ class LMPriorPolicy(ActorCriticPolicy):
     def _read(self, obs: th.Tensor) -> None:
         n, f = int(self.action_space.n), self._per_candidate
         obs = obs.float()
-        self._prior = obs[..., -n:]  # (B, n) log-probabilities
+        self._prior = obs[..., -n:] / self.prior_temperature  # (B, n) log-probabilities / T
         # (B, n, f): the per-candidate block before the log-probabilities, or None
         self._candidates = obs[..., -n * (f + 1) : -n].unflatten(-1, (n, f)) if f else None
 
@@ -116,4 +146,5 @@ class LMPriorPolicy(ActorCriticPolicy):
         if self.max_correction is not None:
             correction = self.max_correction * th.tanh(correction / self.max_correction)
         logits = correction + self._prior
-        return self.action_dist.proba_distribution(action_logits=logits)
+        self._distribution = self.action_dist.proba_distribution(action_logits=logits)
+        return self._distribution

@@ -435,6 +435,59 @@ def test_lm_prior_policy_bounds_its_correction():
         )
 
 
+def test_lm_prior_policy_tempers_its_prior_and_penalises_the_kl_to_it():
+    """prior_temperature T: at the start the policy is the LM at temperature T and still acts as
+    the greedy LM; kl_to_prior: the entropy term PPO's ent_coef weighs is -KL(policy || prior),
+    zero at the start, the exact KL once the correction moves, and its gradient pulls back."""
+    pytest.importorskip("stable_baselines3")
+    import torch
+
+    from agents import sb3
+
+    kwargs = {"token_mode": "topk", "k": 4, "max_steps": 3, "candidates_obs": True}
+    config = sb3.SB3Config(
+        policy="lm_prior",
+        num_envs=2,
+        n_steps=8,
+        batch_size=8,
+        n_epochs=1,
+        ent_coef=0.5,
+        policy_kwargs={"prior_temperature": 0.5, "kl_to_prior": True},
+    )
+    model = sb3.build("textenvs/Summarize-v0", config, **kwargs)
+    policy = model.policy
+    env = gym.make("textenvs/Summarize-v0", **kwargs)
+    obs, _ = env.reset(seed=0)
+    batch = torch.as_tensor(obs[None])
+    tempered = torch.log_softmax(torch.as_tensor(env.unwrapped.action_logprobs()) / 0.5, -1)
+    logits = policy.get_distribution(batch).distribution.logits[0].detach()
+    torch.testing.assert_close(logits, tempered, atol=1e-5, rtol=0)
+    assert int(model.predict(obs, deterministic=True)[0]) == 0
+    _, _, entropy = policy.evaluate_actions(batch, torch.tensor([1]))
+    assert abs(float(entropy[0])) < 1e-6  # no KL at the start
+    with torch.no_grad():
+        policy.action_net.bias.copy_(torch.tensor([0.0, 2.0, -1.0, 0.5]))
+    _, _, entropy = policy.evaluate_actions(batch, torch.tensor([1]))
+    moved = torch.distributions.Categorical(logits=tempered + policy.action_net.bias.detach())
+    kl = torch.distributions.kl_divergence(moved, torch.distributions.Categorical(logits=tempered))
+    torch.testing.assert_close(-entropy[0].detach(), kl, atol=1e-5, rtol=0)
+    (-entropy.sum()).backward()  # what PPO minimises: ent_coef * KL; it pulls the bias back
+    assert float(policy.action_net.bias.grad[1]) > 0 > float(policy.action_net.bias.grad[2])
+    model.learn(16)  # PPO's update reads the KL in place of the entropy
+    with pytest.raises(ValueError, match="prior_temperature must be a finite number > 0"):
+        sb3.build(
+            "textenvs/Summarize-v0",
+            sb3.SB3Config(policy="lm_prior", policy_kwargs={"prior_temperature": 0}),
+            **kwargs,
+        )
+    with pytest.raises(ValueError, match="kl_to_prior must be True or False"):
+        sb3.build(
+            "textenvs/Summarize-v0",
+            sb3.SB3Config(policy="lm_prior", policy_kwargs={"kl_to_prior": "yes"}),
+            **kwargs,
+        )
+
+
 def test_qlearning_with_the_lm_prior_starts_as_the_greedy_lm():
     env = make_tabular_env(
         "textenvs/Summarize-v0", "test", 3, "hash", 6, 8, 0, n_fit=32, max_steps=4
