@@ -403,21 +403,25 @@ def test_lm_prior_policy_round_trips_through_a_checkpoint(tmp_path):
     )
 
 
+PRIOR_ENV = {"token_mode": "topk", "k": 4, "max_steps": 3, "candidates_obs": True}
+
+
+def prior_model(**fields):
+    """SB3 PPO with LMPriorPolicy on Summarize in top-k mode (PRIOR_ENV), a tiny rollout."""
+    from agents import sb3
+
+    config = sb3.SB3Config(policy="lm_prior", num_envs=2, n_steps=8, batch_size=8, **fields)
+    return sb3.build("textenvs/Summarize-v0", config, **PRIOR_ENV)
+
+
 def test_lm_prior_policy_bounds_its_correction():
     pytest.importorskip("stable_baselines3")
     import torch
 
     from agents import sb3
 
-    kwargs = {"token_mode": "topk", "k": 4, "max_steps": 3, "candidates_obs": True}
-    config = sb3.SB3Config(
-        policy="lm_prior",
-        num_envs=2,
-        n_steps=8,
-        batch_size=8,
-        policy_kwargs={"max_correction": 0.5},
-    )
-    model = sb3.build("textenvs/Summarize-v0", config, **kwargs)
+    kwargs = PRIOR_ENV
+    model = prior_model(policy_kwargs={"max_correction": 0.5})
     with torch.no_grad():
         model.policy.action_net.bias.fill_(100.0)  # a huge correction is squashed to 0.5 nats
     obs = torch.as_tensor(
@@ -444,17 +448,10 @@ def test_lm_prior_policy_tempers_its_prior_and_penalises_the_kl_to_it():
 
     from agents import sb3
 
-    kwargs = {"token_mode": "topk", "k": 4, "max_steps": 3, "candidates_obs": True}
-    config = sb3.SB3Config(
-        policy="lm_prior",
-        num_envs=2,
-        n_steps=8,
-        batch_size=8,
-        n_epochs=1,
-        ent_coef=0.5,
-        policy_kwargs={"prior_temperature": 0.5, "kl_to_prior": True},
+    kwargs = PRIOR_ENV
+    model = prior_model(
+        n_epochs=1, ent_coef=0.5, policy_kwargs={"prior_temperature": 0.5, "kl_to_prior": True}
     )
-    model = sb3.build("textenvs/Summarize-v0", config, **kwargs)
     policy = model.policy
     env = gym.make("textenvs/Summarize-v0", **kwargs)
     obs, _ = env.reset(seed=0)
