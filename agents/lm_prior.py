@@ -90,7 +90,6 @@ class LMPriorPolicy(ActorCriticPolicy):
             self.action_net.bias.zero_()
         self._prior: th.Tensor | None = None
         self._candidates: th.Tensor | None = None
-        self._distribution = None  # the action distribution last built, for kl_to_prior
 
     def _build_mlp_extractor(self) -> None:
         # called by _build before the optimizer is made, so the head's parameters are trained
@@ -120,7 +119,7 @@ class LMPriorPolicy(ActorCriticPolicy):
         self._read(obs)
         values, log_prob, entropy = super().evaluate_actions(obs, actions)
         if self.kl_to_prior:  # -KL(policy || prior) in place of the entropy (see the module doc)
-            policy = self._distribution.distribution
+            policy = self.action_dist.distribution  # the one super() just built from obs
             prior = th.log_softmax(self._prior, dim=-1)
             entropy = -(policy.probs * (policy.logits - prior)).sum(-1)
         return values, log_prob, entropy
@@ -146,5 +145,4 @@ class LMPriorPolicy(ActorCriticPolicy):
         if self.max_correction is not None:
             correction = self.max_correction * th.tanh(correction / self.max_correction)
         logits = correction + self._prior
-        self._distribution = self.action_dist.proba_distribution(action_logits=logits)
-        return self._distribution
+        return self.action_dist.proba_distribution(action_logits=logits)
