@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 
 import torch as th
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import PyTorchObs
 
@@ -146,3 +147,42 @@ class LMPriorPolicy(ActorCriticPolicy):
             correction = self.max_correction * th.tanh(correction / self.max_correction)
         logits = correction + self._prior
         return self.action_dist.proba_distribution(action_logits=logits)
+
+
+class KLPenalty(BaseCallback):
+    """Token-level PPO's KL penalty inside SB3's PPO: each collected reward minus ``kl_coef *
+    (log pi(a) - log prior(a))`` of the action taken, the prior being the LM's distribution at the
+    policy's ``prior_temperature`` (read from the observation's last ``action_space.n`` entries).
+
+    ``model.learn(steps, callback=KLPenalty(0.05))`` with an :class:`LMPriorPolicy` (or a subclass
+    such as :class:`agents.last_block.LastBlockPolicy`). The penalty is subtracted from the
+    rollout's reward array in place, after the env step and before SB3 stores it, so the returns
+    and advantages PPO trains on carry it (the env's own rewards and infos are untouched: episode
+    statistics still report the task's reward).
+    """
+
+    def __init__(self, kl_coef: float) -> None:
+        super().__init__()
+        if not (isinstance(kl_coef, (int, float)) and 0 <= kl_coef < math.inf):
+            raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}.")
+        self.kl_coef = float(kl_coef)
+
+    def _init_callback(self) -> None:
+        if not isinstance(self.model.policy, LMPriorPolicy):
+            raise ValueError(
+                "KLPenalty reads the LM prior from an LMPriorPolicy (or LastBlockPolicy), but the "
+                f"model's policy is {type(self.model.policy).__name__}: use one of those, or drop "
+                "the callback."
+            )
+
+    def _on_step(self) -> bool:
+        policy = self.model.policy
+        n = int(policy.action_space.n)
+        obs = self.locals["obs_tensor"].float()
+        actions = th.as_tensor(self.locals["actions"], device=obs.device).long().view(-1)
+        prior = th.log_softmax(obs[:, -n:] / policy.prior_temperature, dim=-1)
+        prior = prior[th.arange(len(obs), device=obs.device), actions]
+        taken = self.locals["log_probs"].float().to(obs.device)
+        # in place: SB3 stores this very array in its rollout buffer after the callback
+        self.locals["rewards"] -= (self.kl_coef * (taken - prior)).cpu().numpy()
+        return True

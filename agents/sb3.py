@@ -26,7 +26,8 @@ from agents.common import evaluate_policy
 from textenvs.vector import as_sb3_vec_env
 
 ALGOS = ("ppo", "maskable_ppo")
-POLICIES = ("mlp", "lm_prior")
+POLICIES = ("mlp", "lm_prior", "last_block")
+PRIOR_POLICIES = ("lm_prior", "last_block")  # they read the LM's log-probabilities: no VecNormalize
 
 
 def __getattr__(name: str):
@@ -39,6 +40,10 @@ def __getattr__(name: str):
         from agents.edit_prior import EditPriorPolicy
 
         return EditPriorPolicy
+    if name == "LastBlockPolicy":
+        from agents.last_block import LastBlockPolicy
+
+        return LastBlockPolicy
     raise AttributeError(f"module 'agents.sb3' has no attribute {name!r}")
 
 
@@ -53,7 +58,9 @@ class SB3Config:
     env's ``candidates_obs=True`` block (no observation normalisation). With PPO on generation
     envs :class:`agents.lm_prior.LMPriorPolicy` (the LM's distribution over the actions); with
     MaskablePPO on edit envs made with ``flat_actions=True``
-    :class:`agents.edit_prior.EditPriorPolicy` (stop at once: the LM's draft)."""
+    :class:`agents.edit_prior.EditPriorPolicy` (stop at once: the LM's draft). ``last_block``
+    (PPO, generation envs): :class:`agents.last_block.LastBlockPolicy`, a trainable copy of the
+    LM's last block over the env's ``obs="context"`` observation, also starting at the LM."""
     num_envs: int = 8
     """Sub-envs of the batched vector env (one LM forward per step for all of them)."""
     n_steps: int = 64
@@ -71,6 +78,10 @@ class SB3Config:
     ent_coef: float = 0.0
     """Entropy bonus. Keep it 0 or tiny: a whole episode's metric is at most 1, while 0.01 times the
     entropy of a few actions, paid every token, outweighs it."""
+    kl_coef: float = 0.0
+    """Token PPO's KL penalty in the reward (:class:`agents.lm_prior.KLPenalty`): each collected
+    reward minus ``kl_coef * (log pi - log prior)`` of the action taken; PPO with the ``lm_prior``
+    or ``last_block`` policy (0: none). :func:`train_callbacks` makes the callback."""
     seed: int = 0
     """Seed of SB3 and of the env resets."""
     normalize_obs: bool = True
@@ -92,6 +103,19 @@ class SB3Config:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
         if self.num_envs < 1 or self.n_steps < 1 or self.batch_size < 1:
             raise ValueError("num_envs, n_steps and batch_size must be >= 1.")
+        if not (isinstance(self.kl_coef, (int, float)) and 0 <= self.kl_coef < float("inf")):
+            raise ValueError(f"kl_coef must be a finite number >= 0, got {self.kl_coef!r}.")
+        if self.kl_coef and (self.policy not in PRIOR_POLICIES or self.algo != "ppo"):
+            raise ValueError(
+                f"kl_coef={self.kl_coef} penalises the KL to the LM prior, which only PPO with "
+                f"policy='lm_prior' or 'last_block' has (got algo={self.algo!r}, "
+                f"policy={self.policy!r}): set kl_coef=0 or change the policy."
+            )
+        if self.policy == "last_block" and self.algo != "ppo":
+            raise ValueError(
+                "policy='last_block' acts on generation envs with PPO: use algo='ppo' (edit envs "
+                "have policy='lm_prior' with MaskablePPO)."
+            )
 
 
 def make_vec_env(
@@ -131,15 +155,33 @@ def metric_callback():
     return MetricCallback()
 
 
+def train_callbacks(config: SB3Config) -> list:
+    """The callbacks ``model.learn`` needs for ``config`` (the KL penalty where ``kl_coef`` > 0)."""
+    if not config.kl_coef:
+        return []
+    from agents.lm_prior import KLPenalty
+
+    return [KLPenalty(config.kl_coef)]
+
+
 def build(env_id: str, config: SB3Config | None = None, **env_kwargs):
-    """The SB3 model for ``env_id`` on its train split."""
+    """The SB3 model for ``env_id`` on its train split (train it with ``callback=``
+    :func:`train_callbacks` ``(config)``)."""
     config = config or SB3Config()
     config.validate()
-    if config.policy == "lm_prior" and not env_kwargs.get("candidates_obs"):
+    if config.policy in PRIOR_POLICIES and not env_kwargs.get("candidates_obs"):
         raise ValueError(
-            "policy='lm_prior' reads the actions' log-probabilities from the observation: make "
-            "the env with candidates_obs=True (pass it in env_kwargs)."
+            f"policy={config.policy!r} reads the actions' log-probabilities from the observation: "
+            "make the env with candidates_obs=True (pass it in env_kwargs)."
         )
+    if config.policy == "last_block":
+        wanted = {"obs": "context", "layer": -2, "token_mode": "topk"}
+        if textenvs.is_edit_env(env_id) or any(env_kwargs.get(k) != v for k, v in wanted.items()):
+            raise ValueError(
+                f"policy='last_block' reads the input of the LM's last block: make a generation "
+                f"env with {wanted} (agents.sb3.policy_env_kwargs gives them), got {env_id} with "
+                f"{ {k: env_kwargs.get(k) for k in wanted} }."
+            )
     venv = make_vec_env(env_id, config.num_envs, "train", normalizes(config), **env_kwargs)
     cls = _algo_class(config.algo)
     if config.algo == "maskable_ppo":
@@ -163,6 +205,10 @@ def build(env_id: str, config: SB3Config | None = None, **env_kwargs):
             policy_kwargs.setdefault(name, venv.get_attr(name, indices=[0])[0])
     elif config.policy == "lm_prior":
         from agents.lm_prior import LMPriorPolicy as policy
+    elif config.policy == "last_block":
+        from agents.last_block import LastBlockPolicy as policy
+
+        policy_kwargs.setdefault("model", venv.get_attr("lm", indices=[0])[0])
     model = cls(
         policy,
         venv,
@@ -198,7 +244,10 @@ def quiet_logger(model, tensorboard_log: str | None):
 def policy_env_kwargs(policy: str, env_id: str) -> dict:
     """The env keyword arguments a policy reads: ``lm_prior`` needs the candidate block
     (``candidates_obs=True``), and on an edit env one action per distinct edit
-    (``flat_actions=True``)."""
+    (``flat_actions=True``); ``last_block`` the input of the LM's last block (``obs="context"``,
+    ``layer=-2``) too."""
+    if policy == "last_block":
+        return {"candidates_obs": True, "obs": "context", "layer": -2}
     if policy != "lm_prior":
         return {}
     return {
@@ -210,7 +259,7 @@ def policy_env_kwargs(policy: str, env_id: str) -> dict:
 def normalizes(config: SB3Config) -> bool:
     """Whether the model's env normalises observations (never under the LM-prior policy, whose
     observation carries log-probabilities that must stay as they are)."""
-    return config.normalize_obs and config.policy != "lm_prior"
+    return config.normalize_obs and config.policy not in PRIOR_POLICIES
 
 
 def default_algo(env_id: str) -> str:
@@ -410,7 +459,28 @@ def main(argv: list[str] | None = None) -> dict:
         default="mlp",
         help="lm_prior: start where the LM is (PPO on generation envs: its distribution; "
         "MaskablePPO on edit envs: its draft); adds candidates_obs=True to the env, and "
-        "flat_actions=True to an edit env",
+        "flat_actions=True to an edit env; last_block (generation envs): train a copy of the LM's "
+        "last block, starting at the LM; adds obs='context', layer=-2, candidates_obs=True",
+    )
+    p.add_argument("--learning-rate", type=float, default=3e-4)
+    p.add_argument("--gae-lambda", type=float, default=0.95)
+    p.add_argument(
+        "--kl-coef",
+        type=float,
+        default=0.0,
+        help="KL penalty to the LM in the reward (lm_prior / last_block with PPO)",
+    )
+    p.add_argument(
+        "--prior-temperature",
+        type=float,
+        default=None,
+        help="sample the LM prior at this temperature (lm_prior / last_block with PPO)",
+    )
+    p.add_argument(
+        "--context-positions",
+        type=int,
+        default=None,
+        help="positions of the last_block policy's context observation (default: the model's)",
     )
     p.add_argument("--total-steps", type=int, default=20_000)
     p.add_argument("--k", type=int, default=4, help="top-k actions / tokens")
@@ -423,16 +493,31 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     env_kwargs = {"token_mode": "topk", "k": args.k, "max_steps": args.max_steps}
     env_kwargs.update(policy_env_kwargs(args.policy, args.env_id))
+    if args.context_positions is not None:
+        if args.policy != "last_block":
+            p.error("--context-positions applies to --policy last_block")
+        env_kwargs["context_positions"] = args.context_positions
+    policy_kwargs = {}
+    if args.prior_temperature is not None:
+        if args.policy not in PRIOR_POLICIES or (args.algo or default_algo(args.env_id)) != "ppo":
+            p.error("--prior-temperature applies to PPO with --policy lm_prior or last_block")
+        policy_kwargs["prior_temperature"] = args.prior_temperature
     config = SB3Config(
         algo=args.algo or default_algo(args.env_id),
         policy=args.policy,
         num_envs=args.num_envs,
+        learning_rate=args.learning_rate,
+        gae_lambda=args.gae_lambda,
+        kl_coef=args.kl_coef,
         seed=args.seed,
+        policy_kwargs=policy_kwargs,
         tensorboard_log=args.tensorboard_log,
     )
     model = build(args.env_id, config, **env_kwargs)
     start = time.time()
-    model.learn(args.total_steps, callback=metric_callback(), progress_bar=True)
+    model.learn(
+        args.total_steps, callback=[metric_callback(), *train_callbacks(config)], progress_bar=True
+    )
     train_s = time.time() - start
     if args.save:
         save(model, args.save, config, args.env_id, env_kwargs)

@@ -12,7 +12,10 @@ LM and by how much.
 Agents: ``random`` (uniform over valid actions) and ``greedy`` (the LM's top token; for edit envs,
 stop on the LM's draft) as baselines, ``qlearning`` (tabular, hashed hidden states), ``ppo`` (SB3
 with an MLP policy, generation envs), ``ppo_prior`` (SB3 PPO with
-:class:`agents.lm_prior.LMPriorPolicy`: starts at the LM), ``maskable_ppo`` (sb3-contrib, envs with
+:class:`agents.lm_prior.LMPriorPolicy`: starts at the LM), ``ppo_last_block`` (SB3 PPO with
+:class:`agents.last_block.LastBlockPolicy`, a trainable copy of the LM's last block with token PPO's
+KL penalty; not in the main job: ``--full --agents ppo_last_block``), ``maskable_ppo``
+(sb3-contrib, envs with
 ``action_masks()``: editing), ``maskable_prior`` (MaskablePPO with
 :class:`agents.edit_prior.EditPriorPolicy`: starts at the LM's draft), ``token_ppo`` (the LM is the
 policy, generation envs). An agent that does not apply to an env is skipped. Agents see the envs
@@ -57,6 +60,7 @@ AGENTS = (
     "qlearning",
     "ppo",
     "ppo_prior",
+    "ppo_last_block",
     "maskable_ppo",
     "maskable_prior",
     "token_ppo",
@@ -67,6 +71,7 @@ AGENTS = (
 DEFAULT_AGENTS = ("random", "greedy", "qlearning", "ppo_prior", "maskable_prior", "token_ppo")
 # agents from the longest cell to the shortest (main job, 2-core CPU): the order cells start in
 EXPECTED_ORDER = (
+    "ppo_last_block",
     "token_ppo",
     "maskable_prior",
     "maskable_ppo",
@@ -120,6 +125,21 @@ TOKEN_PPO = {
 # policy near greedy (0.1041 / 0.1055), 0.05 at lr 5e-4 0.1061 / 0.1054.
 TRANSLATE_TOKEN_PPO = {"reward": "chrf", "kl_coef": 0.05}
 
+# SB3 PPO with agents.last_block.LastBlockPolicy ("ppo_last_block"): token PPO's setup inside
+# stock PPO (the LM at temperature 0.5, its KL in the reward, GAE lambda 0.5), k 8, trained on
+# chrF on translation tasks like token PPO. Picked on Translate's validation split, seeds 0 / 1,
+# 49,152 steps (greedy 0.1036): lr 3e-4 without KL 0.0580 / 0.0613 (24k), 3e-5 without KL
+# 0.1002 / 0.0953 (24k), KL 1.0 in the loss (kl_to_prior) 0.1083 (seed 0, 24k), these settings
+# 0.1190 / 0.1247 (README). context_positions 96 holds every built-in prompt plus 24 tokens.
+LAST_BLOCK = {
+    "learning_rate": 1e-4,
+    "gae_lambda": 0.5,
+    "kl_coef": 0.05,
+    "prior_temperature": 0.5,
+    "k": 8,
+    "context_positions": 96,
+}
+
 
 @dataclass
 class Budget:
@@ -160,6 +180,9 @@ class Budget:
     # 12288 steps 0.2871 / 0.2859 / 0.2911 / 0.2923 (60-71 s); lr 3e-4 at 6144 steps: 0.0 / 0.1016
     # / 0.0803 / 0.0625
     edit_prior_steps: int = 0
+    # SB3 PPO with the last-block policy (0: prior_steps); not a main-job agent (about 8 minutes
+    # a seed at 49,152 steps on one CPU thread)
+    last_block_steps: int = 0
     k: int = 4
     num_envs: int = 8
 
@@ -206,6 +229,7 @@ PRESETS = {
         token_ppo_episodes=4096,
         translate_token_ppo_episodes=8192,
         prior_steps=16384,
+        last_block_steps=49152,
         eval_points=2,
         eval_samples=200,
         horizon=8,
@@ -223,7 +247,7 @@ def applies(agent: str, env_id: str) -> bool:
     masked = default_algo(env_id) == "maskable_ppo"
     if agent in ("maskable_ppo", "maskable_prior"):
         return masked
-    if agent in ("ppo", "ppo_prior", "token_ppo"):
+    if agent in ("ppo", "ppo_prior", "ppo_last_block", "token_ppo"):
         return not masked
     return True
 
@@ -271,6 +295,7 @@ def recorded_settings(budget: Budget, args: argparse.Namespace) -> dict:
         "budget": asdict(budget),
         "model": args.model,
         "env_kwargs": args.env_kwargs,
+        "last_block": LAST_BLOCK,
         "token_ppo": {
             "translate": token_ppo_settings(budget, "translate"),
             "other": token_ppo_settings(budget, None),
@@ -381,34 +406,50 @@ def run_cell(
             callback=lambda s: record(s, greedy, env, with_env=True),
             callback_every=max(1, steps // budget.eval_points),
         )
-    elif agent in ("ppo", "ppo_prior", "maskable_ppo", "maskable_prior"):
+    elif agent in ("ppo", "ppo_prior", "ppo_last_block", "maskable_ppo", "maskable_prior"):
         from agents import sb3
 
         prior = agent.endswith("_prior")
+        last_block = agent == "ppo_last_block"
         config = sb3.SB3Config(
             algo="maskable_ppo" if agent.startswith("maskable") else "ppo",
-            policy="lm_prior" if prior else "mlp",
+            policy="lm_prior" if prior else "last_block" if last_block else "mlp",
             num_envs=budget.num_envs,
             seed=seed,
             n_steps=32,
             batch_size=64,
         )
         kwargs = {**kwargs, **sb3.policy_env_kwargs(config.policy, env_id)}
+        train_kwargs = kwargs
         if prior:
             # a learning rate per policy, picked by hand on seed 0 (2 settings each, scored on
             # the test split's first 100-200 samples): the generation head went 0.10 -> 0.30 at
             # 3e-4 in 8k steps; the edit head 0.12 -> 0.29 at 1e-3 (3e-4 swung 0.16 / 0.08 / 0.22)
             config.learning_rate = 1e-3 if agent == "maskable_prior" else 3e-4
-        model_ = sb3.build(env_id, config, **kwargs)
+        if last_block:  # see LAST_BLOCK
+            config.learning_rate = LAST_BLOCK["learning_rate"]
+            config.gae_lambda = LAST_BLOCK["gae_lambda"]
+            config.kl_coef = LAST_BLOCK["kl_coef"]
+            config.policy_kwargs = {"prior_temperature": LAST_BLOCK["prior_temperature"]}
+            kwargs.update(k=LAST_BLOCK["k"], context_positions=LAST_BLOCK["context_positions"])
+            train_kwargs = kwargs
+            if task_of(env_id, extra) == "translate":
+                train_kwargs = {**kwargs, "reward": TRANSLATE_TOKEN_PPO["reward"]}
+        model_ = sb3.build(env_id, config, **train_kwargs)
         env = test_env(env_id, kwargs)  # the native space the SB3 model acts in
         policy = sb3.deterministic_policy(model_)
 
         if budget.eval_start:
             record(0, policy, env)
-        total = steps_on(budget, "prior_steps", env_id) if prior else budget.ppo_steps
+        if last_block:
+            total = budget.last_block_steps
+        elif prior:
+            total = steps_on(budget, "prior_steps", env_id)
+        else:
+            total = budget.ppo_steps
         per_point = total // budget.eval_points
         for point in range(budget.eval_points):
-            model_.learn(per_point, reset_num_timesteps=False)
+            model_.learn(per_point, reset_num_timesteps=False, callback=sb3.train_callbacks(config))
             record((point + 1) * per_point, policy, env)
         steps = total
     elif agent == "token_ppo":
@@ -728,6 +769,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="override the preset's steps of the LM-prior SB3 agents (ppo_prior, maskable_prior)",
     )
     p.add_argument(
+        "--last-block-steps",
+        type=int,
+        help="override the preset's steps of SB3 PPO with the last-block policy (ppo_last_block)",
+    )
+    p.add_argument(
         "--token-ppo-episodes", type=int, help="override the preset's token-PPO episodes"
     )
     p.add_argument(
@@ -833,6 +879,7 @@ def budget_for(args: argparse.Namespace) -> Budget:
         "q_steps",
         "ppo_steps",
         "prior_steps",
+        "last_block_steps",
         "token_ppo_episodes",
         "token_ppo_reward",
         "token_ppo_config",
@@ -840,12 +887,13 @@ def budget_for(args: argparse.Namespace) -> Budget:
         if getattr(args, name):
             setattr(budget, name, getattr(args, name))
     budget.prior_steps = budget.prior_steps or budget.ppo_steps
+    budget.last_block_steps = budget.last_block_steps or budget.prior_steps
     if args.token_ppo_episodes:  # the run's own count holds on every env
         budget.translate_token_ppo_episodes = 0
     for name in EDIT_BUDGETS:  # the run's own count holds on every env
         if getattr(args, name):
             setattr(budget, f"edit_{name}", 0)
-    for name in ("q_steps", "ppo_steps", "prior_steps", "token_ppo_episodes"):
+    for name in ("q_steps", "ppo_steps", "prior_steps", "last_block_steps", "token_ppo_episodes"):
         setattr(budget, name, max(1, int(getattr(budget, name) * args.scale)))
     if budget.translate_token_ppo_episodes:
         budget.translate_token_ppo_episodes = max(
@@ -858,6 +906,7 @@ def budget_for(args: argparse.Namespace) -> Budget:
         floor = budget.num_envs * 32 * budget.eval_points  # one SB3 rollout a point
         budget.ppo_steps = max(budget.ppo_steps, floor)
         budget.prior_steps = max(budget.prior_steps, floor)
+        budget.last_block_steps = max(budget.last_block_steps, floor)
         if budget.edit_prior_steps:
             budget.edit_prior_steps = max(budget.edit_prior_steps, floor)
         budget.token_ppo_episodes = max(budget.token_ppo_episodes, 4)

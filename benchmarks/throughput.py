@@ -260,7 +260,7 @@ def time_batched_forward(
         out = lm.model(
             input_ids=batch.to(lm.device),
             attention_mask=mask,
-            past_key_values=cache,
+            **{lm.cache_keyword: cache},
             use_cache=True,
             output_hidden_states=True,
             **({"logits_to_keep": 1} if lm.keeps_logits else {}),
@@ -276,7 +276,7 @@ def time_batched_forward(
                 input_ids=tokens[t][:, None],
                 attention_mask=step_mask,
                 position_ids=None if positions is None else positions + t,
-                past_key_values=cache,
+                **{lm.cache_keyword: cache},
                 use_cache=True,
                 output_hidden_states=True,
             )

@@ -675,3 +675,116 @@ def test_sb3_cli_lm_prior_makes_the_env_the_policy_reads(tmp_path):
     assert {k: saved["env_kwargs"][k] for k in edit} == edit
     loaded, _ = sb3.load(folder)
     assert type(loaded.policy).__name__ == "EditPriorPolicy"
+
+
+LAST_BLOCK_ENV = {"token_mode": "topk", "k": 4, "max_steps": 3, "context_positions": 64}
+
+
+def last_block_model(**fields):
+    """SB3 PPO with LastBlockPolicy on Translate (prior at temperature 0.5), a tiny rollout."""
+    from agents import sb3
+
+    fields.setdefault("policy_kwargs", {"prior_temperature": 0.5})
+    config = sb3.SB3Config(policy="last_block", num_envs=2, n_steps=8, batch_size=8, **fields)
+    kwargs = {**LAST_BLOCK_ENV, **sb3.policy_env_kwargs("last_block", "textenvs/Translate-v0")}
+    return sb3.build("textenvs/Translate-v0", config, **kwargs), config, kwargs
+
+
+def test_last_block_policy_starts_at_the_lm_and_trains_only_its_block(tmp_path):
+    """At the start the last-block actor samples the LM's tempered distribution over the
+    candidates and acts as the greedy LM; PPO trains the block copy (not the LM, its final norm or
+    head); a checkpoint round-trips; envs and settings it cannot use are refused clearly."""
+    pytest.importorskip("stable_baselines3")
+    import torch
+
+    from agents import sb3
+
+    model, config, kwargs = last_block_model(n_epochs=1, kl_coef=0.05)
+    policy = model.policy
+    env = gym.make("textenvs/Translate-v0", **kwargs)
+    obs, _ = env.reset(seed=0)
+    for _ in range(3):
+        probs = policy.get_distribution(torch.as_tensor(obs[None])).distribution.probs[0]
+        expected = torch.softmax(torch.as_tensor(env.unwrapped.action_logprobs()) / 0.5, -1)
+        torch.testing.assert_close(probs.detach(), expected, atol=1e-5, rtol=0)
+        assert int(model.predict(obs, deterministic=True)[0]) == 0
+        obs, *_ = env.step(1)
+    trained = {id(p) for group in policy.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in trained for p in policy.block.parameters())
+    lm_before = [p.clone() for p in env.unwrapped.lm.model.parameters()]
+    block_before = [p.detach().clone() for p in policy.block.parameters()]
+    fixed_before = [t.clone() for t in (policy.head, *policy.ln_f.parameters())]
+    model.learn(32, callback=sb3.train_callbacks(config))
+    assert any(not torch.equal(a, b) for a, b in zip(block_before, policy.block.parameters()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(fixed_before, (policy.head, *policy.ln_f.parameters()))
+    )
+    assert all(torch.equal(a, b) for a, b in zip(lm_before, env.unwrapped.lm.model.parameters()))
+    sb3.save(model, tmp_path / "ckpt", config, "textenvs/Translate-v0", kwargs)
+    assert (tmp_path / "ckpt" / "model.zip").stat().st_size < 5_000_000  # no LM inside
+    loaded, meta = sb3.load(tmp_path / "ckpt")
+    batch = torch.as_tensor(obs[None])
+    torch.testing.assert_close(
+        loaded.policy.get_distribution(batch).distribution.logits,
+        policy.get_distribution(batch).distribution.logits,
+    )
+    with pytest.raises(ValueError, match="reads the input of the LM's last block"):
+        sb3.build(
+            "textenvs/Translate-v0",
+            sb3.SB3Config(policy="last_block"),
+            **{**kwargs, "layer": -1},
+        )
+    with pytest.raises(ValueError, match="reads the input of the LM's last block"):
+        sb3.build("textenvs/EditSummary-v0", sb3.SB3Config(policy="last_block"), **kwargs)
+    with pytest.raises(ValueError, match="use algo='ppo'"):
+        sb3.SB3Config(policy="last_block", algo="maskable_ppo").validate()
+    with pytest.raises(ValueError, match="kl_coef=0.1 penalises the KL to the LM prior"):
+        sb3.SB3Config(kl_coef=0.1).validate()
+    with pytest.raises(ValueError, match="kl_coef must be a finite number >= 0"):
+        sb3.SB3Config(policy="lm_prior", kl_coef=float("nan")).validate()
+    from agents.last_block import LastBlockPolicy
+
+    with pytest.raises(ValueError, match="obs='context', layer=-2 and candidates_obs=True"):
+        LastBlockPolicy(gym.spaces.Box(-1, 1, (130,)), gym.spaces.Discrete(4), lambda _: 1e-4)
+
+
+def test_kl_penalty_reaches_the_rollout_buffer_exactly():
+    """KLPenalty subtracts kl_coef * (log pi(a) - log prior_T(a)) from each collected reward, and
+    what PPO stores (hence trains on) is the penalised reward."""
+    pytest.importorskip("stable_baselines3")
+    import torch
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from agents import sb3
+    from agents.lm_prior import KLPenalty
+
+    model = prior_model(n_epochs=1, policy_kwargs={"prior_temperature": 0.5})
+    with torch.no_grad():  # move the policy away from its prior, so the KL is not zero
+        model.policy.action_net.bias.copy_(torch.tensor([0.0, 1.5, -1.0, 0.5]))
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
+
+    class Record(BaseCallback):
+        def _on_step(self) -> bool:
+            obs = self.locals["obs_tensor"]
+            prior = torch.log_softmax(obs[:, -4:].float() / 0.5, -1)
+            actions = torch.as_tensor(self.locals["actions"]).long()
+            prior = prior[torch.arange(len(obs)), actions]
+            kl = (self.locals["log_probs"] - prior).detach().numpy()
+            seen.append((self.locals["rewards"].copy(), kl))
+            return True
+
+    model.learn(8 * 2, callback=[Record(), KLPenalty(0.1), Record()])
+    raw, penalised = seen[0::2], seen[1::2]  # each step: before the penalty, after it
+    for (reward, kl), (penalised_reward, kl_again) in zip(raw, penalised, strict=True):
+        np.testing.assert_allclose(kl, kl_again)
+        np.testing.assert_allclose(penalised_reward, reward - 0.1 * kl, atol=1e-6)
+    assert max(np.abs(kl).max() for _, kl in raw) > 1e-3
+    stored = model.rollout_buffer.rewards  # (n_steps, n_envs) of the last rollout
+    np.testing.assert_allclose(stored, np.stack([r for r, _ in penalised]), atol=1e-6)
+    with pytest.raises(ValueError, match="kl_coef must be a finite number >= 0"):
+        KLPenalty(-1.0)
+    mlp = sb3.build(
+        "textenvs/Summarize-v0", sb3.SB3Config(num_envs=2, n_steps=8, batch_size=8), max_steps=3
+    )
+    with pytest.raises(ValueError, match="KLPenalty reads the LM prior from an LMPriorPolicy"):
+        mlp.learn(8, callback=KLPenalty(0.1))

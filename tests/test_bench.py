@@ -594,47 +594,20 @@ def test_every_default_agent_runs_unchanged_on_a_users_jsonl_dataset(tmp_path):
     assert all(0.0 <= p["metric"] <= 1.0 for c in cells for p in c["curve"])
 
 
-def test_sb3_last_block_starts_at_the_lm_and_its_kl_reward_is_exact():
-    """The last-block policy samples the LM's tempered distribution over the candidates at the
-    start and acts as the greedy LM; the KL callback subtracts exactly kl_coef * (log pi - log p);
-    the script runs end to end and refuses envs it cannot read."""
-    pytest.importorskip("stable_baselines3")
-    import gymnasium as gym
-    import torch
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.vec_env import DummyVecEnv
-
-    from benchmarks import sb3_last_block as lb
-
-    kwargs = {"token_mode": "topk", "k": 4, "max_steps": 3, "candidates_obs": True}
-    env = lb.ContextObservation(gym.make("textenvs/Translate-v0", **kwargs), positions=64)
-    policy = lb.make_policy(env.unwrapped.lm.model, 64, 4, temperature=0.5)
-    model = PPO(policy, DummyVecEnv([lambda: env]), n_steps=8, batch_size=8)
-    obs, _ = env.reset(seed=0)
-    for _ in range(2):
-        probs = model.policy.get_distribution(torch.as_tensor(obs[None])).distribution.probs[0]
-        expected = torch.softmax(torch.as_tensor(env.unwrapped.action_logprobs()) / 0.5, -1)
-        torch.testing.assert_close(probs.detach(), expected, atol=1e-5, rtol=0)
-        assert int(model.predict(obs, deterministic=True)[0]) == 0
-        obs, *_ = env.step(1)
-    callback = lb.kl_reward(0.1, 4, 0.5)
-    logprobs = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]]))
-    rewards = np.array([1.0, 0.0], dtype=np.float32)
-    callback.locals = {
-        "obs_tensor": torch.cat([torch.zeros(2, 5), logprobs], dim=1),
-        "actions": np.array([0, 3]),
-        "log_probs": torch.tensor([-1.0, -2.0]),
-        "rewards": rewards,
-    }
-    callback._on_step()
-    prior = torch.log_softmax(logprobs / 0.5, -1)[[0, 1], [0, 3]]
-    expected = torch.tensor([1.0, 0.0]) - 0.1 * (torch.tensor([-1.0, -2.0]) - prior)
-    np.testing.assert_allclose(rewards, expected.numpy(), atol=1e-6)
-    argv = ["--seeds", "1", "--steps", "64", "--k", "4", "--max-steps", "3", "--positions", "64"]
-    report = lb.main(argv + ["--eval-samples", "2"])
-    assert len(report["seeds"]) == 1 and np.isfinite(report["vs_greedy"]["diff"])
-    with pytest.raises(ValueError, match="token_mode='topk' and candidates_obs=True"):
-        lb.ContextObservation(gym.make("textenvs/Translate-v0"), positions=64)
-    short = lb.ContextObservation(gym.make("textenvs/Translate-v0", **kwargs), positions=4)
-    with pytest.raises(ValueError, match="more than positions=4"):
-        short.reset(seed=0)
+def test_the_last_block_agent_runs_in_the_suite_with_its_own_settings(tmp_path):
+    """``--agents ppo_last_block``: SB3 PPO with the last-block policy on generation envs only, on
+    its own step budget, with the suite's LAST_BLOCK settings recorded for --resume."""
+    out = tmp_path / "lb"
+    argv = ["--quick", "--scale", "0.01", "--seeds", "1", "--jobs", "1", "--eval-samples", "4"]
+    argv += ["--eval-points", "1", "--agents", "greedy", "ppo_last_block", "--out", str(out)]
+    run.main(argv + ["--env-id", "textenvs/Translate-v0", "textenvs/EditSummary-v0"])
+    results = json.loads((out / "results.json").read_text())
+    ran = {(c["agent"], c["env_id"]) for c in results["cells"]}
+    assert ("ppo_last_block", "textenvs/Translate-v0") in ran
+    assert ("ppo_last_block", "textenvs/EditSummary-v0") not in ran  # edit envs: MaskablePPO
+    cell = next(c for c in results["cells"] if c["agent"] == "ppo_last_block")
+    assert cell["steps"] == 8 * 32 and 0.0 <= cell["final_metric"] <= 1.0  # one rollout
+    recorded = json.loads((out / "run.json").read_text())
+    assert recorded["last_block"] == run.LAST_BLOCK
+    budget = run.budget_for(run.parse_args(["--full", "--last-block-steps", "1000"]))
+    assert budget.last_block_steps == 1000 and run.PRESETS["full"].last_block_steps == 49152

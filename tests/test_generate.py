@@ -269,3 +269,64 @@ def test_candidates_obs_carries_what_the_actions_stand_for(token_mode):
         assert set(per[:, 8]) | set(per[:, 9]) >= {0.0, 1.0}
     with pytest.raises(ValueError, match="candidates_obs must be True or False"):
         TextGenerationEnv(candidates_obs=1)
+
+
+@pytest.mark.parametrize("token_mode", ["topk", "vocab"])
+@pytest.mark.parametrize("layer", [-2, -1])
+def test_context_observation_holds_every_position_of_a_full_recompute(token_mode, layer):
+    """obs="context": the observed layer's state of every position (the env's own forwards, equal
+    to one fresh forward over prompt + text), zeros after the last, the count, the candidates."""
+    env = TextGenerationEnv(
+        task="translate",
+        obs="context",
+        layer=layer,
+        token_mode=token_mode,
+        k=4,
+        max_steps=8,
+        context_positions=40,
+    )
+    d, extra = env.lm.hidden_size, 4 if token_mode == "topk" else 0
+    assert env.observation_space.shape == (40 * d + 1 + extra,)
+    obs, _ = env.reset(seed=2)
+    rng = np.random.default_rng(0)
+    for step in range(6):
+        if step:
+            obs, *_ = env.step(int(rng.integers(env.action_space.n)))
+        n = len(env.sequence)
+        context = obs[: 40 * d].reshape(40, d)
+        np.testing.assert_allclose(context[:n], full_recompute(env).numpy(), atol=1e-4)
+        assert not context[n:].any() and obs[40 * d] == n
+        if token_mode == "topk":
+            np.testing.assert_array_equal(obs[40 * d + 1 :], env.candidates)
+    with_candidates = TextGenerationEnv(
+        task="translate",
+        obs="context",
+        token_mode=token_mode,
+        k=4,
+        max_steps=8,
+        candidates_obs=True,
+        context_positions=40,
+    )
+    full, _ = with_candidates.reset(seed=2)
+    n = with_candidates.action_space.n
+    np.testing.assert_array_equal(full[-n:], with_candidates.action_logprobs())
+
+
+def test_context_positions_is_checked_against_the_model_and_the_split():
+    with pytest.raises(ValueError, match="applies to obs='context' only"):
+        TextGenerationEnv(task="translate", context_positions=64)
+    with pytest.raises(ValueError, match="more than the context of model"):
+        TextGenerationEnv(task="translate", obs="context", context_positions=10**6)
+    with pytest.raises(ValueError, match="context_positions must be an int >= 1"):
+        TextGenerationEnv(task="translate", obs="context", context_positions=0)
+    with pytest.raises(ValueError, match="do not fit the observed context_positions=20"):
+        TextGenerationEnv(task="translate", obs="context", context_positions=20, max_steps=8)
+    with pytest.warns(UserWarning, match="skipped"):
+        env = TextGenerationEnv(
+            task="translate", obs="context", context_positions=24, max_steps=8, too_long="skip"
+        )
+    assert 0 < len(env.samples) < len(env.task.split("train"))
+    env.reset(seed=0)
+    assert len(env.sequence) <= 24 - 8
+    default = TextGenerationEnv(task="translate", obs="context", max_steps=4)
+    assert default.context_positions == default.lm.max_positions

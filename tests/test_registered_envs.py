@@ -206,3 +206,27 @@ def test_both_checkers_pass_with_candidate_observations(env_id, token_mode):
     env = make(env_id, candidates_obs=True, token_mode=token_mode, k=4).unwrapped
     gym_check_env(env, skip_render_check=True)
     check_env(env, warn=False)
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+@pytest.mark.parametrize("token_mode", ["topk", "vocab"])
+def test_context_observations_pass_both_checkers_and_replay_by_seed(env_id, token_mode):
+    """obs="context" (every position's state, the count, the candidates; with the candidate block)
+    on every generation id: both checkers, and the same seed gives the same trajectory."""
+    from stable_baselines3.common.env_checker import check_env
+
+    kwargs = dict(obs="context", layer=-2, candidates_obs=True, token_mode=token_mode, k=4)
+    if textenvs.is_edit_env(env_id):  # the edit envs observe positions of their own
+        with pytest.raises(ValueError, match="obs="):
+            make(env_id, **kwargs)
+        return
+    kwargs["context_positions"] = 96
+    env = make(env_id, **kwargs).unwrapped
+    gym_check_env(env, skip_render_check=True)
+    check_env(env, warn=False)
+    a = rollout(make(env_id, **kwargs), seed=5, n_steps=10)
+    b = rollout(make(env_id, **kwargs), seed=5, n_steps=10)
+    assert len(a) == len(b)
+    for (obs_a, r_a, t_a), (obs_b, r_b, t_b) in zip(a, b, strict=True):
+        np.testing.assert_array_equal(obs_a, obs_b)
+        assert r_a == r_b and t_a == t_b

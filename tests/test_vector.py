@@ -61,10 +61,20 @@ def test_batch_infos_matches_gymnasiums_add_info():
 
 
 @pytest.mark.parametrize(
-    "num_envs,action_mode", [(1, "vocab"), (3, "vocab"), (8, "vocab"), (3, "topk")]
+    "num_envs,action_mode,obs",
+    [
+        (1, "vocab", "last"),
+        (3, "vocab", "last"),
+        (8, "vocab", "last"),
+        (3, "topk", "last"),
+        (3, "topk", "context"),
+        (2, "vocab", "context"),
+    ],
 )
-def test_generation_vector_equals_single_envs(num_envs, action_mode):
-    kwargs = dict(task="translate", max_steps=6, token_mode=action_mode, k=8)
+def test_generation_vector_equals_single_envs(num_envs, action_mode, obs):
+    kwargs = dict(task="translate", max_steps=6, token_mode=action_mode, k=8, obs=obs)
+    if obs == "context":  # every position's state: the batched prefill's rows, then each step's
+        kwargs.update(layer=-2, candidates_obs=True, context_positions=48)
     envs = GenerationVectorEnv(num_envs, text_infos=True, **kwargs)
     singles = [gym.make("textenvs/Generate-v0", **kwargs).unwrapped for _ in range(num_envs)]
     obs, infos = envs.reset(seed=10)
@@ -167,7 +177,13 @@ def long_prompt_dataset(lm, max_steps: int):
 
 @pytest.mark.parametrize(
     "case",
-    ["generation-vocab", "generation-topk", "generation-fills-context", "edit"],
+    [
+        "generation-vocab",
+        "generation-topk",
+        "generation-context",
+        "generation-fills-context",
+        "edit",
+    ],
 )
 def test_next_step_autoreset_equals_single_envs_over_whole_episodes(case):
     """NextStep: the step after an episode ends resets that sub-env (reward 0, its action ignored);
@@ -179,6 +195,10 @@ def test_next_step_autoreset_equals_single_envs_over_whole_episodes(case):
     elif case == "generation-fills-context":
         task, budget = long_prompt_dataset(shared_model(), 3)
         kwargs, n_steps = dict(task=task, max_steps=budget), 30
+    elif case == "generation-context":
+        kwargs = dict(task="translate", max_steps=4, token_mode="topk", k=6, obs="context")
+        kwargs.update(layer=-2, candidates_obs=True, context_positions=32)
+        n_steps = 60
     else:
         kwargs = dict(task="translate", max_steps=4, token_mode=case.split("-")[1], k=6)
         n_steps = 60

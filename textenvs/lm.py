@@ -223,7 +223,10 @@ class LanguageModel:
         self._backend_decode = backend.decode if backend is not None else None
         # A prompt's forward needs the logits of its last position only: models that take
         # transformers' logits_to_keep skip the LM head for the others.
-        self.keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        parameters = inspect.signature(self.model.forward).parameters
+        self.keeps_logits = "logits_to_keep" in parameters
+        # transformers 5.x names the KV cache argument `cache` (`past_key_values` is deprecated)
+        self.cache_keyword = "cache" if "cache" in parameters else "past_key_values"
         # What one more forward costs in tokens of compute, for batching.extend_batch's grouping
         # of tails: on a CPU a small model's forward is about 30 tokens' worth of fixed cost; on a
         # GPU a forward is launch-bound, so padding is nearly free and the rows stay in one batch.
@@ -350,7 +353,7 @@ class LanguageModel:
         )
         out = self.model(
             input_ids=input_ids,
-            past_key_values=cache,
+            **{self.cache_keyword: cache},
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=True,

@@ -211,13 +211,14 @@ class TextEnv(gym.Env):
         is never stuck at the reset that happens to draw an over-long sample.
         """
         budget_name, budget = self._context_budget()
-        if budget >= self.lm.max_positions:
+        limit, where, remedy = self._position_limit()
+        if budget >= limit:
             raise ValueError(
-                f"{budget_name}={budget} leaves no room for a prompt in the context of model "
-                f"{self.lm.name!r} ({self.lm.max_positions} positions): lower {budget_name}."
+                f"{budget_name}={budget} leaves no room for a prompt in {where}: lower "
+                f"{budget_name}."
             )
         lengths = prompt_lengths(self.task, self.split, self.lm)
-        fits = lengths + budget <= self.lm.max_positions
+        fits = lengths + budget <= limit
         over = np.flatnonzero(~fits)
         if not len(over):
             return
@@ -229,16 +230,25 @@ class TextEnv(gym.Env):
             f"{len(over)} of the {len(lengths)} samples of split {self.split!r}"
             + (f" of {self.samples.path}" if getattr(self.samples, "path", None) else "")
             + f" (samples {', '.join(shown)}{', ...' if len(over) > 10 else ''}; the longest "
-            f"prompt has {int(lengths.max())} tokens) do not fit the context of model "
-            f"{self.lm.name!r} ({self.lm.max_positions} positions) with {budget_name}={budget}"
+            f"prompt has {int(lengths.max())} tokens) do not fit {where} with "
+            f"{budget_name}={budget}"
         )
         if self.too_long == "error" or len(over) == len(lengths):
             raise ValueError(
-                f"{what}: shorten or drop them, pass too_long='skip', lower {budget_name}, or use "
-                "a model with a longer context."
+                f"{what}: shorten or drop them, pass too_long='skip', lower {budget_name}, or "
+                f"{remedy}."
             )
         warnings.warn(f"{what}; skipped (too_long='skip').", UserWarning, stacklevel=4)
         self.samples = SampleSubset(self.samples, np.flatnonzero(fits))
+
+    def _position_limit(self) -> tuple[int, str, str]:
+        """How many positions ``prompt + text`` may take, what sets that limit and how to raise it
+        (for messages): the model's context; a subclass may observe fewer (``obs="context"``)."""
+        return (
+            self.lm.max_positions,
+            f"the context of model {self.lm.name!r} ({self.lm.max_positions} positions)",
+            "use a model with a longer context",
+        )
 
     def _largest_k(self) -> int:
         """The most candidates top-k mode can propose (the rows of the LM head)."""
@@ -317,12 +327,12 @@ class TextEnv(gym.Env):
         self.prompt = self.task.prompt(self.sample)
         prompt_ids = self.lm.encode(self.prompt)
         budget_name, budget = self._context_budget()
-        if len(prompt_ids) + budget > self.lm.max_positions:
+        limit, where, remedy = self._position_limit()
+        if len(prompt_ids) + budget > limit:
             raise ValueError(
                 f"Sample {index}: the prompt has {len(prompt_ids)} tokens and "
-                f"{budget_name}={budget}, more than the model's context of "
-                f"{self.lm.max_positions}: shorten the source, lower {budget_name}, or use a model "
-                "with a longer context."
+                f"{budget_name}={budget}, more than {where}: shorten the source, lower "
+                f"{budget_name}, or {remedy}."
             )
         return prompt_ids
 

@@ -9,11 +9,17 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from textenvs.envs.base import TextEnv, finite_observation, renamed_argument, top_candidates
+from textenvs.envs.base import (
+    TextEnv,
+    check_positive_int,
+    finite_observation,
+    renamed_argument,
+    top_candidates,
+)
 from textenvs.kvcache import TokenSequence
 from textenvs.lm import CANDIDATE_FEATURES, TINY, LanguageModel
 
-OBS_MODES = ("last", "mean")
+OBS_MODES = ("last", "mean", "context")
 # numbers per candidate in a top-k candidate observation: CANDIDATE_FEATURES projected
 # output-embedding numbers, then two copy flags (in the prompt, already written)
 CANDIDATE_OBS_FEATURES = CANDIDATE_FEATURES + 2
@@ -41,6 +47,15 @@ class TextGenerationEnv(TextEnv):
     ``obs="last"``: the hidden state at the last position (the token just written, or the
     prompt's last token after reset). ``obs="mean"``: the mean over all positions, prompt included.
 
+    ``obs="context"``: the hidden states of every position, ``(P d + 1 + k,)`` in top-k mode and
+    ``(P d + 1,)`` in vocab mode, P = ``context_positions``: the ``(P, d)`` states of ``prompt +
+    text`` row by row (position order, zeros after the last), then the number of positions filled
+    (``len(sequence)``), then in top-k mode the k candidates' token ids (action order, exact as
+    float32). The states come from the env's own forwards (the prompt's prefill, then each step's
+    one new position), so nothing is rerun. With ``layer=-2`` this is the whole input of the
+    model's last block: what :class:`agents.last_block.LastBlockPolicy` trains a copy of that block
+    on.
+
     ``candidates_obs=True`` appends what the actions stand for, so an agent can act on the LM's
     own preferences (``agents.sb3.LMPriorPolicy`` starts from them). Top-k mode:
     ``(d + 11 k,)`` = the hidden state, then 10 numbers per candidate (action order): 8 from its
@@ -50,7 +65,8 @@ class TextGenerationEnv(TextEnv):
     already wrote it in this episode; then the k candidates' log-probabilities under the LM
     (action order). Vocab mode: ``(d + V,)`` = the hidden state, then the LM's
     log-probabilities of every token. The last ``action_space.n`` entries are always the actions'
-    log-probabilities.
+    log-probabilities. With ``obs="context"`` the same block follows the context part instead of
+    the hidden state.
 
     ## Rewards
     The task metric (``reward``: ``rouge1``, ``rouge2``, ``rougeL``, ``rougeLsum``, ``bleu``,
@@ -84,7 +100,10 @@ class TextGenerationEnv(TextEnv):
     * ``reward``: a metric name or a callable ``(hypothesis, references) -> float``; None uses the
       task's default (ROUGE-L for summarization, BLEU for translation).
     * ``dense``: pay the metric's change every step (True) or the metric once at the end.
-    * ``obs``: ``"last"`` or ``"mean"`` (above); ``layer``: which hidden state is observed.
+    * ``obs``: ``"last"``, ``"mean"`` or ``"context"`` (above); ``layer``: which hidden state is
+      observed.
+    * ``context_positions``: P of ``obs="context"`` (None: the model's context); every prompt of
+      the split plus ``max_steps`` must fit in it (``too_long="skip"`` drops those that do not).
     * ``token_mode``: ``"vocab"`` or ``"topk"`` (above); ``k``: candidates in top-k mode.
     * ``max_steps``: tokens per episode at most.
     * ``candidates_obs``: append the candidates' features and log-probabilities (above).
@@ -99,7 +118,8 @@ class TextGenerationEnv(TextEnv):
 
     ## Version History
     * v0: Initial version. The opt-in ``candidates_obs=True`` top-k block gained the two copy
-      flags per candidate (8 -> 10 numbers); the default observation is unchanged.
+      flags per candidate (8 -> 10 numbers); the opt-in ``obs="context"`` was added; the default
+      observation is unchanged.
     """
 
     obs_modes = OBS_MODES
@@ -112,6 +132,7 @@ class TextGenerationEnv(TextEnv):
         token_mode: str = "vocab",
         max_steps: int = 32,
         candidates_obs: bool = False,
+        context_positions: int | None = None,
         action_mode: str | None = None,
         max_new_tokens: int | None = None,
         **common: Any,
@@ -119,12 +140,31 @@ class TextGenerationEnv(TextEnv):
         token_mode = renamed_argument("token_mode", token_mode, "vocab", "action_mode", action_mode)
         max_steps = renamed_argument("max_steps", max_steps, 32, "max_new_tokens", max_new_tokens)
         super().__init__(model, obs=obs, token_mode=token_mode, max_steps=max_steps, **common)
+        if obs != "context" and context_positions is not None:
+            raise ValueError(
+                f"context_positions={context_positions!r} applies to obs='context' only: drop it, "
+                "or pass obs='context'."
+            )
+        self.context_positions = None
+        if obs == "context":
+            positions = self.lm.max_positions if context_positions is None else context_positions
+            positions = check_positive_int("context_positions", positions)
+            if positions > self.lm.max_positions:
+                raise ValueError(
+                    f"context_positions={positions} is more than the context of model "
+                    f"{self.lm.name!r} ({self.lm.max_positions} positions): pass at most "
+                    f"{self.lm.max_positions}."
+                )
+            self.context_positions = positions
         self._check_split_fits()
         self.action_space = spaces.Discrete(self.k if token_mode == "topk" else self.lm.vocab_size)
         if not isinstance(candidates_obs, bool):
             raise ValueError(f"candidates_obs must be True or False, got {candidates_obs!r}.")
         self.candidates_obs = candidates_obs
         size = self.lm.hidden_size
+        if obs == "context":  # every position's state, their count, the candidates' ids
+            size = self.context_positions * size + 1 + (self.k if token_mode == "topk" else 0)
+            self._context = np.zeros((self.context_positions, self.lm.hidden_size), np.float32)
         if candidates_obs:  # + features and log-probs of the k candidates, or V log-probs
             size += (
                 (CANDIDATE_OBS_FEATURES + 1) * self.k
@@ -142,6 +182,15 @@ class TextGenerationEnv(TextEnv):
     def max_new_tokens(self) -> int:
         """Deprecated name of :attr:`max_steps`."""
         return self.max_steps
+
+    def _position_limit(self) -> tuple[int, str, str]:
+        if self.obs_mode != "context":
+            return super()._position_limit()
+        return (
+            self.context_positions,
+            f"the observed context_positions={self.context_positions}",
+            f"raise context_positions (at most the model's {self.lm.max_positions})",
+        )
 
     # -- Gymnasium API ---------------------------------------------------------------------
     def reset(
@@ -168,6 +217,9 @@ class TextGenerationEnv(TextEnv):
         self._prompt_tokens = frozenset(seq.ids)  # for the candidates' copy flags
         # (d,) running sum of hidden states for obs="mean", kept on the host
         self._hidden_sum = hidden.sum(0).cpu() if self.obs_mode == "mean" else None
+        if self.obs_mode == "context":  # (P, d) every position's state, zeros after the prompt
+            self._context.fill(0.0)
+            self._context[: len(seq)] = hidden.cpu().numpy()
         self.generated: list[int] = []
         self.text = ""
         self._done = False
@@ -192,6 +244,8 @@ class TextGenerationEnv(TextEnv):
         token = self._sequence.ids[-1]
         if self.obs_mode == "mean":
             self._hidden_sum += hidden[-1].cpu()
+        elif self.obs_mode == "context":
+            self._context[len(self._sequence) - 1] = hidden[-1].cpu().numpy()
         eos = token == self.lm.eos_token_id
         if not eos:
             self.generated.append(token)
@@ -241,8 +295,21 @@ class TextGenerationEnv(TextEnv):
             self.candidates = (
                 top_candidates(logits, self.k).cpu().numpy() if candidates is None else candidates
             )
-        vec = last_hidden if self.obs_mode == "last" else self._hidden_sum / len(self._sequence)
-        vec = vec.to("cpu", torch.float32)
+        if self.obs_mode == "context":
+            vec = torch.cat(
+                [
+                    torch.from_numpy(self._context).flatten(),  # a copy: the buffer stays ours
+                    torch.tensor([float(len(self._sequence))]),
+                    *(
+                        [torch.from_numpy(self.candidates.astype(np.float32))]
+                        if self.token_mode == "topk"
+                        else []
+                    ),
+                ]
+            )
+        else:
+            vec = last_hidden if self.obs_mode == "last" else self._hidden_sum / len(self._sequence)
+            vec = vec.to("cpu", torch.float32)
         if self.candidates_obs:
             parts = [vec]
             if self.token_mode == "topk":  # (k * CANDIDATE_OBS_FEATURES,)
