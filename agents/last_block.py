@@ -37,6 +37,33 @@ from textenvs.envs.generate import CANDIDATE_OBS_FEATURES
 from textenvs.lm import TINY, LanguageModel, shared_model
 
 
+def fitting_positions(env_id: str, splits=("train", "test"), round_to: int = 16, **env_kwargs):
+    """The ``context_positions`` that holds every prompt of ``splits`` plus ``max_steps`` tokens,
+    rounded up to a multiple of ``round_to`` and at most the model's context: one observation space
+    for the train and test envs of ``env_id`` made with ``env_kwargs``, no larger than the data
+    needs (the model's whole context can cost megabytes an observation)."""
+    import gymnasium as gym
+
+    import textenvs
+
+    if textenvs.is_edit_env(env_id):
+        raise ValueError(
+            f"{env_id} is an edit env; obs='context' (what LastBlockPolicy reads) is a generation "
+            "env's observation: use a generation id."
+        )
+    kwargs = {**env_kwargs, "obs": "context", "context_positions": None}
+    longest = 0
+    for split in splits:
+        env = gym.make(env_id, split=split, **kwargs).unwrapped
+        prompts = [env.task.prompt(sample) for sample in env.samples]
+        for start in range(0, len(prompts), 1024):  # batches keep a large split's memory flat
+            ids = env.lm.encode_batch(prompts[start : start + 1024])
+            longest = max([longest, *(len(i) for i in ids)])
+        env.close()
+    needed = longest + env.max_steps
+    return min(env.lm.max_positions, -(-needed // round_to) * round_to)
+
+
 def context_layout(space: spaces.Space, k: int, d: int) -> int:
     """The context positions P of a top-k ``obs="context"``, ``candidates_obs=True`` observation
     space of k candidates and hidden size d; a clear error for any other space."""

@@ -480,7 +480,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--context-positions",
         type=int,
         default=None,
-        help="positions of the last_block policy's context observation (default: the model's)",
+        help="positions of the last_block policy's context observation (default: the longest "
+        "prompt of the train and test splits plus --max-steps)",
     )
     p.add_argument("--total-steps", type=int, default=20_000)
     p.add_argument("--k", type=int, default=4, help="top-k actions / tokens")
@@ -493,10 +494,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     env_kwargs = {"token_mode": "topk", "k": args.k, "max_steps": args.max_steps}
     env_kwargs.update(policy_env_kwargs(args.policy, args.env_id))
-    if args.context_positions is not None:
-        if args.policy != "last_block":
-            p.error("--context-positions applies to --policy last_block")
-        env_kwargs["context_positions"] = args.context_positions
+    if args.context_positions is not None and args.policy != "last_block":
+        p.error("--context-positions applies to --policy last_block")
+    if args.policy == "last_block":
+        from agents.last_block import fitting_positions
+
+        env_kwargs["context_positions"] = args.context_positions or fitting_positions(
+            args.env_id, **env_kwargs
+        )
     policy_kwargs = {}
     if args.prior_temperature is not None:
         if args.policy not in PRIOR_POLICIES or (args.algo or default_algo(args.env_id)) != "ppo":

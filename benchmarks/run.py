@@ -130,14 +130,14 @@ TRANSLATE_TOKEN_PPO = {"reward": "chrf", "kl_coef": 0.05}
 # chrF on translation tasks like token PPO. Picked on Translate's validation split, seeds 0 / 1,
 # 49,152 steps (greedy 0.1036): lr 3e-4 without KL 0.0580 / 0.0613 (24k), 3e-5 without KL
 # 0.1002 / 0.0953 (24k), KL 1.0 in the loss (kl_to_prior) 0.1083 (seed 0, 24k), these settings
-# 0.1190 / 0.1247 (README). context_positions 96 holds every built-in prompt plus 24 tokens.
+# 0.1190 / 0.1247 (README). The context observation holds the longest prompt of the train and
+# test splits plus the episode (agents.last_block.fitting_positions).
 LAST_BLOCK = {
     "learning_rate": 1e-4,
     "gae_lambda": 0.5,
     "kl_coef": 0.05,
     "prior_temperature": 0.5,
     "k": 8,
-    "context_positions": 96,
 }
 
 
@@ -431,7 +431,10 @@ def run_cell(
             config.gae_lambda = LAST_BLOCK["gae_lambda"]
             config.kl_coef = LAST_BLOCK["kl_coef"]
             config.policy_kwargs = {"prior_temperature": LAST_BLOCK["prior_temperature"]}
-            kwargs.update(k=LAST_BLOCK["k"], context_positions=LAST_BLOCK["context_positions"])
+            from agents.last_block import fitting_positions
+
+            kwargs["k"] = LAST_BLOCK["k"]
+            kwargs["context_positions"] = fitting_positions(env_id, **kwargs)
             train_kwargs = kwargs
             if task_of(env_id, extra) == "translate":
                 train_kwargs = {**kwargs, "reward": TRANSLATE_TOKEN_PPO["reward"]}

@@ -742,8 +742,17 @@ def test_last_block_policy_starts_at_the_lm_and_trains_only_its_block(tmp_path):
         sb3.SB3Config(kl_coef=0.1).validate()
     with pytest.raises(ValueError, match="kl_coef must be a finite number >= 0"):
         sb3.SB3Config(policy="lm_prior", kl_coef=float("nan")).validate()
-    from agents.last_block import LastBlockPolicy
+    from agents.last_block import LastBlockPolicy, fitting_positions
 
+    positions = fitting_positions("textenvs/Translate-v0", max_steps=5)
+    longest = max(
+        len(env.unwrapped.lm.encode(env.unwrapped.task.prompt(sample)))
+        for split in ("train", "test")
+        for sample in gym.make("textenvs/Translate-v0", split=split).unwrapped.samples
+    )
+    assert positions % 16 == 0 and longest + 5 <= positions < longest + 5 + 16
+    with pytest.raises(ValueError, match="is an edit env"):
+        fitting_positions("textenvs/EditSummary-v0")
     with pytest.raises(ValueError, match="obs='context', layer=-2 and candidates_obs=True"):
         LastBlockPolicy(gym.spaces.Box(-1, 1, (130,)), gym.spaces.Discrete(4), lambda _: 1e-4)
 

@@ -609,5 +609,15 @@ def test_the_last_block_agent_runs_in_the_suite_with_its_own_settings(tmp_path):
     assert cell["steps"] == 8 * 32 and 0.0 <= cell["final_metric"] <= 1.0  # one rollout
     recorded = json.loads((out / "run.json").read_text())
     assert recorded["last_block"] == run.LAST_BLOCK
+    data = tmp_path / "mine.jsonl"  # a user's own dataset, unchanged
+    rows = [
+        {"source": f"The council of town {i} met.", "references": f"Town {i}"} for i in range(30)
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    dataset = {"dataset": str(data), "dataset_kwargs": {"split_fractions": [0.6, 0.2, 0.2]}}
+    argv[argv.index("--out") + 1] = str(tmp_path / "mine")
+    run.main(argv + ["--env-id", "textenvs/Generate-v0", "--env-kwargs", json.dumps(dataset)])
+    cells = json.loads((tmp_path / "mine" / "results.json").read_text())["cells"]
+    assert {c["agent"] for c in cells} == {"greedy", "ppo_last_block"}
     budget = run.budget_for(run.parse_args(["--full", "--last-block-steps", "1000"]))
     assert budget.last_block_steps == 1000 and run.PRESETS["full"].last_block_steps == 49152
