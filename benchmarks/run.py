@@ -180,8 +180,8 @@ class Budget:
     # 12288 steps 0.2871 / 0.2859 / 0.2911 / 0.2923 (60-71 s); lr 3e-4 at 6144 steps: 0.0 / 0.1016
     # / 0.0803 / 0.0625
     edit_prior_steps: int = 0
-    # SB3 PPO with the last-block policy (0: prior_steps); not a main-job agent (about 8 minutes
-    # a seed at 49,152 steps on one CPU thread)
+    # SB3 PPO with the last-block policy (0: prior_steps); not a main-job agent (49,152 steps:
+    # about 4 minutes a seed, two one-thread jobs on 2 CPU cores)
     last_block_steps: int = 0
     k: int = 4
     num_envs: int = 8
