@@ -65,3 +65,26 @@ def test_cuda_edit_observation_equals_recompute():
     _, hidden, _ = env.lm.prefill(env.lm.encode(env.prompt) + env.text_ids)
     rows = hidden[env._prompt_len - 1 :].cpu().numpy()
     np.testing.assert_allclose(env._observe()[: len(rows)], rows, atol=1e-3)
+
+
+def test_cuda_context_observation_and_last_block_policy():
+    """obs="context" on the GPU equals the CPU's; SB3 PPO (on the GPU) with LastBlockPolicy starts
+    at the LM and trains a rollout with its KL penalty."""
+    from agents import sb3
+
+    kwargs = {"token_mode": "topk", "k": 4, "max_steps": 3, "context_positions": 64}
+    kwargs.update(sb3.policy_env_kwargs("last_block", "textenvs/Translate-v0"))
+    cpu = gym.make("textenvs/Translate-v0", **kwargs)
+    gpu = gym.make("textenvs/Translate-v0", device="cuda", **kwargs)
+    np.testing.assert_allclose(cpu.reset(seed=0)[0], gpu.reset(seed=0)[0], atol=2e-3)
+    for _ in range(2):
+        np.testing.assert_allclose(cpu.step(0)[0], gpu.step(0)[0], atol=2e-3)
+    config = sb3.SB3Config(policy="last_block", num_envs=2, n_steps=8, batch_size=8, n_epochs=1)
+    config.kl_coef, config.policy_kwargs = 0.05, {"prior_temperature": 0.5}
+    model = sb3.build("textenvs/Translate-v0", config, device="cuda", **kwargs)
+    assert model.device.type == "cuda"
+    obs, _ = gpu.reset(seed=1)
+    dist = model.policy.get_distribution(torch.as_tensor(obs[None], device="cuda"))
+    expected = torch.softmax(torch.as_tensor(gpu.unwrapped.action_logprobs()) / 0.5, -1)
+    torch.testing.assert_close(dist.distribution.probs[0].cpu(), expected, atol=1e-4, rtol=0)
+    model.learn(16, callback=sb3.train_callbacks(config))
