@@ -1035,13 +1035,21 @@ def run_cells(todo: list[tuple], budget: Budget, args: argparse.Namespace, keep)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from tqdm import tqdm
-
     args = parse_args(argv)
     budget = budget_for(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _lock = lock_output_folder(out)  # held until this call returns
+    # held until the run ends, however it ends: closing the handle releases the lock at once (a
+    # lock left to the garbage collector can outlive the call, and a second run in the same
+    # process would then find its own folder "in use")
+    with lock_output_folder(out):
+        return run_suite(args, budget, out)
+
+
+def run_suite(args: argparse.Namespace, budget: Budget, out: Path) -> dict:
+    """The run of :func:`main` once ``out`` is locked."""
+    from tqdm import tqdm
+
     if any(p.name != LOCK_NAME for p in out.iterdir()) and not (args.resume or args.overwrite):
         raise SystemExit(
             f"{out} exists and is not empty: pass --resume to keep its finished cells or "
