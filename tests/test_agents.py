@@ -677,6 +677,41 @@ def test_sb3_cli_lm_prior_makes_the_env_the_policy_reads(tmp_path):
     assert type(loaded.policy).__name__ == "EditPriorPolicy"
 
 
+def test_sb3_cli_last_block_sizes_the_context_and_trains_with_the_kl_penalty(tmp_path, capsys):
+    """--policy last_block: the env the policy reads (context observation sized to the splits),
+    its prior temperature and KL penalty, saved and reloaded; options that do not apply refused."""
+    import json
+
+    from agents import sb3
+    from agents.last_block import fitting_positions
+
+    folder = tmp_path / "cli"
+    result = sb3.main(
+        ["--env-id", "textenvs/Translate-v0", "--policy", "last_block", "--total-steps", "64"]
+        + ["--num-envs", "2", "--k", "4", "--max-steps", "3", "--eval-samples", "2"]
+        + ["--prior-temperature", "0.5", "--kl-coef", "0.05", "--save", str(folder)]
+    )
+    assert result["algo"] == "ppo" and result["episodes"] == 2
+    saved = json.loads((folder / "sb3_config.json").read_text())
+    assert saved["config"]["kl_coef"] == 0.05
+    assert saved["config"]["policy_kwargs"] == {"prior_temperature": 0.5}
+    kwargs = saved["env_kwargs"]
+    assert (kwargs["obs"], kwargs["layer"], kwargs["candidates_obs"]) == ("context", -2, True)
+    assert kwargs["context_positions"] == fitting_positions(
+        "textenvs/Translate-v0", token_mode="topk", k=4, max_steps=3
+    )
+    loaded, _ = sb3.load(folder)
+    assert type(loaded.policy).__name__ == "LastBlockPolicy"
+    assert loaded.policy.prior_temperature == 0.5
+    for argv, message in (
+        (["--context-positions", "64"], "--context-positions applies to --policy last_block"),
+        (["--prior-temperature", "0.5"], "--prior-temperature applies to PPO"),
+    ):
+        with pytest.raises(SystemExit):
+            sb3.main(["--env-id", "textenvs/Translate-v0", *argv])
+        assert message in capsys.readouterr().err
+
+
 LAST_BLOCK_ENV = {"token_mode": "topk", "k": 4, "max_steps": 3, "context_positions": 64}
 
 
