@@ -55,10 +55,7 @@ def fitting_positions(env_id: str, splits=("train", "test"), round_to: int = 16,
     longest = 0
     for split in splits:
         env = gym.make(env_id, split=split, **kwargs).unwrapped
-        prompts = [env.task.prompt(sample) for sample in env.samples]
-        for start in range(0, len(prompts), 1024):  # batches keep a large split's memory flat
-            ids = env.lm.encode_batch(prompts[start : start + 1024])
-            longest = max([longest, *(len(i) for i in ids)])
+        longest = max([longest, *env.prompt_lengths().tolist()])
         env.close()
     needed = longest + env.max_steps
     return min(env.lm.max_positions, -(-needed // round_to) * round_to)

@@ -121,13 +121,20 @@ class LMPriorPolicy(ActorCriticPolicy):
         values, log_prob, entropy = super().evaluate_actions(obs, actions)
         if self.kl_to_prior:  # -KL(policy || prior) in place of the entropy (see the module doc)
             policy = self.action_dist.distribution  # the one super() just built from obs
-            prior = th.log_softmax(self._prior, dim=-1)
+            prior = self.prior_logprobs(obs)
             entropy = -(policy.probs * (policy.logits - prior)).sum(-1)
         return values, log_prob, entropy
 
     def get_distribution(self, obs: PyTorchObs):
         self._read(obs)
         return super().get_distribution(obs)
+
+    def prior_logprobs(self, obs: th.Tensor) -> th.Tensor:
+        """``(B, n)``: the actions' log-probabilities under the prior, the LM at
+        ``prior_temperature`` (from the observation's last n entries); what ``kl_to_prior`` and
+        :class:`KLPenalty` measure the policy against."""
+        n = int(self.action_space.n)
+        return th.log_softmax(obs.float()[..., -n:] / self.prior_temperature, dim=-1)
 
     def _read(self, obs: th.Tensor) -> None:
         n, f = int(self.action_space.n), self._per_candidate
@@ -152,7 +159,7 @@ class LMPriorPolicy(ActorCriticPolicy):
 class KLPenalty(BaseCallback):
     """Token-level PPO's KL penalty inside SB3's PPO: each collected reward minus ``kl_coef *
     (log pi(a) - log prior(a))`` of the action taken, the prior being the LM's distribution at the
-    policy's ``prior_temperature`` (read from the observation's last ``action_space.n`` entries).
+    policy's ``prior_temperature`` (:meth:`LMPriorPolicy.prior_logprobs`).
 
     ``model.learn(steps, callback=KLPenalty(0.05))`` with an :class:`LMPriorPolicy` (or a subclass
     such as :class:`agents.last_block.LastBlockPolicy`). The penalty is subtracted from the
@@ -176,11 +183,9 @@ class KLPenalty(BaseCallback):
             )
 
     def _on_step(self) -> bool:
-        policy = self.model.policy
-        n = int(policy.action_space.n)
-        obs = self.locals["obs_tensor"].float()
+        obs = self.locals["obs_tensor"]
         actions = th.as_tensor(self.locals["actions"], device=obs.device).long().view(-1)
-        prior = th.log_softmax(obs[:, -n:] / policy.prior_temperature, dim=-1)
+        prior = self.model.policy.prior_logprobs(obs)
         prior = prior[th.arange(len(obs), device=obs.device), actions]
         taken = self.locals["log_probs"].float().to(obs.device)
         # in place: SB3 stores this very array in its rollout buffer after the callback

@@ -502,13 +502,14 @@ def main(argv: list[str] | None = None) -> dict:
         env_kwargs["context_positions"] = args.context_positions or fitting_positions(
             args.env_id, **env_kwargs
         )
+    algo = args.algo or default_algo(args.env_id)
     policy_kwargs = {}
     if args.prior_temperature is not None:
-        if args.policy not in PRIOR_POLICIES or (args.algo or default_algo(args.env_id)) != "ppo":
+        if args.policy not in PRIOR_POLICIES or algo != "ppo":
             p.error("--prior-temperature applies to PPO with --policy lm_prior or last_block")
         policy_kwargs["prior_temperature"] = args.prior_temperature
     config = SB3Config(
-        algo=args.algo or default_algo(args.env_id),
+        algo=algo,
         policy=args.policy,
         num_envs=args.num_envs,
         learning_rate=args.learning_rate,

@@ -438,7 +438,6 @@ def run_cell(
 
             kwargs["k"] = LAST_BLOCK["k"]
             kwargs["context_positions"] = fitting_positions(env_id, **kwargs)
-            train_kwargs = kwargs
             if task_of(env_id, extra) == "translate":
                 train_kwargs = {**kwargs, "reward": TRANSLATE_TOKEN_PPO["reward"]}
         model_ = sb3.build(env_id, config, **train_kwargs)

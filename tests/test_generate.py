@@ -326,6 +326,9 @@ def test_context_positions_is_checked_against_the_model_and_the_split():
             task="translate", obs="context", context_positions=24, max_steps=8, too_long="skip"
         )
     assert 0 < len(env.samples) < len(env.task.split("train"))
+    counted = [len(env.lm.encode(env.task.prompt(sample))) for sample in env.samples]
+    np.testing.assert_array_equal(env.prompt_lengths(), counted)  # the samples it plays only
+    assert env.prompt_lengths().max() + 8 <= 24
     env.reset(seed=0)
     assert len(env.sequence) <= 24 - 8
     default = TextGenerationEnv(task="translate", obs="context", max_steps=4)

@@ -136,7 +136,8 @@ class TextEnv(gym.Env):
     Subclasses set the spaces and implement :meth:`begin_step`, :meth:`finish_step`, ``reset`` and
     :meth:`_render_text`. Documented attributes an agent may read: ``lm`` (the
     :class:`~textenvs.lm.LanguageModel`), ``task``, ``samples`` (the split), ``token_mode``, ``k``,
-    ``max_steps``, ``sample`` / ``index`` / ``prompt`` (of the current episode) and ``sequence``.
+    ``max_steps``, ``sample`` / ``index`` / ``prompt`` (of the current episode), ``sequence`` and
+    :meth:`prompt_lengths`.
 
     Every info carries ``prompt``, ``text``, ``reference`` (the sample's first reference; all of
     them are ``sample.references``), ``index`` and, whenever the metric was computed (every step in
@@ -220,6 +221,7 @@ class TextEnv(gym.Env):
         lengths = prompt_lengths(self.task, self.split, self.lm)
         fits = lengths + budget <= limit
         over = np.flatnonzero(~fits)
+        self._prompt_lengths = lengths[fits]  # of the samples the env plays
         if not len(over):
             return
         line = getattr(self.samples, "line_of", None)
@@ -240,6 +242,11 @@ class TextEnv(gym.Env):
             )
         warnings.warn(f"{what}; skipped (too_long='skip').", UserWarning, stacklevel=4)
         self.samples = SampleSubset(self.samples, np.flatnonzero(fits))
+
+    def prompt_lengths(self) -> np.ndarray:
+        """``(len(samples),)`` int32: the token count of the prompt of every sample the env plays
+        (its split, less those skipped with ``too_long="skip"``), counted once per process."""
+        return self._prompt_lengths
 
     def _position_limit(self) -> tuple[int, str, str]:
         """How many positions ``prompt + text`` may take, what sets that limit and how to raise it
