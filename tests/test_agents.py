@@ -725,7 +725,7 @@ def last_block_model(**fields):
     return sb3.build("textenvs/Translate-v0", config, **kwargs), config, kwargs
 
 
-def test_last_block_policy_starts_at_the_lm_and_trains_only_its_block(tmp_path):
+def test_last_block_policy_starts_at_the_lm_and_trains_only_its_block(tmp_path, monkeypatch):
     """At the start the last-block actor samples the LM's tempered distribution over the
     candidates and acts as the greedy LM; PPO trains the block copy (not the LM, its final norm or
     head); a checkpoint round-trips; envs and settings it cannot use are refused clearly."""
@@ -790,6 +790,13 @@ def test_last_block_policy_starts_at_the_lm_and_trains_only_its_block(tmp_path):
         fitting_positions("textenvs/EditSummary-v0")
     with pytest.raises(ValueError, match="obs='context', layer=-2 and candidates_obs=True"):
         LastBlockPolicy(gym.spaces.Box(-1, 1, (130,)), gym.spaces.Discrete(4), lambda _: 1e-4)
+    space = policy.observation_space
+    with pytest.raises(ValueError, match="needs a Discrete action space"):
+        LastBlockPolicy(space, gym.spaces.Box(-1, 1, (4,)), lambda _: 1e-4)
+    lm = env.unwrapped.lm
+    monkeypatch.setattr(lm, "model", torch.nn.Linear(2, 2))  # a model of another layout
+    with pytest.raises(ValueError, match="runs the GPT-2 block layout"):
+        LastBlockPolicy(space, gym.spaces.Discrete(4), lambda _: 1e-4, model=lm)
 
 
 def test_kl_penalty_reaches_the_rollout_buffer_exactly():
