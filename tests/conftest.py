@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -14,11 +15,29 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 import textenvs  # noqa: E402  (registers the ids)
+from tests.hub_fixtures import (  # noqa: E402
+    hub_fixture,
+    random_classifier_dir,
+    random_encoder_dir,
+)
 
 ENV_IDS = list(textenvs.ENV_IDS)
+# Stand-ins for the models of the benchmark ids, made once per process (no hub in tests).
+_MODELS = tempfile.mkdtemp(prefix="textenvs-test-models-")
+CLASSIFIER_DIR = random_classifier_dir(os.path.join(_MODELS, "classifier"))
+ENCODER_DIR = random_encoder_dir(os.path.join(_MODELS, "encoder"))
+# The benchmark ids on their local fixtures (the hub's schema) with the built-in model.
+BENCHMARK_KWARGS: dict[str, dict] = {
+    env_id: {
+        "model": textenvs.TINY,
+        "dataset_kwargs": hub_fixture(kwargs["task"]),
+        **({"reward_kwargs": {"model": CLASSIFIER_DIR}} if kwargs["task"] == "imdb" else {}),
+    }
+    for env_id, kwargs in textenvs.BENCHMARK_IDS.items()
+}
 # Small episodes keep the parametrized checks fast; every id accepts these kwargs.
 FAST_KWARGS: dict[str, dict] = {
-    env_id: {"max_steps": 6}
+    env_id: {"max_steps": 6, **BENCHMARK_KWARGS.get(env_id, {})}
     if env_id in textenvs.GENERATION_IDS
     else {"max_steps": 6, "max_len": 16}
     for env_id in ENV_IDS

@@ -28,6 +28,19 @@ GENERATION_IDS = {
     "textenvs/Translate-v0": {"task": "translate"},
 }
 
+# The benchmark datasets of RL-for-LM papers (textenvs.tasks.hub: loaded through `datasets` from
+# the hub, or from local files in the hub's schema via dataset_kwargs={"data_files": ...}). Their
+# model defaults to GPT-2, the model RL4LMs and TRL run them with (a hub download: pass `model=`
+# for a local folder); the long-source ones cut sources to fit the context by default.
+BENCHMARK_IDS = {
+    "textenvs/CNNDailyMail-v0": {"task": "cnn_dailymail", "model": "gpt2", "too_long": "truncate"},
+    "textenvs/XSum-v0": {"task": "xsum", "model": "gpt2", "too_long": "truncate"},
+    "textenvs/WMT16-v0": {"task": "wmt16", "model": "gpt2"},
+    "textenvs/IMDBSentiment-v0": {"task": "imdb", "model": "gpt2", "too_long": "truncate"},
+    "textenvs/CommonGen-v0": {"task": "common_gen", "model": "gpt2"},
+}
+GENERATION_IDS.update(BENCHMARK_IDS)
+
 # Edit envs truncate themselves at `max_steps` (more edits could still raise the metric).
 EDIT_IDS = {
     "textenvs/Edit-v0": {},
@@ -122,6 +135,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "BENCHMARK_IDS",
     "ENV_IDS",
     "METRIC_NAMES",
     "TINY",

@@ -293,7 +293,7 @@ def greedy_batch(lm: LanguageModel, prompts: list[list[int]], max_new_tokens: in
     writing = list(range(len(todo)))
     for step in range(max_new_tokens):
         tokens = logits.argmax(-1).tolist()
-        writing = [row for row in writing if tokens[row] != lm.eos_token_id]
+        writing = [row for row in writing if tokens[row] not in lm.stop_token_ids]
         for row in writing:
             new[row].append(tokens[row])
         if not writing or step == max_new_tokens - 1:  # the last token needs no forward

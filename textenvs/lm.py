@@ -243,6 +243,12 @@ class LanguageModel:
         # The LM head may be padded beyond the tokenizer; every head row is a valid action.
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.eos_token_id = int(self.tokenizer.eos_token_id)
+        # An episode ends at any token the model's generation config ends on (an instruction-tuned
+        # model's end-of-turn token(s), `generation_config.eos_token_id` may be a list), as
+        # transformers' generate() does, and at the tokenizer's EOS.
+        stops = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
+        self.stop_token_ids = frozenset([self.eos_token_id, *map(int, stops)])
         self.max_positions = int(
             getattr(config, "n_positions", None)
             or getattr(config, "max_position_embeddings", None)
@@ -290,6 +296,33 @@ class LanguageModel:
         return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)[
             "input_ids"
         ]
+
+    def encode_prompts(self, prompts: list[str], chat_template: bool = False) -> list[list[int]]:
+        """The ids of several prompts: :meth:`encode_batch`, or with ``chat_template`` each
+        prompt as one user turn of the tokenizer's chat template followed by its generation
+        prompt (``apply_chat_template(..., add_generation_prompt=True)``'s ids exactly)."""
+        if not chat_template:
+            return self.encode_batch(prompts)
+        self.check_chat_template()
+        out = []
+        for prompt in prompts:
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
+                ids = ids["input_ids"]
+            out.append(list(ids))
+        return out
+
+    def check_chat_template(self) -> None:
+        """Refuse ``chat_template=True`` for a tokenizer that has no chat template."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(
+                f"chat_template=True, but the tokenizer of {self.name!r} has no chat template "
+                "(tokenizer_config.json / chat_template.jinja): use an instruction-tuned model "
+                "that ships one, set tokenizer.chat_template and save it, or pass "
+                "chat_template=False to read the plain prompt."
+            )
 
     def decode(self, ids: list[int]) -> str:
         """The text of ``ids``, special tokens left out: ``tokenizer.decode(ids,
@@ -431,7 +464,7 @@ class LanguageModel:
         new: list[int] = []
         for _ in range(max_new_tokens):
             token = int(logits.argmax())
-            if token == self.eos_token_id:
+            if token in self.stop_token_ids:
                 break
             new.append(token)
             _, logits = self.extend(seq, [token])

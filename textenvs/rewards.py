@@ -20,6 +20,12 @@ name           value
 A user callable ``(hypothesis: str, references: Sequence[str]) -> float`` is used as it is; it
 must return a finite number (a NaN or infinity raises, never reaches an agent).
 
+Model-based metrics (:mod:`textenvs.model_rewards`): ``"bertscore"`` and ``"classifier"``
+(configured by ``reward_kwargs``) and :class:`~textenvs.model_rewards.BatchMetric`, a user's batch
+callable ``(texts, references) -> list[float]``. A batched vector env scores all its sub-envs'
+texts of a step in one call of such a metric. They pay the score once at the end by default
+(``dense=None``); ``dense=True`` scores every step.
+
 Shaping (:class:`RewardShaper`): the scored quantity is
 ``score(text) = metric(text) - length_penalty * length_mismatch(text) - repetition_penalty *
 repeats(text)``.
@@ -41,6 +47,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from rouge_score import rouge_scorer, scoring
 from rouge_score import tokenizers as rouge_tokenizers
 from sacrebleu.metrics import BLEU, CHRF, TER
@@ -233,12 +240,28 @@ class SacreBleuMetric:
         return SacreBleuMetric, (self.kind,)
 
 
-def get_metric(reward: str | MetricFn) -> MetricFn:
-    """The metric function for a name in :data:`METRIC_NAMES` or a user callable.
+def get_metric(
+    reward: str | MetricFn, reward_kwargs: dict | None = None, device: str = "cpu"
+) -> MetricFn:
+    """The metric function for a name in :data:`METRIC_NAMES` or
+    :data:`~textenvs.model_rewards.MODEL_METRICS`, or a user callable.
+
+    ``reward_kwargs`` configure a model-based metric (loaded once per process, on ``device``
+    unless they name another); other metrics take none.
 
     Raises:
-        ValueError: for an unknown name, listing the valid ones.
+        ValueError: for an unknown name, listing the valid ones, or reward_kwargs given to a
+            metric that takes none.
     """
+    from textenvs.model_rewards import MODEL_METRICS, shared_metric
+
+    if reward in MODEL_METRICS:
+        return shared_metric(reward, reward_kwargs, device)
+    if reward_kwargs:
+        raise ValueError(
+            f"reward_kwargs={reward_kwargs!r} configure the model-based rewards "
+            f"{list(MODEL_METRICS)}; reward={metric_name(reward)!r} takes none: drop them."
+        )
     if callable(reward):
         return reward
     if reward in ROUGE_METRICS:
@@ -246,8 +269,9 @@ def get_metric(reward: str | MetricFn) -> MetricFn:
     if reward in SACREBLEU_METRICS:
         return SacreBleuMetric(reward)
     raise ValueError(
-        f"Unknown reward {reward!r}: use one of {list(METRIC_NAMES)} or a callable (hypothesis: "
-        "str, references: list[str]) -> float."
+        f"Unknown reward {reward!r}: use one of {list(METRIC_NAMES + MODEL_METRICS)}, a callable "
+        "(hypothesis: str, references: list[str]) -> float, or "
+        "textenvs.model_rewards.BatchMetric(fn) for a batch callable."
     )
 
 
@@ -289,22 +313,37 @@ class RewardShaper:
     """Turns a metric into per-step rewards for one episode at a time.
 
     Args:
-        reward: A metric name from :data:`METRIC_NAMES` or a callable ``(hyp, refs) -> float``.
-        dense: Pay the change of the score every step (True) or the score once at the end (False).
+        reward: A metric name from :data:`METRIC_NAMES` or
+            :data:`~textenvs.model_rewards.MODEL_METRICS`, a callable ``(hyp, refs) -> float``
+            or a :class:`~textenvs.model_rewards.BatchMetric`.
+        dense: Pay the change of the score every step (True) or the score once at the end
+            (False); None: dense for the string metrics, terminal for model-based ones.
         length_penalty: Weight of the length guardrail (0 turns it off).
         repetition_penalty: Weight of the repetition guardrail (0 turns it off).
         repetition_ngram: The n of the repeated n-grams counted by the repetition guardrail.
+        reward_kwargs: The settings of a model-based metric (see :mod:`textenvs.model_rewards`).
+        device: Where a model-based metric runs unless ``reward_kwargs`` names a device.
     """
 
     reward: str | MetricFn = "rougeL"
-    dense: bool = True
+    dense: bool | None = None
     length_penalty: float = 0.0
     repetition_penalty: float = 0.0
     repetition_ngram: int = 3
+    reward_kwargs: dict | None = None
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
-        self.metric = get_metric(self.reward)
-        self.name = metric_name(self.reward)
+        self.metric = get_metric(self.reward, self.reward_kwargs, self.device)
+        self.name = metric_name(self.metric if not isinstance(self.reward, str) else self.reward)
+        # a model-based metric scores a batch in one forward and is read, not recomputed
+        self.batched = hasattr(self.metric, "prefetch")
+        if self.dense is None:
+            self.dense = not self.batched
+        if not isinstance(self.dense, (bool, np.bool_)):
+            raise ValueError(f"dense must be True, False or None, got {self.dense!r}.")
+        self.dense = bool(self.dense)
+        self.prompt = ""
         for field in ("length_penalty", "repetition_penalty"):
             check_weight(field, getattr(self, field), "0 turns it off")
         if not (isinstance(self.repetition_ngram, int) and self.repetition_ngram >= 1):
@@ -318,7 +357,10 @@ class RewardShaper:
         """The metric, the guardrail terms and the shaped ``score`` of ``text`` against the
         references.
         """
-        raw = self.metric(text, self.references)
+        if self.batched and self.metric.uses_prompt:
+            raw = self.metric(text, self.references, self.prompt)
+        else:
+            raw = self.metric(text, self.references)
         try:
             value = float(raw)
         except (TypeError, ValueError) as e:
@@ -340,13 +382,17 @@ class RewardShaper:
             out["score"] -= self.repetition_penalty * out["repeated_ngrams"]
         return out
 
-    def start(self, references: Sequence[str], text: str = "") -> dict[str, float]:
+    def start(
+        self, references: Sequence[str], text: str = "", prompt: str = ""
+    ) -> dict[str, float]:
         """Begin an episode. Dense rewards are measured from the score of the start ``text``.
 
         For generation the start text is empty and the baseline is 0, so the dense rewards of an
-        episode sum to the terminal score; for editing the start text is scored.
+        episode sum to the terminal score; for editing the start text is scored. ``prompt`` is
+        what a metric that reads it (a reward model) scores the texts with.
         """
         self.references = tuple(references)
+        self.prompt = prompt
         scores = self.score(text)
         self._last_score = scores["score"] if text else 0.0
         return scores

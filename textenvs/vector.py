@@ -132,6 +132,7 @@ class BatchedTextVectorEnv(VectorEnv):
         self._needs_reset[:] = False
         # All actions were checked above, so no sub-env is half-stepped when begin_step runs.
         tails = [self.envs[i].begin_step(actions[i]) for i in stepping]
+        self._prefetch_scores(stepping)
         results = self._forward(stepping, tails)
         ended = []  # SameStep: (index, last obs, last info) of the episodes to restart in this step
         for i, result in zip(stepping, results):
@@ -200,6 +201,15 @@ class BatchedTextVectorEnv(VectorEnv):
     def _forward(self, stepping: list[int], tails: list[list[int]]) -> list:
         """Run the sub-envs' new tokens: one batched forward over their own caches."""
         return extend_batch(self.lm, [self.envs[i].sequence for i in stepping], tails)
+
+    def _prefetch_scores(self, stepping: list[int]) -> None:
+        """A model-based metric scores every stepping sub-env's new text in ONE batched call; the
+        sub-envs' finish_step then read their values (the same numbers as scored alone)."""
+        shaper = self.envs[0].shaper
+        if not shaper.batched or not stepping:
+            return
+        items = [self.envs[i].pending_score() for i in stepping]
+        shaper.metric.prefetch([item for item in items if item is not None])
 
     def _seeds(self, seed: int | list[int | None] | None) -> list[int | None]:
         if seed is None:

@@ -36,7 +36,7 @@ from textenvs.tasks import Sample, Task, resolve_task
 from textenvs.tasks.loaders import SampleSubset
 
 TOKEN_MODES = ("vocab", "topk")
-TOO_LONG_MODES = ("error", "skip")
+TOO_LONG_MODES = ("error", "skip", "truncate")
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
@@ -84,16 +84,19 @@ def invalid_rows(space: spaces.Discrete | spaces.MultiDiscrete, actions: np.ndar
 _LENGTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def prompt_lengths(task: Task, split: str, lm: LanguageModel) -> np.ndarray:
-    """``(n,)`` int32: the token count of every prompt of a split (computed once per process)."""
+def prompt_lengths(
+    task: Task, split: str, lm: LanguageModel, chat_template: bool = False
+) -> np.ndarray:
+    """``(n,)`` int32: the token count of every prompt of a split (computed once per process);
+    with ``chat_template``, of the prompt rendered as a user turn."""
     per_task = _LENGTHS.setdefault(task, {})
-    key = (split, lm.name)
+    key = (split, lm.name, chat_template)
     if key not in per_task:
         samples = task.split(split)
         lengths: list[int] = []
         for start in range(0, len(samples), 1024):  # batches keep the memory of a large split flat
             prompts = [task.prompt(s) for s in samples[start : start + 1024]]
-            lengths += [len(ids) for ids in lm.encode_batch(prompts)]
+            lengths += [len(ids) for ids in lm.encode_prompts(prompts, chat_template)]
         per_task[key] = np.asarray(lengths, dtype=np.int32)
     return per_task[key]
 
@@ -163,7 +166,7 @@ class TextEnv(gym.Env):
         dataset_kwargs: dict | None = None,
         split: str = "train",
         reward: str | Callable[[str, Sequence[str]], float] | None = None,
-        dense: bool = True,
+        dense: bool | None = None,
         obs: str,
         layer: int = -1,
         token_mode: str,
@@ -176,11 +179,14 @@ class TextEnv(gym.Env):
         repetition_penalty: float = 0.0,
         text_infos: bool = True,
         too_long: str = "error",
+        reward_kwargs: dict | None = None,
+        chat_template: bool = False,
     ) -> None:
         check_choice("obs", obs, self.obs_modes)
-        if not isinstance(text_infos, bool):
-            raise ValueError(f"text_infos must be True or False, got {text_infos!r}.")
-        self.text_infos = text_infos
+        for name, value in (("text_infos", text_infos), ("chat_template", chat_template)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False, got {value!r}.")
+        self.text_infos, self.chat_template = bool(text_infos), bool(chat_template)
         check_choice("too_long", too_long, TOO_LONG_MODES)
         self.too_long = too_long
         check_choice("token_mode", token_mode, TOKEN_MODES)
@@ -189,11 +195,17 @@ class TextEnv(gym.Env):
         self.task = resolve_task(task, dataset, dataset_kwargs)
         self.split, self.samples = split, self.task.split(split)
         self.lm = shared_model(model, device, dtype, layer)
+        if self.chat_template:
+            self.lm.check_chat_template()
+        if reward is None or reward == self.task.default_reward:  # the task's metric settings
+            reward_kwargs = {**self.task.reward_kwargs, **(reward_kwargs or {})}
         self.shaper = RewardShaper(
             reward if reward is not None else self.task.default_reward,
             dense,
             length_penalty,
             repetition_penalty,
+            reward_kwargs=reward_kwargs,
+            device=str(self.lm.device),
         )
         self.obs_mode, self.token_mode, self.render_mode = obs, token_mode, render_mode
         largest = self._largest_k()
@@ -218,11 +230,23 @@ class TextEnv(gym.Env):
                 f"{budget_name}={budget} leaves no room for a prompt in {where}: lower "
                 f"{budget_name}."
             )
-        lengths = prompt_lengths(self.task, self.split, self.lm)
+        lengths = prompt_lengths(self.task, self.split, self.lm, self.chat_template)
         fits = lengths + budget <= limit
         over = np.flatnonzero(~fits)
         self._prompt_lengths = lengths[fits]  # of the samples the env plays
         if not len(over):
+            return
+        if self.too_long == "truncate":
+            self._check_truncation_fits(limit - budget, budget_name, budget, where, remedy)
+            self._prompt_lengths = np.minimum(lengths, limit - budget)
+            warnings.warn(
+                f"{len(over)} of the {len(lengths)} samples of split {self.split!r} have a prompt "
+                f"longer than {limit - budget} tokens ({where} less {budget_name}={budget}): "
+                f"their sources are cut to fit (too_long='truncate'; the longest prompt has "
+                f"{int(lengths.max())} tokens).",
+                UserWarning,
+                stacklevel=4,
+            )
             return
         line = getattr(self.samples, "line_of", None)
         shown = [
@@ -235,18 +259,66 @@ class TextEnv(gym.Env):
             f"prompt has {int(lengths.max())} tokens) do not fit {where} with "
             f"{budget_name}={budget}"
         )
-        if self.too_long == "error" or len(over) == len(lengths):
+        if self.too_long == "error":
             raise ValueError(
-                f"{what}: shorten or drop them, pass too_long='skip', lower {budget_name}, or "
-                f"{remedy}."
+                f"{what}: shorten or drop them, pass too_long='skip' (drop them) or "
+                f"too_long='truncate' (cut their sources), lower {budget_name}, or {remedy}."
+            )
+        if len(over) == len(lengths):  # too_long="skip" would leave nothing to play
+            raise ValueError(
+                f"{what}: that is every sample, so too_long='skip' leaves none. Pass "
+                f"too_long='truncate' (cut the sources to fit), lower {budget_name}, or {remedy}."
             )
         warnings.warn(f"{what}; skipped (too_long='skip').", UserWarning, stacklevel=4)
         self.samples = SampleSubset(self.samples, np.flatnonzero(fits))
 
     def prompt_lengths(self) -> np.ndarray:
         """``(len(samples),)`` int32: the token count of the prompt of every sample the env plays
-        (its split, less those skipped with ``too_long="skip"``), counted once per process."""
+        (its split, less those skipped with ``too_long="skip"``; at most the room left by the
+        budget with ``too_long="truncate"``), counted once per process."""
         return self._prompt_lengths
+
+    def _check_truncation_fits(
+        self, room: int, budget_name: str, budget: int, where: str, remedy: str
+    ) -> None:
+        """Refuse ``too_long="truncate"`` when the template alone leaves no room for a source."""
+        fixed = len(self.encode_prompt(self.task.render("")))
+        if fixed >= room:
+            raise ValueError(
+                f"The prompt template of task {self.task.name!r} alone takes {fixed} tokens, and "
+                f"{where} less {budget_name}={budget} leaves {room}: no source fits even cut. "
+                f"Lower {budget_name}, shorten the template, or {remedy}."
+            )
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """The token ids the LM reads for ``prompt``: the plain text, or with
+        ``chat_template=True`` the tokenizer's chat template of one user turn and the
+        generation prompt (``apply_chat_template``'s ids exactly)."""
+        return self.lm.encode_prompts([prompt], self.chat_template)[0]
+
+    def prompt_ids_of(self, sample: Sample) -> tuple[str, list[int]]:
+        """The prompt of ``sample`` and its token ids, its source cut to fit the context with
+        ``too_long="truncate"`` (never the template or the episode budget)."""
+        prompt = self.task.prompt(sample)
+        ids = self.encode_prompt(prompt)
+        budget_name, budget = self._context_budget()
+        limit, _, _ = self._position_limit()
+        if self.too_long != "truncate" or len(ids) + budget <= limit:
+            return prompt, ids
+        room = limit - budget
+        source_ids = self.lm.encode(sample.source)
+        keep = len(source_ids) - (len(ids) - room)
+        while keep > 0:  # a cut source may tokenize a little differently in its prompt: re-check
+            kept = source_ids[:keep] if self.task.cut_side == "end" else source_ids[-keep:]
+            prompt = self.task.render(self.lm.decode(kept).strip())
+            ids = self.encode_prompt(prompt)
+            if len(ids) <= room:
+                return prompt, ids
+            keep -= len(ids) - room
+        raise ValueError(  # _check_truncation_fits makes this unreachable for ordinary templates
+            f"No part of the source of sample {sample.source[:40]!r} fits the {room} tokens left "
+            f"by {budget_name}={budget}: lower {budget_name}."
+        )
 
     def _position_limit(self) -> tuple[int, str, str]:
         """How many positions ``prompt + text`` may take, what sets that limit and how to raise it
@@ -269,6 +341,12 @@ class TextEnv(gym.Env):
 
     def begin_step(self, action: Any) -> list[int]:
         """Check ``action``, apply it up to the forward; the tokens to run on :attr:`sequence`."""
+        raise NotImplementedError
+
+    def pending_score(self) -> tuple[str, tuple[str, ...], str] | None:
+        """After :meth:`begin_step`: the ``(text, references, prompt)`` that :meth:`finish_step`
+        will score, or None; what a batched vector env hands a model-based metric for all its
+        sub-envs at once (:meth:`textenvs.model_rewards.BatchedMetric.prefetch`)."""
         raise NotImplementedError
 
     def forward(self, tokens: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -331,8 +409,7 @@ class TextEnv(gym.Env):
         else:
             index = int(self.np_random.integers(len(self.samples)))
         self.index, self.sample = index, self.samples[index]
-        self.prompt = self.task.prompt(self.sample)
-        prompt_ids = self.lm.encode(self.prompt)
+        self.prompt, prompt_ids = self.prompt_ids_of(self.sample)
         budget_name, budget = self._context_budget()
         limit, where, remedy = self._position_limit()
         if len(prompt_ids) + budget > limit:

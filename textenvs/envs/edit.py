@@ -255,7 +255,7 @@ class TextEditEnv(TextEnv):
         self.start_mode = start
         self.edit_cost, self.invalid_penalty = float(edit_cost), float(invalid_penalty)
         self.n_tokens = self.k if token_mode == "topk" else self.lm.vocab_size
-        self.special_ids = sorted(set(self.lm.tokenizer.all_special_ids) | {self.lm.eos_token_id})
+        self.special_ids = sorted(set(self.lm.tokenizer.all_special_ids) | self.lm.stop_token_ids)
         self.codec = EditActionCodec(self.max_len, self.n_tokens)
         self.flat_actions = flat_actions
         self.action_space = (
@@ -300,7 +300,7 @@ class TextEditEnv(TextEnv):
         self.edits, self.valid, self.op = 0, True, None
         self._done = False
         self.start_text = self.text
-        scores = self.shaper.start(self.sample.references, self.text)
+        scores = self.shaper.start(self.sample.references, self.text, self.prompt)
         return self._observe(), self._info(scores)
 
     # step() is begin_step, forward, finish_step (textenvs.envs.base);
@@ -321,6 +321,7 @@ class TextEditEnv(TextEnv):
         token = self._token(pos, token_index) if op in (INSERT, REPLACE) else None
         self.valid = self._is_valid(op, pos, token)
         self._edit_pos = None
+        self._next_text = self.text
         if not self.valid or op == STOP:
             return []
         ids = self.text_ids
@@ -330,8 +331,14 @@ class TextEditEnv(TextEnv):
             REPLACE: ids[:pos] + [token] + ids[pos + 1 :],
         }[op]
         self._edit_pos = pos
+        self._next_text = self.lm.decode(new).strip()
         self._crop(pos)
         return new[pos:]
+
+    def pending_score(self) -> tuple[str, tuple[str, ...], str] | None:
+        """After :meth:`begin_step`: the ``(text, references, prompt)`` that :meth:`finish_step`
+        will score (every edit is scored), so a vector env can score all its sub-envs at once."""
+        return (self._next_text, self.sample.references, self.prompt)
 
     def finish_step(
         self,
@@ -343,7 +350,7 @@ class TextEditEnv(TextEnv):
         if hidden is not None:
             self._append(hidden, logits)
         if self._edit_pos is not None:
-            self.text = self.lm.decode(self.text_ids).strip()
+            self.text = self._next_text  # the decoded new text, from begin_step
         stop = self.op == "stop"
         scores = self.shaper.score(self.text)
         terminated = stop or scores[self.shaper.name] >= 1.0
@@ -437,8 +444,7 @@ class TextEditEnv(TextEnv):
         first = self.index - self.index % DRAFT_CHUNK
         chunk = range(first, min(first + DRAFT_CHUNK, len(self.samples)))
         prompts = [
-            prompt if j == self.index else self.lm.encode(self.task.prompt(self.samples[j]))
-            for j in chunk
+            prompt if j == self.index else self.prompt_ids_of(self.samples[j])[1] for j in chunk
         ]
         return greedy_batch(self.lm, prompts, self.max_len)[self.index - first]
 

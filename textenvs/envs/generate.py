@@ -224,13 +224,29 @@ class TextGenerationEnv(TextEnv):
         self.text = ""
         self._done = False
         self._stop = ""
-        scores = self.shaper.start(self.sample.references)
+        scores = self.shaper.start(self.sample.references, prompt=self.prompt)
         return self._observe(hidden[-1], logits), self._info(scores)
 
     def begin_step(self, action: Any) -> list[int]:
         """Check the action; the tokens to append to :attr:`sequence` (one token)."""
         self._check_can_step()
-        return [self.token_for(action)]
+        self._next_text = None
+        self._next_token = self.token_for(action)
+        return [self._next_token]
+
+    def pending_score(self) -> tuple[str, tuple[str, ...], str] | None:
+        """After :meth:`begin_step`: the ``(text, references, prompt)`` that :meth:`finish_step`
+        will score (None: this step pays no score), so a vector env can score all its sub-envs
+        in one batch."""
+        token = self._next_token
+        ends = token in self.lm.stop_token_ids or len(self.generated) + 1 >= self.max_steps
+        if not (self.shaper.dense or ends):
+            return None
+        if token in self.lm.stop_token_ids:
+            self._next_text = self.text
+        else:
+            self._next_text = self.lm.decode([*self.generated, token]).strip()
+        return (self._next_text, self.sample.references, self.prompt)
 
     def finish_step(
         self, hidden: torch.Tensor, logits: torch.Tensor, candidates: np.ndarray | None = None
@@ -246,10 +262,11 @@ class TextGenerationEnv(TextEnv):
             self._hidden_sum += hidden[-1].cpu()
         elif self.obs_mode == "context":
             self._context[len(self._sequence) - 1] = hidden[-1].cpu().numpy()
-        eos = token == self.lm.eos_token_id
+        eos = token in self.lm.stop_token_ids  # EOS, or an end-of-turn token of a chat model
         if not eos:
             self.generated.append(token)
-            self.text = self.lm.decode(self.generated).strip()
+            # pending_score() decoded it already when a vector env asked
+            self.text = self._next_text or self.lm.decode(self.generated).strip()
         # The token budget is part of the task: the text is final and scored, and no reward can
         # follow, so this is termination (no bootstrapping), not a time-limit truncation
         # (Pardo et al. 2018, "Time Limits in Reinforcement Learning").

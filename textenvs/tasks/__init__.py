@@ -4,7 +4,9 @@ continues.
 * :mod:`textenvs.tasks.base`: :class:`Sample` and :class:`Task`;
 * :mod:`textenvs.tasks.builtin`: the two built-in task generators (``summarize``, ``translate``);
 * :mod:`textenvs.tasks.loaders`: JSON Lines / CSV files, Hugging Face ``datasets``, lists of
-  samples.
+  samples;
+* :mod:`textenvs.tasks.hub`: the benchmark datasets of RL-for-LM papers (CNN/DM, XSum, WMT16,
+  IMDB, CommonGen) from the hub, or from local files in their schema.
 
 :func:`resolve_task` is what the environments call with their ``task`` / ``dataset`` arguments.
 """
@@ -23,6 +25,7 @@ from textenvs.tasks.builtin import (
     generate_samples,
     unpaired_texts,
 )
+from textenvs.tasks.hub import BENCHMARKS, DatasetUnavailableError, benchmark_task
 from textenvs.tasks.loaders import (
     DatasetFormatError,
     load_csv,
@@ -38,21 +41,42 @@ def resolve_task(
     dataset: str | os.PathLike | Sequence[Sample] | Task | None,
     dataset_kwargs: dict[str, Any] | None,
 ) -> Task:
-    """The Task an env runs: ``dataset=`` (file, ``hf:NAME``, samples) wins over ``task=``."""
+    """The Task an env runs: ``dataset=`` (file, ``hf:NAME``, samples) wins over ``task=``.
+
+    ``task`` is a built-in task (``summarize``, ``translate``), a benchmark of
+    :data:`~textenvs.tasks.hub.BENCHMARKS` (``cnn_dailymail``, ..., configured by
+    ``dataset_kwargs``) or a :class:`Task`.
+    """
     if dataset is not None:
         return load_dataset(dataset, **(dataset_kwargs or {}))
     if isinstance(task, Task):
         return task
+    if task in BENCHMARKS:
+        key = (task, repr(sorted((dataset_kwargs or {}).items())))
+        if key not in _BENCHMARK_TASKS:  # once per process: N sub-envs share the rows
+            _BENCHMARK_TASKS[key] = benchmark_task(task, **(dataset_kwargs or {}))
+        return _BENCHMARK_TASKS[key]
+    if dataset_kwargs:
+        raise ValueError(
+            f"dataset_kwargs={dataset_kwargs!r} configure a dataset= or a benchmark task "
+            f"({sorted(BENCHMARKS)}), not the built-in task {task!r}: drop them."
+        )
     return builtin_task(task or "summarize")
 
 
+_BENCHMARK_TASKS: dict[tuple, Task] = {}
+
+
 __all__ = [
+    "BENCHMARKS",
     "BUILTIN_TASKS",
+    "DatasetUnavailableError",
     "SPLITS",
     "SPLIT_SIZES",
     "DatasetFormatError",
     "Sample",
     "Task",
+    "benchmark_task",
     "builtin_task",
     "generate_samples",
     "load_csv",

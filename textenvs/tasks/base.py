@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SPLITS = ("train", "validation", "test")
 
@@ -38,12 +38,18 @@ class Task:
         splits: Samples per split name.
         prompt_template: ``str.format`` template with a ``{source}`` field; the LM continues it.
         default_reward: The metric the environments use when the user names none.
+        reward_kwargs: The ``reward_kwargs`` that go with ``default_reward`` (a classifier's
+            label, for example); a user's ``reward_kwargs`` override them key by key.
+        cut_side: Which end of a source ``too_long="truncate"`` drops: ``"end"`` (keep the
+            beginning: an article's lead) or ``"start"`` (keep the end: a text to continue).
     """
 
     name: str
     splits: dict[str, Sequence[Sample]]
     prompt_template: str = "{source}\n"
     default_reward: str = "rougeL"
+    reward_kwargs: dict = field(default_factory=dict)
+    cut_side: str = "end"
 
     def __post_init__(self) -> None:
         # A template that needs more than {source} would only fail at the first reset.
@@ -55,6 +61,8 @@ class Task:
                 f"from a sample ({type(e).__name__}: {e}): a sample gives only '{{source}}'; "
                 "write other braces as '{{' and '}}'."
             ) from e
+        if self.cut_side not in ("end", "start"):
+            raise ValueError(f"cut_side must be 'end' or 'start', got {self.cut_side!r}.")
         if "\0" not in filled:
             raise ValueError(f"prompt_template {self.prompt_template!r} must contain '{{source}}'.")
 
@@ -70,4 +78,8 @@ class Task:
         return samples
 
     def prompt(self, sample: Sample) -> str:
-        return self.prompt_template.format(source=sample.source)
+        return self.render(sample.source)
+
+    def render(self, source: str) -> str:
+        """The prompt of a source text (a sample's, or one cut to fit a context)."""
+        return self.prompt_template.format(source=source)

@@ -1,0 +1,321 @@
+"""Model-based rewards, scored many texts per forward: BERTScore, a classifier, a batch callable.
+
+* ``reward="bertscore"``: BERTScore (Zhang et al. 2020) from the ``bert-score`` package, the best
+  over the references. ``reward_kwargs``: ``model`` (a hub name or a ``save_pretrained`` folder of
+  an encoder; default ``roberta-large``, the package's English default), ``num_layers`` (the
+  layer whose embeddings are matched; the package's default for a model it knows, else
+  required), ``output`` (``"f1"``, default, ``"precision"`` or ``"recall"``), ``idf`` (False),
+  ``batch_size`` (64).
+* ``reward="classifier"``: any ``AutoModelForSequenceClassification`` (a sentiment classifier, a
+  reward model). ``reward_kwargs``: ``model`` (required), ``label`` (a label name of its
+  ``config.id2label`` or an index; default ``"POSITIVE"``, matched without case), ``output``
+  (``"probability"`` of the label, default, or its ``"logit"``), ``input`` (``"text"``, default:
+  the generated text alone, RL4LMs' sentiment reward; ``"prompt+text"``: the prompt and the text
+  as a pair, what a reward model reads), ``batch_size`` (64), ``max_length`` (the model's).
+* :class:`BatchMetric`: a user callable ``(texts, references) -> list[float]``.
+
+Every model-based metric is loaded once per process (:func:`shared_metric`) and shared by the
+envs that name it with the same arguments. It remembers the values of the last batch it scored:
+a batched vector env scores the texts of all its sub-envs that need a score at a step in ONE call
+(:meth:`BatchedMetric.prefetch`, one forward), and each sub-env then reads its own value; a
+single env scores its text alone, a batch of one. The empty text scores 0.0 without a forward.
+
+Weights load from safetensors with ``trust_remote_code`` off: a local folder without
+``model.safetensors``, or one whose ``config.json`` needs its own code, is refused.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+MODEL_METRICS = ("bertscore", "classifier")
+Item = tuple[str, tuple[str, ...], str]  # (text, references, prompt)
+
+
+class BatchedMetric:
+    """A metric that scores a batch of texts at once and remembers the last batch's values.
+
+    Subclasses implement :meth:`score_batch`. ``uses_prompt``: the score depends on the prompt
+    too (a reward model), so the env passes it.
+    """
+
+    uses_prompt = False
+    __name__ = "batched"
+
+    def __init__(self) -> None:
+        self._memo: dict[Item, float] = {}
+
+    def score_batch(
+        self, texts: list[str], references: list[tuple[str, ...]], prompts: list[str]
+    ) -> list[float]:
+        """One value per text (higher is better)."""
+        raise NotImplementedError
+
+    def _key(self, text: str, references: Sequence[str], prompt: str) -> Item:
+        return (text, tuple(references), prompt if self.uses_prompt else "")
+
+    def prefetch(self, items: list[Item]) -> None:
+        """Score every ``(text, references, prompt)`` of ``items`` in one :meth:`score_batch` and
+        remember the values (only these: the memory holds one batch)."""
+        keys = [self._key(*item) for item in items if item[0].strip()]
+        todo = [k for k in dict.fromkeys(keys) if k not in self._memo]
+        kept = {k: self._memo[k] for k in keys if k in self._memo}
+        if todo:
+            values = self._checked(
+                self.score_batch([k[0] for k in todo], [k[1] for k in todo], [k[2] for k in todo]),
+                len(todo),
+            )
+            kept.update(zip(todo, values))
+        self._memo = kept
+
+    def __call__(self, hypothesis: str, references: Sequence[str], prompt: str = "") -> float:
+        if not hypothesis.strip():
+            return 0.0
+        key = self._key(hypothesis, references, prompt)
+        if key in self._memo:
+            return self._memo[key]
+        return self._checked(self.score_batch([key[0]], [key[1]], [key[2]]), 1)[0]
+
+    def _checked(self, values, n: int) -> list[float]:
+        values = [float(v) for v in values]
+        if len(values) != n or not all(math.isfinite(v) for v in values):
+            raise ValueError(
+                f"Reward metric {self.__name__!r} returned {values!r} for {n} texts: it must "
+                "return one finite number per text."
+            )
+        return values
+
+
+class BatchMetric(BatchedMetric):
+    """A user's batch metric: ``fn(texts, references) -> list[float]``, one call per batch.
+
+    Pass it as ``reward=BatchMetric(fn)``; every sub-env of a batched vector env built with it
+    shares it, so a vector step makes one call for all the sub-envs that need a score.
+
+    Args:
+        fn: ``(texts: list[str], references: list[tuple[str, ...]]) -> list[float]``.
+        name: The ``info["metric_name"]`` (default: ``fn.__name__``).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[list[str], list[tuple[str, ...]]], Sequence[float]],
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not callable(fn):
+            raise TypeError(f"BatchMetric needs a callable, got {type(fn).__name__}.")
+        self.fn = fn
+        self.__name__ = name or getattr(fn, "__name__", "batch_metric")
+
+    def score_batch(self, texts, references, prompts) -> list[float]:
+        return list(self.fn(list(texts), list(references)))
+
+
+def _local_weights(model: str, what: str) -> None:
+    """A local folder must hold safetensors weights and need no code of its own."""
+    from textenvs.lm import refuse_remote_code
+
+    if not os.path.isdir(model):
+        return  # a hub name: transformers resolves it (safetensors where the repo has them)
+    refuse_remote_code(model)
+    if not any(Path(model).glob("*.safetensors")):
+        raise ValueError(
+            f"The {what} in {model} has no .safetensors weights: textenvs loads no pickled "
+            "weights (pytorch_model.bin). Save it with save_pretrained(..., "
+            "safe_serialization=True)."
+        )
+
+
+class BERTScoreMetric(BatchedMetric):
+    """BERTScore of each text against its references (the best over them), from ``bert-score``.
+
+    Args:
+        model: The encoder: a hub name or a local ``save_pretrained`` folder.
+        num_layers: Which layer's embeddings are matched (required for a model the package does
+            not know).
+        output: ``"f1"``, ``"precision"`` or ``"recall"``.
+        idf: Weight tokens by inverse document frequency (of the references scored).
+        batch_size: Texts per forward of the encoder.
+        device: Where the encoder runs.
+    """
+
+    OUTPUTS = ("precision", "recall", "f1")
+
+    def __init__(
+        self,
+        model: str = "roberta-large",
+        num_layers: int | None = None,
+        output: str = "f1",
+        idf: bool = False,
+        batch_size: int = 64,
+        device: str = "cpu",
+    ) -> None:
+        super().__init__()
+        try:
+            from bert_score import BERTScorer
+            from bert_score.utils import model2layers
+        except ImportError as e:
+            raise ImportError(
+                "reward='bertscore' needs the bert-score package: pip install 'textenvs[metrics]'."
+            ) from e
+        if output not in self.OUTPUTS:
+            raise ValueError(f"output={output!r} is not valid: choose one of {list(self.OUTPUTS)}.")
+        if num_layers is None and model not in model2layers:
+            raise ValueError(
+                f"reward_kwargs['num_layers'] is needed for the BERTScore model {model!r} "
+                "(bert-score knows the best layer only of the models it lists): pass the layer "
+                "to match, e.g. reward_kwargs={'model': ..., 'num_layers': 2}."
+            )
+        _local_weights(os.fspath(model), "BERTScore encoder")
+        self.__name__ = "bertscore"
+        self.output = self.OUTPUTS.index(output)
+        self.batch_size = batch_size
+        self.scorer = BERTScorer(
+            model_type=os.fspath(model),
+            num_layers=num_layers,
+            batch_size=batch_size,
+            idf=idf,
+            device=device,
+            use_fast_tokenizer=True,
+        )
+
+    def score_batch(self, texts, references, prompts) -> list[float]:
+        scores = self.scorer.score(
+            list(texts), [list(r) for r in references], batch_size=self.batch_size
+        )
+        return scores[self.output].tolist()
+
+
+class ClassifierMetric(BatchedMetric):
+    """A sequence classifier's probability (or logit) of one label, of the text or of prompt +
+    text.
+
+    Args:
+        model: A hub name or a ``save_pretrained`` folder of an
+            ``AutoModelForSequenceClassification``.
+        label: A label name of ``config.id2label`` (matched without case) or an index.
+        output: ``"probability"`` (softmax over the labels) or ``"logit"``.
+        input: ``"text"`` (the generated text alone) or ``"prompt+text"`` (a text pair).
+        batch_size: Texts per forward.
+        max_length: Longest input in tokens (default: the model's), longer ones cut.
+        device: Where the classifier runs.
+    """
+
+    OUTPUTS = ("probability", "logit")
+    INPUTS = ("text", "prompt+text")
+
+    def __init__(
+        self,
+        model: str | None = None,
+        label: str | int = "POSITIVE",
+        output: str = "probability",
+        input: str = "text",
+        batch_size: int = 64,
+        max_length: int | None = None,
+        device: str = "cpu",
+    ) -> None:
+        super().__init__()
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if model is None:
+            raise ValueError(
+                "reward='classifier' needs reward_kwargs={'model': ...}: a folder or hub name of "
+                "a sequence classifier (RL4LMs and TRL's IMDB sentiment task use "
+                "'lvwerra/distilbert-imdb', label 'POSITIVE')."
+            )
+        for name, value, choices in (
+            ("output", output, self.OUTPUTS),
+            ("input", input, self.INPUTS),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r} is not valid: choose one of {list(choices)}.")
+        model = os.fspath(model)
+        _local_weights(model, "classifier")
+        try:
+            self.model, loading = AutoModelForSequenceClassification.from_pretrained(
+                model, trust_remote_code=False, use_safetensors=True, output_loading_info=True
+            )
+            self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(
+                f"Could not load {model!r} as a sequence classifier with safetensors weights: {e}"
+            ) from e
+        if loading.get("missing_keys"):
+            raise ValueError(
+                f"{model!r} is not a trained sequence classifier: its weights have no "
+                f"classification head ({sorted(loading['missing_keys'])[:3]} would be random). "
+                "Pass a model saved as AutoModelForSequenceClassification (a sentiment classifier "
+                "or a reward model)."
+            )
+        self.model.to(device).eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.label = self._label_index(model, label)
+        self.__name__ = "classifier"
+        self.output, self.uses_prompt = output, input == "prompt+text"
+        self.batch_size = batch_size
+        if self.tokenizer.pad_token is None:  # GPT-2-style classifiers pad with EOS
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.model.config.pad_token_id = self.tokenizer.eos_token_id
+        self.max_length = max_length or getattr(self.tokenizer, "model_max_length", None)
+        if not self.max_length or self.max_length > 100_000:  # a tokenizer without a limit
+            config = self.model.config
+            self.max_length = getattr(config, "max_position_embeddings", None) or 512
+
+    def _label_index(self, model: str, label: str | int) -> int:
+        names = {int(i): str(n) for i, n in self.model.config.id2label.items()}
+        if isinstance(label, int) and not isinstance(label, bool) and label in names:
+            return label
+        if isinstance(label, str):
+            matches = [i for i, n in names.items() if n.lower() == label.lower()]
+            if matches:
+                return matches[0]
+        raise ValueError(
+            f"The classifier {model!r} has no label {label!r}: its labels are {names} "
+            "(config.id2label); pass reward_kwargs={'label': <one of those names or indices>}."
+        )
+
+    @torch.inference_mode()
+    def score_batch(self, texts, references, prompts) -> list[float]:
+        values: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = list(texts[start : start + self.batch_size])
+            pairs = (list(prompts[start : start + self.batch_size]),) if self.uses_prompt else ()
+            encoded = self.tokenizer(
+                *pairs,
+                batch,
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            logits = self.model(**encoded).logits.float()  # (B, labels)
+            if self.output == "probability":
+                logits = logits.softmax(-1)
+            values += logits[:, self.label].tolist()
+        return values
+
+
+_SHARED: dict[tuple, BatchedMetric] = {}
+
+
+def shared_metric(name: str, reward_kwargs: dict | None, device: str = "cpu") -> BatchedMetric:
+    """The model-based metric ``name`` with ``reward_kwargs``, loaded once per process."""
+    kwargs = {"device": device, **(reward_kwargs or {})}
+    key = (name, repr(sorted(kwargs.items())))
+    if key not in _SHARED:
+        cls = {"bertscore": BERTScoreMetric, "classifier": ClassifierMetric}[name]
+        known = set(inspect.signature(cls).parameters)
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(
+                f"reward={name!r} takes the reward_kwargs {sorted(known)}, not {unknown}."
+            )
+        _SHARED[key] = cls(**kwargs)
+    return _SHARED[key]

@@ -1,0 +1,452 @@
+"""The benchmark datasets of RL-for-LM papers, loaded from the Hugging Face hub by ``datasets``.
+
+Each :class:`Benchmark` says where a dataset lives on the hub, which of its columns are the source
+and the references, how its splits become ours, and the prompt the LM continues. The tasks are
+the ones RL4LMs' GRUE benchmark (Ramamurthy et al. 2023) and TRL's examples train on:
+
+==================  ==========================  ===============================================
+task                hub dataset                 sample
+==================  ==========================  ===============================================
+``cnn_dailymail``   ``abisee/cnn_dailymail``    ``article`` -> ``highlights`` (config 3.0.0)
+``xsum``            ``EdinburghNLP/xsum``       ``document`` -> ``summary``
+``wmt16``           ``wmt/wmt16``               ``translation[src]`` -> ``translation[tgt]``
+``imdb``            ``stanfordnlp/imdb``        the first half of ``text``'s words -> ``text``
+``common_gen``      ``allenai/common_gen``      ``concepts`` -> every ``target`` of the set
+==================  ==========================  ===============================================
+
+Loading needs the ``hub`` extra (``pip install 'textenvs[hub]'``) and either network or the
+dataset in the ``datasets`` cache. Offline, point a task at local files in the hub dataset's own
+schema (the same columns and nesting) with ``dataset_kwargs={"data_files": {"train": ...,
+"validation": ..., "test": ...}}``, keyed by the hub's split names: they go through the same
+``datasets.load_dataset`` call and the same row conversion. Datasets are read as data only: no
+dataset script or other remote code is ever run (``datasets`` 4 dropped scripts; a dataset that
+needs one fails to load with a message).
+
+Rows stay in ``datasets``' memory-mapped Arrow table: a split is a :class:`HubSamples` sequence
+that turns a row into a :class:`~textenvs.tasks.Sample` when an episode draws it, so the 287k
+articles of CNN/DM's train split cost the env their row numbers, not their text.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from textenvs.tasks.base import SPLITS, Sample, Task
+
+# The languages of WMT16's pairs (every config is "xx-en"), for prompts.
+WMT16_LANGUAGES = {
+    "cs": "Czech",
+    "de": "German",
+    "en": "English",
+    "fi": "Finnish",
+    "ro": "Romanian",
+    "ru": "Russian",
+    "tr": "Turkish",
+}
+# A file's extension -> the `datasets` builder that reads it.
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DatasetUnavailableError(OSError):
+    """A hub dataset that is neither in the ``datasets`` cache nor reachable (or needs code)."""
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """How one hub dataset becomes a :class:`~textenvs.tasks.Task`.
+
+    Attributes:
+        name: The task name (``task="cnn_dailymail"``).
+        path: The hub dataset (``load_dataset``'s ``path``).
+        config: Its configuration name, if it has several.
+        columns: The columns a row must have (checked at load, named in errors).
+        splits: Ours -> ``(hub split, start, end)``: the rows ``[start, end)`` (fractions) of a
+            seeded permutation (seed 0) of the hub split's samples; ``(split, 0, 1)`` is the
+            whole split in the hub's order.
+        prompt_template: The prompt around ``{source}``; where it comes from is in the docstring.
+        default_reward: The metric the envs use when the user names none.
+        reward_kwargs: The default ``reward_kwargs`` of that metric.
+        row_sample: ``(row, options) -> Sample | None``: a row as a sample (None: the row holds
+            no usable source or reference, and is left out).
+        group_by: A column whose equal values make one sample with several references
+            (CommonGen's concept sets); ``row_sample`` then gets the group's rows.
+        long_sources: Sources run past a small model's context: ``too_long="truncate"`` is the
+            registered id's default.
+        options: The task's own options and their defaults (``pair`` for WMT16).
+        cut_side: Which end of a source ``too_long="truncate"`` drops (a
+            :class:`~textenvs.tasks.Task` field).
+    """
+
+    name: str
+    path: str
+    config: str | None
+    columns: tuple[str, ...]
+    splits: Mapping[str, tuple[str, float, float]]
+    prompt_template: str
+    default_reward: str
+    row_sample: Callable[..., Sample | None]
+    reward_kwargs: Mapping[str, object] = field(default_factory=dict)
+    group_by: str | None = None
+    long_sources: bool = False
+    options: Mapping[str, object] = field(default_factory=dict)
+    cut_side: str = "end"
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _pair_sample(source_key: str, reference_key: str):
+    def row_sample(row: dict, options: dict) -> Sample | None:
+        source, reference = _text(row.get(source_key)), _text(row.get(reference_key))
+        return Sample(source, (reference,)) if source and reference else None
+
+    return row_sample
+
+
+def _wmt_sample(row: dict, options: dict) -> Sample | None:
+    source_lang, target_lang = options["source_lang"], options["target_lang"]
+    pair = row.get("translation") or {}
+    source, reference = _text(pair.get(source_lang)), _text(pair.get(target_lang))
+    return Sample(source, (reference,)) if source and reference else None
+
+
+def _imdb_sample(row: dict, options: dict) -> Sample | None:
+    # RL4LMs' IMDB text continuation: the first half of the review's words is the prompt and the
+    # whole review the reference (rl4lms/data_pools/custom_text_generation_pools.py, IMDB).
+    text = _text(row.get("text"))
+    if text is None:
+        return None
+    words = text.split(" ")
+    prefix = " ".join(words[: int(len(words) * options["prompt_fraction"])])
+    return Sample(prefix, (text,)) if prefix.strip() else None
+
+
+def _common_gen_sample(rows: list[dict], options: dict) -> Sample | None:
+    concepts = rows[0].get("concepts") or []
+    references = tuple(t for t in (_text(r.get("target")) for r in rows) if t)
+    if not concepts or not references:
+        return None
+    return Sample(", ".join(concepts), references)
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    # GPT-2's zero-shot summarization prompt (Radford et al. 2019, section 3.6), which RL4LMs'
+    # XSum pool also appends ("TL;DR:").
+    "cnn_dailymail": Benchmark(
+        name="cnn_dailymail",
+        path="abisee/cnn_dailymail",
+        config="3.0.0",
+        columns=("article", "highlights"),
+        splits={s: (s, 0.0, 1.0) for s in SPLITS},
+        prompt_template="{source}\nTL;DR:",
+        default_reward="rougeL",
+        row_sample=_pair_sample("article", "highlights"),
+        long_sources=True,
+    ),
+    "xsum": Benchmark(
+        name="xsum",
+        path="EdinburghNLP/xsum",
+        config=None,
+        columns=("document", "summary"),
+        splits={s: (s, 0.0, 1.0) for s in SPLITS},
+        prompt_template="{source}\nTL;DR:",
+        default_reward="rougeL",
+        row_sample=_pair_sample("document", "summary"),
+        long_sources=True,
+    ),
+    # T5's translation prefix (Raffel et al. 2020), which RL4LMs' WMT configs use, with the target
+    # language named again at the end so that a causal LM continues in it.
+    "wmt16": Benchmark(
+        name="wmt16",
+        path="wmt/wmt16",
+        config=None,  # the pair's config ("de-en", "ro-en", ...): see wmt16_options
+        columns=("translation",),
+        splits={s: (s, 0.0, 1.0) for s in SPLITS},
+        prompt_template="translate {source_name} to {target_name}: {{source}}\n{target_name}:",
+        default_reward="bleu",
+        row_sample=_wmt_sample,
+        options={"pair": "de-en"},
+    ),
+    # RL4LMs' IMDB split: train / validation = 80% / 20% of the hub's shuffled train split (it is
+    # sorted by label), test = the hub's test split. The reward is a sentiment classifier's
+    # probability of the positive label (reward="classifier").
+    "imdb": Benchmark(
+        name="imdb",
+        path="stanfordnlp/imdb",
+        config="plain_text",
+        columns=("text", "label"),
+        splits={
+            "train": ("train", 0.0, 0.8),
+            "validation": ("train", 0.8, 1.0),
+            "test": ("test", 0.0, 1.0),
+        },
+        prompt_template="{source}",
+        default_reward="classifier",
+        reward_kwargs={"label": "POSITIVE"},
+        row_sample=_imdb_sample,
+        long_sources=True,
+        options={"prompt_fraction": 0.5},
+        cut_side="start",  # the LM continues the review: keep its last words
+    ),
+    # The hub's CommonGen test split has no references (they are hidden for the leaderboard), so
+    # its validation split is our test split and 5% of the train concept sets our validation.
+    "common_gen": Benchmark(
+        name="common_gen",
+        path="allenai/common_gen",
+        config=None,
+        columns=("concept_set_idx", "concepts", "target"),
+        splits={
+            "train": ("train", 0.0, 0.95),
+            "validation": ("train", 0.95, 1.0),
+            "test": ("validation", 0.0, 1.0),
+        },
+        prompt_template="Write one sentence that uses all of these words: {source}\nSentence:",
+        default_reward="bleu",
+        row_sample=_common_gen_sample,
+        group_by="concept_set_idx",
+    ),
+}
+
+
+class HubSamples(Sequence):
+    """The samples of one split of a hub dataset, made from its rows when accessed.
+
+    Loading keeps the row numbers of the usable samples (a source and a reference); the rows
+    themselves stay in ``datasets``' memory-mapped table.
+    """
+
+    def __init__(
+        self, rows, groups: list[np.ndarray], benchmark: Benchmark, options: dict, where: str
+    ) -> None:
+        self.rows, self.benchmark, self.options, self.path = rows, benchmark, options, where
+        self.groups = groups  # per sample, the row numbers it is made of
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def _sample(self, rows: np.ndarray) -> Sample | None:
+        records = [self.rows[int(r)] for r in rows]
+        if self.benchmark.group_by is None:
+            return self.benchmark.row_sample(records[0], self.options)
+        return self.benchmark.row_sample(records, self.options)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self._sample(self.groups[index])
+
+    def __iter__(self) -> Iterator[Sample]:
+        return (self[i] for i in range(len(self)))
+
+    def row_of(self, index: int) -> int:
+        """The hub row (the first, for a group) of sample ``index``."""
+        return int(self.groups[index][0])
+
+
+def wmt16_options(pair: object) -> dict:
+    """``pair="de-en"`` (translate German to English) or ``"en-de"`` (the other direction): the
+    config to load (WMT16's are all ``"xx-en"``) and the two languages."""
+    if not (isinstance(pair, str) and pair.count("-") == 1):
+        raise ValueError(_bad_pair(pair))
+    source, target = pair.split("-")
+    if (
+        "en" not in (source, target)
+        or source == target
+        or not {source, target} <= set(WMT16_LANGUAGES)
+    ):
+        raise ValueError(_bad_pair(pair))
+    other = target if source == "en" else source
+    return {"config": f"{other}-en", "source_lang": source, "target_lang": target}
+
+
+def _bad_pair(pair: object) -> str:
+    pairs = [f"{x}-en" for x in WMT16_LANGUAGES if x != "en"]
+    return (
+        f"pair={pair!r} is not a WMT16 pair: use one of {pairs} (translate into English) or the "
+        f"same reversed ('en-de', ...) to translate out of English."
+    )
+
+
+def benchmark_task(name: str, **kwargs) -> Task:
+    """The :class:`~textenvs.tasks.Task` of benchmark ``name`` (a key of :data:`BENCHMARKS`).
+
+    Keyword arguments (an env's ``dataset_kwargs``):
+        data_files: Local files in the hub dataset's schema instead of the hub: a path, a list of
+            paths or a dict keyed by the hub's split names (``.jsonl`` / ``.json`` / ``.csv`` /
+            ``.parquet``), read by the same ``datasets.load_dataset`` call.
+        pair: WMT16 only: the language pair and direction (``"de-en"``, ``"en-ro"``, ...).
+        prompt_fraction: IMDB only: the share of the review's words that is the prompt (0.5).
+        prompt_template: Another prompt around ``{source}``.
+        revision, cache_dir: Passed to ``datasets.load_dataset``.
+    """
+    benchmark = BENCHMARKS[name]
+    kwargs = dict(kwargs)
+    data_files = kwargs.pop("data_files", None)
+    template = kwargs.pop("prompt_template", None)
+    load_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir") if k in kwargs}
+    options = {key: kwargs.pop(key, default) for key, default in benchmark.options.items()}
+    if kwargs:
+        allowed = ["data_files", "prompt_template", "revision", "cache_dir", *benchmark.options]
+        raise ValueError(
+            f"Unknown dataset_kwargs {sorted(kwargs)} for task {name!r}: it takes {allowed}."
+        )
+    config = benchmark.config
+    if name == "wmt16":
+        options.update(wmt16_options(options["pair"]))
+        config = options["config"]
+        template = template or benchmark.prompt_template.format(
+            source_name=WMT16_LANGUAGES[options["source_lang"]],
+            target_name=WMT16_LANGUAGES[options["target_lang"]],
+        )
+    if name == "imdb":
+        fraction = options["prompt_fraction"]
+        if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
+            raise ValueError(f"prompt_fraction must be a number in (0, 1), got {fraction!r}.")
+    hub_splits = {}
+    splits = {}
+    for ours, (hub_split, start, end) in benchmark.splits.items():
+        if hub_split not in hub_splits:
+            hub_splits[hub_split] = _load_split(
+                benchmark, config, hub_split, data_files, load_kwargs, options
+            )
+        rows, groups, where = hub_splits[hub_split]
+        if (start, end) != (0.0, 1.0):  # a seeded share of the split, disjoint from the rest
+            order = np.random.default_rng(0).permutation(len(groups))
+            chosen = np.sort(order[round(start * len(groups)) : round(end * len(groups))])
+            part_groups = [groups[i] for i in chosen]
+            where_part = f"{where} [{start:.0%}, {end:.0%}) of a seeded shuffle"
+        else:
+            part_groups, where_part = groups, where
+        splits[ours] = HubSamples(rows, part_groups, benchmark, options, where_part)
+    return Task(
+        name,
+        splits,
+        template or benchmark.prompt_template,
+        benchmark.default_reward,
+        reward_kwargs=dict(benchmark.reward_kwargs),
+        cut_side=benchmark.cut_side,
+    )
+
+
+def _load_split(
+    benchmark: Benchmark,
+    config: str | None,
+    split: str,
+    data_files: object,
+    load_kwargs: dict,
+    options: dict,
+) -> tuple[object, list[np.ndarray], str]:
+    """One hub split: its rows, the row numbers of each usable sample, and its name for errors."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(
+            f"Task {benchmark.name!r} loads {benchmark.path!r} with the 'datasets' package: "
+            "pip install 'textenvs[hub]'."
+        ) from e
+    if data_files is None:
+        where = f"{benchmark.path}" + (f" ({config})" if config else "") + f" [{split}]"
+        path, name, files = benchmark.path, config, None
+    else:
+        files = _split_files(benchmark, data_files, split)
+        where = f"{files} [{split}]"
+        path, name = _builder(files), None
+    try:
+        rows = datasets.load_dataset(
+            path,
+            name,
+            split=split,
+            data_files=None if files is None else {split: files},
+            **load_kwargs,
+        )
+    except (OSError, ConnectionError, ValueError, datasets.exceptions.DatasetsError) as e:
+        raise DatasetUnavailableError(_unavailable(benchmark, config, split, data_files, e)) from e
+    missing = [c for c in benchmark.columns if c not in rows.column_names]
+    if missing:
+        raise ValueError(
+            f"{where} has columns {rows.column_names}, not {list(benchmark.columns)}: task "
+            f"{benchmark.name!r} reads {benchmark.path}'s schema (missing {missing}); write the "
+            "local files with the hub dataset's own column names and nesting."
+        )
+    return rows, _usable_groups(rows, benchmark, options, where), where
+
+
+def _split_files(benchmark: Benchmark, data_files: object, split: str):
+    if isinstance(data_files, (str, os.PathLike)):
+        return os.fspath(data_files)
+    if isinstance(data_files, (list, tuple)) and all(
+        isinstance(f, (str, os.PathLike)) for f in data_files
+    ):
+        return [os.fspath(f) for f in data_files]
+    if isinstance(data_files, Mapping):
+        if split not in data_files:
+            needed = sorted({hub for hub, _, _ in benchmark.splits.values()})
+            raise ValueError(
+                f"dataset_kwargs['data_files'] has splits {sorted(data_files)}, but task "
+                f"{benchmark.name!r} reads the hub splits {needed} (keyed by the hub's names): "
+                f"add {split!r}."
+            )
+        return _split_files(benchmark, data_files[split], split)
+    raise ValueError(
+        f"dataset_kwargs['data_files'] must be a path, a list of paths or a dict of them keyed by "
+        f"the hub's split names, got {data_files!r}."
+    )
+
+
+def _builder(files) -> str:
+    first = files if isinstance(files, str) else files[0]
+    extension = os.path.splitext(first)[1].lower()
+    if extension not in _BUILDERS:
+        raise ValueError(
+            f"Cannot read {first!r}: local data files must be {sorted(_BUILDERS)} in the hub "
+            "dataset's schema."
+        )
+    return _BUILDERS[extension]
+
+
+def _unavailable(benchmark, config, split, data_files, error: Exception) -> str:
+    cause = " ".join(str(error).split())[:300] or type(error).__name__
+    if data_files is not None:
+        return (
+            f"Could not read the local files of task {benchmark.name!r} (split {split!r}): "
+            f"{cause}. Check the paths in dataset_kwargs['data_files']."
+        )
+    load = f"datasets.load_dataset({benchmark.path!r}" + (f", {config!r}" if config else "") + ")"
+    return (
+        f"Dataset {benchmark.path!r}"
+        + (f" (config {config!r})" if config else "")
+        + f", split {split!r}, could not be loaded: {cause}. It is not in the datasets cache "
+        "($HF_DATASETS_CACHE, default ~/.cache/huggingface/datasets) and the hub cannot be "
+        f"reached (or HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set). Either cache it once with "
+        f"network (python -c \"import datasets; {load}\"; needs pip install 'textenvs[hub]'), "
+        "or point the task at local files in the hub's schema (columns "
+        f"{list(benchmark.columns)}): dataset_kwargs={{'data_files': {{'train': ..., "
+        "'validation': ..., 'test': ...}}}}."
+    )
+
+
+def _usable_groups(rows, benchmark: Benchmark, options: dict, where: str) -> list[np.ndarray]:
+    """Per sample, its row numbers; rows without a usable source or reference are left out."""
+    if benchmark.group_by is None:  # one pass over the table in batches of rows
+        usable, index = [], 0
+        for batch in rows.iter(batch_size=1024):
+            for record in (dict(zip(batch, values)) for values in zip(*batch.values())):
+                if benchmark.row_sample(record, options) is not None:
+                    usable.append(np.array([index]))
+                index += 1
+    else:
+        keys = np.asarray(rows[benchmark.group_by])
+        order = np.argsort(keys, kind="stable")
+        _, starts = np.unique(keys[order], return_index=True)
+        samples = HubSamples(rows, np.split(order, starts[1:]), benchmark, options, where)
+        usable = [g for g, s in zip(samples.groups, samples) if s is not None]
+    if not usable:
+        raise ValueError(
+            f"{where} holds no usable sample (each needs a non-empty source and reference)."
+        )
+    return usable
