@@ -32,6 +32,7 @@ import pytest
 import torch
 
 import textenvs  # noqa: F401  (registers the ids)
+from tests.conftest import BENCHMARK_KWARGS
 
 PINNED = Path(__file__).parent / "data" / "pinned_trajectories.npz"
 RECORDED_THREADS = 2  # torch threads of the recording
@@ -83,6 +84,18 @@ CASES = [
         {"max_steps": 3, "max_len": 10, "obs": "positions"},
         3,
         10,
+    ),
+    # the benchmark ids on their local fixtures (the hub's schema), with the built-in model
+    *(
+        (f"benchmark_{kwargs['task']}", env_id, {**BENCHMARK_KWARGS[env_id], "max_steps": 4}, 0, 10)
+        for env_id, kwargs in textenvs.BENCHMARK_IDS.items()
+    ),
+    (
+        "vector_cnndm_truncated",
+        "textenvs/CNNDailyMail-v0",
+        {**BENCHMARK_KWARGS["textenvs/CNNDailyMail-v0"], "max_steps": 3},
+        3,
+        8,
     ),
 ]
 
@@ -189,12 +202,18 @@ def test_every_registered_id_is_pinned():
 if (
     __name__ == "__main__"
 ):  # re-record: only when an env's semantics change on purpose (and its id's version)
-    if "--write" not in sys.argv:
+    if not {"--write", "--add-new"} & set(sys.argv):
         raise SystemExit(
-            "python -m tests.test_pinned_trajectories --write  re-records the pinned file"
+            "python -m tests.test_pinned_trajectories --write  re-records the pinned file;\n"
+            "python -m tests.test_pinned_trajectories --add-new  records only the cases it lacks"
         )
     arrays = {}
+    if "--add-new" in sys.argv:  # keep every recorded case as it is
+        with np.load(PINNED, allow_pickle=False) as data:
+            arrays = dict(data)
     for name, env_id, kwargs, num_envs, steps in CASES:
+        if f"{name}/obs" in arrays:
+            continue
         for key, value in record(env_id, kwargs, num_envs, steps).items():
             arrays[f"{name}/{key}"] = value
     PINNED.parent.mkdir(exist_ok=True)

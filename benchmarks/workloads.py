@@ -1,0 +1,206 @@
+"""Real-workload figures: a batched model-based reward, and a GPT-2-sized model on CNN/DM's schema.
+
+``python -m benchmarks.workloads`` prints one JSON object with two parts, each measured in this run
+on randomly initialised models it saves to a temporary folder (nothing is downloaded):
+
+* ``bertscore``: ``--num-envs`` N generation envs with a dense BERTScore reward (a random BERT
+  encoder of ``--encoder-layers`` layers), stepped as ONE batched vector env (one LM forward and
+  one BERTScore forward per step) against N single envs stepped one after another (N of each);
+  sub-env steps per second of both and their ratio.
+* ``gpt2_cnndm``: a random GPT-2 of the 124M layout (12 layers, 768 wide, 50,257 head rows, 1,024
+  positions; the built-in tokenizer) on a CNN/DailyMail-schema file (``article``, ``highlights``,
+  ``id``) of articles longer than the context, ``too_long="truncate"`` (the id's default): steps
+  per second of an N-env batched env, and the resident memory it adds per sub-env after reset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def random_encoder(folder: str, layers: int) -> str:
+    """A random BERT encoder with the built-in tokenizer, saved with save_pretrained."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from textenvs.lm import BUILTIN_MODELS, TINY
+
+    tokenizer = AutoTokenizer.from_pretrained(BUILTIN_MODELS[TINY])
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        max_position_embeddings=512,
+    )
+    BertModel(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def random_gpt2_124m(folder: str) -> str:
+    """A random GPT-2 of the 124M layout with the built-in tokenizer (its ids are < 1,024, every
+    one of the 50,257 head rows is an action)."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from textenvs.lm import BUILTIN_MODELS, TINY
+
+    tokenizer = AutoTokenizer.from_pretrained(BUILTIN_MODELS[TINY])
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=50257,
+        n_positions=1024,
+        n_embd=768,
+        n_layer=12,
+        n_head=12,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def cnndm_files(folder: str, n: int) -> dict:
+    """``data_files`` of CNN/DailyMail's schema: each article is several built-in articles (longer
+    than 1,024 tokens), its highlights the first one's headline."""
+    from textenvs.tasks import builtin_task
+
+    samples = builtin_task("summarize").split("train")
+    files = {}
+    for split in ("train", "validation", "test"):
+        path = os.path.join(folder, f"cnndm-{split}.jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            for i in range(n):
+                parts = [samples[(i * 13 + j) % len(samples)] for j in range(12)]
+                row = {
+                    "article": " ".join(s.source for s in parts),
+                    "highlights": parts[0].references[0],
+                    "id": f"{i:040x}",
+                }
+                f.write(json.dumps(row) + "\n")
+        files[split] = path
+    return files
+
+
+def steps_per_second(step, n_steps: int, sub_envs: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n_steps):
+        step()
+    return n_steps * sub_envs / (time.perf_counter() - start)
+
+
+def measure_bertscore(args: argparse.Namespace, folder: str) -> dict:
+    import gymnasium as gym
+
+    encoder = random_encoder(os.path.join(folder, "encoder"), args.encoder_layers)
+    kwargs = dict(
+        reward="bertscore",
+        reward_kwargs={"model": encoder, "num_layers": args.encoder_layers},
+        dense=True,
+        max_steps=args.max_steps,
+        token_mode="topk",
+        k=8,
+    )
+    n = args.num_envs
+    rng = np.random.default_rng(0)
+    vec = gym.make_vec("textenvs/Summarize-v0", num_envs=n, **kwargs)
+    vec.reset(seed=0)
+    batched = steps_per_second(lambda: vec.step(rng.integers(8, size=n)), args.steps, n)
+    singles = [gym.make("textenvs/Summarize-v0", **kwargs) for _ in range(n)]
+    for i, env in enumerate(singles):
+        env.reset(seed=i)
+
+    def step_singles():
+        for env in singles:
+            *_, terminated, truncated, _ = env.step(int(rng.integers(8)))
+            if terminated or truncated:
+                env.reset()
+
+    alone = steps_per_second(step_singles, args.steps, n)
+    return {
+        "num_envs": n,
+        "encoder_layers": args.encoder_layers,
+        "steps": args.steps,
+        "batched_steps_per_s": round(batched, 1),
+        "single_envs_steps_per_s": round(alone, 1),
+        "batched_over_single": round(batched / alone, 2),
+    }
+
+
+def measure_gpt2(args: argparse.Namespace, folder: str) -> dict:
+    import gymnasium as gym
+
+    from textenvs.lm import shared_model
+
+    model = random_gpt2_124m(os.path.join(folder, "gpt2"))
+    files = cnndm_files(folder, args.num_envs * 2)
+    shared_model(model)  # the weights are not the envs' memory
+    before = rss_mb()
+    n = args.num_envs
+    start = time.perf_counter()
+    envs = gym.make_vec(
+        "textenvs/CNNDailyMail-v0",
+        num_envs=n,
+        model=model,
+        dataset_kwargs={"data_files": files},
+        max_steps=args.max_steps,
+    )
+    envs.reset(seed=0)
+    reset_s = time.perf_counter() - start
+    added = rss_mb() - before
+    prompt = [len(env.sequence) for env in envs.unwrapped.envs]
+    rng = np.random.default_rng(0)
+    vocab = envs.unwrapped.lm.vocab_size
+    steps = min(args.steps, args.max_steps - 1)  # within the first episodes: no prefill mixed in
+    rate = steps_per_second(lambda: envs.step(rng.integers(1, vocab, size=n)), steps, n)
+    return {
+        "num_envs": n,
+        "parameters_m": round(sum(p.numel() for p in envs.unwrapped.lm.model.parameters()) / 1e6),
+        "prompt_tokens_mean": round(float(np.mean(prompt)), 1),
+        "context": envs.unwrapped.lm.max_positions,
+        "build_and_reset_s": round(reset_s, 1),
+        "steps": steps,
+        "batched_steps_per_s": round(rate, 1),
+        "rss_added_per_sub_env_mb": round(added / n, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num-envs", type=int, default=16, help="sub-envs (and single envs)")
+    p.add_argument("--steps", type=int, default=48, help="vector steps measured")
+    p.add_argument("--max-steps", type=int, default=32, help="tokens per episode")
+    p.add_argument("--encoder-layers", type=int, default=4, help="layers of the BERTScore encoder")
+    p.add_argument("--skip-gpt2", action="store_true", help="measure the BERTScore part only")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        result = {
+            "bertscore": measure_bertscore(args, folder),
+            "torch_threads": torch.get_num_threads(),
+        }
+        if not args.skip_gpt2:
+            result["gpt2_cnndm"] = measure_gpt2(args, folder)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
