@@ -52,6 +52,10 @@ class TokenPPOConfig:
 
     env_id: str = "textenvs/Summarize-v0"
     """A generation env id (its action space must be the vocabulary)."""
+    env_kwargs: dict = dataclasses.field(default_factory=dict)
+    """More keyword arguments of every env the trainer makes (rollouts and evaluation), as JSON on
+    the command line: a benchmark id's ``dataset_kwargs`` (local files), ``reward_kwargs`` (a
+    classifier or BERTScore model), ``chat_template``, ``too_long``, ``task``, ..."""
     model: str = "textenvs/tiny"
     """The starting policy: ``textenvs/tiny``, a ``save_pretrained`` folder or a hub name."""
     reward: str | None = None
@@ -411,12 +415,15 @@ def greedy_metrics(
     max_samples: int = 200,
     max_new_tokens: int = 16,
     reward: str | None = None,
+    env_kwargs: dict | None = None,
 ) -> list[float]:
     """The task metric of greedy decoding (top-1 actions) on each of the first ``max_samples`` of
-    a split, in sample order (what paired comparisons need).
+    a split, in sample order (what paired comparisons need); ``env_kwargs``: more arguments of
+    the env.
     """
     env = gym.make(
         env_id,
+        **(env_kwargs or {}),
         model=lm,
         split=split,
         token_mode="topk",
@@ -467,6 +474,7 @@ def make_rollout_envs(config: TokenPPOConfig, lm: LanguageModel):
     ``config.env_id`` in vocabulary mode; refuses an env whose actions are not the vocabulary.
     """
     env_kwargs = {
+        **config.env_kwargs,
         "model": lm,
         "token_mode": "vocab",
         "max_steps": config.max_new_tokens,
@@ -817,6 +825,7 @@ class TokenPPO:
             max_samples or self.config.eval_samples,
             self.config.max_new_tokens,
             self.config.eval_reward or self.config.reward,
+            self.config.env_kwargs,
         )
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -1052,6 +1061,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         doc = docs.get(f.name, "").replace("%", "%%") + " (default: %(default)s)"
         if isinstance(value, bool):
             p.add_argument(flag, type=parse_bool, default=value, help=doc)
+        elif isinstance(value, dict):
+            p.add_argument(flag, type=json.loads, default=value, help=doc)
         else:
             kind = type(value) if value is not None else str
             p.add_argument(flag, type=kind, default=value, help=doc)
@@ -1092,7 +1103,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         }
         print(json.dumps(report))
         if json_out:
-            Path(json_out).write_text(json.dumps({**report, "history": history}, indent=1))
+            saved = {**report, "config": dataclasses.asdict(trainer.config), "history": history}
+            Path(json_out).write_text(json.dumps(saved, indent=1))
     trainer._wait()
     return report
 

@@ -467,6 +467,7 @@ def run_cell(
                 seed=seed,
                 max_new_tokens=kwargs["max_steps"],
                 eval_samples=budget.eval_samples,
+                env_kwargs=dict(extra or {}),
                 **token_ppo_settings(budget, task_of(env_id, extra)),
             )
         )
@@ -496,6 +497,7 @@ def _token_ppo_eval(trainer, budget: Budget) -> dict:
     env = test_env(
         trainer.config.env_id,
         {
+            **trainer.config.env_kwargs,
             "model": trainer.lm,
             "token_mode": "topk",
             "k": 1,

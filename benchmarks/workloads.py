@@ -86,7 +86,7 @@ def cnndm_files(folder: str, n: int) -> dict:
         path = os.path.join(folder, f"cnndm-{split}.jsonl")
         with open(path, "w", encoding="utf-8") as f:
             for i in range(n):
-                parts = [samples[(i * 13 + j) % len(samples)] for j in range(12)]
+                parts = [samples[(i * 13 + j) % len(samples)] for j in range(30)]
                 row = {
                     "article": " ".join(s.source for s in parts),
                     "highlights": parts[0].references[0],

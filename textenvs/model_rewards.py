@@ -185,6 +185,12 @@ class BERTScoreMetric(BatchedMetric):
             device=device,
             use_fast_tokenizer=True,
         )
+        # bert-score cuts texts at the tokenizer's model_max_length: a tokenizer saved without a
+        # limit (a huge sentinel) would overflow it and overrun the encoder's positions
+        tokenizer, config = self.scorer._tokenizer, self.scorer._model.config
+        positions = getattr(config, "max_position_embeddings", None) or 512
+        if not tokenizer.model_max_length or tokenizer.model_max_length > positions:
+            tokenizer.model_max_length = positions
 
     def score_batch(self, texts, references, prompts) -> list[float]:
         scores = self.scorer.score(

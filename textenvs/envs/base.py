@@ -181,6 +181,7 @@ class TextEnv(gym.Env):
         too_long: str = "error",
         reward_kwargs: dict | None = None,
         chat_template: bool = False,
+        max_prompt_tokens: int | None = None,
     ) -> None:
         check_choice("obs", obs, self.obs_modes)
         for name, value in (("text_infos", text_infos), ("chat_template", chat_template)):
@@ -189,6 +190,14 @@ class TextEnv(gym.Env):
         self.text_infos, self.chat_template = bool(text_infos), bool(chat_template)
         check_choice("too_long", too_long, TOO_LONG_MODES)
         self.too_long = too_long
+        if max_prompt_tokens is not None:
+            max_prompt_tokens = check_positive_int("max_prompt_tokens", max_prompt_tokens)
+            if too_long != "truncate":
+                raise ValueError(
+                    f"max_prompt_tokens={max_prompt_tokens} cuts sources: pass "
+                    "too_long='truncate' with it, or drop it."
+                )
+        self.max_prompt_tokens = max_prompt_tokens
         check_choice("token_mode", token_mode, TOKEN_MODES)
         check_choice("render_mode", render_mode, [None, *self.metadata["render_modes"]])
         self.max_steps = check_positive_int("max_steps", max_steps)
@@ -225,6 +234,9 @@ class TextEnv(gym.Env):
         """
         budget_name, budget = self._context_budget()
         limit, where, remedy = self._position_limit()
+        if self.max_prompt_tokens is not None:  # the prompt is cut to this, whatever the context
+            limit = min(limit, self.max_prompt_tokens + budget)
+            where = f"max_prompt_tokens={self.max_prompt_tokens} (with {where})"
         if budget >= limit:
             raise ValueError(
                 f"{budget_name}={budget} leaves no room for a prompt in {where}: lower "
@@ -303,9 +315,11 @@ class TextEnv(gym.Env):
         ids = self.encode_prompt(prompt)
         budget_name, budget = self._context_budget()
         limit, _, _ = self._position_limit()
-        if self.too_long != "truncate" or len(ids) + budget <= limit:
-            return prompt, ids
         room = limit - budget
+        if self.max_prompt_tokens is not None:
+            room = min(room, self.max_prompt_tokens)
+        if self.too_long != "truncate" or len(ids) <= room:
+            return prompt, ids
         source_ids = self.lm.encode(sample.source)
         keep = len(source_ids) - (len(ids) - room)
         while keep > 0:  # a cut source may tokenize a little differently in its prompt: re-check

@@ -200,8 +200,10 @@ class TextEditEnv(TextEnv):
     metric, so an agent may bootstrap past it).
 
     ## Arguments
-    * ``model``, ``task``, ``dataset``, ``dataset_kwargs``, ``split``, ``reward``, ``dense``,
-      ``layer``, ``device``, ``dtype``, ``length_penalty``, ``repetition_penalty``, ``text_infos``
+    * ``model``, ``task``, ``dataset``, ``dataset_kwargs``, ``split``, ``reward``,
+      ``reward_kwargs``, ``dense``, ``layer``, ``device``, ``dtype``, ``length_penalty``,
+      ``repetition_penalty``, ``too_long``, ``max_prompt_tokens``, ``chat_template`` (the drafts
+      are the chat model's replies), ``text_infos``
       (also leaves out ``start_text`` and ``op``): as in
       :class:`~textenvs.envs.generate.TextGenerationEnv` (``task`` / ``dataset`` for
       ``textenvs/Edit-v0``; the other ids fix the task).

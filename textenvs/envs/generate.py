@@ -70,10 +70,15 @@ class TextGenerationEnv(TextEnv):
 
     ## Rewards
     The task metric (``reward``: ``rouge1``, ``rouge2``, ``rougeL``, ``rougeLsum``, ``bleu``,
-    ``chrf``, ``ter`` or a callable, see :mod:`textenvs.rewards`) of the generated text against the
-    references, in [0, 1] for built-in metrics. ``dense=True`` pays the metric's change every step
-    (the rewards of an episode sum to its final metric); ``dense=False`` pays it once at the end,
-    and computes it only then: its steps before the last carry no ``info["metric"]``.
+    ``chrf``, ``ter`` or a callable, see :mod:`textenvs.rewards`; or the model-based
+    ``bertscore`` and ``classifier`` and a :class:`~textenvs.model_rewards.BatchMetric`, see
+    :mod:`textenvs.model_rewards`) of the generated text (the reply alone with a chat template)
+    against the references, in [0, 1] for built-in metrics. ``dense=True`` pays the metric's
+    change every step (the rewards of an episode sum to its final metric); ``dense=False`` pays it
+    once at the end, and computes it only then: its steps before the last carry no
+    ``info["metric"]``. The default (``dense=None``) is dense for the string metrics and terminal
+    for the model-based ones. A batched vector env scores every sub-env that needs a model-based
+    score at a step in one batched forward.
     Optional length / repetition guardrails subtract from the metric (off by default).
 
     ## Starting State
@@ -81,7 +86,9 @@ class TextGenerationEnv(TextEnv):
     picks sample ``i`` instead. The prompt is encoded and run once.
 
     ## Episode End
-    Terminated when the agent writes the EOS token or after ``max_steps`` tokens
+    Terminated when the agent writes the EOS token (any of the model's
+    ``generation_config.eos_token_id``: an instruction-tuned model's end-of-turn tokens too) or
+    after ``max_steps`` tokens
     (``info["stop"]`` says which: ``"eos"`` or ``"max_steps"``; ``""`` on the steps before, so the
     info of every step has the same keys and types and vectorising libraries can stack it). The
     token budget is part of the task: the text is final and scored and no reward can follow, so an
@@ -91,15 +98,24 @@ class TextGenerationEnv(TextEnv):
     ## Arguments
     * ``model``: ``"textenvs/tiny"`` (built in), a local ``save_pretrained`` folder, a hub name,
       or a :class:`~textenvs.lm.LanguageModel` shared with the caller (token-level PPO).
-    * ``task``: ``"summarize"``, ``"translate"`` or a :class:`~textenvs.tasks.Task`
-      (``textenvs/Generate-v0``; the other ids fix it).
+    * ``task``: ``"summarize"``, ``"translate"``, a benchmark (``"cnn_dailymail"``, ``"xsum"``,
+      ``"wmt16"``, ``"imdb"``, ``"common_gen"``: :mod:`textenvs.tasks.hub`) or a
+      :class:`~textenvs.tasks.Task` (``textenvs/Generate-v0``; the other ids fix it).
     * ``dataset``, ``dataset_kwargs``: a ``.jsonl`` / ``.csv`` path, ``"hf:NAME"`` or a list of
       :class:`~textenvs.tasks.Sample`, instead of ``task`` (see
-      :func:`textenvs.tasks.load_dataset`).
+      :func:`textenvs.tasks.load_dataset`). For a benchmark task, ``dataset_kwargs`` configure it
+      (:func:`textenvs.tasks.hub.benchmark_task`): ``data_files`` (local files in the hub
+      dataset's schema, keyed by its split names), ``pair`` (WMT16: ``"de-en"``, ``"en-ro"``,
+      ...), ``prompt_template``, ``revision``, ``cache_dir``.
     * ``split``: ``"train"``, ``"validation"`` or ``"test"``.
     * ``reward``: a metric name or a callable ``(hypothesis, references) -> float``; None uses the
-      task's default (ROUGE-L for summarization, BLEU for translation).
-    * ``dense``: pay the metric's change every step (True) or the metric once at the end.
+      task's default (ROUGE-L for summarization, BLEU for translation and CommonGen, the
+      sentiment classifier for IMDB).
+    * ``reward_kwargs``: the settings of a model-based reward (``{"model": ..., "label": ...}``
+      for ``classifier``, ``{"model": ..., "num_layers": ...}`` for ``bertscore``); see
+      :mod:`textenvs.model_rewards`.
+    * ``dense``: pay the metric's change every step (True), the metric once at the end (False),
+      or None (dense for string metrics, terminal for model-based ones).
     * ``obs``: ``"last"``, ``"mean"`` or ``"context"`` (above); ``layer``: which hidden state is
       observed.
     * ``context_positions``: P of ``obs="context"`` (None: the model's context); every prompt of
@@ -114,12 +130,24 @@ class TextGenerationEnv(TextEnv):
       (:class:`textenvs.rewards.RewardShaper`).
     * ``text_infos``: True (default) reports the string info keys (``prompt``, ``text``,
       ``reference``, ``metric_name``, ``stop``); False leaves them out, for array-only clients.
+    * ``too_long``: what a sample whose prompt plus ``max_steps`` exceeds the context gets:
+      ``"error"`` (refused at construction), ``"skip"`` (left out, with a warning) or
+      ``"truncate"`` (its source is cut, never the template or the budget; one warning says how
+      many samples are; the default of ``CNNDailyMail-v0``, ``XSum-v0``, ``IMDBSentiment-v0``).
+    * ``max_prompt_tokens``: with ``too_long="truncate"``, cut every prompt to at most this many
+      tokens (RL4LMs' ``max_prompt_length``).
+    * ``chat_template``: render each prompt as one user turn of the tokenizer's chat template
+      followed by its generation prompt (an instruction-tuned model); a tokenizer without a
+      template is refused.
     * ``action_mode``, ``max_new_tokens``: deprecated names of ``token_mode`` and ``max_steps``.
 
     ## Version History
     * v0: Initial version. The opt-in ``candidates_obs=True`` top-k block gained the two copy
       flags per candidate (8 -> 10 numbers); the opt-in ``obs="context"`` was added; the default
-      observation is unchanged.
+      observation is unchanged. The benchmark ids (``CNNDailyMail-v0``, ``XSum-v0``,
+      ``WMT16-v0``, ``IMDBSentiment-v0``, ``CommonGen-v0``), model-based rewards,
+      ``too_long="truncate"``, ``max_prompt_tokens`` and ``chat_template`` were added; the
+      built-in ids' rewards and observations are unchanged (pinned).
     """
 
     obs_modes = OBS_MODES
