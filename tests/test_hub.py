@@ -195,3 +195,12 @@ def test_imdb_scores_the_continuation_with_the_classifier_once_at_the_end():
 def test_benchmark_ids_default_to_gpt2():
     for env_id in textenvs.BENCHMARK_IDS:
         assert gym.spec(env_id).kwargs["model"] == "gpt2"
+
+
+def test_hf_loader_offline_says_what_to_do(tmp_path):
+    from textenvs.tasks import load_dataset
+
+    with pytest.raises(DatasetUnavailableError, match="hf:json"):
+        load_dataset(
+            "hf:someorg/absent", source_key="a", reference_key="b", cache_dir=str(tmp_path)
+        )

@@ -356,6 +356,8 @@ def _load_split(
         files = _split_files(benchmark, data_files, split)
         where = f"{files} [{split}]"
         path, name = _builder(files), None
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # one "Generating split" bar per split and env is noise
     try:
         rows = datasets.load_dataset(
             path,
@@ -366,6 +368,9 @@ def _load_split(
         )
     except (OSError, ConnectionError, ValueError, datasets.exceptions.DatasetsError) as e:
         raise DatasetUnavailableError(_unavailable(benchmark, config, split, data_files, e)) from e
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     missing = [c for c in benchmark.columns if c not in rows.column_names]
     if missing:
         raise ValueError(
@@ -410,23 +415,38 @@ def _builder(files) -> str:
 
 
 def _unavailable(benchmark, config, split, data_files, error: Exception) -> str:
-    cause = " ".join(str(error).split())[:300] or type(error).__name__
     if data_files is not None:
+        cause = " ".join(str(error).split())[:300] or type(error).__name__
         return (
             f"Could not read the local files of task {benchmark.name!r} (split {split!r}): "
             f"{cause}. Check the paths in dataset_kwargs['data_files']."
         )
-    load = f"datasets.load_dataset({benchmark.path!r}" + (f", {config!r}" if config else "") + ")"
+    return unavailable_message(
+        benchmark.path,
+        config,
+        split,
+        error,
+        "point the task at local files in the hub's schema (columns "
+        f"{list(benchmark.columns)}): dataset_kwargs={{'data_files': {{'train': ..., "
+        "'validation': ..., 'test': ...}}}}",
+    )
+
+
+def unavailable_message(
+    path: str, config: str | None, split: str, error: Exception, local: str
+) -> str:
+    """What to do about a hub dataset that could not be loaded (``local``: how to read local
+    files instead)."""
+    cause = " ".join(str(error).split())[:300] or type(error).__name__
+    load = f"datasets.load_dataset({path!r}" + (f", {config!r}" if config else "") + ")"
     return (
-        f"Dataset {benchmark.path!r}"
+        f"Dataset {path!r}"
         + (f" (config {config!r})" if config else "")
         + f", split {split!r}, could not be loaded: {cause}. It is not in the datasets cache "
         "($HF_DATASETS_CACHE, default ~/.cache/huggingface/datasets) and the hub cannot be "
-        f"reached (or HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set). Either cache it once with "
-        f"network (python -c \"import datasets; {load}\"; needs pip install 'textenvs[hub]'), "
-        "or point the task at local files in the hub's schema (columns "
-        f"{list(benchmark.columns)}): dataset_kwargs={{'data_files': {{'train': ..., "
-        "'validation': ..., 'test': ...}}}}."
+        "reached (or HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set), or it needs a loading script "
+        "(never run). Either cache it once with network "
+        f"(python -c \"import datasets; {load}\"; needs pip install 'textenvs[hub]'), or {local}."
     )
 
 

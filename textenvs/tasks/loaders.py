@@ -271,7 +271,16 @@ def load_hf_dataset(
         raise ImportError(
             "Loading a dataset by name needs the 'datasets' package: pip install 'textenvs[hub]'."
         ) from e
-    ds = datasets.load_dataset(name, config, split=split, **load_kwargs)
+    from textenvs.tasks.hub import DatasetUnavailableError, unavailable_message
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split, **load_kwargs)
+    except (OSError, ConnectionError, ValueError, datasets.exceptions.DatasetsError) as e:
+        local = (
+            "read local files with dataset='hf:json' (or 'hf:csv', 'hf:parquet') and "
+            "dataset_kwargs={'data_files': ..., 'source_key': ..., 'reference_key': ...}"
+        )
+        raise DatasetUnavailableError(unavailable_message(name, config, split, e, local)) from e
     for role, key in (("source_key", source_key), ("reference_key", reference_key)):
         if key not in ds.column_names:
             raise ValueError(
