@@ -177,6 +177,10 @@ def measure_gpt2(args: argparse.Namespace, folder: str) -> dict:
         "steps": steps,
         "batched_steps_per_s": round(rate, 1),
         "rss_added_per_sub_env_mb": round(added / n, 1),
+        # what the KV cache of the filled positions must take (float32 keys and values)
+        "kv_cache_per_sub_env_mb": round(
+            2 * 12 * 768 * 4 * (float(np.mean(prompt)) + args.max_steps) / 2**20, 1
+        ),
     }
 
 

@@ -23,6 +23,12 @@ def test_bertscore_equals_the_package_score():
     hyp, refs = "the council met on monday", ("the mayor said that", "the council met")
     p, r, f = scorer.score([hyp], [list(refs)])
     assert metric(hyp, refs) == pytest.approx(float(f[0]), abs=1e-6)
+    # the second time the references' embeddings are remembered: the same score
+    assert metric(hyp, refs) == pytest.approx(float(f[0]), abs=1e-6)
+    other = "the council met on monday to discuss a new plan for the river bridge"
+    assert metric.score_batch([other, hyp], [refs[:1], refs], ["", ""])[1] == pytest.approx(
+        float(f[0]), abs=1e-6
+    )
     recall = shared_metric("bertscore", {**BERTSCORE, "output": "recall"})
     assert recall(hyp, refs) == pytest.approx(float(r[0]), abs=1e-6)
     assert metric("", refs) == 0.0  # the empty text: no forward

@@ -145,3 +145,23 @@ def test_the_suite_runs_on_a_benchmark_id(tmp_path):
     cells = json.loads((out / "results.json").read_text())["cells"]
     assert {c["agent"] for c in cells} == {"random", "greedy", "token_ppo"}
     assert all(0.0 <= p["metric"] <= 1.0 for c in cells for p in c["curve"])
+
+
+def test_the_workloads_benchmark_prints_its_figures(capsys):
+    from benchmarks import workloads
+
+    result = workloads.main(
+        [
+            "--num-envs",
+            "2",
+            "--steps",
+            "2",
+            "--max-steps",
+            "4",
+            "--encoder-layers",
+            "1",
+            "--skip-gpt2",
+        ]
+    )
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert result["bertscore"]["batched_over_single"] > 0

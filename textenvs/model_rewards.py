@@ -4,8 +4,8 @@
   over the references. ``reward_kwargs``: ``model`` (a hub name or a ``save_pretrained`` folder of
   an encoder; default ``roberta-large``, the package's English default), ``num_layers`` (the
   layer whose embeddings are matched; the package's default for a model it knows, else
-  required), ``output`` (``"f1"``, default, ``"precision"`` or ``"recall"``), ``idf`` (False),
-  ``batch_size`` (64).
+  required), ``output`` (``"f1"``, default, ``"precision"`` or ``"recall"``), ``batch_size``
+  (64); tokens are not idf-weighted.
 * ``reward="classifier"``: any ``AutoModelForSequenceClassification`` (a sentiment classifier, a
   reward model). ``reward_kwargs``: ``model`` (required), ``label`` (a label name of its
   ``config.id2label`` or an index; default ``"POSITIVE"``, matched without case), ``output``
@@ -26,6 +26,7 @@ Weights load from safetensors with ``trust_remote_code`` off: a local folder wit
 
 from __future__ import annotations
 
+import collections
 import inspect
 import math
 import os
@@ -136,24 +137,29 @@ def _local_weights(model: str, what: str) -> None:
 class BERTScoreMetric(BatchedMetric):
     """BERTScore of each text against its references (the best over them), from ``bert-score``.
 
+    The encoder, the tokenization and the greedy matching are the package's own
+    (``bert_score.utils.get_bert_embedding`` and ``greedy_cos_idf``, what ``BERTScorer.score``
+    runs); the references' embeddings are remembered (the last ``REFERENCES_KEPT``), because an
+    env scores the same references at every step of an episode: a step encodes only the new
+    texts, in one batch.
+
     Args:
         model: The encoder: a hub name or a local ``save_pretrained`` folder.
         num_layers: Which layer's embeddings are matched (required for a model the package does
             not know).
         output: ``"f1"``, ``"precision"`` or ``"recall"``.
-        idf: Weight tokens by inverse document frequency (of the references scored).
         batch_size: Texts per forward of the encoder.
         device: Where the encoder runs.
     """
 
     OUTPUTS = ("precision", "recall", "f1")
+    REFERENCES_KEPT = 4096
 
     def __init__(
         self,
         model: str = "roberta-large",
         num_layers: int | None = None,
         output: str = "f1",
-        idf: bool = False,
         batch_size: int = 64,
         device: str = "cpu",
     ) -> None:
@@ -181,7 +187,6 @@ class BERTScoreMetric(BatchedMetric):
             model_type=os.fspath(model),
             num_layers=num_layers,
             batch_size=batch_size,
-            idf=idf,
             device=device,
             use_fast_tokenizer=True,
         )
@@ -191,12 +196,66 @@ class BERTScoreMetric(BatchedMetric):
         positions = getattr(config, "max_position_embeddings", None) or 512
         if not tokenizer.model_max_length or tokenizer.model_max_length > positions:
             tokenizer.model_max_length = positions
+        # no idf weighting: every token weighs 1, the special tokens 0 (BERTScorer's default)
+        self._idf = collections.defaultdict(lambda: 1.0)
+        self._idf[tokenizer.sep_token_id] = 0
+        self._idf[tokenizer.cls_token_id] = 0
+        self._references: collections.OrderedDict[str, tuple] = collections.OrderedDict()
 
-    def score_batch(self, texts, references, prompts) -> list[float]:
-        scores = self.scorer.score(
-            list(texts), [list(r) for r in references], batch_size=self.batch_size
+    def _embed(self, sentences: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each sentence's ``(embedding (T, d), idf (T,))``, encoded longest first in batches."""
+        from bert_score.utils import get_bert_embedding
+
+        order = sorted(set(sentences), key=lambda x: len(x.split(" ")), reverse=True)
+        out = {}
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            embedding, mask, idf = get_bert_embedding(
+                batch,
+                self.scorer._model,
+                self.scorer._tokenizer,
+                self._idf,
+                device=self.scorer.device,
+            )
+            for i, sentence in enumerate(batch):
+                n = int(mask[i].sum())
+                out[sentence] = (embedding[i, :n], idf[i, :n])
+        return out
+
+    @staticmethod
+    def _padded(stats: list[tuple[torch.Tensor, torch.Tensor]]):
+        from torch.nn.utils.rnn import pad_sequence
+
+        embeddings, idfs = zip(*stats)
+        lengths = torch.tensor([e.shape[0] for e in embeddings])
+        mask = torch.arange(int(lengths.max()))[None] < lengths[:, None]  # (B, T)
+        return (
+            pad_sequence(list(embeddings), batch_first=True, padding_value=2.0),  # (B, T, d)
+            mask.to(embeddings[0].device),
+            pad_sequence(list(idfs), batch_first=True),  # (B, T)
         )
-        return scores[self.output].tolist()
+
+    @torch.inference_mode()
+    def score_batch(self, texts, references, prompts) -> list[float]:
+        from bert_score.utils import greedy_cos_idf
+
+        new = [r for refs in references for r in refs if r not in self._references]
+        self._references.update(self._embed(new))
+        while len(self._references) > self.REFERENCES_KEPT:
+            self._references.popitem(last=False)
+        ref_stats = {r: self._references[r] for refs in references for r in refs}
+        hyp_stats = self._embed(list(texts))
+        pairs = [(text, r) for text, refs in zip(texts, references) for r in refs]
+        precision, recall, f1 = greedy_cos_idf(
+            *self._padded([ref_stats[r] for _, r in pairs]),
+            *self._padded([hyp_stats[t] for t, _ in pairs]),
+        )
+        scores = torch.stack([precision, recall, f1], -1)[:, self.output].tolist()
+        values, at = [], 0
+        for refs in references:  # the best over each text's references
+            values.append(max(scores[at : at + len(refs)]))
+            at += len(refs)
+        return values
 
 
 class ClassifierMetric(BatchedMetric):
