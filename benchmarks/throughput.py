@@ -376,9 +376,11 @@ def random_gpt2(size: str, vocab_size: int | None = None) -> str:
 
 # Every id in each of its observation / action modes (``--memory-all``): generation in vocab and
 # top-k mode, editing with pooled and per-position observations (and top-k tokens, their default).
+# The benchmark ids (hub datasets, GPT-2 by default) are left out: this runs offline.
+_BUILTIN_GENERATION_IDS = [i for i in textenvs.GENERATION_IDS if i not in textenvs.BENCHMARK_IDS]
 MEMORY_CASES_ALL = [
-    *((env_id, {}) for env_id in textenvs.GENERATION_IDS),
-    *((env_id, {"token_mode": "topk", "k": 4}) for env_id in textenvs.GENERATION_IDS),
+    *((env_id, {}) for env_id in _BUILTIN_GENERATION_IDS),
+    *((env_id, {"token_mode": "topk", "k": 4}) for env_id in _BUILTIN_GENERATION_IDS),
     *((env_id, {}) for env_id in textenvs.EDIT_IDS),
     *((env_id, {"obs": "positions"}) for env_id in textenvs.EDIT_IDS),
 ]

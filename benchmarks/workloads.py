@@ -51,30 +51,6 @@ def random_encoder(folder: str, layers: int) -> str:
     return folder
 
 
-def random_gpt2_124m(folder: str) -> str:
-    """A random GPT-2 of the 124M layout with the built-in tokenizer (its ids are < 1,024, every
-    one of the 50,257 head rows is an action)."""
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    from textenvs.lm import BUILTIN_MODELS, TINY
-
-    tokenizer = AutoTokenizer.from_pretrained(BUILTIN_MODELS[TINY])
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=50257,
-        n_positions=1024,
-        n_embd=768,
-        n_layer=12,
-        n_head=12,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-    )
-    GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def cnndm_files(folder: str, n: int) -> dict:
     """``data_files`` of CNN/DailyMail's schema: each article is several built-in articles (longer
     than 1,024 tokens), its highlights the first one's headline."""
@@ -145,9 +121,10 @@ def measure_bertscore(args: argparse.Namespace, folder: str) -> dict:
 def measure_gpt2(args: argparse.Namespace, folder: str) -> dict:
     import gymnasium as gym
 
+    from benchmarks.throughput import random_gpt2
     from textenvs.lm import shared_model
 
-    model = random_gpt2_124m(os.path.join(folder, "gpt2"))
+    model = random_gpt2("small", vocab_size=50257)  # GPT-2's 124M layout, its 50,257 head rows
     files = cnndm_files(folder, args.num_envs * 2)
     shared_model(model)  # the weights are not the envs' memory
     before = rss_mb()

@@ -134,47 +134,45 @@ def _bert_tokenizer(folder: str):
     return BertTokenizerFast(vocab_file=path, model_max_length=128)
 
 
-def random_encoder_dir(folder: str) -> str:
-    """A randomly initialised 2-layer BERT encoder and its tokenizer, saved with save_pretrained
-    (a stand-in for BERTScore's roberta-large)."""
+def _save_bert(folder: str, model_class, **config) -> str:
+    """A randomly initialised 2-layer BERT (``model_class``) and its tokenizer, saved with
+    save_pretrained."""
     import torch
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig
 
     os.makedirs(folder, exist_ok=True)
     tokenizer = _bert_tokenizer(folder)
     torch.manual_seed(0)
-    config = BertConfig(
+    layout = BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,
+        **config,
     )
-    BertModel(config).save_pretrained(folder, safe_serialization=True)
+    model_class(layout).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def random_encoder_dir(folder: str) -> str:
+    """A random BERT encoder (a stand-in for BERTScore's roberta-large)."""
+    from transformers import BertModel
+
+    return _save_bert(folder, BertModel)
 
 
 def random_classifier_dir(folder: str) -> str:
-    """A randomly initialised 2-layer BERT sentiment classifier (labels NEGATIVE / POSITIVE) and
-    its tokenizer, saved with save_pretrained (a stand-in for lvwerra/distilbert-imdb)."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    """A random BERT sentiment classifier, labels NEGATIVE / POSITIVE (a stand-in for
+    lvwerra/distilbert-imdb)."""
+    from transformers import BertForSequenceClassification
 
-    os.makedirs(folder, exist_ok=True)
-    tokenizer = _bert_tokenizer(folder)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        id2label={0: "NEGATIVE", 1: "POSITIVE"},
-        label2id={"NEGATIVE": 0, "POSITIVE": 1},
+    labels = {0: "NEGATIVE", 1: "POSITIVE"}
+    return _save_bert(
+        folder,
+        BertForSequenceClassification,
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
     )
-    BertForSequenceClassification(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
