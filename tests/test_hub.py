@@ -204,3 +204,16 @@ def test_hf_loader_offline_says_what_to_do(tmp_path):
         load_dataset(
             "hf:someorg/absent", source_key="a", reference_key="b", cache_dir=str(tmp_path)
         )
+
+
+def test_a_large_split_measures_its_share_cut_on_a_subset(monkeypatch):
+    from textenvs.envs import base
+
+    monkeypatch.setattr(base, "EXACT_TRUNCATION_COUNT", 10)
+    monkeypatch.setattr(base, "TRUNCATION_SUBSET", 6)
+    with pytest.warns(UserWarning, match=r"About \d+% of the 12 samples .*measured on 6"):
+        env = _cnn_env(max_steps=40, split="validation")
+    assert (env.prompt_lengths() == env.lm.max_positions - 40).all()
+    for i in range(len(env.samples)):
+        env.reset(options={"index": i})
+        assert len(env.sequence) + 40 <= env.lm.max_positions

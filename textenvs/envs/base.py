@@ -84,6 +84,47 @@ def invalid_rows(space: spaces.Discrete | spaces.MultiDiscrete, actions: np.ndar
 _LENGTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+# A prompt's prefix of this many characters per token of the limit says whether it is longer than
+# the limit (English BPE runs at about 4 characters a token); one that does not say is counted
+# whole, so the count is exact whatever the text.
+CHARS_PER_TOKEN_SHOWN = 6
+# A split of more samples than this has its share of over-long prompts measured on a seeded
+# subset of TRUNCATION_SUBSET when too_long="truncate" (cutting needs no count): CNN/DM's 287k
+# train articles are not all tokenized before the first episode.
+EXACT_TRUNCATION_COUNT = 20_000
+TRUNCATION_SUBSET = 2_000
+
+
+def count_prompt_tokens(
+    task: Task,
+    samples: Sequence[Sample],
+    lm: LanguageModel,
+    chat_template: bool = False,
+    beyond: int | None = None,
+) -> list[int]:
+    """The token count of each sample's prompt (rendered as a user turn with
+    ``chat_template``). ``beyond=n``: a prompt longer than ``n`` tokens may be counted only as far
+    as a prefix of it shows that it is (a lower bound above ``n``), which is all that cutting
+    sources to ``n`` tokens needs; long articles are not tokenized whole."""
+    chars = None if beyond is None else CHARS_PER_TOKEN_SHOWN * (beyond + 2)
+    lengths: list[int] = []
+    for start in range(0, len(samples), 1024):  # batches keep the memory of a large split flat
+        prompts = [task.prompt(s) for s in samples[start : start + 1024]]
+        shown = prompts if chars is None else [p[:chars] for p in prompts]
+        counts = [len(ids) for ids in lm.encode_prompts(shown, chat_template)]
+        # a prefix whose count is not clearly above `beyond` (a token may straddle the cut) says
+        # nothing about the whole prompt: count those whole
+        unsure = [
+            i
+            for i, (p, c) in enumerate(zip(prompts, counts))
+            if chars is not None and len(p) > chars and c <= beyond + 1
+        ]
+        for i, ids in zip(unsure, lm.encode_prompts([prompts[i] for i in unsure], chat_template)):
+            counts[i] = len(ids)
+        lengths += counts
+    return lengths
+
+
 def prompt_lengths(
     task: Task,
     split: str,
@@ -91,36 +132,13 @@ def prompt_lengths(
     chat_template: bool = False,
     beyond: int | None = None,
 ) -> np.ndarray:
-    """``(n,)`` int32: the token count of every prompt of a split (computed once per process);
-    with ``chat_template``, of the prompt rendered as a user turn.
-
-    ``beyond=n``: a prompt longer than ``n`` tokens may be counted only as far as a prefix of it
-    shows that it is (the count is then a lower bound above ``n``), which is all that cutting
-    sources to ``n`` tokens needs: the 287k long articles of a CNN/DM train split are not
-    tokenized whole, only their first ``16 (n + 2)`` characters.
-    """
+    """``(n,)`` int32: :func:`count_prompt_tokens` of every sample of a split, computed once per
+    process."""
     per_task = _LENGTHS.setdefault(task, {})
     key = (split, lm.name, chat_template, beyond)
     if key not in per_task:
-        samples = task.split(split)
-        lengths: list[int] = []
-        chars = None if beyond is None else 16 * (beyond + 2)
-        for start in range(0, len(samples), 1024):  # batches keep the memory of a large split flat
-            prompts = [task.prompt(s) for s in samples[start : start + 1024]]
-            shown = prompts if chars is None else [p[:chars] for p in prompts]
-            counts = [len(ids) for ids in lm.encode_prompts(shown, chat_template)]
-            # a prefix whose count is not clearly above `beyond` (a token may straddle the cut)
-            # says nothing about the whole prompt: count those whole
-            unsure = [
-                i
-                for i, (p, c) in enumerate(zip(prompts, counts))
-                if chars is not None and len(p) > chars and c <= beyond + 1
-            ]
-            whole = lm.encode_prompts([prompts[i] for i in unsure], chat_template)
-            for i, ids in zip(unsure, whole):
-                counts[i] = len(ids)
-            lengths += counts
-        per_task[key] = np.asarray(lengths, dtype=np.int32)
+        counts = count_prompt_tokens(task, task.split(split), lm, chat_template, beyond)
+        per_task[key] = np.asarray(counts, dtype=np.int32)
     return per_task[key]
 
 
@@ -265,6 +283,9 @@ class TextEnv(gym.Env):
                 f"{budget_name}={budget} leaves no room for a prompt in {where}: lower "
                 f"{budget_name}."
             )
+        if self.too_long == "truncate" and len(self.samples) > EXACT_TRUNCATION_COUNT:
+            self._measure_truncation(limit - budget, budget_name, budget, where, remedy)
+            return
         beyond = limit - budget if self.too_long == "truncate" else None
         lengths = prompt_lengths(self.task, self.split, self.lm, self.chat_template, beyond)
         fits = lengths + budget <= limit
@@ -310,8 +331,32 @@ class TextEnv(gym.Env):
     def prompt_lengths(self) -> np.ndarray:
         """``(len(samples),)`` int32: the token count of the prompt of every sample the env plays
         (its split, less those skipped with ``too_long="skip"``; at most the room left by the
-        budget with ``too_long="truncate"``), counted once per process."""
+        budget with ``too_long="truncate"``, and that room itself for every sample of a split
+        larger than ``EXACT_TRUNCATION_COUNT``, which is not counted), counted once per
+        process."""
         return self._prompt_lengths
+
+    def _measure_truncation(
+        self, room: int, budget_name: str, budget: int, where: str, remedy: str
+    ) -> None:
+        """``too_long="truncate"`` on a large split: every prompt is cut to ``room`` tokens when
+        drawn; the share cut is measured on a seeded subset, so the env starts at once."""
+        self._check_truncation_fits(room, budget_name, budget, where, remedy)
+        n = len(self.samples)
+        chosen = np.sort(np.random.default_rng(0).choice(n, TRUNCATION_SUBSET, replace=False))
+        counts = count_prompt_tokens(
+            self.task, [self.samples[int(i)] for i in chosen], self.lm, self.chat_template, room
+        )
+        share = float(np.mean(np.asarray(counts) > room))
+        self._prompt_lengths = np.full(n, room, dtype=np.int32)  # at most room: cut to fit
+        warnings.warn(
+            f"About {share:.0%} of the {n} samples of split {self.split!r} (measured on "
+            f"{TRUNCATION_SUBSET} drawn with seed 0) have a prompt longer than {room} tokens "
+            f"({where} less {budget_name}={budget}): their sources are cut to fit when drawn "
+            "(too_long='truncate').",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def _check_truncation_fits(
         self, room: int, budget_name: str, budget: int, where: str, remedy: str

@@ -213,6 +213,9 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 
+Groups = np.ndarray | list[np.ndarray]
+
+
 class HubSamples(Sequence):
     """The samples of one split of a hub dataset, made from its rows when accessed.
 
@@ -221,16 +224,18 @@ class HubSamples(Sequence):
     """
 
     def __init__(
-        self, rows, groups: list[np.ndarray], benchmark: Benchmark, options: dict, where: str
+        self, rows, groups: Groups, benchmark: Benchmark, options: dict, where: str
     ) -> None:
         self.rows, self.benchmark, self.options, self.path = rows, benchmark, options, where
-        self.groups = groups  # per sample, the row numbers it is made of
+        # per sample its row numbers: an (n,) int64 array of one row each (8 bytes a sample),
+        # or a list of arrays for grouped rows (CommonGen's concept sets)
+        self.groups = groups
 
     def __len__(self) -> int:
         return len(self.groups)
 
-    def _sample(self, rows: np.ndarray) -> Sample | None:
-        records = [self.rows[int(r)] for r in rows]
+    def _sample(self, rows) -> Sample | None:
+        records = [self.rows[int(r)] for r in np.atleast_1d(rows)]
         if self.benchmark.group_by is None:
             return self.benchmark.row_sample(records[0], self.options)
         return self.benchmark.row_sample(records, self.options)
@@ -245,7 +250,7 @@ class HubSamples(Sequence):
 
     def row_of(self, index: int) -> int:
         """The hub row (the first, for a group) of sample ``index``."""
-        return int(self.groups[index][0])
+        return int(np.atleast_1d(self.groups[index])[0])
 
 
 def wmt16_options(pair: object) -> dict:
@@ -318,7 +323,9 @@ def benchmark_task(name: str, **kwargs) -> Task:
         if (start, end) != (0.0, 1.0):  # a seeded share of the split, disjoint from the rest
             order = np.random.default_rng(0).permutation(len(groups))
             chosen = np.sort(order[round(start * len(groups)) : round(end * len(groups))])
-            part_groups = [groups[i] for i in chosen]
+            part_groups = (
+                groups[chosen] if isinstance(groups, np.ndarray) else [groups[i] for i in chosen]
+            )
             where_part = f"{where} [{start:.0%}, {end:.0%}) of a seeded shuffle"
         else:
             part_groups, where_part = groups, where
@@ -450,22 +457,23 @@ def unavailable_message(
     )
 
 
-def _usable_groups(rows, benchmark: Benchmark, options: dict, where: str) -> list[np.ndarray]:
+def _usable_groups(rows, benchmark: Benchmark, options: dict, where: str) -> Groups:
     """Per sample, its row numbers; rows without a usable source or reference are left out."""
     if benchmark.group_by is None:  # one pass over the table in batches of rows
-        usable, index = [], 0
+        kept, index = [], 0
         for batch in rows.iter(batch_size=1024):
             for record in (dict(zip(batch, values)) for values in zip(*batch.values())):
                 if benchmark.row_sample(record, options) is not None:
-                    usable.append(np.array([index]))
+                    kept.append(index)
                 index += 1
+        usable = np.asarray(kept, dtype=np.int64)
     else:
         keys = np.asarray(rows[benchmark.group_by])
         order = np.argsort(keys, kind="stable")
         _, starts = np.unique(keys[order], return_index=True)
         samples = HubSamples(rows, np.split(order, starts[1:]), benchmark, options, where)
         usable = [g for g, s in zip(samples.groups, samples) if s is not None]
-    if not usable:
+    if not len(usable):
         raise ValueError(
             f"{where} holds no usable sample (each needs a non-empty source and reference)."
         )
