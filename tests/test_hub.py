@@ -158,18 +158,27 @@ def test_imdb_truncation_keeps_the_end_of_the_prefix():
     assert len(env.lm.encode(env.prompt)) + 500 <= env.lm.max_positions
 
 
-def test_edit_env_takes_a_benchmark_task():
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_edit_env_takes_every_benchmark_task(name):
+    reward = {"reward_kwargs": {"model": CLASSIFIER_DIR}} if name == "imdb" else {}
     env = gym.make(
         "textenvs/Edit-v0",
-        task="xsum",
-        dataset_kwargs=hub_fixture("xsum"),
+        task=name,
+        dataset_kwargs=hub_fixture(name),
         too_long="truncate",
         max_len=16,
         max_steps=4,
+        **reward,
     ).unwrapped
     obs, info = env.reset(seed=1)
-    assert info["prompt"].endswith("\nTL;DR:") and info["metric_name"] == "rougeL"
-    env.step(env.action_space.sample())
+    task = benchmark_task(name, **hub_fixture(name))
+    assert info["metric_name"] == task.default_reward
+    assert env.sample.source in env.prompt or env.too_long == "truncate"
+    for _ in range(4):
+        *_, reward_, terminated, truncated, info = env.step(env.action_space.sample())
+        assert np.isfinite(reward_)
+        if terminated or truncated:
+            break
 
 
 def test_dataset_kwargs_without_a_dataset_are_refused_for_builtin_tasks():

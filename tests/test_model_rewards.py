@@ -68,6 +68,10 @@ def test_classifier_refusals(random_gpt2_dir, tmp_path):
         shared_metric("classifier", {"model": str(tmp_path)})
     with pytest.raises(ValueError, match="num_layers"):
         shared_metric("bertscore", {"model": ENCODER_DIR})
+    with pytest.raises(ValueError, match="batch_size.*int >= 1"):
+        shared_metric("bertscore", {**BERTSCORE, "batch_size": 0})
+    with pytest.raises(ValueError, match="max_length.*int >= 1"):
+        shared_metric("classifier", {"model": CLASSIFIER_DIR, "max_length": "64"})
     with pytest.raises(ValueError, match="takes none"):
         gym.make("textenvs/Summarize-v0", reward_kwargs={"model": ENCODER_DIR})
 
@@ -241,3 +245,29 @@ def test_a_tokenizer_without_a_chat_template_is_refused():
         gym.make("textenvs/Summarize-v0", chat_template=True)
     with pytest.raises(ValueError, match="chat_template must be True or False"):
         gym.make("textenvs/Summarize-v0", chat_template="yes")
+
+
+def test_token_ppo_trains_a_chat_model_through_its_template(chat_model_dir):
+    from agents.token_ppo import TokenPPO, TokenPPOConfig
+
+    folder, _ = chat_model_dir
+    trainer = TokenPPO(
+        TokenPPOConfig(
+            model=folder,
+            env_kwargs={"chat_template": True},
+            num_envs=2,
+            max_new_tokens=4,
+            total_episodes=4,
+            minibatch_size=2,
+            num_epochs=1,
+            eval_samples=2,
+        )
+    )
+    history = trainer.train(progress=False)
+    assert history and np.isfinite(history[-1]["kl"])
+    rollout_env = trainer.envs.unwrapped.envs[0]
+    assert rollout_env.chat_template
+    assert rollout_env.sequence.ids[: rollout_env._prompt_len] == rollout_env.encode_prompt(
+        rollout_env.prompt
+    )
+    assert np.isfinite(trainer.evaluate())

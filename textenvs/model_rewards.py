@@ -119,6 +119,11 @@ class BatchMetric(BatchedMetric):
         return list(self.fn(list(texts), list(references)))
 
 
+def _check_positive(name: str, value: object) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(f"reward_kwargs[{name!r}] must be an int >= 1, got {value!r}.")
+
+
 def _local_weights(model: str, what: str) -> None:
     """A local folder must hold safetensors weights and need no code of its own."""
     from textenvs.lm import refuse_remote_code
@@ -179,6 +184,9 @@ class BERTScoreMetric(BatchedMetric):
                 "(bert-score knows the best layer only of the models it lists): pass the layer "
                 "to match, e.g. reward_kwargs={'model': ..., 'num_layers': 2}."
             )
+        _check_positive("batch_size", batch_size)
+        if num_layers is not None:
+            _check_positive("num_layers", num_layers)
         _local_weights(os.fspath(model), "BERTScore encoder")
         self.__name__ = "bertscore"
         self.output = self.OUTPUTS.index(output)
@@ -301,6 +309,9 @@ class ClassifierMetric(BatchedMetric):
         ):
             if value not in choices:
                 raise ValueError(f"{name}={value!r} is not valid: choose one of {list(choices)}.")
+        _check_positive("batch_size", batch_size)
+        if max_length is not None:
+            _check_positive("max_length", max_length)
         model = os.fspath(model)
         _local_weights(model, "classifier")
         try:
