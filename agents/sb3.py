@@ -14,6 +14,7 @@ import argparse
 import json
 import time
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -183,6 +184,12 @@ def build(env_id: str, config: SB3Config | None = None, **env_kwargs):
                 f"{ {k: env_kwargs.get(k) for k in wanted} }."
             )
     venv = make_vec_env(env_id, config.num_envs, "train", normalizes(config), **env_kwargs)
+    return quiet_logger(_model_on(venv, env_id, config, env_kwargs), config.tensorboard_log)
+
+
+def _model_on(venv, env_id: str, config: SB3Config, env_kwargs: dict):
+    """A new SB3 model of ``config`` on ``venv``: what :func:`build` trains and what
+    :func:`load` rebuilds a checkpoint's serialized fields from."""
     cls = _algo_class(config.algo)
     if config.algo == "maskable_ppo":
         try:
@@ -224,7 +231,7 @@ def build(env_id: str, config: SB3Config | None = None, **env_kwargs):
         tensorboard_log=config.tensorboard_log,
         verbose=0,
     )
-    return quiet_logger(model, config.tensorboard_log)
+    return model
 
 
 def quiet_logger(model, tensorboard_log: str | None):
@@ -373,8 +380,57 @@ def load(path: str | Path):
                 "the model cannot be evaluated as trained without it."
             )
         venv = normalizer(path, venv)
-    model = _algo_class(config.algo).load(path / "model.zip", env=venv)
+    # SB3 keeps these fields of model.zip as cloudpickle, which runs code when unpickled: each is
+    # rebuilt from sb3_config.json instead (custom_objects win over the pickled value and stop
+    # SB3 from unpickling it), and a zip holding any other pickled field is refused unread.
+    serialized = serialized_fields(path / "model.zip")
+    unknown = sorted(serialized - set(REBUILT_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"{path / 'model.zip'} holds pickled fields {unknown} that textenvs does not rebuild "
+            "from sb3_config.json; unpickling them could run code, so nothing was loaded. Load "
+            "only checkpoints written by agents.sb3.save (or SB3's PPO.load on a file you trust)."
+        )
+    fresh = _model_on(venv, meta["env_id"], config, meta["env_kwargs"])
+    custom = {name: getattr(fresh, name) for name in REBUILT_FIELDS}
+    model = _algo_class(config.algo).load(path / "model.zip", env=venv, custom_objects=custom)
     return quiet_logger(model, config.tensorboard_log), meta
+
+
+# The fields of an SB3 model.zip that SB3 serialises with cloudpickle and :func:`load` rebuilds
+# from the checkpoint's sb3_config.json (a fresh model of the same config and env). The rollout
+# state of a model that has trained (its last observation and episode starts, the recent
+# episodes' statistics) starts afresh, as in a new model: a further learn() resets the env.
+REBUILT_FIELDS = (
+    "policy_class",
+    "policy_kwargs",
+    "observation_space",
+    "action_space",
+    "lr_schedule",
+    "learning_rate",
+    "clip_range",
+    "clip_range_vf",
+    "rollout_buffer_class",
+    "rollout_buffer_kwargs",
+    "_last_obs",
+    "_last_original_obs",
+    "_last_episode_starts",
+    "ep_info_buffer",
+    "ep_success_buffer",
+)
+
+
+def serialized_fields(zip_path: str | Path) -> set[str]:
+    """The names of the pickled (cloudpickle) fields of an SB3 ``model.zip``, read as JSON: nothing
+    is unpickled."""
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            data = json.loads(archive.read("data").decode("utf-8"))
+    except (OSError, KeyError, zipfile.BadZipFile, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{zip_path} is not an SB3 model.zip ({e}).") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{zip_path}: its 'data' entry is not a JSON object.")
+    return {k for k, v in data.items() if isinstance(v, dict) and ":serialized:" in v}
 
 
 def normalizer(path: str | Path, venv):
