@@ -32,6 +32,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import PyTorchObs
 
+from textenvs.envs.base import check_bool
 from textenvs.envs.generate import CANDIDATE_OBS_FEATURES
 
 
@@ -68,8 +69,7 @@ class LMPriorPolicy(ActorCriticPolicy):
             raise ValueError(
                 f"prior_temperature must be a finite number > 0, got {prior_temperature!r}."
             )
-        if not isinstance(kl_to_prior, bool):
-            raise ValueError(f"kl_to_prior must be True or False, got {kl_to_prior!r}.")
+        kl_to_prior = check_bool("kl_to_prior", kl_to_prior)
         self.prior_temperature = float(prior_temperature)
         self.kl_to_prior = kl_to_prior
         if not (isinstance(candidate_features, int) and candidate_features >= 0):

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from agents.checkpoint import replace_file_atomically
 from agents.common import evaluate_policy, metric_of
+from textenvs.envs.base import check_bool
 from textenvs.wrappers import DiscretizeObservation, find_action_masks
 
 
@@ -58,6 +59,8 @@ class QLearningConfig:
     """Seed of exploration and of the env resets."""
 
     def validate(self) -> None:
+        for name in ("use_action_masks", "require_action_masks"):
+            check_bool(name, getattr(self, name))
         if not (0 < self.learning_rate <= 1):
             raise ValueError(f"learning_rate must be in (0, 1], got {self.learning_rate}.")
         if not (0 <= self.gamma <= 1):
@@ -501,5 +504,13 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def cli() -> None:
+    """The command line: a user error is one line, ``error: ...``, exit status 2
+    (:func:`textenvs.cli.run_cli`)."""
+    from textenvs.cli import run_cli
+
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -24,6 +24,7 @@ import numpy as np
 import textenvs  # noqa: F401  (registers the ids)
 from agents.checkpoint import read_json_object, recover, save_atomically
 from agents.common import evaluate_policy
+from textenvs.envs.base import check_bool
 from textenvs.vector import as_sb3_vec_env
 
 ALGOS = ("ppo", "maskable_ppo")
@@ -94,6 +95,7 @@ class SB3Config:
     """Folder for TensorBoard logs (None: no logging)."""
 
     def validate(self) -> None:
+        check_bool("normalize_obs", self.normalize_obs)
         if self.algo not in ALGOS:
             raise ValueError(f"algo={self.algo!r} is not valid: choose one of {list(ALGOS)}.")
         if self.policy not in POLICIES:
@@ -594,5 +596,13 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def cli() -> None:
+    """The command line: a user error is one line, ``error: ...``, exit status 2
+    (:func:`textenvs.cli.run_cli`)."""
+    from textenvs.cli import run_cli
+
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

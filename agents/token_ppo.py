@@ -43,6 +43,7 @@ from tqdm import tqdm
 import textenvs  # noqa: F401  (registers the ids)
 from agents.checkpoint import read_json_object, recover, save_atomically
 from agents.common import evaluate_policy, parse_bool
+from textenvs.envs.base import check_bool
 from textenvs.lm import LanguageModel
 
 
@@ -134,6 +135,10 @@ class TokenPPOConfig:
     ``accelerate launch``, ``no`` leaves the choice to the launcher's ``--mixed_precision``."""
 
     def validate(self) -> None:
+        for name in ("dense", "anneal_lr", "adaptive_kl", "whiten_advantages"):
+            check_bool(name, getattr(self, name))
+        if not isinstance(self.env_kwargs, dict):
+            raise ValueError(f"env_kwargs must be a dict, got {self.env_kwargs!r}.")
         for name in (
             "num_envs",
             "max_new_tokens",
@@ -901,6 +906,11 @@ class TokenPPO:
                 f"No checkpoint in {folder}: train with --checkpoint-dir first."
             )
         folder = Path(folder)
+        if not (folder / "trainer_state.json").exists():
+            raise FileNotFoundError(
+                f"{folder} holds no token-PPO checkpoint (no trainer_state.json): pass a folder "
+                "written by --checkpoint-dir (TokenPPO.save_checkpoint)."
+            )
         state = self._read_trainer_state(folder / "trainer_state.json")
 
         def read(name: str, loader):
@@ -1109,5 +1119,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     return report
 
 
+def cli() -> None:
+    """The command line: a user error is one line, ``error: ...``, exit status 2
+    (:func:`textenvs.cli.run_cli`)."""
+    from textenvs.cli import run_cli
+
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

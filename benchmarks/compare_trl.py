@@ -393,5 +393,13 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def cli() -> None:
+    """The command line: a user error is one line, ``error: ...``, exit status 2
+    (:func:`textenvs.cli.run_cli`)."""
+    from textenvs.cli import run_cli
+
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -52,6 +52,7 @@ import gymnasium as gym
 import numpy as np
 
 import textenvs
+from textenvs.cli import CommandLineError
 from textenvs.rewards import METRIC_NAMES
 
 AGENTS = (
@@ -934,7 +935,7 @@ def lock_output_folder(out: Path):
         handle.seek(0)
         owner = handle.read().strip() or "another process"
         handle.close()
-        raise SystemExit(
+        raise CommandLineError(
             f"{out} is in use by another suite run ({owner}): wait for it to finish, or pass "
             "another --out."
         ) from None
@@ -962,7 +963,7 @@ def check_recorded_run(path: Path, record: dict) -> None:
     recorded, now = flat(json.loads(path.read_text())), flat(json.loads(json.dumps(record)))
     changed = sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))
     if changed:
-        raise SystemExit(
+        raise CommandLineError(
             f"{path.parent} holds a run with another budget ({', '.join(changed)} differ from "
             f"{path}): resume with the same --quick/--full, --scale, --seeds and overrides, or "
             "pass another --out (token_ppo.* also differ when the code's token-PPO settings, "
@@ -981,7 +982,7 @@ def load_cells(raw: Path) -> list[dict]:
             cell = json.loads(line)
         except json.JSONDecodeError:
             if number < len(lines):
-                raise SystemExit(
+                raise CommandLineError(
                     f"{raw}, line {number}: not a JSON record; fix or delete the line."
                 ) from None
             print(
@@ -1052,7 +1053,7 @@ def run_suite(args: argparse.Namespace, budget: Budget, out: Path) -> dict:
     from tqdm import tqdm
 
     if any(p.name != LOCK_NAME for p in out.iterdir()) and not (args.resume or args.overwrite):
-        raise SystemExit(
+        raise CommandLineError(
             f"{out} exists and is not empty: pass --resume to keep its finished cells or "
             "--overwrite to start over."
         )
@@ -1150,5 +1151,13 @@ def _versions() -> dict:
     return out
 
 
+def cli() -> None:
+    """The command line: a user error is one line, ``error: ...``, exit status 2
+    (:func:`textenvs.cli.run_cli`)."""
+    from textenvs.cli import run_cli
+
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

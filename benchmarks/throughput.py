@@ -58,6 +58,7 @@ import torch
 
 import textenvs
 from textenvs.batching import takes_prepared_step_mask
+from textenvs.cli import CommandLineError
 from textenvs.envs.edit import DELETE, INSERT, REPLACE, TextEditEnv
 from textenvs.envs.generate import TextGenerationEnv
 
@@ -358,7 +359,7 @@ def random_gpt2(size: str, vocab_size: int | None = None) -> str:
         "medium": dict(n_layer=24, n_embd=1024, n_head=16),
     }
     if size not in layouts:
-        raise SystemExit(f"--random-gpt2 must be one of {list(layouts)}, got {size!r}.")
+        raise CommandLineError(f"--random-gpt2 must be one of {list(layouts)}, got {size!r}.")
     folder = tempfile.mkdtemp(prefix=f"textenvs-gpt2-{size}-")
     tokenizer = AutoTokenizer.from_pretrained(textenvs.lm.BUILTIN_MODELS[textenvs.TINY])
     torch.manual_seed(0)
@@ -509,5 +510,13 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def cli() -> None:
+    """The command line: a user error is one line, ``error: ...``, exit status 2
+    (:func:`textenvs.cli.run_cli`)."""
+    from textenvs.cli import run_cli
+
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

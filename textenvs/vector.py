@@ -67,7 +67,14 @@ class BatchedTextVectorEnv(VectorEnv):
     ) -> None:
         if not (isinstance(num_envs, (int, np.integer)) and num_envs >= 1):
             raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}.")
-        mode = AutoresetMode(autoreset_mode)
+        try:
+            mode = AutoresetMode(autoreset_mode)
+        except ValueError as e:
+            choices = [m.value for m in AutoresetMode if m != AutoresetMode.DISABLED]
+            raise ValueError(
+                f"autoreset_mode={autoreset_mode!r} is not valid: choose one of {choices} (or "
+                "gymnasium.vector.AutoresetMode.SAME_STEP / NEXT_STEP)."
+            ) from e
         if mode == AutoresetMode.DISABLED:
             raise ValueError(
                 "autoreset_mode='Disabled' is not supported: use 'SameStep' or 'NextStep'."

@@ -44,6 +44,14 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
         raise ValueError(f"{name}={value!r} is not valid: choose one of {list(choices)}.")
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` as a bool: True or False (NumPy's too); anything else, ``"False"`` included, is
+    refused with a message (a non-empty string would read as True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+    return bool(value)
+
+
 def check_positive_int(name: str, value: Any) -> int:
     if not (
         isinstance(value, (int, np.integer))
@@ -225,10 +233,8 @@ class TextEnv(gym.Env):
         max_prompt_tokens: int | None = None,
     ) -> None:
         check_choice("obs", obs, self.obs_modes)
-        for name, value in (("text_infos", text_infos), ("chat_template", chat_template)):
-            if not isinstance(value, (bool, np.bool_)):
-                raise ValueError(f"{name} must be True or False, got {value!r}.")
-        self.text_infos, self.chat_template = bool(text_infos), bool(chat_template)
+        self.text_infos = check_bool("text_infos", text_infos)
+        self.chat_template = check_bool("chat_template", chat_template)
         check_choice("too_long", too_long, TOO_LONG_MODES)
         self.too_long = too_long
         if max_prompt_tokens is not None:
@@ -242,6 +248,9 @@ class TextEnv(gym.Env):
         check_choice("token_mode", token_mode, TOKEN_MODES)
         check_choice("render_mode", render_mode, [None, *self.metadata["render_modes"]])
         self.max_steps = check_positive_int("max_steps", max_steps)
+        if not isinstance(layer, (int, np.integer)) or isinstance(layer, (bool, np.bool_)):
+            raise ValueError(f"layer must be an int (an index into hidden_states), got {layer!r}.")
+        check_positive_int("k", k)  # a wrong type is refused in vocab mode too, where k is unused
         self.task = resolve_task(task, dataset, dataset_kwargs)
         self.split, self.samples = split, self.task.split(split)
         self.lm = shared_model(model, device, dtype, layer)

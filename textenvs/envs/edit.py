@@ -14,6 +14,7 @@ from gymnasium.error import ResetNeeded
 from textenvs.batching import greedy_batch
 from textenvs.envs.base import (
     TextEnv,
+    check_bool,
     check_choice,
     check_positive_int,
     finite_observation,
@@ -243,9 +244,8 @@ class TextEditEnv(TextEnv):
         **common: Any,
     ) -> None:
         check_choice("start", start, START_MODES)
-        for name, value in (("flat_actions", flat_actions), ("candidates_obs", candidates_obs)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False, got {value!r}.")
+        flat_actions = check_bool("flat_actions", flat_actions)
+        candidates_obs = check_bool("candidates_obs", candidates_obs)
         self.max_len = check_positive_int("max_len", max_len)
         edit_cost, invalid_penalty = (
             check_weight("edit_cost", edit_cost),

@@ -11,6 +11,7 @@ from gymnasium import spaces
 
 from textenvs.envs.base import (
     TextEnv,
+    check_bool,
     check_positive_int,
     finite_observation,
     renamed_argument,
@@ -186,9 +187,7 @@ class TextGenerationEnv(TextEnv):
             self.context_positions = positions
         self._check_split_fits()
         self.action_space = spaces.Discrete(self.k if token_mode == "topk" else self.lm.vocab_size)
-        if not isinstance(candidates_obs, bool):
-            raise ValueError(f"candidates_obs must be True or False, got {candidates_obs!r}.")
-        self.candidates_obs = candidates_obs
+        self.candidates_obs = check_bool("candidates_obs", candidates_obs)
         size = self.lm.hidden_size
         if obs == "context":  # every position's state, their count, the candidates' ids
             size = self.context_positions * size + 1 + (self.k if token_mode == "topk" else 0)
