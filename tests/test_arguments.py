@@ -80,3 +80,17 @@ def test_agent_configs_refuse_strings_for_booleans():
 def test_a_vector_env_lists_the_autoreset_modes():
     with pytest.raises(ValueError, match="choose one of \\['NextStep', 'SameStep'\\]"):
         gym.make_vec("textenvs/Summarize-v0", num_envs=2, autoreset_mode="Same")
+
+
+def test_context_advice_follows_the_state():
+    """The refusal suggests raising context_positions only while it can be raised."""
+    kwargs = {"obs": "context", "max_steps": 500}
+    with pytest.raises(ValueError) as caught:
+        gym.make("textenvs/Summarize-v0", obs="context", context_positions=100, max_steps=60)
+    assert "raise context_positions" in str(caught.value)
+    with pytest.raises(ValueError) as caught:
+        gym.make("textenvs/Summarize-v0", **kwargs)  # already the model's whole context
+    assert "raise context_positions" not in str(caught.value)
+    assert "longer context" in str(caught.value)
+    with pytest.raises(ValueError, match="raise max_prompt_tokens"):
+        gym.make("textenvs/Summarize-v0", too_long="truncate", max_prompt_tokens=4)

@@ -287,6 +287,7 @@ class TextEnv(gym.Env):
         if self.max_prompt_tokens is not None:  # the prompt is cut to this, whatever the context
             limit = min(limit, self.max_prompt_tokens + budget)
             where = f"max_prompt_tokens={self.max_prompt_tokens} (with {where})"
+            remedy = f"raise max_prompt_tokens, or {remedy}"
         if budget >= limit:
             raise ValueError(
                 f"{budget_name}={budget} leaves no room for a prompt in {where}: lower "

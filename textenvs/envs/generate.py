@@ -213,10 +213,15 @@ class TextGenerationEnv(TextEnv):
     def _position_limit(self) -> tuple[int, str, str]:
         if self.obs_mode != "context":
             return super()._position_limit()
+        remedy = (
+            f"raise context_positions (at most the model's {self.lm.max_positions})"
+            if self.context_positions < self.lm.max_positions
+            else "use a model with a longer context"  # context_positions is at its largest
+        )
         return (
             self.context_positions,
             f"the observed context_positions={self.context_positions}",
-            f"raise context_positions (at most the model's {self.lm.max_positions})",
+            remedy,
         )
 
     # -- Gymnasium API ---------------------------------------------------------------------
