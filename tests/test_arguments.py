@@ -94,3 +94,11 @@ def test_context_advice_follows_the_state():
     assert "longer context" in str(caught.value)
     with pytest.raises(ValueError, match="raise max_prompt_tokens"):
         gym.make("textenvs/Summarize-v0", too_long="truncate", max_prompt_tokens=4)
+
+
+@pytest.mark.parametrize(("name", "value"), [("n_bits", True), ("n_bits", 2.0), ("method", "lsh")])
+def test_the_discretizer_refuses_wrong_values(name, value):
+    from textenvs.wrappers import DiscretizeObservation
+
+    with pytest.raises(ValueError, match=name):
+        DiscretizeObservation(gym.make("textenvs/Summarize-v0", max_steps=4), **{name: value})

@@ -101,6 +101,11 @@ def _random_action(space: spaces.Space, rng: np.random.Generator):
     )
 
 
+def _is_int(value: object) -> bool:
+    """An int that is not a bool (True would pass for 1)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 class DiscretizeObservation(gym.ObservationWrapper):
     """Map the hidden-state observation to a ``Discrete`` state for tabular agents.
 
@@ -150,11 +155,11 @@ class DiscretizeObservation(gym.ObservationWrapper):
             raise ValueError(
                 f"DiscretizeObservation needs a Box observation space, got {env.observation_space}."
             )
-        if method == "hash" and not (isinstance(n_bits, int) and 1 <= n_bits <= 24):
+        if method == "hash" and not (_is_int(n_bits) and 1 <= n_bits <= 24):
             raise ValueError(
                 f"n_bits must be an int in [1, 24] (2 ** n_bits states), got {n_bits!r}."
             )
-        if method == "kmeans" and not (isinstance(n_clusters, int) and 2 <= n_clusters <= n_fit):
+        if method == "kmeans" and not (_is_int(n_clusters) and 2 <= n_clusters <= n_fit):
             raise ValueError(
                 f"n_clusters must be an int in [2, n_fit={n_fit}], got {n_clusters!r}."
             )
