@@ -265,3 +265,14 @@ def test_models_with_other_activations_are_left_as_they_are():
     before = [type(m) for m in model.modules()]
     assert lm_backend.fuse_tanh_gelu(model) == 0
     assert [type(m) for m in model.modules()] == before
+
+
+def test_loading_a_model_prints_no_progress_bar(capfd):
+    from transformers.utils import logging as hf_logging
+
+    from textenvs.lm import LanguageModel
+
+    capfd.readouterr()
+    LanguageModel(lm_backend.TINY)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # the user's own loads keep their bars

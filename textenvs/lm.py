@@ -25,6 +25,7 @@ it, and compute log-probabilities for a gradient step with a separate forward.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import inspect
 import json
@@ -137,6 +138,22 @@ def resolve_model_path(name: str | os.PathLike) -> str:
     return name
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """transformers' per-load progress bars ("Loading weights") off while a model loads: an env
+    (or each of N workers) loading a model prints nothing; restored after, so a user's own loads
+    keep theirs."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def fuse_tanh_gelu(model: torch.nn.Module) -> int:
     """Swap every ``NewGELUActivation`` (transformers' tanh GELU, seven elementwise ops) in
     ``model`` for ``GELUTanh``, PyTorch's one-kernel tanh GELU: the same function, within an ulp.
@@ -178,14 +195,15 @@ class LanguageModel:
         path = resolve_model_path(self.name)
         refuse_remote_code(path)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-            self.model, loading = AutoModelForCausalLM.from_pretrained(
-                path,
-                trust_remote_code=False,
-                use_safetensors=True,
-                dtype=dtype,
-                output_loading_info=True,
-            )
+            with quiet_loading():
+                self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+                self.model, loading = AutoModelForCausalLM.from_pretrained(
+                    path,
+                    trust_remote_code=False,
+                    use_safetensors=True,
+                    dtype=dtype,
+                    output_loading_info=True,
+                )
         except (OSError, ValueError, KeyError) as e:
             reason = "it needs its own code" if "trust_remote_code" in str(e) else str(e)
             raise ValueError(

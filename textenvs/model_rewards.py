@@ -191,13 +191,16 @@ class BERTScoreMetric(BatchedMetric):
         self.__name__ = "bertscore"
         self.output = self.OUTPUTS.index(output)
         self.batch_size = batch_size
-        self.scorer = BERTScorer(
-            model_type=os.fspath(model),
-            num_layers=num_layers,
-            batch_size=batch_size,
-            device=device,
-            use_fast_tokenizer=True,
-        )
+        from textenvs.lm import quiet_loading
+
+        with quiet_loading():
+            self.scorer = BERTScorer(
+                model_type=os.fspath(model),
+                num_layers=num_layers,
+                batch_size=batch_size,
+                device=device,
+                use_fast_tokenizer=True,
+            )
         # bert-score cuts texts at the tokenizer's model_max_length: a tokenizer saved without a
         # limit (a huge sentinel) would overflow it and overrun the encoder's positions
         tokenizer, config = self.scorer._tokenizer, self.scorer._model.config
@@ -315,10 +318,13 @@ class ClassifierMetric(BatchedMetric):
         model = os.fspath(model)
         _local_weights(model, "classifier")
         try:
-            self.model, loading = AutoModelForSequenceClassification.from_pretrained(
-                model, trust_remote_code=False, use_safetensors=True, output_loading_info=True
-            )
-            self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+            from textenvs.lm import quiet_loading
+
+            with quiet_loading():
+                self.model, loading = AutoModelForSequenceClassification.from_pretrained(
+                    model, trust_remote_code=False, use_safetensors=True, output_loading_info=True
+                )
+                self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(
                 f"Could not load {model!r} as a sequence classifier with safetensors weights: {e}"
