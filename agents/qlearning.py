@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from agents.checkpoint import replace_file_atomically
 from agents.common import evaluate_policy, metric_of
+from textenvs.cli import run_cli
 from textenvs.envs.base import check_bool
 from textenvs.wrappers import DiscretizeObservation, find_action_masks
 
@@ -504,13 +505,5 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def cli() -> None:
-    """The command line: a user error is one line, ``error: ...``, exit status 2
-    (:func:`textenvs.cli.run_cli`)."""
-    from textenvs.cli import run_cli
-
-    run_cli(main)
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(main)  # a user error as one line, "error: ...", exit status 2

@@ -35,6 +35,7 @@ from agents.token_ppo import (
     make_rollout_envs,
     require,
 )
+from textenvs.cli import run_cli
 from textenvs.lm import LanguageModel
 
 
@@ -189,13 +190,5 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def cli() -> None:
-    """The command line: a user error is one line, ``error: ...``, exit status 2
-    (:func:`textenvs.cli.run_cli`)."""
-    from textenvs.cli import run_cli
-
-    run_cli(main)
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(main)  # a user error as one line, "error: ...", exit status 2

@@ -24,6 +24,7 @@ import numpy as np
 import textenvs  # noqa: F401  (registers the ids)
 from agents.checkpoint import read_json_object, recover, save_atomically
 from agents.common import evaluate_policy
+from textenvs.cli import run_cli
 from textenvs.envs.base import check_bool
 from textenvs.vector import as_sb3_vec_env
 
@@ -596,13 +597,5 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def cli() -> None:
-    """The command line: a user error is one line, ``error: ...``, exit status 2
-    (:func:`textenvs.cli.run_cli`)."""
-    from textenvs.cli import run_cli
-
-    run_cli(main)
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(main)  # a user error as one line, "error: ...", exit status 2

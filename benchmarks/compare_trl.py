@@ -47,6 +47,7 @@ import textenvs
 from agents.common import parse_bool
 from agents.token_ppo import TokenPPO, TokenPPOConfig, greedy_metrics
 from benchmarks.run import hierarchical_bootstrap
+from textenvs.cli import run_cli
 from textenvs.lm import BUILTIN_MODELS, LanguageModel
 from textenvs.rewards import METRIC_NAMES, get_metric
 from textenvs.tasks import builtin_task
@@ -393,13 +394,5 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def cli() -> None:
-    """The command line: a user error is one line, ``error: ...``, exit status 2
-    (:func:`textenvs.cli.run_cli`)."""
-    from textenvs.cli import run_cli
-
-    run_cli(main)
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(main)  # a user error as one line, "error: ...", exit status 2

@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from textenvs.cli import run_cli
+
 CHILD = """
 import json, sys
 import gymnasium as gym
@@ -85,13 +87,5 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def cli() -> None:
-    """The command line: a user error is one line, ``error: ...``, exit status 2
-    (:func:`textenvs.cli.run_cli`)."""
-    from textenvs.cli import run_cli
-
-    run_cli(main)
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(main)  # a user error as one line, "error: ...", exit status 2

@@ -52,7 +52,7 @@ import gymnasium as gym
 import numpy as np
 
 import textenvs
-from textenvs.cli import CommandLineError
+from textenvs.cli import CommandLineError, run_cli
 from textenvs.rewards import METRIC_NAMES
 
 AGENTS = (
@@ -1152,10 +1152,7 @@ def _versions() -> dict:
 
 
 def cli() -> None:
-    """The command line: a user error is one line, ``error: ...``, exit status 2
-    (:func:`textenvs.cli.run_cli`)."""
-    from textenvs.cli import run_cli
-
+    """The console script: a user error as one line (:func:`textenvs.cli.run_cli`)."""
     run_cli(main)
 
 

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from textenvs.cli import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -247,13 +249,5 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def cli() -> None:
-    """The command line: a user error is one line, ``error: ...``, exit status 2
-    (:func:`textenvs.cli.run_cli`)."""
-    from textenvs.cli import run_cli
-
-    run_cli(main)
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(main)  # a user error as one line, "error: ...", exit status 2

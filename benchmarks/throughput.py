@@ -58,7 +58,7 @@ import torch
 
 import textenvs
 from textenvs.batching import takes_prepared_step_mask
-from textenvs.cli import CommandLineError
+from textenvs.cli import CommandLineError, run_cli
 from textenvs.envs.edit import DELETE, INSERT, REPLACE, TextEditEnv
 from textenvs.envs.generate import TextGenerationEnv
 
@@ -511,10 +511,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli() -> None:
-    """The command line: a user error is one line, ``error: ...``, exit status 2
-    (:func:`textenvs.cli.run_cli`)."""
-    from textenvs.cli import run_cli
-
+    """The console script: a user error as one line (:func:`textenvs.cli.run_cli`)."""
     run_cli(main)
 
 

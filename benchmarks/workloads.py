@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from textenvs.cli import run_cli
+
 
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
@@ -183,13 +185,5 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def cli() -> None:
-    """The command line: a user error is one line, ``error: ...``, exit status 2
-    (:func:`textenvs.cli.run_cli`)."""
-    from textenvs.cli import run_cli
-
-    run_cli(main)
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(main)  # a user error as one line, "error: ...", exit status 2

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from textenvs.cli import run_cli
 from textenvs.tasks import BUILTIN_TASKS, builtin_task, unpaired_texts
 
 EOS = "<|endoftext|>"
@@ -200,10 +201,7 @@ def main() -> None:
 
 
 def cli() -> None:
-    """The command line: a user error is one line, ``error: ...``, exit status 2
-    (:func:`textenvs.cli.run_cli`)."""
-    from textenvs.cli import run_cli
-
+    """The console script: a user error as one line (:func:`textenvs.cli.run_cli`)."""
     run_cli(main)
 
 
