@@ -283,11 +283,7 @@ class TextEnv(gym.Env):
         is never stuck at the reset that happens to draw an over-long sample.
         """
         budget_name, budget = self._context_budget()
-        limit, where, remedy = self._position_limit()
-        if self.max_prompt_tokens is not None:  # the prompt is cut to this, whatever the context
-            limit = min(limit, self.max_prompt_tokens + budget)
-            where = f"max_prompt_tokens={self.max_prompt_tokens} (with {where})"
-            remedy = f"raise max_prompt_tokens, or {remedy}"
+        limit, where, remedy = self._prompt_limit()
         if budget >= limit:
             raise ValueError(
                 f"{budget_name}={budget} leaves no room for a prompt in {where}: lower "
@@ -392,10 +388,7 @@ class TextEnv(gym.Env):
         prompt = self.task.prompt(sample)
         ids = self.encode_prompt(prompt)
         budget_name, budget = self._context_budget()
-        limit, _, _ = self._position_limit()
-        room = limit - budget
-        if self.max_prompt_tokens is not None:
-            room = min(room, self.max_prompt_tokens)
+        room = self._prompt_limit()[0] - budget
         if self.too_long != "truncate" or len(ids) <= room:
             return prompt, ids
         source_ids = self.lm.encode(sample.source)
@@ -410,6 +403,18 @@ class TextEnv(gym.Env):
         raise ValueError(  # _check_truncation_fits makes this unreachable for ordinary templates
             f"No part of the source of sample {sample.source[:40]!r} fits the {room} tokens left "
             f"by {budget_name}={budget}: lower {budget_name}."
+        )
+
+    def _prompt_limit(self) -> tuple[int, str, str]:
+        """:meth:`_position_limit`, lowered to ``max_prompt_tokens`` + the budget where it is set
+        (the prompt is cut to it, whatever the context)."""
+        limit, where, remedy = self._position_limit()
+        if self.max_prompt_tokens is None:
+            return limit, where, remedy
+        return (
+            min(limit, self.max_prompt_tokens + self._context_budget()[1]),
+            f"max_prompt_tokens={self.max_prompt_tokens} (with {where})",
+            f"raise max_prompt_tokens, or {remedy}",
         )
 
     def _position_limit(self) -> tuple[int, str, str]:
@@ -503,7 +508,7 @@ class TextEnv(gym.Env):
         self.index, self.sample = index, self.samples[index]
         self.prompt, prompt_ids = self.prompt_ids_of(self.sample)
         budget_name, budget = self._context_budget()
-        limit, where, remedy = self._position_limit()
+        limit, where, remedy = self._prompt_limit()
         if len(prompt_ids) + budget > limit:
             raise ValueError(
                 f"Sample {index}: the prompt has {len(prompt_ids)} tokens and "
