@@ -274,11 +274,20 @@ class TextGenerationEnv(TextEnv):
         ends = token in self.lm.stop_token_ids or len(self.generated) + 1 >= self.max_steps
         if not (self.shaper.dense or ends):
             return None
-        if token in self.lm.stop_token_ids:
-            self._next_text = self.text
-        else:
-            self._next_text = self.lm.decode([*self.generated, token]).strip()
-        return (self._next_text, self.sample.references, self.prompt)
+        return (self._step_text(), self.sample.references, self.prompt)
+
+    def _step_text(self) -> str:
+        """The text once this step's token is written (the text as it was for a stop token),
+        decoded once a step: by :meth:`pending_score` when a vector env asks, else by
+        :meth:`finish_step`."""
+        if self._next_text is None:
+            token = self._next_token
+            self._next_text = (
+                self.text
+                if token in self.lm.stop_token_ids
+                else self.lm.decode([*self.generated, token]).strip()
+            )
+        return self._next_text
 
     def finish_step(
         self, hidden: torch.Tensor, logits: torch.Tensor, candidates: np.ndarray | None = None
@@ -296,9 +305,8 @@ class TextGenerationEnv(TextEnv):
             self._context[len(self._sequence) - 1] = hidden[-1].cpu().numpy()
         eos = token in self.lm.stop_token_ids  # EOS, or an end-of-turn token of a chat model
         if not eos:
+            self.text = self._step_text()
             self.generated.append(token)
-            # pending_score() decoded it already when a vector env asked
-            self.text = self._next_text or self.lm.decode(self.generated).strip()
         # The token budget is part of the task: the text is final and scored, and no reward can
         # follow, so this is termination (no bootstrapping), not a time-limit truncation
         # (Pardo et al. 2018, "Time Limits in Reinforcement Learning").
