@@ -322,15 +322,16 @@ class LanguageModel:
         if not chat_template:
             return self.encode_batch(prompts)
         self.check_chat_template()
-        out = []
-        for prompt in prompts:
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-            if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
-                ids = ids["input_ids"]
-            out.append(list(ids))
-        return out
+        if not prompts:
+            return []
+        ids = self.tokenizer.apply_chat_template(  # one call for all the conversations
+            [[{"role": "user", "content": prompt}] for prompt in prompts],
+            add_generation_prompt=True,
+            tokenize=True,
+        )
+        if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return [list(row) for row in ids]
 
     def check_chat_template(self) -> None:
         """Refuse ``chat_template=True`` for a tokenizer that has no chat template."""
