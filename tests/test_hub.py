@@ -226,3 +226,21 @@ def test_a_large_split_measures_its_share_cut_on_a_subset(monkeypatch):
     for i in range(len(env.samples)):
         env.reset(options={"index": i})
         assert len(env.sequence) + 40 <= env.lm.max_positions
+
+
+def test_an_edited_local_file_is_read_again(tmp_path):
+    import shutil
+
+    from textenvs.tasks import resolve_task
+
+    files = {}
+    for split, path in hub_fixture("xsum")["data_files"].items():
+        files[split] = str(tmp_path / f"{split}.jsonl")
+        shutil.copy(path, files[split])
+    first = resolve_task("xsum", None, {"data_files": files})
+    assert resolve_task("xsum", None, {"data_files": files}) is first  # loaded once
+    row = {"document": "A new document.", "summary": "A new summary.", "id": "1"}
+    with open(files["test"], "a") as f:
+        f.write(json.dumps(row) + "\n")
+    again = resolve_task("xsum", None, {"data_files": files})
+    assert again is not first and len(again.splits["test"]) == len(first.splits["test"]) + 1

@@ -28,6 +28,7 @@ from textenvs.tasks.builtin import (
 from textenvs.tasks.hub import BENCHMARKS, DatasetUnavailableError, benchmark_task
 from textenvs.tasks.loaders import (
     DatasetFormatError,
+    file_stamp,
     load_csv,
     load_dataset,
     load_hf_dataset,
@@ -52,7 +53,9 @@ def resolve_task(
     if isinstance(task, Task):
         return task
     if task in BENCHMARKS:
-        key = (task, repr(sorted((dataset_kwargs or {}).items())))
+        kwargs = dataset_kwargs or {}
+        # the local files' stamps too, as for dataset= files: an edited file is read again
+        key = (task, repr(sorted(kwargs.items())), *_stamps(kwargs.get("data_files")))
         if key not in _BENCHMARK_TASKS:  # once per process: N sub-envs share the rows
             _BENCHMARK_TASKS[key] = benchmark_task(task, **(dataset_kwargs or {}))
         return _BENCHMARK_TASKS[key]
@@ -65,6 +68,17 @@ def resolve_task(
 
 
 _BENCHMARK_TASKS: dict[tuple, Task] = {}
+
+
+def _stamps(data_files: object) -> list[tuple]:
+    """:func:`~textenvs.tasks.loaders.file_stamp` of every path in a ``data_files`` value."""
+    if isinstance(data_files, (str, os.PathLike)):
+        return [file_stamp(None, data_files)]
+    if isinstance(data_files, dict):
+        return [s for files in data_files.values() for s in _stamps(files)]
+    if isinstance(data_files, (list, tuple)):
+        return [s for files in data_files for s in _stamps(files)]
+    return []
 
 
 __all__ = [

@@ -349,7 +349,7 @@ def load_dataset(dataset: str | os.PathLike | Sequence[Sample] | Task | dict, **
     if not all(isinstance(v, (str, os.PathLike)) for v in sources.values()):
         return _load_dataset(dataset, **kwargs)  # in-memory samples: nothing to cache by file
     key = (
-        *(_file_stamp(k, v) for k, v in sorted(sources.items(), key=str)),
+        *(file_stamp(k, v) for k, v in sorted(sources.items(), key=str)),
         repr(sorted(kwargs.items())),
     )
     if key not in _LOADED:
@@ -357,7 +357,9 @@ def load_dataset(dataset: str | os.PathLike | Sequence[Sample] | Task | dict, **
     return _LOADED[key]
 
 
-def _file_stamp(split: str | None, source: str | os.PathLike) -> tuple:
+def file_stamp(split: str | None, source: str | os.PathLike) -> tuple:
+    """What identifies a file's contents for the per-process cache: its real path, size and
+    modification time (the path alone when it does not exist)."""
     path = os.fspath(source)
     if not os.path.exists(path):
         return (split, path)
