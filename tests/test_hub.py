@@ -244,3 +244,20 @@ def test_an_edited_local_file_is_read_again(tmp_path):
         f.write(json.dumps(row) + "\n")
     again = resolve_task("xsum", None, {"data_files": files})
     assert again is not first and len(again.splits["test"]) == len(first.splits["test"]) + 1
+
+
+def test_the_remaining_benchmark_refusals(tmp_path):
+    from textenvs.tasks import Task
+
+    with pytest.raises(ValueError, match="prompt_fraction must be a number in \\(0, 1\\)"):
+        benchmark_task("imdb", prompt_fraction=1.5, **hub_fixture("imdb"))
+    with pytest.raises(ValueError, match="data_files'\\] must be a path"):
+        benchmark_task("xsum", data_files=3)
+    with pytest.raises(ValueError, match="local data files must be"):
+        benchmark_task("xsum", data_files={s: "x.txt" for s in ("train", "validation", "test")})
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"document": " ", "summary": "s", "id": "0"}) + "\n")
+    with pytest.raises(ValueError, match="holds no usable sample"):
+        benchmark_task("xsum", data_files={s: str(empty) for s in ("train", "validation", "test")})
+    with pytest.raises(ValueError, match="cut_side must be 'end' or 'start'"):
+        Task("t", {"train": ()}, cut_side="middle")

@@ -271,3 +271,15 @@ def test_token_ppo_trains_a_chat_model_through_its_template(chat_model_dir):
         rollout_env.prompt
     )
     assert np.isfinite(trainer.evaluate())
+
+
+def test_batch_metric_and_token_ppo_env_kwargs_refusals():
+    from agents.token_ppo import TokenPPOConfig
+
+    with pytest.raises(TypeError, match="needs a callable"):
+        BatchMetric("not a function")
+    metric = BatchMetric(lambda texts, refs: [1.0])  # one value for two texts
+    with pytest.raises(ValueError, match="one finite number per text"):
+        metric.prefetch([("a", ("r",), ""), ("b", ("r",), "")])
+    with pytest.raises(ValueError, match="env_kwargs must be a dict"):
+        TokenPPOConfig(env_kwargs="chat_template=True").validate()
