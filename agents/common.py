@@ -76,9 +76,8 @@ def evaluate_policy_batched(
     order, N at a time, their forwards batched (what a sequential evaluation of a split runs one
     sample after the other).
 
-    Sub-env ``i`` plays one sample at a time, ``reset(options={"index": j})`` on its own (which
-    the batched vector env supports); the vector env's own autoreset (SameStep) restarts an ended
-    sub-env, which is then reset to its next sample. ``policy(obs, mask) -> action`` is called per
+    Sub-env ``i`` plays one sample at a time: a partial reset (``reset_mask`` True at ``i`` alone,
+    ``options={"index": j}``) starts it on sample ``j``, whatever the env's autoreset mode. ``policy(obs, mask) -> action`` is called per
     sub-env, with that sub-env's mask (edit envs need ``flat_actions=True``: the vector env takes
     no wrapper). ``with_env=True`` calls ``policy(obs, mask, env)`` with the sub-env itself, for a
     policy that reads it (tabular Q-learning's LM prior reads the sub-env's candidates).
@@ -95,11 +94,16 @@ def evaluate_policy_batched(
     metrics: dict[int, float] = {}
     envs.reset(seed=0)
 
+    same_step = envs.metadata.get("autoreset_mode") == gym.vector.AutoresetMode.SAME_STEP
+
     def start(i: int) -> None:
         j = next(queue, None)
         playing[i] = j
         if j is not None:
-            obs[i], _ = subs[i].reset(seed=j, options={"index": j})
+            mask = np.arange(len(subs)) == i
+            seeds = [j if k == i else None for k in range(len(subs))]
+            batch, _ = envs.reset(seed=seeds, options={"reset_mask": mask, "index": j})
+            obs[i] = batch[i]
 
     for i in range(len(subs)):
         start(i)
@@ -117,7 +121,7 @@ def evaluate_policy_batched(
                 continue
             returns[j] += rewards[i]
             if terminated[i] or truncated[i]:
-                final = infos["final_info"]
+                final = infos["final_info"] if same_step else infos
                 if "metric" in final and final["_metric"][i]:
                     metrics[j] = float(final["metric"][i])
                 start(i)

@@ -78,7 +78,7 @@ def test_agent_configs_refuse_strings_for_booleans():
 
 
 def test_a_vector_env_lists_the_autoreset_modes():
-    with pytest.raises(ValueError, match="choose one of \\['NextStep', 'SameStep'\\]"):
+    with pytest.raises(ValueError, match="choose one of \\['NextStep', 'SameStep', 'Disabled'\\]"):
         gym.make_vec("textenvs/Summarize-v0", num_envs=2, autoreset_mode="Same")
 
 

@@ -85,6 +85,7 @@ def _envs(num, reward, dense, **kwargs):
         num_envs=num,
         vectorization_mode="vector_entry_point",
         text_infos=True,
+        autoreset_mode="SameStep",
         **common,
     )
     singles = [gym.make("textenvs/Generate-v0", **common) for _ in range(num)]

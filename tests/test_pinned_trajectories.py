@@ -123,7 +123,9 @@ def _record(env_id: str, kwargs: dict, num_envs: int, steps: int) -> dict[str, n
     rng = np.random.default_rng(5)
     obs_list, rewards, ends, texts = [], [], [], []
     if num_envs:
-        envs = gym.make_vec(env_id, num_envs=num_envs, text_infos=True, **kwargs)
+        envs = gym.make_vec(
+            env_id, num_envs=num_envs, text_infos=True, autoreset_mode="SameStep", **kwargs
+        )
         obs, infos = envs.reset(seed=11)
         obs_list.append(obs)
         texts += list(infos["text"])

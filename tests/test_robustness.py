@@ -125,7 +125,9 @@ def test_ten_thousand_hostile_actions_per_id(env_id):
 def test_batched_envs_refuse_bad_rows_and_step_nothing():
     rng = np.random.default_rng(1)
     for env_id in ("textenvs/Summarize-v0", "textenvs/EditSummary-v0"):
-        envs = gym.make_vec(env_id, num_envs=3, **FAST_KWARGS[env_id])
+        # SameStep: every row acts on every step (under NextStep a row waiting for its reset
+        # ignores its action, as gymnasium's own vector envs do)
+        envs = gym.make_vec(env_id, num_envs=3, autoreset_mode="SameStep", **FAST_KWARGS[env_id])
         envs.reset(seed=0)
         for _ in range(30):
             actions = np.stack([envs.single_action_space.sample() for _ in range(3)])

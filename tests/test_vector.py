@@ -14,6 +14,9 @@ from gymnasium.vector import AutoresetMode
 from tests.conftest import ENV_IDS, FAST_KWARGS
 from textenvs.vector import EditVectorEnv, GenerationVectorEnv, as_sb3_vec_env, batch_infos
 
+# the tests of same-step semantics (final_obs / final_info); the default is NextStep, gymnasium's
+SAME_STEP = {"autoreset_mode": "SameStep"}
+
 
 def gen_actions(rng, n, eos):
     # Random tokens, EOS now and then, so the sub-envs' episodes end at different steps.
@@ -75,7 +78,7 @@ def test_generation_vector_equals_single_envs(num_envs, action_mode, obs):
     kwargs = dict(task="translate", max_steps=6, token_mode=action_mode, k=8, obs=obs)
     if obs == "context":  # every position's state: the batched prefill's rows, then each step's
         kwargs.update(layer=-2, candidates_obs=True, context_positions=48)
-    envs = GenerationVectorEnv(num_envs, text_infos=True, **kwargs)
+    envs = GenerationVectorEnv(num_envs, text_infos=True, **kwargs, **SAME_STEP)
     singles = [gym.make("textenvs/Generate-v0", **kwargs).unwrapped for _ in range(num_envs)]
     obs, infos = envs.reset(seed=10)
     single_obs = [env.reset(seed=10 + i)[0] for i, env in enumerate(singles)]
@@ -108,7 +111,7 @@ def test_generation_vector_equals_single_envs(num_envs, action_mode, obs):
 
 def test_edit_vector_equals_single_envs():
     kwargs = dict(task="summarize", max_len=16, max_steps=5, obs="positions")
-    envs = EditVectorEnv(3, text_infos=True, **kwargs)
+    envs = EditVectorEnv(3, text_infos=True, **kwargs, **SAME_STEP)
     singles = [gym.make("textenvs/Edit-v0", **kwargs).unwrapped for _ in range(3)]
     obs, _ = envs.reset(seed=1)
     for i, env in enumerate(singles):
@@ -244,7 +247,9 @@ def test_sync_mode_equals_the_batched_env():
         vector_kwargs=same_step,
         **kwargs,
     )
-    batched = gym.make_vec("textenvs/Summarize-v0", num_envs=2, text_infos=True, **kwargs)
+    batched = gym.make_vec(
+        "textenvs/Summarize-v0", num_envs=2, text_infos=True, **kwargs, **SAME_STEP
+    )
     a, _ = sync.reset(seed=0)
     b, _ = batched.reset(seed=0)
     np.testing.assert_allclose(a, b, atol=1e-4)
@@ -307,7 +312,7 @@ def test_reset_mask_resets_only_the_masked_sub_envs():
 
 def test_edit_vector_final_obs_and_final_info_are_the_ended_episodes():
     kwargs = dict(task="summarize", max_len=12, max_steps=2, obs="positions")
-    envs = EditVectorEnv(2, text_infos=True, **kwargs)
+    envs = EditVectorEnv(2, text_infos=True, **kwargs, **SAME_STEP)
     singles = [EditVectorEnv.env_class(**kwargs) for _ in range(2)]
     envs.reset(seed=3)
     for i, env in enumerate(singles):
@@ -382,7 +387,7 @@ def test_finished_caches_are_dropped():
 
 
 def test_lockstep_batch_compaction_keeps_results():
-    envs = GenerationVectorEnv(3, text_infos=True, task="translate", max_steps=3)
+    envs = GenerationVectorEnv(3, text_infos=True, task="translate", max_steps=3, **SAME_STEP)
     envs.batch.slack = 0  # compact after every reset
     single = [gym.make("textenvs/Translate-v0", max_steps=3).unwrapped for _ in range(3)]
     obs, _ = envs.reset(seed=5)
@@ -447,9 +452,113 @@ def test_sb3_adapter_truncation_path():
     assert dones.all() and not any(info["TimeLimit.truncated"] for info in infos)
 
 
-def test_sb3_adapter_refuses_next_step_mode():
-    with pytest.raises(ValueError, match="SameStep"):
-        as_sb3_vec_env(GenerationVectorEnv(2, autoreset_mode="NextStep"))
+def _sb3_trajectory(venv, steps: int, seed: int = 0) -> list:
+    venv.seed(seed)
+    out = [venv.reset()]
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        actions = rng.integers(3, 40, size=venv.num_envs)
+        obs, rewards, dones, infos = venv.step(actions)
+        ends = [
+            (info["terminal_observation"], info["metric"], info["TimeLimit.truncated"])
+            for info in infos
+            if "terminal_observation" in info
+        ]
+        out.append((obs, rewards, dones, ends, [dict(info) for info in venv.reset_infos]))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["NextStep", "Disabled"])
+def test_sb3_adapter_gives_the_same_trajectory_in_every_autoreset_mode(mode):
+    """SB3 sees exactly the SameStep trajectory over a NextStep or Disabled env: the adapter
+    restarts ended sub-envs with a partial reset in the step that ended them."""
+    kwargs = dict(task="summarize", max_steps=3, token_mode="vocab")
+    reference = _sb3_trajectory(as_sb3_vec_env(GenerationVectorEnv(3, **kwargs, **SAME_STEP)), 9)
+    other = _sb3_trajectory(
+        as_sb3_vec_env(GenerationVectorEnv(3, autoreset_mode=mode, **kwargs)), 9
+    )
+    assert sum(len(step[3]) for step in reference[1:]) >= 6  # episodes did end
+    np.testing.assert_array_equal(reference[0], other[0])
+    for (o1, r1, d1, e1, i1), (o2, r2, d2, e2, i2) in zip(reference[1:], other[1:]):
+        np.testing.assert_allclose(o1, o2, atol=1e-5)
+        np.testing.assert_array_equal(r1, r2)
+        np.testing.assert_array_equal(d1, d2)
+        assert len(e1) == len(e2) and i1 == i2
+        for (t1, m1, tr1), (t2, m2, tr2) in zip(e1, e2):
+            np.testing.assert_allclose(t1, t2, atol=1e-5)
+            assert (m1, tr1) == (m2, tr2)
+
+
+def test_sb3_adapter_over_gymnasium_sync_vector_env_in_its_default_mode():
+    envs = gym.make_vec("textenvs/Summarize-v0", num_envs=2, vectorization_mode="sync", max_steps=2)
+    assert envs.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
+    trajectory = _sb3_trajectory(as_sb3_vec_env(envs), 4)
+    assert all(step[2].all() for step in trajectory[2::2])  # every second step ends both
+    assert all(len(step[3]) == 2 for step in trajectory[2::2])
+
+
+def test_a_disabled_autoreset_env_refuses_to_step_an_ended_sub_env():
+    envs = GenerationVectorEnv(2, task="summarize", max_steps=1, autoreset_mode="Disabled")
+    envs.reset(seed=0)
+    _, _, terminated, truncated, _ = envs.step(np.array([5, 5]))
+    assert (terminated | truncated).all()
+    with pytest.raises(ValueError, match="reset_mask"):
+        envs.step(np.array([5, 5]))
+    obs, _ = envs.reset(options={"reset_mask": np.array([True, False])})
+    with pytest.raises(ValueError, match=r"Sub-envs \[1\] ended"):
+        envs.step(np.array([5, 5]))
+    envs.reset(options={"reset_mask": np.array([False, True])})
+    envs.step(np.array([5, 5]))  # both restarted: stepping works again
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_gymnasium_vector_wrappers_work_on_make_vec(env_id):
+    """gymnasium's own vector wrappers over gym.make_vec(id) as it comes (NextStep, gymnasium's
+    default); RecordEpisodeStatistics counts each episode's return once, and SB3's adapter still
+    runs over a wrapped env."""
+    from gymnasium.wrappers.vector import (
+        NormalizeObservation,
+        NormalizeReward,
+        RecordEpisodeStatistics,
+        TransformReward,
+    )
+
+    kwargs = {**FAST_KWARGS[env_id], "max_steps": 2}
+    envs = RecordEpisodeStatistics(
+        TransformReward(
+            NormalizeReward(NormalizeObservation(gym.make_vec(env_id, num_envs=2, **kwargs))),
+            lambda r: np.clip(r, -5, 5),
+        )
+    )
+    envs.action_space.seed(0)
+    obs, _ = envs.reset(seed=0)
+    returns, episodes = np.zeros(2), []
+    for _ in range(6):
+        obs, rewards, terminated, truncated, infos = envs.step(envs.action_space.sample())
+        assert np.isfinite(obs).all() and np.isfinite(rewards).all()
+        returns += rewards
+        for i in np.flatnonzero(terminated | truncated):
+            assert infos["_episode"][i]
+            assert infos["episode"]["r"][i] == pytest.approx(returns[i], abs=1e-4)
+            episodes.append(i)
+            returns[i] = 0.0
+    assert len(episodes) >= 2
+    # NormalizeObservation refuses partial resets (gymnasium's choice), so SB3 users take
+    # VecNormalize; reward and statistics wrappers pass through to SB3
+    venv = as_sb3_vec_env(
+        RecordEpisodeStatistics(
+            TransformReward(gym.make_vec(env_id, num_envs=2, **kwargs), lambda r: 2 * r)
+        )
+    )
+    venv.reset()
+    ended = 0
+    for _ in range(4):
+        _, rewards, dones, infos = venv.step(
+            np.stack([venv.action_space.sample() for _ in range(2)])
+        )
+        assert np.isfinite(rewards).all()
+        ended += sum("terminal_observation" in info for info in infos)
+    assert ended >= 2
 
 
 def test_maskable_ppo_on_batched_edit_env():
@@ -537,8 +646,8 @@ def test_vector_envs_carry_gymnasium_1x_attributes():
 def test_batched_infos_are_numeric_by_default_and_text_infos_adds_the_strings(env_id):
     """TorchRL's GymWrapper cannot stack strings: the batched envs leave them out unless asked."""
     kwargs = {**FAST_KWARGS[env_id], "max_steps": 2}
-    plain = gym.make_vec(env_id, num_envs=2, **kwargs)
-    full = gym.make_vec(env_id, num_envs=2, text_infos=True, **kwargs)
+    plain = gym.make_vec(env_id, num_envs=2, **kwargs, **SAME_STEP)
+    full = gym.make_vec(env_id, num_envs=2, text_infos=True, **kwargs, **SAME_STEP)
     plain.action_space.seed(0)
     pairs = [(plain.reset(seed=3)[1], full.reset(seed=3)[1])]
     for _ in range(4):  # long enough for episodes to end and carry final_info
@@ -565,7 +674,7 @@ def test_batched_infos_are_numeric_by_default_and_text_infos_adds_the_strings(en
 @pytest.mark.parametrize("token_mode", ["topk", "vocab"])
 def test_batched_candidate_observations_equal_single_envs(token_mode):
     kwargs = dict(task="summarize", max_steps=4, token_mode=token_mode, k=4, candidates_obs=True)
-    envs = GenerationVectorEnv(3, **kwargs)
+    envs = GenerationVectorEnv(3, **kwargs, **SAME_STEP)
     singles = [GenerationVectorEnv.env_class(**kwargs) for _ in range(3)]
     obs, _ = envs.reset(seed=5)
     single = [env.reset(seed=5 + i)[0] for i, env in enumerate(singles)]

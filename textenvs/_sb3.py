@@ -30,20 +30,23 @@ def _unbatch_info(infos: dict, i: int) -> dict:
 
 class SB3VecEnvAdapter(VecEnv):
     """SB3's ``VecEnv`` API (dones, ``terminal_observation``, ``TimeLimit.truncated``) over a
-    gymnasium
-    vector env whose autoreset mode is ``SameStep``. The batched textenvs envs keep their single
-    batched forward per step underneath."""
+    gymnasium vector env in any autoreset mode.
+
+    ``SameStep``: the env restarts an ended sub-env itself and reports the episode's end in
+    ``final_obs`` / ``final_info``. ``NextStep`` and ``Disabled``: the step's observation and info
+    are the episode's last, and the adapter restarts the ended sub-envs in the same call with one
+    partial ``reset(options={"reset_mask": dones})`` (a batched env prefills them together). The
+    batched textenvs envs keep their single batched forward per step underneath."""
 
     def __init__(self, envs: VectorEnv) -> None:
-        mode = envs.metadata.get("autoreset_mode")
-        if mode != AutoresetMode.SAME_STEP:
+        mode = envs.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
+        try:
+            self._same_step = AutoresetMode(mode) == AutoresetMode.SAME_STEP
+        except ValueError as e:
             raise ValueError(
-                f"as_sb3_vec_env needs a vector env in SameStep autoreset mode, got {mode!r}: "
-                "build it with "
-                "gym.make_vec(id, num_envs=N) (textenvs ids default to SameStep), or for "
-                "sync/async mode pass "
-                "vector_kwargs={'autoreset_mode': gym.vector.AutoresetMode.SAME_STEP}."
-            )
+                f"as_sb3_vec_env: metadata['autoreset_mode']={mode!r} is not a "
+                "gymnasium.vector.AutoresetMode."
+            ) from e
         self.vector_env = envs
         super().__init__(envs.num_envs, envs.single_observation_space, envs.single_action_space)
         self._actions: np.ndarray | None = None
@@ -69,23 +72,32 @@ class SB3VecEnvAdapter(VecEnv):
     def step_wait(self):
         obs, rewards, terminated, truncated, infos = self.vector_env.step(self._actions)
         dones = terminated | truncated
+        step_infos = [_unbatch_info(infos, i) for i in range(self.num_envs)]
+        # episode ends: {i: (last obs, last info, the new episode's reset info)}
+        if self._same_step:
+            ends = {
+                i: (
+                    step_infos[i].pop("final_obs"),
+                    step_infos[i].pop("final_info", {}),
+                    step_infos[i],
+                )
+                for i in np.flatnonzero(dones)
+            }
+        elif dones.any():
+            new_obs, reset_infos = self.vector_env.reset(options={"reset_mask": dones.copy()})
+            ends = {
+                i: (obs[i], step_infos[i], _unbatch_info(reset_infos, i))
+                for i in np.flatnonzero(dones)
+            }
+            obs = np.where(dones.reshape(-1, *[1] * (obs.ndim - 1)), new_obs, obs)
+        else:
+            ends = {}
         out = []
-        for i in range(self.num_envs):
-            info = _unbatch_info(infos, i)
+        for i, info in enumerate(step_infos):
+            if i in ends:
+                last_obs, info, self.reset_infos[i] = ends[i]
+                info = {**info, "terminal_observation": last_obs}
             info["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
-            if dones[i]:
-                info["terminal_observation"] = info.pop("final_obs")
-                final_info = info.pop("final_info", {})
-                self.reset_infos[i] = {
-                    k: v
-                    for k, v in info.items()
-                    if k not in ("TimeLimit.truncated", "terminal_observation")
-                }
-                info = {
-                    **final_info,
-                    "TimeLimit.truncated": info["TimeLimit.truncated"],
-                    "terminal_observation": info["terminal_observation"],
-                }
             out.append(info)
         return obs, rewards.astype(np.float32), dones, out
 

@@ -15,14 +15,18 @@ that (re)start in the same call share one batched forward of their prompts (``be
 Sub-env ``i`` of ``reset(seed=s)`` is seeded ``s + i``, as in gymnasium's ``SyncVectorEnv``, so
 it reproduces a single env seeded ``s + i`` exactly.
 
-Autoreset: ``autoreset_mode="SameStep"`` (the default here, what Stable-Baselines3 expects): a
+Autoreset: ``autoreset_mode="NextStep"`` (the default, gymnasium's own for its vector envs, so its
+vector wrappers such as ``gymnasium.wrappers.vector.NormalizeObservation`` work unmodified): the
+step that ends an episode returns its last observation and info, and the next ``step`` resets
+that sub-env, ignoring its action and returning reward 0. ``autoreset_mode="SameStep"``: a
 sub-env that ends is reset inside the same ``step``; the returned observation is the new
-episode's first, and ``infos["final_obs"]`` / ``infos["final_info"]`` hold the last
-observation and info of the episode that ended (masked by ``infos["_final_obs"]``).
-``autoreset_mode="NextStep"`` (gymnasium's default for its own vector envs): the step that ends an
-episode returns its last observation, and the next ``step`` resets that sub-env, ignoring its
-action and returning reward 0. A finished sub-env's cache is dropped when it resets, so memory
-stays flat however long the run.
+episode's first, and ``infos["final_obs"]`` / ``infos["final_info"]`` hold the last observation
+and info of the episode that ended (masked by ``infos["_final_obs"]``).
+``autoreset_mode="Disabled"``: an ended sub-env waits for ``reset(options={"reset_mask": m})``
+and stepping it is an error. In every mode ``reset(options={"reset_mask": m})`` resets only the
+sub-envs where ``m`` is True (gymnasium's partial reset), which is how :func:`as_sb3_vec_env`
+gives Stable-Baselines3 its same-step semantics over any mode. A finished sub-env's cache is
+dropped when it resets, so memory stays flat however long the run.
 
 Infos: numbers and booleans only by default (``index``, ``metric``, ``score``, ``tokens``,
 ``edits``, ...), because TorchRL's ``GymWrapper`` and other array-based clients cannot stack
@@ -51,7 +55,8 @@ class BatchedTextVectorEnv(VectorEnv):
 
     Args:
         num_envs: Number of sub-environments.
-        autoreset_mode: ``"SameStep"`` (default) or ``"NextStep"``, see the module docstring.
+        autoreset_mode: ``"NextStep"`` (default), ``"SameStep"`` or ``"Disabled"`` (or a
+            ``gymnasium.vector.AutoresetMode``), see the module docstring.
         text_infos: Also report the string-valued info keys (see the module docstring).
         **env_kwargs: Keyword arguments of every sub-environment (``model``, ``task``, ...).
     """
@@ -61,7 +66,7 @@ class BatchedTextVectorEnv(VectorEnv):
     def __init__(
         self,
         num_envs: int = 1,
-        autoreset_mode: str | AutoresetMode = AutoresetMode.SAME_STEP,
+        autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
         text_infos: bool = False,
         **env_kwargs: Any,
     ) -> None:
@@ -70,15 +75,11 @@ class BatchedTextVectorEnv(VectorEnv):
         try:
             mode = AutoresetMode(autoreset_mode)
         except ValueError as e:
-            choices = [m.value for m in AutoresetMode if m != AutoresetMode.DISABLED]
+            choices = [m.value for m in AutoresetMode]
             raise ValueError(
                 f"autoreset_mode={autoreset_mode!r} is not valid: choose one of {choices} (or "
-                "gymnasium.vector.AutoresetMode.SAME_STEP / NEXT_STEP)."
+                "a gymnasium.vector.AutoresetMode)."
             ) from e
-        if mode == AutoresetMode.DISABLED:
-            raise ValueError(
-                "autoreset_mode='Disabled' is not supported: use 'SameStep' or 'NextStep'."
-            )
         self.envs = [self.env_class(text_infos=text_infos, **env_kwargs) for _ in range(num_envs)]
         self.lm = self.envs[0].lm  # shared_model() gives the sub-envs one model object
         self.num_envs = int(num_envs)
@@ -133,6 +134,12 @@ class BatchedTextVectorEnv(VectorEnv):
         items = []
         stepping = [i for i in range(self.num_envs) if not self._needs_reset[i]]
         waiting = np.flatnonzero(self._needs_reset).tolist()  # NextStep: this step is their reset
+        if waiting and self.metadata["autoreset_mode"] == AutoresetMode.DISABLED:
+            raise ValueError(
+                f"Sub-envs {waiting} ended and autoreset is disabled: reset them first with "
+                "envs.reset(options={'reset_mask': mask}) (mask True where a sub-env ended); "
+                "no sub-env was stepped."
+            )
         for i, (obs, info) in zip(waiting, self._reset_envs(waiting)):
             self._obs[i] = obs
             items.append((i, info))
@@ -372,10 +379,13 @@ class EditVectorEnv(BatchedTextVectorEnv):
 
 
 def as_sb3_vec_env(envs: VectorEnv):
-    """A Stable-Baselines3 ``VecEnv`` over a gymnasium vector env in ``SameStep`` autoreset mode.
+    """A Stable-Baselines3 ``VecEnv`` over a gymnasium vector env in any autoreset mode.
 
-    Works with the batched envs (their default mode) and with gymnasium's sync / async vector
-    envs made with ``vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}``.
+    SB3 expects an ended sub-env to restart inside the step that ended it. ``SameStep`` envs do
+    that themselves; over ``NextStep`` (the default of ``gym.make_vec``) or ``Disabled`` envs the
+    adapter resets the ended sub-envs at once with ``reset(options={"reset_mask": dones})``, which
+    the batched envs and gymnasium's sync / async vector envs support, so the same vector env (with
+    gymnasium's vector wrappers around it, if any) serves SB3 and gymnasium clients unmodified.
     """
     from textenvs._sb3 import SB3VecEnvAdapter
 
