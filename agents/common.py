@@ -77,7 +77,8 @@ def evaluate_policy_batched(
     sample after the other).
 
     Sub-env ``i`` plays one sample at a time: a partial reset (``reset_mask`` True at ``i`` alone,
-    ``options={"index": j}``) starts it on sample ``j``, whatever the env's autoreset mode. ``policy(obs, mask) -> action`` is called per
+    ``options={"index": j}``) starts it on sample ``j``, whatever the env's autoreset mode.
+    ``policy(obs, mask) -> action`` is called per
     sub-env, with that sub-env's mask (edit envs need ``flat_actions=True``: the vector env takes
     no wrapper). ``with_env=True`` calls ``policy(obs, mask, env)`` with the sub-env itself, for a
     policy that reads it (tabular Q-learning's LM prior reads the sub-env's candidates).
