@@ -45,7 +45,7 @@ from agents.checkpoint import read_json_object, recover, save_atomically
 from agents.common import evaluate_policy, parse_bool
 from textenvs.cli import run_cli
 from textenvs.envs.base import check_bool
-from textenvs.lm import LanguageModel
+from textenvs.lm import LanguageModel, quiet_loading
 
 
 @dataclass
@@ -866,7 +866,8 @@ class TokenPPO:
             (tmp / "trainer_state.json").write_text(json.dumps(state))
 
         if self.is_main:
-            save_atomically(folder, write)
+            with quiet_loading():  # no "Writing model shards" bar per checkpoint
+                save_atomically(folder, write)
         self._wait()
         return Path(folder)
 
@@ -882,7 +883,8 @@ class TokenPPO:
                 model.save_pretrained(tmp, safe_serialization=True)
                 self.lm.tokenizer.save_pretrained(tmp)
 
-            save_atomically(folder, write)
+            with quiet_loading():
+                save_atomically(folder, write)
         self._wait()
         return Path(folder)
 

@@ -61,6 +61,7 @@ from textenvs.batching import takes_prepared_step_mask
 from textenvs.cli import CommandLineError, run_cli
 from textenvs.envs.edit import DELETE, INSERT, REPLACE, TextEditEnv
 from textenvs.envs.generate import TextGenerationEnv
+from textenvs.lm import quiet_loading
 
 
 def recompute_forward(lm, seq, tokens: list[int]):
@@ -370,8 +371,9 @@ def random_gpt2(size: str, vocab_size: int | None = None) -> str:
         bos_token_id=tokenizer.eos_token_id,
         **layouts[size],
     )
-    GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+    with quiet_loading():  # no "Writing model shards" bar
+        GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
     return folder
 
 

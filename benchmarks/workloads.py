@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from textenvs.cli import run_cli
+from textenvs.lm import quiet_loading
 
 
 def rss_mb() -> float:
@@ -48,8 +49,9 @@ def random_encoder(folder: str, layers: int) -> str:
         intermediate_size=1024,
         max_position_embeddings=512,
     )
-    BertModel(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+    with quiet_loading():  # no "Writing model shards" bar
+        BertModel(config).save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
     return folder
 
 

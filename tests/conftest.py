@@ -20,6 +20,7 @@ from tests.hub_fixtures import (  # noqa: E402
     random_classifier_dir,
     random_encoder_dir,
 )
+from textenvs.lm import quiet_loading  # noqa: E402
 
 ENV_IDS = list(textenvs.ENV_IDS)
 # Stand-ins for the models of the benchmark ids, made once per process (no hub in tests).
@@ -76,6 +77,7 @@ def random_gpt2_dir(tmp_path_factory) -> str:
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,
     )
-    GPT2LMHeadModel(config).save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
+    with quiet_loading():  # no "Writing model shards" bar
+        GPT2LMHeadModel(config).save_pretrained(path, safe_serialization=True)
+        tokenizer.save_pretrained(path)
     return str(path)

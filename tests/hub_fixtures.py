@@ -15,6 +15,8 @@ import json
 import os
 import tempfile
 
+from textenvs.lm import quiet_loading
+
 _WORDS = (
     "the council met on monday to discuss a new plan for the river bridge and the school "
     "near the old market where farmers sell fruit every week while the mayor said that"
@@ -152,8 +154,9 @@ def _save_bert(folder: str, model_class, **config) -> str:
         max_position_embeddings=128,
         **config,
     )
-    model_class(layout).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+    with quiet_loading():  # no "Writing model shards" bar
+        model_class(layout).save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
     return folder
 
 

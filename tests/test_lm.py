@@ -276,3 +276,26 @@ def test_loading_a_model_prints_no_progress_bar(capfd):
     LanguageModel(lm_backend.TINY)
     assert "Loading weights" not in capfd.readouterr().err
     assert hf_logging.is_progress_bar_enabled()  # the user's own loads keep their bars
+
+
+def test_writing_eos_prints_no_padding_warning():
+    """An unpadded sequence holding EOS (= the tiny model's pad id) is not padding: no
+    transformers warning about a missing attention mask. In a fresh process, because
+    transformers warns once per process."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from textenvs.lm import LanguageModel\n"
+        "lm = LanguageModel()\n"
+        "assert lm.eos_token_id == lm.model.config.pad_token_id\n"  # the case that tripped it
+        "seq = lm.prefill([5, 6, 7])[0]\n"
+        "lm.extend(seq, [lm.eos_token_id, 5])\n"  # transformers checks both ends of the input
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}  # a user's default
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert "attention_mask" not in done.stderr

@@ -140,9 +140,9 @@ def resolve_model_path(name: str | os.PathLike) -> str:
 
 @contextlib.contextmanager
 def quiet_loading():
-    """transformers' per-load progress bars ("Loading weights") off while a model loads: an env
-    (or each of N workers) loading a model prints nothing; restored after, so a user's own loads
-    keep theirs."""
+    """transformers' progress bars ("Loading weights", "Writing model shards") off while a model
+    loads or is saved: an env (or each of N workers) loading a model, or a trainer writing a
+    checkpoint, prints nothing; restored after, so a user's own loads keep theirs."""
     from transformers.utils import logging as hf_logging
 
     shown = hf_logging.is_progress_bar_enabled()
@@ -272,6 +272,15 @@ class LanguageModel:
             or getattr(config, "max_position_embeddings", None)
             or 2048
         )
+        # transformers warns "We strongly recommend passing in an `attention_mask`" when an input
+        # without a mask holds the pad id at either end. Our maskless inputs are never padded (one
+        # sequence; every padded batch in textenvs.batching passes its mask), but models whose pad
+        # id is their EOS (the tiny model, GPT-2 with pad = eos) trip it whenever an episode
+        # writes EOS: a false alarm, so this model's modules (the check runs in the base model
+        # inside the LM head model) skip it.
+        for module in self.model.modules():
+            if hasattr(module, "warn_if_padding_and_no_attention_mask"):
+                module.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
         self._check_causal()
 
     @torch.inference_mode()
