@@ -104,8 +104,10 @@ class CurrentPosition(BaseFeaturesExtractor):
 class LastBlockPolicy(LMPriorPolicy):
     """Actor = a trainable copy of the LM's last block over the env's context observation.
 
-    Args (besides :class:`~agents.lm_prior.LMPriorPolicy`'s ``prior_temperature`` and
-    ``kl_to_prior``, and ``ActorCriticPolicy``'s):
+    It takes :class:`~agents.lm_prior.LMPriorPolicy`'s ``prior_temperature`` and
+    ``kl_to_prior`` and ``ActorCriticPolicy``'s arguments, and:
+
+    Args:
         model: the LM the env observes: a :class:`~textenvs.lm.LanguageModel` (it pickles as its
             name, so a saved PPO stays small) or a name / folder loaded as the envs do.
     """

@@ -146,20 +146,22 @@ class QLearning:
         epsilon: float = 0.0,
         mask: np.ndarray | None = None,
         env: gym.Env | None = None,
+        rng: np.random.Generator | None = None,
     ) -> int:
         """Epsilon-greedy over the valid actions; ``env``: the env the state is from (for the LM
-        prior; default the training env)."""
+        prior; default the training env). ``rng``: the generator of the epsilon draw and the
+        tie-break (default the learner's own); an evaluation passes its own, so evaluating during
+        training leaves the training trajectory unchanged."""
+        rng = self.rng if rng is None else rng
         valid = (
             np.flatnonzero(mask) if mask is not None and mask.any() else np.arange(self.n_actions)
         )
-        if self.rng.random() < epsilon:
-            return int(self.rng.choice(valid))
+        if rng.random() < epsilon:
+            return int(rng.choice(valid))
         values = self.q[state, valid]
         if self.config.lm_prior:
             values = values + self.config.lm_prior * self._lm_prior(env or self.env)[valid]
-        return int(
-            valid[self.rng.choice(np.flatnonzero(values == values.max()))]
-        )  # random tie-break
+        return int(valid[rng.choice(np.flatnonzero(values == values.max()))])  # random tie-break
 
     @staticmethod
     def _has_lm_prior(env: gym.Env) -> bool:
@@ -238,8 +240,9 @@ class QLearning:
         Returns mean return, mean task metric (when the env reports one) and the episode count.
         """
         env = env or self.env
+        tie_break = np.random.default_rng(seed)  # not the learner's: evaluating changes no training
         return evaluate_policy(
-            env, lambda s, mask: self.act(s, 0.0, mask, env), episodes, seed, max_samples
+            env, lambda s, mask: self.act(s, 0.0, mask, env, tie_break), episodes, seed, max_samples
         )
 
     def save(self, path: str | Path) -> Path:

@@ -4,10 +4,10 @@
 EditSummary for 3 seeds on all 200 test samples, two cells at a time (under 10 minutes on 2 CPU
 cores with the tiny model); ``--quick`` is a smoke run with small budgets and 32 test samples,
 ``--full`` uses 5 seeds and larger budgets. Each cell (agent, env, seed) trains with a fixed step
-budget and evaluates the greedy / deterministic policy on the test split at the start (not in the
-default preset: ``Budget.eval_start``) and at evenly spaced points, giving a learning curve (task
-metric vs environment steps). The run ends with one sentence naming the agents that beat the greedy
-LM and by how much.
+budget and evaluates the greedy / deterministic policy on the test split at the start
+(``Budget.eval_start``) and at ``eval_points`` evenly spaced points, giving a learning curve (task
+metric vs environment steps; the main job: five points per run). The run ends with one sentence
+naming the agents that beat the greedy LM and by how much.
 
 Agents: ``random`` (uniform over valid actions) and ``greedy`` (the LM's top token; for edit envs,
 stop on the LM's draft) as baselines, ``qlearning`` (tabular, hashed hidden states), ``ppo`` (SB3
@@ -153,9 +153,7 @@ class Budget:
     eval_points: int
     eval_samples: int
     prior_steps: int = 0  # SB3 with the LM-prior policies (0: as ppo_steps)
-    # evaluate every learner before training too (the first point of its learning curve); the
-    # LM-prior learners start as the greedy LM by construction (tested), so the main job leaves
-    # it out and its curves start at the first point after training
+    # evaluate every learner before training too (the first point of its learning curve)
     eval_start: bool = True
     horizon: int = 12  # tokens (or edits) per episode
     # translation gets its own: the built-in Translate references are 11 tokens long (median, up
@@ -201,7 +199,6 @@ PRESETS = {
         q_steps=1500,
         ppo_steps=2048,
         token_ppo_episodes=768,
-        eval_points=1,
         prior_steps=6144,
         eval_samples=200,
         horizon=8,
@@ -210,7 +207,7 @@ PRESETS = {
         translate_token_ppo_episodes=3072,
         edit_q_steps=6000,
         edit_prior_steps=12288,
-        eval_start=False,
+        eval_points=4,  # a learning curve: the start and four points after it
     ),
     # A smoke run (the tests use it with --scale): the same agents, small budgets, 32 samples.
     "quick": Budget(
@@ -401,7 +398,9 @@ def run_cell(
             state = int
         else:  # the test split through a batched vector env, each observation mapped by the map
             env, state = test_env(env_id, kwargs), train.observation  # fitted on the train split
-        greedy = lambda obs, mask, sub: learner.act(state(obs), 0.0, mask, sub)  # noqa: E731
+        # its own tie-break generator: evaluating between training chunks changes no training step
+        tie_break = np.random.default_rng(seed + 1_000_003)
+        greedy = lambda obs, mask, sub: learner.act(state(obs), 0.0, mask, sub, tie_break)  # noqa: E731
         if budget.eval_start:
             record(0, greedy, env, with_env=True)
         steps = steps_on(budget, "q_steps", env_id)
@@ -659,60 +658,125 @@ def verdict(rows: list[dict]) -> str:
     return text + "."
 
 
+# one colour per agent in every figure (matplotlib's tab10), the baselines in greys
+AGENT_COLORS = {
+    "random": "#7f7f7f",
+    "greedy": "#000000",
+    "qlearning": "#1f77b4",
+    "ppo": "#ff7f0e",
+    "ppo_prior": "#2ca02c",
+    "ppo_last_block": "#8c564b",
+    "maskable_ppo": "#9467bd",
+    "maskable_prior": "#d62728",
+    "token_ppo": "#e377c2",
+}
+BASELINE_STYLE = {"random": ":", "greedy": "--"}
+
+
+def curve_band(runs: list[list[dict]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A learning curve over seeds: mean steps ``x``, mean metric, and the 95% bootstrap band of
+    the mean over seeds at every evaluation point (the points all runs share)."""
+    n = min(len(r) for r in runs)
+    x = np.mean([[p["steps"] for p in r[:n]] for r in runs], axis=0)
+    y = np.array([[p["metric"] for p in r[:n]] for r in runs])  # (seeds, points)
+    band = np.array([bootstrap_ci(y[:, j]) for j in range(n)])  # (points, 2)
+    return x, y.mean(0), band[:, 0], band[:, 1]
+
+
 def plot(cells: list[dict], rows: list[dict], out: Path) -> list[Path]:
+    """``learning_curves.png`` (test metric against env steps per env: mean and 95% band over
+    seeds, the baselines as level lines) and ``final_metrics.png`` (final test metric per env and
+    agent with its 95% CI, the greedy LM's level marked); one colour per agent in both, legends
+    outside the axes so no data is hidden."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     envs = list(dict.fromkeys(c["env_id"] for c in cells))
-    fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 4), squeeze=False)
+    agents = [a for a in AGENTS if any(c["agent"] == a for c in cells)]
+    fig, axes = plt.subplots(1, len(envs), figsize=(4.6 * len(envs), 3.8), squeeze=False)
     for ax, env_id in zip(axes[0], envs):
         span = max([c["steps"] for c in cells if c["env_id"] == env_id] + [1])
-        for agent in AGENTS:
+        for agent in agents:
             runs = [c["curve"] for c in cells if c["env_id"] == env_id and c["agent"] == agent]
             if not runs:
                 continue
-            if agent in ("random", "greedy"):  # a baseline: a level line
-                values = [r[0]["metric"] for r in runs]
-                ax.axhline(
-                    np.mean(values),
-                    linestyle="--",
-                    label=agent,
-                    color="gray" if agent == "random" else "black",
-                )
+            color = AGENT_COLORS[agent]
+            if agent in BASELINE_STYLE:  # no training: its one evaluation as a level line
+                level = np.mean([r[0]["metric"] for r in runs])
+                ax.axhline(level, linestyle=BASELINE_STYLE[agent], color=color, label=agent)
                 continue
-            n = min(len(r) for r in runs)
-            x = np.mean([[p["steps"] for p in r[:n]] for r in runs], axis=0)
-            y = np.array([[p["metric"] for p in r[:n]] for r in runs])  # (seeds, points)
-            ci = np.array([bootstrap_ci(y[:, j]) for j in range(n)])
-            ax.plot(x, y.mean(0), marker="o", label=agent)
-            ax.fill_between(x, ci[:, 0], ci[:, 1], alpha=0.2)
-            if n == 1:  # no start point (Budget.eval_start=False): the CI as an error bar
-                ax.errorbar(x, y.mean(0), yerr=np.abs(ci.T - y.mean(0)), fmt="none", capsize=3)
+            x, mean, low, high = curve_band(runs)
+            ax.plot(x, mean, marker="o", markersize=4, color=color, label=agent)
+            ax.fill_between(x, low, high, color=color, alpha=0.15, linewidth=0)
         ax.set_title(env_id.split("/")[-1])
         ax.set_xlabel("environment steps")
         ax.set_ylabel("test metric")
-        ax.set_xlim(0, span)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+        ax.set_xlim(0, span * 1.02)
+        ax.grid(alpha=0.3)
+    legend(fig, agents)
     curves = out / "learning_curves.png"
-    fig.savefig(curves, dpi=110)
+    fig.savefig(curves, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
-    labels = [f"{r['env_id'].split('/')[-1].replace('-v0', '')}\n{r['agent']}" for r in rows]
-    means = [r["mean"] for r in rows]
-    errors = np.array(
-        [[r["mean"] - r["ci_low"] for r in rows], [r["ci_high"] - r["mean"] for r in rows]]
-    )
-    ax.bar(range(len(rows)), means, yerr=errors, capsize=3)
-    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(rows) + 1.5 * len(envs)), 3.8))
+    width = 0.8 / max(1, len(agents))
+    for g, env_id in enumerate(envs):
+        for row in (r for r in rows if r["env_id"] == env_id):
+            x = g + (agents.index(row["agent"]) - (len(agents) - 1) / 2) * width
+            error = [[row["mean"] - row["ci_low"]], [row["ci_high"] - row["mean"]]]
+            ax.bar(
+                x,
+                row["mean"],
+                width * 0.9,
+                yerr=error,
+                capsize=2,
+                color=AGENT_COLORS[row["agent"]],
+                hatch="//" if row["agent"] == "greedy" else None,
+                edgecolor="white" if row["agent"] == "greedy" else None,
+            )
+            if row["agent"] == "greedy":  # the level every learner is measured against
+                ax.hlines(row["mean"], g - 0.45, g + 0.45, colors="black", linestyles="--", lw=1)
+    ax.set_xticks(range(len(envs)), [e.split("/")[-1] for e in envs])
     ax.set_ylabel("final test metric (95% CI)")
-    fig.tight_layout()
+    ax.grid(axis="y", alpha=0.3)
+    legend(fig, agents, bars=True)
     bars = out / "final_metrics.png"
-    fig.savefig(bars, dpi=110)
+    fig.savefig(bars, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return [curves, bars]
+
+
+def legend(fig, agents: list[str], bars: bool = False) -> None:
+    """One legend for the whole figure, below the axes: every agent in its colour, greedy and
+    random in their line styles (``bars``: as the bar chart draws them, greedy hatched)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [
+        Patch(
+            facecolor=AGENT_COLORS[a],
+            hatch="//" if a == "greedy" else None,
+            edgecolor="white" if a == "greedy" else None,
+            label=a,
+        )
+        for a in agents
+    ]
+    if not bars:
+        handles = [
+            Line2D(
+                [],
+                [],
+                color=AGENT_COLORS[a],
+                linestyle=BASELINE_STYLE.get(a, "-"),
+                marker=None if a in BASELINE_STYLE else "o",
+                label=a,
+            )
+            for a in agents
+        ]
+    fig.legend(handles=handles, loc="lower center", ncol=len(agents), bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
 
 
 def throughput_figures(model: str) -> dict:

@@ -839,3 +839,23 @@ def test_kl_penalty_reaches_the_rollout_buffer_exactly():
     )
     with pytest.raises(ValueError, match="KLPenalty reads the LM prior from an LMPriorPolicy"):
         mlp.learn(8, callback=KLPenalty(0.1))
+
+
+def test_evaluating_q_learning_during_training_changes_no_training_step():
+    """A learning curve's evaluations use their own tie-break generator: the table learnt with
+    evaluations between chunks equals the table learnt without them."""
+    from agents.qlearning import QLearning, QLearningConfig, make_tabular_env
+
+    def learn(evaluate: bool) -> np.ndarray:
+        env = make_tabular_env(
+            "textenvs/Summarize-v0", "train", 4, "hash", 6, 64, 0, n_fit=64, max_steps=4
+        )
+        test = make_tabular_env(
+            "textenvs/Summarize-v0", "test", 4, "hash", 6, 64, 0, fitted=env, max_steps=4
+        )
+        learner = QLearning(env, QLearningConfig(seed=0, lm_prior=0.01))
+        callback = (lambda s: learner.evaluate(test, max_samples=4)) if evaluate else None
+        learner.learn(400, callback=callback, callback_every=100)
+        return learner.q.copy()
+
+    np.testing.assert_array_equal(learn(False), learn(True))

@@ -280,7 +280,9 @@ def _bad_pair(pair: object) -> str:
 def benchmark_task(name: str, **kwargs) -> Task:
     """The :class:`~textenvs.tasks.Task` of benchmark ``name`` (a key of :data:`BENCHMARKS`).
 
-    Keyword arguments (an env's ``dataset_kwargs``):
+    The keyword arguments are an env's ``dataset_kwargs``.
+
+    Keyword Args:
         data_files: Local files in the hub dataset's schema instead of the hub: a path, a list of
             paths or a dict keyed by the hub's split names (``.jsonl`` / ``.json`` / ``.csv`` /
             ``.parquet``), read by the same ``datasets.load_dataset`` call.
