@@ -135,19 +135,31 @@ def write_env_pages(app=None) -> list[Path]:
             _markdown_docstring(cls.__doc__).replace("\n## ", "\n### "),
         ]
         page = folder / f"{name}.md"
-        page.write_text("\n".join(body) + "\n")
+        _write(page, "\n".join(body) + "\n")
         written.append(page)
         rows.append(f"| [`{env_id}`]({name}.md) | {SUMMARIES[env_id]} |")
     index = folder / "index.md"
-    index.write_text(
+    _write(
+        index,
         "# Environments\n\nEvery registered id, one page each (generated from the registry and "
         "the env class's docstring).\n\n| id | what |\n|---|---|\n"
         + "\n".join(rows)
         + "\n\n```{toctree}\n:hidden:\n\n"
         + "\n".join(p.stem for p in written)
-        + "\n```\n"
+        + "\n```\n",
     )
     return [*written, index]
+
+
+def _write(path: Path, text: str) -> None:
+    """Replace ``path`` atomically: parallel test workers generate the pages at once."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def markdown_sections(app, what, name, obj, options, lines) -> None:
