@@ -47,6 +47,14 @@ from textenvs.cli import run_cli
 from textenvs.envs.base import check_bool
 from textenvs.lm import LanguageModel, quiet_loading
 
+ESTIMATOR_CHOICES = {
+    "estimator": ("gae", "grpo", "rloo"),
+    "kl_placement": ("reward", "loss"),
+    "kl_estimator": ("k1", "k3"),
+}
+# what a checkpoint must share with the run that resumes it
+ESTIMATOR_FIELDS = ("estimator", "group_size", "kl_placement", "kl_estimator")
+
 
 @dataclass
 class TokenPPOConfig:
@@ -102,7 +110,22 @@ class TokenPPOConfig:
     kl_horizon: int = 10_000
     """Horizon (episodes) of the adaptive controller."""
     whiten_advantages: bool = True
-    """Masked whitening of advantages over the rollout's tokens."""
+    """Masked whitening of advantages over the rollout's tokens (``gae`` only: the group
+    estimators normalise within each group)."""
+    estimator: str = "gae"
+    """The advantage estimator: ``gae`` (the value head and per-token GAE: PPO), ``grpo`` (each
+    episode's return normalised within its group of completions of one prompt; no value head) or
+    ``rloo`` (each episode's return minus the mean of its group's others)."""
+    group_size: int = 4
+    """Completions per prompt for ``grpo`` / ``rloo``: consecutive sub-envs play the same sample
+    (it must divide ``num_envs``)."""
+    kl_placement: str = "reward"
+    """Where the KL to the reference goes: ``reward`` (``kl_coef`` times each token's KL subtracted
+    from its reward, PPO-RLHF's) or ``loss`` (``kl_coef`` times the mean per-token KL of the
+    current policy added to the loss, TRL GRPO's)."""
+    kl_estimator: str = "k1"
+    """The per-token KL estimate: ``k1`` (``log pi - log pi_ref``) or ``k3``
+    (``exp(r) - r - 1``, ``r = log pi_ref - log pi``: never negative)."""
     temperature: float = 1.0
     """Sampling temperature of the rollout (1.0 samples the LM's own distribution)."""
     seed: int = 0
@@ -138,6 +161,21 @@ class TokenPPOConfig:
     def validate(self) -> None:
         for name in ("dense", "anneal_lr", "adaptive_kl", "whiten_advantages"):
             check_bool(name, getattr(self, name))
+        for name, choices in ESTIMATOR_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is not valid: choose one of {list(choices)}."
+                )
+        if self.estimator != "gae" and not (
+            isinstance(self.group_size, int)
+            and self.group_size >= 2
+            and isinstance(self.num_envs, int)
+            and self.num_envs % self.group_size == 0
+        ):
+            raise ValueError(
+                f"estimator={self.estimator!r} needs group_size >= 2 dividing num_envs; got "
+                f"group_size={self.group_size!r}, num_envs={self.num_envs!r}."
+            )
         if not isinstance(self.env_kwargs, dict):
             raise ValueError(f"env_kwargs must be a dict, got {self.env_kwargs!r}.")
         for name in (
@@ -239,6 +277,36 @@ def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return logp - ref_logp
 
 
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """``exp(r) - r - 1`` with ``r = log pi_ref - log pi``: unbiased for KL(pi || pi_ref), never
+    negative, lower variance than k1 (Schulman's k3; the per-token KL of TRL's GRPO loss)."""
+    r = ref_logp - logp
+    return torch.exp(r) - r - 1
+
+
+def group_advantages(returns: torch.Tensor, group_size: int, kind: str) -> torch.Tensor:
+    """One advantage per episode from its group of ``group_size`` completions of one prompt.
+
+    ``returns`` ``(B,)`` holds consecutive groups (``B`` a multiple of ``group_size``).
+    ``kind="grpo"`` (Shao et al. 2024): ``(R - mean_g) / (std_g + 1e-4)``, the unbiased std of the
+    group as TRL's ``GRPOTrainer``; ``kind="rloo"`` (Ahmadian et al. 2024): ``R`` minus the mean of
+    the group's other ``group_size - 1`` returns.
+    """
+    if group_size < 2 or returns.shape[0] % group_size:
+        raise ValueError(
+            f"{returns.shape[0]} episodes do not make groups of {group_size} (group_size >= 2 "
+            "must divide the episodes per rollout)."
+        )
+    groups = returns.view(-1, group_size)  # (B / G, G)
+    if kind == "grpo":
+        centred = groups - groups.mean(1, keepdim=True)
+        return (centred / (groups.std(1, keepdim=True) + 1e-4)).reshape(-1)
+    if kind == "rloo":
+        others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+        return (groups - others).reshape(-1)
+    raise ValueError(f"Unknown group estimator {kind!r}: choose 'grpo' or 'rloo'.")
+
+
 def clipped_policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -311,6 +379,29 @@ class Rollout:
     texts: list[str]
 
 
+def reset_groups(envs, group_size: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """Reset the batched env so that each run of ``group_size`` consecutive sub-envs plays one
+    sample (drawn with ``seed``): one partial reset per group, its rows prefilled together.
+
+    Returns the observations ``(N, d)`` and the sub-envs' prompts.
+    """
+    n = envs.num_envs
+    if not envs.unwrapped.has_reset:  # a vector env's first reset is of every sub-env
+        envs.reset(seed=seed)
+    samples = len(envs.unwrapped.envs[0].samples)
+    indices = np.random.default_rng(seed).integers(samples, size=n // group_size)
+    prompts: list[str] = [""] * n
+    obs = None
+    for g, index in enumerate(indices):
+        rows = np.zeros(n, dtype=bool)
+        rows[g * group_size : (g + 1) * group_size] = True
+        seeds = [seed + i if rows[i] else None for i in range(n)]
+        obs, infos = envs.reset(seed=seeds, options={"reset_mask": rows, "index": int(index)})
+        for i in np.flatnonzero(rows):
+            prompts[i] = str(infos["prompt"][i])
+    return obs, prompts
+
+
 @torch.no_grad()
 def collect_rollout(
     envs,
@@ -328,9 +419,14 @@ def collect_rollout(
     random stream; with one process both are as they always were.
     """
     n, T = envs.num_envs, config.max_new_tokens
-    obs, infos = envs.reset(seed=config.seed * 1_000_003 + (iteration * world + rank) * n)
+    seed = config.seed * 1_000_003 + (iteration * world + rank) * n
+    if config.estimator == "gae":
+        obs, infos = envs.reset(seed=seed)
+        prompt_texts = list(infos["prompt"])
+    else:
+        obs, prompt_texts = reset_groups(envs, config.group_size, seed)
     lm = envs.unwrapped.lm
-    prompts = [lm.encode(p) for p in infos["prompt"]]  # encoded as the env encodes them
+    prompts = [lm.encode(p) for p in prompt_texts]  # encoded as the env encodes them
     gen = torch.Generator(device="cpu").manual_seed(
         config.seed * 7919 + iteration + rank * 1_000_000_007
     )
@@ -711,11 +807,18 @@ class TokenPPO:
         with torch.no_grad():
             with self._autocast():
                 ref_logp = self._reference_logprobs(ids, attention, positions, tokens)
-            kl = kl_k1(old_logp, ref_logp) * mask  # (B, T)
-            rewards = rollout.env_rewards.to(device) - self.kl.value * kl
-            advantages, returns = gae(rewards, old_values, mask, c.gamma, c.gae_lambda)
-            if c.whiten_advantages:
-                advantages = masked_whiten(advantages, mask, reduce=self._sum) * mask
+            kl_of = kl_k1 if c.kl_estimator == "k1" else kl_k3
+            kl = kl_of(old_logp, ref_logp) * mask  # (B, T)
+            rewards = rollout.env_rewards.to(device)
+            if c.kl_placement == "reward":
+                rewards = rewards - self.kl.value * kl
+            if c.estimator == "gae":
+                advantages, returns = gae(rewards, old_values, mask, c.gamma, c.gae_lambda)
+                if c.whiten_advantages:
+                    advantages = masked_whiten(advantages, mask, reduce=self._sum) * mask
+            else:  # one advantage per episode, every token of it (dense rewards sum to its score)
+                per_episode = group_advantages(rewards.sum(1), c.group_size, c.estimator)
+                advantages, returns = per_episode[:, None] * mask, torch.zeros_like(rewards)
         if c.anneal_lr:
             for g in self.optimizer.param_groups:
                 g["lr"] = c.learning_rate * (1 - self.iteration / self.iterations)
@@ -735,11 +838,16 @@ class TokenPPO:
                 pg_loss, clipfrac = clipped_policy_loss(
                     logp, old_logp[mb], advantages[mb], m, c.clip_range, mean
                 )
-                v_loss = clipped_value_loss(
-                    values, old_values[mb], returns[mb], m, c.clip_range_value, mean
-                )
+                if c.estimator == "gae":
+                    v_loss = clipped_value_loss(
+                        values, old_values[mb], returns[mb], m, c.clip_range_value, mean
+                    )
+                else:  # no value head to train: the group is the baseline
+                    v_loss = torch.zeros((), device=device)
                 ent = mean(entropy, m)
                 loss = pg_loss + c.vf_coef * v_loss - c.ent_coef * ent
+                if c.kl_placement == "loss":  # the current policy's KL, differentiated
+                    loss = loss + self.kl.value * mean(kl_of(logp, ref_logp[mb]), m)
                 with torch.no_grad():  # one all-reduce: global figures, and one verdict on NaN
                     approx_kl = mean(old_logp[mb] - logp, m)
                     parts = torch.stack([loss, pg_loss, v_loss, ent, clipfrac, approx_kl])
@@ -768,7 +876,11 @@ class TokenPPO:
         out.update(
             kl=episode_kl,
             kl_coef=self.kl.value,
-            explained_variance=explained_variance(old_values, returns, mask, self._sum),
+            explained_variance=(
+                explained_variance(old_values, returns, mask, self._sum)
+                if c.estimator == "gae"
+                else float("nan")
+            ),
             reward=self._mean_over_processes(rollout.env_rewards.sum(1).mean()),
             metric=self._mean_over_processes(
                 torch.tensor(np.mean(rollout.metrics), dtype=torch.float64)
@@ -1011,6 +1123,15 @@ class TokenPPO:
                 f"({state['model_signature']}), not {self._signature()}: resume with the same "
                 "--model it was trained from."
             )
+        defaults = TokenPPOConfig()
+        for name in ESTIMATOR_FIELDS:  # a checkpoint of another algorithm is not this run's
+            trained = state["config"].get(name, getattr(defaults, name))
+            if trained != getattr(self.config, name):
+                raise ValueError(
+                    f"The checkpoint in {path.parent} was trained with {name}={trained!r}, this "
+                    f"run has {name}={getattr(self.config, name)!r}: resume with the same "
+                    f"--{name.replace('_', '-')}."
+                )
         trained_r = state["config"].get("lora_r", 0)
         if trained_r != self.config.lora_r:
             raise ValueError(

@@ -322,3 +322,106 @@ def test_a_damaged_checkpoint_leaves_the_trainer_untouched(tmp_path, random_gpt2
     assert all(torch.equal(before[k], v) for k, v in fresh.model.state_dict().items())
     assert all(torch.equal(head[k], v) for k, v in fresh.value_head.state_dict().items())
     assert str(fresh.optimizer.state_dict()) == optim and fresh.iteration == 0
+
+
+def test_kl_k3_by_hand():
+    from agents.token_ppo import kl_k3
+
+    logp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.0, -1.0, -1.5])
+    # r = ref - logp = 0, 1, -1
+    expected = torch.tensor([0.0, math.e - 2.0, math.exp(-1.0)])  # exp(r) - r - 1
+    torch.testing.assert_close(kl_k3(logp, ref), expected)
+    assert (kl_k3(torch.randn(100), torch.randn(100)) >= 0).all()
+
+
+def test_group_advantages_by_hand():
+    from agents.token_ppo import group_advantages
+
+    returns = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 4.0])  # two groups of 4
+    # RLOO: R minus the mean of the other three
+    torch.testing.assert_close(
+        group_advantages(returns, 4, "rloo"),
+        torch.tensor(
+            [1 - 11 / 3, 2 - 10 / 3, 3 - 3.0, 6 - 2.0, 0 - 4 / 3, 0 - 4 / 3, 0 - 4 / 3, 4.0]
+        ),
+    )
+    # GRPO: group 1 mean 3, unbiased std sqrt(14/3); group 2 mean 1, std 2
+    s1 = math.sqrt(14 / 3)
+    torch.testing.assert_close(
+        group_advantages(returns, 4, "grpo"),
+        torch.tensor(
+            [
+                -2 / (s1 + 1e-4),
+                -1 / (s1 + 1e-4),
+                0.0,
+                3 / (s1 + 1e-4),
+                -1 / 2.0001,
+                -1 / 2.0001,
+                -1 / 2.0001,
+                3 / 2.0001,
+            ]
+        ),
+    )
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_advantages(returns, 3, "grpo")
+
+
+def test_group_rollouts_give_each_group_one_prompt():
+    from agents.token_ppo import reset_groups
+
+    trainer = TokenPPO(small_config("textenvs/tiny", num_envs=6, estimator="grpo", group_size=3))
+    obs, prompts = reset_groups(trainer.envs, 3, seed=11)
+    assert obs.shape[0] == 6
+    assert prompts[0] == prompts[1] == prompts[2] and prompts[3] == prompts[4] == prompts[5]
+    again = reset_groups(trainer.envs, 3, seed=11)[1]
+    assert again == prompts  # seeded: the same samples
+    subs = trainer.envs.unwrapped.envs
+    assert [s.text for s in subs] == [""] * 6  # every sub-env starts a fresh episode
+
+
+@pytest.mark.parametrize(
+    "estimator,placement,kl",
+    [("grpo", "loss", "k3"), ("rloo", "reward", "k1"), ("gae", "loss", "k3")],
+)
+def test_every_estimator_trains(estimator, placement, kl):
+    config = small_config(
+        "textenvs/tiny",
+        estimator=estimator,
+        group_size=2,
+        kl_placement=placement,
+        kl_estimator=kl,
+        kl_coef=0.1,
+    )
+    trainer = TokenPPO(config)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    history = trainer.train(progress=False)
+    assert len(history) == trainer.iterations == 3
+    for stats in history:
+        assert all(math.isfinite(stats[k]) for k in ("policy_loss", "kl", "entropy", "metric"))
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    head = trainer.value_head.weight
+    if estimator == "gae":
+        assert head.abs().sum() > 0  # the value head learns
+    else:
+        assert head.abs().sum() == 0 and history[-1]["value_loss"] == 0.0  # no critic
+
+
+def test_group_estimators_refuse_groups_that_do_not_divide_the_rollout():
+    with pytest.raises(ValueError, match="group_size >= 2 dividing num_envs"):
+        TokenPPO(small_config("textenvs/tiny", estimator="rloo", group_size=3))
+    with pytest.raises(ValueError, match="choose one of \\['gae', 'grpo', 'rloo'\\]"):
+        TokenPPO(small_config("textenvs/tiny", estimator="ppo"))
+    with pytest.raises(ValueError, match="kl_placement"):
+        TokenPPO(small_config("textenvs/tiny", kl_placement="both"))
+
+
+def test_a_checkpoint_of_another_estimator_is_refused(tmp_path):
+    grpo = TokenPPO(small_config("textenvs/tiny", estimator="grpo", group_size=2, total_episodes=4))
+    grpo.save_checkpoint(tmp_path / "grpo")
+    rloo = TokenPPO(small_config("textenvs/tiny", estimator="rloo", group_size=2, total_episodes=4))
+    with pytest.raises(ValueError, match="estimator='grpo'"):
+        rloo.load_checkpoint(tmp_path / "grpo")
+    again = TokenPPO(
+        small_config("textenvs/tiny", estimator="grpo", group_size=2, total_episodes=4)
+    )
+    again.load_checkpoint(tmp_path / "grpo")  # the same algorithm resumes

@@ -169,6 +169,12 @@ class BatchedTextVectorEnv(VectorEnv):
         return self._obs.copy(), rewards, terminated, truncated, infos
 
     @property
+    def has_reset(self) -> bool:
+        """Whether ``reset()`` ran (the first must reset every sub-env; then partial resets
+        with ``options["reset_mask"]`` may follow)."""
+        return self._was_reset
+
+    @property
     def autoreset_mode(self) -> AutoresetMode:
         """The autoreset mode (also in ``metadata``), an attribute of gymnasium 1.x vector envs."""
         return self.metadata["autoreset_mode"]
