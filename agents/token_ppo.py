@@ -51,9 +51,10 @@ ESTIMATOR_CHOICES = {
     "estimator": ("gae", "grpo", "rloo"),
     "kl_placement": ("reward", "loss"),
     "kl_estimator": ("k1", "k3"),
+    "ratio_level": ("token", "sequence"),
 }
 # what a checkpoint must share with the run that resumes it
-ESTIMATOR_FIELDS = ("estimator", "group_size", "kl_placement", "kl_estimator")
+ESTIMATOR_FIELDS = ("estimator", "group_size", "kl_placement", "kl_estimator", "ratio_level")
 
 
 @dataclass
@@ -123,6 +124,11 @@ class TokenPPOConfig:
     """Where the KL to the reference goes: ``reward`` (``kl_coef`` times each token's KL subtracted
     from its reward, PPO-RLHF's) or ``loss`` (``kl_coef`` times the mean per-token KL of the
     current policy added to the loss, TRL GRPO's)."""
+    ratio_level: str = "token"
+    """The importance ratio of the clipped loss: ``token`` (one per token, the loss averaged over
+    the batch's tokens: PPO, GRPO with TRL's ``loss_type="bnpo"``) or ``sequence`` (one per
+    completion, the loss averaged over completions: RLOO as TRL's ``RLOOTrainer``; group
+    estimators only)."""
     kl_estimator: str = "k1"
     """The per-token KL estimate: ``k1`` (``log pi - log pi_ref``) or ``k3``
     (``exp(r) - r - 1``, ``r = log pi_ref - log pi``: never negative)."""
@@ -175,6 +181,11 @@ class TokenPPOConfig:
             raise ValueError(
                 f"estimator={self.estimator!r} needs group_size >= 2 dividing num_envs; got "
                 f"group_size={self.group_size!r}, num_envs={self.num_envs!r}."
+            )
+        if self.ratio_level == "sequence" and self.estimator == "gae":
+            raise ValueError(
+                "ratio_level='sequence' needs one advantage per completion: use it with "
+                "estimator='grpo' or 'rloo' (GAE's advantages are per token)."
             )
         if not isinstance(self.env_kwargs, dict):
             raise ValueError(f"env_kwargs must be a dict, got {self.env_kwargs!r}.")
@@ -325,6 +336,28 @@ def clipped_policy_loss(
     loss = mean(torch.maximum(unclipped, clipped), mask)
     clipfrac = mean((clipped > unclipped).float(), mask)
     return loss, clipfrac
+
+
+def sequence_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+    mean=masked_mean,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped surrogate on whole completions (RLOO, Ahmadian et al. 2024, as TRL's
+    ``RLOOTrainer``): an episode's ratio is ``exp(sum_t (log pi - log pi_old))`` over its tokens,
+    its advantage ``advantages`` ``(B,)`` one number; averaged over episodes (``mean(x, ones)``).
+    Returns the loss and the fraction of episodes where the clip is active.
+    """
+    ratio = torch.exp(((logp - old_logp) * mask).sum(1))  # (B,)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
+    episodes = torch.ones_like(ratio)
+    return mean(torch.maximum(unclipped, clipped), episodes), mean(
+        (clipped > unclipped).float(), episodes
+    )
 
 
 def clipped_value_loss(
@@ -835,9 +868,19 @@ class TokenPPO:
                     ids[mb], attention[mb], positions[mb], tokens[mb], c.temperature
                 )
                 mean = functools.partial(masked_share, total=self._sum(m.sum()), world=self.world)
-                pg_loss, clipfrac = clipped_policy_loss(
-                    logp, old_logp[mb], advantages[mb], m, c.clip_range, mean
-                )
+                if c.ratio_level == "sequence":  # one ratio and advantage per completion
+                    per_completion = functools.partial(
+                        masked_share,
+                        total=self._sum(m.new_tensor(float(len(mb)))),
+                        world=self.world,
+                    )
+                    pg_loss, clipfrac = sequence_policy_loss(
+                        logp, old_logp[mb], per_episode[mb], m, c.clip_range, per_completion
+                    )
+                else:
+                    pg_loss, clipfrac = clipped_policy_loss(
+                        logp, old_logp[mb], advantages[mb], m, c.clip_range, mean
+                    )
                 if c.estimator == "gae":
                     v_loss = clipped_value_loss(
                         values, old_values[mb], returns[mb], m, c.clip_range_value, mean

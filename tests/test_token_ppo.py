@@ -425,3 +425,27 @@ def test_a_checkpoint_of_another_estimator_is_refused(tmp_path):
         small_config("textenvs/tiny", estimator="grpo", group_size=2, total_episodes=4)
     )
     again.load_checkpoint(tmp_path / "grpo")  # the same algorithm resumes
+
+
+def test_sequence_policy_loss_by_hand():
+    from agents.token_ppo import sequence_policy_loss
+
+    logp = torch.tensor([[-1.0, -2.0], [-1.0, 0.0]])
+    old = torch.tensor([[-1.5, -2.0], [-1.0, -5.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])  # episode 2 has one token: its pad is ignored
+    advantages = torch.tensor([1.0, -2.0])
+    # episode 1: ratio e^0.5 = 1.65, clipped to 1.2: max(-1.65, -1.2) = -1.2 (clip active);
+    # episode 2: ratio e^0 = 1: 2.0. Mean over the two episodes: 0.4.
+    loss, clipfrac = sequence_policy_loss(logp, old, advantages, mask, 0.2)
+    assert loss.item() == pytest.approx(0.4)
+    assert clipfrac.item() == pytest.approx(0.5)
+
+
+def test_sequence_ratio_trains_rloo_and_is_refused_with_gae():
+    trainer = TokenPPO(
+        small_config("textenvs/tiny", estimator="rloo", group_size=2, ratio_level="sequence")
+    )
+    history = trainer.train(progress=False)
+    assert all(math.isfinite(h["policy_loss"]) for h in history)
+    with pytest.raises(ValueError, match="ratio_level='sequence' needs one advantage"):
+        TokenPPO(small_config("textenvs/tiny", ratio_level="sequence"))
