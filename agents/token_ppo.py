@@ -837,9 +837,11 @@ class TokenPPO:
         ids, attention, positions = ids.to(device), attention.to(device), positions.to(device)
         tokens, mask = rollout.tokens.to(device), rollout.mask.to(device)
         old_logp, old_values = rollout.logprobs.to(device), rollout.values.to(device)
+        started = time.time()
         with torch.no_grad():
             with self._autocast():
                 ref_logp = self._reference_logprobs(ids, attention, positions, tokens)
+            reference_s = time.time() - started
             kl_of = kl_k1 if c.kl_estimator == "k1" else kl_k3
             kl = kl_of(old_logp, ref_logp) * mask  # (B, T)
             rewards = rollout.env_rewards.to(device)
@@ -929,6 +931,8 @@ class TokenPPO:
                 torch.tensor(np.mean(rollout.metrics), dtype=torch.float64)
             ),
             lr=self.optimizer.param_groups[0]["lr"],
+            reference_s=reference_s,  # the reference model's pass over the rollout
+            update_s=time.time() - started - reference_s,  # advantages and the optimizer steps
         )
         return out
 
@@ -956,6 +960,7 @@ class TokenPPO:
             rollout_s = time.time() - start
             stats = self.update(rollout)
             stats.update(
+                rollout_s=rollout_s,  # the env's forwards and the sampling
                 iteration=self.iteration,
                 episodes=(self.iteration + 1) * per_iteration,
                 tokens=int(self._sum(rollout.mask.sum().to(self.lm.device))),

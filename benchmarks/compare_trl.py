@@ -54,6 +54,8 @@ from textenvs.tasks import builtin_task
 
 ENV_FOR_TASK = {"summarize": "textenvs/Summarize-v0", "translate": "textenvs/Translate-v0"}
 TRAINERS = ("textenvs_ppo", "grpo", "rloo")
+# --like-with-like: ours and TRL's at identical math, one pair per algorithm
+PAIRS = {"grpo": ("textenvs_grpo", "grpo"), "rloo": ("textenvs_rloo", "rloo")}
 OURS_DEFAULTS = {"learning_rate": 3e-4, "kl_coef": 0.02, "dense": True}
 
 
@@ -144,6 +146,193 @@ def ours_config(args, point: dict | None, seed: int, env_id: str, model: str, me
     )
 
 
+def like_config(algorithm: str, args, seed: int, env_id: str, model: str, metric: str):
+    """Our GRPO / RLOO with TRL's math for the same algorithm (``--like-with-like``).
+
+    GRPO as TRL's ``GRPOTrainer`` with ``loss_type="bnpo"``, ``scale_rewards="group"``: the
+    completion's reward (the metric at the end) normalised within its group, one ratio per token,
+    the loss averaged over the batch's tokens, ``beta`` times the k3 KL of the current policy in the
+    loss. RLOO as TRL's ``RLOOTrainer``: the reward minus ``beta`` times the completion's summed k1
+    KL, the leave-one-out baseline, one ratio per completion, the loss averaged over completions.
+    """
+    math = {
+        "grpo": dict(kl_placement="loss", kl_estimator="k3", ratio_level="token"),
+        "rloo": dict(kl_placement="reward", kl_estimator="k1", ratio_level="sequence"),
+    }[algorithm]
+    return TokenPPOConfig(
+        env_id=env_id,
+        model=model,
+        reward=metric,
+        dense=False,  # TRL scores the finished completion
+        estimator=algorithm,
+        group_size=args.group,
+        num_envs=args.batch,
+        minibatch_size=args.batch,
+        num_epochs=1,
+        max_new_tokens=args.max_new_tokens,
+        total_episodes=args.completions,
+        learning_rate=args.learning_rate,
+        kl_coef=args.kl_coef,
+        temperature=1.0,
+        device=args.device,
+        seed=seed,
+        **math,
+    )
+
+
+def like_trl_config(algorithm: str, args, seed: int, out: str):
+    """TRL's config at the same math as :func:`like_config`."""
+    config = trl_config(
+        algorithm,
+        args,
+        {"learning_rate": args.learning_rate, "kl_coef": args.kl_coef, "group": args.group},
+        seed,
+        out,
+    )
+    config.adam_epsilon = 1e-5  # ours; AdamW with TRL's weight_decay 0 is our Adam
+    if algorithm == "grpo":
+        config.loss_type, config.scale_rewards = "bnpo", "group"
+    else:
+        config.normalize_advantages = False
+    return config
+
+
+class Stopwatch:
+    """Seconds spent inside one method of an object (patched on the instance)."""
+
+    def __init__(self, obj, name: str) -> None:
+        self.seconds, method = 0.0, getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            start = time.time()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds += time.time() - start
+
+        setattr(obj, name, timed)
+
+
+def train_like(name: str, args, seed: int, ctx: dict) -> dict:
+    """One run of ours or TRL's at the like-with-like settings; test metrics, budget, speed and
+    where the time went."""
+    algorithm = name.removeprefix("textenvs_")
+    if name.startswith("textenvs_"):
+        config = like_config(algorithm, args, seed, ctx["env_id"], ctx["model"], ctx["metric"])
+        trainer = TokenPPO(config)
+        steps = [0]
+        trainer.optimizer.register_step_post_hook(lambda *a: steps.__setitem__(0, steps[0] + 1))
+        start = time.time()
+        history = trainer.train(progress=False)
+        wall = time.time() - start
+        split = {
+            "rollout_s": sum(h["rollout_s"] for h in history),
+            "reference_s": sum(h["reference_s"] for h in history),
+            "update_s": sum(h["update_s"] for h in history),
+        }
+        completions, optimizer_steps, lm = trainer.iteration * args.batch, steps[0], trainer.lm
+    else:
+        from trl import GRPOTrainer, RLOOTrainer
+
+        out = tempfile.mkdtemp(prefix=f"textenvs-{name}-")
+        reward = CountingReward(ctx["metric"])
+        trainer = (GRPOTrainer if name == "grpo" else RLOOTrainer)(
+            model=ctx["model"],
+            reward_funcs=reward,
+            args=like_trl_config(algorithm, args, seed, out),
+            train_dataset=ctx["train_dataset"],
+        )
+        generation = Stopwatch(trainer, "_generate_and_score_completions")
+        start = time.time()
+        trainer.train()
+        wall = time.time() - start
+        split = {  # TRL computes the reference log-probs inside its generation step
+            "generation_reward_reference_s": generation.seconds,
+            "update_and_rest_s": wall - generation.seconds,
+        }
+        completions, optimizer_steps = reward.scored, trainer.state.global_step
+        trainer.save_model(str(Path(out) / "final"))
+        lm = LanguageModel(str(Path(out) / "final"), device=args.device)
+        shutil.rmtree(out, ignore_errors=True)
+    metrics = greedy_metrics(
+        lm, ctx["env_id"], "test", args.eval_samples, args.max_new_tokens, ctx["metric"]
+    )
+    return {
+        "metrics": metrics,
+        "mean": float(np.mean(metrics)),
+        "completions": completions,
+        "optimizer_steps": optimizer_steps,
+        "wall_s": round(wall, 2),
+        "completions_per_s": round(completions / wall, 2),
+        "time_split_s": {k: round(v, 2) for k, v in split.items()},
+    }
+
+
+def like_with_like(args, ctx: dict) -> dict:
+    """Each algorithm: ours and TRL's at identical settings, ``--seeds`` seeds each, paired by
+    seed and test sample; the metric difference with its CI and the speed ratio."""
+    report = {}
+    for algorithm in args.algorithms:
+        ours_name, trl_name = PAIRS[algorithm]
+        runs = {}
+        for name in (ours_name, trl_name):
+            runs[name] = [train_like(name, args, seed, ctx) for seed in range(args.seeds)]
+            print(json.dumps({name: [r["mean"] for r in runs[name]]}), flush=True)
+        ours, theirs = runs[ours_name], runs[trl_name]
+        diff, lo, hi = hierarchical_bootstrap(
+            [np.asarray(a["metrics"]) - np.asarray(b["metrics"]) for a, b in zip(ours, theirs)]
+        )
+        rows = {}
+        for name, rs in runs.items():
+            mean, rlo, rhi = hierarchical_bootstrap([r["metrics"] for r in rs])
+            split_keys = rs[0]["time_split_s"]
+            rows[name] = {
+                "runs": rs,
+                "test_metric": mean,
+                "test_ci": [rlo, rhi],
+                "completions": [r["completions"] for r in rs],
+                "optimizer_steps": [r["optimizer_steps"] for r in rs],
+                "completions_per_s": float(np.mean([r["completions_per_s"] for r in rs])),
+                "time_split_s": {
+                    k: float(np.mean([r["time_split_s"][k] for r in rs])) for k in split_keys
+                },
+            }
+        report[algorithm] = {
+            **rows,
+            "ours_minus_trl": diff,
+            "ours_minus_trl_ci": [lo, hi],
+            "metric_equal_within_ci": lo <= 0 <= hi,
+            "speed_ratio": rows[ours_name]["completions_per_s"]
+            / rows[trl_name]["completions_per_s"],
+        }
+    return report
+
+
+def like_table(report: dict) -> str:
+    lines = [
+        "| algorithm | trainer | completions | optimizer steps | test metric (95% CI) "
+        "| ours - TRL (95% CI) | completions/s | time split (s per run) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for algorithm, row in report.items():
+        for name in PAIRS[algorithm]:
+            r = row[name]
+            diff = (
+                f"{row['ours_minus_trl']:+.4f} ({row['ours_minus_trl_ci'][0]:+.4f}, "
+                f"{row['ours_minus_trl_ci'][1]:+.4f})"
+                if name.startswith("textenvs_")
+                else f"speed ratio {row['speed_ratio']:.2f}x"
+            )
+            split = ", ".join(f"{k[:-2]} {v:.1f}" for k, v in r["time_split_s"].items())
+            lines.append(
+                f"| {algorithm} | {name} | {sorted(set(r['completions']))} "
+                f"| {sorted(set(r['optimizer_steps']))} | {r['test_metric']:.4f} "
+                f"({r['test_ci'][0]:.4f}, {r['test_ci'][1]:.4f}) | {diff} "
+                f"| {r['completions_per_s']:.1f} | {split} |"
+            )
+    return "\n".join(lines)
+
+
 def train_one(name: str, args, point: dict | None, seed: int, split: str, samples: int, ctx: dict):
     """Train one trainer once; its greedy per-sample metrics on ``split`` and measured budget."""
     if name == "textenvs_ppo":
@@ -210,6 +399,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-samples", type=int, default=200, help="test samples, paired")
     p.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--like-with-like",
+        action="store_true",
+        help="ours-GRPO against TRL's GRPOTrainer and ours-RLOO against RLOOTrainer at identical "
+        "math and settings (--learning-rate, --kl-coef, --group), no grid",
+    )
+    p.add_argument("--algorithms", nargs="+", choices=list(PAIRS), default=list(PAIRS))
+    p.add_argument("--learning-rate", type=float, default=3e-4, help="--like-with-like")
+    p.add_argument("--kl-coef", type=float, default=0.02, help="--like-with-like: beta")
+    p.add_argument("--group", type=int, default=4, help="--like-with-like: completions a prompt")
     p.add_argument("--json-out", help="write the report (JSON) here")
     args = p.parse_args(argv)
     for name in (
@@ -233,6 +432,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--batch {args.batch} is not a multiple of --grid-group {groups} (each >= 2): GRPO "
             "and RLOO sample whole groups of completions per prompt"
         )
+    if args.like_with_like and (args.group < 2 or args.batch % args.group):
+        p.error(f"--group {args.group} must be >= 2 and divide --batch {args.batch}")
+    if args.like_with_like and args.kl_coef < 0:
+        p.error(f"--kl-coef must be >= 0, got {args.kl_coef}")
     if len(args.grid_dense) != len(args.grid_group):
         p.error(
             f"--grid-dense has {len(args.grid_dense)} values and --grid-group "
@@ -274,7 +477,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_dir = tempfile.mkdtemp(prefix="textenvs-tiny-")
     shutil.copytree(BUILTIN_MODELS[textenvs.TINY], model_dir, dirs_exist_ok=True)  # TRL reloads
     ctx = {"env_id": env_id, "model": model_dir, "metric": metric}
-    if set(args.trainers) - {"textenvs_ppo"}:  # TRL's train prompts, built once for every run
+    if args.like_with_like or set(args.trainers) - {"textenvs_ppo"}:  # TRL's train prompts, once
         from datasets import Dataset
 
         task = builtin_task(args.task)
@@ -292,6 +495,30 @@ def main(argv: list[str] | None = None) -> dict:
         args.max_new_tokens,
         metric,
     )
+    if args.like_with_like:
+        config = {k: v for k, v in shared_config(args, metric).items() if not k.startswith("grid")}
+        config.update(
+            learning_rate=args.learning_rate,
+            beta=args.kl_coef,
+            group=args.group,
+            num_epochs=1,
+            reward="the metric of the finished completion (terminal)",
+            grpo="loss_type bnpo, scale_rewards group, k3 KL in the loss",
+            rloo="k1 KL summed per completion in the reward, sequence-level ratio, "
+            "normalize_advantages off",
+            adam_epsilon=1e-5,
+        )
+        config.pop("trl_defaults_kept", None)
+        report = {
+            "config": config,
+            "test_metric_before": float(np.mean(before)),
+            "like_with_like": like_with_like(args, ctx),
+        }
+        shutil.rmtree(model_dir, ignore_errors=True)
+        print(like_table(report["like_with_like"]))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(report, indent=1))
+        return report
     report = {
         "config": shared_config(args, metric),
         "test_metric_before": float(np.mean(before)),

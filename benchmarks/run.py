@@ -65,7 +65,14 @@ AGENTS = (
     "maskable_ppo",
     "maskable_prior",
     "token_ppo",
+    "token_grpo",
+    "token_rloo",
 )
+# Token-level agents beside PPO: the same trainer and the suite's settings (TOKEN_PPO: sampling,
+# epochs, KL in the reward), only the advantage estimator differs, over groups of
+# TOKEN_GROUP_SIZE completions of one prompt (agents.token_ppo.group_advantages).
+TOKEN_ESTIMATORS = {"token_ppo": "gae", "token_grpo": "grpo", "token_rloo": "rloo"}
+TOKEN_GROUP_SIZE = 4
 # What the main job runs unless --agents says otherwise: SB3 with the LM-prior policies stands for
 # SB3 (PPO on generation envs, MaskablePPO on edit envs); the MLP policies from scratch ("ppo",
 # "maskable_ppo") stay available.
@@ -74,6 +81,8 @@ DEFAULT_AGENTS = ("random", "greedy", "qlearning", "ppo_prior", "maskable_prior"
 EXPECTED_ORDER = (
     "ppo_last_block",
     "token_ppo",
+    "token_grpo",
+    "token_rloo",
     "maskable_prior",
     "maskable_ppo",
     "ppo_prior",
@@ -248,7 +257,7 @@ def applies(agent: str, env_id: str) -> bool:
     masked = default_algo(env_id) == "maskable_ppo"
     if agent in ("maskable_ppo", "maskable_prior"):
         return masked
-    if agent in ("ppo", "ppo_prior", "ppo_last_block", "token_ppo"):
+    if agent in ("ppo", "ppo_prior", "ppo_last_block", *TOKEN_ESTIMATORS):
         return not masked
     return True
 
@@ -457,11 +466,15 @@ def run_cell(
             model_.learn(per_point, reset_num_timesteps=False, callback=sb3.train_callbacks(config))
             record((point + 1) * per_point, policy, env)
         steps = total
-    elif agent == "token_ppo":
+    elif agent in TOKEN_ESTIMATORS:
         from agents.token_ppo import TokenPPO, TokenPPOConfig
 
+        estimator = TOKEN_ESTIMATORS[agent]
+        grouped = {} if estimator == "gae" else {"group_size": TOKEN_GROUP_SIZE}
         trainer = TokenPPO(
             TokenPPOConfig(
+                estimator=estimator,
+                **grouped,
                 env_id=env_id,
                 model=model,
                 seed=seed,
@@ -669,6 +682,8 @@ AGENT_COLORS = {
     "maskable_ppo": "#9467bd",
     "maskable_prior": "#d62728",
     "token_ppo": "#e377c2",
+    "token_grpo": "#17becf",
+    "token_rloo": "#bcbd22",
 }
 BASELINE_STYLE = {"random": ":", "greedy": "--"}
 
