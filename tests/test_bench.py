@@ -621,3 +621,82 @@ def test_the_last_block_agent_runs_in_the_suite_with_its_own_settings(tmp_path):
     assert {c["agent"] for c in cells} == {"greedy", "ppo_last_block"}
     budget = run.budget_for(run.parse_args(["--full", "--last-block-steps", "1000"]))
     assert budget.last_block_steps == 1000 and run.PRESETS["full"].last_block_steps == 49152
+
+
+@pytest.mark.parametrize("agent,estimator", [("token_grpo", "grpo"), ("token_rloo", "rloo")])
+def test_group_estimator_agents_run_in_the_suite_with_the_suites_settings(
+    agent, estimator, monkeypatch
+):
+    """The suite's token agents differ from token PPO by their estimator alone."""
+    from agents import token_ppo
+
+    budget = run.budget_for(run.parse_args(ARGS))
+    budget.eval_samples = 2
+    seen, update = [], token_ppo.TokenPPO.update
+
+    def spy(self, rollout):
+        c = self.config
+        seen.append((c.estimator, c.group_size, c.temperature, c.kl_placement, c.num_epochs))
+        return update(self, rollout)
+
+    monkeypatch.setattr(token_ppo.TokenPPO, "update", spy)
+    cell = run.run_cell(agent, "textenvs/Summarize-v0", 0, budget, "textenvs/tiny")
+    assert seen and set(seen) == {(estimator, run.TOKEN_GROUP_SIZE, 0.5, "reward", 4)}
+    assert cell["agent"] == agent and len(cell["curve"][-1]["metrics"]) == 2
+    assert run.applies(agent, "textenvs/Translate-v0") and not run.applies(
+        agent, "textenvs/EditSummary-v0"
+    )
+
+
+def test_compare_trl_like_with_like_gives_both_sides_the_same_math():
+    pytest.importorskip("trl")
+    from benchmarks import compare_trl
+
+    args = compare_trl.parse_args(
+        ["--like-with-like", "--completions", "64", "--batch", "16", "--group", "4"]
+        + ["--learning-rate", "1e-4", "--kl-coef", "0.05"]
+    )
+    for algorithm in ("grpo", "rloo"):
+        ours = compare_trl.like_config(algorithm, args, 0, "textenvs/Summarize-v0", "m", "rougeL")
+        trl = compare_trl.like_trl_config(algorithm, args, 0, "/tmp/unused")
+        assert (ours.learning_rate, ours.kl_coef, ours.group_size) == (1e-4, 0.05, 4)
+        assert (trl.learning_rate, trl.beta, trl.num_generations) == (1e-4, 0.05, 4)
+        assert ours.total_episodes == trl.max_steps * trl.per_device_train_batch_size == 64
+        assert (ours.num_epochs, trl.num_iterations) == (1, 1) and not ours.dense
+        assert trl.adam_epsilon == 1e-5 and ours.estimator == algorithm
+        if algorithm == "grpo":
+            assert (trl.loss_type, trl.scale_rewards) == ("bnpo", "group")
+            assert (ours.kl_placement, ours.kl_estimator, ours.ratio_level) == (
+                "loss",
+                "k3",
+                "token",
+            )
+        else:
+            assert trl.normalize_advantages is False
+            assert (ours.kl_placement, ours.kl_estimator, ours.ratio_level) == (
+                "reward",
+                "k1",
+                "sequence",
+            )
+    with pytest.raises(SystemExit):
+        compare_trl.parse_args(["--like-with-like", "--batch", "16", "--group", "3"])
+
+
+@pytest.mark.slow
+def test_compare_trl_like_with_like_reports_metric_speed_and_time_split(tmp_path):
+    pytest.importorskip("trl")
+    from benchmarks import compare_trl
+
+    report = compare_trl.main(
+        ["--like-with-like", "--completions", "16", "--batch", "8", "--group", "4"]
+        + ["--seeds", "1", "--eval-samples", "3", "--max-new-tokens", "4"]
+        + ["--json-out", str(tmp_path / "like.json")]
+    )
+    for algorithm, (ours, theirs) in compare_trl.PAIRS.items():
+        row = report["like_with_like"][algorithm]
+        for name in (ours, theirs):
+            assert row[name]["completions"] == [16] and row[name]["optimizer_steps"] == [2]
+        assert set(row[ours]["time_split_s"]) == {"rollout_s", "reference_s", "update_s"}
+        assert row["speed_ratio"] > 0
+        assert row["ours_minus_trl_ci"][0] <= row["ours_minus_trl"] <= row["ours_minus_trl_ci"][1]
+    assert json.loads((tmp_path / "like.json").read_text())["config"]["group"] == 4
