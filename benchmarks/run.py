@@ -602,7 +602,16 @@ def aggregate(cells: list[dict]) -> list[dict]:
                 "iqm": iqm([runs[s]["final_metric"] for s in seeds]),
                 "steps": max(runs[s]["steps"] for s in seeds),
             }
-            for base in ("random", "greedy"):
+            # the other token-level agents are also paired with token PPO (same trainer)
+            bases = (
+                ("random", "greedy", "token_ppo")
+                if agent in TOKEN_ESTIMATORS
+                else (
+                    "random",
+                    "greedy",
+                )
+            )
+            for base in bases:
                 baseline = by_agent.get(base, {})
                 if agent == base:
                     continue
@@ -632,16 +641,20 @@ def _difference(row: dict, key: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
+    """The results table; a ``- token PPO`` column when the run paired token agents with it."""
+    against_ppo = any("vs_token_ppo" in r for r in rows)
+    extra = " - token PPO (95% CI) |" if against_ppo else ""
     lines = [
         "| env | agent | seeds | test metric, mean (95% CI) | - random (95% CI) | - greedy (95% "
-        "CI) | IQM | steps |",
-        "|---|---|---|---|---|---|---|---|",
+        f"CI) |{extra} IQM | steps |",
+        "|---|---|---|---|---|---|" + ("---|" if against_ppo else "") + "---|---|",
     ]
     for r in rows:
+        cell = f" {_difference(r, 'vs_token_ppo')} |" if against_ppo else ""
         lines.append(
             f"| {r['env_id'].split('/')[-1]} | {r['agent']} | {r['seeds']} | {r['mean']:.4f} "
             f"({r['ci_low']:.4f}, {r['ci_high']:.4f}) | {_difference(r, 'vs_random')} | "
-            f"{_difference(r, 'vs_greedy')} | {r['iqm']:.4f} | {r['steps']} |"
+            f"{_difference(r, 'vs_greedy')} |{cell} {r['iqm']:.4f} | {r['steps']} |"
         )
     return "\n".join(lines)
 

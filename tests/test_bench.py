@@ -700,3 +700,18 @@ def test_compare_trl_like_with_like_reports_metric_speed_and_time_split(tmp_path
         assert row["speed_ratio"] > 0
         assert row["ours_minus_trl_ci"][0] <= row["ours_minus_trl"] <= row["ours_minus_trl_ci"][1]
     assert json.loads((tmp_path / "like.json").read_text())["config"]["group"] == 4
+
+
+def test_token_agents_are_also_paired_with_token_ppo():
+    env = "textenvs/Summarize-v0"
+    cells = [
+        cell("greedy", 0, [0.1, 0.1], env),
+        cell("token_ppo", 0, [0.2, 0.3], env),
+        cell("token_grpo", 0, [0.4, 0.2], env),
+    ]
+    rows = {r["agent"]: r for r in run.aggregate(cells)}
+    assert rows["token_grpo"]["vs_token_ppo"]["diff"] == pytest.approx(0.05)  # (0.2 - 0.1) / 2
+    assert "vs_token_ppo" not in rows["token_ppo"] and "vs_token_ppo" not in rows["greedy"]
+    table = run.markdown_table(list(rows.values()))
+    assert "- token PPO (95% CI)" in table and "+0.0500" in table
+    assert "token PPO" not in run.markdown_table([rows["greedy"], rows["token_ppo"]])
