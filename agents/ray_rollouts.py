@@ -101,6 +101,12 @@ class RayTokenPPO(TokenPPO):
         ray = require("ray", "ray", "Rollouts on Ray actors")
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}.")
+        config.validate()  # each worker's own num_envs must hold whole groups, for instance
+        if config.nlpo_top_p:
+            raise ValueError(
+                "NLPO (nlpo_top_p > 0) steps its masking policy beside the trainer's own batched "
+                "env; Ray workers do not carry it: use the single-process or data-parallel trainer."
+            )
         if not ray.is_initialized():
             raise RuntimeError("Call ray.init() (or ray.init(address='auto')) first.")
         self.workers_config = config

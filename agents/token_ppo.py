@@ -54,7 +54,15 @@ ESTIMATOR_CHOICES = {
     "ratio_level": ("token", "sequence"),
 }
 # what a checkpoint must share with the run that resumes it
-ESTIMATOR_FIELDS = ("estimator", "group_size", "kl_placement", "kl_estimator", "ratio_level")
+ESTIMATOR_FIELDS = (
+    "estimator",
+    "group_size",
+    "kl_placement",
+    "kl_estimator",
+    "ratio_level",
+    "nlpo_top_p",
+    "nlpo_mu",
+)
 
 
 @dataclass
@@ -129,6 +137,13 @@ class TokenPPOConfig:
     the batch's tokens: PPO, GRPO with TRL's ``loss_type="bnpo"``) or ``sequence`` (one per
     completion, the loss averaged over completions: RLOO as TRL's ``RLOOTrainer``; group
     estimators only)."""
+    nlpo_top_p: float = 0.0
+    """NLPO (Ramamurthy et al. 2023, RL4LMs): sample only among the tokens of the masking
+    policy's top-p nucleus (the log-probs of the update renormalised over the same tokens); 0
+    turns it off. The masking policy is a copy of the policy, refreshed every ``nlpo_mu``
+    iterations; it runs one incremental forward of its own per step."""
+    nlpo_mu: int = 5
+    """Iterations between refreshes of NLPO's masking policy."""
     kl_estimator: str = "k1"
     """The per-token KL estimate: ``k1`` (``log pi - log pi_ref``) or ``k3``
     (``exp(r) - r - 1``, ``r = log pi_ref - log pi``: never negative)."""
@@ -181,6 +196,12 @@ class TokenPPOConfig:
             raise ValueError(
                 f"estimator={self.estimator!r} needs group_size >= 2 dividing num_envs; got "
                 f"group_size={self.group_size!r}, num_envs={self.num_envs!r}."
+            )
+        top_p_ok = isinstance(self.nlpo_top_p, (int, float)) and 0.0 <= self.nlpo_top_p <= 1.0
+        if not top_p_ok or not (isinstance(self.nlpo_mu, int) and self.nlpo_mu >= 1):
+            raise ValueError(
+                f"nlpo_top_p must be in [0, 1] (0: off) and nlpo_mu an int >= 1; got "
+                f"nlpo_top_p={self.nlpo_top_p!r}, nlpo_mu={self.nlpo_mu!r}."
             )
         if self.ratio_level == "sequence" and self.estimator == "gae":
             raise ValueError(
@@ -293,6 +314,17 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     negative, lower variance than k1 (Schulman's k3; the per-token KL of TRL's GRPO loss)."""
     r = ref_logp - logp
     return torch.exp(r) - r - 1
+
+
+def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """NLPO's action mask: True on the smallest set of most likely tokens whose probability under
+    ``logits`` ``(..., V)`` reaches ``top_p`` (the most likely token is always in)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs  # the mass of the more likely tokens
+    keep = before < top_p
+    keep[..., 0] = True
+    return torch.zeros_like(keep).scatter(-1, order, keep)
 
 
 def group_advantages(returns: torch.Tensor, group_size: int, kind: str) -> torch.Tensor:
@@ -410,29 +442,63 @@ class Rollout:
     env_rewards: torch.Tensor  # (B, T)
     metrics: list[float]  # the task metric of each episode
     texts: list[str]
+    action_masks: torch.Tensor | None = None  # (B, T, V) NLPO: the tokens sampling could pick
 
 
 def reset_groups(envs, group_size: int, seed: int) -> tuple[np.ndarray, list[str]]:
     """Reset the batched env so that each run of ``group_size`` consecutive sub-envs plays one
-    sample (drawn with ``seed``): one partial reset per group, its rows prefilled together.
+    sample (drawn with ``seed``): one reset, every row prefilled in one batched forward.
 
     Returns the observations ``(N, d)`` and the sub-envs' prompts.
     """
     n = envs.num_envs
-    if not envs.unwrapped.has_reset:  # a vector env's first reset is of every sub-env
-        envs.reset(seed=seed)
     samples = len(envs.unwrapped.envs[0].samples)
-    indices = np.random.default_rng(seed).integers(samples, size=n // group_size)
-    prompts: list[str] = [""] * n
-    obs = None
-    for g, index in enumerate(indices):
-        rows = np.zeros(n, dtype=bool)
-        rows[g * group_size : (g + 1) * group_size] = True
-        seeds = [seed + i if rows[i] else None for i in range(n)]
-        obs, infos = envs.reset(seed=seeds, options={"reset_mask": rows, "index": int(index)})
-        for i in np.flatnonzero(rows):
-            prompts[i] = str(infos["prompt"][i])
-    return obs, prompts
+    groups = np.random.default_rng(seed).integers(samples, size=n // group_size)
+    obs, infos = envs.reset(seed=seed, options={"index": np.repeat(groups, group_size).tolist()})
+    return obs, [str(p) for p in infos["prompt"]]
+
+
+class NLPOMasker:
+    """NLPO's masking policy: a frozen copy of the policy, refreshed every ``nlpo_mu`` iterations,
+    stepped alongside the env over its own batch cache (one incremental forward per token, as the
+    env's), whose top-p nucleus is the set of tokens the rollout may sample.
+    """
+
+    def __init__(self, lm: LanguageModel, n: int, top_p: float) -> None:
+        from textenvs.batching import LockstepBatch
+
+        self.lm = copy.copy(lm)  # the tokenizer and settings; its own model below
+        self.lm.model = copy.deepcopy(lm.model).eval().requires_grad_(False)
+        self.n, self.top_p = n, top_p
+        self._batch = LockstepBatch
+        self.logits: torch.Tensor | None = None
+
+    def refresh(self, model: torch.nn.Module) -> None:
+        """The masking policy becomes the current policy."""
+        self.lm.model.load_state_dict(model.state_dict())
+
+    @torch.no_grad()
+    def start(self, prompts: list[list[int]]) -> None:
+        """Prefill every row's prompt; ``logits`` then holds each row's next-token logits."""
+        from textenvs.batching import prefill_batch
+
+        self.batch = self._batch(self.lm, self.n)
+        rows = prefill_batch(self.lm, prompts)
+        for i, (seq, _, _) in enumerate(rows):
+            self.batch.adopt(i, seq)
+        # each row's logits at its last prompt token: (V,) or (positions, V) by the model
+        last = [logits.reshape(-1, logits.shape[-1])[-1] for _, _, logits in rows]
+        self.logits = torch.stack(last).float()  # (N, V)
+
+    @torch.no_grad()
+    def mask(self) -> torch.Tensor:
+        """``(N, V)``: True on each row's top-p tokens."""
+        return top_p_mask(self.logits, self.top_p)
+
+    @torch.no_grad()
+    def advance(self, tokens: list[int], stepping: list[int]) -> None:
+        _, logits = self.batch.advance(tokens, stepping)
+        self.logits = logits.float()
 
 
 @torch.no_grad()
@@ -443,9 +509,10 @@ def collect_rollout(
     iteration: int,
     rank: int = 0,
     world: int = 1,
+    masker: NLPOMasker | None = None,
 ) -> Rollout:
     """One episode per sub-env. Finished sub-envs auto-reset and keep stepping; those steps are
-    dropped.
+    dropped. ``masker`` (NLPO): tokens are sampled among its top-p nucleus only.
 
     In a data-parallel run, process ``rank`` of ``world`` draws the samples that sub-envs
     ``rank * n ...`` of one ``world * n`` batched env would draw, and samples tokens from its own
@@ -472,12 +539,22 @@ def collect_rollout(
     # so the last step of a rollout runs no prefill of episodes that would be dropped; its final
     # info is then the step's own info (under SameStep it is in infos["final_info"])
     same_step = envs.metadata.get("autoreset_mode") == gym.vector.AutoresetMode.SAME_STEP
+    masks = None
+    if masker is not None:
+        masker.start(prompts)
+        masks = torch.zeros(n, T, lm.vocab_size, dtype=torch.bool)
     for t in range(T):
         logits = envs.unwrapped.logits.float() / config.temperature  # (N, V): the env's own forward
+        if masker is not None:
+            allowed = masker.mask().to(logits.device)  # (N, V)
+            masks[:, t] = allowed.cpu()
+            logits = logits.masked_fill(~allowed, float("-inf"))
         logits[torch.as_tensor(~active, device=logits.device)] = 0.0  # ended rows: step dropped
         logp_all = torch.log_softmax(logits, dim=-1).cpu()
         action = torch.multinomial(logp_all.exp(), 1, generator=gen)[:, 0]  # (N,)
         value = value_head(torch.as_tensor(obs, device=device)).squeeze(-1).cpu()
+        if masker is not None:  # the masking policy reads the same tokens
+            masker.advance(action.tolist(), np.flatnonzero(active).tolist())
         obs, reward, terminated, truncated, infos = envs.step(action.numpy())
         for i in np.flatnonzero(active):
             tokens[i, t], mask[i, t] = action[i], 1.0
@@ -493,7 +570,7 @@ def collect_rollout(
                 texts[i] = str(final["text"][i])
         if not active.any():
             break
-    return Rollout(prompts, tokens, mask, logprobs, values, rewards, metrics, texts)
+    return Rollout(prompts, tokens, mask, logprobs, values, rewards, metrics, texts, masks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,18 +600,36 @@ def batch_sequences(prompts: list[list[int]], tokens: torch.Tensor, mask: torch.
 
 
 def sequence_outputs(
-    model, ids, attention, positions, tokens, temperature: float, with_hidden: bool
+    model,
+    ids,
+    attention,
+    positions,
+    tokens,
+    temperature: float,
+    with_hidden: bool,
+    action_mask: torch.Tensor | None = None,
 ):
-    """Log-probs of ``tokens`` ``(B, T)``, entropy ``(B, T)``, final hidden states ``(B, T, d)``."""
+    """Log-probs of ``tokens`` ``(B, T)``, entropy ``(B, T)``, final hidden states ``(B, T, d)``.
+
+    ``action_mask`` ``(B, T, V)`` (NLPO): the distribution at each position is renormalised over
+    the tokens the rollout could sample there.
+    """
     out = model(input_ids=ids, attention_mask=attention, output_hidden_states=with_hidden)
     index = positions[..., None]
     logits = (
         torch.gather(out.logits, 1, index.expand(-1, -1, out.logits.shape[-1])).float()
         / temperature
     )
+    if action_mask is not None:
+        # positions after an episode's end hold no mask (all False): left unmasked, not NaN
+        action_mask = action_mask | ~action_mask.any(-1, keepdim=True)
+        logits = logits.masked_fill(~action_mask, float("-inf"))
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = torch.gather(logp_all, 2, tokens[..., None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    if action_mask is None:
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    else:  # masked tokens: p = 0 and log p = -inf; zeroed before the product (no NaN gradient)
+        entropy = -(logp_all.exp() * logp_all.masked_fill(~action_mask, 0.0)).sum(-1)
     hidden = None
     if with_hidden:
         h = out.hidden_states[-1]
@@ -683,10 +778,10 @@ class PolicyWithValue(torch.nn.Module):
         super().__init__()
         self.model, self.value_head = model, value_head
 
-    def forward(self, ids, attention, positions, tokens, temperature: float):
+    def forward(self, ids, attention, positions, tokens, temperature: float, action_mask=None):
         """Log-probs, entropies and values of ``tokens``, each ``(B, T)``."""
         logp, entropy, hidden = sequence_outputs(
-            self.model, ids, attention, positions, tokens, temperature, True
+            self.model, ids, attention, positions, tokens, temperature, True, action_mask
         )
         return logp, entropy, self.value_head(hidden).squeeze(-1).float()
 
@@ -740,6 +835,9 @@ class TokenPPO:
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
         self.envs = make_rollout_envs(config, self.lm)
+        self.masker = (
+            NLPOMasker(self.lm, config.num_envs, config.nlpo_top_p) if config.nlpo_top_p else None
+        )
         self.policy = PolicyWithValue(self.model, self.value_head)
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.trainable, lr=config.learning_rate, eps=1e-5)
@@ -809,7 +907,13 @@ class TokenPPO:
         """
         with self._autocast():
             return collect_rollout(
-                self.envs, self.value_head, self.config, self.iteration, self.rank, self.world
+                self.envs,
+                self.value_head,
+                self.config,
+                self.iteration,
+                self.rank,
+                self.world,
+                self.masker,
             )
 
     def _reference_logprobs(self, ids, attention, positions, tokens) -> torch.Tensor:
@@ -836,6 +940,7 @@ class TokenPPO:
         )
         ids, attention, positions = ids.to(device), attention.to(device), positions.to(device)
         tokens, mask = rollout.tokens.to(device), rollout.mask.to(device)
+        allowed = None if rollout.action_masks is None else rollout.action_masks.to(device)
         old_logp, old_values = rollout.logprobs.to(device), rollout.values.to(device)
         started = time.time()
         with torch.no_grad():
@@ -867,7 +972,12 @@ class TokenPPO:
                 mb = torch.as_tensor(order[start : start + c.minibatch_size], device=device)
                 m = mask[mb]
                 logp, entropy, values = self.policy(
-                    ids[mb], attention[mb], positions[mb], tokens[mb], c.temperature
+                    ids[mb],
+                    attention[mb],
+                    positions[mb],
+                    tokens[mb],
+                    c.temperature,
+                    None if allowed is None else allowed[mb],
                 )
                 mean = functools.partial(masked_share, total=self._sum(m.sum()), world=self.world)
                 if c.ratio_level == "sequence":  # one ratio and advantage per completion
@@ -955,6 +1065,8 @@ class TokenPPO:
             desc="token-ppo episodes",
         )
         while self.iteration < last:
+            if self.masker is not None and self.iteration and self.iteration % c.nlpo_mu == 0:
+                self.masker.refresh(self.model)  # NLPO: the masking policy catches up
             start = time.time()
             rollout = self.collect()
             rollout_s = time.time() - start
@@ -1002,7 +1114,7 @@ class TokenPPO:
         Crash-consistent (:func:`agents.checkpoint.save_atomically`): a process killed at any
         instant of the save leaves the previous or the new checkpoint complete and loadable.
         """
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file, save_model
 
         def write(tmp: Path) -> None:
             if self.peft is not None:  # adapter_model.safetensors + adapter_config.json
@@ -1016,6 +1128,8 @@ class TokenPPO:
                 tmp / "value_head.safetensors",
             )
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            if self.masker is not None:  # NLPO's masking policy (tied weights written once)
+                save_model(self.masker.lm.model, str(tmp / "nlpo_masker.safetensors"))
             state = {
                 "iteration": self.iteration,
                 "kl_coef": self.kl.value,
@@ -1057,7 +1171,7 @@ class TokenPPO:
         replaced; a damaged checkpoint raises ``ValueError`` naming the file and leaves the
         trainer as it was.
         """
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file, load_model
         from transformers import AutoModelForCausalLM
 
         # An interrupted save leaves a complete checkpoint behind: process 0 puts it in place.
@@ -1127,6 +1241,10 @@ class TokenPPO:
             [torch.zeros_like(p) for group in self.optimizer.param_groups for p in group["params"]]
         )
         read("optimizer.pt", lambda p: scratch.load_state_dict(optimizer))  # checks the groups
+        masker = None
+        if self.masker is not None:  # into a scratch copy: checked before anything is replaced
+            masker = copy.deepcopy(self.masker.lm.model)
+            read("nlpo_masker.safetensors", lambda p: load_model(masker, str(p), strict=True))
         # Everything is readable and fits: now replace, in an order that cannot fail half-way.
         if self.peft is not None:
             set_peft_model_state_dict(self.peft, weights["adapter_model.safetensors"][0])
@@ -1135,6 +1253,8 @@ class TokenPPO:
             self.reference.load_state_dict(weights["reference.pt"][0])
         self.value_head.load_state_dict(weights["value_head.safetensors"][0])
         self.optimizer.load_state_dict(optimizer)
+        if masker is not None:
+            self.masker.lm.model = masker
         self.iteration, self.kl.value, self.history = (
             state["iteration"],
             state["kl_coef"],

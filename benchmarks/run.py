@@ -67,12 +67,21 @@ AGENTS = (
     "token_ppo",
     "token_grpo",
     "token_rloo",
+    "token_nlpo",
 )
 # Token-level agents beside PPO: the same trainer and the suite's settings (TOKEN_PPO: sampling,
 # epochs, KL in the reward), only the advantage estimator differs, over groups of
 # TOKEN_GROUP_SIZE completions of one prompt (agents.token_ppo.group_advantages).
-TOKEN_ESTIMATORS = {"token_ppo": "gae", "token_grpo": "grpo", "token_rloo": "rloo"}
+TOKEN_ESTIMATORS = {
+    "token_ppo": "gae",
+    "token_grpo": "grpo",
+    "token_rloo": "rloo",
+    "token_nlpo": "gae",
+}
 TOKEN_GROUP_SIZE = 4
+# NLPO (Ramamurthy et al. 2023): token PPO sampling inside the top-p nucleus of a masking policy
+# refreshed every nlpo_mu iterations (RL4LMs' top_mask 0.9; mu shorter for the suite's short runs)
+TOKEN_NLPO = {"nlpo_top_p": 0.9, "nlpo_mu": 5}
 # What the main job runs unless --agents says otherwise: SB3 with the LM-prior policies stands for
 # SB3 (PPO on generation envs, MaskablePPO on edit envs); the MLP policies from scratch ("ppo",
 # "maskable_ppo") stay available.
@@ -83,6 +92,7 @@ EXPECTED_ORDER = (
     "token_ppo",
     "token_grpo",
     "token_rloo",
+    "token_nlpo",
     "maskable_prior",
     "maskable_ppo",
     "ppo_prior",
@@ -471,6 +481,8 @@ def run_cell(
 
         estimator = TOKEN_ESTIMATORS[agent]
         grouped = {} if estimator == "gae" else {"group_size": TOKEN_GROUP_SIZE}
+        if agent == "token_nlpo":
+            grouped = dict(TOKEN_NLPO)
         trainer = TokenPPO(
             TokenPPOConfig(
                 estimator=estimator,
@@ -697,6 +709,7 @@ AGENT_COLORS = {
     "token_ppo": "#e377c2",
     "token_grpo": "#17becf",
     "token_rloo": "#bcbd22",
+    "token_nlpo": "#393b79",
 }
 BASELINE_STYLE = {"random": ":", "greedy": "--"}
 

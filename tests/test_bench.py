@@ -623,9 +623,12 @@ def test_the_last_block_agent_runs_in_the_suite_with_its_own_settings(tmp_path):
     assert budget.last_block_steps == 1000 and run.PRESETS["full"].last_block_steps == 49152
 
 
-@pytest.mark.parametrize("agent,estimator", [("token_grpo", "grpo"), ("token_rloo", "rloo")])
+@pytest.mark.parametrize(
+    "agent,estimator,top_p",
+    [("token_grpo", "grpo", 0.0), ("token_rloo", "rloo", 0.0), ("token_nlpo", "gae", 0.9)],
+)
 def test_group_estimator_agents_run_in_the_suite_with_the_suites_settings(
-    agent, estimator, monkeypatch
+    agent, estimator, top_p, monkeypatch
 ):
     """The suite's token agents differ from token PPO by their estimator alone."""
     from agents import token_ppo
@@ -636,12 +639,12 @@ def test_group_estimator_agents_run_in_the_suite_with_the_suites_settings(
 
     def spy(self, rollout):
         c = self.config
-        seen.append((c.estimator, c.group_size, c.temperature, c.kl_placement, c.num_epochs))
+        seen.append((c.estimator, c.nlpo_top_p, c.temperature, c.kl_placement, c.num_epochs))
         return update(self, rollout)
 
     monkeypatch.setattr(token_ppo.TokenPPO, "update", spy)
     cell = run.run_cell(agent, "textenvs/Summarize-v0", 0, budget, "textenvs/tiny")
-    assert seen and set(seen) == {(estimator, run.TOKEN_GROUP_SIZE, 0.5, "reward", 4)}
+    assert seen and set(seen) == {(estimator, top_p, 0.5, "reward", 4)}
     assert cell["agent"] == agent and len(cell["curve"][-1]["metrics"]) == 2
     assert run.applies(agent, "textenvs/Translate-v0") and not run.applies(
         agent, "textenvs/EditSummary-v0"

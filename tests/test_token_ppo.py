@@ -449,3 +449,37 @@ def test_sequence_ratio_trains_rloo_and_is_refused_with_gae():
     assert all(math.isfinite(h["policy_loss"]) for h in history)
     with pytest.raises(ValueError, match="ratio_level='sequence' needs one advantage"):
         TokenPPO(small_config("textenvs/tiny", ratio_level="sequence"))
+
+
+def test_top_p_mask_by_hand():
+    from agents.token_ppo import top_p_mask
+
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3], [0.05, 0.05, 0.9]]))
+    # row 1: 0.5 (0 before it), 0.3 (0.5 before) reach 0.6; 0.2 has 0.8 before it: out
+    # row 2: 0.9 alone reaches 0.6
+    expected = torch.tensor([[False, True, True], [False, False, True]])
+    assert torch.equal(top_p_mask(logits, 0.6), expected)
+    assert top_p_mask(logits, 1e-9).sum(-1).tolist() == [1, 1]  # the most likely is always in
+    assert top_p_mask(logits, 1.0).all()
+
+
+def test_nlpo_samples_inside_the_masking_policys_nucleus_and_resumes(tmp_path):
+    config = small_config("textenvs/tiny", nlpo_top_p=0.5, nlpo_mu=2, total_episodes=12)
+    trainer = TokenPPO(config)
+    rollout = trainer.collect()
+    B, T = rollout.tokens.shape
+    assert rollout.action_masks.shape == (B, T, trainer.lm.vocab_size)
+    picked = torch.gather(rollout.action_masks, 2, rollout.tokens[..., None])[..., 0]
+    assert picked[rollout.mask.bool()].all()  # every sampled token was allowed
+    assert (rollout.action_masks.sum(-1)[rollout.mask.bool()] < trainer.lm.vocab_size).all()
+    history = trainer.train(progress=False, stop_after=2)
+    assert all(math.isfinite(h["policy_loss"]) and math.isfinite(h["entropy"]) for h in history)
+    trainer.save_checkpoint(tmp_path / "nlpo")
+    trainer.train(progress=False)  # refreshes the masking policy at iteration 2
+    resumed = TokenPPO(config)
+    resumed.load_checkpoint(tmp_path / "nlpo")
+    resumed.train(progress=False)
+    for a, b in zip(resumed.model.parameters(), trainer.model.parameters()):
+        torch.testing.assert_close(a, b)  # a resumed NLPO run equals the uninterrupted one
+    with pytest.raises(ValueError, match="nlpo_top_p must be in"):
+        TokenPPO(small_config("textenvs/tiny", nlpo_top_p=1.5))

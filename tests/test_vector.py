@@ -687,3 +687,18 @@ def test_batched_candidate_observations_equal_single_envs(token_mode):
         for i, env in enumerate(singles):
             o, _, te, tr, _ = env.step(int(actions[i]))
             single.append(env.reset()[0] if te or tr else o)
+
+
+def test_reset_takes_one_sample_index_per_sub_env():
+    """options["index"] as a list: sub-env i plays sample index[i], all in one batched reset,
+    each exactly as a single env reset to that sample."""
+    envs = GenerationVectorEnv(4, text_infos=True, task="summarize", max_steps=3)
+    obs, infos = envs.reset(seed=0, options={"index": [5, 5, 9, 9]})
+    assert list(infos["index"]) == [5, 5, 9, 9]
+    single = gym.make("textenvs/Summarize-v0", max_steps=3).unwrapped
+    for i, j in enumerate([5, 5, 9, 9]):
+        o, info = single.reset(seed=i, options={"index": j})
+        np.testing.assert_allclose(obs[i], o, atol=1e-4)
+        assert infos["prompt"][i] == info["prompt"]
+    with pytest.raises(ValueError, match="holds 2 indices for 4 sub-envs"):
+        envs.reset(options={"index": [1, 2]})

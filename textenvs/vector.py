@@ -109,11 +109,15 @@ class BatchedTextVectorEnv(VectorEnv):
         if not self._was_reset:
             self._obs = np.zeros(self.observation_space.shape, dtype=self.observation_space.dtype)
         indices = np.flatnonzero(mask).tolist()
+        per_env = self._per_env_options(options)
         items = []
         for i, (obs, info) in zip(
             indices,
             self._reset_envs(
-                indices, [seeds[i] for i in indices], options or None, afresh=bool(mask.all())
+                indices,
+                [seeds[i] for i in indices],
+                [per_env[i] for i in indices],
+                afresh=bool(mask.all()),
             ),
         ):
             self._obs[i] = obs
@@ -169,12 +173,6 @@ class BatchedTextVectorEnv(VectorEnv):
         return self._obs.copy(), rewards, terminated, truncated, infos
 
     @property
-    def has_reset(self) -> bool:
-        """Whether ``reset()`` ran (the first must reset every sub-env; then partial resets
-        with ``options["reset_mask"]`` may follow)."""
-        return self._was_reset
-
-    @property
     def autoreset_mode(self) -> AutoresetMode:
         """The autoreset mode (also in ``metadata``), an attribute of gymnasium 1.x vector envs."""
         return self.metadata["autoreset_mode"]
@@ -203,20 +201,40 @@ class BatchedTextVectorEnv(VectorEnv):
         return np.stack(self.call("action_masks"))
 
     # -- helpers -----------------------------------------------------------------------------
+    def _per_env_options(self, options: dict) -> list[dict | None]:
+        """Each sub-env's reset options: ``options`` for all, except that ``options["index"]``
+        may give one sample index per sub-env (a sequence of ``num_envs``: several sub-envs on one
+        sample, as a group estimator draws them, in ONE batched reset)."""
+        index = options.get("index")
+        if index is None or isinstance(index, (int, np.integer)):
+            return [options or None] * self.num_envs
+        index = list(index)
+        if len(index) != self.num_envs:
+            raise ValueError(
+                f"options['index'] holds {len(index)} indices for {self.num_envs} sub-envs: give "
+                "one int for every reset sub-env, or one per sub-env."
+            )
+        return [{**options, "index": j} for j in index]
+
     def _reset_envs(
         self,
         indices: list[int],
         seeds: list[int | None] | None = None,
-        options: dict | None = None,
+        options: list[dict | None] | None = None,
         afresh: bool = False,
     ) -> list[tuple[np.ndarray, dict]]:
-        """Reset the sub-envs ``indices`` (seeded by ``seeds``); their ``(obs, info)`` in order.
+        """Reset the sub-envs ``indices`` (seeded by ``seeds``, with their ``options``); their
+        ``(obs, info)`` in order.
 
         ``afresh``: an explicit ``reset()`` of every sub-env, after which nothing of the history
         may change a float (a batched env then starts its shared state anew).
         """
         seeds = seeds or [None] * len(indices)
-        return [self.envs[i].reset(seed=seed, options=options) for i, seed in zip(indices, seeds)]
+        options = options or [None] * len(indices)
+        return [
+            self.envs[i].reset(seed=seed, options=option)
+            for i, seed, option in zip(indices, seeds, options)
+        ]
 
     def _forward(self, stepping: list[int], tails: list[list[int]]) -> list:
         """Run the sub-envs' new tokens: one batched forward over their own caches."""
@@ -321,7 +339,7 @@ class GenerationVectorEnv(BatchedTextVectorEnv):
         self,
         indices: list[int],
         seeds: list[int | None] | None = None,
-        options: dict | None = None,
+        options: list[dict | None] | None = None,
         afresh: bool = False,
     ) -> list[tuple[np.ndarray, dict]]:
         """Reset sub-envs with ONE batched prefill of their prompts, then move them into the batch
@@ -330,8 +348,10 @@ class GenerationVectorEnv(BatchedTextVectorEnv):
         if not indices:
             return []
         seeds = seeds or [None] * len(indices)
+        options = options or [None] * len(indices)
         prompts = [
-            self.envs[i].begin_reset(seed=seed, options=options) for i, seed in zip(indices, seeds)
+            self.envs[i].begin_reset(seed=seed, options=option)
+            for i, seed, option in zip(indices, seeds, options)
         ]
         prefilled = prefill_batch(self.lm, prompts)
         if afresh:  # a new batch cache: the floats that follow do not depend on the history
