@@ -362,12 +362,18 @@ def clipped_policy_loss(
 
     ``mean(x, mask)`` averages over the tokens (a :func:`masked_share` in data-parallel runs).
     """
-    ratio = torch.exp(logp - old_logp)
+    objective, clipped = clipped_objective(torch.exp(logp - old_logp), advantages, clip)
+    return mean(objective, mask), mean(clipped, mask)
+
+
+def clipped_objective(
+    ratio: torch.Tensor, advantages: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's pessimistic surrogate ``max(-A r, -A clip(r, 1 +- eps))`` elementwise (to minimise),
+    and 1.0 where the clip is the active term."""
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
-    loss = mean(torch.maximum(unclipped, clipped), mask)
-    clipfrac = mean((clipped > unclipped).float(), mask)
-    return loss, clipfrac
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
 
 
 def sequence_policy_loss(
@@ -384,12 +390,9 @@ def sequence_policy_loss(
     Returns the loss and the fraction of episodes where the clip is active.
     """
     ratio = torch.exp(((logp - old_logp) * mask).sum(1))  # (B,)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
+    objective, clipped = clipped_objective(ratio, advantages, clip)
     episodes = torch.ones_like(ratio)
-    return mean(torch.maximum(unclipped, clipped), episodes), mean(
-        (clipped > unclipped).float(), episodes
-    )
+    return mean(objective, episodes), mean(clipped, episodes)
 
 
 def clipped_value_loss(

@@ -219,51 +219,30 @@ def train_like(name: str, args, seed: int, ctx: dict) -> dict:
     algorithm = name.removeprefix("textenvs_")
     if name.startswith("textenvs_"):
         config = like_config(algorithm, args, seed, ctx["env_id"], ctx["model"], ctx["metric"])
-        trainer = TokenPPO(config)
-        steps = [0]
-        trainer.optimizer.register_step_post_hook(lambda *a: steps.__setitem__(0, steps[0] + 1))
-        start = time.time()
-        history = trainer.train(progress=False)
-        wall = time.time() - start
-        split = {
-            "rollout_s": sum(h["rollout_s"] for h in history),
-            "reference_s": sum(h["reference_s"] for h in history),
-            "update_s": sum(h["update_s"] for h in history),
-        }
-        completions, optimizer_steps, lm = trainer.iteration * args.batch, steps[0], trainer.lm
+        trainer, history, completions, steps, wall = run_ours(config)
+        split = {k: sum(h[k] for h in history) for k in ("rollout_s", "reference_s", "update_s")}
+        lm = trainer.lm
     else:
-        from trl import GRPOTrainer, RLOOTrainer
-
-        out = tempfile.mkdtemp(prefix=f"textenvs-{name}-")
-        reward = CountingReward(ctx["metric"])
-        trainer = (GRPOTrainer if name == "grpo" else RLOOTrainer)(
-            model=ctx["model"],
-            reward_funcs=reward,
-            args=like_trl_config(algorithm, args, seed, out),
-            train_dataset=ctx["train_dataset"],
+        watch = {}
+        trl_args = like_trl_config(
+            algorithm, args, seed, tempfile.mkdtemp(prefix=f"textenvs-{name}-")
         )
-        generation = Stopwatch(trainer, "_generate_and_score_completions")
-        start = time.time()
-        trainer.train()
-        wall = time.time() - start
+        lm, completions, steps, wall = run_trl(
+            name,
+            trl_args,
+            ctx,
+            args.device,
+            lambda t: watch.setdefault("g", Stopwatch(t, "_generate_and_score_completions")),
+        )
         split = {  # TRL computes the reference log-probs inside its generation step
-            "generation_reward_reference_s": generation.seconds,
-            "update_and_rest_s": wall - generation.seconds,
+            "generation_reward_reference_s": watch["g"].seconds,
+            "update_and_rest_s": wall - watch["g"].seconds,
         }
-        completions, optimizer_steps = reward.scored, trainer.state.global_step
-        trainer.save_model(str(Path(out) / "final"))
-        lm = LanguageModel(str(Path(out) / "final"), device=args.device)
-        shutil.rmtree(out, ignore_errors=True)
     metrics = greedy_metrics(
         lm, ctx["env_id"], "test", args.eval_samples, args.max_new_tokens, ctx["metric"]
     )
     return {
-        "metrics": metrics,
-        "mean": float(np.mean(metrics)),
-        "completions": completions,
-        "optimizer_steps": optimizer_steps,
-        "wall_s": round(wall, 2),
-        "completions_per_s": round(completions / wall, 2),
+        **run_result(metrics, completions, steps, wall),
         "time_split_s": {k: round(v, 2) for k, v in split.items()},
     }
 
@@ -333,47 +312,68 @@ def like_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def train_one(name: str, args, point: dict | None, seed: int, split: str, samples: int, ctx: dict):
-    """Train one trainer once; its greedy per-sample metrics on ``split`` and measured budget."""
-    if name == "textenvs_ppo":
-        trainer = TokenPPO(
-            ours_config(args, point, seed, ctx["env_id"], ctx["model"], ctx["metric"])
-        )
-        steps = [0]
-        trainer.optimizer.register_step_post_hook(lambda *a: steps.__setitem__(0, steps[0] + 1))
-        start = time.time()
-        trainer.train(progress=False)
-        wall = time.time() - start
-        completions, optimizer_steps, lm = trainer.iteration * args.batch, steps[0], trainer.lm
-    else:
-        if name == "grpo":
-            from trl import GRPOTrainer as Trainer
-        else:
-            from trl import RLOOTrainer as Trainer
-        out = tempfile.mkdtemp(prefix=f"textenvs-{name}-")
-        reward = CountingReward(ctx["metric"])
-        trainer = Trainer(
-            model=ctx["model"],
-            reward_funcs=reward,
-            args=trl_config(name, args, point, seed, out),
-            train_dataset=ctx["train_dataset"],
-        )
-        start = time.time()
-        trainer.train()
-        wall = time.time() - start
-        completions, optimizer_steps = reward.scored, trainer.state.global_step
-        trainer.save_model(str(Path(out) / "final"))
-        lm = LanguageModel(str(Path(out) / "final"), device=args.device)
-        shutil.rmtree(out, ignore_errors=True)
-    metrics = greedy_metrics(lm, ctx["env_id"], split, samples, args.max_new_tokens, ctx["metric"])
+def run_ours(config: TokenPPOConfig):
+    """Train our token trainer; returns it, its training history, the completions it sampled, its
+    optimizer steps (counted by a hook on the optimizer) and the wall seconds of ``train()``."""
+    trainer = TokenPPO(config)
+    steps = [0]
+    trainer.optimizer.register_step_post_hook(lambda *a: steps.__setitem__(0, steps[0] + 1))
+    start = time.time()
+    history = trainer.train(progress=False)
+    wall = time.time() - start
+    return trainer, history, trainer.iteration * trainer.episodes_per_iteration, steps[0], wall
+
+
+def run_trl(name: str, trl_args, ctx: dict, device: str, on_trainer=None):
+    """Train TRL's ``GRPOTrainer`` / ``RLOOTrainer`` on the shared prompts and reward; returns the
+    trained model (as our LanguageModel), the completions its reward scored, its optimizer steps
+    and the wall seconds of ``train()``. ``on_trainer(trainer)`` runs before training."""
+    from trl import GRPOTrainer, RLOOTrainer
+
+    reward = CountingReward(ctx["metric"])
+    trainer = (GRPOTrainer if name == "grpo" else RLOOTrainer)(
+        model=ctx["model"],
+        reward_funcs=reward,
+        args=trl_args,
+        train_dataset=ctx["train_dataset"],
+    )
+    if on_trainer is not None:
+        on_trainer(trainer)
+    start = time.time()
+    trainer.train()
+    wall = time.time() - start
+    final = str(Path(trl_args.output_dir) / "final")
+    trainer.save_model(final)
+    lm = LanguageModel(final, device=device)
+    shutil.rmtree(trl_args.output_dir, ignore_errors=True)
+    return lm, reward.scored, trainer.state.global_step, wall
+
+
+def run_result(metrics: list[float], completions: int, steps: int, wall: float) -> dict:
+    """One run's record: per-sample test metrics, the measured budget and the speed."""
     return {
         "metrics": metrics,
         "mean": float(np.mean(metrics)),
         "completions": completions,
-        "optimizer_steps": optimizer_steps,
+        "optimizer_steps": steps,
         "wall_s": round(wall, 2),
         "completions_per_s": round(completions / wall, 2),
     }
+
+
+def train_one(name: str, args, point: dict | None, seed: int, split: str, samples: int, ctx: dict):
+    """Train one trainer once; its greedy per-sample metrics on ``split`` and measured budget."""
+    if name == "textenvs_ppo":
+        config = ours_config(args, point, seed, ctx["env_id"], ctx["model"], ctx["metric"])
+        trainer, _, completions, steps, wall = run_ours(config)
+        lm = trainer.lm
+    else:
+        out = tempfile.mkdtemp(prefix=f"textenvs-{name}-")
+        lm, completions, steps, wall = run_trl(
+            name, trl_config(name, args, point, seed, out), ctx, args.device
+        )
+    metrics = greedy_metrics(lm, ctx["env_id"], split, samples, args.max_new_tokens, ctx["metric"])
+    return run_result(metrics, completions, steps, wall)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
