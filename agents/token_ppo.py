@@ -53,6 +53,8 @@ ESTIMATOR_CHOICES = {
     "kl_estimator": ("k1", "k3"),
     "ratio_level": ("token", "sequence"),
 }
+# the wall-clock figures of a history record (the rest is a function of the seed and the data)
+TIMING_STATS = ("completions_per_s", "iteration_s", "rollout_s", "reference_s", "update_s")
 # what a checkpoint must share with the run that resumes it
 ESTIMATOR_FIELDS = (
     "estimator",
