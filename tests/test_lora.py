@@ -78,6 +78,7 @@ def test_lora_resume_is_bit_for_bit(tmp_path, random_gpt2_dir):
     a, b = _state(full), _state(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     from agents.token_ppo import TIMING_STATS as strip
+
     assert [{k: v for k, v in h.items() if k not in strip} for h in full.history] == [
         {k: v for k, v in h.items() if k not in strip} for h in resumed.history
     ]
