@@ -472,8 +472,9 @@ class NLPOMasker:
     def __init__(self, lm: LanguageModel, n: int, top_p: float) -> None:
         from textenvs.batching import LockstepBatch
 
-        self.lm = copy.copy(lm)  # the tokenizer and settings; its own model below
-        self.lm.model = copy.deepcopy(lm.model).eval().requires_grad_(False)
+        # the tokenizer and settings over a frozen copy of the weights (copy.copy would not do: a
+        # LanguageModel pickles, and copies, as its name, which is the process's shared model)
+        self.lm = lm.with_model(copy.deepcopy(lm.model).eval().requires_grad_(False))
         self.n, self.top_p = n, top_p
         self._batch = LockstepBatch
         self.logits: torch.Tensor | None = None

@@ -483,3 +483,19 @@ def test_nlpo_samples_inside_the_masking_policys_nucleus_and_resumes(tmp_path):
         torch.testing.assert_close(a, b)  # a resumed NLPO run equals the uninterrupted one
     with pytest.raises(ValueError, match="nlpo_top_p must be in"):
         TokenPPO(small_config("textenvs/tiny", nlpo_top_p=1.5))
+
+
+def test_nlpo_leaves_the_processs_shared_model_alone():
+    """The masking policy is a model of its own: training with NLPO (refreshes included) changes
+    no weight of the shared model other envs of the process run (a LanguageModel copies as its
+    name, so a shallow copy once replaced the shared model's weights)."""
+    from textenvs.lm import shared_model
+
+    shared = shared_model("textenvs/tiny")
+    before = {k: v.clone() for k, v in shared.model.state_dict().items()}
+    config = small_config("textenvs/tiny", nlpo_top_p=0.9, nlpo_mu=1, total_episodes=12)
+    trainer = TokenPPO(config)
+    assert trainer.masker.lm is not shared and trainer.masker.lm.model is not shared.model
+    trainer.train(progress=False)  # refreshes the masking policy at iterations 1 and 2
+    after = shared.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -401,6 +401,15 @@ class LanguageModel:
         kvcache.crop(seq.cache, length)
         del seq.ids[length:]
 
+    def with_model(self, model: torch.nn.Module) -> LanguageModel:
+        """A new :class:`LanguageModel` with this one's tokenizer and settings over ``model``, a
+        module of the same architecture (NLPO's masking policy); this one is left as it is."""
+        other = object.__new__(LanguageModel)
+        other.__dict__.update(self.__dict__)
+        other.__dict__.pop("_feature_projection", None)  # computed from the weights
+        other.model, other._greedy_cache = model, None
+        return other
+
     def forward(self, input_ids, cache, attention_mask=None, position_ids=None, logits_at=None):
         """The model's forward over a cache: observed-layer hidden states and logits, both float32.
 
