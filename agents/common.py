@@ -93,7 +93,14 @@ def evaluate_policy_batched(
     obs: list = [None] * len(subs)
     returns = np.zeros(n)
     metrics: dict[int, float] = {}
-    envs.reset(seed=0)
+    # the first samples in ONE batched reset, one sample index per sub-env (sub-envs left without
+    # a sample get any; they play nothing)
+    playing[:] = [next(queue, None) for _ in subs]
+    batch, _ = envs.reset(
+        seed=[i if j is None else j for i, j in enumerate(playing)],
+        options={"index": [0 if j is None else j for j in playing]},
+    )
+    obs[:] = list(batch)
 
     same_step = envs.metadata.get("autoreset_mode") == gym.vector.AutoresetMode.SAME_STEP
 
@@ -106,8 +113,6 @@ def evaluate_policy_batched(
             batch, _ = envs.reset(seed=seeds, options={"reset_mask": mask, "index": j})
             obs[i] = batch[i]
 
-    for i in range(len(subs)):
-        start(i)
     while any(j is not None for j in playing):
         masks = envs.unwrapped.action_masks() if has_masks else None
         actions = [

@@ -470,13 +470,10 @@ class NLPOMasker:
     """
 
     def __init__(self, lm: LanguageModel, n: int, top_p: float) -> None:
-        from textenvs.batching import LockstepBatch
-
         # the tokenizer and settings over a frozen copy of the weights (copy.copy would not do: a
         # LanguageModel pickles, and copies, as its name, which is the process's shared model)
         self.lm = lm.with_model(copy.deepcopy(lm.model).eval().requires_grad_(False))
         self.n, self.top_p = n, top_p
-        self._batch = LockstepBatch
         self.logits: torch.Tensor | None = None
 
     def refresh(self, model: torch.nn.Module) -> None:
@@ -486,9 +483,9 @@ class NLPOMasker:
     @torch.no_grad()
     def start(self, prompts: list[list[int]]) -> None:
         """Prefill every row's prompt; ``logits`` then holds each row's next-token logits."""
-        from textenvs.batching import prefill_batch
+        from textenvs.batching import LockstepBatch, prefill_batch
 
-        self.batch = self._batch(self.lm, self.n)
+        self.batch = LockstepBatch(self.lm, self.n)
         rows = prefill_batch(self.lm, prompts)
         for i, (seq, _, _) in enumerate(rows):
             self.batch.adopt(i, seq)

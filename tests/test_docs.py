@@ -13,7 +13,6 @@ import argparse
 import importlib
 import inspect
 import json
-import os
 import re
 import runpy
 import shlex
@@ -166,6 +165,3 @@ def test_every_figure_in_the_docs_names_the_command_that_made_it():
             if line.lstrip().startswith("!["):
                 above = "\n".join(lines[max(0, i - 12) : i])
                 assert re.search(r"python -m \w+|textenvs-\w+", above), (_rel(page), line)
-
-
-os.environ.setdefault("MPLBACKEND", "Agg")
