@@ -514,8 +514,9 @@ def collect_rollout(
     world: int = 1,
     masker: NLPOMasker | None = None,
 ) -> Rollout:
-    """One episode per sub-env. Finished sub-envs auto-reset and keep stepping; those steps are
-    dropped. ``masker`` (NLPO): tokens are sampled among its top-p nucleus only.
+    """One episode per sub-env: a sub-env whose episode ended sits out the rest of the rollout
+    (``step_unfinished``: no new episode is prefilled to be dropped). ``masker`` (NLPO): tokens
+    are sampled among its top-p nucleus only.
 
     In a data-parallel run, process ``rank`` of ``world`` draws the samples that sub-envs
     ``rank * n ...`` of one ``world * n`` batched env would draw, and samples tokens from its own
@@ -524,12 +525,12 @@ def collect_rollout(
     n, T = envs.num_envs, config.max_new_tokens
     seed = config.seed * 1_000_003 + (iteration * world + rank) * n
     if config.estimator == "gae":
-        obs, infos = envs.reset(seed=seed)
-        prompt_texts = list(infos["prompt"])
+        obs, _ = envs.reset(seed=seed)
     else:
-        obs, prompt_texts = reset_groups(envs, config.group_size, seed)
+        obs, _ = reset_groups(envs, config.group_size, seed)
     lm = envs.unwrapped.lm
-    prompts = [lm.encode(p) for p in prompt_texts]  # encoded as the env encodes them
+    # the ids each sub-env prefilled (chat template and truncation included), not re-encoded
+    prompts = [list(env.sequence.ids) for env in envs.unwrapped.envs]
     gen = torch.Generator(device="cpu").manual_seed(
         config.seed * 7919 + iteration + rank * 1_000_000_007
     )
@@ -538,10 +539,6 @@ def collect_rollout(
     active = np.ones(n, dtype=bool)
     metrics, texts = [0.0] * n, [""] * n
     device = next(value_head.parameters()).device
-    # NextStep autoreset (make_rollout_envs): an ended sub-env restarts only when stepped again,
-    # so the last step of a rollout runs no prefill of episodes that would be dropped; its final
-    # info is then the step's own info (under SameStep it is in infos["final_info"])
-    same_step = envs.metadata.get("autoreset_mode") == gym.vector.AutoresetMode.SAME_STEP
     masks = None
     if masker is not None:
         masker.start(prompts)
@@ -558,7 +555,7 @@ def collect_rollout(
         value = value_head(torch.as_tensor(obs, device=device)).squeeze(-1).cpu()
         if masker is not None:  # the masking policy reads the same tokens
             masker.advance(action.tolist(), np.flatnonzero(active).tolist())
-        obs, reward, terminated, truncated, infos = envs.step(action.numpy())
+        obs, reward, terminated, truncated, infos = envs.unwrapped.step_unfinished(action.numpy())
         for i in np.flatnonzero(active):
             tokens[i, t], mask[i, t] = action[i], 1.0
             logprobs[i, t], values[i, t], rewards[i, t] = (
@@ -568,9 +565,8 @@ def collect_rollout(
             )
             if terminated[i] or truncated[i]:
                 active[i] = False
-                final = infos["final_info"] if same_step else infos
-                metrics[i] = float(final["metric"][i])
-                texts[i] = str(final["text"][i])
+                metrics[i] = float(infos["metric"][i])
+                texts[i] = str(infos["text"][i])
         if not active.any():
             break
     return Rollout(prompts, tokens, mask, logprobs, values, rewards, metrics, texts, masks)

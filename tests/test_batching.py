@@ -110,6 +110,34 @@ def test_prefill_batch_of_unequal_lengths_equals_single_prefills(lm, monkeypatch
         prefill_batch(lm, [[1, 2], []])
 
 
+def test_prefill_batch_runs_identical_prompts_once_and_each_copy_goes_on_alone(lm, monkeypatch):
+    # A group of completions of one prompt (GRPO / RLOO): two distinct rows run, not five.
+    a, b = lm.encode("Article: A council"), lm.encode("English: The old farmer sees")
+    rows = []
+    forward = lm.forward
+    monkeypatch.setattr(
+        lm, "forward", lambda ids, *x, **k: rows.append(len(ids)) or forward(ids, *x, **k)
+    )
+    batched = prefill_batch(lm, [a, b, a, a, b])
+    assert rows == [2]
+    monkeypatch.undo()
+    for ids, (seq, hidden, logits) in zip([a, b, a, a, b], batched):
+        single, h, lg = lm.prefill(ids)
+        assert seq.ids == ids and seq.ids is not ids
+        torch.testing.assert_close(hidden, h, atol=1e-4, rtol=0)
+        torch.testing.assert_close(logits, lg, atol=1e-4, rtol=0)
+    # copies of one row share its cache's memory but go on on their own
+    first, second = batched[0][0], batched[2][0]
+    torch.testing.assert_close(
+        lm.extend(first, [17])[1], lm.extend(lm.prefill(a)[0], [17])[1], atol=1e-4, rtol=0
+    )
+    torch.testing.assert_close(
+        lm.extend(second, [40])[1], lm.extend(lm.prefill(a)[0], [40])[1], atol=1e-4, rtol=0
+    )
+    assert len(first) == len(second) == len(a) + 1 and first.ids[-1] == 17
+    assert prefill_batch(lm, [a])[0][0].ids == a  # one sequence: the plain prefill
+
+
 def random_model_dir(root, model_type: str) -> str:
     """A randomly initialised small causal LM of ``model_type`` with the tiny tokenizer, saved
     offline.

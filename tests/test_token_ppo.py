@@ -101,13 +101,13 @@ def small_config(model, **kw) -> TokenPPOConfig:
     return TokenPPOConfig(**{**base, **kw})
 
 
-def test_rollouts_restart_no_episode_they_drop_and_equal_same_step_rollouts():
-    """The rollout env autoresets NextStep: when its last episodes end, no sub-env prefills a
-    new prompt whose steps would be dropped (SameStep restarts every one of them). The tokens,
-    log-probs, rewards and metrics are those of a SameStep env, bit for bit."""
+def test_rollouts_restart_no_episode_they_drop_in_any_autoreset_mode():
+    """A sub-env whose episode ended sits the rest of the rollout out (step_unfinished): no
+    prompt is prefilled whose steps would be dropped, neither under NextStep (the rollout env's
+    mode) nor SameStep; the tokens, log-probs, rewards and metrics agree bit for bit."""
     import gymnasium as gym
 
-    trainer = TokenPPO(TokenPPOConfig(num_envs=4, max_new_tokens=4, total_episodes=8, seed=1))
+    trainer = TokenPPO(TokenPPOConfig(num_envs=4, max_new_tokens=8, total_episodes=8, seed=1))
     assert trainer.envs.unwrapped.autoreset_mode == gym.vector.AutoresetMode.NEXT_STEP
     same = gym.make_vec(
         trainer.config.env_id,
@@ -115,7 +115,7 @@ def test_rollouts_restart_no_episode_they_drop_and_equal_same_step_rollouts():
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
         model=trainer.lm,
         token_mode="vocab",
-        max_steps=4,
+        max_steps=8,
         text_infos=True,
     )
     rollouts, resets = [], []
@@ -129,7 +129,8 @@ def test_rollouts_restart_no_episode_they_drop_and_equal_same_step_rollouts():
     for name in ("tokens", "mask", "logprobs", "env_rewards"):
         assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
     assert ours.metrics == theirs.metrics and ours.texts == theirs.texts
-    assert resets[0] < resets[1] and resets[1] >= 8  # SameStep restarted every ended episode
+    assert resets == [4, 4]  # one reset per sub-env: the rollout's own
+    assert 0 < ours.mask.sum() < ours.mask.numel()  # episodes ended at different steps
 
 
 def test_rollout_costs_one_env_forward_per_token(monkeypatch, random_gpt2_dir):

@@ -511,6 +511,47 @@ def test_a_disabled_autoreset_env_refuses_to_step_an_ended_sub_env():
     envs.step(np.array([5, 5]))  # both restarted: stepping works again
 
 
+@pytest.mark.parametrize("mode", ["NextStep", "SameStep", "Disabled"])
+@pytest.mark.parametrize("vector_class", [GenerationVectorEnv, EditVectorEnv])
+def test_step_unfinished_lets_ended_sub_envs_sit_out_in_any_mode(mode, vector_class):
+    # One episode per sub-env (token PPO's rollouts): an ended sub-env is neither reset nor
+    # stepped and reports nothing; the others go on exactly as single envs.
+    kwargs = dict(task="summarize", max_steps=3)
+    if vector_class is EditVectorEnv:
+        kwargs.update(max_len=12, obs="positions")
+    envs = vector_class(3, text_infos=True, autoreset_mode=mode, **kwargs)
+    singles = [vector_class.env_class(**kwargs) for _ in range(3)]
+    envs.reset(seed=5)
+    for i, env in enumerate(singles):
+        env.reset(seed=5 + i)
+        env.action_space.seed(i)
+    done = np.zeros(3, dtype=bool)
+    for t in range(4):
+        actions = np.array([env.action_space.sample() for env in singles])
+        if t == 0:  # sub-env 0 ends at once: EOS, or the edit env's stop
+            actions[0] = [3, 0, 0] if vector_class is EditVectorEnv else singles[0].lm.eos_token_id
+        obs, reward, terminated, truncated, infos = envs.step_unfinished(actions)
+        for i, env in enumerate(singles):
+            if done[i]:  # sat out: nothing reported, nothing changed
+                sat_out = (reward[i], terminated[i], truncated[i], infos.get("_text", [0] * 3)[i])
+                assert sat_out == (0, 0, 0, 0)
+                continue
+            o, r, te, tr, info = env.step(actions[i])
+            np.testing.assert_allclose(obs[i], o, atol=1e-4)
+            assert (reward[i], terminated[i], truncated[i]) == pytest.approx((r, te, tr))
+            assert infos["text"][i] == info["text"]
+            done[i] = te or tr
+        assert done[0] and "final_info" not in infos  # nothing restarted, in any mode
+    assert done.all() and infos == {}  # the last step found every sub-env ended: nothing ran
+    assert [env.text for env in envs.envs] == [env.text for env in singles]
+    if mode == "Disabled":  # the ended sub-envs still wait for their reset
+        with pytest.raises(ValueError, match="reset_mask"):
+            envs.step(np.zeros(envs.action_space.shape, dtype=np.int64))
+    else:  # the next plain step is their reset
+        _, reward, *_ = envs.step(np.zeros(envs.action_space.shape, dtype=np.int64))
+        assert (reward == 0).all()
+
+
 @pytest.mark.parametrize("env_id", ENV_IDS)
 def test_gymnasium_vector_wrappers_work_on_make_vec(env_id):
     """gymnasium's own vector wrappers over gym.make_vec(id) as it comes (NextStep, gymnasium's

@@ -63,14 +63,26 @@ def prefill_batch(
     Every sequence starts at position 0 and its padding comes after its last token, so the
     causal mask already keeps the padding out of its view: each result equals
     :meth:`~textenvs.lm.LanguageModel.prefill` of that sequence alone, up to float rounding. Each
-    sequence's cache is a view of the batch's.
+    sequence's cache is a view of the batch's. Identical sequences (a group of completions of
+    one prompt) run once and share that row: their caches view the same positions, which every
+    consumer copies or extends rather than writes.
     """
-    if len(batch) == 1:
-        return [lm.prefill(batch[0])]
     for ids in batch:
         if not ids:
             raise ValueError("Cannot run the model on an empty sequence: give at least one token.")
         lm.check_length(len(ids))
+    rows: dict[tuple[int, ...], int] = {}  # each distinct sequence's row in the forward
+    row_of = [rows.setdefault(tuple(ids), len(rows)) for ids in batch]
+    if len(rows) < len(batch):
+        distinct = [list(ids) for ids in rows]
+        done = prefill_batch(lm, distinct)
+        return [
+            (TokenSequence(list(batch[b]), kvcache.row_view(done[r][0].cache, 0, len(batch[b]))),)
+            + done[r][1:]
+            for b, r in enumerate(row_of)
+        ]
+    if len(batch) == 1:
+        return [lm.prefill(batch[0])]
     lengths = [len(ids) for ids in batch]
     input_ids = torch.full((len(batch), max(lengths)), lm.eos_token_id, dtype=torch.long)
     mask = torch.zeros_like(input_ids)

@@ -127,6 +127,23 @@ class BatchedTextVectorEnv(VectorEnv):
         return self._obs.copy(), batch_infos(self.num_envs, items)
 
     def step(self, actions: Any):
+        return self._step(actions, restart=True)
+
+    def step_unfinished(self, actions: Any):
+        """:meth:`step` for the sub-envs whose episode has not ended; in any autoreset mode, a
+        sub-env whose episode ended sits the step out: its action is ignored, it is not reset,
+        its reward is 0, ``terminated`` / ``truncated`` are False, its observation is its last
+        and the infos hold nothing for it (their ``_key`` masks are False). A sub-env that ends in
+        this step returns its last observation and info, as under NextStep, in every mode.
+
+        For a caller that collects one episode per sub-env (``agents.token_ppo``'s rollouts):
+        otherwise each ended sub-env would prefill a new episode, only for it to be dropped.
+        Ended sub-envs wait for their reset: ``reset(options={"reset_mask": m})`` or, except in
+        Disabled mode, the next :meth:`step`.
+        """
+        return self._step(actions, restart=False)
+
+    def _step(self, actions: Any, restart: bool):
         if not self._was_reset:
             raise gym.error.ResetNeeded(
                 "Cannot call step() before reset(): call envs.reset() first."
@@ -138,27 +155,28 @@ class BatchedTextVectorEnv(VectorEnv):
         items = []
         stepping = [i for i in range(self.num_envs) if not self._needs_reset[i]]
         waiting = np.flatnonzero(self._needs_reset).tolist()  # NextStep: this step is their reset
-        if waiting and self.metadata["autoreset_mode"] == AutoresetMode.DISABLED:
-            raise ValueError(
-                f"Sub-envs {waiting} ended and autoreset is disabled: reset them first with "
-                "envs.reset(options={'reset_mask': mask}) (mask True where a sub-env ended); "
-                "no sub-env was stepped."
-            )
-        for i, (obs, info) in zip(waiting, self._reset_envs(waiting)):
-            self._obs[i] = obs
-            items.append((i, info))
-        self._needs_reset[:] = False
+        if restart and waiting:
+            if self.metadata["autoreset_mode"] == AutoresetMode.DISABLED:
+                raise ValueError(
+                    f"Sub-envs {waiting} ended and autoreset is disabled: reset them first with "
+                    "envs.reset(options={'reset_mask': mask}) (mask True where a sub-env ended); "
+                    "no sub-env was stepped."
+                )
+            for i, (obs, info) in zip(waiting, self._reset_envs(waiting)):
+                self._obs[i] = obs
+                items.append((i, info))
+            self._needs_reset[:] = False
         # All actions were checked above, so no sub-env is half-stepped when begin_step runs.
         tails = [self.envs[i].begin_step(actions[i]) for i in stepping]
         self._prefetch_scores(stepping)
-        results = self._forward(stepping, tails)
+        results = self._forward(stepping, tails) if stepping else []
         ended = []  # SameStep: (index, last obs, last info) of the episodes to restart in this step
         for i, result in zip(stepping, results):
             obs, rewards[i], terminated[i], truncated[i], info = self.envs[i].finish_step(
                 *(result if result is not None else (None, None))
             )
             if terminated[i] or truncated[i]:
-                if self.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP:
+                if restart and self.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP:
                     ended.append((i, obs, info))
                     continue
                 self._needs_reset[i] = True
