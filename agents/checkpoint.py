@@ -102,6 +102,40 @@ def save_atomically(
     return folder
 
 
+def save_atomically_together(
+    folder: str | os.PathLike,
+    write_part: Callable[[Path], None],
+    write_rest: Callable[[Path], None],
+    is_main: bool,
+    barrier: Callable[[], None],
+    hook: Callable[[str], None] | None = None,
+) -> Path:
+    """:func:`save_atomically` for a checkpoint that every process writes a part of (sharded
+    training): every process calls it at once. Process 0 makes ``<folder>.tmp``; every process
+    writes its part into it (``write_part``, which may be collective); process 0 then writes the
+    rest, marks it complete and swaps it in as :func:`save_atomically` does. The folder must be
+    on a file system every process sees. A crash at any instant leaves a complete checkpoint, as
+    there: ``COMPLETE`` is written only after every part.
+    """
+    folder = Path(folder)
+    if not is_main:
+        barrier()  # process 0 has made <folder>.tmp
+        write_part(folder.with_name(folder.name + ".tmp"))
+        barrier()  # every part is written
+        barrier()  # process 0 has marked the checkpoint complete and swapped it in
+        return folder
+
+    def write(tmp: Path) -> None:
+        barrier()
+        write_part(tmp)
+        barrier()
+        write_rest(tmp)
+
+    save_atomically(folder, write, hook)
+    barrier()
+    return folder
+
+
 def read_json_object(path: str | os.PathLike, what: str) -> dict:
     """A JSON object from ``path``; a ValueError naming the file for anything unreadable."""
     try:

@@ -102,6 +102,11 @@ class RayTokenPPO(TokenPPO):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}.")
         config.validate()  # each worker's own num_envs must hold whole groups, for instance
+        if config.fsdp:
+            raise ValueError(
+                "Ray rollouts run whole copies of the policy on their workers; fsdp=True shards "
+                "it over a distributed launch instead. Use one or the other."
+            )
         if config.nlpo_top_p:
             raise ValueError(
                 "NLPO (nlpo_top_p > 0) steps its masking policy beside the trainer's own batched "

@@ -180,9 +180,17 @@ class TokenPPOConfig:
     mixed_precision: str = "no"
     """``no``, ``bf16`` or ``fp16`` (autocast through accelerate; fp16 needs CUDA). Under
     ``accelerate launch``, ``no`` leaves the choice to the launcher's ``--mixed_precision``."""
+    fsdp: bool = False
+    """Shard the parameters, gradients and optimizer states of the policy (and of the frozen
+    reference) over the processes of a distributed launch with FSDP2, one unit per transformer
+    block (``agents.fsdp``): full fine-tuning of a model larger than one device's memory. Each
+    rollout gathers the parameters once and frees them after it; checkpoints are sharded
+    (``torch.distributed.checkpoint``) and resume on the same number of processes; ``--export``
+    writes the whole model. Needs ``accelerate launch`` (or ``torchrun``); bf16 or full
+    precision; not with NLPO or Ray rollouts."""
 
     def validate(self) -> None:
-        for name in ("dense", "anneal_lr", "adaptive_kl", "whiten_advantages"):
+        for name in ("dense", "anneal_lr", "adaptive_kl", "whiten_advantages", "fsdp"):
             check_bool(name, getattr(self, name))
         for name, choices in ESTIMATOR_CHOICES.items():
             if getattr(self, name) not in choices:
@@ -233,6 +241,17 @@ class TokenPPOConfig:
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(
                 f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}."
+            )
+        if self.fsdp and self.mixed_precision == "fp16":
+            raise ValueError(
+                "fsdp=True runs in bf16 or full precision: fp16 needs a loss scaler for sharded "
+                "gradients, which this trainer does not run. Use --mixed-precision bf16."
+            )
+        if self.fsdp and self.nlpo_top_p:
+            raise ValueError(
+                "fsdp=True does not run NLPO: its masking policy is a whole copy of the policy "
+                "on every process, which sharding is there to avoid. Use estimator='gae' (PPO), "
+                "'grpo' or 'rloo' with --fsdp, or NLPO without it."
             )
 
 
@@ -819,6 +838,14 @@ class TokenPPO:
                     "pass the device type the launcher uses (--device cuda on GPUs)."
                 )
             self._refuse_parameter_sharding()
+        if config.fsdp and not (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+        ):
+            raise ValueError(
+                "fsdp=True shards over the processes of a distributed launch, and this process "
+                "is not one: run `accelerate launch --config_file agents/accelerate/ddp.yaml "
+                "--num_processes N -m agents.token_ppo --fsdp true ...` (or torchrun)."
+            )
         torch.manual_seed(config.seed)
         self.lm = LanguageModel(config.model, device=device, dtype=config.dtype)  # trained
         self.model = self.lm.model
@@ -838,9 +865,16 @@ class TokenPPO:
             NLPOMasker(self.lm, config.num_envs, config.nlpo_top_p) if config.nlpo_top_p else None
         )
         self.policy = PolicyWithValue(self.model, self.value_head)
+        self.units: list[torch.nn.Module] = []  # FSDP units of the policy (fsdp=True)
+        if config.fsdp:  # every block, the LM (embeddings, head) over them, the value head
+            from agents.fsdp import shard
+
+            self.units = shard(self.model, self.value_head)
+            if self.reference is not None:
+                shard(self.reference)
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.trainable, lr=config.learning_rate, eps=1e-5)
-        if accelerator is not None:  # DDP around the policy, autocast in its forward
+        if accelerator is not None and not config.fsdp:  # DDP around the policy
             self.policy, self.optimizer = accelerator.prepare(self.policy, self.optimizer)
         self.kl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.iteration = 0
@@ -865,11 +899,12 @@ class TokenPPO:
         kind = self.accelerator.state.distributed_type
         if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             raise ValueError(
-                f"Token PPO runs data parallel with DDP only, not {kind.value}: each process "
-                "generates its own episodes (a different number of forwards per process, which "
-                "sharded parameters cannot serve) and checkpoints hold whole optimizer states. "
-                "Use agents/accelerate/ddp.yaml, and --lora-r (with --mixed-precision bf16) to fit "
-                "a large model on each GPU."
+                f"Token PPO does not run under accelerate's {kind.value} engine: each process "
+                "generates its own episodes, a different number of forwards per process, which "
+                "that engine's sharded forwards cannot serve. It shards itself: launch with "
+                "agents/accelerate/ddp.yaml and pass --fsdp true (FSDP2 per transformer block, "
+                "the parameters gathered once per rollout, sharded checkpoints); or --lora-r "
+                "(with --mixed-precision bf16) to fit a large model on each GPU."
             )
 
     # -- the processes of a data-parallel run ----------------------------------------------
@@ -892,6 +927,15 @@ class TokenPPO:
     def _autocast(self):
         return self.accelerator.autocast() if self.accelerator is not None else nullcontext()
 
+    def _gathered(self):
+        """fsdp=True: the policy's parameters whole for a rollout or an evaluation (collective:
+        every process enters); otherwise nothing to do."""
+        if not self.units:
+            return nullcontext()
+        from agents.fsdp import gathered
+
+        return gathered(self.units)
+
     @property
     def episodes_per_iteration(self) -> int:
         return self.config.num_envs * self.world
@@ -904,7 +948,7 @@ class TokenPPO:
         """This iteration's episodes (this process's share), through this process's batched env.
         A subclass may collect them elsewhere (``agents.ray_rollouts``: on Ray actors).
         """
-        with self._autocast():
+        with self._gathered(), self._autocast():
             return collect_rollout(
                 self.envs,
                 self.value_head,
@@ -1014,7 +1058,7 @@ class TokenPPO:
                         "intact; lower learning_rate or check the reward."
                     )
                 self.optimizer.zero_grad()
-                if self.accelerator is not None:
+                if self.accelerator is not None and not c.fsdp:
                     self.accelerator.backward(loss)
                     self.accelerator.clip_grad_norm_(self.trainable, c.max_grad_norm)
                 else:
@@ -1093,17 +1137,24 @@ class TokenPPO:
         return self.history
 
     # -- evaluation ------------------------------------------------------------------------
-    def evaluate(self, split: str = "test", max_samples: int | None = None) -> float:
-        """Mean task metric of greedy decoding over the split (the same env, task and reward)."""
-        return greedy_metric(
-            self.lm,
-            self.config.env_id,
-            split,
-            max_samples or self.config.eval_samples,
-            self.config.max_new_tokens,
-            self.config.eval_reward or self.config.reward,
-            self.config.env_kwargs,
-        )
+    def evaluate(self, split: str = "test", max_samples: int | None = None) -> float | None:
+        """Mean task metric of greedy decoding over the split (the same env, task and reward).
+
+        fsdp=True: collective (every process calls it, the parameters are gathered); process 0
+        evaluates and the others return None.
+        """
+        with self._gathered():
+            if self.units and not self.is_main:
+                return None
+            return greedy_metric(
+                self.lm,
+                self.config.env_id,
+                split,
+                max_samples or self.config.eval_samples,
+                self.config.max_new_tokens,
+                self.config.eval_reward or self.config.reward,
+                self.config.env_kwargs,
+            )
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, folder: str | os.PathLike) -> Path:
@@ -1114,6 +1165,9 @@ class TokenPPO:
         instant of the save leaves the previous or the new checkpoint complete and loadable.
         """
         from safetensors.torch import save_file, save_model
+
+        if self.units:
+            return self._save_sharded(folder)
 
         def write(tmp: Path) -> None:
             if self.peft is not None:  # adapter_model.safetensors + adapter_config.json
@@ -1129,14 +1183,7 @@ class TokenPPO:
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             if self.masker is not None:  # NLPO's masking policy (tied weights written once)
                 save_model(self.masker.lm.model, str(tmp / "nlpo_masker.safetensors"))
-            state = {
-                "iteration": self.iteration,
-                "kl_coef": self.kl.value,
-                "config": dataclasses.asdict(self.config),
-                "model_signature": self._signature(),
-                "history": self.history,
-            }
-            (tmp / "trainer_state.json").write_text(json.dumps(state))
+            (tmp / "trainer_state.json").write_text(json.dumps(self._trainer_state()))
 
         if self.is_main:
             with quiet_loading():  # no "Writing model shards" bar per checkpoint
@@ -1144,13 +1191,54 @@ class TokenPPO:
         self._wait()
         return Path(folder)
 
+    def _trainer_state(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "kl_coef": self.kl.value,
+            "config": dataclasses.asdict(self.config),
+            "model_signature": self._signature(),
+            "history": self.history,
+            "sharded_processes": self.world if self.units else None,
+        }
+
+    def _sharded_modules(self) -> dict[str, torch.nn.Module]:
+        modules = {"policy": self.policy}
+        if self.reference is not None:
+            modules["reference"] = self.reference
+        return modules
+
+    def _save_sharded(self, folder: str | os.PathLike) -> Path:
+        """fsdp=True: every process writes its shards of the policy (value head included), the
+        reference and the optimizer into ``shards/`` (``torch.distributed.checkpoint``); process
+        0 adds the tokenizer and the trainer state; crash-consistent as every checkpoint."""
+        from agents.checkpoint import save_atomically_together
+        from agents.fsdp import save_shards, sharded_state
+
+        state = sharded_state(self._sharded_modules(), self.optimizer, "policy")
+
+        def write_rest(tmp: Path) -> None:
+            self.lm.tokenizer.save_pretrained(tmp)
+            (tmp / "trainer_state.json").write_text(json.dumps(self._trainer_state()))
+
+        save_atomically_together(
+            folder,
+            lambda tmp: save_shards(tmp / "shards", state),
+            write_rest,
+            self.is_main,
+            self._wait,
+        )
+        return Path(folder)
+
     def export(self, folder: str | os.PathLike) -> Path:
         """The trained policy as a plain ``save_pretrained`` folder (safetensors + tokenizer) that
         transformers and ``gym.make(id, model=folder)`` load; with LoRA, the adapter merged into a
         copy of the base weights (this trainer keeps its adapter and can go on training).
         """
-        if self.is_main:
+        if self.units:  # the whole model gathered onto process 0's CPU (collective)
+            model = self._gathered_model()
+        elif self.is_main:
             model = self.model if self.peft is None else copy.deepcopy(self.peft).merge_and_unload()
+        if self.is_main:
 
             def write(tmp: Path) -> None:
                 model.save_pretrained(tmp, safe_serialization=True)
@@ -1160,6 +1248,24 @@ class TokenPPO:
                 save_atomically(folder, write)
         self._wait()
         return Path(folder)
+
+    def _gathered_model(self) -> torch.nn.Module | None:
+        """fsdp=True: a plain (unsharded) copy of the policy's LM on process 0's CPU, LoRA merged;
+        None on the other processes. Collective."""
+        from transformers import AutoModelForCausalLM
+
+        from agents.fsdp import full_state_dict
+
+        whole = full_state_dict(self.policy)
+        if not self.is_main:
+            return None
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_config(self.model.config)
+        adapted = add_lora(model, self.config) if self.peft is not None else None
+        model.load_state_dict(
+            {k[len("model.") :]: v for k, v in whole.items() if k.startswith("model.")}
+        )
+        return model if adapted is None else adapted.merge_and_unload()
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
         """Resume from :meth:`save_checkpoint`: same results as an uninterrupted run for the same
@@ -1188,6 +1294,18 @@ class TokenPPO:
                 "written by --checkpoint-dir (TokenPPO.save_checkpoint)."
             )
         state = self._read_trainer_state(folder / "trainer_state.json")
+        written_by = state.get("sharded_processes")
+        if bool(written_by) != bool(self.units) or (self.units and written_by != self.world):
+            wrote = f"a sharded run on {written_by} processes" if written_by else "an unsharded run"
+            runs = f"a sharded run on {self.world}" if self.units else "an unsharded run"
+            raise ValueError(
+                f"The checkpoint in {folder} was written by {wrote}; this is {runs}: resume with "
+                "the same --fsdp and number of processes, or start from its --export (a plain "
+                "model folder, --model)."
+            )
+        if self.units:
+            self._load_sharded(folder, state)
+            return
 
         def read(name: str, loader):
             try:
@@ -1260,6 +1378,26 @@ class TokenPPO:
             state["history"],
         )
 
+    def _load_sharded(self, folder: Path, state: dict) -> None:
+        """fsdp=True: read every shard into copies first (a damaged checkpoint leaves the trainer
+        as it was), then replace. Collective."""
+        from agents.fsdp import apply_state, load_shards
+
+        modules = self._sharded_modules()
+        try:
+            loaded = load_shards(folder / "shards", modules, self.optimizer, "policy")
+        except Exception as e:  # missing shards, other keys or shapes, truncated files
+            raise ValueError(
+                f"{folder / 'shards'}: cannot be read as this run's sharded checkpoint "
+                f"({type(e).__name__}: {e}); the trainer was left unchanged."
+            ) from e
+        apply_state(modules, self.optimizer, "policy", loaded)
+        self.iteration, self.kl.value, self.history = (
+            state["iteration"],
+            state["kl_coef"],
+            state["history"],
+        )
+
     def _read_trainer_state(self, path: Path) -> dict:
         """``trainer_state.json``, every field checked; an error names the field and the file."""
         state = read_json_object(path, "trainer state")
@@ -1284,6 +1422,11 @@ class TokenPPO:
                 raise ValueError(
                     f"{path}: field {field!r} is {state[field]!r}; expected {expected[field]}."
                 )
+        processes = state.get("sharded_processes")
+        if processes is not None and not (type(processes) is int and processes >= 1):
+            raise ValueError(
+                f"{path}: field 'sharded_processes' is {processes!r}; expected null or an int >= 1."
+            )
         if state["model_signature"] != self._signature():
             raise ValueError(
                 f"The checkpoint in {path.parent} is for another model "
@@ -1379,22 +1522,25 @@ def main(argv: list[str] | None = None) -> dict | None:
     trainer = TokenPPO(config, accelerator=make_accelerator(config))
     if resume:
         trainer.load_checkpoint(resume)
-    before = trainer.evaluate() if not resume and trainer.is_main else None
+    evaluates = trainer.is_main or bool(trainer.units)  # sharded: every process gathers
+    before = trainer.evaluate() if not resume and evaluates else None
     trainer._wait()
     start = time.time()
     history = trainer.train()
     train_seconds = round(time.time() - start, 1)
     if export:
         trainer.export(export)
+    after = trainer.evaluate() if evaluates else None
     report = None
     if trainer.is_main:
         report = {
             "env_id": trainer.config.env_id,
             "test_metric_before": before,
-            "test_metric_after": trainer.evaluate(),
+            "test_metric_after": after,
             "episodes": trainer.iteration * trainer.episodes_per_iteration,
             "processes": trainer.world,
             "lora_r": trainer.config.lora_r,
+            "fsdp": trainer.config.fsdp,
             "train_seconds": train_seconds,
             "final_kl": history[-1]["kl"] if history else None,
             "max_kl": max(h["kl"] for h in history) if history else None,

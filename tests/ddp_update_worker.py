@@ -1,4 +1,5 @@
-"""One data-parallel token-PPO update on this process's share of a saved rollout.
+"""One data-parallel (DDP, or sharded with fsdp=True) token-PPO update on this process's share of
+a saved rollout.
 
 Started by ``accelerate launch`` from tests/test_distributed.py: every process loads the same saved
 global rollout, keeps its own rows (process r of W: rows r*n .. (r+1)*n), runs ``TokenPPO.update``
@@ -13,7 +14,23 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
+from agents.fsdp import full_state_dict
 from agents.token_ppo import Rollout, TokenPPO, TokenPPOConfig
+
+
+def policy_parameters(trainer: TokenPPO) -> dict[str, torch.Tensor]:
+    """The LM's parameters (tied ones once) and the value head's, whole, on process 0 (a sharded
+    run gathers them: every process calls this)."""
+    names = [name for name, _ in trainer.model.named_parameters()]
+    if trainer.units:
+        whole = full_state_dict(trainer.policy)
+        lm = {name: whole[f"model.{name}"] for name in names} if trainer.is_main else {}
+    else:
+        lm = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    values = {f"value_head.{k}": v.clone() for k, v in trainer.value_head.state_dict().items()}
+    if trainer.units:
+        values = {k: whole[k] for k in values} if trainer.is_main else {}
+    return {**lm, **values}
 
 
 def main(folder: str) -> None:
@@ -21,6 +38,9 @@ def main(folder: str) -> None:
     config = TokenPPOConfig(**json.loads((folder / "config.json").read_text()))
     accelerator = Accelerator(cpu=True)
     trainer = TokenPPO(config, accelerator=accelerator)
+    if config.fsdp:  # really sharded: each process holds a part of every parameter
+        p = trainer.model.transformer.h[0].attn.c_attn.weight
+        assert type(p).__name__ == "DTensor" and p.to_local().numel() < p.numel(), type(p)
     whole = torch.load(folder / "rollout.pt", weights_only=True)
     n, r = config.num_envs, accelerator.process_index
     rows = slice(r * n, (r + 1) * n)
@@ -35,12 +55,9 @@ def main(folder: str) -> None:
         texts=[""] * n,
     )
     stats = trainer.update(rollout)
+    params = policy_parameters(trainer)  # collective when sharded
     if trainer.is_main:
         (folder / "stats_2.json").write_text(json.dumps({**stats, "world": trainer.world}))
-        params = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
-        params.update(
-            {f"value_head.{k}": v.clone() for k, v in trainer.value_head.state_dict().items()}
-        )
         save_file(params, folder / "params_2.safetensors")
     accelerator.wait_for_everyone()
 

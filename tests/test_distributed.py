@@ -57,8 +57,9 @@ def _config(model: str, **kw) -> TokenPPOConfig:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_two_processes_update_like_one_process_over_the_same_global_batch(
-    tmp_path, random_gpt2_dir
+    tmp_path, random_gpt2_dir, fsdp
 ):
     # One process: collect a global batch of 8 episodes and update on all of it (one minibatch).
     single = TokenPPO(_config(random_gpt2_dir, num_envs=8, minibatch_size=8))
@@ -83,7 +84,7 @@ def test_two_processes_update_like_one_process_over_the_same_global_batch(
     )
     stats_1 = single.update(rollout)
     # Two processes of 4 episodes each, the same rows, one minibatch each: the same update.
-    config_2 = _config(random_gpt2_dir, num_envs=4, minibatch_size=4)
+    config_2 = _config(random_gpt2_dir, num_envs=4, minibatch_size=4, fsdp=fsdp)
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(config_2)))
     run = accelerate_launch(["tests/ddp_update_worker.py", str(tmp_path)])
     assert run.returncode == 0, run.stderr[-3000:]
@@ -203,8 +204,19 @@ def test_sharding_engines_are_refused_with_what_to_use(monkeypatch, kind):
         state = State()
         process_index, num_processes, device = 0, 2, torch.device("cpu")
 
-    with pytest.raises(ValueError, match="DDP only.*ddp.yaml.*--lora-r"):
+    with pytest.raises(ValueError, match="shards itself.*ddp.yaml.*--fsdp true"):
         TokenPPO(TokenPPOConfig(), accelerator=Accelerator())
+
+
+def test_fsdp_outside_a_distributed_launch_and_with_what_it_cannot_run_is_refused():
+    with pytest.raises(ValueError, match="accelerate launch --config_file agents/accelerate"):
+        TokenPPO(TokenPPOConfig(fsdp=True))
+    with pytest.raises(ValueError, match="bf16"):
+        TokenPPOConfig(fsdp=True, mixed_precision="fp16").validate()
+    with pytest.raises(ValueError, match="NLPO"):
+        TokenPPOConfig(fsdp=True, nlpo_top_p=0.9).validate()
+    with pytest.raises(ValueError, match="fsdp must be True or False"):
+        TokenPPOConfig(fsdp="yes").validate()
 
 
 def test_a_device_other_than_the_accelerators_is_refused():
@@ -213,3 +225,67 @@ def test_a_device_other_than_the_accelerators_is_refused():
 
     with pytest.raises(ValueError, match="--device cuda on GPUs"):
         TokenPPO(TokenPPOConfig(device="cpu"), accelerator=Accelerator())
+
+
+def _fsdp_run(folder: Path, config: TokenPPOConfig, iterations: int, resume: bool = False):
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    args = ["tests/fsdp_train_worker.py", str(folder), str(iterations)]
+    run = accelerate_launch(args + (["resume"] if resume else []))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads((folder / "report.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_sharded_run_with_uneven_episodes_resumes_like_the_uninterrupted_run_and_exports(
+    tmp_path,
+):
+    """Two sharded processes (fsdp=True) of the built-in model, whose episodes end at EOS after
+    different numbers of tokens on each process: no hang (each launch has a timeout); a run
+    stopped after 2 iterations and resumed from its sharded checkpoint ends with the same
+    parameters as 4 iterations in one go; the export loads with gym.make and gives the same
+    logits as the trained parameters."""
+    import gymnasium as gym
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    config = TokenPPOConfig(
+        num_envs=2, max_new_tokens=8, total_episodes=16, minibatch_size=2, seed=2, fsdp=True
+    )
+    whole = _fsdp_run(tmp_path / "whole", config, 4)
+    assert whole["iteration"] == 4 and whole["metric"] is not None
+    per_process = whole["longest"]  # (processes, iterations)
+    assert any(a != b for a, b in zip(*per_process)), per_process  # uneven forwards
+    _fsdp_run(tmp_path / "parts", config, 2)
+    resumed = _fsdp_run(tmp_path / "parts", config, 2, resume=True)
+    assert resumed["iteration"] == 4
+    a, b = (
+        load_file(tmp_path / "whole" / "params.safetensors"),
+        load_file(tmp_path / "parts" / "params.safetensors"),
+    )
+    assert a.keys() == b.keys()
+    start = AutoModelForCausalLM.from_pretrained(shared_model_path()).state_dict()
+    assert any(not torch.equal(a[k], start[k]) for k in start if k in a)  # it trained
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5)
+    # a sharded checkpoint is refused by an unsharded run, with what to do
+    with pytest.raises(ValueError, match="sharded run on 2 processes.*same --fsdp"):
+        TokenPPO(dataclasses.replace(config, fsdp=False)).load_checkpoint(
+            tmp_path / "parts" / "ckpt"
+        )
+    # the export: a plain save_pretrained folder, the trained weights, the same logits
+    env = gym.make("textenvs/Summarize-v0", model=str(tmp_path / "whole" / "export"))
+    env.reset(seed=0)
+    ids = torch.tensor([env.unwrapped.sequence.ids])
+    trained = AutoModelForCausalLM.from_pretrained(shared_model_path())
+    trained.load_state_dict(
+        {k: v for k, v in a.items() if not k.startswith("value_head.")}, strict=False
+    )
+    expected = trained(input_ids=ids).logits[0, -1]
+    torch.testing.assert_close(env.unwrapped.logits.float(), expected, atol=1e-4, rtol=0)
+
+
+def shared_model_path() -> str:
+    from textenvs.lm import BUILTIN_MODELS, TINY
+
+    return str(BUILTIN_MODELS[TINY])
