@@ -967,9 +967,14 @@ class TokenPPO:
             model = self.model
             adapter_off = self.peft.disable_adapter()
         with adapter_off:
-            return sequence_outputs(
+            logp = sequence_outputs(
                 model, ids, attention, positions, tokens, self.config.temperature, False
             )[0]
+        if self.units and self.reference is not None:
+            # FSDP keeps a root's parameters whole after its forward (for the backward that
+            # follows); the reference has no backward: free its embeddings and head now
+            self.reference.reshard()
+        return logp
 
     def update(self, rollout: Rollout) -> dict:
         """KL-penalised rewards, GAE, then PPO epochs over shuffled minibatches of episodes.

@@ -17,6 +17,19 @@ fine-tuning in memory.
   ratio also carries what intra-op threads already gave the one process). Each process trains on
   its own ``--num-envs`` episodes per iteration, so two processes train on twice the episodes per
   update.
+* ``completions`` also holds ``two_processes_fsdp``: the two processes again with ``--fsdp true``
+  (parameters, gradients and Adam states sharded; each rollout gathers the parameters once), and
+  ``fsdp_vs_ddp`` = its completions/s over the DDP run's.
+* ``sharded``: full fine-tuning of the 124M layout (below) in 1 process, 2 DDP processes and 2
+  sharded processes (``--fsdp``), one iteration each; per process, the numbers each holds of the
+  parameters (policy, reference, value head), gradients and Adam states (``state_numbers``, the
+  sum, and ``state_mb`` in float32), and the peak resident memory (``ru_maxrss``), with
+  ``fsdp_vs_ddp`` ratios. And the rollout's two ways under sharding, timed on the 2 sharded
+  processes: a one-token step of ``--num-envs`` rows with the parameters gathered once for the
+  rollout (``gathered_step_ms``) against the same step on sharded parameters, which gathers
+  every block in every forward (``sharded_step_ms``: what stepping every process in lockstep
+  would pay per token, before its all-reduce of "any still running"), and the one gather itself
+  (``gather_ms``).
 * ``memory``: one token-PPO iteration on a randomly initialised GPT-2 of the 124M layout (12
   layers, d = 768, the tiny model's tokenizer; saved to a temporary folder, nothing downloaded),
   full fine-tuning and LoRA (``--lora-r``, ``c_attn``), each in a fresh process: trainable and
@@ -109,22 +122,7 @@ def completions(args, folder: Path) -> dict:
     if args.device == "cpu" and cores > 1:  # what each of the two processes below has
         result["one_process_half_the_threads"] = one_process("one_thread", max(1, cores // 2))
     out = folder / "two.json"
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-    ]
+    launch = _launch(2)
     threads = {"OMP_NUM_THREADS": str(max(1, cores // 2))} if args.device == "cpu" else {}
     _run(
         [
@@ -140,6 +138,26 @@ def completions(args, folder: Path) -> dict:
     result["two_processes"] = _figures(out, 2)
     result["speedup_two_processes"] = round(
         result["two_processes"]["completions_per_s"] / result["one_process"]["completions_per_s"],
+        3,
+    )
+    out = folder / "two_fsdp.json"
+    _run(
+        [
+            *_launch(2),
+            "-m",
+            "agents.token_ppo",
+            *_token_ppo_args(args, 2 * per_process, out),
+            "--device",
+            args.device,
+            "--fsdp",
+            "true",
+        ],
+        threads,
+    )
+    result["two_processes_fsdp"] = _figures(out, 2)
+    result["fsdp_vs_ddp"] = round(
+        result["two_processes_fsdp"]["completions_per_s"]
+        / result["two_processes"]["completions_per_s"],
         3,
     )
     if "ray" in args.skip:
@@ -170,6 +188,107 @@ def completions(args, folder: Path) -> dict:
         {"RAY_DISABLE_USAGE_STATS": "1"},
     )
     result["ray_two_workers"] = _figures(out, 2)
+    return result
+
+
+def _launch(processes: int) -> list[str]:
+    """``accelerate launch`` of ``processes`` processes on this machine (CPU: gloo)."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+    ]
+
+
+SHARDED_PROBE = """
+import json, os, resource, sys, time, torch
+from agents.token_ppo import TokenPPO, TokenPPOConfig, make_accelerator
+model, fsdp, device, out = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4]
+num_envs = int(sys.argv[5])
+config = TokenPPOConfig(model=model, num_envs=4, max_new_tokens=8, total_episodes=4 * int(
+    os.environ.get("WORLD_SIZE", "1")), minibatch_size=4, num_epochs=1, fsdp=fsdp, device=device)
+trainer = TokenPPO(config, accelerator=make_accelerator(config))
+trainer.train(progress=False)
+def local(t):
+    return t.to_local().numel() if hasattr(t, "to_local") else t.numel()
+modules = [trainer.model, trainer.value_head] + ([trainer.reference] if trainer.reference else [])
+params = {id(p): local(p) for m in modules for p in m.parameters()}
+grads = sum(local(p.grad) for p in trainer.trainable if p.grad is not None)
+adam = sum(local(t) for s in trainer.optimizer.state.values() for t in s.values()
+           if torch.is_tensor(t) and t.dim() > 0)
+figures = {
+    "params": sum(params.values()), "grads": grads, "adam": adam,
+    "state_numbers": sum(params.values()) + grads + adam,
+    "state_mb": round((sum(params.values()) + grads + adam) * 4 / 2**20, 1),
+    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+}
+if trainer.units:  # the rollout's step, parameters gathered once against sharded every forward
+    from agents.fsdp import gathered
+    from textenvs.batching import LockstepBatch, prefill_batch
+    lm, prompt = trainer.lm, trainer.lm.encode("Article: the council approves the new road")
+    def steps(n):
+        batch = LockstepBatch(lm, num_envs)
+        for i, (seq, _, _) in enumerate(prefill_batch(lm, [prompt] * num_envs)):
+            batch.adopt(i, seq)
+        torch.distributed.barrier()
+        start = time.perf_counter()
+        for _ in range(n):
+            batch.advance([17] * num_envs)
+        return (time.perf_counter() - start) / n * 1000
+    with torch.no_grad():
+        sharded = steps(8)
+        start = time.perf_counter()
+        with gathered(trainer.units):
+            gather = (time.perf_counter() - start) * 1000
+            whole = steps(8)
+    figures.update(gathered_step_ms=round(whole, 2), sharded_step_ms=round(sharded, 2),
+                   gather_ms=round(gather, 1))
+everyone = [figures]
+if torch.distributed.is_initialized():
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, figures)
+if trainer.is_main:
+    open(out, "w").write(json.dumps(everyone))
+"""
+
+
+def sharded(args, folder: Path) -> dict:
+    """Full fine-tuning of the 124M layout: 1 process, 2 DDP processes, 2 sharded processes."""
+    from benchmarks.throughput import random_gpt2
+
+    model = random_gpt2("small", vocab_size=50257)
+    probe = folder / "sharded_probe.py"
+    probe.write_text(SHARDED_PROBE)
+    cores = os.cpu_count() or 1
+    result = {}
+    for name, processes, fsdp in (("one_process", 1, 0), ("ddp_2", 2, 0), ("fsdp_2", 2, 1)):
+        out = folder / f"{name}.json"
+        start = [sys.executable] if processes == 1 else _launch(processes)
+        threads = max(1, cores // processes) if args.device == "cpu" else cores
+        _run(
+            [*start, str(probe), model, str(fsdp), args.device, str(out), str(args.num_envs)],
+            {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)},
+        )
+        result[name] = json.loads(out.read_text())
+    ddp, fsdp = result["ddp_2"][0], result["fsdp_2"][0]
+    result["fsdp_vs_ddp"] = {
+        key: round(fsdp[key] / ddp[key], 4)
+        for key in ("state_numbers", "params", "grads", "adam", "peak_rss_mb")
+    }
+    result["sharded_vs_gathered_step"] = round(
+        fsdp["sharded_step_ms"] / fsdp["gathered_step_ms"], 3
+    )
     return result
 
 
@@ -229,7 +348,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--iterations", type=int, default=8, help="iterations per process")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--skip", choices=("completions", "ray", "memory"), action="append", default=[])
+    p.add_argument(
+        "--skip",
+        choices=("completions", "ray", "memory", "sharded"),
+        action="append",
+        default=[],
+    )
     args = p.parse_args(argv)
     result = {
         "machine": {
@@ -245,6 +369,8 @@ def main(argv: list[str] | None = None) -> dict:
             result["completions"] = completions(args, Path(tmp))
         if "memory" not in args.skip:
             result["memory"] = memory(args)
+        if "sharded" not in args.skip:
+            result["sharded"] = sharded(args, Path(tmp))
     print(json.dumps(result, indent=1))
     return result
 

@@ -55,6 +55,12 @@ def main(folder: str) -> None:
         texts=[""] * n,
     )
     stats = trainer.update(rollout)
+    if config.fsdp:  # nothing stays gathered after the update: the reference's root included
+        modules = [trainer.model] + ([trainer.reference] if trainer.reference is not None else [])
+        whole = [
+            n for m in modules for n, p in m.named_parameters() if type(p).__name__ != "DTensor"
+        ]
+        assert not whole, whole[:3]
     params = policy_parameters(trainer)  # collective when sharded
     if trainer.is_main:
         (folder / "stats_2.json").write_text(json.dumps({**stats, "world": trainer.world}))
