@@ -22,14 +22,15 @@ fine-tuning in memory.
   ``fsdp_vs_ddp`` = its completions/s over the DDP run's.
 * ``sharded``: full fine-tuning of the 124M layout (below) in 1 process, 2 DDP processes and 2
   sharded processes (``--fsdp``), one iteration each; per process, the numbers each holds of the
-  parameters (policy, reference, value head), gradients and Adam states (``state_numbers``, the
-  sum, and ``state_mb`` in float32), and the peak resident memory (``ru_maxrss``), with
-  ``fsdp_vs_ddp`` ratios. And the rollout's two ways under sharding, timed on the 2 sharded
-  processes: a one-token step of ``--num-envs`` rows with the parameters gathered once for the
-  rollout (``gathered_step_ms``) against the same step on sharded parameters, which gathers
-  every block in every forward (``sharded_step_ms``: what stepping every process in lockstep
-  would pay per token, before its all-reduce of "any still running"), and the one gather itself
-  (``gather_ms``).
+  parameters (policy, reference, value head), gradients and Adam states (``state_numbers``, the sum,
+  and ``state_mb`` in float32), the peak resident memory (``ru_maxrss``: it includes the whole model
+  each process loads before sharding it) and the resident memory after training
+  (``rss_after_training_mb``, freed memory returned first), with ``fsdp_vs_ddp`` ratios. And the
+  rollout's two ways under sharding, timed on the 2 sharded processes: a one-token step of
+  ``--num-envs`` rows with the parameters gathered once for the rollout (``gathered_step_ms``)
+  against the same step on sharded parameters, which gathers every block in every forward
+  (``sharded_step_ms``: what stepping every process in lockstep would pay per token, before its
+  all-reduce of "any still running"), and the one gather itself (``gather_ms``).
 * ``memory``: one token-PPO iteration on a randomly initialised GPT-2 of the 124M layout (12
   layers, d = 768, the tiny model's tokenizer; saved to a temporary folder, nothing downloaded),
   full fine-tuning and LoRA (``--lora-r``, ``c_attn``), each in a fresh process: trainable and
@@ -160,14 +161,14 @@ def completions(args, folder: Path) -> dict:
         / result["two_processes"]["completions_per_s"],
         3,
     )
-    if "ray" in args.skip:
-        return result
     if "one_process_half_the_threads" in result:
         result["speedup_two_processes_vs_half_the_threads"] = round(
             result["two_processes"]["completions_per_s"]
             / result["one_process_half_the_threads"]["completions_per_s"],
             3,
         )
+    if "ray" in args.skip:
+        return result
     try:
         import ray  # noqa: F401
     except ImportError:
@@ -227,11 +228,16 @@ params = {id(p): local(p) for m in modules for p in m.parameters()}
 grads = sum(local(p.grad) for p in trainer.trainable if p.grad is not None)
 adam = sum(local(t) for s in trainer.optimizer.state.values() for t in s.values()
            if torch.is_tensor(t) and t.dim() > 0)
+import ctypes, gc
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory back to the system: what is resident
+rss = [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")]
 figures = {
     "params": sum(params.values()), "grads": grads, "adam": adam,
     "state_numbers": sum(params.values()) + grads + adam,
     "state_mb": round((sum(params.values()) + grads + adam) * 4 / 2**20, 1),
     "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    "rss_after_training_mb": round(rss[0] / 1024, 1),
 }
 if trainer.units:  # the rollout's step, parameters gathered once against sharded every forward
     from agents.fsdp import gathered
@@ -264,10 +270,11 @@ if trainer.is_main:
 
 
 def sharded(args, folder: Path) -> dict:
-    """Full fine-tuning of the 124M layout: 1 process, 2 DDP processes, 2 sharded processes."""
+    """Full fine-tuning of the 124M layout (or ``--sharded-model``): 1 process, 2 DDP processes,
+    2 sharded processes."""
     from benchmarks.throughput import random_gpt2
 
-    model = random_gpt2("small", vocab_size=50257)
+    model = args.sharded_model or random_gpt2("small", vocab_size=50257)
     probe = folder / "sharded_probe.py"
     probe.write_text(SHARDED_PROBE)
     cores = os.cpu_count() or 1
@@ -284,7 +291,14 @@ def sharded(args, folder: Path) -> dict:
     ddp, fsdp = result["ddp_2"][0], result["fsdp_2"][0]
     result["fsdp_vs_ddp"] = {
         key: round(fsdp[key] / ddp[key], 4)
-        for key in ("state_numbers", "params", "grads", "adam", "peak_rss_mb")
+        for key in (
+            "state_numbers",
+            "params",
+            "grads",
+            "adam",
+            "peak_rss_mb",
+            "rss_after_training_mb",
+        )
     }
     result["sharded_vs_gathered_step"] = round(
         fsdp["sharded_step_ms"] / fsdp["gathered_step_ms"], 3
@@ -348,6 +362,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--iterations", type=int, default=8, help="iterations per process")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--sharded-model",
+        help="the model of the sharded figures (default: a random GPT-2 of the 124M layout)",
+    )
     p.add_argument(
         "--skip",
         choices=("completions", "ray", "memory", "sharded"),

@@ -553,19 +553,28 @@ def test_verdict_names_the_agents_that_beat_the_greedy_lm():
 
 
 @pytest.mark.slow
-def test_scale_script_reports_one_and_two_process_completions():
+def test_scale_script_reports_completions_and_sharded_memory():
     pytest.importorskip("accelerate")
     from benchmarks import scale
 
     result = scale.main(
         ["--skip", "memory", "--skip", "ray", "--iterations", "1", "--num-envs", "2"]
-        + ["--max-new-tokens", "3"]
+        + ["--max-new-tokens", "3", "--sharded-model", "textenvs/tiny"]
     )
     one, two = result["completions"]["one_process"], result["completions"]["two_processes"]
     assert (one["processes"], one["episodes"]) == (1, 2)
     assert (two["processes"], two["episodes"]) == (2, 4)  # each process its own 2 episodes
     ratio = two["completions_per_s"] / one["completions_per_s"]
     assert result["completions"]["speedup_two_processes"] == pytest.approx(ratio, abs=1e-3)
+    sharded = result["completions"]["two_processes_fsdp"]
+    assert (sharded["processes"], sharded["episodes"]) == (2, 4)
+    # each of 2 sharded processes holds half of what each DDP process holds
+    memory = result["sharded"]
+    assert len(memory["ddp_2"]) == len(memory["fsdp_2"]) == 2 and len(memory["one_process"]) == 1
+    assert memory["ddp_2"][0]["state_numbers"] == memory["one_process"][0]["state_numbers"]
+    for key in ("params", "grads", "adam"):
+        assert memory["fsdp_vs_ddp"][key] == pytest.approx(0.5, abs=0.01), key
+    assert memory["fsdp_2"][0]["gathered_step_ms"] > 0 and memory["fsdp_2"][0]["gather_ms"] > 0
 
 
 @pytest.mark.slow

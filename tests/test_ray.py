@@ -5,6 +5,7 @@ Runs a local ``ray.init(num_cpus=2)`` in a child process (with a timeout, so a h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -100,6 +101,10 @@ def test_bad_ray_setups_are_refused_with_the_fix(random_gpt2_dir):
     config = TokenPPOConfig(model=random_gpt2_dir, num_envs=2, max_new_tokens=3)
     with pytest.raises(ValueError, match="workers must be >= 1"):
         RayTokenPPO(config, workers=0)
+    with pytest.raises(ValueError, match="fsdp=True shards"):
+        RayTokenPPO(dataclasses.replace(config, fsdp=True), workers=2)
+    with pytest.raises(ValueError, match="NLPO"):
+        RayTokenPPO(dataclasses.replace(config, nlpo_top_p=0.9), workers=2)
     assert not ray.is_initialized()
     with pytest.raises(RuntimeError, match=r"Call ray.init\(\)"):
         RayTokenPPO(config, workers=2)
