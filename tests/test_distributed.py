@@ -110,11 +110,17 @@ def test_two_processes_update_like_one_process_over_the_same_global_batch(
 
 
 @pytest.mark.slow
-def test_accelerate_launch_of_the_cli_trains_and_process_0_writes(tmp_path, random_gpt2_dir):
+@pytest.mark.parametrize(
+    "sharding", [[], ["--fsdp", "true", "--mixed-precision", "bf16"]], ids=["ddp", "fsdp-bf16"]
+)
+def test_accelerate_launch_of_the_cli_trains_and_process_0_writes(
+    tmp_path, random_gpt2_dir, sharding
+):
     run = accelerate_launch(
         [
             "-m",
             "agents.token_ppo",
+            *sharding,
             "--model",
             random_gpt2_dir,
             "--num-envs",
@@ -138,6 +144,8 @@ def test_accelerate_launch_of_the_cli_trains_and_process_0_writes(tmp_path, rand
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["processes"] == 2 and report["episodes"] == 8
+    assert report["fsdp"] == bool(sharding)
+    assert 0.0 <= report["test_metric_before"] <= 1 and 0.0 <= report["test_metric_after"] <= 1
     assert len(report["history"]) == 2  # 8 episodes = 2 iterations of 2 processes x 2 envs
     assert [h["episodes"] for h in report["history"]] == [4, 8]
     assert run.stdout.count('"test_metric_after"') == 1  # one process reports
@@ -145,6 +153,11 @@ def test_accelerate_launch_of_the_cli_trains_and_process_0_writes(tmp_path, rand
     state = json.loads((tmp_path / "ckpt" / "trainer_state.json").read_text())
     assert state["iteration"] == 2
     resumed = TokenPPO(_config(random_gpt2_dir, num_envs=2, minibatch_size=2))
+    if sharding:  # its shards resume on 2 sharded processes only (tested above)
+        assert (tmp_path / "ckpt" / "shards" / ".metadata").is_file()
+        with pytest.raises(ValueError, match="sharded run on 2 processes"):
+            resumed.load_checkpoint(tmp_path / "ckpt")
+        return
     resumed.load_checkpoint(tmp_path / "ckpt")  # a data-parallel checkpoint loads in one process
     assert resumed.iteration == 2
 
