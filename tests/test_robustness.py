@@ -398,3 +398,64 @@ def test_a_damaged_sb3_config_names_the_field(tmp_path, damage, match):
     (folder / "sb3_config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=match):
         sb3.load(folder)
+
+
+def _two_processes_save(folder: Path, version: str, hook=None):
+    """save_atomically_together from 2 threads standing for 2 processes (a thread barrier for
+    the processes' one); each writes its part, process 0 the rest. Returns each one's error."""
+    import threading
+
+    from agents.checkpoint import save_atomically_together
+
+    barrier = threading.Barrier(2, timeout=20)
+    errors = [None, None]
+
+    def process(rank: int) -> None:
+        def write_part(tmp: Path) -> None:
+            (tmp / "shards").mkdir(exist_ok=True)
+            (tmp / "shards" / f"{rank}.part").write_text(version)
+
+        def write_rest(tmp: Path) -> None:  # runs after every part is written
+            assert sorted(p.name for p in (tmp / "shards").iterdir()) == ["0.part", "1.part"]
+            (tmp / "state.json").write_text(version)
+
+        try:
+            save_atomically_together(
+                folder, write_part, write_rest, rank == 0, barrier.wait, hook if rank == 0 else None
+            )
+        except Exception as e:  # a killed process: the other's barrier breaks
+            errors[rank] = e
+            barrier.abort()
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+@pytest.mark.parametrize("stage", ["written", "old_moved_aside", "new_in_place", "done"])
+def test_a_sharded_save_killed_at_any_stage_leaves_a_whole_checkpoint(tmp_path, stage):
+    from agents.checkpoint import recover
+
+    folder = tmp_path / "ckpt"
+    assert _two_processes_save(folder, "old") == [None, None]
+    assert {p.read_text() for p in folder.rglob("*.part")} == {"old"}
+
+    class Killed(Exception):
+        pass
+
+    def hook(at: str) -> None:
+        if at == stage:
+            raise Killed(at)
+
+    errors = _two_processes_save(folder, "new", hook)
+    assert isinstance(errors[0], Killed)
+    assert recover(folder) == folder and no_leftovers(folder)
+    version = (folder / "state.json").read_text()
+    assert version in ("old", "new") and (folder / "COMPLETE").is_file()
+    # every part of the checkpoint in place is of that one save
+    assert [p.read_text() for p in sorted((folder / "shards").iterdir())] == [version, version]
+    assert _two_processes_save(folder, "newer") == [None, None] and no_leftovers(folder)
+    assert (folder / "state.json").read_text() == "newer"
