@@ -566,7 +566,10 @@ def collect_rollout(
         logits = envs.unwrapped.logits.float() / config.temperature  # (N, V): the env's own forward
         if masker is not None:
             allowed = masker.mask().to(logits.device)  # (N, V)
-            masks[:, t] = allowed.cpu()
+            # the rows still running only: an ended row's positions keep no mask, so the update
+            # leaves them unmasked (its padding token may lie outside a stale nucleus: -inf)
+            running = torch.as_tensor(active)
+            masks[running, t] = allowed.cpu()[running]
             logits = logits.masked_fill(~allowed, float("-inf"))
         logits[torch.as_tensor(~active, device=logits.device)] = 0.0  # ended rows: step dropped
         logp_all = torch.log_softmax(logits, dim=-1).cpu()
@@ -1055,9 +1058,10 @@ class TokenPPO:
                     approx_kl = mean(old_logp[mb] - logp, m)
                     parts = torch.stack([loss, pg_loss, v_loss, ent, clipfrac, approx_kl])
                     figures = (self._sum(parts.float()) / self.world).tolist()
-                if not math.isfinite(figures[0]):
+                if not all(math.isfinite(f) for f in figures):
                     raise FloatingPointError(
-                        f"Non-finite loss ({figures[0]}) at iteration {self.iteration}, epoch "
+                        f"Non-finite loss or statistic ({dict(zip(names, figures))}) at "
+                        f"iteration {self.iteration}, epoch "
                         f"{epoch}, minibatch {start // c.minibatch_size}: training stopped. The "
                         f"last good checkpoint ({c.checkpoint_dir or 'none configured'}) is "
                         "intact; lower learning_rate or check the reward."
