@@ -31,6 +31,7 @@ import json
 import math
 import os
 import time
+import types
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from tqdm import tqdm
 
 import textenvs  # noqa: F401  (registers the ids)
@@ -188,9 +190,23 @@ class TokenPPOConfig:
     (``torch.distributed.checkpoint``) and resume on the same number of processes; ``--export``
     writes the whole model. Needs ``accelerate launch`` (or ``torchrun``); bf16 or full
     precision; not with NLPO or Ray rollouts."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing in the update: each transformer block keeps only its input for the
+    backward and runs its forward again there (:func:`checkpoint_blocks`), so the activations the
+    update holds fall from every block's to about one block's, for one more forward of the blocks
+    per minibatch. The gradients are the same (no dropout runs in the update). Rollouts, the
+    reference pass and evaluations build no graph and run as they are. With LoRA, DDP and
+    ``fsdp``."""
 
     def validate(self) -> None:
-        for name in ("dense", "anneal_lr", "adaptive_kl", "whiten_advantages", "fsdp"):
+        for name in (
+            "dense",
+            "anneal_lr",
+            "adaptive_kl",
+            "whiten_advantages",
+            "fsdp",
+            "gradient_checkpointing",
+        ):
             check_bool(name, getattr(self, name))
         for name, choices in ESTIMATOR_CHOICES.items():
             if getattr(self, name) not in choices:
@@ -635,7 +651,10 @@ def sequence_outputs(
     ``action_mask`` ``(B, T, V)`` (NLPO): the distribution at each position is renormalised over
     the tokens the rollout could sample there.
     """
-    out = model(input_ids=ids, attention_mask=attention, output_hidden_states=with_hidden)
+    # no KV cache: nothing reads it, and a checkpointed block's second forward would extend it
+    out = model(
+        input_ids=ids, attention_mask=attention, output_hidden_states=with_hidden, use_cache=False
+    )
     index = positions[..., None]
     logits = (
         torch.gather(out.logits, 1, index.expand(-1, -1, out.logits.shape[-1])).float()
@@ -807,6 +826,47 @@ class PolicyWithValue(torch.nn.Module):
         return logp, entropy, self.value_head(hidden).squeeze(-1).float()
 
 
+def checkpoint_blocks(model: torch.nn.Module) -> int:
+    """Activation checkpointing of every transformer block of ``model`` (the classes it names in
+    ``_no_split_modules``): a forward that builds a graph saves only each block's inputs, and the
+    backward runs the block's forward again to get the rest (``torch.utils.checkpoint``,
+    non-reentrant). Forwards without gradients run as they are. Only the block's ``forward`` is
+    checkpointed, its module hooks (FSDP2's gather and free) stay outside, as in transformers'
+    own ``gradient_checkpointing_enable``, which, unlike this, acts in training mode only (the
+    trainer keeps the model in eval mode: no dropout). Returns how many blocks.
+    """
+    from agents.fsdp import transformer_blocks
+
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        block.forward = types.MethodType(_checkpointed_forward, block)  # deepcopy-safe binding
+    return len(blocks)
+
+
+def held_for_backward(forward):
+    """``forward()``'s result and the bytes of the tensors its autograd graph keeps for the
+    backward (activation memory, counted as autograd saves each tensor; a tensor saved twice
+    counts twice)."""
+    kept = []
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        kept.append(x.numel() * x.element_size())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        result = forward()
+    return result, sum(kept)
+
+
+def _checkpointed_forward(block: torch.nn.Module, *args, **kwargs):
+    forward = type(block).forward
+    if not torch.is_grad_enabled():
+        return forward(block, *args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(
+        functools.partial(forward, block, **kwargs), *args, use_reentrant=False
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------
@@ -867,6 +927,8 @@ class TokenPPO:
         self.masker = (
             NLPOMasker(self.lm, config.num_envs, config.nlpo_top_p) if config.nlpo_top_p else None
         )
+        if config.gradient_checkpointing:  # the policy only: nothing else builds a graph
+            checkpoint_blocks(self.model)
         self.policy = PolicyWithValue(self.model, self.value_head)
         self.units: list[torch.nn.Module] = []  # FSDP units of the policy (fsdp=True)
         if config.fsdp:  # every block, the LM (embeddings, head) over them, the value head

@@ -31,6 +31,11 @@ fine-tuning in memory.
   against the same step on sharded parameters, which gathers every block in every forward
   (``sharded_step_ms``: what stepping every process in lockstep would pay per token, before its
   all-reduce of "any still running"), and the one gather itself (``gather_ms``).
+* ``checkpointing``: the update's activation memory with and without activation checkpointing
+  (``--gradient-checkpointing``): one forward and backward of the policy over 4 sequences of
+  ``--checkpoint-length`` tokens, 64 of them scored, on the 124M layout (or ``--sharded-model``):
+  the bytes autograd keeps for the backward (``activation_mb``), the fastest of 3 forward-backward
+  passes, and ``activation_ratio`` / ``time_ratio``, checkpointed over plain.
 * ``memory``: one token-PPO iteration on a randomly initialised GPT-2 of the 124M layout (12
   layers, d = 768, the tiny model's tokenizer; saved to a temporary folder, nothing downloaded),
   full fine-tuning and LoRA (``--lora-r``, ``c_attn``), each in a fresh process: trainable and
@@ -354,6 +359,57 @@ def memory(args) -> dict:
     return result
 
 
+def checkpointing(args) -> dict:
+    """The update's activation memory and time with and without activation checkpointing
+    (``--gradient-checkpointing``): one forward and backward of the policy over 4 sequences of
+    ``--checkpoint-length`` tokens (a long prompt and its 64 generated tokens scored), the 124M
+    layout (or ``--sharded-model``), in this process, the same weights both ways."""
+    import time
+
+    from agents.token_ppo import TokenPPO, TokenPPOConfig, checkpoint_blocks, held_for_backward
+    from benchmarks.throughput import random_gpt2
+
+    model = args.sharded_model or random_gpt2("small", vocab_size=50257)
+    trainer = TokenPPO(
+        TokenPPOConfig(model=model, num_envs=1, total_episodes=1, device=args.device)
+    )
+    batch, length = 4, args.checkpoint_length
+    scored = min(64, length - 1)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, trainer.lm.vocab_size, (batch, length), generator=gen)
+    ids = ids.to(trainer.lm.device)
+    positions = torch.arange(length - scored - 1, length - 1, device=ids.device).expand(batch, -1)
+
+    def step() -> tuple[int, float]:
+        trainer.optimizer.zero_grad()
+        start = time.perf_counter()
+        (logp, _, values), kept = held_for_backward(
+            lambda: trainer.policy(ids, torch.ones_like(ids), positions, ids[:, -scored:], 1.0)
+        )
+        (logp.sum() + values.sum()).backward()
+        if ids.device.type == "cuda":
+            torch.cuda.synchronize()
+        return kept, time.perf_counter() - start
+
+    figures = {}
+    for name in ("plain", "checkpointed"):
+        if name == "checkpointed":
+            checkpoint_blocks(trainer.model)
+        step()  # warm-up
+        kept, seconds = min((step() for _ in range(3)), key=lambda r: r[1])
+        figures[name] = {"activation_mb": round(kept / 2**20, 1), "forward_backward_s": seconds}
+    plain, checkpointed = figures["plain"], figures["checkpointed"]
+    return {
+        "batch": batch,
+        "length": length,
+        "scored_tokens": scored,
+        "layers": trainer.lm.n_layers,
+        **figures,
+        "activation_ratio": round(checkpointed["activation_mb"] / plain["activation_mb"], 4),
+        "time_ratio": round(checkpointed["forward_backward_s"] / plain["forward_backward_s"], 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--env-id", default="textenvs/Summarize-v0")
@@ -364,11 +420,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--sharded-model",
-        help="the model of the sharded figures (default: a random GPT-2 of the 124M layout)",
+        help="the model of the sharded and checkpointing figures (default: a random GPT-2 of the "
+        "124M layout)",
+    )
+    p.add_argument(
+        "--checkpoint-length",
+        type=int,
+        default=512,
+        help="tokens per sequence of the checkpointing figures",
     )
     p.add_argument(
         "--skip",
-        choices=("completions", "ray", "memory", "sharded"),
+        choices=("completions", "ray", "memory", "sharded", "checkpointing"),
         action="append",
         default=[],
     )
@@ -389,6 +452,8 @@ def main(argv: list[str] | None = None) -> dict:
             result["memory"] = memory(args)
         if "sharded" not in args.skip:
             result["sharded"] = sharded(args, Path(tmp))
+        if "checkpointing" not in args.skip:
+            result["checkpointing"] = checkpointing(args)
     print(json.dumps(result, indent=1))
     return result
 

@@ -559,7 +559,7 @@ def test_scale_script_reports_completions_and_sharded_memory():
 
     result = scale.main(
         ["--skip", "memory", "--skip", "ray", "--iterations", "1", "--num-envs", "2"]
-        + ["--max-new-tokens", "3", "--sharded-model", "textenvs/tiny"]
+        + ["--max-new-tokens", "3", "--sharded-model", "textenvs/tiny", "--checkpoint-length", "64"]
     )
     one, two = result["completions"]["one_process"], result["completions"]["two_processes"]
     assert (one["processes"], one["episodes"]) == (1, 2)
@@ -575,6 +575,9 @@ def test_scale_script_reports_completions_and_sharded_memory():
     for key in ("params", "grads", "adam"):
         assert memory["fsdp_vs_ddp"][key] == pytest.approx(0.5, abs=0.01), key
     assert memory["fsdp_2"][0]["gathered_step_ms"] > 0 and memory["fsdp_2"][0]["gather_ms"] > 0
+    checkpointed = result["checkpointing"]
+    assert checkpointed["length"] == 64 and checkpointed["layers"] == 4
+    assert 0 < checkpointed["activation_ratio"] < 1 and checkpointed["time_ratio"] > 0
 
 
 @pytest.mark.slow

@@ -58,10 +58,12 @@ def _config(model: str, **kw) -> TokenPPOConfig:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "fsdp, lora_r", [(False, 0), (True, 0), (True, 4)], ids=["ddp", "fsdp", "fsdp-lora"]
+    "fsdp, lora_r, checkpointed",
+    [(False, 0, False), (True, 0, False), (True, 4, False), (True, 0, True)],
+    ids=["ddp", "fsdp", "fsdp-lora", "fsdp-checkpointed"],
 )
 def test_two_processes_update_like_one_process_over_the_same_global_batch(
-    tmp_path, random_gpt2_dir, fsdp, lora_r
+    tmp_path, random_gpt2_dir, fsdp, lora_r, checkpointed
 ):
     # One process: collect a global batch of 8 episodes and update on all of it (one minibatch).
     single = TokenPPO(_config(random_gpt2_dir, num_envs=8, minibatch_size=8, lora_r=lora_r))
@@ -87,7 +89,15 @@ def test_two_processes_update_like_one_process_over_the_same_global_batch(
     )
     stats_1 = single.update(rollout)
     # Two processes of 4 episodes each, the same rows, one minibatch each: the same update.
-    config_2 = _config(random_gpt2_dir, num_envs=4, minibatch_size=4, fsdp=fsdp, lora_r=lora_r)
+    # (sharded blocks whose forward runs again in the backward: the gradients as without)
+    config_2 = _config(
+        random_gpt2_dir,
+        num_envs=4,
+        minibatch_size=4,
+        fsdp=fsdp,
+        lora_r=lora_r,
+        gradient_checkpointing=checkpointed,
+    )
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(config_2)))
     run = accelerate_launch(["tests/ddp_update_worker.py", str(tmp_path)])
     assert run.returncode == 0, run.stderr[-3000:]
