@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import functools
 import importlib
+import inspect
 import json
 import math
 import os
@@ -651,15 +652,23 @@ def sequence_outputs(
     ``action_mask`` ``(B, T, V)`` (NLPO): the distribution at each position is renormalised over
     the tokens the rollout could sample there.
     """
+    # The LM head runs at the scored positions only (transformers' logits_to_keep, where the
+    # model takes it): a long prompt's other positions would cost a (B, L, V) tensor of logits.
+    keep = None
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        keep = torch.unique(positions)  # sorted: the positions any row scores
     # no KV cache: nothing reads it, and a checkpointed block's second forward would extend it
     out = model(
-        input_ids=ids, attention_mask=attention, output_hidden_states=with_hidden, use_cache=False
+        input_ids=ids,
+        attention_mask=attention,
+        output_hidden_states=with_hidden,
+        use_cache=False,
+        **({} if keep is None else {"logits_to_keep": keep}),
     )
+    at = positions if keep is None else torch.searchsorted(keep, positions.contiguous())
+    logits = torch.gather(out.logits, 1, at[..., None].expand(-1, -1, out.logits.shape[-1]))
+    logits = logits.float() / temperature
     index = positions[..., None]
-    logits = (
-        torch.gather(out.logits, 1, index.expand(-1, -1, out.logits.shape[-1])).float()
-        / temperature
-    )
     if action_mask is not None:
         # positions after an episode's end hold no mask (all False): left unmasked, not NaN
         action_mask = action_mask | ~action_mask.any(-1, keepdim=True)

@@ -170,6 +170,36 @@ def test_rollout_costs_one_env_forward_per_token(monkeypatch, random_gpt2_dir):
     )
 
 
+def test_sequence_outputs_runs_the_lm_head_at_the_scored_positions_only(random_gpt2_dir):
+    from agents.token_ppo import sequence_outputs
+    from textenvs.lm import LanguageModel
+
+    model = LanguageModel(random_gpt2_dir).model
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 30), generator=gen)
+    positions = torch.stack([torch.arange(20, 25), torch.arange(22, 27)])  # 7 distinct
+    tokens = ids.gather(1, positions + 1)
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    with torch.no_grad():
+        logp, entropy, hidden = sequence_outputs(
+            model, ids, torch.ones_like(ids), positions, tokens, 0.7, True
+        )
+        hook.remove()
+        full = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+    assert rows == [7]  # not the 30 positions of each row
+    expected = torch.log_softmax(
+        full.logits.gather(1, positions[..., None].expand(-1, -1, full.logits.shape[-1])) / 0.7,
+        -1,
+    )
+    torch.testing.assert_close(logp, expected.gather(2, tokens[..., None])[..., 0])
+    torch.testing.assert_close(entropy, -(expected.exp() * expected).sum(-1))
+    h = full.hidden_states[-1]
+    torch.testing.assert_close(
+        hidden, h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))
+    )
+
+
 def test_resume_gives_the_uninterrupted_result(tmp_path, random_gpt2_dir):
     full = TokenPPO(small_config(random_gpt2_dir, adaptive_kl=True))
     full.train(progress=False)
