@@ -13,6 +13,13 @@ A process killed at any point leaves either ``<folder>`` complete, or no ``<fold
 ``<folder>.old`` or ``<folder>.tmp``. :func:`recover` (run by every save and every load) puts the
 newest complete one back in place and removes what is left of an interrupted save, so a later save
 never trips over leftovers and a load never finds nothing.
+
+Only what is ours is ever replaced, renamed or deleted. Every folder a save makes carries
+:data:`MARKER` from its first instant (before any other file), so a folder is ours when it holds
+that marker (or the ``COMPLETE`` of a checkpoint written before the marker existed). A save goes
+into a folder that is missing, empty or ours; a ``<folder>.tmp`` or ``<folder>.old`` that is not
+ours is a user's own, and neither a save nor a load touches it (a save then stops with an error
+naming it). A path that is a file or a symlink is refused, never renamed.
 """
 
 from __future__ import annotations
@@ -24,12 +31,86 @@ from collections.abc import Callable
 from pathlib import Path
 
 COMPLETE = "COMPLETE"
+MARKER = ".textenvs-checkpoint"
+"""Written first into every folder a save makes: what makes a folder one of ours."""
+MARKER_TEXT = "textenvs checkpoint folder: saves may replace it, recovery may remove it\n"
+LEGACY_COMPLETE_TEXT = "complete\n"
 STAGES = ("written", "old_moved_aside", "new_in_place", "done")
 """The points of a save at which ``hook(stage)`` is called (tests kill the process there)."""
 
 
 def _is_complete(folder: Path) -> bool:
     return (folder / COMPLETE).is_file()
+
+
+def _read_small(path: Path) -> str | None:
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 1024:
+            return None
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def is_ours(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a folder a textenvs save made (its :data:`MARKER`, or the
+    ``COMPLETE`` file of a checkpoint written before the marker existed)."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    return (
+        _read_small(folder / MARKER) == MARKER_TEXT
+        or _read_small(folder / COMPLETE) == LEGACY_COMPLETE_TEXT
+    )
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def _remove_ours(path: Path) -> bool:
+    """Remove ``path`` if it is ours (or an empty folder, which holds nothing to lose)."""
+    if is_ours(path):
+        shutil.rmtree(path)
+        return True
+    if _is_empty_dir(path):
+        path.rmdir()
+        return True
+    return False
+
+
+def check_save_target(folder: str | os.PathLike) -> Path:
+    """Raise a ValueError, touching nothing, unless a save may write ``folder``: it is missing,
+    an empty folder or ours, and its ``.tmp`` / ``.old`` names are free or ours."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        raise ValueError(
+            f"{folder} is a symlink; a save replaces its folder by renames, so it writes only to "
+            "a real path: give the path it points to, or another folder."
+        )
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(
+            f"{folder} is a file, not a checkpoint folder; nothing was written. Give a folder "
+            "path that is new, empty or a checkpoint saved before."
+        )
+    if folder.is_dir() and not _is_empty_dir(folder) and not is_ours(folder):
+        raise ValueError(
+            f"{folder} already holds files that are not a textenvs checkpoint (no {MARKER}); a "
+            "save would replace them, so nothing was written. Give a new or empty folder."
+        )
+    for leftover in _leftovers(folder):
+        if (leftover.exists() or leftover.is_symlink()) and not (
+            is_ours(leftover) or _is_empty_dir(leftover)
+        ):
+            raise ValueError(
+                f"{leftover} exists and is not a textenvs checkpoint; a save of {folder} uses "
+                "that name for its work, so nothing was written. Move it, or save elsewhere."
+            )
+    return folder
+
+
+def _leftovers(folder: Path) -> tuple[Path, Path]:
+    return folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -53,19 +134,20 @@ def _fsync_dir(folder: Path) -> None:
 
 def recover(folder: str | os.PathLike) -> Path | None:
     """Finish or undo an interrupted save of ``folder``; the complete checkpoint, or None if none
-    exists.
+    exists. Only leftovers that are ours (:func:`is_ours`) are renamed or removed; a user's own
+    ``<folder>.tmp`` or ``<folder>.old`` is left as it is.
     """
     folder = Path(folder)
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    if not folder.exists():
+    tmp, old = _leftovers(folder)
+    if not folder.exists() and not folder.is_symlink():
         # Killed between the two renames: the new checkpoint (if complete) is newer than the old.
         for candidate in (tmp, old):
-            if candidate.exists() and _is_complete(candidate):
+            if is_ours(candidate) and _is_complete(candidate):
                 candidate.rename(folder)
                 break
     for leftover in (tmp, old):
         if leftover.exists():
-            shutil.rmtree(leftover)
+            _remove_ours(leftover)
     return folder if folder.exists() else None
 
 
@@ -81,11 +163,12 @@ def save_atomically(
         write: Writes every file of the checkpoint into the folder it is given.
         hook: Called with each stage of :data:`STAGES` (tests kill the process there).
     """
-    folder = Path(folder)
+    folder = check_save_target(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     recover(folder)
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    tmp, old = _leftovers(folder)
     tmp.mkdir()
+    (tmp / MARKER).write_text(MARKER_TEXT, encoding="utf-8")  # ours from its first instant
     write(tmp)
     (tmp / COMPLETE).write_text("complete\n")
     _fsync_tree(tmp)
@@ -97,7 +180,7 @@ def save_atomically(
     _fsync_dir(folder.parent)
     _call(hook, "new_in_place")
     if old.exists():
-        shutil.rmtree(old)
+        _remove_ours(old)  # the previous checkpoint, or the empty folder the user gave
     _call(hook, "done")
     return folder
 
@@ -117,7 +200,7 @@ def save_atomically_together(
     on a file system every process sees. A crash at any instant leaves a complete checkpoint, as
     there: ``COMPLETE`` is written only after every part.
     """
-    folder = Path(folder)
+    folder = check_save_target(folder)  # every process, before any waits for another
     if not is_main:
         barrier()  # process 0 has made <folder>.tmp
         write_part(folder.with_name(folder.name + ".tmp"))
@@ -147,6 +230,24 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict:
     return data
 
 
+def check_zip_sizes(path: str | os.PathLike, limit: Callable[[str], int], what: str) -> None:
+    """Refuse, before inflating anything, a zip (``.npz``, ``.zip``) with a member larger than
+    ``limit(name)`` bytes uncompressed (a small file can inflate to gigabytes)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable {what} ({e}).") from e
+    for info in infos:
+        if info.file_size > limit(info.filename):
+            raise ValueError(
+                f"{path}: member {info.filename!r} inflates to {info.file_size} bytes, more than "
+                f"a {what} holds ({limit(info.filename)}); not read."
+            )
+
+
 def _call(hook: Callable[[str], None] | None, stage: str) -> None:
     if hook is not None:
         hook(stage)
@@ -158,10 +259,17 @@ def replace_file_atomically(
     hook: Callable[[str], None] | None = None,
 ) -> Path:
     """Write one file through ``<path>.tmp`` and an atomic rename: the old or the new file, never
-    half.
+    half. The caller checks that an existing ``path`` is one of its own files; a folder, a
+    symlink, or a ``<path>.tmp`` that is not a plain file is refused untouched.
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    for p in (path, tmp):
+        if p.is_symlink() or (p.exists() and not p.is_file()):
+            raise ValueError(
+                f"{p} is a folder or a symlink; a save writes a plain file there, so nothing was "
+                "written. Give another path."
+            )
     write(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())

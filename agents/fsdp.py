@@ -16,7 +16,8 @@ every forward), gathering once costs one full copy of the parameters during the 
 while gradients and Adam states (three quarters of full fine-tuning's state) stay sharded
 throughout, and it runs no collective per token (``benchmarks/scale.py`` reports both figures).
 
-Checkpoints go through ``torch.distributed.checkpoint`` (each process writes its shards) inside
+Checkpoints go through ``torch.distributed.checkpoint`` (each process writes its shards; the
+metadata is JSON and nothing is unpickled on load: :mod:`agents.shards`) inside
 the same write-aside, mark-complete, swap protocol as every other checkpoint
 (:func:`agents.checkpoint.save_atomically_together`).
 """
@@ -107,22 +108,25 @@ def sharded_state(modules: dict[str, torch.nn.Module], optimizer, owner: str) ->
 
 
 def save_shards(folder, state: dict) -> None:
-    """Every process writes its shards of ``state`` into ``folder`` (collective)."""
-    import torch.distributed.checkpoint as dcp
+    """Every process writes its shards of ``state`` into ``folder`` (collective); the metadata
+    is JSON (:mod:`agents.shards`), so no load of it ever unpickles."""
+    from agents import shards
 
-    dcp.save(state, checkpoint_id=str(folder))
+    shards.save(state, folder)
 
 
 def load_shards(folder, modules: dict[str, torch.nn.Module], optimizer, owner: str) -> dict:
     """Read a :func:`save_shards` checkpoint into copies of this run's sharded state (collective);
-    nothing is replaced yet. Raises what ``torch.distributed.checkpoint`` raises for a missing
-    key or another shape.
+    nothing is replaced yet. Nothing is unpickled (:mod:`agents.shards`: JSON metadata, checked
+    field by field; non-tensor values through ``torch.load(weights_only=True)``). Raises a
+    ValueError for metadata we did not write, and what ``torch.distributed.checkpoint`` raises for
+    a missing key or another shape.
     """
-    import torch.distributed.checkpoint as dcp
+    from agents import shards
 
     state = sharded_state(modules, optimizer, owner)
     state = _copied(state)  # dcp loads in place: into copies, so a failure changes nothing
-    dcp.load(state, checkpoint_id=str(folder))
+    shards.load(state, folder)
     return state
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from gymnasium import spaces
 from tqdm import tqdm
 
-from agents.checkpoint import replace_file_atomically
+from agents.checkpoint import check_zip_sizes, replace_file_atomically
 from agents.common import evaluate_policy, metric_of
 from textenvs.cli import run_cli
 from textenvs.envs.base import check_bool
@@ -269,6 +269,11 @@ class QLearning:
             with open(tmp, "wb") as f:
                 np.savez(f, **fields)
 
+        if path.is_file() and not _is_qlearning_save(path):
+            raise ValueError(
+                f"{path} exists and is not a Q-learning save; it would be replaced, so nothing "
+                "was written. Give a new path or the path of an earlier save."
+            )
         return replace_file_atomically(path, write)
 
     @classmethod
@@ -280,6 +285,7 @@ class QLearning:
         ``Box`` observation is wrapped in the saved discretizer.
         """
         path = Path(path)
+        check_zip_sizes(path, lambda _: MAX_SAVE_MEMBER_BYTES, "Q-learning save")
         try:
             with np.load(path, allow_pickle=False) as data:
                 fields = {k: data[k] for k in data.files}
@@ -311,8 +317,22 @@ class QLearning:
 
 
 # Wrappers that gym.make adds itself, and ours that a save knows how to rebuild.
+MAX_SAVE_MEMBER_BYTES = 2**30
+"""No array of a Q-learning save may inflate to more (a table of 134M float64 entries)."""
 _MAKE_WRAPPERS = {"PassiveEnvChecker", "OrderEnforcing", "TimeLimit", "EnvChecker"}
 _REBUILT_WRAPPERS = ("FlattenEditActions", "DiscretizeObservation")
+
+
+def _is_qlearning_save(path: Path) -> bool:
+    """Whether ``path`` is a file :meth:`QLearning.save` wrote (an .npz with its fields)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return {"q.npy", "config.npy", "steps.npy"} <= names
 
 
 def find_wrapper(env: gym.Env, kind: type) -> gym.Env | None:

@@ -22,7 +22,8 @@ import gymnasium as gym
 import numpy as np
 
 import textenvs  # noqa: F401  (registers the ids)
-from agents.checkpoint import read_json_object, recover, save_atomically
+from agents.checkpoint import check_zip_sizes, read_json_object, recover, save_atomically
+from agents.checks import check_float, check_int, check_optional_str
 from agents.common import evaluate_policy
 from textenvs.cli import run_cli
 from textenvs.envs.base import check_bool
@@ -31,6 +32,11 @@ from textenvs.vector import as_sb3_vec_env
 ALGOS = ("ppo", "maskable_ppo")
 POLICIES = ("mlp", "lm_prior", "last_block")
 PRIOR_POLICIES = ("lm_prior", "last_block")  # they read the LM's log-probabilities: no VecNormalize
+MAX_NUM_ENVS = 1024
+MAX_ROLLOUT_STEPS = 2**20
+"""num_envs * n_steps at most: SB3's rollout buffer holds that many observations."""
+MAX_LAYER_WIDTH = 8192
+MAX_LAYERS = 16
 
 
 def __getattr__(name: str):
@@ -103,12 +109,23 @@ class SB3Config:
             raise ValueError(
                 f"policy={self.policy!r} is not valid: choose one of {list(POLICIES)}."
             )
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
-        if self.num_envs < 1 or self.n_steps < 1 or self.batch_size < 1:
-            raise ValueError("num_envs, n_steps and batch_size must be >= 1.")
-        if not (isinstance(self.kl_coef, (int, float)) and 0 <= self.kl_coef < float("inf")):
-            raise ValueError(f"kl_coef must be a finite number >= 0, got {self.kl_coef!r}.")
+        check_float("learning_rate", self.learning_rate, 0, 1, low_open=True)
+        check_int("num_envs", self.num_envs, 1, MAX_NUM_ENVS)
+        check_int("n_steps", self.n_steps, 1, MAX_ROLLOUT_STEPS)
+        if self.num_envs * self.n_steps > MAX_ROLLOUT_STEPS:
+            raise ValueError(
+                f"num_envs * n_steps = {self.num_envs * self.n_steps} steps per rollout; at most "
+                f"{MAX_ROLLOUT_STEPS} fit a rollout buffer: lower one of them."
+            )
+        check_int("batch_size", self.batch_size, 1, MAX_ROLLOUT_STEPS)
+        check_int("n_epochs", self.n_epochs, 1, 10_000)
+        check_float("gamma", self.gamma, 0, 1)
+        check_float("gae_lambda", self.gae_lambda, 0, 1)
+        check_float("ent_coef", self.ent_coef, 0)
+        check_float("kl_coef", self.kl_coef, 0)
+        check_int("seed", self.seed, 0, 2**32 - 1)
+        check_optional_str("tensorboard_log", self.tensorboard_log)
+        check_policy_kwargs(self.policy, self.algo, self.policy_kwargs)
         if self.kl_coef and (self.policy not in PRIOR_POLICIES or self.algo != "ppo"):
             raise ValueError(
                 f"kl_coef={self.kl_coef} penalises the KL to the LM prior, which only PPO with "
@@ -119,6 +136,95 @@ class SB3Config:
             raise ValueError(
                 "policy='last_block' acts on generation envs with PPO: use algo='ppo' (edit envs "
                 "have policy='lm_prior' with MaskablePPO)."
+            )
+
+
+# The policy_kwargs each policy takes, by kind of value: classes (only from Python, never from a
+# JSON config), objects, and the checks of plain values.
+_CLASS_KWARGS = ("activation_fn", "features_extractor_class", "optimizer_class")
+_DICT_KWARGS = ("features_extractor_kwargs", "optimizer_kwargs")
+_SB3_KWARGS = {
+    "net_arch": lambda v: _check_net_arch(v),
+    "ortho_init": lambda v: check_bool("policy_kwargs['ortho_init']", v),
+    "share_features_extractor": lambda v: check_bool(
+        "policy_kwargs['share_features_extractor']", v
+    ),
+    "normalize_images": lambda v: check_bool("policy_kwargs['normalize_images']", v),
+    "log_std_init": lambda v: check_float("policy_kwargs['log_std_init']", v),
+}
+_POLICY_KWARGS = {
+    "mlp": {},
+    "lm_prior": {
+        "max_correction": lambda v: (
+            v is None or check_float("policy_kwargs['max_correction']", v, 0, low_open=True)
+        ),
+        "candidate_features": lambda v: check_int(
+            "policy_kwargs['candidate_features']", v, 0, 4096
+        ),
+        "prior_temperature": lambda v: check_float(
+            "policy_kwargs['prior_temperature']", v, 0, low_open=True
+        ),
+        "kl_to_prior": lambda v: check_bool("policy_kwargs['kl_to_prior']", v),
+        # EditPriorPolicy (MaskablePPO on an edit env)
+        "max_len": lambda v: check_int("policy_kwargs['max_len']", v, 1, 1 << 16),
+        "k": lambda v: check_int("policy_kwargs['k']", v, 1, 1 << 16),
+        "stop_logit": lambda v: check_float("policy_kwargs['stop_logit']", v, 0, low_open=True),
+    },
+}
+_POLICY_KWARGS["last_block"] = {
+    **_POLICY_KWARGS["lm_prior"],
+    "model": lambda v: v if isinstance(v, str) or hasattr(v, "model") else _bad_model(v),
+}
+
+
+def _bad_model(value) -> None:
+    raise ValueError(
+        f"policy_kwargs['model'] must be a model name, folder or LanguageModel, got {value!r}."
+    )
+
+
+def _check_net_arch(value) -> None:
+    layers = value
+    if isinstance(value, dict):
+        if not set(value) <= {"pi", "vf"}:
+            raise ValueError(
+                f"policy_kwargs['net_arch'] as an object takes keys 'pi' and 'vf', got {value!r}."
+            )
+        layers = [*value.get("pi", []), *value.get("vf", [])]
+        if not all(isinstance(v, list) for v in value.values()):
+            raise ValueError(f"policy_kwargs['net_arch'] values must be lists, got {value!r}.")
+    if not isinstance(layers, list) or len(layers) > 2 * MAX_LAYERS:
+        raise ValueError(
+            f"policy_kwargs['net_arch'] must be a list of at most {MAX_LAYERS} layer widths (or "
+            f"{{'pi': [...], 'vf': [...]}}), got {value!r}."
+        )
+    for width in layers:
+        check_int("a policy_kwargs['net_arch'] width", width, 1, MAX_LAYER_WIDTH)
+
+
+def check_policy_kwargs(policy: str, algo: str, kwargs) -> None:
+    """Every entry of ``policy_kwargs`` is one the policy takes, of the right type and range
+    (a class only where a class goes: a JSON config cannot hold one)."""
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"policy_kwargs must be a dict, got {kwargs!r}.")
+    takes = {**_SB3_KWARGS, **_POLICY_KWARGS[policy]}
+    for name, value in kwargs.items():
+        if name in _CLASS_KWARGS:
+            if not isinstance(value, type):
+                raise ValueError(
+                    f"policy_kwargs[{name!r}] must be a class (e.g. torch.nn.Tanh), got "
+                    f"{value!r}: classes are passed from Python, a JSON config cannot name one."
+                )
+        elif name in _DICT_KWARGS:
+            if not isinstance(value, dict):
+                raise ValueError(f"policy_kwargs[{name!r}] must be a dict, got {value!r}.")
+        elif name in takes:
+            takes[name](value)
+        else:
+            known = sorted([*takes, *_CLASS_KWARGS, *_DICT_KWARGS])
+            raise ValueError(
+                f"policy_kwargs has {name!r}, which policy={policy!r} does not take: use one of "
+                f"{known}."
             )
 
 
@@ -362,6 +468,13 @@ def load(path: str | Path):
     """
     path = Path(path)
     if path.suffix == ".zip" and path.is_file():
+        if path.name != "model.zip":
+            raise ValueError(
+                f"{path}: agents.sb3.load reads a checkpoint folder written by agents.sb3.save "
+                f"(its model.zip beside sb3_config.json), not another zip; nothing was loaded. "
+                f"Pass the folder, or load this file with SB3's own "
+                f"{{PPO,MaskablePPO}}.load({str(path)!r}, env=...) if you trust it."
+            )
         if not (path.parent / "sb3_config.json").is_file():
             raise ValueError(
                 f"{path} has no sb3_config.json beside it, so the env it was trained on and its "
@@ -383,20 +496,28 @@ def load(path: str | Path):
                 "the model cannot be evaluated as trained without it."
             )
         venv = normalizer(path, venv)
+    zip_path = path / "model.zip"
+    members = _zip_members(zip_path)
+    _check_weights_present(zip_path, members, config, venv)
+    data = _zip_data(zip_path, members)
     # SB3 keeps these fields of model.zip as cloudpickle, which runs code when unpickled: each is
     # rebuilt from sb3_config.json instead (custom_objects win over the pickled value and stop
     # SB3 from unpickling it), and a zip holding any other pickled field is refused unread.
-    serialized = serialized_fields(path / "model.zip")
+    serialized = {k for k, v in data.items() if isinstance(v, dict) and ":serialized:" in v}
     unknown = sorted(serialized - set(REBUILT_FIELDS))
     if unknown:
         raise ValueError(
-            f"{path / 'model.zip'} holds pickled fields {unknown} that textenvs does not rebuild "
+            f"{zip_path} holds pickled fields {unknown} that textenvs does not rebuild "
             "from sb3_config.json; unpickling them could run code, so nothing was loaded. Load "
             "only checkpoints written by agents.sb3.save (or SB3's PPO.load on a file you trust)."
         )
     fresh = _model_on(venv, meta["env_id"], config, meta["env_kwargs"])
+    _check_member_sizes(zip_path, members, fresh)
+    # SB3 sets every field of `data` on the model: each must be what sb3_config.json built (the
+    # fresh model's value) or, for the training counters, a count in range.
     custom = {name: getattr(fresh, name) for name in REBUILT_FIELDS}
-    model = _algo_class(config.algo).load(path / "model.zip", env=venv, custom_objects=custom)
+    custom.update(_checked_data_fields(zip_path, data, fresh, serialized))
+    model = _algo_class(config.algo).load(zip_path, env=venv, custom_objects=custom)
     return quiet_logger(model, config.tensorboard_log), meta
 
 
@@ -423,17 +544,152 @@ REBUILT_FIELDS = (
 )
 
 
-def serialized_fields(zip_path: str | Path) -> set[str]:
-    """The names of the pickled (cloudpickle) fields of an SB3 ``model.zip``, read as JSON: nothing
-    is unpickled."""
+# The fields of model.zip's ``data`` that change as a model trains: kept from the file, checked.
+COUNTER_FIELDS = {
+    "num_timesteps": (0, 2**62),
+    "_total_timesteps": (0, 2**62),
+    "_num_timesteps_at_start": (0, 2**62),
+    "_episode_num": (0, 2**62),
+    "_n_updates": (0, 2**62),
+    "start_time": (0, 2**63 - 1),
+}
+MAX_DATA_BYTES = 256 * 2**20
+"""model.zip's ``data`` member (JSON; its pickled observations grow with num_envs) at most."""
+SMALL_MEMBER_BYTES = 2**20
+
+
+def _zip_members(zip_path: Path) -> dict[str, int]:
+    """The members of an SB3 ``model.zip`` and their uncompressed sizes (read from its
+    directory: nothing is inflated)."""
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            members = {info.filename: info.file_size for info in archive.infolist()}
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{zip_path} is not an SB3 model.zip ({e}).") from e
+    if "data" not in members or "policy.pth" not in members:
+        raise ValueError(f"{zip_path}: no 'data' or 'policy.pth' member; not an SB3 model.zip.")
+    return members
+
+
+def _zip_data(zip_path: Path, members: dict[str, int]) -> dict:
+    """model.zip's ``data`` as JSON (nothing unpickled), read only when its size is sane."""
+    if members["data"] > MAX_DATA_BYTES:
+        raise ValueError(
+            f"{zip_path}: member 'data' inflates to {members['data']} bytes (at most "
+            f"{MAX_DATA_BYTES}); not read."
+        )
     try:
         with zipfile.ZipFile(zip_path) as archive:
             data = json.loads(archive.read("data").decode("utf-8"))
-    except (OSError, KeyError, zipfile.BadZipFile, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, zipfile.BadZipFile, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{zip_path} is not an SB3 model.zip ({e}).") from e
     if not isinstance(data, dict):
         raise ValueError(f"{zip_path}: its 'data' entry is not a JSON object.")
+    return data
+
+
+def serialized_fields(zip_path: str | Path) -> set[str]:
+    """The names of the pickled (cloudpickle) fields of an SB3 ``model.zip``, read as JSON: nothing
+    is unpickled."""
+    data = _zip_data(Path(zip_path), _zip_members(Path(zip_path)))
     return {k for k, v in data.items() if isinstance(v, dict) and ":serialized:" in v}
+
+
+def _mlp_parameters(n_in: int, net_arch, n_out: int) -> int:
+    """Parameters of SB3's MLP actor-critic for ``net_arch`` (a list, or {"pi", "vf"})."""
+    arch = net_arch if isinstance(net_arch, dict) else {"pi": net_arch, "vf": net_arch}
+    total = 0
+    for key, head in (("pi", n_out), ("vf", 1)):
+        width = n_in
+        for layer in arch.get(key, []):
+            total += (width + 1) * layer
+            width = layer
+        total += (width + 1) * head
+    return total
+
+
+def _check_weights_present(zip_path: Path, members: dict[str, int], config, venv) -> None:
+    """Before anything is built: an MLP policy of the config's size has its weights in
+    ``policy.pth`` (a config that names a huge network over a small file is refused unbuilt)."""
+    if config.policy != "mlp":
+        return  # the prior policies' trainable parts are small heads over the env's LM
+    n_in = int(np.prod(venv.observation_space.shape))
+    n_out = int(getattr(venv.action_space, "n", 0) or np.sum(venv.action_space.nvec))
+    net_arch = config.policy_kwargs.get("net_arch", {"pi": [64, 64], "vf": [64, 64]})
+    need = 4 * _mlp_parameters(n_in, net_arch, n_out)  # float32
+    if members["policy.pth"] < need:
+        raise ValueError(
+            f"{zip_path}: sb3_config.json's policy (net_arch {net_arch}) has {need // 4} "
+            f"parameters ({need} bytes), but policy.pth holds {members['policy.pth']} bytes; "
+            "the config and the weights do not belong together, nothing was built."
+        )
+
+
+def _check_member_sizes(zip_path: Path, members: dict[str, int], fresh) -> None:
+    """Each member inflates to no more than what the model of sb3_config.json writes (a zip
+    bomb is refused before SB3 inflates it)."""
+    params = sum(p.numel() * p.element_size() for p in fresh.policy.parameters())
+    limits = {
+        "policy.pth": params + SMALL_MEMBER_BYTES,
+        "policy.optimizer.pth": 2 * params + SMALL_MEMBER_BYTES,  # Adam's two moments
+        "data": MAX_DATA_BYTES,
+    }
+    for name, size in members.items():
+        limit = limits.get(name, SMALL_MEMBER_BYTES)
+        if size > limit:
+            raise ValueError(
+                f"{zip_path}: member {name!r} inflates to {size} bytes, more than the "
+                f"{limit} that the model of sb3_config.json writes; not read."
+            )
+
+
+def _same_value(a, b) -> bool:
+    """JSON ``a`` equals ``b`` in value and kind (a bool is not a number, NaN equals nothing)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+def _checked_data_fields(zip_path: Path, data: dict, fresh, serialized: set[str]) -> dict:
+    """model.zip's plain fields, checked: a training counter must be an int in range; every
+    other field must equal what the model of sb3_config.json holds. Returns the values to load
+    (the fresh model's for the settings, so no value of the file reaches the model unchecked)."""
+    values = {}
+    for name, value in data.items():
+        if name in serialized or name in REBUILT_FIELDS:
+            continue  # rebuilt from sb3_config.json, never read
+        if name in COUNTER_FIELDS:
+            low, high = COUNTER_FIELDS[name]
+            if type(value) is not int or not low <= value <= high:
+                raise ValueError(
+                    f"{zip_path}: field {name!r} of its data is {value!r}; expected an int in "
+                    f"[{low}, {high}]."
+                )
+            continue
+        if name == "_current_progress_remaining":  # 1 - steps / total: below 0 past the total
+            if type(value) not in (int, float) or not -(2.0**62) <= value <= 1:
+                raise ValueError(
+                    f"{zip_path}: field {name!r} of its data is {value!r}; expected a finite "
+                    "number <= 1."
+                )
+            continue
+        if name == "n_envs":  # SB3 sets it from the env it loads into
+            continue
+        if not hasattr(fresh, name):
+            raise ValueError(
+                f"{zip_path}: field {name!r} of its data is not a field of "
+                f"{type(fresh).__name__}; not written by agents.sb3.save, nothing was loaded."
+            )
+        expected = getattr(fresh, name)
+        if not _same_value(value, expected):
+            raise ValueError(
+                f"{zip_path}: field {name!r} of its data is {value!r}, but sb3_config.json "
+                f"builds {expected!r}; the two files do not belong together, nothing was loaded."
+            )
+        values[name] = expected
+    return values
 
 
 def normalizer(path: str | Path, venv):
@@ -488,16 +744,33 @@ def _read_meta(path: Path) -> dict:
 
 
 def _read_normalization(path: Path, shape: tuple[int, ...]) -> dict:
+    array_bytes = 8 * int(np.prod(shape)) + 4096  # float64 and the .npy header
+    check_zip_sizes(path, lambda _: array_bytes, "observation statistics file")
     try:
         with np.load(path, allow_pickle=False) as data:
             stats = {k: data[k] for k in ("mean", "var", "count", "clip_obs", "epsilon")}
     except (OSError, KeyError, ValueError, EOFError) as e:
         raise ValueError(f"{path}: not readable observation statistics ({e}).") from e
     for name in ("mean", "var"):
-        if stats[name].shape != shape or not np.isfinite(stats[name]).all():
-            raise ValueError(f"{path}: field {name!r} must be finite of shape {shape}.")
-    if (stats["var"] < 0).any() or not stats["count"] > 0:
-        raise ValueError(f"{path}: field 'var' must be >= 0 and 'count' > 0.")
+        if (
+            stats[name].shape != shape
+            or not np.issubdtype(stats[name].dtype, np.floating)
+            or not np.isfinite(stats[name]).all()
+        ):
+            raise ValueError(f"{path}: field {name!r} must be finite floats of shape {shape}.")
+    if (stats["var"] < 0).any():
+        raise ValueError(f"{path}: field 'var' must be >= 0.")
+    for name in ("count", "clip_obs", "epsilon"):
+        value = stats[name]
+        if value.shape != () or not np.issubdtype(value.dtype, np.number):
+            raise ValueError(f"{path}: field {name!r} must be one number, got {value!r}.")
+        stats[name] = value.item()
+    # SB3's VecNormalize: (obs - mean) / sqrt(var + epsilon), clipped to [-clip_obs, clip_obs].
+    # A NaN or negative clip makes every observation NaN or 0; epsilon must keep the root real
+    # and stay a small stabiliser.
+    check_float(f"{path}: field 'count'", stats["count"], 0, low_open=True)
+    check_float(f"{path}: field 'clip_obs'", stats["clip_obs"], 0, low_open=True)
+    check_float(f"{path}: field 'epsilon'", stats["epsilon"], 0, 1, low_open=True)
     return stats
 
 

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 import textenvs  # noqa: F401  (registers the ids)
 from agents.checkpoint import read_json_object, recover, save_atomically
+from agents.checks import check_float
 from agents.common import evaluate_policy, parse_bool
 from textenvs.cli import run_cli
 from textenvs.envs.base import check_bool
@@ -1357,7 +1358,8 @@ class TokenPPO:
         trainer as it was.
         """
         from safetensors.torch import load_file, load_model
-        from transformers import AutoModelForCausalLM
+
+        from textenvs.weights import load_matching
 
         # An interrupted save leaves a complete checkpoint behind: process 0 puts it in place.
         if self.is_main:
@@ -1408,12 +1410,10 @@ class TokenPPO:
             }
         else:
             weights = {
-                "model.safetensors": (
+                "model.safetensors": (  # checked against this model, never its config.json
                     read(
                         "model.safetensors",
-                        lambda p: AutoModelForCausalLM.from_pretrained(
-                            p.parent, use_safetensors=True, trust_remote_code=False
-                        ).state_dict(),
+                        lambda p: load_matching(p, self.model.state_dict(), device),
                     ),
                     self.model.state_dict(),
                 ),
@@ -1434,10 +1434,7 @@ class TokenPPO:
         )
         for name, (loaded, expected) in weights.items():
             _check_state_dict(folder / name, loaded, expected)
-        scratch = torch.optim.Adam(
-            [torch.zeros_like(p) for group in self.optimizer.param_groups for p in group["params"]]
-        )
-        read("optimizer.pt", lambda p: scratch.load_state_dict(optimizer))  # checks the groups
+        check_adam_state(folder / "optimizer.pt", optimizer, self.optimizer)
         masker = None
         if self.masker is not None:  # into a scratch copy: checked before anything is replaced
             masker = copy.deepcopy(self.masker.lm.model)
@@ -1484,14 +1481,19 @@ class TokenPPO:
         checks = {
             "iteration": lambda v: type(v) is int and 0 <= v <= self.iterations,
             "kl_coef": lambda v: type(v) in (int, float) and math.isfinite(v) and v >= 0,
-            "history": lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v),
+            "history": lambda v: (
+                isinstance(v, list)
+                and len(v) == state.get("iteration")
+                and all(_is_history_record(h, i) for i, h in enumerate(v))
+            ),
             "config": lambda v: isinstance(v, dict),
             "model_signature": lambda v: isinstance(v, dict),
         }
         expected = {
             "iteration": f"an int in [0, {self.iterations}] (this run's iterations)",
             "kl_coef": "a finite number >= 0",
-            "history": "a list of objects",
+            "history": "one record per iteration done, each with its iteration, episodes, "
+            "metric and kl, every value a finite number",
             "config": "an object",
             "model_signature": "an object",
         }
@@ -1538,6 +1540,82 @@ class TokenPPO:
             "hidden_size": self.lm.hidden_size,
             "num_hidden_layers": self.lm.n_layers,
         }
+
+
+ADAM_GROUP_CHECKS = {
+    "lr": lambda v: check_float("lr", v, 0, low_open=True),
+    "eps": lambda v: check_float("eps", v, 0, low_open=True),
+    "weight_decay": lambda v: check_float("weight_decay", v, 0),
+    "betas": lambda v: [check_float("betas", b, 0, 1, high_open=True) for b in _pair(v)],
+    "initial_lr": lambda v: check_float("initial_lr", v, 0, low_open=True),
+}
+
+
+def _pair(value) -> tuple:
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise ValueError(f"betas must be a pair of numbers, got {value!r}.")
+    return tuple(value)
+
+
+def check_adam_state(path: Path, loaded, optimizer: torch.optim.Optimizer) -> None:
+    """An Adam ``state_dict`` read from ``path`` fits ``optimizer`` exactly: the same groups,
+    keys and parameters, every hyperparameter in range (lr, eps > 0, betas in [0, 1), ...), every
+    moment of its parameter's shape, finite (the second moment >= 0), every step a finite count;
+    else a ValueError naming the file and the field, before anything is replaced."""
+
+    def fail(field: str, problem: str):
+        raise ValueError(f"{path}: field {field} {problem}; the trainer was left unchanged.")
+
+    expected = optimizer.state_dict()
+    if not isinstance(loaded, dict) or set(loaded) != {"state", "param_groups"}:
+        fail("(top level)", "is not an optimizer state (keys 'state' and 'param_groups')")
+    groups, state = loaded["param_groups"], loaded["state"]
+    if not isinstance(groups, list) or len(groups) != len(expected["param_groups"]):
+        fail("'param_groups'", f"is not a list of {len(expected['param_groups'])} groups")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in expected["param_groups"] for i in group["params"]]
+    shapes = {i: tuple(p.shape) for i, p in zip(ids, params)}
+    for g, (group, want) in enumerate(zip(groups, expected["param_groups"])):
+        if not isinstance(group, dict) or set(group) != set(want):
+            fail(f"'param_groups'[{g}]", f"does not have the keys {sorted(want)}")
+        if group["params"] != want["params"]:
+            fail(f"'param_groups'[{g}]['params']", "names other parameters than this trainer's")
+        for key, value in group.items():
+            try:
+                if key in ADAM_GROUP_CHECKS:
+                    ADAM_GROUP_CHECKS[key](value)
+                elif key != "params" and type(value) is not type(want[key]):
+                    raise ValueError(f"expected a {type(want[key]).__name__}, got {value!r}")
+            except ValueError as e:
+                fail(f"'param_groups'[{g}][{key!r}]", f"is out of range ({e})")
+    if not isinstance(state, dict) or not set(state) <= set(shapes):
+        fail("'state'", "names parameters this trainer does not have")
+    for index, entry in state.items():
+        where = f"'state'[{index}]"
+        if not isinstance(entry, dict) or not {"step", "exp_avg", "exp_avg_sq"} <= set(entry):
+            fail(where, "is not an Adam state (step, exp_avg, exp_avg_sq)")
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                fail(f"{where}[{key!r}]", f"is not a float tensor ({type(value).__name__})")
+            wanted = () if key == "step" else shapes[index]
+            if tuple(value.shape) != wanted:
+                fail(f"{where}[{key!r}]", f"has shape {tuple(value.shape)}, not {wanted}")
+            if not torch.isfinite(value).all() or (key != "exp_avg" and (value < 0).any()):
+                fail(f"{where}[{key!r}]", "holds a non-finite or negative value")
+
+
+HISTORY_KEYS = ("iteration", "episodes", "metric", "kl")
+
+
+def _is_history_record(record, i: int) -> bool:
+    """Record ``i`` of a trainer's history: its iteration ``i``, the keys reports read, finite
+    numbers only."""
+    return (
+        isinstance(record, dict)
+        and all(k in record for k in HISTORY_KEYS)
+        and record["iteration"] == i
+        and all(type(v) in (int, float) and math.isfinite(v) for v in record.values())
+    )
 
 
 def _check_state_dict(path: Path, loaded: dict, expected: dict) -> None:

@@ -377,7 +377,7 @@ def test_lm_prior_candidate_head_scores_each_candidate_by_its_own_features():
         "textenvs/Summarize-v0", config, token_mode="vocab", max_steps=3, candidates_obs=True
     ).policy
     assert vocab.candidate_net is None
-    with pytest.raises(ValueError, match="candidate_features must be an integer >= 0"):
+    with pytest.raises(ValueError, match=r"candidate_features.* must be an int"):
         sb3.build(
             "textenvs/Summarize-v0",
             sb3.SB3Config(policy="lm_prior", policy_kwargs={"candidate_features": -1}),
@@ -431,7 +431,7 @@ def test_lm_prior_policy_bounds_its_correction():
     logits = model.policy.get_distribution(obs).distribution.logits
     expected = torch.log_softmax(obs[:, -4:] + 0.5, -1)
     np.testing.assert_allclose(logits.detach().numpy(), expected.numpy(), atol=1e-4)
-    with pytest.raises(ValueError, match="max_correction must be > 0"):
+    with pytest.raises(ValueError, match=r"max_correction.* must be a finite number > 0"):
         sb3.build(
             "textenvs/Summarize-v0",
             sb3.SB3Config(policy="lm_prior", policy_kwargs={"max_correction": 0}),
@@ -471,13 +471,13 @@ def test_lm_prior_policy_tempers_its_prior_and_penalises_the_kl_to_it():
     (-entropy.sum()).backward()  # what PPO minimises: ent_coef * KL; it pulls the bias back
     assert float(policy.action_net.bias.grad[1]) > 0 > float(policy.action_net.bias.grad[2])
     model.learn(16)  # PPO's update reads the KL in place of the entropy
-    with pytest.raises(ValueError, match="prior_temperature must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"prior_temperature.* must be a finite number > 0"):
         sb3.build(
             "textenvs/Summarize-v0",
             sb3.SB3Config(policy="lm_prior", policy_kwargs={"prior_temperature": 0}),
             **kwargs,
         )
-    with pytest.raises(ValueError, match="kl_to_prior must be True or False"):
+    with pytest.raises(ValueError, match=r"kl_to_prior.* must be True or False"):
         sb3.build(
             "textenvs/Summarize-v0",
             sb3.SB3Config(policy="lm_prior", policy_kwargs={"kl_to_prior": "yes"}),
@@ -619,7 +619,7 @@ def test_edit_prior_policy_refuses_what_it_cannot_read():
     with pytest.raises(ValueError, match=r"EditPriorPolicy\(max_len=9, k=3\) expects"):
         sb3.build("textenvs/EditSummary-v0", wrong, **EDIT_PRIOR_KWARGS)
     bad = sb3.SB3Config(**{**config.__dict__, "policy_kwargs": {"stop_logit": 0.0}})
-    with pytest.raises(ValueError, match="stop_logit must be > 0"):
+    with pytest.raises(ValueError, match=r"stop_logit.* must be a finite number > 0"):
         sb3.build("textenvs/EditSummary-v0", bad, **EDIT_PRIOR_KWARGS)
 
 

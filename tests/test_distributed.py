@@ -164,7 +164,8 @@ def test_accelerate_launch_of_the_cli_trains_and_process_0_writes(
     assert state["iteration"] == 2
     resumed = TokenPPO(_config(random_gpt2_dir, num_envs=2, minibatch_size=2))
     if sharding:  # its shards resume on 2 sharded processes only (tested above)
-        assert (tmp_path / "ckpt" / "shards" / ".metadata").is_file()
+        assert (tmp_path / "ckpt" / "shards" / ".metadata.json").is_file()
+        assert not (tmp_path / "ckpt" / "shards" / ".metadata").exists()  # no pickle written
         with pytest.raises(ValueError, match="sharded run on 2 processes"):
             resumed.load_checkpoint(tmp_path / "ckpt")
         return

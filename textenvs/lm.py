@@ -194,6 +194,10 @@ class LanguageModel:
         self.dtype = dtype = resolve_dtype(dtype)
         path = resolve_model_path(self.name)
         refuse_remote_code(path)
+        if os.path.isdir(path):  # config vs weights, before from_pretrained allocates anything
+            from textenvs.weights import check_model_folder
+
+            check_model_folder(path)
         try:
             with quiet_loading():
                 self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
