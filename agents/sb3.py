@@ -658,8 +658,8 @@ def _checked_data_fields(zip_path: Path, data: dict, fresh, serialized: set[str]
     (the fresh model's for the settings, so no value of the file reaches the model unchecked)."""
     values = {}
     for name, value in data.items():
-        if name in serialized or name in REBUILT_FIELDS:
-            continue  # rebuilt from sb3_config.json, never read
+        if name in serialized:
+            continue  # rebuilt from sb3_config.json, never unpickled
         if name in COUNTER_FIELDS:
             low, high = COUNTER_FIELDS[name]
             if type(value) is not int or not low <= value <= high:

@@ -208,7 +208,7 @@ def _metadata_from_json(path: Path, folder: Path, data) -> Metadata:
         if md["kind"] == "bytes":
             state_dict_metadata[fqn] = BytesStorageMetadata()
             continue
-        if md.get("dtype") not in DTYPES:
+        if not isinstance(md.get("dtype"), str) or md["dtype"] not in DTYPES:
             fail(f"{where}['dtype']", md.get("dtype"), f"one of {sorted(DTYPES)}")
         if type(md.get("requires_grad")) is not bool:
             fail(f"{where}['requires_grad']", md.get("requires_grad"), "a boolean")
@@ -288,10 +288,19 @@ def load(state: dict, folder: str | os.PathLike) -> None:
     """Read a :func:`save` checkpoint into ``state`` in place (collective under a process group);
     nothing goes through a full unpickler."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    dcp.load(
-        state, storage_reader=JsonMetadataReader(str(folder)), planner=WeightsOnlyLoadPlanner()
-    )
+    read_json_metadata(Path(folder))  # every process raises our message itself, at once
+    try:
+        dcp.load(
+            state,
+            storage_reader=JsonMetadataReader(str(folder)),
+            planner=WeightsOnlyLoadPlanner(),
+        )
+    except CheckpointException as e:  # DCP wraps each process's error; give the first one
+        first = next(iter(e.failures.values()), None)
+        cause = first[0] if isinstance(first, tuple) else first
+        raise ValueError(f"{folder}: cannot be read ({type(cause).__name__}: {cause}).") from e
 
 
 def convert_pickled_metadata(folder: str | os.PathLike) -> Path:
