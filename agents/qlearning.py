@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from agents.checkpoint import check_zip_sizes, replace_file_atomically
 from agents.common import evaluate_policy, metric_of
-from textenvs.cli import run_cli
+from textenvs.cli import float_arg, int_arg, run_cli
 from textenvs.envs.base import check_bool
 from textenvs.wrappers import DiscretizeObservation, find_action_masks
 
@@ -253,8 +253,7 @@ class QLearning:
         Written to a temporary file and renamed over ``path``: a crash leaves the old or the new
         file, never half of one.
         """
-        path = Path(path)
-        path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+        path = check_save_path(path)
         fields = {
             "q": self.q,
             "config": json.dumps(dataclasses.asdict(self.config)),
@@ -269,11 +268,6 @@ class QLearning:
             with open(tmp, "wb") as f:
                 np.savez(f, **fields)
 
-        if path.is_file() and not _is_qlearning_save(path):
-            raise ValueError(
-                f"{path} exists and is not a Q-learning save; it would be replaced, so nothing "
-                "was written. Give a new path or the path of an earlier save."
-            )
         return replace_file_atomically(path, write)
 
     @classmethod
@@ -321,6 +315,21 @@ MAX_SAVE_MEMBER_BYTES = 2**30
 """No array of a Q-learning save may inflate to more (a table of 134M float64 entries)."""
 _MAKE_WRAPPERS = {"PassiveEnvChecker", "OrderEnforcing", "TimeLimit", "EnvChecker"}
 _REBUILT_WRAPPERS = ("FlattenEditActions", "DiscretizeObservation")
+
+
+def check_save_path(path: str | Path) -> Path:
+    """The ``.npz`` path a save writes (``.npz`` added if missing); a ValueError, before any
+    work, when something that is not a Q-learning save is already there."""
+    path = Path(path)
+    path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+    if (path.exists() or path.is_symlink()) and not (
+        path.is_file() and not path.is_symlink() and _is_qlearning_save(path)
+    ):
+        raise ValueError(
+            f"{path} exists and is not a Q-learning save; it would be replaced, so nothing was "
+            "written. Give a new path or the path of an earlier save."
+        )
+    return path
 
 
 def _is_qlearning_save(path: Path) -> bool:
@@ -487,24 +496,26 @@ def main(argv: list[str] | None = None) -> dict:
         default="textenvs/Summarize-v0",
         help="a textenvs id, or any Gymnasium id with Discrete actions (FrozenLake-v1, ...)",
     )
-    p.add_argument("--total-steps", type=int, default=20_000)
-    p.add_argument("--k", type=int, default=4, help="top-k actions (textenvs ids)")
+    p.add_argument("--total-steps", type=int_arg(), default=20_000)
+    p.add_argument("--k", type=int_arg(), default=4, help="top-k actions (textenvs ids)")
     p.add_argument("--discretizer", choices=["hash", "kmeans"], default="hash")
-    p.add_argument("--n-bits", type=int, default=10)
-    p.add_argument("--n-clusters", type=int, default=128)
+    p.add_argument("--n-bits", type=int_arg(), default=10)
+    p.add_argument("--n-clusters", type=int_arg(), default=128)
     p.add_argument(
-        "--max-steps", type=int, default=16, help="tokens / edits per episode (textenvs ids)"
+        "--max-steps", type=int_arg(), default=16, help="tokens / edits per episode (textenvs ids)"
     )
-    p.add_argument("--learning-rate", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--learning-rate", type=float_arg(0, 1, low_open=True), default=0.1)
+    p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=0)
     p.add_argument("--save", help="write the Q-table (npz) here")
     p.add_argument(
         "--eval-samples",
-        type=int,
+        type=int_arg(),
         default=200,
         help="test-split samples (textenvs ids) or evaluation episodes (other ids)",
     )
     args = p.parse_args(argv)
+    if args.save:
+        check_save_path(args.save)  # before training, not after
     env = make_cli_env(args, "train")
     agent = QLearning(env, QLearningConfig(learning_rate=args.learning_rate, seed=args.seed))
     start = time.time()

@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+from agents.checkpoint import check_save_target
 from agents.token_ppo import (
     Rollout,
     TokenPPO,
@@ -35,7 +36,7 @@ from agents.token_ppo import (
     make_rollout_envs,
     require,
 )
-from textenvs.cli import run_cli
+from textenvs.cli import float_arg, int_arg, run_cli
 from textenvs.lm import LanguageModel
 
 
@@ -144,22 +145,24 @@ class RayTokenPPO(TokenPPO):
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Token PPO with rollouts on Ray actors.")
-    p.add_argument("--workers", type=int, default=2, help="Ray actors, each a batched env")
+    p.add_argument("--workers", type=int_arg(), default=2, help="Ray actors, each a batched env")
     p.add_argument("--address", help="a running Ray cluster ('auto'); default: start one here")
-    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
+    p.add_argument("--num-cpus", type=int_arg(), default=2, help="CPUs of the local Ray instance")
     p.add_argument("--env-id", default="textenvs/Summarize-v0")
     p.add_argument("--model", default="textenvs/tiny")
-    p.add_argument("--num-envs", type=int, default=16, help="sub-envs per worker")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--total-episodes", type=int, default=256)
-    p.add_argument("--minibatch-size", type=int, default=16)
-    p.add_argument("--learning-rate", type=float, default=3e-4)
-    p.add_argument("--lora-r", type=int, default=0)
-    p.add_argument("--eval-samples", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-envs", type=int_arg(), default=16, help="sub-envs per worker")
+    p.add_argument("--max-new-tokens", type=int_arg(), default=16)
+    p.add_argument("--total-episodes", type=int_arg(), default=256)
+    p.add_argument("--minibatch-size", type=int_arg(), default=16)
+    p.add_argument("--learning-rate", type=float_arg(0, low_open=True), default=3e-4)
+    p.add_argument("--lora-r", type=int_arg(0), default=0)
+    p.add_argument("--eval-samples", type=int_arg(), default=50)
+    p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=0)
     p.add_argument("--checkpoint-dir")
     p.add_argument("--json-out")
     args = p.parse_args(argv)
+    if args.checkpoint_dir:
+        check_save_target(args.checkpoint_dir)  # before any work
     ray = require("ray", "ray", "Rollouts on Ray actors")
     if args.address:
         ray.init(address=args.address)

@@ -22,10 +22,16 @@ import gymnasium as gym
 import numpy as np
 
 import textenvs  # noqa: F401  (registers the ids)
-from agents.checkpoint import check_zip_sizes, read_json_object, recover, save_atomically
-from agents.checks import check_float, check_int, check_optional_str
+from agents.checkpoint import (
+    check_save_target,
+    check_zip_sizes,
+    read_json_object,
+    recover,
+    save_atomically,
+)
 from agents.common import evaluate_policy
-from textenvs.cli import run_cli
+from textenvs.checks import check_float, check_int, check_optional_str
+from textenvs.cli import float_arg, int_arg, run_cli
 from textenvs.envs.base import check_bool
 from textenvs.vector import as_sb3_vec_env
 
@@ -794,36 +800,40 @@ def main(argv: list[str] | None = None) -> dict:
         "flat_actions=True to an edit env; last_block (generation envs): train a copy of the LM's "
         "last block, starting at the LM; adds obs='context', layer=-2, candidates_obs=True",
     )
-    p.add_argument("--learning-rate", type=float, default=3e-4)
-    p.add_argument("--gae-lambda", type=float, default=0.95)
+    p.add_argument("--learning-rate", type=float_arg(0, 1, low_open=True), default=3e-4)
+    p.add_argument("--gae-lambda", type=float_arg(0, 1), default=0.95)
     p.add_argument(
         "--kl-coef",
-        type=float,
+        type=float_arg(0),
         default=0.0,
         help="KL penalty to the LM in the reward (lm_prior / last_block with PPO)",
     )
     p.add_argument(
         "--prior-temperature",
-        type=float,
+        type=float_arg(0, low_open=True),
         default=None,
         help="sample the LM prior at this temperature (lm_prior / last_block with PPO)",
     )
     p.add_argument(
         "--context-positions",
-        type=int,
+        type=int_arg(),
         default=None,
         help="positions of the last_block policy's context observation (default: the longest "
         "prompt of the train and test splits plus --max-steps)",
     )
-    p.add_argument("--total-steps", type=int, default=20_000)
-    p.add_argument("--k", type=int, default=4, help="top-k actions / tokens")
-    p.add_argument("--max-steps", type=int, default=16, help="tokens / edits per episode at most")
-    p.add_argument("--num-envs", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--total-steps", type=int_arg(), default=20_000)
+    p.add_argument("--k", type=int_arg(), default=4, help="top-k actions / tokens")
+    p.add_argument(
+        "--max-steps", type=int_arg(), default=16, help="tokens / edits per episode at most"
+    )
+    p.add_argument("--num-envs", type=int_arg(), default=8)
+    p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=0)
     p.add_argument("--tensorboard-log")
     p.add_argument("--save")
-    p.add_argument("--eval-samples", type=int, default=200)
+    p.add_argument("--eval-samples", type=int_arg(), default=200)
     args = p.parse_args(argv)
+    if args.save:
+        check_save_target(args.save)  # before training, not after
     env_kwargs = {"token_mode": "topk", "k": args.k, "max_steps": args.max_steps}
     env_kwargs.update(policy_env_kwargs(args.policy, args.env_id))
     if args.context_positions is not None and args.policy != "last_block":

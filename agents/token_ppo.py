@@ -44,10 +44,10 @@ import torch.utils.checkpoint
 from tqdm import tqdm
 
 import textenvs  # noqa: F401  (registers the ids)
-from agents.checkpoint import read_json_object, recover, save_atomically
-from agents.checks import check_float
+from agents.checkpoint import check_save_target, read_json_object, recover, save_atomically
 from agents.common import evaluate_policy, parse_bool
-from textenvs.cli import run_cli
+from textenvs.checks import check_float, check_int, check_optional_str
+from textenvs.cli import checked_arg, json_object, run_cli
 from textenvs.envs.base import check_bool
 from textenvs.lm import LanguageModel, quiet_loading
 
@@ -69,6 +69,49 @@ ESTIMATOR_FIELDS = (
     "nlpo_top_p",
     "nlpo_mu",
 )
+
+
+def _count(name: str, value) -> int:
+    return check_int(name, value, 1)
+
+
+def _at_least(low: float, open_: bool = False):
+    return lambda name, value: check_float(name, value, low, low_open=open_)
+
+
+def _unit(name: str, value) -> float:
+    return check_float(name, value, 0, 1)
+
+
+# Every numeric field's type and range: checked by TokenPPOConfig.validate() and by the command
+# line's flags (the same message, before any work).
+FIELD_CHECKS = {
+    "num_envs": _count,
+    "max_new_tokens": _count,
+    "total_episodes": _count,
+    "num_epochs": _count,
+    "minibatch_size": _count,
+    "group_size": _count,
+    "nlpo_mu": _count,
+    "kl_horizon": _count,
+    "eval_samples": _count,
+    "seed": lambda name, value: check_int(name, value, 0, 2**32 - 1),
+    "save_every": lambda name, value: check_int(name, value, 0),
+    "lora_r": lambda name, value: check_int(name, value, 0),
+    "learning_rate": _at_least(0, open_=True),
+    "clip_range": _at_least(0, open_=True),
+    "clip_range_value": _at_least(0, open_=True),
+    "temperature": _at_least(0, open_=True),
+    "max_grad_norm": _at_least(0, open_=True),
+    "kl_target": _at_least(0, open_=True),
+    "lora_alpha": _at_least(0, open_=True),
+    "vf_coef": _at_least(0),
+    "ent_coef": _at_least(0),
+    "kl_coef": _at_least(0),
+    "gamma": _unit,
+    "gae_lambda": _unit,
+    "nlpo_top_p": _unit,
+}
 
 
 @dataclass
@@ -238,24 +281,10 @@ class TokenPPOConfig:
             )
         if not isinstance(self.env_kwargs, dict):
             raise ValueError(f"env_kwargs must be a dict, got {self.env_kwargs!r}.")
-        for name in (
-            "num_envs",
-            "max_new_tokens",
-            "total_episodes",
-            "num_epochs",
-            "minibatch_size",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("learning_rate", "clip_range", "temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}.")
-        if self.lora_r < 0:
-            raise ValueError(f"lora_r must be >= 0 (0: no LoRA), got {self.lora_r}.")
-        if self.lora_r and not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}.")
+        for name, check in FIELD_CHECKS.items():
+            check(name, getattr(self, name))
+        for name in ("reward", "dtype", "eval_reward", "checkpoint_dir", "tensorboard_log"):
+            check_optional_str(name, getattr(self, name))
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(
                 f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}."
@@ -898,6 +927,8 @@ class TokenPPO:
 
     def __init__(self, config: TokenPPOConfig, accelerator=None) -> None:
         config.validate()
+        if config.checkpoint_dir:  # a user's folder is refused now, not after training
+            check_save_target(config.checkpoint_dir)
         self.config = config
         self.accelerator = accelerator
         self.rank = accelerator.process_index if accelerator is not None else 0
@@ -1664,7 +1695,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         if isinstance(value, bool):
             p.add_argument(flag, type=parse_bool, default=value, help=doc)
         elif isinstance(value, dict):
-            p.add_argument(flag, type=json.loads, default=value, help=doc)
+            p.add_argument(flag, type=json_object, default=value, help=doc)
+        elif f.name in FIELD_CHECKS:  # argparse refuses a value out of range, naming the flag
+            kind = type(value)
+            check = FIELD_CHECKS[f.name]
+            p.add_argument(flag, type=checked_arg(kind, check), default=value, help=doc)
         else:
             kind = type(value) if value is not None else str
             p.add_argument(flag, type=kind, default=value, help=doc)
@@ -1677,6 +1712,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = vars(p.parse_args(argv))
     resume, json_out, export = args.pop("resume"), args.pop("json_out"), args.pop("export")
     config = TokenPPOConfig(**args)
+    if export:
+        check_save_target(export)  # before any work, not after training
     trainer = TokenPPO(config, accelerator=make_accelerator(config))
     if resume:
         trainer.load_checkpoint(resume)

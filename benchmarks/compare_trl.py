@@ -47,7 +47,7 @@ import textenvs
 from agents.common import parse_bool
 from agents.token_ppo import TokenPPO, TokenPPOConfig, greedy_metrics
 from benchmarks.run import hierarchical_bootstrap
-from textenvs.cli import run_cli
+from textenvs.cli import float_arg, int_arg, run_cli
 from textenvs.lm import BUILTIN_MODELS, LanguageModel
 from textenvs.rewards import METRIC_NAMES, get_metric
 from textenvs.tasks import builtin_task
@@ -381,13 +381,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", choices=list(ENV_FOR_TASK), default="summarize")
     p.add_argument("--reward", default=None, help="metric name (default: the task's)")
-    p.add_argument("--completions", type=int, default=1024, help="sampled completions per run")
-    p.add_argument("--max-new-tokens", type=int, default=12)
-    p.add_argument("--batch", type=int, default=32, help="completions per optimizer step (all)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds of the best point and defaults")
-    p.add_argument("--grid-lr", type=float, nargs="+", default=[3e-4, 1e-3])
-    p.add_argument("--grid-kl", type=float, nargs="+", default=[0.0, 0.02])
-    p.add_argument("--grid-group", type=int, nargs="+", default=[4, 8], help="GRPO / RLOO")
+    p.add_argument(
+        "--completions", type=int_arg(), default=1024, help="sampled completions per run"
+    )
+    p.add_argument("--max-new-tokens", type=int_arg(), default=12)
+    p.add_argument(
+        "--batch", type=int_arg(), default=32, help="completions per optimizer step (all)"
+    )
+    p.add_argument(
+        "--seeds", type=int_arg(), default=3, help="seeds of the best point and defaults"
+    )
+    p.add_argument("--grid-lr", type=float_arg(0, low_open=True), nargs="+", default=[3e-4, 1e-3])
+    p.add_argument("--grid-kl", type=float_arg(0), nargs="+", default=[0.0, 0.02])
+    p.add_argument("--grid-group", type=int_arg(2), nargs="+", default=[4, 8], help="GRPO / RLOO")
     p.add_argument(
         "--grid-dense",
         type=parse_bool,
@@ -395,8 +401,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[True, False],
         help="ours: dense per-token reward or the metric at the end",
     )
-    p.add_argument("--validation-samples", type=int, default=100, help="grid scoring")
-    p.add_argument("--eval-samples", type=int, default=200, help="test samples, paired")
+    p.add_argument("--validation-samples", type=int_arg(), default=100, help="grid scoring")
+    p.add_argument("--eval-samples", type=int_arg(), default=200, help="test samples, paired")
     p.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
     p.add_argument("--device", default="cpu")
     p.add_argument(
@@ -406,9 +412,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "math and settings (--learning-rate, --kl-coef, --group), no grid",
     )
     p.add_argument("--algorithms", nargs="+", choices=list(PAIRS), default=list(PAIRS))
-    p.add_argument("--learning-rate", type=float, default=3e-4, help="--like-with-like")
-    p.add_argument("--kl-coef", type=float, default=0.02, help="--like-with-like: beta")
-    p.add_argument("--group", type=int, default=4, help="--like-with-like: completions a prompt")
+    p.add_argument(
+        "--learning-rate", type=float_arg(0, low_open=True), default=3e-4, help="--like-with-like"
+    )
+    p.add_argument("--kl-coef", type=float_arg(0), default=0.02, help="--like-with-like: beta")
+    p.add_argument(
+        "--group", type=int_arg(2), default=4, help="--like-with-like: completions a prompt"
+    )
     p.add_argument("--json-out", help="write the report (JSON) here")
     args = p.parse_args(argv)
     for name in (

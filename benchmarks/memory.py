@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from textenvs.cli import run_cli
+from textenvs.cli import float_arg, int_arg, run_cli
 
 CHILD = """
 import json, sys
@@ -70,8 +70,8 @@ def child_rss(dataset: str, num_envs: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size-mb", type=float, default=50.0)
-    p.add_argument("--num-envs", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--size-mb", type=float_arg(0, low_open=True), default=50.0)
+    p.add_argument("--num-envs", type=int_arg(), nargs="+", default=[1, 8, 32])
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="textenvs-memory-") as folder:
         path = Path(folder) / "data.jsonl"

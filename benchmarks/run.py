@@ -52,7 +52,7 @@ import gymnasium as gym
 import numpy as np
 
 import textenvs
-from textenvs.cli import CommandLineError, run_cli
+from textenvs.cli import CommandLineError, float_arg, int_arg, json_object, run_cli
 from textenvs.rewards import METRIC_NAMES
 
 AGENTS = (
@@ -862,32 +862,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=textenvs.TINY,
         help="textenvs/tiny, a save_pretrained folder or a hub name",
     )
-    p.add_argument("--seeds", type=int, help="override the preset's number of seeds")
+    p.add_argument("--seeds", type=int_arg(), help="override the preset's number of seeds")
     p.add_argument(
-        "--scale", type=float, default=1.0, help="multiply every training budget (tests use 0.01)"
+        "--scale",
+        type=float_arg(0, low_open=True),
+        default=1.0,
+        help="multiply every training budget (tests use 0.01)",
     )
     p.add_argument(
-        "--eval-samples", type=int, help="override the preset's test samples per evaluation point"
+        "--eval-samples",
+        type=int_arg(),
+        help="override the preset's test samples per evaluation point",
     )
     p.add_argument(
-        "--eval-points", type=int, help="override the preset's evaluation points per learning curve"
+        "--eval-points",
+        type=int_arg(),
+        help="override the preset's evaluation points per learning curve",
     )
-    p.add_argument("--q-steps", type=int, help="override the preset's Q-learning steps")
+    p.add_argument("--q-steps", type=int_arg(), help="override the preset's Q-learning steps")
     p.add_argument(
-        "--ppo-steps", type=int, help="override the preset's SB3 PPO / MaskablePPO steps"
+        "--ppo-steps", type=int_arg(), help="override the preset's SB3 PPO / MaskablePPO steps"
     )
     p.add_argument(
         "--prior-steps",
-        type=int,
+        type=int_arg(),
         help="override the preset's steps of the LM-prior SB3 agents (ppo_prior, maskable_prior)",
     )
     p.add_argument(
         "--last-block-steps",
-        type=int,
+        type=int_arg(),
         help="override the preset's steps of SB3 PPO with the last-block policy (ppo_last_block)",
     )
     p.add_argument(
-        "--token-ppo-episodes", type=int, help="override the preset's token-PPO episodes"
+        "--token-ppo-episodes", type=int_arg(), help="override the preset's token-PPO episodes"
     )
     p.add_argument(
         "--token-ppo-reward",
@@ -896,7 +903,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--token-ppo-config",
-        type=json.loads,
+        type=json_object,
         default={},
         help="JSON of agents.token_ppo.TokenPPOConfig fields for token PPO, over the suite's "
         f"({', '.join(f'{k} {v}' for k, v in TOKEN_PPO.items())}; on translation also "
@@ -905,13 +912,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--env-kwargs",
-        type=json.loads,
+        type=json_object,
         default={},
         help="JSON of extra keyword arguments for every env, e.g. '{\"max_len\": 24}'",
     )
     p.add_argument(
         "--jobs",
-        type=int,
+        type=int_arg(),
         default=min(2, os.cpu_count() or 1),
         help="cells run at once, each in a worker process with one torch thread (1: in this "
         "process)",

@@ -59,7 +59,7 @@ from pathlib import Path
 
 import torch
 
-from textenvs.cli import run_cli
+from textenvs.cli import int_arg, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -413,10 +413,10 @@ def checkpointing(args) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--env-id", default="textenvs/Summarize-v0")
-    p.add_argument("--num-envs", type=int, default=16, help="sub-envs per process")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--iterations", type=int, default=8, help="iterations per process")
-    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--num-envs", type=int_arg(), default=16, help="sub-envs per process")
+    p.add_argument("--max-new-tokens", type=int_arg(), default=16)
+    p.add_argument("--iterations", type=int_arg(), default=8, help="iterations per process")
+    p.add_argument("--lora-r", type=int_arg(0), default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--sharded-model",
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument(
         "--checkpoint-length",
-        type=int,
+        type=int_arg(),
         default=512,
         help="tokens per sequence of the checkpointing figures",
     )

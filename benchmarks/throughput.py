@@ -58,7 +58,7 @@ import torch
 
 import textenvs
 from textenvs.batching import takes_prepared_step_mask
-from textenvs.cli import CommandLineError, run_cli
+from textenvs.cli import CommandLineError, int_arg, run_cli
 from textenvs.envs.edit import DELETE, INSERT, REPLACE, TextEditEnv
 from textenvs.envs.generate import TextGenerationEnv
 from textenvs.lm import quiet_loading
@@ -480,17 +480,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     p.add_argument("--model", default=textenvs.TINY)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--episodes", type=int, default=6)
-    p.add_argument("--episode-length", type=int, default=64)
-    p.add_argument("--edit-length", type=int, default=128, help="tokens of the text being edited")
-    p.add_argument("--edit-steps", type=int, default=150)
-    p.add_argument("--num-envs", type=int, default=16)
-    p.add_argument("--vector-episodes", type=int, default=2)
+    p.add_argument("--episodes", type=int_arg(), default=6)
+    p.add_argument("--episode-length", type=int_arg(), default=64)
     p.add_argument(
-        "--repeats", type=int, default=3, help="rounds per figure (the median is reported)"
+        "--edit-length", type=int_arg(), default=128, help="tokens of the text being edited"
+    )
+    p.add_argument("--edit-steps", type=int_arg(), default=150)
+    p.add_argument("--num-envs", type=int_arg(), default=16)
+    p.add_argument("--vector-episodes", type=int_arg(), default=2)
+    p.add_argument(
+        "--repeats", type=int_arg(), default=3, help="rounds per figure (the median is reported)"
     )
     p.add_argument(
-        "--memory-steps", type=int, default=20_000, help="sub-env steps of the memory checks"
+        "--memory-steps", type=int_arg(), default=20_000, help="sub-env steps of the memory checks"
     )
     p.add_argument(
         "--memory-all",
@@ -501,7 +503,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--random-gpt2", choices=["small", "medium"], help="measure a random GPT-2 of this layout"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=0)
     return p.parse_args(argv)
 
 

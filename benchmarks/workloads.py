@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from textenvs.cli import run_cli
+from textenvs.cli import int_arg, run_cli
 from textenvs.lm import quiet_loading
 
 
@@ -167,10 +167,12 @@ def measure_gpt2(args: argparse.Namespace, folder: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--num-envs", type=int, default=16, help="sub-envs (and single envs)")
-    p.add_argument("--steps", type=int, default=48, help="vector steps measured")
-    p.add_argument("--max-steps", type=int, default=32, help="tokens per episode")
-    p.add_argument("--encoder-layers", type=int, default=4, help="layers of the BERTScore encoder")
+    p.add_argument("--num-envs", type=int_arg(), default=16, help="sub-envs (and single envs)")
+    p.add_argument("--steps", type=int_arg(), default=48, help="vector steps measured")
+    p.add_argument("--max-steps", type=int_arg(), default=32, help="tokens per episode")
+    p.add_argument(
+        "--encoder-layers", type=int_arg(), default=4, help="layers of the BERTScore encoder"
+    )
     p.add_argument("--skip-gpt2", action="store_true", help="measure the BERTScore part only")
     args = p.parse_args(argv)
     import torch

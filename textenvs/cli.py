@@ -44,3 +44,62 @@ def run_cli(main: Callable[[], object]) -> None:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _arg_type(check: Callable[[str, object], object], kind: type, what: str):
+    """An argparse ``type=`` that parses ``kind`` then runs ``check``: argparse reports a refusal
+    as ``argument --flag: <message>`` and exit status 2, before any work."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        try:
+            return check("value", value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).replace("value ", "", 1)) from None
+
+    parse.__name__ = what  # argparse names the type in its own messages
+    return parse
+
+
+def checked_arg(kind: type, check: Callable[[str, object], object]):
+    """``type=`` that parses ``kind`` and runs ``check(name, value)`` (a config's own check)."""
+    return _arg_type(check, kind, "an int" if kind is int else "a number")
+
+
+def json_object(text: str) -> dict:
+    """``type=`` for a flag that takes a JSON object (``--env-kwargs '{"k": 4}'``)."""
+    import argparse
+    import json
+
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text[:80]!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text[:80]!r}")
+    return value
+
+
+def int_arg(low: int | None = 1, high: int | None = None):
+    """``type=`` for an int flag in ``[low, high]`` (default: a count, >= 1)."""
+    from textenvs.checks import check_int
+
+    return _arg_type(lambda n, v: check_int(n, v, low, high), int, "an int")
+
+
+def float_arg(
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+):
+    """``type=`` for a finite float flag in the range (NaN and infinities are refused)."""
+    from textenvs.checks import check_float
+
+    return _arg_type(
+        lambda n, v: check_float(n, v, low, high, low_open, high_open), float, "a number"
+    )

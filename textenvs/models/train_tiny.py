@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from textenvs.cli import run_cli
+from textenvs.cli import float_arg, int_arg, run_cli
 from textenvs.tasks import BUILTIN_TASKS, builtin_task, unpaired_texts
 
 EOS = "<|endoftext|>"
@@ -169,35 +169,38 @@ def evaluate(model_path: str, n: int) -> dict:
     return report
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(DEFAULT_OUT))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=0)
     p.add_argument(
-        "--pair-share", type=float, default=0.03, help="pairs per unpaired text of each task"
+        "--pair-share",
+        type=float_arg(0, 1),
+        default=0.03,
+        help="pairs per unpaired text of each task",
     )
     p.add_argument(
         "--translate-pair-share",
-        type=float,
+        type=float_arg(0, 1),
         default=0.16,
         help="pair share of the translation task alone (it needs more pairs to learn to read its "
         "source)",
     )
     p.add_argument(
-        "--n-unpaired", type=int, default=6000, help="unpaired sources (and targets) per task"
+        "--n-unpaired", type=int_arg(), default=6000, help="unpaired sources (and targets) per task"
     )
-    p.add_argument("--vocab-size", type=int, default=1024)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-positions", type=int, default=512)
-    p.add_argument("--block", type=int, default=128)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=1600)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    p.add_argument("--eval-samples", type=int, default=200)
-    print(json.dumps(train(p.parse_args())))
+    p.add_argument("--vocab-size", type=int_arg(), default=1024)
+    p.add_argument("--d-model", type=int_arg(), default=128)
+    p.add_argument("--n-layer", type=int_arg(), default=4)
+    p.add_argument("--n-head", type=int_arg(), default=4)
+    p.add_argument("--n-positions", type=int_arg(), default=512)
+    p.add_argument("--block", type=int_arg(), default=128)
+    p.add_argument("--batch", type=int_arg(), default=32)
+    p.add_argument("--steps", type=int_arg(), default=1600)
+    p.add_argument("--lr", type=float_arg(0, low_open=True), default=2e-3)
+    p.add_argument("--threads", type=int_arg(), default=min(2, os.cpu_count() or 1))
+    p.add_argument("--eval-samples", type=int_arg(), default=200)
+    print(json.dumps(train(p.parse_args(argv))))
 
 
 def cli() -> None:
