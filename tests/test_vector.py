@@ -345,7 +345,8 @@ def test_edit_vector_final_obs_and_final_info_are_the_ended_episodes():
     "actions,match",
     [
         (np.array([1, 2]), r"shape \(3,\)"),
-        (np.array([1.0, 2.0, 3.0]), "integer action array"),
+        (np.array([1.0, 2.0, 3.0]), "Actions must be integers, got dtype float64"),
+        (np.array([1.0, np.nan, 3.0]), r"must be integers.*nan"),
         (np.array([1, 2, 10**6]), "sub-env 2 is not in the action space"),
     ],
 )
@@ -359,6 +360,20 @@ def test_bad_action_batches_raise_and_corrupt_nothing(actions, match):
     a, b = envs.step(np.array([7, 8, 9])), reference.step(np.array([7, 8, 9]))
     np.testing.assert_array_equal(a[0], b[0])
     assert list(a[4]["text"]) == list(b[4]["text"])
+
+
+@pytest.mark.parametrize("mode", ["NextStep", "SameStep", "Disabled"])
+@pytest.mark.parametrize("bad", [-1, 10**6])
+def test_an_action_outside_the_space_is_refused_on_the_autoreset_step_too(mode, bad):
+    envs = GenerationVectorEnv(2, task="summarize", max_steps=1, autoreset_mode=mode)
+    envs.reset(seed=0)
+    envs.step(np.array([1, 2]))  # both end: the next step resets them (NextStep)
+    if mode == "Disabled":
+        envs.reset(options={"reset_mask": np.array([True, True])})
+    with pytest.raises(ValueError, match="sub-env 1 is not in the action space"):
+        envs.step(np.array([1, bad]))
+    with pytest.raises(ValueError, match="sub-env 1 is not in the action space"):
+        envs.step_unfinished(np.array([1, bad]))
 
 
 def test_step_before_reset():

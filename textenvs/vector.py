@@ -283,19 +283,26 @@ class BatchedTextVectorEnv(VectorEnv):
     def _check_actions(self, actions: Any) -> np.ndarray:
         arr = np.asarray(actions)
         expected = self.action_space.shape
-        if arr.shape != expected or not np.issubdtype(arr.dtype, np.integer):
+        if arr.shape != expected:
             raise ValueError(
-                f"Expected an integer action array of shape {expected} (one action of "
-                f"{self.single_action_space} per sub-env), got shape {arr.shape} and dtype "
-                f"{arr.dtype}."
+                f"Expected an action array of shape {expected} (one action of "
+                f"{self.single_action_space} per sub-env), got shape {arr.shape}; no sub-env was "
+                "stepped."
             )
+        if not np.issubdtype(arr.dtype, np.integer):
+            shown = np.array2string(arr.ravel()[:4], separator=", ")
+            raise ValueError(
+                f"Actions must be integers, got dtype {arr.dtype} ({shown}...): cast them with "
+                "np.asarray(actions, dtype=np.int64) after checking they are whole; no sub-env "
+                "was stepped."
+            )
+        # Every row, a sub-env about to be reset included: its action is ignored, but an action
+        # outside the space is a caller's bug that must not pass silently.
         for i in invalid_rows(self.single_action_space, arr):
-            if not self._needs_reset[i]:
-                a = arr[i]
-                raise ValueError(
-                    f"Action {a!r} of sub-env {i} is not in the action space "
-                    f"{self.single_action_space}; no sub-env was stepped."
-                )
+            raise ValueError(
+                f"Action {arr[i]!r} of sub-env {i} is not in the action space "
+                f"{self.single_action_space}; no sub-env was stepped."
+            )
         return arr
 
 
