@@ -105,12 +105,16 @@ def hub_fixture(kind: str, n: int = 12) -> dict:
     global _FOLDER
     if _FOLDER is None:
         _FOLDER = tempfile.mkdtemp(prefix="textenvs-hub-fixtures-")
+    from textenvs.tasks.hub import BENCHMARKS
+
+    read = {hub for hub, _, _ in BENCHMARKS[kind].splits.values()}
     files = {}
-    for split in SPLITS[kind]:
+    for split in SPLITS[kind]:  # every hub split is written; the task's own are passed
         path = os.path.join(_FOLDER, f"{kind}-{split}-{n}.jsonl")
         if not os.path.exists(path):
             _write(_FOLDER, os.path.basename(path), _rows(kind, split, n))
-        files[split] = path
+        if split in read:
+            files[split] = path
     return {"data_files": files}
 
 

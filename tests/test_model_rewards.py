@@ -64,7 +64,7 @@ def test_classifier_refusals(random_gpt2_dir, tmp_path):
     with pytest.raises(ValueError, match="input='reply' is not valid"):
         shared_metric("classifier", {"model": CLASSIFIER_DIR, "input": "reply"})
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match="no .safetensors"):
+    with pytest.raises(ValueError, match="no model.safetensors"):
         shared_metric("classifier", {"model": str(tmp_path)})
     with pytest.raises(ValueError, match="num_layers"):
         shared_metric("bertscore", {"model": ENCODER_DIR})

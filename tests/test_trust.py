@@ -609,3 +609,166 @@ def test_a_symlinked_weights_file_that_is_whole_loads(random_gpt2_dir, tmp_path)
     (copy / "model.safetensors").rename(blob)
     (copy / "model.safetensors").symlink_to(blob)
     assert _language_model(copy).n_layers == 2
+
+
+# -- data files and reward models: our message, naming the file and what is wrong ---------------
+def _hub_files(tmp_path: Path, name: str, rows: list[dict], splits=("train", "validation", "test")):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"data_files": {s: str(path) for s in splits}}
+
+
+def _make(env_id: str, **kwargs):
+    import gymnasium as gym
+
+    import textenvs
+
+    return gym.make(env_id, model=textenvs.TINY, **kwargs)
+
+
+CNN = "textenvs/CNNDailyMail-v0"
+
+
+@pytest.mark.parametrize(
+    "write, match",
+    [
+        (lambda p: p.write_bytes(b""), "is empty \\(0 bytes\\)"),
+        (lambda p: p.write_text("\n\n"), "only blank lines"),
+        (lambda p: p.write_text("[" * 50_000 + "]" * 50_000 + "\n"), "nested deeper"),
+        (
+            lambda p: p.write_text(
+                json.dumps({"source": "a " * 1_100_000, "references": ["b"]}) + "\n"
+            ),
+            "more than the 2,097,152",
+        ),
+    ],
+)
+def test_a_bad_jsonl_file_gets_our_message(tmp_path, write, match):
+    path = tmp_path / "data.jsonl"
+    write(path)
+    with pytest.raises(ValueError, match=match):
+        _make("textenvs/Summarize-v0", dataset=str(path))
+
+
+def test_a_csv_cell_past_the_csv_modules_limit_is_read(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("source,reference\n" + "word " * 40_000 + ",short\nhello,world\n")
+    env = _make(
+        "textenvs/Summarize-v0", dataset=str(path), too_long="truncate", max_steps=2
+    ).unwrapped
+    assert len(env.samples) == 2 and len(env.samples[0].source) == 200_000
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"dataset_kwargs": [1]}, "dataset_kwargs must be a dict"),
+        ({"dataset_kwargs": "data.jsonl"}, "dataset_kwargs must be a dict"),
+    ],
+)
+def test_dataset_kwargs_of_the_wrong_type(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _make("textenvs/Summarize-v0", **kwargs)
+
+
+def test_cache_dir_must_be_a_path_and_writes_nothing(tmp_path, monkeypatch):
+    from tests.hub_fixtures import hub_fixture
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="cache_dir.* must be a string or path, got int 5"):
+        _make(CNN, dataset_kwargs={**hub_fixture("cnn_dailymail"), "cache_dir": 5})
+    assert not (tmp_path / "5").exists()
+
+
+def test_empty_and_zero_row_data_files_are_named(tmp_path):
+    import pandas as pd
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.jsonl' is empty"):
+        _make(
+            CNN,
+            dataset_kwargs={"data_files": {s: str(empty) for s in ("train", "validation", "test")}},
+        )
+    with pytest.raises(ValueError, match="empty.jsonl' is empty"):
+        _make(
+            "textenvs/Summarize-v0",
+            dataset="hf:json",
+            dataset_kwargs={"data_files": str(empty), "source_key": "s", "reference_key": "r"},
+        )
+    parquet = tmp_path / "zero.parquet"
+    pd.DataFrame({c: pd.Series([], dtype=str) for c in ("article", "highlights", "id")}).to_parquet(
+        parquet
+    )
+    with pytest.raises(ValueError, match="holds 0 rows"):
+        _make(
+            CNN,
+            dataset_kwargs={
+                "data_files": {s: str(parquet) for s in ("train", "validation", "test")}
+            },
+        )
+
+
+@pytest.mark.parametrize(
+    "env_id, rows, extra, match",
+    [
+        (CNN, [{"article": 5, "highlights": "a b", "id": "1"}], {}, "'article' is int"),
+        (CNN, [{"article": "a b", "highlights": ["x"], "id": "1"}], {}, "'highlights' is list"),
+        (
+            "textenvs/WMT16-v0",
+            [{"translation": {"de": "Der Rat", "en": "The council"}}],
+            {"pair": "ro-en"},
+            "'translation' has the languages \\['de', 'en'\\], not 'ro'",
+        ),
+        ("textenvs/WMT16-v0", [{"translation": "Der Rat"}], {}, "'translation' is a str"),
+        (
+            "textenvs/CommonGen-v0",
+            [{"concept_set_idx": 0, "concepts": "dog cat", "target": "a dog and a cat"}],
+            {},
+            "'concepts' is 'dog cat', not a non-empty list",
+        ),
+    ],
+)
+def test_a_file_in_the_wrong_schema_says_which_row_and_why(tmp_path, env_id, rows, extra, match):
+    files = _hub_files(tmp_path, "rows.jsonl", rows * 3)
+    with pytest.raises(ValueError, match=f"holds no usable sample.*row 0: {match}"):
+        _make(env_id, dataset_kwargs={**files, **extra})
+
+
+def test_rows_left_out_and_split_files_not_read_are_said(tmp_path):
+    from tests.hub_fixtures import _rows
+
+    good = _rows("cnn_dailymail", "train", 4)
+    files = _hub_files(
+        tmp_path, "rows.jsonl", [*good, {"article": "", "highlights": "x", "id": "9"}]
+    )
+    files["data_files"]["tset"] = files["data_files"]["test"]
+    with pytest.warns(UserWarning) as caught:
+        _make(CNN, dataset_kwargs=files)
+    said = " ".join(str(w.message) for w in caught)
+    assert "1 of 5 rows make no sample and are left out (row 4: 'article' is empty)" in said
+    assert "has the splits ['tset'], which task 'cnn_dailymail' does not read" in said
+
+
+def test_the_offline_message_names_the_splits_the_task_reads():
+    from textenvs.tasks.hub import BENCHMARKS, _unavailable
+
+    message = _unavailable(BENCHMARKS["imdb"], "plain_text", "train", None, OSError("offline"))
+    assert "{'test': ..., 'train': ...}" in message and "}}" not in message.replace("...}}", "")
+    assert "validation" not in message
+
+
+def test_reward_model_paths_and_layers_get_our_message(tmp_path):
+    from tests.conftest import CLASSIFIER_DIR, ENCODER_DIR
+    from textenvs.model_rewards import shared_metric
+
+    with pytest.raises(FileNotFoundError, match="not a folder here and not a hub name"):
+        shared_metric("classifier", {"model": str(tmp_path / "missing")})
+    with pytest.raises(ValueError, match="num_layers.*=50 is past the 2 layers"):
+        shared_metric("bertscore", {"model": ENCODER_DIR, "num_layers": 50})
+    pickled = tmp_path / "pickled"  # a stray safetensors file beside the pickle that would load
+    shutil.copytree(CLASSIFIER_DIR, pickled)
+    (pickled / "model.safetensors").rename(pickled / "other.safetensors")
+    (pickled / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        shared_metric("classifier", {"model": str(pickled)})

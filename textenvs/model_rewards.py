@@ -31,7 +31,6 @@ import inspect
 import math
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
@@ -124,19 +123,27 @@ def _check_positive(name: str, value: object) -> None:
         raise ValueError(f"reward_kwargs[{name!r}] must be an int >= 1, got {value!r}.")
 
 
-def _local_weights(model: str, what: str) -> None:
-    """A local folder must hold safetensors weights and need no code of its own."""
-    from textenvs.lm import refuse_remote_code
+def _local_weights(model: str, what: str) -> dict | None:
+    """A local folder must hold the safetensors weights transformers reads
+    (``model.safetensors`` or its sharded index: another ``*.safetensors`` beside a
+    ``pytorch_model.bin`` would leave the pickle to be read), a config that is a JSON object,
+    and need no code of its own. Returns the folder's config (None for a hub name). A path that
+    is not a folder here and not a hub name is refused with our message."""
+    from textenvs.lm import refuse_remote_code, resolve_model_path
+    from textenvs.weights import read_config, weight_files
 
+    try:
+        resolve_model_path(model)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"The {what} {model!r}: {e}") from None
     if not os.path.isdir(model):
-        return  # a hub name: transformers resolves it (safetensors where the repo has them)
+        return None  # a hub name: transformers resolves it (safetensors where the repo has them)
     refuse_remote_code(model)
-    if not any(Path(model).glob("*.safetensors")):
-        raise ValueError(
-            f"The {what} in {model} has no .safetensors weights: textenvs loads no pickled "
-            "weights (pytorch_model.bin). Save it with save_pretrained(..., "
-            "safe_serialization=True)."
-        )
+    try:
+        weight_files(model)
+    except ValueError as e:
+        raise ValueError(f"The {what}: {e}") from e
+    return read_config(model)
 
 
 class BERTScoreMetric(BatchedMetric):
@@ -187,7 +194,13 @@ class BERTScoreMetric(BatchedMetric):
         _check_positive("batch_size", batch_size)
         if num_layers is not None:
             _check_positive("num_layers", num_layers)
-        _local_weights(os.fspath(model), "BERTScore encoder")
+        config = _local_weights(os.fspath(model), "BERTScore encoder")
+        layers = (config or {}).get("num_hidden_layers")
+        if num_layers is not None and isinstance(layers, int) and num_layers > layers:
+            raise ValueError(
+                f"reward_kwargs['num_layers']={num_layers} is past the {layers} layers of the "
+                f"BERTScore encoder {model!r}: pass a layer in [1, {layers}]."
+            )
         self.__name__ = "bertscore"
         self.output = self.OUTPUTS.index(output)
         self.batch_size = batch_size

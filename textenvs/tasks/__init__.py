@@ -48,6 +48,11 @@ def resolve_task(
     :data:`~textenvs.tasks.hub.BENCHMARKS` (``cnn_dailymail``, ..., configured by
     ``dataset_kwargs``) or a :class:`Task`.
     """
+    if dataset_kwargs is not None and not isinstance(dataset_kwargs, dict):
+        raise ValueError(
+            f"dataset_kwargs must be a dict of keyword arguments (e.g. {{'data_files': ...}}), "
+            f"got {type(dataset_kwargs).__name__} {dataset_kwargs!r}."
+        )
     if dataset is not None:
         return load_dataset(dataset, **(dataset_kwargs or {}))
     if isinstance(task, Task):

@@ -30,6 +30,7 @@ articles of CNN/DM's train split cost the env their row numbers, not their text.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -70,8 +71,10 @@ class Benchmark:
         prompt_template: The prompt around ``{source}``; where it comes from is in the docstring.
         default_reward: The metric the envs use when the user names none.
         reward_kwargs: The default ``reward_kwargs`` of that metric.
-        row_sample: ``(row, options) -> Sample | None``: a row as a sample (None: the row holds
-            no usable source or reference, and is left out).
+        row_sample: ``(row, options) -> Sample | str``: a row as a sample, or why it cannot be
+            one (a missing or empty source or reference, a value of the wrong type): such rows
+            are left out, with a warning that gives the first reason, and a split left with
+            none raises it.
         group_by: A column whose equal values make one sample with several references
             (CommonGen's concept sets); ``row_sample`` then gets the group's rows.
         long_sources: Sources run past a small model's context: ``too_long="truncate"`` is the
@@ -96,42 +99,75 @@ class Benchmark:
     cut_side: str = "end"
 
 
-def _text(value: object) -> str | None:
-    return value if isinstance(value, str) and value.strip() else None
+def _why_not_text(value: object, column: str) -> str | None:
+    """Why ``value`` is not a usable text of ``column`` (None: it is one)."""
+    if isinstance(value, str):
+        return None if value.strip() else f"{column!r} is empty"
+    if value is None:
+        return f"{column!r} is missing (null)"
+    return f"{column!r} is {type(value).__name__} {str(value)[:40]!r}, not text"
 
 
 def _pair_sample(source_key: str, reference_key: str):
-    def row_sample(row: dict, options: dict) -> Sample | None:
-        source, reference = _text(row.get(source_key)), _text(row.get(reference_key))
-        return Sample(source, (reference,)) if source and reference else None
+    def row_sample(row: dict, options: dict) -> Sample | str:
+        source, reference = row.get(source_key), row.get(reference_key)
+        why = _why_not_text(source, source_key) or _why_not_text(reference, reference_key)
+        return why or Sample(source, (reference,))
 
     return row_sample
 
 
-def _wmt_sample(row: dict, options: dict) -> Sample | None:
+def _wmt_sample(row: dict, options: dict) -> Sample | str:
     source_lang, target_lang = options["source_lang"], options["target_lang"]
-    pair = row.get("translation") or {}
-    source, reference = _text(pair.get(source_lang)), _text(pair.get(target_lang))
-    return Sample(source, (reference,)) if source and reference else None
+    pair = row.get("translation")
+    if not isinstance(pair, dict):
+        return (
+            f"'translation' is a {type(pair).__name__}, not an object of texts by language "
+            "({'de': ..., 'en': ...}, the hub's schema)"
+        )
+    for lang in (source_lang, target_lang):
+        if lang not in pair:
+            return (
+                f"'translation' has the languages {sorted(pair)}, not {lang!r} (the pair "
+                f"{source_lang}-{target_lang}): pass dataset_kwargs={{'pair': ...}} that the "
+                "files hold"
+            )
+    source, reference = pair[source_lang], pair[target_lang]
+    why = _why_not_text(source, f"translation.{source_lang}")
+    return (
+        why
+        or _why_not_text(reference, f"translation.{target_lang}")
+        or Sample(source, (reference,))
+    )
 
 
-def _imdb_sample(row: dict, options: dict) -> Sample | None:
+def _imdb_sample(row: dict, options: dict) -> Sample | str:
     # RL4LMs' IMDB text continuation: the first half of the review's words is the prompt and the
     # whole review the reference (rl4lms/data_pools/custom_text_generation_pools.py, IMDB).
-    text = _text(row.get("text"))
-    if text is None:
-        return None
+    text = row.get("text")
+    why = _why_not_text(text, "text")
+    if why:
+        return why
     words = text.split(" ")
     prefix = " ".join(words[: int(len(words) * options["prompt_fraction"])])
-    return Sample(prefix, (text,)) if prefix.strip() else None
+    return Sample(prefix, (text,)) if prefix.strip() else "'text' is too short to cut a prompt"
 
 
-def _common_gen_sample(rows: list[dict], options: dict) -> Sample | None:
-    concepts = rows[0].get("concepts") or []
-    references = tuple(t for t in (_text(r.get("target")) for r in rows) if t)
-    if not concepts or not references:
-        return None
+def _common_gen_sample(rows: list[dict], options: dict) -> Sample | str:
+    concepts = rows[0].get("concepts")
+    if not (isinstance(concepts, list) and concepts and all(_text(c) for c in concepts)):
+        return (
+            f"'concepts' is {str(concepts)[:40]!r}, not a non-empty list of words (the hub's "
+            'schema: ["dog", "frisbee", ...])'
+        )
+    references = tuple(t for t in (r.get("target") for r in rows) if _text(t))
+    if not references:
+        return "no row of the concept set has a non-empty 'target'"
     return Sample(", ".join(concepts), references)
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value.strip() else None
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -234,7 +270,8 @@ class HubSamples(Sequence):
     def __len__(self) -> int:
         return len(self.groups)
 
-    def _sample(self, rows) -> Sample | None:
+    def _sample(self, rows) -> Sample | str:
+        """The sample of these rows (a reason string for rows left out at load)."""
         records = [self.rows[int(r)] for r in np.atleast_1d(rows)]
         if self.benchmark.group_by is None:
             return self.benchmark.row_sample(records[0], self.options)
@@ -296,6 +333,28 @@ def benchmark_task(name: str, **kwargs) -> Task:
     data_files = kwargs.pop("data_files", None)
     template = kwargs.pop("prompt_template", None)
     load_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir") if k in kwargs}
+    for key, value in load_kwargs.items():
+        if not isinstance(value, (str, os.PathLike)):
+            raise ValueError(
+                f"dataset_kwargs[{key!r}] must be a string{' or path' * (key == 'cache_dir')}, "
+                f"got {type(value).__name__} {value!r}."
+            )
+    if template is not None and not (isinstance(template, str) and "{source}" in template):
+        raise ValueError(
+            f"dataset_kwargs['prompt_template'] must be a string holding '{{source}}', got "
+            f"{template!r}."
+        )
+    if isinstance(data_files, Mapping):
+        read = {hub for hub, _, _ in benchmark.splits.values()}
+        unread = sorted(set(map(str, data_files)) - read)
+        if unread:
+            warnings.warn(
+                f"dataset_kwargs['data_files'] has the splits {unread}, which task {name!r} "
+                f"does not read (it reads the hub splits {sorted(read)}): those files are "
+                "ignored. Check the split names for a typo.",
+                UserWarning,
+                stacklevel=4,
+            )
     options = {key: kwargs.pop(key, default) for key, default in benchmark.options.items()}
     if kwargs:
         allowed = ["data_files", "prompt_template", "revision", "cache_dir", *benchmark.options]
@@ -365,6 +424,7 @@ def _load_split(
         files = _split_files(benchmark, data_files, split)
         where = f"{files} [{split}]"
         path, name = _builder(files), None
+        check_data_files(files)
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # one "Generating split" bar per split and env is noise
     try:
@@ -375,7 +435,13 @@ def _load_split(
             data_files=None if files is None else {split: files},
             **load_kwargs,
         )
-    except (OSError, ConnectionError, ValueError, datasets.exceptions.DatasetsError) as e:
+    except (
+        OSError,
+        ConnectionError,
+        ValueError,
+        StopIteration,  # a JSON file with no row (blank lines) ends the reader's iterator
+        datasets.exceptions.DatasetsError,
+    ) as e:
         raise DatasetUnavailableError(_unavailable(benchmark, config, split, data_files, e)) from e
     finally:
         if bars:
@@ -425,20 +491,55 @@ def _builder(files) -> str:
 
 def _unavailable(benchmark, config, split, data_files, error: Exception) -> str:
     if data_files is not None:
-        cause = " ".join(str(error).split())[:300] or type(error).__name__
+        cause = _cause(error)
         return (
             f"Could not read the local files of task {benchmark.name!r} (split {split!r}): "
             f"{cause}. Check the paths in dataset_kwargs['data_files']."
         )
+    hub_splits = sorted({hub for hub, _, _ in benchmark.splits.values()})
+    files = ", ".join(f"{s!r}: ..." for s in hub_splits)
     return unavailable_message(
         benchmark.path,
         config,
         split,
         error,
         "point the task at local files in the hub's schema (columns "
-        f"{list(benchmark.columns)}): dataset_kwargs={{'data_files': {{'train': ..., "
-        "'validation': ..., 'test': ...}}}}",
+        f"{list(benchmark.columns)}), one per hub split it reads: "
+        f"dataset_kwargs={{'data_files': {{{files}}}}}",
     )
+
+
+def _cause(error: BaseException) -> str:
+    """An error's message and its cause's (``datasets`` wraps the reader's real error)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    inner = error.__cause__ or error.__context__
+    if inner is not None and str(inner) and str(inner) not in text:
+        text += f" ({type(inner).__name__}: {' '.join(str(inner).split())})"
+    return text[:400]
+
+
+def check_data_files(files) -> None:
+    """Local data files exist, are files and hold rows (a 0-byte file or a parquet of 0 rows
+    would fail deep inside ``datasets`` with no word of which file); glob patterns are left to
+    ``datasets``."""
+    for path in [files] if isinstance(files, str) else files:
+        if any(c in path for c in "*?[") or "://" in path:
+            continue
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"Data file {path!r} does not exist: check the path.")
+        if not os.path.isfile(path):
+            raise ValueError(f"Data file {path!r} is not a file.")
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"Data file {path!r} is empty (0 bytes): it holds no rows.")
+        if path.lower().endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            try:
+                rows = pq.read_metadata(path).num_rows
+            except Exception as e:  # ArrowInvalid and kin: not a parquet file
+                raise ValueError(f"Data file {path!r} is not a readable parquet file ({e}).") from e
+            if rows == 0:
+                raise ValueError(f"Data file {path!r} holds 0 rows.")
 
 
 def unavailable_message(
@@ -446,7 +547,7 @@ def unavailable_message(
 ) -> str:
     """What to do about a hub dataset that could not be loaded (``local``: how to read local
     files instead)."""
-    cause = " ".join(str(error).split())[:300] or type(error).__name__
+    cause = _cause(error)
     load = f"datasets.load_dataset({path!r}" + (f", {config!r}" if config else "") + ")"
     return (
         f"Dataset {path!r}"
@@ -461,22 +562,41 @@ def unavailable_message(
 
 def _usable_groups(rows, benchmark: Benchmark, options: dict, where: str) -> Groups:
     """Per sample, its row numbers; rows without a usable source or reference are left out."""
+    left_out: list[tuple[int, str]] = []  # (row, why) of the rows that make no sample
     if benchmark.group_by is None:  # one pass over the table in batches of rows
         kept, index = [], 0
         for batch in rows.iter(batch_size=1024):
             for record in (dict(zip(batch, values)) for values in zip(*batch.values())):
-                if benchmark.row_sample(record, options) is not None:
+                sample = benchmark.row_sample(record, options)
+                if isinstance(sample, Sample):
                     kept.append(index)
+                else:
+                    left_out.append((index, sample))
                 index += 1
         usable = np.asarray(kept, dtype=np.int64)
+        total = index
     else:
         keys = np.asarray(rows[benchmark.group_by])
         order = np.argsort(keys, kind="stable")
         _, starts = np.unique(keys[order], return_index=True)
         samples = HubSamples(rows, np.split(order, starts[1:]), benchmark, options, where)
-        usable = [g for g, s in zip(samples.groups, samples) if s is not None]
-    if not len(usable):
-        raise ValueError(
-            f"{where} holds no usable sample (each needs a non-empty source and reference)."
+        usable = []
+        for group, sample in zip(samples.groups, samples):
+            if isinstance(sample, Sample):
+                usable.append(group)
+            else:
+                left_out.append((int(group[0]), sample))
+        total = len(samples.groups)
+    if left_out:
+        row, why = left_out[0]
+        what = f"{len(left_out)} of {total} {'concept sets' if benchmark.group_by else 'rows'}"
+        if not len(usable):
+            raise ValueError(
+                f"{where} holds no usable sample: {what} make none (row {row}: {why})."
+            )
+        warnings.warn(
+            f"{where}: {what} make no sample and are left out (row {row}: {why}).",
+            UserWarning,
+            stacklevel=6,
         )
     return usable

@@ -23,6 +23,43 @@ class DatasetFormatError(ValueError):
     """A data file line that cannot become a :class:`Sample`; the message names file and line."""
 
 
+MAX_SAMPLE_BYTES = 2**21
+"""A line (JSONL) or row (CSV) of a data file at most (2 MiB, about 500k tokens: far past any
+context); a longer one is refused with its line number, rather than tokenized for minutes."""
+MAX_JSON_DEPTH = 64
+"""Nesting of a JSON line at most (a sample is an object of strings and lists of strings)."""
+
+
+def _too_long(where: str, size: int) -> DatasetFormatError:
+    return DatasetFormatError(
+        f"{where}: {size:,} bytes, more than the {MAX_SAMPLE_BYTES:,} a sample may hold (about "
+        "500k tokens, past any model's context); cut the text, or split the file's samples."
+    )
+
+
+def _json_depth_ok(raw: bytes) -> bool:
+    """Whether a JSON text nests no deeper than :data:`MAX_JSON_DEPTH` (brackets counted outside
+    strings), checked before ``json.loads`` recurses into it."""
+    depth, in_string, escaped = 0, False, False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return False
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return True
+
+
 def _as_references(value: object, where: str, reference_key: str) -> tuple[str, ...]:
     refs = [value] if isinstance(value, str) else value
     if not isinstance(refs, (list, tuple)) or not refs:
@@ -50,6 +87,13 @@ def _make_sample(record: dict, where: str, source_key: str, reference_key: str) 
 
 
 def _jsonl_sample(raw: bytes, where: str, source_key: str, reference_key: str) -> Sample:
+    if len(raw) > MAX_SAMPLE_BYTES:
+        raise _too_long(where, len(raw))
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and not _json_depth_ok(raw):
+        raise DatasetFormatError(
+            f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels; a sample is one object "
+            "of strings and lists of strings."
+        )
     try:
         record = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -84,7 +128,10 @@ class JsonlSamples(Sequence):
                     lines.append(lineno)
                 position += len(raw)
         if not offsets:
-            raise DatasetFormatError(f"{self.path}: holds no samples.")
+            empty = "is empty (0 bytes)" if position == 0 else "holds only blank lines"
+            raise DatasetFormatError(
+                f"{self.path}: {empty}; a JSON Lines dataset needs one sample object a line."
+            )
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.lines = np.asarray(lines, dtype=np.int64)
 
@@ -214,6 +261,17 @@ def _first_non_utf8_line(path: str | os.PathLike) -> int | str:
 
 
 def _read_csv(path: str | os.PathLike, source_key: str, reference_key: str) -> list[Sample]:
+    limit = csv.field_size_limit()
+    csv.field_size_limit(MAX_SAMPLE_BYTES + 1)  # csv's own 128 KiB cap is below a long article
+    try:
+        return _read_csv_rows(path, source_key, reference_key)
+    except csv.Error as e:
+        raise DatasetFormatError(f"{os.fspath(path)}: not readable as CSV ({e}).") from e
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _read_csv_rows(path: str | os.PathLike, source_key: str, reference_key: str) -> list[Sample]:
     samples = []
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
@@ -228,6 +286,9 @@ def _read_csv(path: str | os.PathLike, source_key: str, reference_key: str) -> l
             where = f"{os.fspath(path)}, line {reader.line_num}"
             if None in row:
                 raise DatasetFormatError(f"{where}: more cells than header columns.")
+            size = sum(len(v) for v in row.values() if isinstance(v, str))
+            if size > MAX_SAMPLE_BYTES:
+                raise _too_long(where, size)
             refs = [row[c] for c in ref_cols if row[c] is not None and row[c].strip()]
             if not refs:
                 raise DatasetFormatError(
@@ -242,7 +303,7 @@ def _read_csv(path: str | os.PathLike, source_key: str, reference_key: str) -> l
                 )
             )
     if not samples:
-        raise DatasetFormatError(f"{os.fspath(path)}: holds no samples.")
+        raise DatasetFormatError(f"{os.fspath(path)}: holds no samples (only a header, or empty).")
     return samples
 
 
@@ -271,11 +332,24 @@ def load_hf_dataset(
         raise ImportError(
             "Loading a dataset by name needs the 'datasets' package: pip install 'textenvs[hub]'."
         ) from e
-    from textenvs.tasks.hub import DatasetUnavailableError, unavailable_message
+    from textenvs.tasks.hub import (
+        DatasetUnavailableError,
+        check_data_files,
+        unavailable_message,
+    )
 
+    files = load_kwargs.get("data_files")
+    for value in files.values() if isinstance(files, dict) else [files] if files else []:
+        check_data_files([os.fspath(v) for v in value] if isinstance(value, list) else [value])
     try:
         ds = datasets.load_dataset(name, config, split=split, **load_kwargs)
-    except (OSError, ConnectionError, ValueError, datasets.exceptions.DatasetsError) as e:
+    except (
+        OSError,
+        ConnectionError,
+        ValueError,
+        StopIteration,
+        datasets.exceptions.DatasetsError,
+    ) as e:
         local = (
             "read local files with dataset='hf:json' (or 'hf:csv', 'hf:parquet') and "
             "dataset_kwargs={'data_files': ..., 'source_key': ..., 'reference_key': ...}"
