@@ -1524,7 +1524,7 @@ class TokenPPO:
             "iteration": f"an int in [0, {self.iterations}] (this run's iterations)",
             "kl_coef": "a finite number >= 0",
             "history": "one record per iteration done, each with its iteration, episodes, "
-            "metric and kl, every value a finite number",
+            "metric and kl (finite numbers), every value a number",
             "config": "an object",
             "model_signature": "an object",
         }
@@ -1639,13 +1639,14 @@ HISTORY_KEYS = ("iteration", "episodes", "metric", "kl")
 
 
 def _is_history_record(record, i: int) -> bool:
-    """Record ``i`` of a trainer's history: its iteration ``i``, the keys reports read, finite
-    numbers only."""
+    """Record ``i`` of a trainer's history: its iteration ``i``, the keys reports read (finite),
+    numbers only (a figure with nothing to measure, GRPO's explained variance, is NaN)."""
     return (
         isinstance(record, dict)
-        and all(k in record for k in HISTORY_KEYS)
+        and all(k in record and type(record[k]) in (int, float) for k in HISTORY_KEYS)
+        and all(math.isfinite(record[k]) for k in HISTORY_KEYS)
         and record["iteration"] == i
-        and all(type(v) in (int, float) and math.isfinite(v) for v in record.values())
+        and all(type(v) in (int, float) for v in record.values())
     )
 
 

@@ -116,11 +116,11 @@ def test_interrupt_keeps_finished_cells(tmp_path, monkeypatch):
     [
         (["--env-id", "textenvs/Nope-v0"], "registered textenvs ids"),
         (["--agents", "dqn"], "valid agents"),
-        (["--jobs", "0"], "--jobs must be >= 1"),
+        (["--jobs", "0"], "argument --jobs: must be an int >= 1"),
         (["--token-ppo-reward", "meteor"], "invalid choice: 'meteor'"),
         (["--token-ppo-config", '{"seed": 3}'], "cannot be set there"),
-        (["--token-ppo-config", '{"num_epochs": 0}'], "num_epochs must be >= 1"),
-        (["--token-ppo-config", "[4]"], "must be a JSON object"),
+        (["--token-ppo-config", '{"num_epochs": 0}'], "num_epochs must be an int >= 1"),
+        (["--token-ppo-config", "[4]"], "expected a JSON object"),
     ],
 )
 def test_bad_names_list_the_valid_ones(argv, match, capsys):
@@ -351,9 +351,9 @@ def test_throughput_script_reports_every_figure():
             "not a multiple of --grid-group [4, 8]",
         ),
         (["--grid-group", "4", "8", "16"], "same size"),
-        (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--seeds", "0"], "argument --seeds: must be an int >= 1"),
         (["--reward", "meteor"], "unknown --reward"),
-        (["--completions", "0"], "--completions must be >= 1"),
+        (["--completions", "0"], "argument --completions: must be an int >= 1"),
         (["--grid-dense", "true", "flase"], "expected true or false (or yes / no, 1 / 0)"),
     ],
 )

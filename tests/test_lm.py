@@ -193,7 +193,7 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path, random_gpt2_
         num_attention_heads=2,
         intermediate_size=64,
     ).save_pretrained(folder)
-    with pytest.raises(ValueError, match="do not match its config.json"):
+    with pytest.raises(ValueError, match="config.json does not describe the weights beside it"):
         lm_backend.LanguageModel(str(folder))
 
 

@@ -118,8 +118,8 @@ def test_a_checkpoint_of_the_other_kind_is_refused(tmp_path, random_gpt2_dir):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(lora_r=-1), "lora_r must be >= 0"),
-        (dict(lora_alpha=0.0), "lora_alpha must be > 0"),
+        (dict(lora_r=-1), "lora_r must be an int >= 0"),
+        (dict(lora_alpha=0.0), "lora_alpha must be a finite number > 0"),
         (dict(lora_target_modules="no_such_module"), "Name modules this model has"),
         (dict(mixed_precision="fp8"), "mixed_precision must be"),
     ],
