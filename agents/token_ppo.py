@@ -44,7 +44,13 @@ import torch.utils.checkpoint
 from tqdm import tqdm
 
 import textenvs  # noqa: F401  (registers the ids)
-from agents.checkpoint import check_save_target, read_json_object, recover, save_atomically
+from agents.checkpoint import (
+    check_save_target,
+    check_zip_sizes,
+    read_json_object,
+    recover,
+    save_atomically,
+)
 from agents.common import evaluate_policy, parse_bool
 from textenvs.checks import check_float, check_int, check_optional_str
 from textenvs.cli import checked_arg, json_object, run_cli
@@ -1430,6 +1436,15 @@ class TokenPPO:
                 ) from e
 
         device = self.lm.device
+        # the .pt files are zips: no member may inflate past what this trainer writes
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        trainable_bytes = sum(p.numel() * p.element_size() for p in self.trainable)
+        for name, limit in (
+            ("reference.pt", weight_bytes + 2**20),
+            ("optimizer.pt", 2 * trainable_bytes + 2**20),  # Adam's two moments
+        ):
+            if (folder / name).is_file():
+                read(name, lambda p, limit=limit: check_zip_sizes(p, lambda _: limit, "checkpoint"))
         if self.peft is not None:
             from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -1660,6 +1675,14 @@ def _check_state_dict(path: Path, loaded: dict, expected: dict) -> None:
         raise ValueError(
             f"{path}: does not fit this trainer (missing {missing[:3]}, unexpected {extra[:3]}, "
             f"other shapes {sorted(shapes)[:3]}); the trainer was left unchanged."
+        )
+    broken = sorted(
+        k for k, v in loaded.items() if v.is_floating_point() and not torch.isfinite(v).all()
+    )
+    if broken:
+        raise ValueError(
+            f"{path}: weights {broken[:3]} hold NaN or infinite values; the trainer was left "
+            "unchanged. Resume from an intact checkpoint."
         )
 
 

@@ -772,3 +772,22 @@ def test_reward_model_paths_and_layers_get_our_message(tmp_path):
     (pickled / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(ValueError, match="no model.safetensors"):
         shared_metric("classifier", {"model": str(pickled)})
+
+
+def test_nan_weights_and_an_inflating_optimizer_file_are_refused(token_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    config, folder = token_checkpoint
+    copy = _copy(folder, tmp_path)
+    head = load_file(copy / "value_head.safetensors")
+    head["weight"][0, 0] = float("nan")
+    save_file(head, copy / "value_head.safetensors")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        _fresh(config).load_checkpoint(copy)
+    copy = _copy(folder, tmp_path / "2")
+    with zipfile.ZipFile(copy / "optimizer.pt", "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("archive/data.pkl", "w", force_zip64=True) as member:
+            for _ in range(16):
+                member.write(bytes(2**24))
+    with pytest.raises(ValueError, match="inflates to"):
+        _fresh(config).load_checkpoint(copy)
