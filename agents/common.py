@@ -1,5 +1,5 @@
-"""Pieces the agents share: evaluation of a policy over a split, the task metric of an episode, and
-a command-line boolean.
+"""Pieces the agents share: evaluation of a policy over a split, greedy decoding's metric, the task
+metric of an episode, and a command-line boolean.
 
 They read the env -> agent contract only (README, "The env -> agent contract"): ``info["metric"]``
 and ``info["metric_name"]``, ``env.unwrapped.samples`` and ``reset(options={"index": i})``.
@@ -147,3 +147,37 @@ def parse_bool(text: str) -> bool:
             f"expected true or false (or yes / no, 1 / 0), got {text!r}"
         )
     return value
+
+
+def greedy_metrics(
+    lm,
+    env_id: str,
+    split: str = "test",
+    max_samples: int = 200,
+    max_new_tokens: int = 16,
+    reward: str | None = None,
+    env_kwargs: dict | None = None,
+) -> list[float]:
+    """The task metric of greedy decoding (top-1 actions) on each of the first ``max_samples`` of
+    a split, in sample order (what paired comparisons need); ``env_kwargs``: more arguments of
+    the env.
+    """
+    import torch
+
+    env = gym.make(
+        env_id,
+        **(env_kwargs or {}),
+        model=lm,
+        split=split,
+        token_mode="topk",
+        k=1,
+        max_steps=max_new_tokens,
+        **({"reward": reward} if reward else {}),
+    )
+    with torch.no_grad():
+        return evaluate_policy(env, lambda obs, mask: 0, max_samples=max_samples)["metrics"]
+
+
+def greedy_metric(*args, **kwargs) -> float:
+    """Mean of :func:`greedy_metrics` (same arguments)."""
+    return float(np.mean(greedy_metrics(*args, **kwargs)))

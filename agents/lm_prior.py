@@ -32,7 +32,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import PyTorchObs
 
-from textenvs.envs.base import check_bool
+from textenvs.checks import check_bool
 from textenvs.envs.generate import CANDIDATE_OBS_FEATURES
 
 

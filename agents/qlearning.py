@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from agents.checkpoint import check_zip_sizes, replace_file_atomically
 from agents.common import evaluate_policy, metric_of
+from textenvs.checks import check_bool
 from textenvs.cli import float_arg, int_arg, run_cli
-from textenvs.envs.base import check_bool
 from textenvs.wrappers import DiscretizeObservation, find_action_masks
 
 

@@ -198,16 +198,16 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, random_gpt2_dir):
 
 
 def test_a_missing_engine_names_the_pip_command(monkeypatch, random_gpt2_dir):
-    import agents.token_ppo as token_ppo
+    import importlib
 
-    real = token_ppo.importlib.import_module
+    real = importlib.import_module
 
     def without_peft(name, *args):
         if name == "peft":
             raise ImportError("No module named 'peft'")
         return real(name, *args)
 
-    monkeypatch.setattr(token_ppo.importlib, "import_module", without_peft)
+    monkeypatch.setattr(importlib, "import_module", without_peft)
     with pytest.raises(ImportError, match=r"pip install 'textenvs\[lora\]'"):
         TokenPPO(_config(random_gpt2_dir, lora_r=4))
 

@@ -19,6 +19,36 @@ pytest.importorskip("ray", reason="pip install -e '.[ray]'")
 
 ROOT = Path(__file__).resolve().parents[1]
 
+NLPO_SCRIPT = """
+import json, sys, ray, torch
+from agents.ray_rollouts import RayTokenPPO, RolloutWorker
+from agents.token_ppo import TokenPPO, TokenPPOConfig
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+config = TokenPPOConfig(model=sys.argv[1], num_envs=2, max_new_tokens=4, total_episodes=12,
+                        minibatch_size=2, eval_samples=2, seed=4, nlpo_top_p=0.5, nlpo_mu=1)
+trainer = RayTokenPPO(config, workers=2)
+history = trainer.train(progress=False, stop_after=2)
+# the workers' masking policies were refreshed with the learner's: their rollout and its masks
+# equal those of local workers refreshed the same way
+trainer.masker.refresh(trainer.model)  # what the learner's loop does before iteration 2
+rollout = trainer.collect()
+local = [RolloutWorker(trainer.workers_config.__dict__, r, 2) for r in range(2)]
+weights = trainer.trainable_weights()
+parts = [w.collect(weights, trainer.iteration, True) for w in local]
+same = all(
+    torch.equal(rollout.tokens[2 * r: 2 * r + 2], parts[r].tokens)
+    and torch.equal(rollout.action_masks[2 * r: 2 * r + 2], parts[r].action_masks)
+    for r in range(2)
+)
+m = rollout.mask.bool()
+sampled_in_mask = bool(rollout.action_masks.gather(2, rollout.tokens[..., None])[..., 0][m].all())
+narrowed = bool((rollout.action_masks[m].sum(-1) < rollout.action_masks.shape[-1]).all())
+print(json.dumps({"iterations": len(history), "same_as_local": same,
+                  "sampled_in_mask": sampled_in_mask, "narrowed": narrowed,
+                  "masks": list(rollout.action_masks.shape)}))
+ray.shutdown()
+"""
+
 SCRIPT = """
 import json, sys, ray, torch
 from agents.ray_rollouts import RayTokenPPO, RolloutWorker
@@ -80,6 +110,15 @@ def test_ray_workers_collect_with_the_learners_weights(random_gpt2_dir, lora_r):
 
 
 @pytest.mark.slow
+def test_nlpo_runs_with_ray_rollouts_and_their_action_masks(random_gpt2_dir):
+    run = _run(["-c", NLPO_SCRIPT, random_gpt2_dir])
+    assert run.returncode == 0, run.stderr[-4000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["iterations"] == 2 and out["same_as_local"]
+    assert out["sampled_in_mask"] and out["narrowed"] and out["masks"][:2] == [4, 4]
+
+
+@pytest.mark.slow
 def test_the_ray_example_runs_locally(tmp_path):
     run = _run(
         ["-m", "agents.ray_rollouts", "--workers", "2", "--num-envs", "4", "--max-new-tokens", "6"]
@@ -103,8 +142,6 @@ def test_bad_ray_setups_are_refused_with_the_fix(random_gpt2_dir):
         RayTokenPPO(config, workers=0)
     with pytest.raises(ValueError, match="fsdp=True shards"):
         RayTokenPPO(dataclasses.replace(config, fsdp=True), workers=2)
-    with pytest.raises(ValueError, match="NLPO"):
-        RayTokenPPO(dataclasses.replace(config, nlpo_top_p=0.9), workers=2)
     assert not ray.is_initialized()
     with pytest.raises(RuntimeError, match=r"Call ray.init\(\)"):
         RayTokenPPO(config, workers=2)

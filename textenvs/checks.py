@@ -1,9 +1,12 @@
-"""Value checks shared by the agents' configs and the files they load: each returns the value
-or raises a ValueError that names the field, what it got and what it takes."""
+"""Argument and value checks shared by the envs, the agents' configs and the files they load:
+each returns the value or raises a ValueError that names the argument or field, what it got and
+what it takes."""
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -59,3 +62,45 @@ def _range(low, high, low_open: bool = False, high_open: bool = False) -> str:
     if high is not None:
         return f" {'<' if high_open else '<='} {high}"
     return ""
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid: choose one of {list(choices)}.")
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` as a bool: True or False (NumPy's too); anything else, ``"False"`` included, is
+    refused with a message (a non-empty string would read as True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+    return bool(value)
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    if not (
+        isinstance(value, (int, np.integer))
+        and not isinstance(value, (bool, np.bool_))
+        and value >= 1
+    ):
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+    return int(value)
+
+
+def renamed_argument(
+    new_name: str, new_value: Any, default: Any, old_name: str, old_value: Any
+) -> Any:
+    """The value of an argument that has a deprecated old name (``old_value`` None: not given)."""
+    if old_value is None:
+        return new_value
+    warnings.warn(
+        f"{old_name}= is deprecated: pass {new_name}= (the same knob in every textenvs env).",
+        DeprecationWarning,
+        stacklevel=4,
+    )
+    if new_value != default and new_value != old_value:
+        raise ValueError(
+            f"Got {new_name}={new_value!r} and its deprecated name {old_name}={old_value!r}: pass "
+            f"only {new_name}=."
+        )
+    return old_value

@@ -12,15 +12,8 @@ from gymnasium import spaces
 from gymnasium.error import ResetNeeded
 
 from textenvs.batching import greedy_batch
-from textenvs.envs.base import (
-    TextEnv,
-    check_bool,
-    check_choice,
-    check_positive_int,
-    finite_observation,
-    renamed_argument,
-    top_candidates,
-)
+from textenvs.checks import check_bool, check_choice, check_positive_int, renamed_argument
+from textenvs.envs.base import TextEnv, finite_observation, top_candidates
 from textenvs.lm import TINY, LanguageModel
 from textenvs.rewards import check_weight
 

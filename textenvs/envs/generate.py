@@ -9,14 +9,8 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from textenvs.envs.base import (
-    TextEnv,
-    check_bool,
-    check_positive_int,
-    finite_observation,
-    renamed_argument,
-    top_candidates,
-)
+from textenvs.checks import check_bool, check_positive_int, renamed_argument
+from textenvs.envs.base import TextEnv, finite_observation, top_candidates
 from textenvs.kvcache import TokenSequence
 from textenvs.lm import CANDIDATE_FEATURES, TINY, LanguageModel
 

@@ -1,0 +1,121 @@
+"""``python -m agents.sb3``: train an SB3 agent on a textenvs id, evaluate it on the test split,
+save it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from agents.checkpoint import check_save_target
+from agents.sb3.build import (
+    build,
+    default_algo,
+    evaluate,
+    metric_callback,
+    policy_env_kwargs,
+    train_callbacks,
+)
+from agents.sb3.checkpoint import save
+from agents.sb3.config import ALGOS, POLICIES, PRIOR_POLICIES, SB3Config
+from textenvs.cli import float_arg, int_arg
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(
+        description="Stable-Baselines3 PPO / MaskablePPO on a textenvs env."
+    )
+    p.add_argument("--env-id", default="textenvs/Summarize-v0")
+    p.add_argument(
+        "--algo",
+        choices=ALGOS,
+        default=None,
+        help="default: maskable_ppo where the env offers action_masks() (edit envs), else ppo",
+    )
+    p.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default="mlp",
+        help="lm_prior: start where the LM is (PPO on generation envs: its distribution; "
+        "MaskablePPO on edit envs: its draft); adds candidates_obs=True to the env, and "
+        "flat_actions=True to an edit env; last_block (generation envs): train a copy of the LM's "
+        "last block, starting at the LM; adds obs='context', layer=-2, candidates_obs=True",
+    )
+    p.add_argument("--learning-rate", type=float_arg(0, 1, low_open=True), default=3e-4)
+    p.add_argument("--gae-lambda", type=float_arg(0, 1), default=0.95)
+    p.add_argument(
+        "--kl-coef",
+        type=float_arg(0),
+        default=0.0,
+        help="KL penalty to the LM in the reward (lm_prior / last_block with PPO)",
+    )
+    p.add_argument(
+        "--prior-temperature",
+        type=float_arg(0, low_open=True),
+        default=None,
+        help="sample the LM prior at this temperature (lm_prior / last_block with PPO)",
+    )
+    p.add_argument(
+        "--context-positions",
+        type=int_arg(),
+        default=None,
+        help="positions of the last_block policy's context observation (default: the longest "
+        "prompt of the train and test splits plus --max-steps)",
+    )
+    p.add_argument("--total-steps", type=int_arg(), default=20_000)
+    p.add_argument("--k", type=int_arg(), default=4, help="top-k actions / tokens")
+    p.add_argument(
+        "--max-steps", type=int_arg(), default=16, help="tokens / edits per episode at most"
+    )
+    p.add_argument("--num-envs", type=int_arg(), default=8)
+    p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=0)
+    p.add_argument("--tensorboard-log")
+    p.add_argument("--save")
+    p.add_argument("--eval-samples", type=int_arg(), default=200)
+    args = p.parse_args(argv)
+    if args.save:
+        check_save_target(args.save)  # before training, not after
+    env_kwargs = {"token_mode": "topk", "k": args.k, "max_steps": args.max_steps}
+    env_kwargs.update(policy_env_kwargs(args.policy, args.env_id))
+    if args.context_positions is not None and args.policy != "last_block":
+        p.error("--context-positions applies to --policy last_block")
+    if args.policy == "last_block":
+        from agents.last_block import fitting_positions
+
+        env_kwargs["context_positions"] = args.context_positions or fitting_positions(
+            args.env_id, **env_kwargs
+        )
+    algo = args.algo or default_algo(args.env_id)
+    policy_kwargs = {}
+    if args.prior_temperature is not None:
+        if args.policy not in PRIOR_POLICIES or algo != "ppo":
+            p.error("--prior-temperature applies to PPO with --policy lm_prior or last_block")
+        policy_kwargs["prior_temperature"] = args.prior_temperature
+    config = SB3Config(
+        algo=algo,
+        policy=args.policy,
+        num_envs=args.num_envs,
+        learning_rate=args.learning_rate,
+        gae_lambda=args.gae_lambda,
+        kl_coef=args.kl_coef,
+        seed=args.seed,
+        policy_kwargs=policy_kwargs,
+        tensorboard_log=args.tensorboard_log,
+    )
+    model = build(args.env_id, config, **env_kwargs)
+    start = time.time()
+    model.learn(
+        args.total_steps, callback=[metric_callback(), *train_callbacks(config)], progress_bar=True
+    )
+    train_s = time.time() - start
+    if args.save:
+        save(model, args.save, config, args.env_id, env_kwargs)
+    result = evaluate(model, args.env_id, "test", args.eval_samples, **env_kwargs)
+    result.pop("metrics", None)
+    result.update(train_seconds=round(train_s, 1), steps=args.total_steps, algo=config.algo)
+    print(json.dumps(result))
+    print(
+        f"test {result.get('mean_metric', float('nan')):.4f} mean metric over {result['episodes']} "
+        "test samples"
+    )
+    return result

@@ -1,0 +1,261 @@
+"""The token trainer's configuration: one dataclass in titled sections, every field documented
+(its docstring is its ``--help``) and checked in one place (:meth:`TokenPPOConfig.validate`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from textenvs.checks import check_bool, check_float, check_int, check_optional_str
+
+ESTIMATOR_CHOICES = {
+    "estimator": ("gae", "grpo", "rloo"),
+    "kl_placement": ("reward", "loss"),
+    "kl_estimator": ("k1", "k3"),
+    "ratio_level": ("token", "sequence"),
+}
+
+# the wall-clock figures of a history record (the rest is a function of the seed and the data)
+TIMING_STATS = ("completions_per_s", "iteration_s", "rollout_s", "reference_s", "update_s")
+
+# what a checkpoint must share with the run that resumes it
+ESTIMATOR_FIELDS = (
+    "estimator",
+    "group_size",
+    "kl_placement",
+    "kl_estimator",
+    "ratio_level",
+    "nlpo_top_p",
+    "nlpo_mu",
+)
+
+
+def _count(name: str, value) -> int:
+    return check_int(name, value, 1)
+
+
+def _at_least(low: float, open_: bool = False):
+    return lambda name, value: check_float(name, value, low, low_open=open_)
+
+
+def _unit(name: str, value) -> float:
+    return check_float(name, value, 0, 1)
+
+
+# Every numeric field's type and range: checked by TokenPPOConfig.validate() and by the command
+# line's flags (the same message, before any work).
+FIELD_CHECKS = {
+    "num_envs": _count,
+    "max_new_tokens": _count,
+    "total_episodes": _count,
+    "num_epochs": _count,
+    "minibatch_size": _count,
+    "group_size": _count,
+    "nlpo_mu": _count,
+    "kl_horizon": _count,
+    "eval_samples": _count,
+    "seed": lambda name, value: check_int(name, value, 0, 2**32 - 1),
+    "save_every": lambda name, value: check_int(name, value, 0),
+    "lora_r": lambda name, value: check_int(name, value, 0),
+    "learning_rate": _at_least(0, open_=True),
+    "clip_range": _at_least(0, open_=True),
+    "clip_range_value": _at_least(0, open_=True),
+    "temperature": _at_least(0, open_=True),
+    "max_grad_norm": _at_least(0, open_=True),
+    "kl_target": _at_least(0, open_=True),
+    "lora_alpha": _at_least(0, open_=True),
+    "vf_coef": _at_least(0),
+    "ent_coef": _at_least(0),
+    "kl_coef": _at_least(0),
+    "gamma": _unit,
+    "gae_lambda": _unit,
+    "nlpo_top_p": _unit,
+}
+
+
+@dataclass
+class TokenPPOConfig:
+    """Hyper-parameters of token-level PPO."""
+
+    env_id: str = "textenvs/Summarize-v0"
+    """A generation env id (its action space must be the vocabulary)."""
+    env_kwargs: dict = dataclasses.field(default_factory=dict)
+    """More keyword arguments of every env the trainer makes (rollouts and evaluation), as JSON on
+    the command line: a benchmark id's ``dataset_kwargs`` (local files), ``reward_kwargs`` (a
+    classifier or BERTScore model), ``chat_template``, ``too_long``, ``task``, ..."""
+    model: str = "textenvs/tiny"
+    """The starting policy: ``textenvs/tiny``, a ``save_pretrained`` folder or a hub name."""
+    reward: str | None = None
+    """The env's reward metric (None: the task's default)."""
+    dense: bool = True
+    """Dense rewards (the metric's change every token) or the metric once at the end."""
+    num_envs: int = 32
+    """Episodes per rollout: sub-envs of the batched env, one episode each."""
+    max_new_tokens: int = 16
+    """Tokens per episode at most."""
+    total_episodes: int = 4096
+    """Training budget in episodes (completions)."""
+    learning_rate: float = 3e-4
+    """Adam learning rate at the start; annealed linearly to 0 when ``anneal_lr``."""
+    anneal_lr: bool = True
+    """Linear learning-rate decay over the run."""
+    num_epochs: int = 4
+    """PPO epochs over each rollout."""
+    minibatch_size: int = 16
+    """Episodes per minibatch."""
+    clip_range: float = 0.2
+    """PPO ratio clip epsilon."""
+    clip_range_value: float = 0.2
+    """Value clip: the new value stays within this of the rollout value."""
+    vf_coef: float = 0.5
+    """Weight of the value loss."""
+    ent_coef: float = 0.0
+    """Weight of the entropy bonus."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip."""
+    gamma: float = 1.0
+    """Discount per token."""
+    gae_lambda: float = 0.95
+    """GAE lambda. The main job's suite uses 0.5 (``benchmarks.run.TOKEN_PPO``): with a reward paid
+    every token it learned faster on Translate and Summarize (figures there and in the README)."""
+    kl_coef: float = 0.02
+    """Initial coefficient of the per-token KL penalty to the reference."""
+    adaptive_kl: bool = False
+    """Adapt ``kl_coef`` towards ``kl_target`` (Ziegler et al. 2019)."""
+    kl_target: float = 2.0
+    """Target KL per episode (nats) for the adaptive controller."""
+    kl_horizon: int = 10_000
+    """Horizon (episodes) of the adaptive controller."""
+    whiten_advantages: bool = True
+    """Masked whitening of advantages over the rollout's tokens (``gae`` only: the group
+    estimators normalise within each group)."""
+    estimator: str = "gae"
+    """The advantage estimator: ``gae`` (the value head and per-token GAE: PPO), ``grpo`` (each
+    episode's return normalised within its group of completions of one prompt; no value head) or
+    ``rloo`` (each episode's return minus the mean of its group's others)."""
+    group_size: int = 4
+    """Completions per prompt for ``grpo`` / ``rloo``: consecutive sub-envs play the same sample
+    (it must divide ``num_envs``)."""
+    kl_placement: str = "reward"
+    """Where the KL to the reference goes: ``reward`` (``kl_coef`` times each token's KL subtracted
+    from its reward, PPO-RLHF's) or ``loss`` (``kl_coef`` times the mean per-token KL of the
+    current policy added to the loss, TRL GRPO's)."""
+    ratio_level: str = "token"
+    """The importance ratio of the clipped loss: ``token`` (one per token, the loss averaged over
+    the batch's tokens: PPO, GRPO with TRL's ``loss_type="bnpo"``) or ``sequence`` (one per
+    completion, the loss averaged over completions: RLOO as TRL's ``RLOOTrainer``; group
+    estimators only)."""
+    nlpo_top_p: float = 0.0
+    """NLPO (Ramamurthy et al. 2023, RL4LMs): sample only among the tokens of the masking
+    policy's top-p nucleus (the log-probs of the update renormalised over the same tokens); 0
+    turns it off. The masking policy is a copy of the policy, refreshed every ``nlpo_mu``
+    iterations; it runs one incremental forward of its own per step."""
+    nlpo_mu: int = 5
+    """Iterations between refreshes of NLPO's masking policy."""
+    kl_estimator: str = "k1"
+    """The per-token KL estimate: ``k1`` (``log pi - log pi_ref``) or ``k3``
+    (``exp(r) - r - 1``, ``r = log pi_ref - log pi``: never negative)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollout (1.0 samples the LM's own distribution)."""
+    seed: int = 0
+    """Seeds the env resets, the sampling and the minibatch order of every iteration."""
+    device: str = "cpu"
+    """Torch device."""
+    dtype: str | None = None
+    """Weights' dtype (``float32``, ``bfloat16``, ``float16``; None: the checkpoint's). A large
+    model with LoRA: ``bfloat16`` base weights, the adapter stays float32 (peft's default)."""
+    eval_samples: int = 200
+    """Test-split samples of the greedy evaluation before and after training."""
+    eval_reward: str | None = None
+    """Metric of the greedy evaluation (None: the training reward), e.g. train on chrF, report BLEU.
+    """
+    checkpoint_dir: str | None = None
+    """Where checkpoints go (None: no checkpoints)."""
+    save_every: int = 0
+    """Checkpoint every this many iterations (0: only at the end)."""
+    tensorboard_log: str | None = None
+    """TensorBoard log folder (None: no logging)."""
+    lora_r: int = 0
+    """LoRA rank (peft); 0 trains every weight. With LoRA the reference is the base model with the
+    adapter switched off (no second copy of the weights) and checkpoints hold the adapter."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_r``)."""
+    lora_target_modules: str | None = None
+    """Comma-separated names of the modules LoRA adapts (None: peft's default for the model type,
+    ``c_attn`` for GPT-2)."""
+    mixed_precision: str = "no"
+    """``no``, ``bf16`` or ``fp16`` (autocast through accelerate; fp16 needs CUDA). Under
+    ``accelerate launch``, ``no`` leaves the choice to the launcher's ``--mixed_precision``."""
+    fsdp: bool = False
+    """Shard the parameters, gradients and optimizer states of the policy (and of the frozen
+    reference) over the processes of a distributed launch with FSDP2, one unit per transformer
+    block (``agents.fsdp``): full fine-tuning of a model larger than one device's memory. Each
+    rollout gathers the parameters once and frees them after it; checkpoints are sharded
+    (``torch.distributed.checkpoint``) and resume on the same number of processes; ``--export``
+    writes the whole model. Needs ``accelerate launch`` (or ``torchrun``); bf16 or full
+    precision; not with NLPO or Ray rollouts."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing in the update: each transformer block keeps only its input for the
+    backward and runs its forward again there (:func:`checkpoint_blocks`), so the activations the
+    update holds fall from every block's to about one block's, for one more forward of the blocks
+    per minibatch. The gradients are the same (no dropout runs in the update). Rollouts, the
+    reference pass and evaluations build no graph and run as they are. With LoRA, DDP and
+    ``fsdp``."""
+
+    def validate(self) -> None:
+        for name in (
+            "dense",
+            "anneal_lr",
+            "adaptive_kl",
+            "whiten_advantages",
+            "fsdp",
+            "gradient_checkpointing",
+        ):
+            check_bool(name, getattr(self, name))
+        for name, choices in ESTIMATOR_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is not valid: choose one of {list(choices)}."
+                )
+        if self.estimator != "gae" and not (
+            isinstance(self.group_size, int)
+            and self.group_size >= 2
+            and isinstance(self.num_envs, int)
+            and self.num_envs % self.group_size == 0
+        ):
+            raise ValueError(
+                f"estimator={self.estimator!r} needs group_size >= 2 dividing num_envs; got "
+                f"group_size={self.group_size!r}, num_envs={self.num_envs!r}."
+            )
+        top_p_ok = isinstance(self.nlpo_top_p, (int, float)) and 0.0 <= self.nlpo_top_p <= 1.0
+        if not top_p_ok or not (isinstance(self.nlpo_mu, int) and self.nlpo_mu >= 1):
+            raise ValueError(
+                f"nlpo_top_p must be in [0, 1] (0: off) and nlpo_mu an int >= 1; got "
+                f"nlpo_top_p={self.nlpo_top_p!r}, nlpo_mu={self.nlpo_mu!r}."
+            )
+        if self.ratio_level == "sequence" and self.estimator == "gae":
+            raise ValueError(
+                "ratio_level='sequence' needs one advantage per completion: use it with "
+                "estimator='grpo' or 'rloo' (GAE's advantages are per token)."
+            )
+        if not isinstance(self.env_kwargs, dict):
+            raise ValueError(f"env_kwargs must be a dict, got {self.env_kwargs!r}.")
+        for name, check in FIELD_CHECKS.items():
+            check(name, getattr(self, name))
+        for name in ("reward", "dtype", "eval_reward", "checkpoint_dir", "tensorboard_log"):
+            check_optional_str(name, getattr(self, name))
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(
+                f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}."
+            )
+        if self.fsdp and self.mixed_precision == "fp16":
+            raise ValueError(
+                "fsdp=True runs in bf16 or full precision: fp16 needs a loss scaler for sharded "
+                "gradients, which this trainer does not run. Use --mixed-precision bf16."
+            )
+        if self.fsdp and self.nlpo_top_p:
+            raise ValueError(
+                "fsdp=True does not run NLPO: its masking policy is a whole copy of the policy "
+                "on every process, which sharding is there to avoid. Use estimator='gae' (PPO), "
+                "'grpo' or 'rloo' with --fsdp, or NLPO without it."
+            )
