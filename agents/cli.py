@@ -34,11 +34,17 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def add_config_arguments(
-    parser: argparse.ArgumentParser, cls: type, checks: dict | None = None, skip: tuple = ()
+    parser: argparse.ArgumentParser,
+    cls: type,
+    checks: dict | None = None,
+    skip: tuple = (),
+    defaults: object | None = None,
 ) -> None:
     """One flag per field of the dataclass ``cls`` (except ``skip``), defaulting to the field's
-    default; ``checks[name](name, value)`` validates a number on the command line."""
-    defaults, docs, checks = cls(), field_docs(cls), checks or {}
+    value in ``defaults`` (an instance; None: ``cls()``); ``checks[name](name, value)``
+    validates a number on the command line."""
+    defaults = cls() if defaults is None else defaults
+    docs, checks = field_docs(cls), checks or {}
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue

@@ -500,7 +500,9 @@ def test_resume_refuses_another_budget_and_recovers_a_torn_line(tmp_path, monkey
         run.main(args + ["--resume", "--scale", "2"])
     # the suite's token-PPO settings are code, not budget: a change of them is a change of run
     with monkeypatch.context() as patched:
-        patched.setattr(run, "TOKEN_PPO", {**run.TOKEN_PPO, "gae_lambda": 0.9})
+        from benchmarks.suite import settings
+
+        patched.setattr(settings, "TOKEN_PPO", {**settings.TOKEN_PPO, "gae_lambda": 0.9})
         with pytest.raises(SystemExit, match="token_ppo.other.gae_lambda, token_ppo.translate"):
             run.main(args + ["--resume"])
     recorded = json.loads((out / "run.json").read_text())

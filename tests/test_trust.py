@@ -21,19 +21,10 @@ from hypothesis import strategies as st
 from agents import checkpoint, sb3, shards
 from agents.qlearning import QLearning, QLearningConfig, make_tabular_env
 from agents.token_ppo import TokenPPO, TokenPPOConfig
+from tests.test_untrusted_checkpoints import _Payload  # unpickling it creates a file
 
 ROOT = Path(__file__).resolve().parents[1]
 KWARGS = {"max_steps": 4, "token_mode": "topk", "k": 4}
-
-
-class _Payload:
-    """Unpickling this creates a file: proof that code ran."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 # -- sharded checkpoints: no pickle -----------------------------------------------------------

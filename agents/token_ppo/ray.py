@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from agents.checkpoint import check_save_target
-from agents.token_ppo.config import TokenPPOConfig
+from agents.cli import add_config_arguments, config_from_args
+from agents.token_ppo.config import FIELD_CHECKS, TokenPPOConfig
 from agents.token_ppo.estimators import make_estimator
 from agents.token_ppo.policy import build_policy
 from agents.token_ppo.rollout import (
@@ -40,7 +41,10 @@ from agents.token_ppo.rollout import (
 )
 from agents.token_ppo.runtime import require
 from agents.token_ppo.trainer import TokenPPO
-from textenvs.cli import float_arg, int_arg, run_cli
+from textenvs.cli import int_arg, run_cli
+
+# the command line's defaults where they are not the trainer's: a short run of 16 sub-envs a worker
+RAY_DEFAULTS = TokenPPOConfig(num_envs=16, total_episodes=256, eval_samples=50)
 
 
 class RolloutWorker:
@@ -148,40 +152,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int_arg(), default=2, help="Ray actors, each a batched env")
     p.add_argument("--address", help="a running Ray cluster ('auto'); default: start one here")
     p.add_argument("--num-cpus", type=int_arg(), default=2, help="CPUs of the local Ray instance")
-    p.add_argument("--env-id", default="textenvs/Summarize-v0")
-    p.add_argument("--model", default="textenvs/tiny")
-    p.add_argument("--num-envs", type=int_arg(), default=16, help="sub-envs per worker")
-    p.add_argument("--max-new-tokens", type=int_arg(), default=16)
-    p.add_argument("--total-episodes", type=int_arg(), default=256)
-    p.add_argument("--minibatch-size", type=int_arg(), default=16)
-    p.add_argument("--learning-rate", type=float_arg(0, low_open=True), default=3e-4)
-    p.add_argument("--lora-r", type=int_arg(0), default=0)
-    p.add_argument("--eval-samples", type=int_arg(), default=50)
-    p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=0)
-    p.add_argument("--checkpoint-dir")
-    p.add_argument("--json-out")
-    args = p.parse_args(argv)
-    if args.checkpoint_dir:
-        check_save_target(args.checkpoint_dir)  # before any work
+    p.add_argument("--json-out", help="write the final report (JSON) here")
+    # every TokenPPOConfig field, the token trainer's flags (num_envs: per worker)
+    add_config_arguments(p, TokenPPOConfig, FIELD_CHECKS, defaults=RAY_DEFAULTS)
+    args = vars(p.parse_args(argv))
+    config = config_from_args(TokenPPOConfig, args)
+    args = argparse.Namespace(**args)
+    if config.checkpoint_dir:
+        check_save_target(config.checkpoint_dir)  # before any work
+    config.validate()
     ray = require("ray", "ray", "Rollouts on Ray actors")
     if args.address:
         ray.init(address=args.address)
     else:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
-        config = TokenPPOConfig(
-            env_id=args.env_id,
-            model=args.model,
-            num_envs=args.num_envs,
-            max_new_tokens=args.max_new_tokens,
-            total_episodes=args.total_episodes,
-            minibatch_size=args.minibatch_size,
-            learning_rate=args.learning_rate,
-            lora_r=args.lora_r,
-            eval_samples=args.eval_samples,
-            seed=args.seed,
-            checkpoint_dir=args.checkpoint_dir,
-        )
         trainer = RayTokenPPO(config, workers=args.workers)
         before = trainer.evaluate()
         start = time.time()

@@ -82,6 +82,9 @@ class Benchmark:
         options: The task's own options and their defaults (``pair`` for WMT16).
         cut_side: Which end of a source ``too_long="truncate"`` drops (a
             :class:`~textenvs.tasks.Task` field).
+        configure: ``(benchmark, options) -> (config, prompt_template)``: checks the task's
+            options (adding derived ones) and gives the hub config to load and the default
+            prompt (default: the benchmark's own).
     """
 
     name: str
@@ -97,6 +100,10 @@ class Benchmark:
     long_sources: bool = False
     options: Mapping[str, object] = field(default_factory=dict)
     cut_side: str = "end"
+    configure: Callable[[Benchmark, dict], tuple[str | None, str]] = lambda benchmark, options: (
+        benchmark.config,
+        benchmark.prompt_template,
+    )
 
 
 def _why_not_text(value: object, column: str) -> str | None:
@@ -170,6 +177,23 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
+def _configure_wmt16(benchmark: Benchmark, options: dict) -> tuple[str | None, str]:
+    """The pair's config ("de-en" for both directions) and the prompt naming its languages."""
+    options.update(wmt16_options(options["pair"]))
+    template = benchmark.prompt_template.format(
+        source_name=WMT16_LANGUAGES[options["source_lang"]],
+        target_name=WMT16_LANGUAGES[options["target_lang"]],
+    )
+    return options["config"], template
+
+
+def _configure_imdb(benchmark: Benchmark, options: dict) -> tuple[str | None, str]:
+    fraction = options["prompt_fraction"]
+    if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
+        raise ValueError(f"prompt_fraction must be a number in (0, 1), got {fraction!r}.")
+    return benchmark.config, benchmark.prompt_template
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     # GPT-2's zero-shot summarization prompt (Radford et al. 2019, section 3.6), which RL4LMs'
     # XSum pool also appends ("TL;DR:").
@@ -207,6 +231,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         default_reward="bleu",
         row_sample=_wmt_sample,
         options={"pair": "de-en"},
+        configure=_configure_wmt16,
     ),
     # RL4LMs' IMDB split: train / validation = 80% / 20% of the hub's shuffled train split (it is
     # sorted by label), test = the hub's test split. The reward is a sentiment classifier's
@@ -228,6 +253,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         long_sources=True,
         options={"prompt_fraction": 0.5},
         cut_side="start",  # the LM continues the review: keep its last words
+        configure=_configure_imdb,
     ),
     # The hub's CommonGen test split has no references (they are hidden for the leaderboard), so
     # its validation split is our test split and 5% of the train concept sets our validation.
@@ -361,18 +387,8 @@ def benchmark_task(name: str, **kwargs) -> Task:
         raise ValueError(
             f"Unknown dataset_kwargs {sorted(kwargs)} for task {name!r}: it takes {allowed}."
         )
-    config = benchmark.config
-    if name == "wmt16":
-        options.update(wmt16_options(options["pair"]))
-        config = options["config"]
-        template = template or benchmark.prompt_template.format(
-            source_name=WMT16_LANGUAGES[options["source_lang"]],
-            target_name=WMT16_LANGUAGES[options["target_lang"]],
-        )
-    if name == "imdb":
-        fraction = options["prompt_fraction"]
-        if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
-            raise ValueError(f"prompt_fraction must be a number in (0, 1), got {fraction!r}.")
+    config, default_template = benchmark.configure(benchmark, options)
+    template = template or default_template
     hub_splits = {}
     splits = {}
     for ours, (hub_split, start, end) in benchmark.splits.items():
@@ -394,7 +410,7 @@ def benchmark_task(name: str, **kwargs) -> Task:
     return Task(
         name,
         splits,
-        template or benchmark.prompt_template,
+        template,
         benchmark.default_reward,
         reward_kwargs=dict(benchmark.reward_kwargs),
         cut_side=benchmark.cut_side,
