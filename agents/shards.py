@@ -177,103 +177,117 @@ def read_json_metadata(folder: Path) -> Metadata:
 
 
 def _metadata_from_json(path: Path, folder: Path, data) -> Metadata:
-    def fail(field: str, value, expected: str):
+    return _MetadataReader(path, folder).metadata(data)
+
+
+class _MetadataReader:
+    """Turns the JSON of :data:`METADATA_FILE` into DCP's ``Metadata``, every field checked; a
+    ValueError names the file, the field, what it holds and what it should."""
+
+    def __init__(self, path: Path, folder: Path) -> None:
+        self.path, self.folder = path, folder
+        self.file_sizes: dict[str, int] = {}
+
+    def fail(self, field: str, value, expected: str):
         shown = repr(value)
         shown = shown if len(shown) <= 80 else shown[:77] + "..."
-        raise ValueError(f"{path}: field {field} is {shown}; expected {expected}.")
+        raise ValueError(f"{self.path}: field {field} is {shown}; expected {expected}.")
 
-    def ints(field: str, value, minimum: int = 0) -> list[int]:
+    def ints(self, field: str, value, minimum: int = 0) -> list[int]:
         if not (isinstance(value, list) and len(value) <= 16):
-            fail(field, value, "a list of at most 16 ints")
+            self.fail(field, value, "a list of at most 16 ints")
         for v in value:
             if type(v) is not int or v < minimum:
-                fail(field, value, f"a list of ints >= {minimum}")
+                self.fail(field, value, f"a list of ints >= {minimum}")
         return value
 
-    if not isinstance(data, dict):
-        fail("(the whole file)", data, "a JSON object")
-    if data.get("format") != FORMAT or data.get("version") != VERSION:
-        fail("'format' / 'version'", (data.get("format"), data.get("version")), f"{FORMAT!r} 1")
-    version = data.get("dcp_version")
-    if version is not None and not isinstance(version, str):
-        fail("'dcp_version'", version, "a string or null")
-    tensors = data.get("state_dict")
-    if not isinstance(tensors, dict):
-        fail("'state_dict'", tensors, "an object")
-    state_dict_metadata: dict[str, Any] = {}
-    for fqn, md in tensors.items():
-        where = f"'state_dict'[{fqn!r}]"
+    def metadata(self, data) -> Metadata:
+        if not isinstance(data, dict):
+            self.fail("(the whole file)", data, "a JSON object")
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
+            shown = (data.get("format"), data.get("version"))
+            self.fail("'format' / 'version'", shown, f"{FORMAT!r} 1")
+        version = data.get("dcp_version")
+        if version is not None and not isinstance(version, str):
+            self.fail("'dcp_version'", version, "a string or null")
+        tensors, planner, storage = (data.get(k) for k in ("state_dict", "planner_data", "storage"))
+        if not isinstance(tensors, dict):
+            self.fail("'state_dict'", tensors, "an object")
+        if not isinstance(planner, dict):
+            self.fail("'planner_data'", planner, "an object")
+        for fqn, keys in planner.items():
+            if not isinstance(keys, list) or not all(type(k) in (str, int) for k in keys):
+                self.fail(f"'planner_data'[{fqn!r}]", keys, "a list of strings and ints")
+        if not isinstance(storage, list):
+            self.fail("'storage'", storage, "a list")
+        return Metadata(
+            state_dict_metadata={
+                fqn: self.entry(f"'state_dict'[{fqn!r}]", md) for fqn, md in tensors.items()
+            },
+            planner_data={fqn: tuple(keys) for fqn, keys in planner.items()},
+            storage_data=dict(self.storage(f"'storage'[{i}]", e) for i, e in enumerate(storage)),
+            version=version,
+        )
+
+    def entry(self, where: str, md):
+        """One state-dict entry: a tensor's dtype, size and chunks, or a bytes value."""
         if not isinstance(md, dict) or md.get("kind") not in ("tensor", "bytes"):
-            fail(where, md, "an object of kind 'tensor' or 'bytes'")
+            self.fail(where, md, "an object of kind 'tensor' or 'bytes'")
         if md["kind"] == "bytes":
-            state_dict_metadata[fqn] = BytesStorageMetadata()
-            continue
+            return BytesStorageMetadata()
         if not isinstance(md.get("dtype"), str) or md["dtype"] not in DTYPES:
-            fail(f"{where}['dtype']", md.get("dtype"), f"one of {sorted(DTYPES)}")
+            self.fail(f"{where}['dtype']", md.get("dtype"), f"one of {sorted(DTYPES)}")
         if type(md.get("requires_grad")) is not bool:
-            fail(f"{where}['requires_grad']", md.get("requires_grad"), "a boolean")
-        size = ints(f"{where}['size']", md.get("size"))
+            self.fail(f"{where}['requires_grad']", md.get("requires_grad"), "a boolean")
+        size = self.ints(f"{where}['size']", md.get("size"))
         if math.prod(size) > MAX_ELEMENTS:
-            fail(f"{where}['size']", size, f"at most {MAX_ELEMENTS} elements")
+            self.fail(f"{where}['size']", size, f"at most {MAX_ELEMENTS} elements")
         chunks = md.get("chunks")
         if not isinstance(chunks, list):
-            fail(f"{where}['chunks']", chunks, "a list")
-        parsed = []
-        for i, chunk in enumerate(chunks):
-            if not isinstance(chunk, dict):
-                fail(f"{where}['chunks'][{i}]", chunk, "an object")
-            offsets = ints(f"{where}['chunks'][{i}]['offsets']", chunk.get("offsets"))
-            sizes = ints(f"{where}['chunks'][{i}]['sizes']", chunk.get("sizes"))
-            if (
-                len(offsets) != len(size)
-                or len(sizes) != len(size)
-                or any(o + s > n for o, s, n in zip(offsets, sizes, size))
-            ):
-                fail(f"{where}['chunks'][{i}]", chunk, f"a block inside a tensor of size {size}")
-            parsed.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
+            self.fail(f"{where}['chunks']", chunks, "a list")
+        parsed = [self.chunk(f"{where}['chunks'][{i}]", c, size) for i, c in enumerate(chunks)]
         properties = TensorProperties(dtype=DTYPES[md["dtype"]], requires_grad=md["requires_grad"])
-        state_dict_metadata[fqn] = TensorStorageMetadata(properties, torch.Size(size), parsed)
-    planner = data.get("planner_data")
-    if not isinstance(planner, dict):
-        fail("'planner_data'", planner, "an object")
-    for fqn, keys in planner.items():
-        if not isinstance(keys, list) or not all(type(k) in (str, int) for k in keys):
-            fail(f"'planner_data'[{fqn!r}]", keys, "a list of strings and ints")
-    storage = data.get("storage")
-    if not isinstance(storage, list):
-        fail("'storage'", storage, "a list")
-    storage_data = {}
-    sizes: dict[str, int] = {}
-    for i, entry in enumerate(storage):
-        where = f"'storage'[{i}]"
+        return TensorStorageMetadata(properties, torch.Size(size), parsed)
+
+    def chunk(self, where: str, chunk, size: list[int]) -> ChunkStorageMetadata:
+        """One block of a tensor: its offsets and sizes, inside the tensor."""
+        if not isinstance(chunk, dict):
+            self.fail(where, chunk, "an object")
+        offsets = self.ints(f"{where}['offsets']", chunk.get("offsets"))
+        sizes = self.ints(f"{where}['sizes']", chunk.get("sizes"))
+        if (
+            len(offsets) != len(size)
+            or len(sizes) != len(size)
+            or any(o + s > n for o, s, n in zip(offsets, sizes, size))
+        ):
+            self.fail(where, chunk, f"a block inside a tensor of size {size}")
+        return ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
+
+    def storage(self, where: str, entry) -> tuple[MetadataIndex, _StorageInfo]:
+        """Where one block's bytes are: a shard file of the folder (no path, no symlink) and a
+        byte range inside it."""
         if not isinstance(entry, dict) or not isinstance(entry.get("fqn"), str):
-            fail(where, entry, "an object with a string 'fqn'")
+            self.fail(where, entry, "an object with a string 'fqn'")
         name = entry.get("file")
         if not (isinstance(name, str) and name and name == Path(name).name and name[0] != "."):
-            fail(f"{where}['file']", name, "the name of a shard file in the folder")
-        if name not in sizes:
-            shard = folder / name
+            self.fail(f"{where}['file']", name, "the name of a shard file in the folder")
+        if name not in self.file_sizes:
+            shard = self.folder / name
             if shard.is_symlink() or not shard.is_file():
-                fail(f"{where}['file']", name, "a shard file present in the folder (no symlink)")
-            sizes[name] = shard.stat().st_size
+                self.fail(f"{where}['file']", name, "a shard file present in the folder")
+            self.file_sizes[name] = shard.stat().st_size
         start, length = entry.get("start"), entry.get("length")
         if not (type(start) is int and type(length) is int and start >= 0 and length >= 0):
-            fail(f"{where}['start'/'length']", (start, length), "ints >= 0")
-        if start + length > sizes[name]:
-            fail(f"{where}['length']", length, f"a range inside {name} ({sizes[name]} bytes)")
+            self.fail(f"{where}['start'/'length']", (start, length), "ints >= 0")
+        if start + length > self.file_sizes[name]:
+            size = self.file_sizes[name]
+            self.fail(f"{where}['length']", length, f"a range inside {name} ({size} bytes)")
         offset, index = entry.get("offset"), entry.get("index")
         if offset is not None:
-            offset = torch.Size(ints(f"{where}['offset']", offset))
+            offset = torch.Size(self.ints(f"{where}['offset']", offset))
         if index is not None and type(index) is not int:
-            fail(f"{where}['index']", index, "an int or null")
-        key = MetadataIndex(entry["fqn"], offset, index)
-        storage_data[key] = _StorageInfo(name, start, length)
-    return Metadata(
-        state_dict_metadata=state_dict_metadata,
-        planner_data={fqn: tuple(keys) for fqn, keys in planner.items()},
-        storage_data=storage_data,
-        version=version,
-    )
+            self.fail(f"{where}['index']", index, "an int or null")
+        return MetadataIndex(entry["fqn"], offset, index), _StorageInfo(name, start, length)
 
 
 def save(state: dict, folder: str | os.PathLike) -> None:

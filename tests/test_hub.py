@@ -216,10 +216,10 @@ def test_hf_loader_offline_says_what_to_do(tmp_path):
 
 
 def test_a_large_split_measures_its_share_cut_on_a_subset(monkeypatch):
-    from textenvs.envs import base
+    from textenvs.envs import prompts
 
-    monkeypatch.setattr(base, "EXACT_TRUNCATION_COUNT", 10)
-    monkeypatch.setattr(base, "TRUNCATION_SUBSET", 6)
+    monkeypatch.setattr(prompts, "EXACT_TRUNCATION_COUNT", 10)
+    monkeypatch.setattr(prompts, "TRUNCATION_SUBSET", 6)
     with pytest.warns(UserWarning, match=r"About \d+% of the 12 samples .*measured on 6"):
         env = _cnn_env(max_steps=40, split="validation")
     assert (env.prompt_lengths() == env.lm.max_positions - 40).all()
