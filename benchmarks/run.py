@@ -61,6 +61,14 @@ from benchmarks.suite.agents import (  # noqa: F401  (the suite's names, importa
     applies,
 )
 from benchmarks.suite.cells import EVAL_ENVS, evaluate, run_cell, test_env  # noqa: F401
+from benchmarks.suite.output import (  # noqa: F401
+    LOCK_NAME,
+    check_recorded_run,
+    load_cells,
+    lock_output_folder,
+    recorded_settings,
+    versions,
+)
 from benchmarks.suite.report import markdown_table, plot, verdict
 from benchmarks.suite.settings import (  # noqa: F401
     DEFAULT_ENVS,
@@ -85,22 +93,6 @@ from benchmarks.suite.stats import (  # noqa: F401
 )
 from textenvs.cli import CommandLineError, float_arg, int_arg, json_object, run_cli
 from textenvs.rewards import METRIC_NAMES
-
-
-def recorded_settings(budget: Budget, args: argparse.Namespace) -> dict:
-    """What a run records in ``run.json`` and a ``--resume`` must match: the budget, the model, the
-    env arguments and token PPO's effective settings (the suite's ``TOKEN_PPO`` are code, not
-    budget: cells trained before a change of them must not be mixed with cells trained after)."""
-    return {
-        "budget": asdict(budget),
-        "model": args.model,
-        "env_kwargs": args.env_kwargs,
-        "last_block": LAST_BLOCK,
-        "token_ppo": {
-            "translate": token_ppo_settings(budget, "translate"),
-            "other": token_ppo_settings(budget, None),
-        },
-    }
 
 
 def throughput_figures(model: str) -> dict:
@@ -130,7 +122,29 @@ def throughput_figures(model: str) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, checked: ids registered, agents of the registry, token-PPO fields the suite
+    leaves to the user."""
     p = argparse.ArgumentParser(description="The textenvs benchmark suite (the main job).")
+    _run_flags(p)
+    _budget_flags(p)
+    args = p.parse_args(argv)
+    textenvs_ids = [i for i in gym.registry if i.startswith("textenvs/")]
+    for env_id in args.env_id:
+        if env_id not in gym.registry:
+            p.error(
+                f"unknown env id {env_id!r}; registered textenvs ids: {', '.join(textenvs_ids)}"
+            )
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    check_token_ppo_config(p, args.token_ppo_config)
+    for agent in args.agents:
+        if agent not in AGENTS:
+            p.error(f"unknown agent {agent!r}; valid agents: {', '.join(AGENTS)}")
+    return args
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    """What runs where: the preset, envs, agents, model, env arguments, jobs, the output."""
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--quick", action="store_true", help="a smoke run: small budgets, 32 test samples"
@@ -145,6 +159,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=textenvs.TINY,
         help="textenvs/tiny, a save_pretrained folder or a hub name",
     )
+    p.add_argument(
+        "--env-kwargs",
+        type=json_object,
+        default={},
+        help="JSON of extra keyword arguments for every env, e.g. '{\"max_len\": 24}'",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int_arg(),
+        default=min(2, os.cpu_count() or 1),
+        help="cells run at once, each in a worker process with one torch thread (1: in this "
+        "process)",
+    )
+    p.add_argument("--out", default="results/bench")
+    p.add_argument(
+        "--resume", action="store_true", help="keep the finished cells in --out and run the rest"
+    )
+    p.add_argument("--overwrite", action="store_true", help="delete --out first")
+    p.add_argument(
+        "--throughput",
+        action="store_true",
+        help="also measure this machine's throughput figures (benchmarks/throughput.py, short "
+        "settings; about 25 s) into results.json",
+    )
+    # the figures used to be on by default; the old switch still parses and changes nothing
+    p.add_argument("--no-throughput", action="store_true", help=argparse.SUPPRESS)
+
+
+def _budget_flags(p: argparse.ArgumentParser) -> None:
+    """Overrides of the preset's budget (:class:`~benchmarks.suite.settings.Budget`) and of token
+    PPO's settings."""
     p.add_argument("--seeds", type=int_arg(), help="override the preset's number of seeds")
     p.add_argument(
         "--scale",
@@ -193,46 +238,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"{', '.join(f'{k} {v}' for k, v in TRANSLATE_TOKEN_PPO.items())}), e.g. "
         "'{\"num_epochs\": 1}'",
     )
-    p.add_argument(
-        "--env-kwargs",
-        type=json_object,
-        default={},
-        help="JSON of extra keyword arguments for every env, e.g. '{\"max_len\": 24}'",
-    )
-    p.add_argument(
-        "--jobs",
-        type=int_arg(),
-        default=min(2, os.cpu_count() or 1),
-        help="cells run at once, each in a worker process with one torch thread (1: in this "
-        "process)",
-    )
-    p.add_argument("--out", default="results/bench")
-    p.add_argument(
-        "--resume", action="store_true", help="keep the finished cells in --out and run the rest"
-    )
-    p.add_argument("--overwrite", action="store_true", help="delete --out first")
-    p.add_argument(
-        "--throughput",
-        action="store_true",
-        help="also measure this machine's throughput figures (benchmarks/throughput.py, short "
-        "settings; about 25 s) into results.json",
-    )
-    # the figures used to be on by default; the old switch still parses and changes nothing
-    p.add_argument("--no-throughput", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    textenvs_ids = [i for i in gym.registry if i.startswith("textenvs/")]
-    for env_id in args.env_id:
-        if env_id not in gym.registry:
-            p.error(
-                f"unknown env id {env_id!r}; registered textenvs ids: {', '.join(textenvs_ids)}"
-            )
-    if args.jobs < 1:
-        p.error(f"--jobs must be >= 1, got {args.jobs}")
-    check_token_ppo_config(p, args.token_ppo_config)
-    for agent in args.agents:
-        if agent not in AGENTS:
-            p.error(f"unknown agent {agent!r}; valid agents: {', '.join(AGENTS)}")
-    return args
 
 
 # TokenPPOConfig fields the suite sets per cell (the env, model, seed, episode length and budget)
@@ -314,84 +319,6 @@ def budget_for(args: argparse.Namespace) -> Budget:
             budget.edit_prior_steps = max(budget.edit_prior_steps, floor)
         budget.token_ppo_episodes = max(budget.token_ppo_episodes, 4)
     return budget
-
-
-LOCK_NAME = ".lock"
-
-
-def lock_output_folder(out: Path):
-    """An exclusive lock on ``out`` for this process: a second run on that folder fails at once."""
-    import fcntl
-
-    handle = (out / LOCK_NAME).open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        owner = handle.read().strip() or "another process"
-        handle.close()
-        raise CommandLineError(
-            f"{out} is in use by another suite run ({owner}): wait for it to finish, or pass "
-            "another --out."
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}")
-    handle.flush()
-    return handle
-
-
-def check_recorded_run(path: Path, record: dict) -> None:
-    """Record the budget of a new run; refuse to add cells of another budget to a recorded one."""
-    if not path.exists():
-        path.write_text(json.dumps(record, indent=1))
-        return
-
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in d.items():
-            out.update(
-                flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}
-            )
-        return out
-
-    recorded, now = flat(json.loads(path.read_text())), flat(json.loads(json.dumps(record)))
-    changed = sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))
-    if changed:
-        raise CommandLineError(
-            f"{path.parent} holds a run with another budget ({', '.join(changed)} differ from "
-            f"{path}): resume with the same --quick/--full, --scale, --seeds and overrides, or "
-            "pass another --out (token_ppo.* also differ when the code's token-PPO settings, "
-            "TOKEN_PPO in benchmarks/run.py, changed since the run began)."
-        )
-
-
-def load_cells(raw: Path) -> list[dict]:
-    """The finished cells of ``cells.jsonl``; a torn last line (a killed run) is dropped, warned."""
-    if not raw.exists():
-        return []
-    lines = raw.read_text().splitlines()
-    cells, seen = [], set()
-    for number, line in enumerate(lines, 1):
-        try:
-            cell = json.loads(line)
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise CommandLineError(
-                    f"{raw}, line {number}: not a JSON record; fix or delete the line."
-                ) from None
-            print(
-                f"warning: {raw}, line {number} is a torn record (the run was killed while writing "
-                "it): dropped, its cell runs again",
-                file=sys.stderr,
-            )
-            raw.write_text("".join(f"{line}\n" for line in lines[:-1]))
-            break
-        key = (cell["agent"], cell["env_id"], cell["seed"])
-        if key not in seen:  # a cell is counted once, whatever happened to the file
-            seen.add(key)
-            cells.append(cell)
-    return cells
 
 
 def _one_thread() -> None:
@@ -511,10 +438,20 @@ def run_suite(args: argparse.Namespace, budget: Budget, out: Path) -> dict:
             "processor": platform.processor(),
             "python": sys.version.split()[0],
         },
-        "versions": _versions(),
+        "versions": versions(),
     }
     if args.throughput and not interrupted:
         report["throughput"] = throughput_figures(args.model)
+    write_report(report, out)
+    if interrupted:
+        raise SystemExit(130)
+    return report
+
+
+def write_report(report: dict, out: Path) -> None:
+    """``results.json``, ``table.md`` and the plots into ``out``; the table and the verdict
+    printed."""
+    cells, rows = report["cells"], report["rows"]
     (out / "results.json").write_text(json.dumps(report, indent=1))
     (out / "table.md").write_text(markdown_table(rows) + "\n")
     files = [out / "results.json", out / "table.md"] + (plot(cells, rows, out) if cells else [])
@@ -522,28 +459,6 @@ def run_suite(args: argparse.Namespace, budget: Budget, out: Path) -> dict:
     print(verdict(rows))
     for f in files:
         print(f"wrote {f}")
-    if interrupted:
-        raise SystemExit(130)
-    return report
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for name in (
-        "textenvs",
-        "torch",
-        "transformers",
-        "gymnasium",
-        "stable-baselines3",
-        "sb3-contrib",
-    ):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def cli() -> None:

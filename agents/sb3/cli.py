@@ -21,7 +21,8 @@ from agents.sb3.config import ALGOS, POLICIES, PRIOR_POLICIES, SB3Config
 from textenvs.cli import float_arg, int_arg
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """The command line's flags."""
     p = argparse.ArgumentParser(
         description="Stable-Baselines3 PPO / MaskablePPO on a textenvs env."
     )
@@ -72,9 +73,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tensorboard-log")
     p.add_argument("--save")
     p.add_argument("--eval-samples", type=int_arg(), default=200)
-    args = p.parse_args(argv)
-    if args.save:
-        check_save_target(args.save)  # before training, not after
+    return p
+
+
+def config_of(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[SB3Config, dict]:
+    """The SB3Config and env keyword arguments the flags ask for (a flag that does not apply to
+    the policy is refused by ``p.error``)."""
     env_kwargs = {"token_mode": "topk", "k": args.k, "max_steps": args.max_steps}
     env_kwargs.update(policy_env_kwargs(args.policy, args.env_id))
     if args.context_positions is not None and args.policy != "last_block":
@@ -102,6 +106,16 @@ def main(argv: list[str] | None = None) -> dict:
         policy_kwargs=policy_kwargs,
         tensorboard_log=args.tensorboard_log,
     )
+    return config, env_kwargs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train, save (``--save``), evaluate on the test split; the report as JSON."""
+    p = parser()
+    args = p.parse_args(argv)
+    if args.save:
+        check_save_target(args.save)  # before training, not after
+    config, env_kwargs = config_of(p, args)
     model = build(args.env_id, config, **env_kwargs)
     start = time.time()
     model.learn(
