@@ -34,331 +34,40 @@ Fair by construction, and every setting below is printed in the output's ``confi
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 import textenvs
 from agents.common import parse_bool
-from agents.token_ppo import TokenPPO, TokenPPOConfig, greedy_metrics
+from agents.token_ppo import greedy_metrics
+from benchmarks.compare_common import (  # noqa: F401  (the names tests and users import from here)
+    ENV_FOR_TASK,
+    PAIRS,
+    TRAINERS,
+    CountingReward,
+    grid,
+    ours_config,
+    reward_text,
+    run_ours,
+    run_result,
+    run_trl,
+    trl_config,
+)
+from benchmarks.compare_like import (  # noqa: F401
+    like_config,
+    like_table,
+    like_trl_config,
+    like_with_like,
+)
 from benchmarks.run import hierarchical_bootstrap
 from textenvs.cli import float_arg, int_arg, run_cli
 from textenvs.lm import BUILTIN_MODELS, LanguageModel
-from textenvs.rewards import METRIC_NAMES, get_metric
+from textenvs.rewards import METRIC_NAMES
 from textenvs.tasks import builtin_task
-
-ENV_FOR_TASK = {"summarize": "textenvs/Summarize-v0", "translate": "textenvs/Translate-v0"}
-TRAINERS = ("textenvs_ppo", "grpo", "rloo")
-# --like-with-like: ours and TRL's at identical math, one pair per algorithm
-PAIRS = {"grpo": ("textenvs_grpo", "grpo"), "rloo": ("textenvs_rloo", "rloo")}
-OURS_DEFAULTS = {"learning_rate": 3e-4, "kl_coef": 0.02, "dense": True}
-
-
-def reward_text(completion: str) -> str:
-    """What every trainer's reward scores: the env's ``info["text"]`` rule."""
-    return completion.strip()
-
-
-class CountingReward:
-    """The textenvs metric as a TRL reward function over the dataset's ``references`` column,
-    counting the completions it scores (the measured completion budget).
-    """
-
-    def __init__(self, metric_name: str) -> None:
-        self.metric, self.scored = get_metric(metric_name), 0
-        self.__name__ = metric_name
-
-    def __call__(self, completions, references, **kwargs) -> list[float]:
-        self.scored += len(completions)
-        return [self.metric(reward_text(c), refs) for c, refs in zip(completions, references)]
-
-
-def grid(args: argparse.Namespace, trainer: str) -> list[dict]:
-    """The documented grid of one trainer: the same number of points for every trainer."""
-    third = ("dense", args.grid_dense) if trainer == "textenvs_ppo" else ("group", args.grid_group)
-    return [
-        {"learning_rate": lr, "kl_coef": kl, third[0]: value}
-        for lr, kl, value in itertools.product(args.grid_lr, args.grid_kl, third[1])
-    ]
-
-
-def trl_config(kind: str, args: argparse.Namespace, point: dict | None, seed: int, out: str):
-    """TRL's config for a grid point (None: TRL's defaults) at this comparison's budget."""
-    from trl import GRPOConfig, RLOOConfig
-
-    kw = dict(
-        output_dir=out,
-        per_device_train_batch_size=args.batch,
-        gradient_accumulation_steps=1,
-        steps_per_generation=1,
-        num_iterations=1,
-        max_steps=args.completions // args.batch,
-        max_completion_length=args.max_new_tokens,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        disable_dropout=True,
-        gradient_checkpointing=False,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        use_cpu=args.device == "cpu",
-        bf16=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=max(1, args.completions // args.batch),
-        seed=seed,
-    )
-    if point is not None:
-        kw.update(
-            learning_rate=point["learning_rate"],
-            beta=point["kl_coef"],
-            num_generations=point["group"],
-        )
-        if kind == "rloo":
-            kw["normalize_advantages"] = True
-    return (GRPOConfig if kind == "grpo" else RLOOConfig)(**kw)
-
-
-def ours_config(args, point: dict | None, seed: int, env_id: str, model: str, metric: str):
-    """Our config for a grid point (None: our defaults) at this comparison's budget."""
-    point = point or OURS_DEFAULTS
-    return TokenPPOConfig(
-        env_id=env_id,
-        model=model,
-        reward=metric,
-        dense=point["dense"],
-        num_envs=args.batch,
-        minibatch_size=args.batch,  # one optimizer step per batch of completions, as TRL
-        num_epochs=1,
-        max_new_tokens=args.max_new_tokens,
-        total_episodes=args.completions,
-        learning_rate=point["learning_rate"],
-        kl_coef=point["kl_coef"],
-        temperature=1.0,
-        device=args.device,
-        seed=seed,
-    )
-
-
-def like_config(algorithm: str, args, seed: int, env_id: str, model: str, metric: str):
-    """Our GRPO / RLOO with TRL's math for the same algorithm (``--like-with-like``).
-
-    GRPO as TRL's ``GRPOTrainer`` with ``loss_type="bnpo"``, ``scale_rewards="group"``: the
-    completion's reward (the metric at the end) normalised within its group, one ratio per token,
-    the loss averaged over the batch's tokens, ``beta`` times the k3 KL of the current policy in the
-    loss. RLOO as TRL's ``RLOOTrainer``: the reward minus ``beta`` times the completion's summed k1
-    KL, the leave-one-out baseline, one ratio per completion, the loss averaged over completions.
-    """
-    math = {
-        "grpo": dict(kl_placement="loss", kl_estimator="k3", ratio_level="token"),
-        "rloo": dict(kl_placement="reward", kl_estimator="k1", ratio_level="sequence"),
-    }[algorithm]
-    return TokenPPOConfig(
-        env_id=env_id,
-        model=model,
-        reward=metric,
-        dense=False,  # TRL scores the finished completion
-        estimator=algorithm,
-        group_size=args.group,
-        num_envs=args.batch,
-        minibatch_size=args.batch,
-        num_epochs=1,
-        max_new_tokens=args.max_new_tokens,
-        total_episodes=args.completions,
-        learning_rate=args.learning_rate,
-        kl_coef=args.kl_coef,
-        temperature=1.0,
-        device=args.device,
-        seed=seed,
-        **math,
-    )
-
-
-def like_trl_config(algorithm: str, args, seed: int, out: str):
-    """TRL's config at the same math as :func:`like_config`."""
-    config = trl_config(
-        algorithm,
-        args,
-        {"learning_rate": args.learning_rate, "kl_coef": args.kl_coef, "group": args.group},
-        seed,
-        out,
-    )
-    config.adam_epsilon = 1e-5  # ours; AdamW with TRL's weight_decay 0 is our Adam
-    if algorithm == "grpo":
-        config.loss_type, config.scale_rewards = "bnpo", "group"
-    else:
-        config.normalize_advantages = False
-    return config
-
-
-class Stopwatch:
-    """Seconds spent inside one method of an object (patched on the instance)."""
-
-    def __init__(self, obj, name: str) -> None:
-        self.seconds, method = 0.0, getattr(obj, name)
-
-        def timed(*args, **kwargs):
-            start = time.time()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                self.seconds += time.time() - start
-
-        setattr(obj, name, timed)
-
-
-def train_like(name: str, args, seed: int, ctx: dict) -> dict:
-    """One run of ours or TRL's at the like-with-like settings; test metrics, budget, speed and
-    where the time went."""
-    algorithm = name.removeprefix("textenvs_")
-    if name.startswith("textenvs_"):
-        config = like_config(algorithm, args, seed, ctx["env_id"], ctx["model"], ctx["metric"])
-        trainer, history, completions, steps, wall = run_ours(config)
-        split = {k: sum(h[k] for h in history) for k in ("rollout_s", "reference_s", "update_s")}
-        lm = trainer.lm
-    else:
-        watch = {}
-        trl_args = like_trl_config(
-            algorithm, args, seed, tempfile.mkdtemp(prefix=f"textenvs-{name}-")
-        )
-        lm, completions, steps, wall = run_trl(
-            name,
-            trl_args,
-            ctx,
-            args.device,
-            lambda t: watch.setdefault("g", Stopwatch(t, "_generate_and_score_completions")),
-        )
-        split = {  # TRL computes the reference log-probs inside its generation step
-            "generation_reward_reference_s": watch["g"].seconds,
-            "update_and_rest_s": wall - watch["g"].seconds,
-        }
-    metrics = greedy_metrics(
-        lm, ctx["env_id"], "test", args.eval_samples, args.max_new_tokens, ctx["metric"]
-    )
-    return {
-        **run_result(metrics, completions, steps, wall),
-        "time_split_s": {k: round(v, 2) for k, v in split.items()},
-    }
-
-
-def like_with_like(args, ctx: dict) -> dict:
-    """Each algorithm: ours and TRL's at identical settings, ``--seeds`` seeds each, paired by
-    seed and test sample; the metric difference with its CI and the speed ratio."""
-    report = {}
-    for algorithm in args.algorithms:
-        ours_name, trl_name = PAIRS[algorithm]
-        runs = {}
-        for name in (ours_name, trl_name):
-            runs[name] = [train_like(name, args, seed, ctx) for seed in range(args.seeds)]
-            print(json.dumps({name: [r["mean"] for r in runs[name]]}), flush=True)
-        ours, theirs = runs[ours_name], runs[trl_name]
-        diff, lo, hi = hierarchical_bootstrap(
-            [np.asarray(a["metrics"]) - np.asarray(b["metrics"]) for a, b in zip(ours, theirs)]
-        )
-        rows = {}
-        for name, rs in runs.items():
-            mean, rlo, rhi = hierarchical_bootstrap([r["metrics"] for r in rs])
-            split_keys = rs[0]["time_split_s"]
-            rows[name] = {
-                "runs": rs,
-                "test_metric": mean,
-                "test_ci": [rlo, rhi],
-                "completions": [r["completions"] for r in rs],
-                "optimizer_steps": [r["optimizer_steps"] for r in rs],
-                "completions_per_s": float(np.mean([r["completions_per_s"] for r in rs])),
-                "time_split_s": {
-                    k: float(np.mean([r["time_split_s"][k] for r in rs])) for k in split_keys
-                },
-            }
-        report[algorithm] = {
-            **rows,
-            "ours_minus_trl": diff,
-            "ours_minus_trl_ci": [lo, hi],
-            "metric_equal_within_ci": lo <= 0 <= hi,
-            "speed_ratio": rows[ours_name]["completions_per_s"]
-            / rows[trl_name]["completions_per_s"],
-        }
-    return report
-
-
-def like_table(report: dict) -> str:
-    lines = [
-        "| algorithm | trainer | completions | optimizer steps | test metric (95% CI) "
-        "| ours - TRL (95% CI) | completions/s | time split (s per run) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for algorithm, row in report.items():
-        for name in PAIRS[algorithm]:
-            r = row[name]
-            diff = (
-                f"{row['ours_minus_trl']:+.4f} ({row['ours_minus_trl_ci'][0]:+.4f}, "
-                f"{row['ours_minus_trl_ci'][1]:+.4f})"
-                if name.startswith("textenvs_")
-                else f"speed ratio {row['speed_ratio']:.2f}x"
-            )
-            split = ", ".join(f"{k[:-2]} {v:.1f}" for k, v in r["time_split_s"].items())
-            lines.append(
-                f"| {algorithm} | {name} | {sorted(set(r['completions']))} "
-                f"| {sorted(set(r['optimizer_steps']))} | {r['test_metric']:.4f} "
-                f"({r['test_ci'][0]:.4f}, {r['test_ci'][1]:.4f}) | {diff} "
-                f"| {r['completions_per_s']:.1f} | {split} |"
-            )
-    return "\n".join(lines)
-
-
-def run_ours(config: TokenPPOConfig):
-    """Train our token trainer; returns it, its training history, the completions it sampled, its
-    optimizer steps (counted by a hook on the optimizer) and the wall seconds of ``train()``."""
-    trainer = TokenPPO(config)
-    steps = [0]
-    trainer.optimizer.register_step_post_hook(lambda *a: steps.__setitem__(0, steps[0] + 1))
-    start = time.time()
-    history = trainer.train(progress=False)
-    wall = time.time() - start
-    return trainer, history, trainer.iteration * trainer.episodes_per_iteration, steps[0], wall
-
-
-def run_trl(name: str, trl_args, ctx: dict, device: str, on_trainer=None):
-    """Train TRL's ``GRPOTrainer`` / ``RLOOTrainer`` on the shared prompts and reward; returns the
-    trained model (as our LanguageModel), the completions its reward scored, its optimizer steps
-    and the wall seconds of ``train()``. ``on_trainer(trainer)`` runs before training."""
-    from trl import GRPOTrainer, RLOOTrainer
-
-    reward = CountingReward(ctx["metric"])
-    trainer = (GRPOTrainer if name == "grpo" else RLOOTrainer)(
-        model=ctx["model"],
-        reward_funcs=reward,
-        args=trl_args,
-        train_dataset=ctx["train_dataset"],
-    )
-    if on_trainer is not None:
-        on_trainer(trainer)
-    start = time.time()
-    trainer.train()
-    wall = time.time() - start
-    final = str(Path(trl_args.output_dir) / "final")
-    trainer.save_model(final)
-    lm = LanguageModel(final, device=device)
-    shutil.rmtree(trl_args.output_dir, ignore_errors=True)
-    return lm, reward.scored, trainer.state.global_step, wall
-
-
-def run_result(metrics: list[float], completions: int, steps: int, wall: float) -> dict:
-    """One run's record: per-sample test metrics, the measured budget and the speed."""
-    return {
-        "metrics": metrics,
-        "mean": float(np.mean(metrics)),
-        "completions": completions,
-        "optimizer_steps": steps,
-        "wall_s": round(wall, 2),
-        "completions_per_s": round(completions / wall, 2),
-    }
 
 
 def train_one(name: str, args, point: dict | None, seed: int, split: str, samples: int, ctx: dict):
