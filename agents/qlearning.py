@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from agents.checkpoint import check_zip_sizes, replace_file_atomically
+from agents.cli import add_config_arguments, config_from_args
 from agents.common import evaluate_policy, metric_of
 from agents.tabular import (  # noqa: F401  (make_tabular_env: importable from here, as before)
     check_tabular,
@@ -32,9 +33,27 @@ from agents.tabular import (  # noqa: F401  (make_tabular_env: importable from h
     make_tabular_env,
     rebuild_env,
 )
-from textenvs.checks import check_bool
-from textenvs.cli import float_arg, int_arg, run_cli
+from textenvs.checks import check_bool, check_float, check_int
+from textenvs.cli import int_arg, json_object, run_cli
 from textenvs.wrappers import DiscretizeObservation, find_action_masks
+
+
+def _unit(name: str, value) -> float:
+    return check_float(name, value, 0, 1)
+
+
+# Every numeric field's type and range: checked by QLearningConfig.validate() (a config from
+# Python or from a save) and by the command line's flags.
+FIELD_CHECKS = {
+    "learning_rate": lambda n, v: check_float(n, v, 0, 1, low_open=True),
+    "gamma": _unit,
+    "epsilon_start": _unit,
+    "epsilon_end": _unit,
+    "epsilon_decay_fraction": _unit,
+    "initial_q": lambda n, v: check_float(n, v, -1e6, 1e6),
+    "lm_prior": lambda n, v: check_float(n, v, 0, 1000),
+    "seed": lambda n, v: check_int(n, v, 0, 2**32 - 1),
+}
 
 
 @dataclass
@@ -69,16 +88,8 @@ class QLearningConfig:
     def validate(self) -> None:
         for name in ("use_action_masks", "require_action_masks"):
             check_bool(name, getattr(self, name))
-        if not (0 < self.learning_rate <= 1):
-            raise ValueError(f"learning_rate must be in (0, 1], got {self.learning_rate}.")
-        if not (0 <= self.gamma <= 1):
-            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}.")
-        if not (0 <= self.lm_prior <= 1000):
-            raise ValueError(f"lm_prior must be in [0, 1000], got {self.lm_prior}.")
-        for name in ("epsilon_start", "epsilon_end", "epsilon_decay_fraction"):
-            value = getattr(self, name)
-            if not (0 <= value <= 1):
-                raise ValueError(f"{name} must be in [0, 1], got {value}.")
+        for name, check in FIELD_CHECKS.items():
+            check(name, getattr(self, name))
 
 
 def q_update(
@@ -358,6 +369,17 @@ def main(argv: list[str] | None = None) -> dict:
         default="textenvs/Summarize-v0",
         help="a textenvs id, or any Gymnasium id with Discrete actions (FrozenLake-v1, ...)",
     )
+    p.add_argument(
+        "--model",
+        help="the env's LM: textenvs/tiny, a save_pretrained folder or a hub name "
+        "(textenvs ids; default: the id's own)",
+    )
+    p.add_argument(
+        "--env-kwargs",
+        type=json_object,
+        default={},
+        help="JSON of more env keyword arguments, e.g. '{\"dense\": false}'",
+    )
     p.add_argument("--total-steps", type=int_arg(), default=20_000)
     p.add_argument("--k", type=int_arg(), default=4, help="top-k actions (textenvs ids)")
     p.add_argument("--discretizer", choices=["hash", "kmeans"], default="hash")
@@ -366,8 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--max-steps", type=int_arg(), default=16, help="tokens / edits per episode (textenvs ids)"
     )
-    p.add_argument("--learning-rate", type=float_arg(0, 1, low_open=True), default=0.1)
-    p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=0)
+    add_config_arguments(p, QLearningConfig, FIELD_CHECKS)  # every field, its docstring its help
     p.add_argument("--save", help="write the Q-table (npz) here")
     p.add_argument(
         "--eval-samples",
@@ -378,8 +399,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.save:
         check_save_path(args.save)  # before training, not after
+    config = config_from_args(QLearningConfig, vars(args).copy())
     env = make_cli_env(args, "train")
-    agent = QLearning(env, QLearningConfig(learning_rate=args.learning_rate, seed=args.seed))
+    agent = QLearning(env, config)
     start = time.time()
     agent.learn(args.total_steps, progress=True)
     train_s = time.time() - start

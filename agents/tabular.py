@@ -138,6 +138,9 @@ def make_cli_env(args: argparse.Namespace, split: str, fitted=None) -> gym.Env:
     from textenvs.wrappers import DiscretizeObservation
 
     if args.env_id.startswith("textenvs/"):
+        kwargs = {"max_steps": args.max_steps, **args.env_kwargs}
+        if args.model is not None:
+            kwargs["model"] = args.model
         return make_tabular_env(
             args.env_id,
             split,
@@ -147,9 +150,9 @@ def make_cli_env(args: argparse.Namespace, split: str, fitted=None) -> gym.Env:
             args.n_clusters,
             args.seed,
             fitted=fitted,
-            max_steps=args.max_steps,
+            **kwargs,
         )
-    env = gym.make(args.env_id)
+    env = gym.make(args.env_id, **args.env_kwargs)
     if isinstance(env.observation_space, spaces.Box):
         env = DiscretizeObservation(
             env,

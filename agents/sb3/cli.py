@@ -8,6 +8,7 @@ import json
 import time
 
 from agents.checkpoint import check_save_target
+from agents.cli import add_config_arguments, config_from_args
 from agents.sb3.build import (
     build,
     default_algo,
@@ -17,16 +18,33 @@ from agents.sb3.build import (
     train_callbacks,
 )
 from agents.sb3.checkpoint import save
-from agents.sb3.config import ALGOS, POLICIES, PRIOR_POLICIES, SB3Config
-from textenvs.cli import float_arg, int_arg
+from agents.sb3.config import ALGOS, FIELD_CHECKS, POLICIES, PRIOR_POLICIES, SB3Config
+from textenvs.cli import float_arg, int_arg, json_object
 
 
 def parser() -> argparse.ArgumentParser:
-    """The command line's flags."""
+    """The command line's flags: the env's (the same as every agent CLI's: ``--env-id``,
+    ``--model``, ``--env-kwargs``), every :class:`SB3Config` field (its docstring its help), the
+    run's (``--total-steps``, ``--save``, ``--eval-samples``)."""
     p = argparse.ArgumentParser(
         description="Stable-Baselines3 PPO / MaskablePPO on a textenvs env."
     )
     p.add_argument("--env-id", default="textenvs/Summarize-v0")
+    p.add_argument(
+        "--model",
+        help="the env's LM: textenvs/tiny, a save_pretrained folder or a hub name "
+        "(default: the id's own)",
+    )
+    p.add_argument(
+        "--env-kwargs",
+        type=json_object,
+        default={},
+        help="JSON of more env keyword arguments, e.g. '{\"dense\": false}' (over the flags)",
+    )
+    p.add_argument("--k", type=int_arg(), default=4, help="top-k actions / tokens")
+    p.add_argument(
+        "--max-steps", type=int_arg(), default=16, help="tokens / edits per episode at most"
+    )
     p.add_argument(
         "--algo",
         choices=ALGOS,
@@ -42,14 +60,7 @@ def parser() -> argparse.ArgumentParser:
         "flat_actions=True to an edit env; last_block (generation envs): train a copy of the LM's "
         "last block, starting at the LM; adds obs='context', layer=-2, candidates_obs=True",
     )
-    p.add_argument("--learning-rate", type=float_arg(0, 1, low_open=True), default=3e-4)
-    p.add_argument("--gae-lambda", type=float_arg(0, 1), default=0.95)
-    p.add_argument(
-        "--kl-coef",
-        type=float_arg(0),
-        default=0.0,
-        help="KL penalty to the LM in the reward (lm_prior / last_block with PPO)",
-    )
+    add_config_arguments(p, SB3Config, FIELD_CHECKS, skip=("algo", "policy"))
     p.add_argument(
         "--prior-temperature",
         type=float_arg(0, low_open=True),
@@ -64,14 +75,7 @@ def parser() -> argparse.ArgumentParser:
         "prompt of the train and test splits plus --max-steps)",
     )
     p.add_argument("--total-steps", type=int_arg(), default=20_000)
-    p.add_argument("--k", type=int_arg(), default=4, help="top-k actions / tokens")
-    p.add_argument(
-        "--max-steps", type=int_arg(), default=16, help="tokens / edits per episode at most"
-    )
-    p.add_argument("--num-envs", type=int_arg(), default=8)
-    p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=0)
-    p.add_argument("--tensorboard-log")
-    p.add_argument("--save")
+    p.add_argument("--save", help="write the trained agent here (a folder: agents.sb3.load)")
     p.add_argument("--eval-samples", type=int_arg(), default=200)
     return p
 
@@ -80,6 +84,9 @@ def config_of(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[SB3
     """The SB3Config and env keyword arguments the flags ask for (a flag that does not apply to
     the policy is refused by ``p.error``)."""
     env_kwargs = {"token_mode": "topk", "k": args.k, "max_steps": args.max_steps}
+    if args.model is not None:
+        env_kwargs["model"] = args.model
+    env_kwargs.update(args.env_kwargs)
     env_kwargs.update(policy_env_kwargs(args.policy, args.env_id))
     if args.context_positions is not None and args.policy != "last_block":
         p.error("--context-positions applies to --policy last_block")
@@ -89,24 +96,14 @@ def config_of(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[SB3
         env_kwargs["context_positions"] = args.context_positions or fitting_positions(
             args.env_id, **env_kwargs
         )
-    algo = args.algo or default_algo(args.env_id)
-    policy_kwargs = {}
+    fields = vars(args).copy()
+    fields["algo"] = args.algo or default_algo(args.env_id)
     if args.prior_temperature is not None:
-        if args.policy not in PRIOR_POLICIES or algo != "ppo":
+        if args.policy not in PRIOR_POLICIES or fields["algo"] != "ppo":
             p.error("--prior-temperature applies to PPO with --policy lm_prior or last_block")
-        policy_kwargs["prior_temperature"] = args.prior_temperature
-    config = SB3Config(
-        algo=algo,
-        policy=args.policy,
-        num_envs=args.num_envs,
-        learning_rate=args.learning_rate,
-        gae_lambda=args.gae_lambda,
-        kl_coef=args.kl_coef,
-        seed=args.seed,
-        policy_kwargs=policy_kwargs,
-        tensorboard_log=args.tensorboard_log,
-    )
-    return config, env_kwargs
+        temperature = {"prior_temperature": args.prior_temperature}
+        fields["policy_kwargs"] = {**args.policy_kwargs, **temperature}
+    return config_from_args(SB3Config, fields), env_kwargs
 
 
 def main(argv: list[str] | None = None) -> dict:

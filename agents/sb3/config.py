@@ -18,6 +18,22 @@ MAX_LAYER_WIDTH = 8192
 MAX_LAYERS = 16
 
 
+# Every numeric field's type and range: checked by SB3Config.validate() (a config from Python or
+# from a checkpoint's sb3_config.json) and by the command line's flags.
+FIELD_CHECKS = {
+    "learning_rate": lambda n, v: check_float(n, v, 0, 1, low_open=True),
+    "num_envs": lambda n, v: check_int(n, v, 1, MAX_NUM_ENVS),
+    "n_steps": lambda n, v: check_int(n, v, 1, MAX_ROLLOUT_STEPS),
+    "batch_size": lambda n, v: check_int(n, v, 1, MAX_ROLLOUT_STEPS),
+    "n_epochs": lambda n, v: check_int(n, v, 1, 10_000),
+    "gamma": lambda n, v: check_float(n, v, 0, 1),
+    "gae_lambda": lambda n, v: check_float(n, v, 0, 1),
+    "ent_coef": lambda n, v: check_float(n, v, 0),
+    "kl_coef": lambda n, v: check_float(n, v, 0),
+    "seed": lambda n, v: check_int(n, v, 0, 2**32 - 1),
+}
+
+
 @dataclass
 class SB3Config:
     """How to build and train the SB3 model (anything else goes through ``policy_kwargs``)."""
@@ -71,21 +87,13 @@ class SB3Config:
             raise ValueError(
                 f"policy={self.policy!r} is not valid: choose one of {list(POLICIES)}."
             )
-        check_float("learning_rate", self.learning_rate, 0, 1, low_open=True)
-        check_int("num_envs", self.num_envs, 1, MAX_NUM_ENVS)
-        check_int("n_steps", self.n_steps, 1, MAX_ROLLOUT_STEPS)
+        for name, check in FIELD_CHECKS.items():
+            check(name, getattr(self, name))
         if self.num_envs * self.n_steps > MAX_ROLLOUT_STEPS:
             raise ValueError(
                 f"num_envs * n_steps = {self.num_envs * self.n_steps} steps per rollout; at most "
                 f"{MAX_ROLLOUT_STEPS} fit a rollout buffer: lower one of them."
             )
-        check_int("batch_size", self.batch_size, 1, MAX_ROLLOUT_STEPS)
-        check_int("n_epochs", self.n_epochs, 1, 10_000)
-        check_float("gamma", self.gamma, 0, 1)
-        check_float("gae_lambda", self.gae_lambda, 0, 1)
-        check_float("ent_coef", self.ent_coef, 0)
-        check_float("kl_coef", self.kl_coef, 0)
-        check_int("seed", self.seed, 0, 2**32 - 1)
         check_optional_str("tensorboard_log", self.tensorboard_log)
         check_policy_kwargs(self.policy, self.algo, self.policy_kwargs)
         if self.kl_coef and (self.policy not in PRIOR_POLICIES or self.algo != "ppo"):
