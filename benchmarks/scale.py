@@ -172,13 +172,17 @@ def completions(args, folder: Path) -> dict:
             / result["one_process_half_the_threads"]["completions_per_s"],
             3,
         )
-    if "ray" in args.skip:
-        return result
+    if "ray" not in args.skip:
+        result["ray_two_workers"] = _ray_two_workers(args, folder, 2 * per_process, cores)
+    return result
+
+
+def _ray_two_workers(args, folder: Path, episodes: int, cores: int) -> dict | str:
+    """The same run's episodes collected by two Ray workers (a learner beside them)."""
     try:
         import ray  # noqa: F401
     except ImportError:
-        result["ray_two_workers"] = "skipped: pip install 'textenvs[ray]'"
-        return result
+        return "skipped: pip install 'textenvs[ray]'"
     out = folder / "ray.json"
     _run(
         [
@@ -189,12 +193,11 @@ def completions(args, folder: Path) -> dict:
             "2",
             "--num-cpus",
             str(max(2, cores)),
-            *_token_ppo_args(args, 2 * per_process, out),
+            *_token_ppo_args(args, episodes, out),
         ],
         {"RAY_DISABLE_USAGE_STATS": "1"},
     )
-    result["ray_two_workers"] = _figures(out, 2)
-    return result
+    return _figures(out, 2)
 
 
 def _launch(processes: int) -> list[str]:

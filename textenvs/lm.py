@@ -192,37 +192,7 @@ class LanguageModel:
         self._greedy_cache: collections.OrderedDict | None = None
         self.device = resolve_device(device)
         self.dtype = dtype = resolve_dtype(dtype)
-        path = resolve_model_path(self.name)
-        refuse_remote_code(path)
-        if os.path.isdir(path):  # config vs weights, before from_pretrained allocates anything
-            from textenvs.weights import check_model_folder
-
-            check_model_folder(path)
-        try:
-            with quiet_loading():
-                self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-                self.model, loading = AutoModelForCausalLM.from_pretrained(
-                    path,
-                    trust_remote_code=False,
-                    use_safetensors=True,
-                    dtype=dtype,
-                    output_loading_info=True,
-                )
-        except (OSError, ValueError, KeyError) as e:
-            reason = "it needs its own code" if "trust_remote_code" in str(e) else str(e)
-            raise ValueError(
-                f"Could not load model {self.name!r} as a causal LM with safetensors weights "
-                f"({reason}). Use the built-in {TINY!r}, a folder written by `save_pretrained` "
-                "holding model.safetensors, or a hub name (needs network)."
-            ) from e
-        mismatched = {k: v for k, v in loading.items() if k != "error_msgs" and v}
-        if mismatched:
-            raise ValueError(
-                f"The weights of {self.name!r} do not match its config.json "
-                f"({', '.join(f'{k}: {sorted(v)[:3]}' for k, v in mismatched.items())}): the model "
-                "would run with random weights. Save model and config together with "
-                "`save_pretrained`."
-            )
+        self.tokenizer, self.model = self._load(resolve_model_path(self.name), dtype)
         self.model.to(self.device).eval()
         self.model.requires_grad_(False)
         fuse_tanh_gelu(self.model)
@@ -238,21 +208,7 @@ class LanguageModel:
                 f"The tokenizer of {self.name!r} has no EOS token: episodes could never end by "
                 "themselves."
             )
-        # An env decodes its text every step. Without clean-up of tokenization spaces, a fast
-        # tokenizer's decode is exactly its backend's, so decode() calls the backend directly and
-        # skips transformers' per-call argument conversion (half the cost of a short decode).
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        self._backend_decode = backend.decode if backend is not None else None
-        # A prompt's forward needs the logits of its last position only: models that take
-        # transformers' logits_to_keep skip the LM head for the others.
-        parameters = inspect.signature(self.model.forward).parameters
-        self.keeps_logits = "logits_to_keep" in parameters
-        # transformers 5.x names the KV cache argument `cache` (`past_key_values` is deprecated)
-        self.cache_keyword = "cache" if "cache" in parameters else "past_key_values"
-        # What one more forward costs in tokens of compute, for batching.extend_batch's grouping
-        # of tails: on a CPU a small model's forward is about 30 tokens' worth of fixed cost; on a
-        # GPU a forward is launch-bound, so padding is nearly free and the rows stay in one batch.
-        self.forward_overhead_tokens = 32.0 if self.device.type == "cpu" else 4096.0
+        self._note_fast_paths()
         config = self.model.config
         self.n_layers = config.num_hidden_layers
         if not -(self.n_layers + 1) <= layer <= self.n_layers:
@@ -286,6 +242,61 @@ class LanguageModel:
             if hasattr(module, "warn_if_padding_and_no_attention_mask"):
                 module.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
         self._check_causal()
+
+    def _load(self, path: str, dtype):
+        """The tokenizer and the causal LM of ``path`` (safetensors only, no remote code; a local
+        folder's config checked against its weights first); a ValueError that says what to use
+        instead."""
+        refuse_remote_code(path)
+        if os.path.isdir(path):  # config vs weights, before from_pretrained allocates anything
+            from textenvs.weights import check_model_folder
+
+            check_model_folder(path)
+        try:
+            with quiet_loading():
+                tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+                model, loading = AutoModelForCausalLM.from_pretrained(
+                    path,
+                    trust_remote_code=False,
+                    use_safetensors=True,
+                    dtype=dtype,
+                    output_loading_info=True,
+                )
+        except (OSError, ValueError, KeyError) as e:
+            reason = "it needs its own code" if "trust_remote_code" in str(e) else str(e)
+            raise ValueError(
+                f"Could not load model {self.name!r} as a causal LM with safetensors weights "
+                f"({reason}). Use the built-in {TINY!r}, a folder written by `save_pretrained` "
+                "holding model.safetensors, or a hub name (needs network)."
+            ) from e
+        mismatched = {k: v for k, v in loading.items() if k != "error_msgs" and v}
+        if mismatched:
+            raise ValueError(
+                f"The weights of {self.name!r} do not match its config.json "
+                f"({', '.join(f'{k}: {sorted(v)[:3]}' for k, v in mismatched.items())}): the model "
+                "would run with random weights. Save model and config together with "
+                "`save_pretrained`."
+            )
+        return tokenizer, model
+
+    def _note_fast_paths(self) -> None:
+        """What the step loop can skip for this model: transformers' decode wrapper, the LM head
+        at positions no one reads; the KV cache's argument name; a forward's fixed cost."""
+        # An env decodes its text every step. Without clean-up of tokenization spaces, a fast
+        # tokenizer's decode is exactly its backend's, so decode() calls the backend directly and
+        # skips transformers' per-call argument conversion (half the cost of a short decode).
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        self._backend_decode = backend.decode if backend is not None else None
+        # A prompt's forward needs the logits of its last position only: models that take
+        # transformers' logits_to_keep skip the LM head for the others.
+        parameters = inspect.signature(self.model.forward).parameters
+        self.keeps_logits = "logits_to_keep" in parameters
+        # transformers 5.x names the KV cache argument `cache` (`past_key_values` is deprecated)
+        self.cache_keyword = "cache" if "cache" in parameters else "past_key_values"
+        # What one more forward costs in tokens of compute, for batching.extend_batch's grouping
+        # of tails: on a CPU a small model's forward is about 30 tokens' worth of fixed cost; on a
+        # GPU a forward is launch-bound, so padding is nearly free and the rows stay in one batch.
+        self.forward_overhead_tokens = 32.0 if self.device.type == "cpu" else 4096.0
 
     @torch.inference_mode()
     def _check_causal(self) -> None:
