@@ -274,6 +274,7 @@ if torch.distributed.is_initialized():
     torch.distributed.all_gather_object(everyone, figures)
 if trainer.is_main:
     open(out, "w").write(json.dumps(everyone))
+trainer.runtime.close()
 """
 
 

@@ -66,6 +66,7 @@ def main(folder: str) -> None:
         (folder / "stats_2.json").write_text(json.dumps({**stats, "world": trainer.world}))
         save_file(params, folder / "params_2.safetensors")
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # the process group torn down, not left to the exit
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def main(folder: str, iterations: str, resume: str = "") -> None:
         report = {"longest": everyone, "iteration": trainer.iteration, "metric": metric}
         (folder / "report.json").write_text(json.dumps(report))
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # the process group torn down, not left to the exit
 
 
 if __name__ == "__main__":

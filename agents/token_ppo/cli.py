@@ -68,5 +68,5 @@ def main(argv: list[str] | None = None) -> dict | None:
         if json_out:
             saved = {**report, "config": dataclasses.asdict(trainer.config), "history": history}
             Path(json_out).write_text(json.dumps(saved, indent=1))
-    trainer.runtime.wait()
+    trainer.runtime.close()
     return report

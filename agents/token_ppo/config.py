@@ -75,8 +75,12 @@ FIELD_CHECKS = {
 
 @dataclass
 class TokenPPOConfig:
-    """Hyper-parameters of token-level PPO."""
+    """Hyper-parameters of token-level PPO (and GRPO, RLOO, NLPO), in sections: the env, the
+    rollout, optimisation, the estimator and the KL, NLPO, scale-out, I/O. Every field is a
+    ``--flag`` of ``python -m agents.token_ppo`` whose help is its docstring; every number is
+    checked by :data:`FIELD_CHECKS`."""
 
+    # -- the env -----------------------------------------------------------------------------------
     env_id: str = "textenvs/Summarize-v0"
     """A generation env id (its action space must be the vocabulary)."""
     env_kwargs: dict = dataclasses.field(default_factory=dict)
@@ -89,12 +93,25 @@ class TokenPPOConfig:
     """The env's reward metric (None: the task's default)."""
     dense: bool = True
     """Dense rewards (the metric's change every token) or the metric once at the end."""
+    device: str = "cpu"
+    """Torch device."""
+    dtype: str | None = None
+    """Weights' dtype (``float32``, ``bfloat16``, ``float16``; None: the checkpoint's). A large
+    model with LoRA: ``bfloat16`` base weights, the adapter stays float32 (peft's default)."""
+    seed: int = 0
+    """Seeds the env resets, the sampling and the minibatch order of every iteration."""
+
+    # -- the rollout -------------------------------------------------------------------------------
     num_envs: int = 32
     """Episodes per rollout: sub-envs of the batched env, one episode each."""
     max_new_tokens: int = 16
     """Tokens per episode at most."""
     total_episodes: int = 4096
     """Training budget in episodes (completions)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollout (1.0 samples the LM's own distribution)."""
+
+    # -- optimisation ------------------------------------------------------------------------------
     learning_rate: float = 3e-4
     """Adam learning rate at the start; annealed linearly to 0 when ``anneal_lr``."""
     anneal_lr: bool = True
@@ -116,19 +133,14 @@ class TokenPPOConfig:
     gamma: float = 1.0
     """Discount per token."""
     gae_lambda: float = 0.95
-    """GAE lambda. The main job's suite uses 0.5 (``benchmarks.run.TOKEN_PPO``): with a reward paid
-    every token it learned faster on Translate and Summarize (figures there and in the README)."""
-    kl_coef: float = 0.02
-    """Initial coefficient of the per-token KL penalty to the reference."""
-    adaptive_kl: bool = False
-    """Adapt ``kl_coef`` towards ``kl_target`` (Ziegler et al. 2019)."""
-    kl_target: float = 2.0
-    """Target KL per episode (nats) for the adaptive controller."""
-    kl_horizon: int = 10_000
-    """Horizon (episodes) of the adaptive controller."""
+    """GAE lambda. The main job's suite uses 0.5 (``TOKEN_PPO`` in
+    ``benchmarks/suite/settings.py``): with a reward paid every token it learned faster on
+    Translate and Summarize (the results page's "Tuning history")."""
     whiten_advantages: bool = True
     """Masked whitening of advantages over the rollout's tokens (``gae`` only: the group
     estimators normalise within each group)."""
+
+    # -- the estimator and the KL ------------------------------------------------------------------
     estimator: str = "gae"
     """The advantage estimator: ``gae`` (the value head and per-token GAE: PPO), ``grpo`` (each
     episode's return normalised within its group of completions of one prompt; no value head) or
@@ -136,15 +148,28 @@ class TokenPPOConfig:
     group_size: int = 4
     """Completions per prompt for ``grpo`` / ``rloo``: consecutive sub-envs play the same sample
     (it must divide ``num_envs``)."""
-    kl_placement: str = "reward"
-    """Where the KL to the reference goes: ``reward`` (``kl_coef`` times each token's KL subtracted
-    from its reward, PPO-RLHF's) or ``loss`` (``kl_coef`` times the mean per-token KL of the
-    current policy added to the loss, TRL GRPO's)."""
     ratio_level: str = "token"
     """The importance ratio of the clipped loss: ``token`` (one per token, the loss averaged over
     the batch's tokens: PPO, GRPO with TRL's ``loss_type="bnpo"``) or ``sequence`` (one per
     completion, the loss averaged over completions: RLOO as TRL's ``RLOOTrainer``; group
     estimators only)."""
+    kl_coef: float = 0.02
+    """Initial coefficient of the per-token KL penalty to the reference."""
+    kl_estimator: str = "k1"
+    """The per-token KL estimate: ``k1`` (``log pi - log pi_ref``) or ``k3``
+    (``exp(r) - r - 1``, ``r = log pi_ref - log pi``: never negative)."""
+    kl_placement: str = "reward"
+    """Where the KL to the reference goes: ``reward`` (``kl_coef`` times each token's KL subtracted
+    from its reward, PPO-RLHF's) or ``loss`` (``kl_coef`` times the mean per-token KL of the
+    current policy added to the loss, TRL GRPO's)."""
+    adaptive_kl: bool = False
+    """Adapt ``kl_coef`` towards ``kl_target`` (Ziegler et al. 2019)."""
+    kl_target: float = 2.0
+    """Target KL per episode (nats) for the adaptive controller."""
+    kl_horizon: int = 10_000
+    """Horizon (episodes) of the adaptive controller."""
+
+    # -- NLPO --------------------------------------------------------------------------------------
     nlpo_top_p: float = 0.0
     """NLPO (Ramamurthy et al. 2023, RL4LMs): sample only among the tokens of the masking
     policy's top-p nucleus (the log-probs of the update renormalised over the same tokens); 0
@@ -152,29 +177,8 @@ class TokenPPOConfig:
     iterations; it runs one incremental forward of its own per step."""
     nlpo_mu: int = 5
     """Iterations between refreshes of NLPO's masking policy."""
-    kl_estimator: str = "k1"
-    """The per-token KL estimate: ``k1`` (``log pi - log pi_ref``) or ``k3``
-    (``exp(r) - r - 1``, ``r = log pi_ref - log pi``: never negative)."""
-    temperature: float = 1.0
-    """Sampling temperature of the rollout (1.0 samples the LM's own distribution)."""
-    seed: int = 0
-    """Seeds the env resets, the sampling and the minibatch order of every iteration."""
-    device: str = "cpu"
-    """Torch device."""
-    dtype: str | None = None
-    """Weights' dtype (``float32``, ``bfloat16``, ``float16``; None: the checkpoint's). A large
-    model with LoRA: ``bfloat16`` base weights, the adapter stays float32 (peft's default)."""
-    eval_samples: int = 200
-    """Test-split samples of the greedy evaluation before and after training."""
-    eval_reward: str | None = None
-    """Metric of the greedy evaluation (None: the training reward), e.g. train on chrF, report BLEU.
-    """
-    checkpoint_dir: str | None = None
-    """Where checkpoints go (None: no checkpoints)."""
-    save_every: int = 0
-    """Checkpoint every this many iterations (0: only at the end)."""
-    tensorboard_log: str | None = None
-    """TensorBoard log folder (None: no logging)."""
+
+    # -- scale-out ---------------------------------------------------------------------------------
     lora_r: int = 0
     """LoRA rank (peft); 0 trains every weight. With LoRA the reference is the base model with the
     adapter switched off (no second copy of the weights) and checkpoints hold the adapter."""
@@ -201,6 +205,19 @@ class TokenPPOConfig:
     per minibatch. The gradients are the same (no dropout runs in the update). Rollouts, the
     reference pass and evaluations build no graph and run as they are. With LoRA, DDP and
     ``fsdp``."""
+
+    # -- I/O: evaluation, checkpoints, logs --------------------------------------------------------
+    eval_samples: int = 200
+    """Test-split samples of the greedy evaluation before and after training."""
+    eval_reward: str | None = None
+    """Metric of the greedy evaluation (None: the training reward), e.g. train on chrF, report BLEU.
+    """
+    checkpoint_dir: str | None = None
+    """Where checkpoints go (None: no checkpoints)."""
+    save_every: int = 0
+    """Checkpoint every this many iterations (0: only at the end)."""
+    tensorboard_log: str | None = None
+    """TensorBoard log folder (None: no logging)."""
 
     def validate(self) -> None:
         for name in (

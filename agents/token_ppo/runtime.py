@@ -91,6 +91,10 @@ class SingleProcess:
     def after_reference(self, reference) -> None:
         """After the frozen reference's pass (nothing to free here)."""
 
+    def close(self) -> None:
+        """At the end of a run: every process waits for the others, then the process group is
+        torn down (a group left to the interpreter's exit can abort a process mid-teardown)."""
+
 
 class Accelerated(SingleProcess):
     """accelerate: DDP over the processes of a launch (or mixed precision in one process). Each
@@ -145,6 +149,10 @@ class Accelerated(SingleProcess):
 
     def prepare(self, policy, optimizer):
         return self.accelerator.prepare(policy, optimizer)
+
+    def close(self) -> None:
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()  # destroys the process group
 
     def backward_and_clip(self, loss: torch.Tensor, params, max_norm: float) -> None:
         self.accelerator.backward(loss)
