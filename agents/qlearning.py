@@ -33,26 +33,21 @@ from agents.tabular import (  # noqa: F401  (make_tabular_env: importable from h
     make_tabular_env,
     rebuild_env,
 )
-from textenvs.checks import check_bool, check_float, check_int
+from textenvs.checks import SEED, check_bool, floats
 from textenvs.cli import int_arg, json_object, run_cli
 from textenvs.wrappers import DiscretizeObservation, find_action_masks
-
-
-def _unit(name: str, value) -> float:
-    return check_float(name, value, 0, 1)
-
 
 # Every numeric field's type and range: checked by QLearningConfig.validate() (a config from
 # Python or from a save) and by the command line's flags.
 FIELD_CHECKS = {
-    "learning_rate": lambda n, v: check_float(n, v, 0, 1, low_open=True),
-    "gamma": _unit,
-    "epsilon_start": _unit,
-    "epsilon_end": _unit,
-    "epsilon_decay_fraction": _unit,
-    "initial_q": lambda n, v: check_float(n, v, -1e6, 1e6),
-    "lm_prior": lambda n, v: check_float(n, v, 0, 1000),
-    "seed": lambda n, v: check_int(n, v, 0, 2**32 - 1),
+    "learning_rate": floats(0, 1, low_open=True),
+    "gamma": floats(0, 1),
+    "epsilon_start": floats(0, 1),
+    "epsilon_end": floats(0, 1),
+    "epsilon_decay_fraction": floats(0, 1),
+    "initial_q": floats(-1e6, 1e6),
+    "lm_prior": floats(0, 1000),
+    "seed": SEED,
 }
 
 

@@ -48,6 +48,26 @@ def check_float(
     return float(value)
 
 
+def ints(low: int | None = None, high: int | None = None):
+    """``check(name, value)`` of an int in ``[low, high]`` (:func:`check_int`): the entries of a
+    config's table of field checks, and of the command line's flag types."""
+    return lambda name, value: check_int(name, value, low, high)
+
+
+def floats(
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+):
+    """``check(name, value)`` of a finite number in the range (:func:`check_float`)."""
+    return lambda name, value: check_float(name, value, low, high, low_open, high_open)
+
+
+SEED = ints(0, 2**32 - 1)
+"""A seed: an int NumPy's and torch's generators take."""
+
+
 def check_optional_str(name: str, value: Any) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ValueError(f"{name} must be a string or None, got {value!r}.")
@@ -78,13 +98,7 @@ def check_bool(name: str, value: Any) -> bool:
 
 
 def check_positive_int(name: str, value: Any) -> int:
-    if not (
-        isinstance(value, (int, np.integer))
-        and not isinstance(value, (bool, np.bool_))
-        and value >= 1
-    ):
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
-    return int(value)
+    return check_int(name, value, 1)
 
 
 def renamed_argument(

@@ -86,9 +86,9 @@ def json_object(text: str) -> dict:
 
 def int_arg(low: int | None = 1, high: int | None = None):
     """``type=`` for an int flag in ``[low, high]`` (default: a count, >= 1)."""
-    from textenvs.checks import check_int
+    from textenvs.checks import ints
 
-    return _arg_type(lambda n, v: check_int(n, v, low, high), int, "an int")
+    return checked_arg(int, ints(low, high))
 
 
 def float_arg(
@@ -98,8 +98,6 @@ def float_arg(
     high_open: bool = False,
 ):
     """``type=`` for a finite float flag in the range (NaN and infinities are refused)."""
-    from textenvs.checks import check_float
+    from textenvs.checks import floats
 
-    return _arg_type(
-        lambda n, v: check_float(n, v, low, high, low_open, high_open), float, "a number"
-    )
+    return checked_arg(float, floats(low, high, low_open, high_open))

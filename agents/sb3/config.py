@@ -6,7 +6,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from textenvs.checks import check_bool, check_float, check_int, check_optional_str
+from textenvs.checks import (
+    SEED,
+    check_bool,
+    check_float,
+    check_int,
+    check_optional_str,
+    floats,
+    ints,
+)
 
 ALGOS = ("ppo", "maskable_ppo")
 POLICIES = ("mlp", "lm_prior", "last_block")
@@ -21,16 +29,16 @@ MAX_LAYERS = 16
 # Every numeric field's type and range: checked by SB3Config.validate() (a config from Python or
 # from a checkpoint's sb3_config.json) and by the command line's flags.
 FIELD_CHECKS = {
-    "learning_rate": lambda n, v: check_float(n, v, 0, 1, low_open=True),
-    "num_envs": lambda n, v: check_int(n, v, 1, MAX_NUM_ENVS),
-    "n_steps": lambda n, v: check_int(n, v, 1, MAX_ROLLOUT_STEPS),
-    "batch_size": lambda n, v: check_int(n, v, 1, MAX_ROLLOUT_STEPS),
-    "n_epochs": lambda n, v: check_int(n, v, 1, 10_000),
-    "gamma": lambda n, v: check_float(n, v, 0, 1),
-    "gae_lambda": lambda n, v: check_float(n, v, 0, 1),
-    "ent_coef": lambda n, v: check_float(n, v, 0),
-    "kl_coef": lambda n, v: check_float(n, v, 0),
-    "seed": lambda n, v: check_int(n, v, 0, 2**32 - 1),
+    "learning_rate": floats(0, 1, low_open=True),
+    "num_envs": ints(1, MAX_NUM_ENVS),
+    "n_steps": ints(1, MAX_ROLLOUT_STEPS),
+    "batch_size": ints(1, MAX_ROLLOUT_STEPS),
+    "n_epochs": ints(1, 10_000),
+    "gamma": floats(0, 1),
+    "gae_lambda": floats(0, 1),
+    "ent_coef": floats(0),
+    "kl_coef": floats(0),
+    "seed": SEED,
 }
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from textenvs.checks import check_bool, check_float, check_int, check_optional_str
+from textenvs.checks import SEED, check_bool, check_optional_str, floats, ints
 
 ESTIMATOR_CHOICES = {
     "estimator": ("gae", "grpo", "rloo"),
@@ -30,46 +30,34 @@ ESTIMATOR_FIELDS = (
 )
 
 
-def _count(name: str, value) -> int:
-    return check_int(name, value, 1)
-
-
-def _at_least(low: float, open_: bool = False):
-    return lambda name, value: check_float(name, value, low, low_open=open_)
-
-
-def _unit(name: str, value) -> float:
-    return check_float(name, value, 0, 1)
-
-
 # Every numeric field's type and range: checked by TokenPPOConfig.validate() and by the command
 # line's flags (the same message, before any work).
 FIELD_CHECKS = {
-    "num_envs": _count,
-    "max_new_tokens": _count,
-    "total_episodes": _count,
-    "num_epochs": _count,
-    "minibatch_size": _count,
-    "group_size": _count,
-    "nlpo_mu": _count,
-    "kl_horizon": _count,
-    "eval_samples": _count,
-    "seed": lambda name, value: check_int(name, value, 0, 2**32 - 1),
-    "save_every": lambda name, value: check_int(name, value, 0),
-    "lora_r": lambda name, value: check_int(name, value, 0),
-    "learning_rate": _at_least(0, open_=True),
-    "clip_range": _at_least(0, open_=True),
-    "clip_range_value": _at_least(0, open_=True),
-    "temperature": _at_least(0, open_=True),
-    "max_grad_norm": _at_least(0, open_=True),
-    "kl_target": _at_least(0, open_=True),
-    "lora_alpha": _at_least(0, open_=True),
-    "vf_coef": _at_least(0),
-    "ent_coef": _at_least(0),
-    "kl_coef": _at_least(0),
-    "gamma": _unit,
-    "gae_lambda": _unit,
-    "nlpo_top_p": _unit,
+    "num_envs": ints(1),
+    "max_new_tokens": ints(1),
+    "total_episodes": ints(1),
+    "num_epochs": ints(1),
+    "minibatch_size": ints(1),
+    "group_size": ints(1),
+    "nlpo_mu": ints(1),
+    "kl_horizon": ints(1),
+    "eval_samples": ints(1),
+    "seed": SEED,
+    "save_every": ints(0),
+    "lora_r": ints(0),
+    "learning_rate": floats(0, low_open=True),
+    "clip_range": floats(0, low_open=True),
+    "clip_range_value": floats(0, low_open=True),
+    "temperature": floats(0, low_open=True),
+    "max_grad_norm": floats(0, low_open=True),
+    "kl_target": floats(0, low_open=True),
+    "lora_alpha": floats(0, low_open=True),
+    "vf_coef": floats(0),
+    "ent_coef": floats(0),
+    "kl_coef": floats(0),
+    "gamma": floats(0, 1),
+    "gae_lambda": floats(0, 1),
+    "nlpo_top_p": floats(0, 1),
 }
 
 
