@@ -184,12 +184,10 @@ class Sharded(Accelerated):
 
         return gathered(self.units)
 
-    def prepare(self, policy, optimizer):
-        return policy, optimizer  # fully_shard already wraps the modules
-
-    def backward_and_clip(self, loss: torch.Tensor, params, max_norm: float) -> None:
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    # fully_shard already wraps the modules, and its gradients are reduced by their own hooks:
+    # the plain PyTorch prepare and backward, not accelerate's
+    prepare = SingleProcess.prepare
+    backward_and_clip = SingleProcess.backward_and_clip
 
     def after_reference(self, reference) -> None:
         # FSDP keeps a root's parameters whole after its forward (for the backward that

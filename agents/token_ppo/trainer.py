@@ -12,6 +12,7 @@ import functools
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,7 +212,7 @@ class TokenPPO:
         """The frozen reference's log-probs of the rollout's tokens: one full-sequence pass (with
         LoRA, the same weights with the adapter switched off: no second copy of the model)."""
         model = self.reference if self.peft is None else self.model
-        adapter_off = self.peft.disable_adapter() if self.peft is not None else _no_context()
+        adapter_off = self.peft.disable_adapter() if self.peft is not None else nullcontext()
         with adapter_off:
             logp = sequence_outputs(
                 model,
@@ -379,9 +380,3 @@ class TokenPPO:
         that transformers and ``gym.make(id, model=folder)`` load; with LoRA, the adapter merged
         into a copy of the base weights (:func:`agents.token_ppo.checkpoint.export`)."""
         return checkpoint.export(self, folder)
-
-
-def _no_context():
-    from contextlib import nullcontext
-
-    return nullcontext()
