@@ -782,3 +782,42 @@ def test_nan_weights_and_an_inflating_optimizer_file_are_refused(token_checkpoin
                 member.write(bytes(2**24))
     with pytest.raises(ValueError, match="inflates to"):
         _fresh(config).load_checkpoint(copy)
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ({"revision": 5}, "revision.* must be a string, got int 5"),
+        ({"prompt_template": "no placeholder"}, "prompt_template.* must be a string holding"),
+    ],
+)
+def test_benchmark_dataset_kwargs_are_type_checked(extra, match):
+    from tests.hub_fixtures import hub_fixture
+
+    with pytest.raises(ValueError, match=match):
+        _make(CNN, dataset_kwargs={**hub_fixture("cnn_dailymail"), **extra})
+
+
+def test_a_symlink_save_target_and_a_folder_where_a_file_goes_are_refused(tmp_path):
+    real = tmp_path / "real"
+    checkpoint.save_atomically(real, _write_one)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(ValueError, match="is a symlink"):
+        checkpoint.save_atomically(link, _write_one)
+    assert link.is_symlink() and (real / "weights.bin").read_bytes() == b"new"
+    folder = _user_folder(tmp_path / "table.npz")
+    with pytest.raises(ValueError, match="is a folder or a symlink"):
+        checkpoint.replace_file_atomically(folder, lambda p: p.write_bytes(b"x"))
+    assert (folder / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_qlearning_save_that_inflates_is_refused_before_reading(tmp_path, monkeypatch):
+    from agents import qlearning
+
+    monkeypatch.setattr(qlearning, "MAX_SAVE_MEMBER_BYTES", 2**20)  # the cap, scaled down
+    path = tmp_path / "q.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("q.npy", bytes(2**24))  # 16 MB of zeros, a few KB compressed
+    with pytest.raises(ValueError, match="inflates to"):
+        QLearning.load(path)
