@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -81,3 +82,18 @@ def random_gpt2_dir(tmp_path_factory) -> str:
         GPT2LMHeadModel(config).save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)
     return str(path)
+
+
+@contextlib.contextmanager
+def one_launch_at_a_time():
+    """Hold a lock shared by every pytest-xdist worker while a multi-process launch runs: two
+    launches at once on 2 cores compete for a free port (picked, released, then bound by
+    torchrun) and for the CPU, and a process of one was seen to abort or the other to hang."""
+    import fcntl
+
+    with open(os.path.join(tempfile.gettempdir(), "textenvs-tests-launch.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

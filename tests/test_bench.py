@@ -558,11 +558,14 @@ def test_verdict_names_the_agents_that_beat_the_greedy_lm():
 def test_scale_script_reports_completions_and_sharded_memory():
     pytest.importorskip("accelerate")
     from benchmarks import scale
+    from tests.conftest import one_launch_at_a_time
 
-    result = scale.main(
-        ["--skip", "memory", "--skip", "ray", "--iterations", "1", "--num-envs", "2"]
-        + ["--max-new-tokens", "3", "--sharded-model", "textenvs/tiny", "--checkpoint-length", "64"]
-    )
+    with one_launch_at_a_time():  # its 2-process launches, none beside another test's
+        result = scale.main(
+            ["--skip", "memory", "--skip", "ray", "--iterations", "1", "--num-envs", "2"]
+            + ["--max-new-tokens", "3", "--sharded-model", "textenvs/tiny"]
+            + ["--checkpoint-length", "64"]
+        )
     one, two = result["completions"]["one_process"], result["completions"]["two_processes"]
     assert (one["processes"], one["episodes"]) == (1, 2)
     assert (two["processes"], two["episodes"]) == (2, 4)  # each process its own 2 episodes

@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("accelerate", reason="pip install -e '.[accelerate]'")
 
 from agents.token_ppo import TokenPPO, TokenPPOConfig, collect_rollout  # noqa: E402
+from tests.conftest import one_launch_at_a_time  # noqa: E402
 from tests.test_token_ppo import small_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,9 +46,10 @@ def accelerate_launch(args: list[str], processes: int = 2, timeout: int = 300):
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    with one_launch_at_a_time():
+        return subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
 
 
 def _config(model: str, **kw) -> TokenPPOConfig:
