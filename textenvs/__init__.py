@@ -48,6 +48,13 @@ EDIT_IDS = {
     "textenvs/EditTranslation-v0": {"task": "translate", "start": "source"},
 }
 
+# Conversations (textenvs.envs.dialogue): the agent plays one role, a responder the other. They
+# end themselves (the responder, max_turns or the context), so no registered step limit either.
+DIALOGUE_IDS = {
+    "textenvs/Dialogue-v0": {"task": "briefing"},
+    "textenvs/Chat-v0": {},
+}
+
 ENV_IDS: list[str] = []
 
 
@@ -80,6 +87,10 @@ for _id, _kwargs in GENERATION_IDS.items():
         "textenvs.envs.generate:TextGenerationEnv",
         "textenvs.vector:GenerationVectorEnv",
         _kwargs,
+    )
+for _id, _kwargs in DIALOGUE_IDS.items():
+    _register(
+        _id, "textenvs.envs.dialogue:DialogueEnv", "textenvs.vector:DialogueVectorEnv", _kwargs
     )
 for _id, _kwargs in EDIT_IDS.items():
     _register(_id, "textenvs.envs.edit:TextEditEnv", "textenvs.vector:EditVectorEnv", _kwargs)
@@ -136,6 +147,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "BENCHMARK_IDS",
+    "DIALOGUE_IDS",
     "ENV_IDS",
     "METRIC_NAMES",
     "TINY",

@@ -236,6 +236,18 @@ class LockstepBatch:
         self.rows[i] = seq
 
     @torch.inference_mode()
+    def release(self, i: int) -> TokenSequence:
+        """Take row ``i``'s sequence out of the batch with its own cache (a copy of its valid
+        slots, in order); the row is empty until the next :meth:`adopt`."""
+        seq = self.rows[i]
+        slots = self.mask[i].nonzero().flatten()  # (len(seq),) its valid slots, in order
+        seq.cache = kvcache.copy_row_slots(self.cache, i, slots)
+        self.mask[i] = 0
+        self.lengths[i] = 0
+        self.rows[i] = None
+        return seq
+
+    @torch.inference_mode()
     def advance(
         self, tokens: list[int], stepping: list[int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,3 +327,35 @@ def greedy_batch(lm: LanguageModel, prompts: list[list[int]], max_new_tokens: in
         texts[i] = lm.decode(new[row]).strip()
         lm.remember_greedy(prompts[i], max_new_tokens, texts[i])
     return texts
+
+
+@torch.inference_mode()
+def sample_turns(
+    lm: LanguageModel,
+    seqs: list[TokenSequence],
+    logits: torch.Tensor,
+    pick,
+    end_ids: frozenset[int],
+    max_new_tokens: int,
+) -> list[list[int]]:
+    """Continue each sequence (its own cache; ``logits`` ``(R, V)`` its next-token logits) with
+    tokens chosen by ``pick(logits) -> list[int]`` until it writes one of ``end_ids`` or
+    ``max_new_tokens`` tokens: ONE forward per token for the rows still writing (a
+    :class:`LockstepBatch`). Every chosen token, the end token included, is appended to its
+    sequence's ids and cache (it is part of the conversation). Returns each row's new tokens."""
+    batch = LockstepBatch(lm, len(seqs))
+    for row, seq in enumerate(seqs):
+        batch.adopt(row, seq)
+    new: list[list[int]] = [[] for _ in seqs]
+    writing = list(range(len(seqs)))
+    while writing and max_new_tokens > 0:
+        tokens = pick(logits)
+        for row in writing:
+            new[row].append(tokens[row])
+        _, logits = batch.advance(tokens, writing)
+        writing = [
+            row for row in writing if tokens[row] not in end_ids and len(new[row]) < max_new_tokens
+        ]
+    for row in range(len(seqs)):
+        batch.release(row)
+    return new

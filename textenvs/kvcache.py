@@ -96,6 +96,20 @@ def take_row_segments(
 # -- caches of several rows that persist across forwards (textenvs.batching.LockstepBatch) -----
 
 
+def copy_row_slots(batch: DynamicCache, row: int, slots: torch.Tensor) -> DynamicCache:
+    """A cache of batch size 1 holding a copy of the positions ``slots`` ``(n,)`` of ``row``, in
+    that order (a row's valid slots, taken out of a persistent batch)."""
+    return cache_from_layers(
+        [
+            (
+                layer.keys[row : row + 1].index_select(2, slots),  # (1, H, n, hd)
+                layer.values[row : row + 1].index_select(2, slots),
+            )
+            for layer in batch.layers
+        ]
+    )
+
+
 def zero_rows_like(cache: DynamicCache, rows: int) -> DynamicCache:
     """A cache of ``rows`` rows of zeros, each as long as ``cache`` (batch size 1) and of its dtype
     and device.

@@ -46,6 +46,7 @@ from gymnasium.vector.utils import batch_space
 
 from textenvs.batching import LockstepBatch, extend_batch, prefill_batch
 from textenvs.envs.base import TextEnv, invalid_rows, top_candidates
+from textenvs.envs.dialogue import DialogueEnv
 from textenvs.envs.edit import TextEditEnv
 from textenvs.envs.generate import TextGenerationEnv
 
@@ -421,6 +422,56 @@ class GenerationVectorEnv(BatchedTextVectorEnv):
             candidates = top_candidates(logits, first.k).cpu().numpy()
             return [(*rows[i], candidates[i]) for i in stepping]
         return [rows[i] for i in stepping]
+
+
+class DialogueVectorEnv(GenerationVectorEnv):
+    """Batched :class:`~textenvs.envs.dialogue.DialogueEnv` (``vector_entry_point`` of the
+    dialogue ids).
+
+    A step asks the responder for the turns of every sub-env whose agent turn ends at it in ONE
+    :meth:`~textenvs.responders.Responder.reply_batch` (an LM responder generates them as one
+    batch), then runs the sub-envs that append one token in the persistent batch cache and those
+    that append a turn (their last token, the other party's turn and their next header) in one
+    padded, masked forward over their own caches (taken out of the batch and put back).
+    """
+
+    env_class = DialogueEnv
+
+    def _forward(self, stepping: list[int], tails: list[list[int]]) -> list:
+        envs = self.envs
+        handoffs = [k for k, i in enumerate(stepping) if envs[i].awaits_reply()]
+        tails = list(tails)
+        if handoffs:
+            conversations = [envs[stepping[k]].conversation_for_reply() for k in handoffs]
+            replies = envs[0].responder.reply_batch(conversations)
+            if len(replies) != len(conversations):
+                raise ValueError(
+                    f"Responder {envs[0].responder.name} returned {len(replies)} replies for "
+                    f"{len(conversations)} conversations: return one per conversation."
+                )
+            for k, conversation, reply in zip(handoffs, conversations, replies):
+                tails[k] = tails[k] + envs[stepping[k]].take_reply(reply, conversation)
+        results: list = [None] * len(stepping)
+        single = [k for k, tail in enumerate(tails) if len(tail) == 1]
+        if single:
+            rows = super()._forward([stepping[k] for k in single], [tails[k] for k in single])
+            for k, result in zip(single, rows):
+                results[k] = result
+        turns = [k for k, tail in enumerate(tails) if len(tail) > 1]
+        if turns:
+            seqs = []
+            for k in turns:
+                i = stepping[k]
+                seqs.append(
+                    self.batch.release(i)
+                    if self.batch.rows[i] is envs[i].sequence
+                    else envs[i].sequence  # reset on its own: not in the batch yet
+                )
+            outs = extend_batch(self.lm, seqs, [tails[k] for k in turns])
+            for k, seq, out in zip(turns, seqs, outs):
+                self.batch.adopt(stepping[k], seq)
+                results[k] = out
+        return results
 
 
 class EditVectorEnv(BatchedTextVectorEnv):
