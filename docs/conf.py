@@ -48,6 +48,10 @@ SUMMARIES = {
     "textenvs/IMDBSentiment-v0": "Continue an IMDB review positively, scored by a sentiment "
     "classifier (`stanfordnlp/imdb`).",
     "textenvs/CommonGen-v0": "Write a sentence that uses a set of concepts (`allenai/common_gen`).",
+    "textenvs/Dialogue-v0": "Answer a user's questions about an article over several turns "
+    "(built-in multi-turn task, offline); the KV cache is kept across turns.",
+    "textenvs/Chat-v0": "The dialogue env for any conversations: `dataset=` a JSONL file of "
+    '`{"messages": [...]}`, a responder of your choice.',
     "textenvs/Edit-v0": "The edit env for any `task=` / `dataset=`.",
     "textenvs/EditSummary-v0": "Edit the LM's draft headline towards the reference "
     "(built-in task).",

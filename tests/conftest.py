@@ -41,6 +41,8 @@ BENCHMARK_KWARGS: dict[str, dict] = {
 FAST_KWARGS: dict[str, dict] = {
     env_id: {"max_steps": 6, **BENCHMARK_KWARGS.get(env_id, {})}
     if env_id in textenvs.GENERATION_IDS
+    else {"max_turn_tokens": 3, "max_turns": 2}
+    if env_id in textenvs.DIALOGUE_IDS
     else {"max_steps": 6, "max_len": 16}
     for env_id in ENV_IDS
 }

@@ -150,6 +150,10 @@ def test_both_env_kinds_share_the_knob_names(env_id):
     data = BENCHMARK_KWARGS.get(env_id, {})  # a benchmark id's fixture and stand-in model
     env = gym.make(env_id, token_mode="topk", k=3, max_steps=2, **data).unwrapped
     assert (env.token_mode, env.k, env.max_steps) == ("topk", 3, 2)
+    if env_id in textenvs.DIALOGUE_IDS:  # new ids: no deprecated names
+        with pytest.raises(ValueError, match="max_turn_tokens="):
+            gym.make(env_id, max_new_tokens=2)
+        return
     old = "max_edits" if textenvs.is_edit_env(env_id) else "max_new_tokens"
     with pytest.warns(DeprecationWarning, match=f"{old}= is deprecated"):
         aliased = gym.make(env_id, **{old: 2}, **data).unwrapped
@@ -225,7 +229,8 @@ def test_context_observations_pass_both_checkers_and_replay_by_seed(env_id, toke
         with pytest.raises(ValueError, match="obs="):
             make(env_id, **kwargs)
         return
-    kwargs["context_positions"] = 96
+    # a conversation's opening is longer than a built-in prompt
+    kwargs["context_positions"] = 256 if env_id in textenvs.DIALOGUE_IDS else 96
     env = make(env_id, **kwargs).unwrapped
     gym_check_env(env, skip_render_check=True)
     check_env(env, warn=False)

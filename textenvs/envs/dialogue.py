@@ -22,8 +22,8 @@ from textenvs.rewards import get_metric, metric_name
 from textenvs.tasks.dialogue import Dialogue, DialogueTask, resolve_dialogue_task
 from textenvs.tasks.loaders import SampleSubset
 
-STOPS = ("responder", "max_turns", "context")
-TURN_ENDS = ("eos", "max_turn_tokens")
+STOPS = ("responder", "max_turns", "max_steps", "context")
+TURN_ENDS = ("eos", "max_turn_tokens", "max_steps")
 _OPENING_LENGTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -73,8 +73,8 @@ class DialogueEnv(TextGenerationEnv):
     ## Episode End
     Terminated when the other party ends the conversation (the recording has no turn left for the
     agent, or a responder returns ``Reply(..., end=True)``): ``info["stop"] == "responder"``; when
-    the agent has played ``max_turns`` turns: ``"max_turns"``; or when the context is full:
-    ``"context"``. The context rule: a turn is appended only if, after it, the agent's next turn
+    the agent has played ``max_turns`` turns: ``"max_turns"``; when it has written ``max_steps``
+    tokens in all: ``"max_steps"``; or when the context is full: ``"context"``. The context rule: a turn is appended only if, after it, the agent's next turn
     of ``max_turn_tokens`` still fits (the model's context, or ``context_positions``); otherwise
     the conversation ends before that turn, which is not appended (an LM responder whose own
     model has no room ends it the same way). A turn in progress therefore always fits.
@@ -94,7 +94,8 @@ class DialogueEnv(TextGenerationEnv):
       (:mod:`textenvs.responders`); ``responder_kwargs``: the arguments of ``"lm"``
       (:class:`~textenvs.responders.LMResponder`).
     * ``max_turns``: the agent's turns at most (default 8); ``max_turn_tokens``: tokens per agent
-      turn at most (default 24).
+      turn at most (default 24); ``max_steps``: the agent's tokens in all its turns at most
+      (default ``max_turns * max_turn_tokens``, no cap of its own).
     * ``reward``, ``dense``: the per-turn metric (default: the task's, ROUGE-L) and its shaping;
       ``conversation_reward``: above.
     * ``chat_template``: render the turns through the tokenizer's chat template (the agent is its
@@ -108,10 +109,12 @@ class DialogueEnv(TextGenerationEnv):
     current turn, or the turn that this step ended; ``reference``: that turn's reference, ``""``
     without one; ``index``; the metric keys when computed): ``turn`` (the index of the agent's
     turn that the step's token belongs to), ``turns`` (agent turns finished), ``tokens`` (tokens
-    of the current turn), ``turn_end`` (``"eos"``, ``"max_turn_tokens"`` or ``""``), ``reply``
+    of the current turn), ``turn_end`` (``"eos"``, ``"max_turn_tokens"``, ``"max_steps"`` or
+    ``""``), ``reply``
     (the other party's turn appended at this step, or ``""``), ``speaker`` (whose turn it is
     after the step: the agent's role, or ``""`` once the conversation ended), ``stop``
-    (``"responder"``, ``"max_turns"``, ``"context"`` or ``""``), ``responder_reward`` and
+    (``"responder"``, ``"max_turns"``, ``"max_steps"``, ``"context"`` or ``""``),
+    ``responder_reward`` and
     ``conversation_reward`` (0.0 where none was paid).
 
     ## For trainers
@@ -137,15 +140,17 @@ class DialogueEnv(TextGenerationEnv):
         responder_kwargs: dict | None = None,
         max_turns: int = 8,
         max_turn_tokens: int = 24,
+        max_steps: int | None = None,
         conversation_reward: str | Callable[[Conversation], float] | None = None,
         too_long: str = "error",
         **common: Any,
     ) -> None:
-        for name in ("max_steps", "max_new_tokens", "max_prompt_tokens", "action_mode"):
+        for name in ("max_new_tokens", "max_prompt_tokens", "action_mode"):
             if name in common:
                 raise ValueError(
                     f"{name}= is not an argument of the dialogue envs: a turn's length is "
-                    "max_turn_tokens=, a conversation's is max_turns=."
+                    "max_turn_tokens=, a conversation's is max_turns= (and max_steps=, the "
+                    "agent's tokens in all its turns)."
                 )
         if too_long == "truncate":
             raise ValueError(
@@ -156,9 +161,9 @@ class DialogueEnv(TextGenerationEnv):
         self.max_turn_tokens = check_positive_int("max_turn_tokens", max_turn_tokens)
         self._formats: dict[str, Any] = {}
         resolved = resolve_dialogue_task(task, dataset, dataset_kwargs, agent_role)
-        super().__init__(
-            model, task=resolved, max_steps=max_turn_tokens, too_long=too_long, **common
-        )
+        if max_steps is None:
+            max_steps = self.max_turns * self.max_turn_tokens
+        super().__init__(model, task=resolved, max_steps=max_steps, too_long=too_long, **common)
         self.other_role = "user"
         self.responder = make_responder(responder, responder_kwargs)
         self.responder.bind(self)
@@ -281,6 +286,8 @@ class DialogueEnv(TextGenerationEnv):
             self._ending = "eos"
         elif len(self._turn_ids) + 1 >= self.max_turn_tokens:
             self._ending = "max_turn_tokens"
+        elif len(self.generated) + 1 >= self.max_steps:
+            self._ending = "max_steps"
         else:
             self._ending = ""
         return [self._next_token]
@@ -288,7 +295,11 @@ class DialogueEnv(TextGenerationEnv):
     def awaits_reply(self) -> bool:
         """After :meth:`begin_step`: whether this step ends the agent's turn with the conversation
         going on, so the other party must answer."""
-        return bool(self._ending) and self.turn + 1 < self.max_turns
+        return (
+            bool(self._ending)
+            and self.turn + 1 < self.max_turns
+            and len(self.generated) + 1 < self.max_steps
+        )
 
     def _step_text(self) -> str:
         """The agent's turn once this step's token is written."""
@@ -359,7 +370,12 @@ class DialogueEnv(TextGenerationEnv):
         if self._ending:
             self._messages.append((self.agent_role, self.text))
             self.turn += 1
-            self._stop = "max_turns" if self.turn >= self.max_turns else ""
+            if self.turn >= self.max_turns:
+                self._stop = "max_turns"
+            elif len(self.generated) >= self.max_steps:
+                self._stop = "max_steps"
+            else:
+                self._stop = ""
             if self._pending is not None:
                 reply, messages, stop = self._pending
                 self._responder_reward = float(reply.reward)
