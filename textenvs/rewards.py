@@ -26,6 +26,10 @@ callable ``(texts, references) -> list[float]``. A batched vector env scores all
 texts of a step in one call of such a metric. They pay the score once at the end by default
 (``dense=None``); ``dense=True`` scores every step.
 
+Weighted sums of named metrics: ``reward={"classifier": 0.75, "rougeL": 0.25}``
+(:class:`WeightedMetric`; ``reward_kwargs`` then maps a part's name to its settings, and each
+part's value is reported as ``info["metric_<name>"]``).
+
 Shaping (:class:`RewardShaper`): the scored quantity is
 ``score(text) = metric(text) - length_penalty * length_mismatch(text) - repetition_penalty *
 repeats(text)``.
@@ -255,6 +259,8 @@ def get_metric(
     """
     from textenvs.model_rewards import MODEL_METRICS, shared_metric
 
+    if isinstance(reward, dict):
+        return weighted_metric(reward, reward_kwargs, device)
     if reward in MODEL_METRICS:
         return shared_metric(reward, reward_kwargs, device)
     if reward_kwargs:
@@ -273,6 +279,76 @@ def get_metric(
         "(hypothesis: str, references: list[str]) -> float, or "
         "textenvs.model_rewards.BatchMetric(fn) for a batch callable."
     )
+
+
+class WeightedMetric:
+    """A weighted sum of named metrics, ``reward={"classifier": 0.75, "rougeL": 0.25}`` (RL4LMs'
+    DailyDialog reward is 0.75 x an intent classifier + 0.25 x METEOR).
+
+    ``last_parts`` holds each part's value of the last call (the envs report them as
+    ``info["metric_<name>"]``).
+    """
+
+    def __init__(self, parts: dict[str, tuple[MetricFn, float]]) -> None:
+        self.parts = parts
+        self.__name__ = "+".join(f"{weight:g}*{name}" for name, (_, weight) in parts.items())
+        self.last_parts: dict[str, float] = {}
+
+    def _value(self, metric: MetricFn, hypothesis: str, references, prompt: str) -> float:
+        if getattr(metric, "uses_prompt", False):
+            return float(metric(hypothesis, references, prompt))
+        return float(metric(hypothesis, references))
+
+    def __call__(self, hypothesis: str, references: Sequence[str], prompt: str = "") -> float:
+        self.last_parts = {
+            name: self._value(metric, hypothesis, references, prompt)
+            for name, (metric, _) in self.parts.items()
+        }
+        return sum(weight * self.last_parts[name] for name, (_, weight) in self.parts.items())
+
+
+class BatchedWeightedMetric(WeightedMetric):
+    """A :class:`WeightedMetric` with a model-based part: a batched vector env prefetches every
+    model-based part's scores of a step in one batch each."""
+
+    uses_prompt = True  # handed the prompt, which each part that reads it gets
+
+    def prefetch(self, items: list) -> None:
+        for metric, _ in self.parts.values():
+            if hasattr(metric, "prefetch"):
+                metric.prefetch(items)
+
+
+def weighted_metric(
+    weights: dict, reward_kwargs: dict | None, device: str
+) -> WeightedMetric:
+    """The :class:`WeightedMetric` of ``{name: weight}``; ``reward_kwargs`` maps a model-based
+    part's name to its settings (``{"classifier": {"model": ...}}``)."""
+    kwargs = dict(reward_kwargs or {})
+    if not weights:
+        raise ValueError("reward={} names no metric: give {name: weight, ...}.")
+    unknown = set(kwargs) - set(weights)
+    if unknown:
+        raise ValueError(
+            f"reward_kwargs keys {sorted(unknown)} name no part of reward={weights!r}: with a "
+            "weighted sum, reward_kwargs maps a part's name to its settings."
+        )
+    parts = {}
+    for name, weight in weights.items():
+        if not isinstance(name, str):
+            raise ValueError(f"reward={weights!r}: the parts are metric names (str), got {name!r}.")
+        ok = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+        if not (ok and math.isfinite(weight)):
+            raise ValueError(
+                f"reward={weights!r}: the weight of {name!r} must be a finite number, got "
+                f"{weight!r}."
+            )
+        part_kwargs = kwargs.get(name)
+        if part_kwargs is not None and not isinstance(part_kwargs, dict):
+            raise ValueError(f"reward_kwargs[{name!r}] must be a dict, got {part_kwargs!r}.")
+        parts[name] = (get_metric(name, part_kwargs, device), float(weight))
+    batched = any(hasattr(metric, "prefetch") for metric, _ in parts.values())
+    return (BatchedWeightedMetric if batched else WeightedMetric)(parts)
 
 
 def metric_name(reward: str | MetricFn) -> str:
@@ -335,7 +411,7 @@ class RewardShaper:
 
     def __post_init__(self) -> None:
         self.metric = get_metric(self.reward, self.reward_kwargs, self.device)
-        self.name = metric_name(self.metric if not isinstance(self.reward, str) else self.reward)
+        self.name = metric_name(self.reward if isinstance(self.reward, str) else self.metric)
         # a model-based metric scores a batch in one forward and is read, not recomputed
         self.batched = hasattr(self.metric, "prefetch")
         if self.dense is None:
@@ -374,6 +450,8 @@ class RewardShaper:
                 "metric must return a finite number."
             )
         out = {self.name: value, "score": value}
+        for part, part_value in getattr(self.metric, "last_parts", {}).items():
+            out[f"metric_{part}"] = part_value
         if self.length_penalty:
             out["length_mismatch"] = length_mismatch(text, self.references)
             out["score"] -= self.length_penalty * out["length_mismatch"]

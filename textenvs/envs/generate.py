@@ -103,7 +103,8 @@ class TextGenerationEnv(TextEnv):
       dataset's schema, keyed by its split names), ``pair`` (WMT16: ``"de-en"``, ``"en-ro"``,
       ...), ``prompt_template``, ``revision``, ``cache_dir``.
     * ``split``: ``"train"``, ``"validation"`` or ``"test"``.
-    * ``reward``: a metric name or a callable ``(hypothesis, references) -> float``; None uses the
+    * ``reward``: a metric name, a weighted sum of named metrics (``{"rougeL": 0.25,
+      "classifier": 0.75}``) or a callable ``(hypothesis, references) -> float``; None uses the
       task's default (ROUGE-L for summarization, BLEU for translation and CommonGen, the
       sentiment classifier for IMDB).
     * ``reward_kwargs``: the settings of a model-based reward (``{"model": ..., "label": ...}``
