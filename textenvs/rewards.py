@@ -319,9 +319,7 @@ class BatchedWeightedMetric(WeightedMetric):
                 metric.prefetch(items)
 
 
-def weighted_metric(
-    weights: dict, reward_kwargs: dict | None, device: str
-) -> WeightedMetric:
+def weighted_metric(weights: dict, reward_kwargs: dict | None, device: str) -> WeightedMetric:
     """The :class:`WeightedMetric` of ``{name: weight}``; ``reward_kwargs`` maps a model-based
     part's name to its settings (``{"classifier": {"model": ...}}``)."""
     kwargs = dict(reward_kwargs or {})

@@ -74,8 +74,9 @@ class DialogueEnv(TextGenerationEnv):
     Terminated when the other party ends the conversation (the recording has no turn left for the
     agent, or a responder returns ``Reply(..., end=True)``): ``info["stop"] == "responder"``; when
     the agent has played ``max_turns`` turns: ``"max_turns"``; when it has written ``max_steps``
-    tokens in all: ``"max_steps"``; or when the context is full: ``"context"``. The context rule: a turn is appended only if, after it, the agent's next turn
-    of ``max_turn_tokens`` still fits (the model's context, or ``context_positions``); otherwise
+    tokens in all: ``"max_steps"``; or when the context is full: ``"context"``. The context
+    rule: the other party's turn is appended only if, after it, the agent's next turn of
+    ``max_turn_tokens`` still fits (the model's context, or ``context_positions``); otherwise
     the conversation ends before that turn, which is not appended (an LM responder whose own
     model has no room ends it the same way). A turn in progress therefore always fits.
 
