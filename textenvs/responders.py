@@ -288,7 +288,7 @@ class LMResponder(Responder):
                 going_tails.append(tail)
             state["view"] = view
         rows, logits = [], []
-        for i, (seq, _, last) in zip(fresh, prefill_batch(lm, fresh_ids)):
+        for i, (seq, _, last) in zip(fresh, prefill_batch(lm, fresh_ids) if fresh else []):
             conversations[i].state["seq"] = seq
             rows.append(i)
             logits.append(last)
