@@ -12,7 +12,7 @@ import torch
 
 import textenvs
 from textenvs.chat import TemplateRewriteError
-from textenvs.responders import LMResponder, Reply, ResponderError
+from textenvs.responders import Reply, ResponderError
 from textenvs.tasks.dialogue import Dialogue, briefing_task, load_chat_jsonl
 from textenvs.tasks.loaders import DatasetFormatError
 
@@ -100,7 +100,7 @@ def test_ids_equal_apply_chat_template_of_the_conversation_turn_after_turn(chatm
     assert env.sequence.ids == ids_of(tokenizer, env.conversation, True)
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     turns = 0
-    for _, reward, terminated, _, info in play_references(env, end):
+    for _, _, terminated, _, info in play_references(env, end):
         turns += 1
         assert info["metric"] == pytest.approx(1.0)  # the reference itself
         if not terminated:
