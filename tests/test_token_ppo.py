@@ -581,3 +581,70 @@ def test_nlpo_leaves_the_processs_shared_model_alone():
     trainer.train(progress=False)  # refreshes the masking policy at iterations 1 and 2
     after = shared.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def conversation_config(**kw) -> TokenPPOConfig:
+    return small_config(
+        "textenvs/tiny",
+        env_id="textenvs/Dialogue-v0",
+        env_kwargs={"max_turns": 3, "max_turn_tokens": 3},
+        max_new_tokens=9,
+        **kw,
+    )
+
+
+def test_conversation_rollouts_score_the_agents_tokens_where_they_stand():
+    """A conversation's row is its opening, the agent's tokens AND the other party's turns
+    between them; the update scores the agent's tokens only, at their own positions: its
+    log-probs equal the env's at rollout time. Laid out as prompt + agent tokens (no mask of the
+    other party's tokens), they do not."""
+    from agents.token_ppo import sequence_outputs
+
+    trainer = TokenPPO(conversation_config())
+    rollout = collect_rollout(trainer.envs, trainer.value_head, trainer.config, 0)
+    assert rollout.sequences is not None
+    mask = rollout.mask
+    for b, env in enumerate(trainer.envs.unwrapped.envs):
+        ids = torch.tensor(rollout.prompts[b] + rollout.sequences[b])
+        n = int(mask[b].sum())
+        # the token after each predicting position is the agent's action
+        assert torch.equal(ids[rollout.positions[b, :n] + 1], rollout.tokens[b, :n])
+        assert int(env.agent_mask().sum()) == n and len(ids) > len(rollout.prompts[b]) + n
+    pad = trainer.lm.eos_token_id
+    layouts = {
+        "conversation": batch_sequences(
+            rollout.prompts, rollout.tokens, mask, pad, rollout.sequences, rollout.positions
+        ),
+        "agent tokens only": batch_sequences(rollout.prompts, rollout.tokens, mask, pad),
+    }
+    errors = {}
+    with torch.no_grad():
+        for name, (ids, attention, positions) in layouts.items():
+            logp = sequence_outputs(
+                trainer.model, ids, attention, positions, rollout.tokens, 1.0, False
+            )[0]
+            errors[name] = float(((logp - rollout.logprobs) * mask).abs().max())
+    assert errors["conversation"] < 1e-4 < errors["agent tokens only"]
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_token_ppo_trains_on_conversations(estimator):
+    trainer = TokenPPO(conversation_config(estimator=estimator, group_size=2))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    history = trainer.train(progress=False)
+    assert len(history) == 3
+    for stats in history:
+        assert all(math.isfinite(stats[k]) for k in ("policy_loss", "kl", "entropy", "metric"))
+        assert stats["approx_kl"] < 1.0  # first-epoch ratios start at 1: the layout is right
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_nlpo_masker_follows_the_other_partys_turns():
+    """NLPO on conversations: the masking policy's rows hold exactly the env's ids (agent tokens
+    and the other party's turns), so its nucleus is computed where the env stands."""
+    trainer = TokenPPO(conversation_config(nlpo_top_p=0.5))
+    rollout = trainer.collect()
+    picked = torch.gather(rollout.action_masks, 2, rollout.tokens[..., None])[..., 0]
+    assert picked[rollout.mask.bool()].all()
+    for row, env in zip(trainer.masker.batch.rows, trainer.envs.unwrapped.envs):
+        assert row.ids == env.sequence.ids

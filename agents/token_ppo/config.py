@@ -70,7 +70,11 @@ class TokenPPOConfig:
 
     # -- the env -----------------------------------------------------------------------------------
     env_id: str = "textenvs/Summarize-v0"
-    """A generation env id (its action space must be the vocabulary)."""
+    """A generation or dialogue env id (its action space must be the vocabulary). On a dialogue
+    id the rows are whole conversations: the loss, the KL and the values are taken on the agent's
+    tokens only, the other party's turns are state (never actions), and a group (GRPO, RLOO) is
+    several conversations from the same opening; ``max_new_tokens`` caps the agent's tokens over
+    all its turns."""
     env_kwargs: dict = dataclasses.field(default_factory=dict)
     """More keyword arguments of every env the trainer makes (rollouts and evaluation), as JSON on
     the command line: a benchmark id's ``dataset_kwargs`` (local files), ``reward_kwargs`` (a

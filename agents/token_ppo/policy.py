@@ -100,12 +100,23 @@ class PolicyWithValue(torch.nn.Module):
         return logp, entropy, self.value_head(hidden).squeeze(-1).float()
 
 
-def batch_sequences(prompts: list[list[int]], tokens: torch.Tensor, mask: torch.Tensor, pad: int):
+def batch_sequences(
+    prompts: list[list[int]],
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    pad: int,
+    sequences: list[list[int]] | None = None,
+    predicting: torch.Tensor | None = None,
+):
     """Right-padded ``prompt + generated`` ids, attention mask and the index of each token's logits.
 
     Returns ids ``(B, L)``, attention ``(B, L)`` and ``positions`` ``(B, T)``: the sequence index
-    whose output predicts generated token ``t`` (``len(prompt) + t - 1``).
+    whose output predicts generated token ``t`` (``len(prompt) + t - 1``). Conversations give
+    ``sequences`` (each row's ids after its prompt: the agent's tokens with the other party's
+    turns between them) and ``predicting`` ``(B, T)``, those indices, instead.
     """
+    if sequences is not None:
+        return _batch_conversations(prompts, sequences, predicting, pad)
     B, T = tokens.shape
     lengths = [len(p) + int(m.sum()) for p, m in zip(prompts, mask)]
     L = max(lengths)
@@ -119,6 +130,20 @@ def batch_sequences(prompts: list[list[int]], tokens: torch.Tensor, mask: torch.
         attention[b, : len(p) + n] = 1
         positions[b] = len(p) - 1 + torch.arange(T).clamp(max=max(n - 1, 0))
     return ids, attention, positions
+
+
+def _batch_conversations(
+    prompts: list[list[int]], sequences: list[list[int]], predicting: torch.Tensor, pad: int
+):
+    """:func:`batch_sequences` of conversations: ``prompt + sequence`` per row, right-padded."""
+    rows = [list(p) + list(q) for p, q in zip(prompts, sequences)]
+    L = max(len(row) for row in rows)
+    ids = torch.full((len(rows), L), pad, dtype=torch.long)
+    attention = torch.zeros(len(rows), L, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = torch.tensor(row)
+        attention[b, : len(row)] = 1
+    return ids, attention, predicting.clone()
 
 
 def sequence_outputs(

@@ -29,6 +29,11 @@ class Rollout:
     metrics: list[float]  # the task metric of each episode
     texts: list[str]
     action_masks: torch.Tensor | None = None  # (B, T, V) NLPO: the tokens sampling could pick
+    # Conversations (dialogue envs): each row's ids after its prompt (the agent's tokens and the
+    # other party's turns between them, which are state, never actions), and (B, T) the index in
+    # prompt + those ids of the output that predicts agent token t (its position - 1)
+    sequences: list[list[int]] | None = None
+    positions: torch.Tensor | None = None
 
 
 def reset_groups(envs, group_size: int, seed: int) -> tuple[np.ndarray, list[str]]:
@@ -80,9 +85,27 @@ class NLPOMasker:
         return top_p_mask(self.logits, self.top_p)
 
     @torch.no_grad()
-    def advance(self, tokens: list[int], stepping: list[int]) -> None:
-        _, logits = self.batch.advance(tokens, stepping)
-        self.logits = logits.float()
+    def follow(self, sub_envs, stepping: list[int]) -> None:
+        """Append to each row in ``stepping`` what its sub-env appended at this step: the agent's
+        token (one forward of the persistent batch for all rows), and in a conversation whose
+        turn ended the other party's turn too (those rows in one padded forward over their own
+        caches, then put back), so the masking policy reads exactly the env's ids."""
+        from textenvs.batching import extend_batch
+
+        tails = {i: sub_envs[i].sequence.ids[len(self.batch.rows[i]) :] for i in stepping}
+        single = [i for i in stepping if len(tails[i]) == 1]
+        if single:
+            tokens = [tails[i][0] if i in single else 0 for i in range(self.n)]
+            _, logits = self.batch.advance(tokens, single)
+            self.logits[single] = logits[single].float()
+        turns = [i for i in stepping if len(tails[i]) > 1]
+        if turns:
+            seqs = [self.batch.release(i) for i in turns]
+            for i, seq, (_, logits) in zip(
+                turns, seqs, extend_batch(self.lm, seqs, [tails[i] for i in turns])
+            ):
+                self.batch.adopt(i, seq)
+                self.logits[i] = logits[-1].float()
 
 
 @dataclass(frozen=True)
@@ -163,9 +186,10 @@ def run_rollout(
         logp_all = torch.log_softmax(logits, dim=-1).cpu()
         action = torch.multinomial(logp_all.exp(), 1, generator=gen)[:, 0]  # (N,)
         value = value_head(torch.as_tensor(obs, device=device)).squeeze(-1).cpu()
-        if masker is not None:  # the masking policy reads the same tokens
-            masker.advance(action.tolist(), np.flatnonzero(active).tolist())
+        stepping = np.flatnonzero(active).tolist()
         obs, reward, terminated, truncated, infos = envs.unwrapped.step_unfinished(action.numpy())
+        if masker is not None:  # the masking policy reads the same tokens
+            masker.follow(envs.unwrapped.envs, stepping)
         for i in np.flatnonzero(active):
             tokens[i, t], mask[i, t] = action[i], 1.0
             logprobs[i, t], values[i, t], rewards[i, t] = (
@@ -179,7 +203,39 @@ def run_rollout(
                 texts[i] = str(infos["text"][i])
         if not active.any():
             break
-    return Rollout(prompts, tokens, mask, logprobs, values, rewards, metrics, texts, masks)
+    sequences, positions = conversation_layout(envs.unwrapped.envs, prompts, mask)
+    return Rollout(
+        prompts,
+        tokens,
+        mask,
+        logprobs,
+        values,
+        rewards,
+        metrics,
+        texts,
+        masks,
+        sequences=sequences,
+        positions=positions,
+    )
+
+
+def conversation_layout(sub_envs, prompts: list[list[int]], mask: torch.Tensor):
+    """For dialogue envs, each conversation's ids after its prompt and the ``(B, T)`` position
+    that predicts each agent token (the env's loss mask says where the agent's tokens are);
+    ``(None, None)`` for generation envs, whose rows are ``prompt + tokens``."""
+    if not hasattr(sub_envs[0], "agent_mask"):
+        return None, None
+    sequences, positions = [], torch.zeros(mask.shape, dtype=torch.long)
+    for b, (env, prompt) in enumerate(zip(sub_envs, prompts)):
+        ids, agent = env.sequence.ids, np.flatnonzero(env.agent_mask())
+        n = int(mask[b].sum())
+        if len(agent) != n:
+            raise RuntimeError(f"Sub-env {b} holds {len(agent)} agent tokens for {n} steps.")
+        sequences.append(list(ids[len(prompt) :]))
+        predicting = torch.as_tensor(agent - 1, dtype=torch.long)
+        positions[b, :n] = predicting
+        positions[b, n:] = predicting[-1] if n else len(prompt) - 1
+    return sequences, positions
 
 
 def make_rollout_envs(config: TokenPPOConfig, lm: LanguageModel):
@@ -215,7 +271,8 @@ def make_rollout_envs(config: TokenPPOConfig, lm: LanguageModel):
         raise ValueError(
             "Token PPO needs an env whose action space is the vocabulary "
             f"(Discrete({lm.vocab_size})), got {space} from {config.env_id}: use a "
-            "generation env (textenvs/Summarize-v0, Translate-v0, Generate-v0)."
+            "generation or dialogue env (textenvs/Summarize-v0, Translate-v0, Generate-v0, "
+            "Dialogue-v0, Chat-v0)."
         )
     if not hasattr(type(envs.unwrapped), "logits"):
         raise ValueError(
@@ -228,6 +285,7 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
     """One rollout of the parts' episodes, in order (all parts have the same token budget T;
     NLPO's action masks kept where the parts have them)."""
     masks = [part.action_masks for part in parts]
+    conversations = all(part.sequences is not None for part in parts)
     return Rollout(
         prompts=[p for part in parts for p in part.prompts],
         tokens=torch.cat([part.tokens for part in parts]),
@@ -238,4 +296,6 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
         metrics=[m for part in parts for m in part.metrics],
         texts=[t for part in parts for t in part.texts],
         action_masks=None if any(m is None for m in masks) else torch.cat(masks),
+        sequences=[q for part in parts for q in part.sequences] if conversations else None,
+        positions=torch.cat([part.positions for part in parts]) if conversations else None,
     )

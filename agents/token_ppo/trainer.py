@@ -64,7 +64,7 @@ class Batch:
     @classmethod
     def of(cls, rollout: Rollout, pad: int, device) -> Batch:
         ids, attention, positions = batch_sequences(
-            rollout.prompts, rollout.tokens, rollout.mask, pad
+            rollout.prompts, rollout.tokens, rollout.mask, pad, rollout.sequences, rollout.positions
         )
         allowed = rollout.action_masks
         return cls(
