@@ -90,6 +90,23 @@ CASES = [
         (f"benchmark_{kwargs['task']}", env_id, {**BENCHMARK_KWARGS[env_id], "max_steps": 4}, 0, 10)
         for env_id, kwargs in textenvs.BENCHMARK_IDS.items()
     ),
+    # conversations: the data responder, and a seeded LM responder in top-k mode
+    ("dialogue", "textenvs/Dialogue-v0", {"max_turn_tokens": 3}, 0, 14),
+    (
+        "chat_lm_responder_topk",
+        "textenvs/Chat-v0",
+        {
+            "responder": "lm",
+            "responder_kwargs": {"max_new_tokens": 4, "seed": 3},
+            "token_mode": "topk",
+            "k": 4,
+            "max_turn_tokens": 3,
+            "max_turns": 3,
+        },
+        0,
+        14,
+    ),
+    ("vector_dialogue", "textenvs/Dialogue-v0", {"max_turn_tokens": 2, "max_turns": 3}, 3, 10),
     (
         "vector_cnndm_truncated",
         "textenvs/CNNDailyMail-v0",
