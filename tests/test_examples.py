@@ -20,6 +20,9 @@ TINY_ARGS = {
     "tianshou_dqn.py": ["--epoch-steps", "20"],
     "token_ppo.py": ["--total-episodes", "32", "--eval-samples", "4"],
     "own_dataset.py": ["--out", "{tmp}/my_data.jsonl"],
+    "dialogue_data.py": ["--conversations", "2"],
+    "dialogue_lm_user.py": ["--conversations", "2", "--turns", "2"],
+    "dialogue_scripted.py": ["--episodes", "1"],
 }
 NEEDS = {
     "torchrl_rollout.py": "torchrl",
