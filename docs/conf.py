@@ -52,6 +52,8 @@ SUMMARIES = {
     "(built-in multi-turn task, offline); the KV cache is kept across turns.",
     "textenvs/Chat-v0": "The dialogue env for any conversations: `dataset=` a JSONL file of "
     '`{"messages": [...]}`, a responder of your choice.',
+    "textenvs/DailyDialog-v0": "Play the second speaker of DailyDialog's conversations "
+    "(`li2017dailydialog/daily_dialog`), or RL4LMs' one-turn setting.",
     "textenvs/Edit-v0": "The edit env for any `task=` / `dataset=`.",
     "textenvs/EditSummary-v0": "Edit the LM's draft headline towards the reference "
     "(built-in task).",
@@ -84,7 +86,7 @@ def write_env_pages(app=None) -> list[Path]:
     """``docs/envs/<Name>.md`` for every registered id and the ``docs/envs/index.md`` table."""
     import gymnasium as gym
 
-    from textenvs.tasks.hub import BENCHMARKS
+    from textenvs.tasks.hub import BENCHMARKS, DIALOGUE_BENCHMARKS
 
     folder = Path(__file__).parent / "envs"
     folder.mkdir(exist_ok=True)
@@ -101,8 +103,8 @@ def write_env_pages(app=None) -> list[Path]:
             ("Registered kwargs", f"`{spec.kwargs}`" if spec.kwargs else "none"),
         ]
         task = spec.kwargs.get("task")
-        if env_id in textenvs.BENCHMARK_IDS:
-            bench = BENCHMARKS[task]
+        if env_id in textenvs.BENCHMARK_IDS or task in DIALOGUE_BENCHMARKS:
+            bench = {**BENCHMARKS, **DIALOGUE_BENCHMARKS}[task]
             splits = bench.splits.items()
             hub = f"`{bench.path}`" + (f" (`{bench.config}`)" if bench.config else "")
             table += [

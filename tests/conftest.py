@@ -37,11 +37,15 @@ BENCHMARK_KWARGS: dict[str, dict] = {
     }
     for env_id, kwargs in textenvs.BENCHMARK_IDS.items()
 }
+BENCHMARK_KWARGS["textenvs/DailyDialog-v0"] = {
+    "model": textenvs.TINY,
+    "dataset_kwargs": hub_fixture("daily_dialog"),
+}
 # Small episodes keep the parametrized checks fast; every id accepts these kwargs.
 FAST_KWARGS: dict[str, dict] = {
     env_id: {"max_steps": 6, **BENCHMARK_KWARGS.get(env_id, {})}
     if env_id in textenvs.GENERATION_IDS
-    else {"max_turn_tokens": 3, "max_turns": 2}
+    else {"max_turn_tokens": 3, "max_turns": 2, **BENCHMARK_KWARGS.get(env_id, {})}
     if env_id in textenvs.DIALOGUE_IDS
     else {"max_steps": 6, "max_len": 16}
     for env_id in ENV_IDS

@@ -5,8 +5,10 @@ The schemas (column names, nesting, split names) are those of the hub datasets' 
 (``document``, ``summary``, ``id``), ``wmt/wmt16`` (``translation: {"de": ..., "en": ...}``, one
 config per pair), ``stanfordnlp/imdb`` (``text``, ``label``: 0 neg / 1 pos; splits train, test,
 unsupervised) and ``allenai/common_gen`` (``concept_set_idx``, ``concepts``: a list of strings,
-``target``; its test split has empty targets). They are read through the same
-``datasets.load_dataset`` call as the hub copies (``dataset_kwargs={"data_files": ...}``).
+``target``; its test split has empty targets) and ``li2017dailydialog/daily_dialog``
+(``dialog``: a list of utterances, ``act`` and ``emotion``: a label per utterance). They are read
+through the same ``datasets.load_dataset`` call as the hub copies
+(``dataset_kwargs={"data_files": ...}``).
 """
 
 from __future__ import annotations
@@ -86,6 +88,15 @@ def _rows(kind: str, split: str, n: int) -> list[dict]:
                         "target": "" if split == "test" else _sentence(i + t, 7),
                     }
                 )
+        elif kind == "daily_dialog":  # 2 to 7 utterances, a dialog act and emotion each
+            length = 2 + i % 6
+            out.append(
+                {
+                    "dialog": [_sentence(i + u, 5 + u % 3) + " " for u in range(length)],
+                    "act": [1 + (i + u) % 4 for u in range(length)],
+                    "emotion": [(i + u) % 7 for u in range(length)],
+                }
+            )
     return out
 
 
@@ -95,6 +106,7 @@ SPLITS = {
     "wmt16": ("train", "validation", "test"),
     "imdb": ("train", "test", "unsupervised"),
     "common_gen": ("train", "validation", "test"),
+    "daily_dialog": ("train", "validation", "test"),
 }
 _FOLDER: str | None = None
 
@@ -105,9 +117,10 @@ def hub_fixture(kind: str, n: int = 12) -> dict:
     global _FOLDER
     if _FOLDER is None:
         _FOLDER = tempfile.mkdtemp(prefix="textenvs-hub-fixtures-")
-    from textenvs.tasks.hub import BENCHMARKS
+    from textenvs.tasks.hub import BENCHMARKS, DIALOGUE_BENCHMARKS
 
-    read = {hub for hub, _, _ in BENCHMARKS[kind].splits.values()}
+    benchmark = {**BENCHMARKS, **DIALOGUE_BENCHMARKS}[kind]
+    read = {hub for hub, _, _ in benchmark.splits.values()}
     files = {}
     for split in SPLITS[kind]:  # every hub split is written; the task's own are passed
         path = os.path.join(_FOLDER, f"{kind}-{split}-{n}.jsonl")

@@ -401,3 +401,50 @@ def test_the_builtin_task_is_fixed_and_its_splits_do_not_overlap():
     )
     first = task.split("test")[0]
     assert first.agent_role == "assistant" and len(first.references) in (3, 4)
+
+
+def test_daily_dialog_reads_the_hub_schema_as_conversations_and_rl4lms_windows():
+    from tests.hub_fixtures import hub_fixture
+
+    files = hub_fixture("daily_dialog")
+    env = gym.make(
+        "textenvs/DailyDialog-v0", model=textenvs.TINY, dataset_kwargs=files, max_turn_tokens=3
+    ).unwrapped
+    rows = [json.loads(line) for line in open(files["data_files"]["train"])]
+    env.reset(seed=0, options={"index": 4})
+    utterances = [u.strip() for u in rows[4]["dialog"]]
+    assert [c for _, c in env.sample.messages] == utterances
+    assert env.sample.references == tuple(utterances[1::2])  # the agent: the second speaker
+    windows = gym.make(
+        "textenvs/DailyDialog-v0",
+        model=textenvs.TINY,
+        dataset_kwargs={**files, "context": 2},
+        max_turn_tokens=3,
+    ).unwrapped
+    assert len(windows.samples) == sum(len(r["dialog"]) - 1 for r in rows)
+    window = windows.samples[2]  # row 0 has 2 utterances (1 window), row 1 has 3 (2 windows)
+    assert [c for _, c in window.messages] == [u.strip() for u in rows[1]["dialog"][0:3]]
+    assert window.references == (rows[1]["dialog"][2].strip(),)
+    windows.reset(seed=0, options={"index": 2})
+    terminated = False
+    while not terminated:
+        *_, terminated, _, info = windows.step(1)
+    assert info["turns"] == 1 and info["stop"] == "responder"  # one agent turn a window
+    with pytest.raises(ValueError, match="context"):
+        gym.make(
+            "textenvs/DailyDialog-v0", model=textenvs.TINY, dataset_kwargs={**files, "context": 0}
+        )
+
+
+def test_a_dialogue_checks_its_fields():
+    with pytest.raises(ValueError, match="no content"):
+        Dialogue((("user", "hi"), ("assistant", " ")))
+    with pytest.raises(ValueError, match="speaks no message"):
+        Dialogue((("user", "hi"),), "assistant")
+    with pytest.raises(ValueError, match="first_turn=2"):
+        Dialogue((("user", "hi"), ("assistant", "yo")), first_turn=2)
+    late = Dialogue(
+        (("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")), first_turn=1
+    )
+    assert late.opening == (("user", "a"), ("assistant", "b"), ("user", "c"))
+    assert late.references == ("d",)

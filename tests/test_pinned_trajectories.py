@@ -108,6 +108,13 @@ CASES = [
     ),
     ("vector_dialogue", "textenvs/Dialogue-v0", {"max_turn_tokens": 2, "max_turns": 3}, 3, 10),
     (
+        "benchmark_daily_dialog",
+        "textenvs/DailyDialog-v0",
+        {**BENCHMARK_KWARGS["textenvs/DailyDialog-v0"], "max_turn_tokens": 3},
+        0,
+        12,
+    ),
+    (
         "vector_cnndm_truncated",
         "textenvs/CNNDailyMail-v0",
         {**BENCHMARK_KWARGS["textenvs/CNNDailyMail-v0"], "max_steps": 3},

@@ -53,6 +53,8 @@ EDIT_IDS = {
 DIALOGUE_IDS = {
     "textenvs/Dialogue-v0": {"task": "briefing"},
     "textenvs/Chat-v0": {},
+    # RL4LMs' dialogue benchmark; GPT-2 by default, as the benchmark ids above
+    "textenvs/DailyDialog-v0": {"task": "daily_dialog", "model": "gpt2"},
 }
 
 ENV_IDS: list[str] = []

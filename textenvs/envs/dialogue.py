@@ -64,6 +64,7 @@ class DialogueEnv(TextGenerationEnv):
     * Per conversation, ``conversation_reward``: a callable ``(Conversation) -> float`` or a
       metric name (the agent's turns joined by newlines against its recorded turns joined), paid at
       the last step.
+
     A step's reward is their sum; every part is a finite number (else a clear error).
 
     ## Starting State
@@ -84,7 +85,10 @@ class DialogueEnv(TextGenerationEnv):
     * ``model``, ``device``, ``dtype``, ``layer``, ``obs``, ``token_mode``, ``k``,
       ``candidates_obs``, ``context_positions``, ``render_mode``, ``text_infos``,
       ``reward_kwargs``, ``length_penalty``, ``repetition_penalty``: as the generation env.
-    * ``task``: ``"briefing"`` (built in) or a :class:`~textenvs.tasks.dialogue.DialogueTask`;
+    * ``task``: ``"briefing"`` (built in), ``"daily_dialog"`` (DailyDialog from the hub, or local
+      files in its schema through ``dataset_kwargs={"data_files": ...}``; ``"context": 5`` gives
+      RL4LMs' one-turn setting: :func:`~textenvs.tasks.dialogue.daily_dialog_task`) or a
+      :class:`~textenvs.tasks.dialogue.DialogueTask`;
       ``dataset``: a JSON Lines file of ``{"messages": [...]}`` conversations, a list of
       ``Dialogue``, or a dict of those per split, instead (``dataset_kwargs``:
       ``split_fractions``, ``split_seed``, ``default_reward``); ``agent_role``: the role the
@@ -400,7 +404,8 @@ class DialogueEnv(TextGenerationEnv):
         """``conversation_reward`` of the finished conversation (0.0 without one)."""
         if self.conversation_reward is None:
             return 0.0
-        agent = [content for role, content in self._messages if role == self.agent_role]
+        played = self._messages[len(self.sample.opening) :]
+        agent = [content for role, content in played if role == self.agent_role]
         if self._conversation_metric is not None:
             reference = "\n".join(self.sample.references[: self.turn])
             value = self._conversation_metric("\n".join(agent), [reference])

@@ -45,10 +45,13 @@ class Dialogue:
         messages: ``(role, content)`` pairs in order. A role is any non-empty string (``"user"``,
             ``"assistant"``, ``"system"``, a speaker's name); the contents are non-empty strings.
         agent_role: The role the agent plays; at least one message must be its.
+        first_turn: Which of the agent's messages it plays first (0: its first); its earlier
+            messages are part of the opening (a window of a longer conversation).
     """
 
     messages: tuple[tuple[str, str], ...]
     agent_role: str = "assistant"
+    first_turn: int = 0
 
     def __post_init__(self) -> None:
         pairs = []
@@ -69,6 +72,12 @@ class Dialogue:
                 f"agent_role={self.agent_role!r} speaks no message of this dialogue (its roles: "
                 f"{sorted(self.roles)}): pass the role the agent plays."
             )
+        spoken = sum(role == self.agent_role for role, _ in self.messages)
+        if not (isinstance(self.first_turn, int) and 0 <= self.first_turn < spoken):
+            raise ValueError(
+                f"first_turn={self.first_turn!r}: the agent ({self.agent_role}) has {spoken} "
+                f"messages, so pass an int in [0, {spoken - 1}]."
+            )
 
     @property
     def roles(self) -> set[str]:
@@ -76,8 +85,10 @@ class Dialogue:
 
     @functools.cached_property
     def agent_turns(self) -> tuple[int, ...]:
-        """Indices of the agent's messages (its recorded turns, the references)."""
-        return tuple(i for i, (role, _) in enumerate(self.messages) if role == self.agent_role)
+        """Indices of the agent's messages from ``first_turn`` on (its turns to play, whose
+        contents are the references)."""
+        spoken = [i for i, (role, _) in enumerate(self.messages) if role == self.agent_role]
+        return tuple(spoken[self.first_turn :])
 
     @property
     def opening(self) -> tuple[tuple[str, str], ...]:
@@ -177,6 +188,62 @@ def briefing_task() -> DialogueTask:
 DIALOGUE_TASKS = {"briefing": briefing_task}
 
 
+class DialogueWindows(Sequence):
+    """Every agent-turn window of some conversations, as dialogues of one agent turn: RL4LMs'
+    DailyDialog setting, where each utterance (of either speaker) after the first is a target and
+    the ``context`` utterances before it are the opening. The target's speaker is the
+    ``"assistant"``; the roles alternate back from it."""
+
+    def __init__(self, base: Sequence[Dialogue], context: int) -> None:
+        self.base, self.context = base, context
+        pairs = [(i, t) for i, d in enumerate(base) for t in range(1, len(d.messages))]
+        self.pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        self.path = getattr(base, "path", None)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i, t = (int(x) for x in self.pairs[index])
+        window = self.base[i].messages[max(0, t - self.context) : t + 1]
+        roles = ("assistant", "user") if len(window) % 2 else ("user", "assistant")
+        messages = tuple((roles[k % 2], content) for k, (_, content) in enumerate(window))
+        earlier = sum(role == "assistant" for role, _ in messages[:-1])
+        return Dialogue(messages, "assistant", first_turn=earlier)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def daily_dialog_task(**dataset_kwargs) -> DialogueTask:
+    """DailyDialog (``li2017dailydialog/daily_dialog``, its parquet conversion) as conversations:
+    the agent is the second speaker and plays all its turns, the data responder the first.
+    ``dataset_kwargs``: ``context=k`` gives RL4LMs' setting instead (each utterance after the
+    first a one-turn episode opened by the ``k`` utterances before it; RL4LMs uses 5);
+    ``data_files`` (local files in the hub's schema: ``dialog``, ``act``, ``emotion``),
+    ``revision``, ``cache_dir`` as for the other benchmarks."""
+    from textenvs.tasks.hub import benchmark_task
+
+    kwargs = dict(dataset_kwargs)
+    context = kwargs.pop("context", None)
+    if context is not None and not (
+        isinstance(context, int) and not isinstance(context, bool) and context >= 1
+    ):
+        raise ValueError(f"dataset_kwargs['context'] must be an int >= 1 or None, got {context!r}.")
+    task = benchmark_task("daily_dialog", **kwargs)
+    splits = {
+        name: split if context is None else DialogueWindows(split, context)
+        for name, split in task.splits.items()
+    }
+    name = "daily_dialog" if context is None else f"daily_dialog (context {context})"
+    return DialogueTask(name, splits, default_reward=task.default_reward)
+
+
+HUB_DIALOGUE_TASKS = {"daily_dialog": daily_dialog_task}
+
+
 # ---------------------------------------------------------------------------------------------
 # Files of chat messages
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +295,9 @@ def load_chat_jsonl(path: str | os.PathLike, agent_role: str = "assistant") -> t
     return tuple(out)
 
 
+_HUB_TASKS: dict[tuple, DialogueTask] = {}
+
+
 def resolve_dialogue_task(
     task: str | DialogueTask | None,
     dataset: str | os.PathLike | Sequence[Dialogue] | dict | None,
@@ -241,6 +311,11 @@ def resolve_dialogue_task(
     kwargs = dict(dataset_kwargs or {})
     if dataset_kwargs is not None and not isinstance(dataset_kwargs, dict):
         raise ValueError(f"dataset_kwargs must be a dict, got {dataset_kwargs!r}.")
+    if dataset is None and task in HUB_DIALOGUE_TASKS:
+        key = (task, repr(sorted(kwargs.items())))
+        if key not in _HUB_TASKS:  # once per process: N sub-envs share the rows
+            _HUB_TASKS[key] = HUB_DIALOGUE_TASKS[task](**kwargs)
+        return _HUB_TASKS[key]
     if dataset is None:
         if kwargs:
             raise ValueError(f"dataset_kwargs={kwargs!r} configure dataset=: drop them.")
@@ -249,7 +324,8 @@ def resolve_dialogue_task(
         if task is None or task in DIALOGUE_TASKS:
             return DIALOGUE_TASKS[task or "briefing"]()
         raise ValueError(
-            f"task={task!r} is not a dialogue task: use one of {sorted(DIALOGUE_TASKS)}, a "
+            f"task={task!r} is not a dialogue task: use one of "
+            f"{sorted({**DIALOGUE_TASKS, **HUB_DIALOGUE_TASKS})}, a "
             "DialogueTask, or dataset= a chat JSONL file."
         )
     fractions = kwargs.pop("split_fractions", None)

@@ -85,6 +85,8 @@ class Benchmark:
         configure: ``(benchmark, options) -> (config, prompt_template)``: checks the task's
             options (adding derived ones) and gives the hub config to load and the default
             prompt (default: the benchmark's own).
+        revision: The hub revision to load unless ``dataset_kwargs`` names one (a dataset whose
+            main branch holds only a loading script is read from its parquet conversion).
     """
 
     name: str
@@ -104,6 +106,7 @@ class Benchmark:
         benchmark.config,
         benchmark.prompt_template,
     )
+    revision: str | None = None
 
 
 def _why_not_text(value: object, column: str) -> str | None:
@@ -275,6 +278,41 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 
+def _daily_dialog_sample(row: dict, options: dict):
+    """A DailyDialog row as a :class:`~textenvs.tasks.dialogue.Dialogue`: its utterances
+    alternate between two speakers, the first a ``"user"``, the second (the agent) the
+    ``"assistant"``."""
+    from textenvs.tasks.dialogue import Dialogue
+
+    dialog = row.get("dialog")
+    if not (isinstance(dialog, list) and all(isinstance(u, str) for u in dialog)):
+        return f"'dialog' is {str(dialog)[:40]!r}, not a list of utterances (the hub's schema)"
+    utterances = [u.strip() for u in dialog]
+    if len(utterances) < 2 or not all(utterances):
+        return "'dialog' has fewer than two utterances, or an empty one"
+    roles = ("user", "assistant")
+    return Dialogue(tuple((roles[i % 2], u) for i, u in enumerate(utterances)))
+
+
+# The conversation datasets: their samples are Dialogues, for the dialogue envs only
+# (textenvs.tasks.dialogue.resolve_dialogue_task).
+DIALOGUE_BENCHMARKS: dict[str, Benchmark] = {}
+DIALOGUE_BENCHMARKS["daily_dialog"] = Benchmark(
+    # li2017dailydialog/daily_dialog: `dialog` (utterances), `act` and `emotion` (a label per
+    # utterance); its main branch holds a loading script, which datasets 4 refuses: the hub's
+    # parquet conversion of it is read instead.
+    name="daily_dialog",
+    path="li2017dailydialog/daily_dialog",
+    config=None,
+    columns=("dialog", "act", "emotion"),
+    splits={s: (s, 0.0, 1.0) for s in SPLITS},
+    prompt_template="{source}",
+    default_reward="rougeL",
+    row_sample=_daily_dialog_sample,
+    revision="refs/convert/parquet",
+)
+
+
 Groups = np.ndarray | list[np.ndarray]
 
 
@@ -354,7 +392,7 @@ def benchmark_task(name: str, **kwargs) -> Task:
         prompt_template: Another prompt around ``{source}``.
         revision, cache_dir: Passed to ``datasets.load_dataset``.
     """
-    benchmark = BENCHMARKS[name]
+    benchmark = BENCHMARKS[name] if name in BENCHMARKS else DIALOGUE_BENCHMARKS[name]
     kwargs = dict(kwargs)
     data_files = kwargs.pop("data_files", None)
     template = kwargs.pop("prompt_template", None)
@@ -436,6 +474,8 @@ def _load_split(
     if data_files is None:
         where = f"{benchmark.path}" + (f" ({config})" if config else "") + f" [{split}]"
         path, name, files = benchmark.path, config, None
+        if benchmark.revision is not None:
+            load_kwargs = {"revision": benchmark.revision, **load_kwargs}
     else:
         files = _split_files(benchmark, data_files, split)
         where = f"{files} [{split}]"
@@ -584,7 +624,7 @@ def _usable_groups(rows, benchmark: Benchmark, options: dict, where: str) -> Gro
         for batch in rows.iter(batch_size=1024):
             for record in (dict(zip(batch, values)) for values in zip(*batch.values())):
                 sample = benchmark.row_sample(record, options)
-                if isinstance(sample, Sample):
+                if not isinstance(sample, str):  # a Sample (or a Dialogue), not a reason
                     kept.append(index)
                 else:
                     left_out.append((index, sample))
@@ -598,7 +638,7 @@ def _usable_groups(rows, benchmark: Benchmark, options: dict, where: str) -> Gro
         samples = HubSamples(rows, np.split(order, starts[1:]), benchmark, options, where)
         usable = []
         for group, sample in zip(samples.groups, samples):
-            if isinstance(sample, Sample):
+            if not isinstance(sample, str):
                 usable.append(group)
             else:
                 left_out.append((int(group[0]), sample))
