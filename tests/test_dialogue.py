@@ -186,7 +186,7 @@ def test_the_data_responder_plays_the_recording_and_scores_each_turn_against_its
         if info["turn_end"]:
             replies.append(info["reply"])
             references.append(info["reference"])
-            assert reward == pytest.approx(info["metric"])
+            assert reward == pytest.approx(info["turn_metric"])
         else:
             assert reward == 0.0 and "metric" not in info
     users = [content for role, content in sample.messages[3:] if role == "user"]
@@ -217,7 +217,11 @@ def test_a_callable_responder_pays_rewards_and_ends_the_conversation():
     assert [i["reply"] for i in ends] == ["And turn 1?", "And turn 2?", "Thanks, bye."]
     assert ends[-1]["stop"] == "responder"
     assert env.conversation[-1] == {"role": "user", "content": "Thanks, bye."}
-    assert sum(rewards) == pytest.approx(sum(i["metric"] + i["responder_reward"] for i in ends))
+    assert sum(rewards) == pytest.approx(
+        sum(i["turn_metric"] + i["responder_reward"] for i in ends)
+    )
+    turns = [i["turn_metric"] for i in ends]
+    assert ends[-1]["metric"] == pytest.approx(sum(turns) / len(turns))  # the conversation's
 
 
 @pytest.mark.parametrize(
@@ -363,7 +367,7 @@ def test_weighted_rewards_report_their_parts():
     *_, info = env.step(1)
     assert info["metric_name"] == "0.25*rougeL+0.75*chrf"
     parts = 0.25 * info["metric_rougeL"] + 0.75 * info["metric_chrf"]
-    assert info["metric"] == pytest.approx(parts)
+    assert info["turn_metric"] == info["metric"] == pytest.approx(parts)  # the first turn
 
 
 def test_chat_jsonl_files_load_and_bad_lines_are_named(tmp_path):

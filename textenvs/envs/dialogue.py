@@ -112,7 +112,10 @@ class DialogueEnv(TextGenerationEnv):
     ## Info
     Besides the generation env's keys (``prompt``: the opening as text, ``text``: the agent's
     current turn, or the turn that this step ended; ``reference``: that turn's reference, ``""``
-    without one; ``index``; the metric keys when computed): ``turn`` (the index of the agent's
+    without one; ``index``; the metric keys whenever a turn's metric is computed, where
+    ``metric`` is the conversation's so far, the mean over the agent's scored turns with the
+    current one at its current value, so the last step's is the episode's task metric, and
+    ``turn_metric`` the current turn's): ``turn`` (the index of the agent's
     turn that the step's token belongs to), ``turns`` (agent turns finished), ``tokens`` (tokens
     of the current turn), ``turn_end`` (``"eos"``, ``"max_turn_tokens"``, ``"max_steps"`` or
     ``""``), ``reply``
@@ -252,6 +255,7 @@ class DialogueEnv(TextGenerationEnv):
         self._stop = ""
         self._turn_end, self._reply_text = "", ""
         self._responder_reward = self._conversation_reward = 0.0
+        self._turn_metrics: list[float] = []  # each scored turn's final metric
         self._responder_state: dict = {}
         self.responder.start(self._responder_state, self.np_random)
         scores = self._start_turn()
@@ -369,10 +373,13 @@ class DialogueEnv(TextGenerationEnv):
         reward, scores = 0.0, None
         if references and (self.shaper.dense or self._ending):
             reward, scores = self.shaper.step(self.text, bool(self._ending))
+        metric = None if scores is None else self._mean_metric(scores[self.shaper.name])
         self._turn_end, self._reply_text = self._ending, ""
         self._responder_reward = self._conversation_reward = 0.0
         step_turn = self.turn
         if self._ending:
+            if scores is not None:
+                self._turn_metrics.append(scores[self.shaper.name])
             self._messages.append((self.agent_role, self.text))
             self.turn += 1
             if self.turn >= self.max_turns:
@@ -394,11 +401,16 @@ class DialogueEnv(TextGenerationEnv):
             reward += self._conversation_reward
         if not math.isfinite(reward):
             raise FloatingPointError(f"The step's reward is {reward}: scale the rewards.")
-        info = self._info(scores, step_turn)
+        info = self._info(scores, step_turn, metric)
         if self._ending and not self._done:
             self._start_turn()
         obs = self._observe(hidden[-1], logits[-1], candidates)
         return obs, float(reward), self._done, False, info
+
+    def _mean_metric(self, current: float) -> float:
+        """The mean metric of the agent's scored turns: the finished ones and the current one at
+        ``current``."""
+        return float(np.mean([*self._turn_metrics, current]))
 
     def _score_conversation(self) -> float:
         """``conversation_reward`` of the finished conversation (0.0 without one)."""
@@ -444,7 +456,9 @@ class DialogueEnv(TextGenerationEnv):
     def _transcript(self) -> str:
         return "\n".join(f"{role}: {content}" for role, content in self._messages)
 
-    def _info(self, scores: dict | None, turn: int | None = None) -> dict:
+    def _info(
+        self, scores: dict | None, turn: int | None = None, metric: float | None = None
+    ) -> dict:
         references = (
             self.turn_references()
             if turn is None
@@ -457,7 +471,10 @@ class DialogueEnv(TextGenerationEnv):
             "index": self.index,
         }
         if scores is not None:
-            info["metric"] = scores[self.shaper.name]
+            # the conversation's metric so far (the episode's task metric, which agents evaluate
+            # on) and the turn's own
+            info["metric"] = scores[self.shaper.name] if metric is None else metric
+            info["turn_metric"] = scores[self.shaper.name]
             info["metric_name"] = self.shaper.name
             info.update((key, value) for key, value in scores.items() if key != self.shaper.name)
         info.update(
