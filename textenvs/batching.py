@@ -248,6 +248,21 @@ class LockstepBatch:
         return seq
 
     @torch.inference_mode()
+    def extend_rows(
+        self, rows: list[int], tails: list[list[int]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Append ``tails[j]`` (any number of tokens) to row ``rows[j]``: the rows leave the batch
+        with their own caches (:meth:`release`), run in ONE padded forward
+        (:func:`extend_batch`) and come back (:meth:`adopt`). A conversation's turn, appended
+        between one-token steps. Returns each row's hidden states ``(n, d)`` and logits
+        ``(n, V)`` of its new positions."""
+        seqs = [self.release(i) for i in rows]
+        out = extend_batch(self.lm, seqs, tails)
+        for i, seq in zip(rows, seqs):
+            self.adopt(i, seq)
+        return out
+
+    @torch.inference_mode()
     def advance(
         self, tokens: list[int], stepping: list[int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -459,17 +459,11 @@ class DialogueVectorEnv(GenerationVectorEnv):
                 results[k] = result
         turns = [k for k, tail in enumerate(tails) if len(tail) > 1]
         if turns:
-            seqs = []
-            for k in turns:
-                i = stepping[k]
-                seqs.append(
-                    self.batch.release(i)
-                    if self.batch.rows[i] is envs[i].sequence
-                    else envs[i].sequence  # reset on its own: not in the batch yet
-                )
-            outs = extend_batch(self.lm, seqs, [tails[k] for k in turns])
-            for k, seq, out in zip(turns, seqs, outs):
-                self.batch.adopt(stepping[k], seq)
+            rows = [stepping[k] for k in turns]
+            for i in rows:  # a sub-env reset on its own is not in the batch yet
+                if self.batch.rows[i] is not envs[i].sequence:
+                    self.batch.adopt(i, envs[i].sequence)
+            for k, out in zip(turns, self.batch.extend_rows(rows, [tails[k] for k in turns])):
                 results[k] = out
         return results
 

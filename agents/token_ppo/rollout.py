@@ -90,8 +90,6 @@ class NLPOMasker:
         token (one forward of the persistent batch for all rows), and in a conversation whose
         turn ended the other party's turn too (those rows in one padded forward over their own
         caches, then put back), so the masking policy reads exactly the env's ids."""
-        from textenvs.batching import extend_batch
-
         tails = {i: sub_envs[i].sequence.ids[len(self.batch.rows[i]) :] for i in stepping}
         single = [i for i in stepping if len(tails[i]) == 1]
         if single:
@@ -99,13 +97,8 @@ class NLPOMasker:
             _, logits = self.batch.advance(tokens, single)
             self.logits[single] = logits[single].float()
         turns = [i for i in stepping if len(tails[i]) > 1]
-        if turns:
-            seqs = [self.batch.release(i) for i in turns]
-            for i, seq, (_, logits) in zip(
-                turns, seqs, extend_batch(self.lm, seqs, [tails[i] for i in turns])
-            ):
-                self.batch.adopt(i, seq)
-                self.logits[i] = logits[-1].float()
+        for i, (_, logits) in zip(turns, self.batch.extend_rows(turns, [tails[i] for i in turns])):
+            self.logits[i] = logits[-1].float()
 
 
 @dataclass(frozen=True)

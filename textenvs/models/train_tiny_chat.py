@@ -15,6 +15,10 @@ and trains on, mixed:
   candidates while greedy answers stay far from the references: reinforcement learning has
   headroom, and chat templates are exercised offline.
 
+It trains on blocks of 256 tokens (``textenvs/tiny`` saw 128): a conversation of four turns
+reaches past position 128, which a model never trained there handles badly (at the start of a
+later turn the first version wrote another ``<|im_start|>``).
+
 At the end it prints one JSON line with the greedy mean per-turn ROUGE-L on the ``briefing``
 test split (the data responder) and the teacher-forced top-8 rate of the reference tokens.
 """
@@ -165,9 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--n-chats", type=int_arg(1), default=4000)
     p.add_argument("--n-unpaired", type=int_arg(1), default=2000, help="of the tiny corpus")
-    p.add_argument("--block", type=int_arg(), default=128)
-    p.add_argument("--batch", type=int_arg(), default=32)
-    p.add_argument("--steps", type=int_arg(), default=500)
+    p.add_argument("--block", type=int_arg(), default=256)
+    p.add_argument("--batch", type=int_arg(), default=16)
+    p.add_argument("--steps", type=int_arg(), default=1500)
     p.add_argument("--lr", type=float_arg(0, low_open=True), default=1e-3)
     p.add_argument("--threads", type=int_arg(), default=min(2, os.cpu_count() or 1))
     p.add_argument("--eval-samples", type=int_arg(), default=100)
