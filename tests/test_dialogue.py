@@ -452,3 +452,71 @@ def test_a_dialogue_checks_its_fields():
     )
     assert late.opening == (("user", "a"), ("assistant", "b"), ("user", "c"))
     assert late.references == ("d",)
+
+
+def test_sb3_and_q_learning_train_on_conversations_unchanged(tmp_path):
+    """The agents' own command lines on a dialogue id, with nothing dialogue-specific."""
+    from agents import qlearning
+    from agents.sb3 import cli as sb3_cli
+
+    kwargs = json.dumps({"max_turn_tokens": 3, "max_turns": 2})
+    result = qlearning.main(
+        [
+            "--env-id",
+            "textenvs/Dialogue-v0",
+            "--env-kwargs",
+            kwargs,
+            "--total-steps",
+            "60",
+            "--eval-samples",
+            "3",
+        ]
+    )
+    assert result["episodes"] == 3 and np.isfinite(result["mean_return"])
+    result = sb3_cli.main(
+        [
+            "--env-id",
+            "textenvs/Dialogue-v0",
+            "--env-kwargs",
+            kwargs,
+            "--total-steps",
+            "64",
+            "--num-envs",
+            "2",
+            "--n-steps",
+            "16",
+            "--batch-size",
+            "16",
+            "--eval-samples",
+            "3",
+            "--policy",
+            "lm_prior",
+        ]
+    )
+    assert result["episodes"] == 3 and 0.0 <= result["mean_metric"] <= 1.0
+
+
+def test_a_batched_model_reward_scores_the_turns_of_every_sub_env_in_one_call():
+    from textenvs.model_rewards import BatchMetric
+
+    calls = []
+
+    def lengths(texts, references):
+        calls.append(len(texts))
+        return [min(1.0, len(t) / 40) for t in texts]
+
+    metric = BatchMetric(lengths)
+    envs = gym.make_vec(
+        "textenvs/Dialogue-v0",
+        num_envs=3,
+        reward=metric,
+        dense=True,
+        max_turn_tokens=3,
+        text_infos=True,
+    )
+    envs.reset(seed=0)
+    for _ in range(4):
+        *_, infos = envs.step(np.ones(3, dtype=np.int64))
+        expected = [min(1.0, len(t) / 40) for t in infos["text"]]  # the turn each step scored
+        assert np.allclose(infos["turn_metric"], expected)
+    assert calls and max(calls) == 3  # one call for the three sub-envs of a step
