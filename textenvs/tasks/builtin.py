@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -114,14 +115,35 @@ _DETAILS = [
 _MONTHS = ["January", "March", "April", "June", "August", "October", "December"]
 
 
-def _summarize_sample(rng: np.random.Generator) -> Sample:
+@dataclass(frozen=True)
+class NewsEvent:
+    """One drawn article of the summarization domain and the facts behind it."""
+
+    town: str
+    actor: str  # as written in the article ("the city council")
+    actor_short: str  # as in a headline ("council")
+    past: str
+    present: str
+    obj: str
+    obj_short: str
+    day: str
+    article: str
+
+    @property
+    def headline(self) -> str:
+        return f"{self.town} {self.actor_short} {self.present} {self.obj_short}"
+
+
+def news_event(rng: np.random.Generator, max_details: int = 4) -> NewsEvent:
+    """An article drawn from ``rng``: its lead sentence (who did what where, and when) and 2 to
+    ``max_details`` distractor details; the lead comes first 70% of the time."""
     town = _TOWNS[rng.integers(len(_TOWNS))]
     actor, actor_short = _ACTORS[rng.integers(len(_ACTORS))]
     past, present = _VERBS[rng.integers(len(_VERBS))]
     obj, obj_short = _OBJECTS[rng.integers(len(_OBJECTS))]
     day = _DAYS[rng.integers(len(_DAYS))]
     lead = f"On {day}, {actor} in {town} {past} {obj}."
-    n_details = int(rng.integers(2, 5))
+    n_details = int(rng.integers(2, max_details + 1))
     details = []
     for i in rng.choice(len(_DETAILS), size=n_details, replace=False):
         details.append(
@@ -134,8 +156,13 @@ def _summarize_sample(rng: np.random.Generator) -> Sample:
     # The lead is usually first, as in news writing, but not always: the headline must be found.
     position = 0 if rng.random() < 0.7 else 1
     sentences = details[:position] + [lead] + details[position:]
-    headline = f"{town} {actor_short} {present} {obj_short}"
-    return Sample(" ".join(sentences), (headline,))
+    article = " ".join(sentences)
+    return NewsEvent(town, actor, actor_short, past, present, obj, obj_short, day, article)
+
+
+def _summarize_sample(rng: np.random.Generator) -> Sample:
+    event = news_event(rng)
+    return Sample(event.article, (event.headline,))
 
 
 # ---------------------------------------------------------------------------------------------

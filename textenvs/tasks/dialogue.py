@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from textenvs.tasks.base import SPLITS, Task
-from textenvs.tasks.builtin import _ACTORS, _DAYS, _DETAILS, _MONTHS, _OBJECTS, _TOWNS, _VERBS
+from textenvs.tasks.builtin import news_event
 from textenvs.tasks.loaders import (
     MAX_JSON_DEPTH,
     MAX_SAMPLE_BYTES,
@@ -134,33 +134,19 @@ BRIEFING_SYSTEM = "Answer the questions about the article in a few words."
 
 
 def _briefing_dialogue(rng: np.random.Generator) -> Dialogue:
-    town = _TOWNS[rng.integers(len(_TOWNS))]
-    actor, actor_short = _ACTORS[rng.integers(len(_ACTORS))]
-    past, present = _VERBS[rng.integers(len(_VERBS))]
-    obj, obj_short = _OBJECTS[rng.integers(len(_OBJECTS))]
-    day = _DAYS[rng.integers(len(_DAYS))]
-    lead = f"On {day}, {actor} in {town} {past} {obj}."
-    details = [
-        _DETAILS[i].format(
-            n=int(rng.integers(2, 10)),
-            m=int(rng.integers(0, 2)),
-            month=_MONTHS[rng.integers(len(_MONTHS))],
-        )
-        for i in rng.choice(len(_DETAILS), size=int(rng.integers(2, 4)), replace=False)
-    ]
-    position = 0 if rng.random() < 0.7 else 1
-    article = " ".join(details[:position] + [lead] + details[position:])
+    event = news_event(rng, max_details=3)
+    actor, obj = event.actor, event.obj
     questions = [
-        ("Where did it happen?", f"In {town}."),
+        ("Where did it happen?", f"In {event.town}."),
         ("Who was involved?", f"{actor[0].upper()}{actor[1:]}."),
-        ("When did it happen?", f"On {day}."),
+        ("When did it happen?", f"On {event.day}."),
         ("What was it about?", f"{obj[0].upper()}{obj[1:]}."),
     ]
     asked = [questions[i] for i in rng.permutation(len(questions))[: int(rng.integers(2, 4))]]
     messages = [
         ("system", BRIEFING_SYSTEM),
-        ("user", f"Article: {article}\nWhat is the headline?"),
-        ("assistant", f"{town} {actor_short} {present} {obj_short}"),
+        ("user", f"Article: {event.article}\nWhat is the headline?"),
+        ("assistant", event.headline),
     ]
     for question, answer in asked:
         messages += [("user", question), ("assistant", answer)]
