@@ -78,6 +78,41 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     )
 
 
+def train_on_blocks(
+    model, ids: np.ndarray, args: argparse.Namespace, warmup: int, report_every: int, t0: float
+) -> None:
+    """Language-model training on random ``args.block``-token blocks of ``ids``: AdamW (weight
+    decay 0.01), ``args.steps`` steps of ``args.batch`` blocks, the learning rate ``args.lr``
+    warmed up over ``warmup`` steps then cosine-annealed, gradients clipped at 1; the model is
+    left in eval mode."""
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    n_blocks = len(ids) // args.block
+    blocks = torch.from_numpy(ids[: n_blocks * args.block].reshape(n_blocks, args.block))
+    gen = torch.Generator().manual_seed(args.seed)
+    model.train()
+    for step in range(args.steps):
+        lr = (
+            args.lr
+            * min(1.0, (step + 1) / warmup)
+            * 0.5
+            * (1 + math.cos(math.pi * step / args.steps))
+        )
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = blocks[torch.randint(n_blocks, (args.batch,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % report_every == 0 or step == args.steps - 1:
+            print(
+                f"step {step} loss {loss.item():.3f} lr {lr:.2e} {time.time() - t0:.0f}s",
+                flush=True,
+            )
+    model.eval()
+
+
 def train(args: argparse.Namespace) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -101,29 +136,7 @@ def train(args: argparse.Namespace) -> dict:
         pad_token_id=tokenizer.eos_token_id,
     )
     model = GPT2LMHeadModel(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    n_blocks = len(ids) // args.block
-    blocks = torch.from_numpy(ids[: n_blocks * args.block].reshape(n_blocks, args.block))
-    gen = torch.Generator().manual_seed(args.seed)
-    model.train()
-    for step in range(args.steps):
-        lr = (
-            args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        )
-        for g in opt.param_groups:
-            g["lr"] = lr
-        batch = blocks[torch.randint(n_blocks, (args.batch,), generator=gen)]
-        loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 200 == 0 or step == args.steps - 1:
-            print(
-                f"step {step} loss {loss.item():.3f} lr {lr:.2e} {time.time() - t0:.0f}s",
-                flush=True,
-            )
-    model.eval()
+    train_on_blocks(model, ids, args, warmup=100, report_every=200, t0=t0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -77,7 +76,7 @@ def train(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from textenvs.lm import BUILTIN_MODELS, TINY, quiet_loading
-    from textenvs.models.train_tiny import build_corpus
+    from textenvs.models.train_tiny import build_corpus, train_on_blocks
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -95,24 +94,7 @@ def train(args: argparse.Namespace) -> dict:
     docs += chat_corpus(tokenizer, args.n_chats, args.pair_share, args.seed + 1)
     np.random.default_rng(args.seed).shuffle(docs)
     ids = np.concatenate([tokenizer(d)["input_ids"] for d in docs]).astype(np.int64)
-    n_blocks = len(ids) // args.block
-    blocks = torch.from_numpy(ids[: n_blocks * args.block].reshape(n_blocks, args.block))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(args.seed)
-    model.train()
-    for step in range(args.steps):
-        lr = args.lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        batch = blocks[torch.randint(n_blocks, (args.batch,), generator=gen)]
-        loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 100 == 0 or step == args.steps - 1:
-            print(f"step {step} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
-    model.eval()
+    train_on_blocks(model, ids, args, warmup=50, report_every=100, t0=t0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with quiet_loading():
