@@ -72,6 +72,7 @@ from benchmarks.suite.output import (  # noqa: F401
 from benchmarks.suite.report import markdown_table, plot, verdict
 from benchmarks.suite.settings import (  # noqa: F401
     DEFAULT_ENVS,
+    DIALOGUE,
     EDIT_BUDGETS,
     LAST_BLOCK,
     PRESETS,
@@ -128,6 +129,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     _run_flags(p)
     _budget_flags(p)
     args = p.parse_args(argv)
+    if args.dialogue:  # the preset's envs, agents, model and env arguments, under the user's
+        args.env_kwargs = {**DIALOGUE["env_kwargs"], **args.env_kwargs}
+    args.env_id = args.env_id or list(DIALOGUE["env_ids"] if args.dialogue else DEFAULT_ENVS)
+    args.agents = args.agents or list(DIALOGUE["agents"] if args.dialogue else DEFAULT_AGENTS)
+    args.model = args.model or (DIALOGUE["model"] if args.dialogue else textenvs.TINY)
     textenvs_ids = [i for i in gym.registry if i.startswith("textenvs/")]
     for env_id in args.env_id:
         if env_id not in gym.registry:
@@ -150,20 +156,36 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
         "--quick", action="store_true", help="a smoke run: small budgets, 32 test samples"
     )
     mode.add_argument("--full", action="store_true", help="5 seeds, larger budgets")
-    p.add_argument(
-        "--env-id", nargs="+", default=list(DEFAULT_ENVS), help="any registered textenvs id"
+    mode.add_argument(
+        "--dialogue",
+        action="store_true",
+        help="the dialogue preset: random, greedy and token_ppo on textenvs/Dialogue-v0 (the "
+        f"built-in multi-turn task) with {DIALOGUE['model']}, env arguments "
+        f"{json.dumps(DIALOGUE['env_kwargs'])}",
     )
-    p.add_argument("--agents", nargs="+", default=list(DEFAULT_AGENTS), help=f"any of {AGENTS}")
+    p.add_argument(
+        "--env-id",
+        nargs="+",
+        help=f"any registered textenvs id (default: {' '.join(DEFAULT_ENVS)}; with --dialogue "
+        f"{' '.join(DIALOGUE['env_ids'])})",
+    )
+    p.add_argument(
+        "--agents",
+        nargs="+",
+        help=f"any of {AGENTS} (default: {' '.join(DEFAULT_AGENTS)}; with --dialogue "
+        f"{' '.join(DIALOGUE['agents'])})",
+    )
     p.add_argument(
         "--model",
-        default=textenvs.TINY,
-        help="textenvs/tiny, a save_pretrained folder or a hub name",
+        help=f"textenvs/tiny (default; with --dialogue {DIALOGUE['model']}), a save_pretrained "
+        "folder or a hub name",
     )
     p.add_argument(
         "--env-kwargs",
         type=json_object,
         default={},
-        help="JSON of extra keyword arguments for every env, e.g. '{\"max_len\": 24}'",
+        help="JSON of extra keyword arguments for every env, e.g. '{\"max_len\": 24}' (with "
+        "--dialogue, over the preset's)",
     )
     p.add_argument(
         "--jobs",
@@ -278,7 +300,15 @@ def check_token_ppo_config(p: argparse.ArgumentParser, config: object) -> None:
 
 
 def budget_for(args: argparse.Namespace) -> Budget:
-    preset = "full" if args.full else "quick" if args.quick else "default"
+    preset = (
+        "full"
+        if args.full
+        else "quick"
+        if args.quick
+        else "dialogue"
+        if args.dialogue
+        else "default"
+    )
     budget = Budget(**asdict(PRESETS[preset]))
     for name in (
         "seeds",

@@ -735,3 +735,25 @@ def test_token_agents_are_also_paired_with_token_ppo():
     table = run.markdown_table(list(rows.values()))
     assert "- token PPO (95% CI)" in table and "+0.0500" in table
     assert "token PPO" not in run.markdown_table([rows["greedy"], rows["token_ppo"]])
+
+
+def test_the_dialogue_preset_runs_its_agents_on_conversations(tmp_path):
+    """--dialogue: its env, agents, model and env arguments (a user's --env-kwargs over them);
+    every agent of it runs a cell on Dialogue-v0, evaluated on the conversations' metric."""
+    args = run.parse_args(["--dialogue", "--env-kwargs", '{"max_turns": 2}'])
+    assert args.env_id == ["textenvs/Dialogue-v0"] and args.model == "textenvs/tiny-chat"
+    assert args.agents == ["random", "greedy", "token_ppo"]
+    assert args.env_kwargs == {"max_turn_tokens": 10, "max_turns": 2, "chat_template": True}
+    budget = run.budget_for(run.parse_args(["--dialogue", "--scale", "0.05"]))
+    budget.eval_samples, budget.eval_points = 3, 1
+    cells = [
+        run.run_cell(agent, "textenvs/Dialogue-v0", 0, budget, args.model, args.env_kwargs)
+        for agent in args.agents
+    ]
+    for cell in cells:
+        assert len(cell["curve"][-1]["metrics"]) == 3
+        assert all(0.0 <= m <= 1.0 for m in cell["curve"][-1]["metrics"])
+    token = cells[-1]
+    assert token["steps"] > 0 and len(token["curve"]) == 2  # the start and one point
+    greedy = cells[1]["curve"][-1]["metrics"]
+    assert token["curve"][0]["metrics"] == pytest.approx(greedy, abs=1e-6)  # it starts greedy

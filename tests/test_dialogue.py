@@ -114,7 +114,7 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tmp_path):
     folder = _save_chat_model(tmp_path / "rewriting", REWRITING)
     with pytest.raises(TemplateRewriteError, match="rewrites earlier turns"):
         gym.make("textenvs/Dialogue-v0", model=folder, chat_template=True)
-    gym.make("textenvs/Dialogue-v0", model=folder)  # the plain format needs no template
+    gym.make("textenvs/Dialogue-v0", model=folder, chat_template=False)  # plain: no template
 
 
 def count_forwarded_tokens(lm):
@@ -304,9 +304,9 @@ def test_lm_responder_runs_each_of_its_tokens_once():
     once, never the history again."""
     env = gym.make(
         "textenvs/Dialogue-v0",
-        model=textenvs.lm.LanguageModel(textenvs.TINY),  # not the responder's model object
+        model=textenvs.lm.LanguageModel(textenvs.TINY_CHAT),  # not the responder's object
         responder="lm",
-        responder_kwargs={"model": textenvs.TINY, "max_new_tokens": 5},
+        responder_kwargs={"model": textenvs.TINY_CHAT, "max_new_tokens": 5},
         max_turns=4,
         max_turn_tokens=3,
     ).unwrapped

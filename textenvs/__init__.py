@@ -51,8 +51,13 @@ EDIT_IDS = {
 # Conversations (textenvs.envs.dialogue): the agent plays one role, a responder the other. They
 # end themselves (the responder, max_turns or the context), so no registered step limit either.
 DIALOGUE_IDS = {
-    "textenvs/Dialogue-v0": {"task": "briefing"},
-    "textenvs/Chat-v0": {},
+    # the built-in chat model (textenvs/tiny taught ChatML turns), through its chat template
+    "textenvs/Dialogue-v0": {
+        "task": "briefing",
+        "model": "textenvs/tiny-chat",
+        "chat_template": True,
+    },
+    "textenvs/Chat-v0": {"model": "textenvs/tiny-chat", "chat_template": True},
     # RL4LMs' dialogue benchmark; GPT-2 by default, as the benchmark ids above
     "textenvs/DailyDialog-v0": {"task": "daily_dialog", "model": "gpt2"},
 }
@@ -109,6 +114,7 @@ def is_edit_env(env_id: str) -> bool:
 # registration above costs no torch import in processes that only resolve ids.
 _LAZY_NAMES = {
     "TINY": "textenvs.lm",
+    "TINY_CHAT": "textenvs.lm",
     "LanguageModel": "textenvs.lm",
     "METRIC_NAMES": "textenvs.rewards",
     "RewardShaper": "textenvs.rewards",
@@ -153,6 +159,7 @@ __all__ = [
     "ENV_IDS",
     "METRIC_NAMES",
     "TINY",
+    "TINY_CHAT",
     "LanguageModel",
     "RewardShaper",
     "Sample",

@@ -134,21 +134,21 @@ class ChatTemplateFormat:
 def check_prefix_template(fmt: ChatTemplateFormat) -> None:
     """Refuse a chat template that rewrites earlier turns, found on a probe conversation whose
     assistant turns carry reasoning (``<think>...</think>``), which such templates drop."""
+    party, speaker = "\x00other", fmt.speaker_role  # any role but the speaker's renders as user
     probe = [
         ("system", "Be brief."),
-        ("user", "Hello there."),
-        (fmt.speaker_role, "<think>Greet back.</think>Hi."),
-        ("user", "How are you?"),
-        (fmt.speaker_role, "<think>Answer.</think>Well, thanks."),
-        ("user", "Bye."),
+        (party, "Hello there."),
+        (speaker, "<think>Greet back.</think>Hi."),
+        (party, "How are you?"),
+        (speaker, "<think>Answer.</think>Well, thanks."),
+        (party, "Bye."),
     ]
-    other = [(r if r != "user" else "__other__", c) for r, c in probe]
-    for k in range(2, len(other)):
-        shorter = other[:k]
+    for k in range(2, len(probe)):
+        shorter = probe[:k]
         generation = shorter[-1][0] != fmt.speaker_role
         try:
             head = fmt.render(shorter, generation_prompt=generation)
-            whole = fmt.render(other[: k + 1], generation_prompt=False)
+            whole = fmt.render(probe[: k + 1], generation_prompt=False)
         except Exception as e:  # noqa: BLE001 - a template's own error, reported with its text
             raise ValueError(
                 f"The chat template of model {fmt.lm.name!r} cannot render a system / user / "

@@ -41,9 +41,13 @@ from textenvs import kvcache
 from textenvs.kvcache import TokenSequence
 
 TINY = "textenvs/tiny"
+TINY_CHAT = "textenvs/tiny-chat"  # the tiny model taught ChatML turns (models/train_tiny_chat.py)
 GREEDY_CACHE = 8192  # greedy() results a shared (read-only) model remembers, least recent dropped
 CANDIDATE_FEATURES = 8  # numbers per candidate token in candidate observations
-BUILTIN_MODELS = {TINY: Path(__file__).parent / "models" / "tiny"}
+BUILTIN_MODELS = {
+    TINY: Path(__file__).parent / "models" / "tiny",
+    TINY_CHAT: Path(__file__).parent / "models" / "tiny-chat",
+}
 # The hub's legacy model ids without an organisation: the only bare names sent to the hub. Any
 # other bare name is taken for a local folder, so a typo fails at once instead of retrying a hub.
 LEGACY_HUB_NAMES = frozenset(

@@ -16,6 +16,14 @@ import gymnasium as gym
 import textenvs
 
 DEFAULT_ENVS = ("textenvs/Summarize-v0", "textenvs/Translate-v0", "textenvs/EditSummary-v0")
+# The dialogue preset (--dialogue): the built-in multi-turn task on the built-in chat model, its
+# agents and its env arguments (a user's --env-kwargs go over these)
+DIALOGUE = {
+    "env_ids": ("textenvs/Dialogue-v0",),
+    "agents": ("random", "greedy", "token_ppo"),
+    "model": "textenvs/tiny-chat",
+    "env_kwargs": {"max_turn_tokens": 10, "max_turns": 4, "chat_template": True},
+}
 # Token PPO in the suite: 32 episodes a rollout, 4 PPO epochs of 16 at lr 3e-4, tokens sampled at
 # temperature 0.5, GAE lambda 0.5.
 TOKEN_PPO = {
@@ -110,6 +118,18 @@ PRESETS = {
         eval_samples=32,
         horizon=8,
         translate_token_ppo=TRANSLATE_TOKEN_PPO,
+    ),
+    # --dialogue: token PPO against the greedy LM on textenvs/Dialogue-v0 (4 turns of at most 10
+    # tokens: a 40-token horizon), 3 seeds x all 100 test conversations, paired
+    "dialogue": Budget(
+        seeds=3,
+        q_steps=1500,
+        ppo_steps=2048,
+        token_ppo_episodes=768,
+        eval_points=4,
+        eval_samples=100,
+        horizon=40,
+        translate_horizon=40,
     ),
     # The README's long figures: 5 seeds x all 200 test samples, paired; the LM-prior SB3 agents
     # at 16k steps (the aim: a win within 50k env steps), token PPO at 4096 episodes (8192 on
