@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
@@ -180,7 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             raise CommandLineError(f"--models takes tiny and small, got {name!r}.")
     out = {
-        "command": "python -m benchmarks.dialogue " + " ".join(argv or []),
+        "command": " ".join(
+            ["python -m benchmarks.dialogue", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "threads": torch.get_num_threads(),
         "other_tokens": args.other_tokens,
         "agent_tokens": args.agent_tokens,

@@ -757,3 +757,20 @@ def test_the_dialogue_preset_runs_its_agents_on_conversations(tmp_path):
     assert token["steps"] > 0 and len(token["curve"]) == 2  # the start and one point
     greedy = cells[1]["curve"][-1]["metrics"]
     assert token["curve"][0]["metrics"] == pytest.approx(greedy, abs=1e-6)  # it starts greedy
+
+
+def test_dialogue_script_compares_appending_turns_with_reencoding():
+    from benchmarks import dialogue
+
+    out = dialogue.main(["--models", "tiny", "--turns", "3,max", "--repeats", "1"])
+    three = out["tiny"]["3"]
+    assert three["ours"]["turns"] == three["reencode"]["turns"] == 3
+    # ours forwards each token once: exactly the conversation's ids
+    assert three["ours"]["tokens_forwarded"] == three["ours"]["final_tokens"]
+    assert three["reencode_over_ours"]["tokens_forwarded"] > 1.5
+    longest = out["tiny"]["max"]
+    assert longest["ours"]["stop"] == "max_turns" and longest["ours"]["turns"] > 3
+    assert (
+        longest["reencode_over_ours"]["tokens_forwarded"]
+        > three["reencode_over_ours"]["tokens_forwarded"]
+    )
