@@ -51,6 +51,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -90,12 +91,30 @@ def _token_ppo_args(args, episodes: int, out: Path) -> list[str]:
     ]
 
 
-def _run(command: list[str], env: dict | None = None) -> None:
-    run = subprocess.run(
-        command, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True
-    )
-    if run.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[:6])} ... failed:\n{run.stderr[-3000:]}")
+def _run(command: list[str], env: dict | None, timeout: float) -> None:
+    """Run ``command``; past ``timeout`` seconds its whole process group is killed and the run
+    fails: a launch whose other process died (a 2-process group left waiting) fails instead of
+    hanging the benchmark, or a test, for ever."""
+    with subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: the launcher and every worker
+    ) as process:
+        try:
+            _, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            _, stderr = process.communicate()
+            raise RuntimeError(
+                f"{' '.join(command[:6])} ... did not finish in {timeout:g} s (--launch-timeout) "
+                f"and was killed:\n{stderr[-3000:]}"
+            ) from None
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:6])} ... failed:\n{stderr[-3000:]}")
 
 
 def _figures(report_path: Path, processes: int) -> dict:
@@ -121,6 +140,7 @@ def completions(args, folder: Path) -> dict:
         _run(
             [*command, *_token_ppo_args(args, per_process, out), "--device", args.device],
             {"OMP_NUM_THREADS": str(threads)},
+            args.launch_timeout,
         )
         return _figures(out, 1)
 
@@ -140,6 +160,7 @@ def completions(args, folder: Path) -> dict:
             args.device,
         ],
         threads,
+        args.launch_timeout,
     )
     result["two_processes"] = _figures(out, 2)
     result["speedup_two_processes"] = round(
@@ -159,6 +180,7 @@ def completions(args, folder: Path) -> dict:
             "true",
         ],
         threads,
+        args.launch_timeout,
     )
     result["two_processes_fsdp"] = _figures(out, 2)
     result["fsdp_vs_ddp"] = round(
@@ -196,6 +218,7 @@ def _ray_two_workers(args, folder: Path, episodes: int, cores: int) -> dict | st
             *_token_ppo_args(args, episodes, out),
         ],
         {"RAY_DISABLE_USAGE_STATS": "1"},
+        args.launch_timeout,
     )
     return _figures(out, 2)
 
@@ -295,6 +318,7 @@ def sharded(args, folder: Path) -> dict:
         _run(
             [*start, str(probe), model, str(fsdp), args.device, str(out), str(args.num_envs)],
             {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)},
+            args.launch_timeout,
         )
         result[name] = json.loads(out.read_text())
     ddp, fsdp = result["ddp_2"][0], result["fsdp_2"][0]
@@ -432,6 +456,13 @@ def main(argv: list[str] | None = None) -> dict:
         type=int_arg(),
         default=512,
         help="tokens per sequence of the checkpointing figures",
+    )
+    p.add_argument(
+        "--launch-timeout",
+        type=int_arg(1),
+        default=3600,
+        help="seconds a run may take before it is killed and the benchmark fails (a 2-process "
+        "launch whose other process died would wait for ever)",
     )
     p.add_argument(
         "--skip",

@@ -564,7 +564,7 @@ def test_scale_script_reports_completions_and_sharded_memory():
         result = scale.main(
             ["--skip", "memory", "--skip", "ray", "--iterations", "1", "--num-envs", "2"]
             + ["--max-new-tokens", "3", "--sharded-model", "textenvs/tiny"]
-            + ["--checkpoint-length", "64"]
+            + ["--checkpoint-length", "64", "--launch-timeout", "300"]
         )
     one, two = result["completions"]["one_process"], result["completions"]["two_processes"]
     assert (one["processes"], one["episodes"]) == (1, 2)
