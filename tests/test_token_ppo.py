@@ -585,7 +585,7 @@ def test_nlpo_leaves_the_processs_shared_model_alone():
 
 def conversation_config(**kw) -> TokenPPOConfig:
     return small_config(
-        "textenvs/tiny",
+        "textenvs/tiny-chat",
         env_id="textenvs/Dialogue-v0",
         env_kwargs={"max_turns": 3, "max_turn_tokens": 3},
         max_new_tokens=9,
