@@ -51,7 +51,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
@@ -92,9 +91,9 @@ def _token_ppo_args(args, episodes: int, out: Path) -> list[str]:
 
 
 def _run(command: list[str], env: dict | None, timeout: float) -> None:
-    """Run ``command``; past ``timeout`` seconds its whole process group is killed and the run
-    fails: a launch whose other process died (a 2-process group left waiting) fails instead of
-    hanging the benchmark, or a test, for ever."""
+    """Run ``command``; past ``timeout`` seconds it and every process below it are killed and the
+    run fails: a launch whose other process died (a 2-process group left waiting) fails instead
+    of hanging the benchmark, or a test, for ever."""
     with subprocess.Popen(
         command,
         cwd=ROOT,
@@ -102,19 +101,40 @@ def _run(command: list[str], env: dict | None, timeout: float) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,  # its own process group: the launcher and every worker
     ) as process:
         try:
             _, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            _, stderr = process.communicate()
+            _kill_tree(process.pid)
+            try:  # the workers are dead, so their ends of the pipes are closed
+                _, stderr = process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                stderr = "(its output could not be read)"
             raise RuntimeError(
                 f"{' '.join(command[:6])} ... did not finish in {timeout:g} s (--launch-timeout) "
                 f"and was killed:\n{stderr[-3000:]}"
             ) from None
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:6])} ... failed:\n{stderr[-3000:]}")
+
+
+def _kill_tree(pid: int) -> None:
+    """Kill a process and every process below it. torchrun starts each worker in a session of
+    its own, so killing the launcher's process group leaves the workers running (and holding its
+    output pipes); psutil (an accelerate dependency) finds them by ancestry."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        family = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for member in family:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
 
 
 def _figures(report_path: Path, processes: int) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import tempfile
 
 import pytest
@@ -88,6 +89,45 @@ def random_gpt2_dir(tmp_path_factory) -> str:
         GPT2LMHeadModel(config).save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)
     return str(path)
+
+
+def kill_tree(pid: int) -> None:
+    """Kill a process and every process below it (torchrun starts each worker in a session of
+    its own: killing the launcher alone leaves them running)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        family = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for member in family:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+
+
+def run_launch(command: list[str], timeout: float, attempts: int = 2, **kwargs):
+    """A multi-process launch, its output captured. Past ``timeout`` it is killed with its
+    workers and run again, ``attempts`` times in all; then ``subprocess.TimeoutExpired``.
+
+    Known open problem (ARCHITECTURE, tests): under a loaded 2-core machine one process of a
+    2-process gloo launch occasionally dies at the end of a run and the other waits for ever (2
+    of ~20 launches in one full run, none of 5 alone, loaded or not). Its output is kept for the
+    report."""
+    for attempt in range(attempts):
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+        ) as process:
+            try:
+                stdout, stderr = process.communicate(timeout=timeout)
+                return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+            except subprocess.TimeoutExpired:
+                kill_tree(process.pid)
+                if attempt == attempts - 1:
+                    raise
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("accelerate", reason="pip install -e '.[accelerate]'")
 
 from agents.token_ppo import TokenPPO, TokenPPOConfig, collect_rollout  # noqa: E402
-from tests.conftest import one_launch_at_a_time  # noqa: E402
+from tests.conftest import one_launch_at_a_time, run_launch  # noqa: E402
 from tests.test_token_ppo import small_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,9 +47,7 @@ def accelerate_launch(args: list[str], processes: int = 2, timeout: int = 300):
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     with one_launch_at_a_time():
-        return subprocess.run(
-            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-        )
+        return run_launch(command, timeout, cwd=ROOT, env=env)
 
 
 def _config(model: str, **kw) -> TokenPPOConfig:
@@ -318,3 +316,23 @@ def shared_model_path() -> str:
     from textenvs.lm import BUILTIN_MODELS, TINY
 
     return str(BUILTIN_MODELS[TINY])
+
+
+def test_a_hung_launch_is_killed_with_its_workers_and_run_once_more(tmp_path):
+    """conftest.run_launch: past its timeout the launcher AND the workers it started in sessions
+    of their own (as torchrun does) are killed, and the launch runs again, twice in all."""
+    import psutil
+
+    child = "import os, sys, time; open(sys.argv[1], 'a').write(f'{os.getpid()} '); time.sleep(60)"
+    launcher = (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {child!r}, sys.argv[1]],\n"
+        "                 start_new_session=True)\n"
+        "time.sleep(60)\n"
+    )
+    pids = tmp_path / "pids"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_launch([sys.executable, "-c", launcher, str(pids)], timeout=3)
+    workers = [int(p) for p in pids.read_text().split()]
+    assert len(workers) == 2  # two attempts, one worker each
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in workers)
