@@ -113,10 +113,9 @@ def run_launch(command: list[str], timeout: float, attempts: int = 2, **kwargs):
     """A multi-process launch, its output captured. Past ``timeout`` it is killed with its
     workers and run again, ``attempts`` times in all; then ``subprocess.TimeoutExpired``.
 
-    Known open problem (ARCHITECTURE, tests): under a loaded 2-core machine one process of a
-    2-process gloo launch occasionally dies at the end of a run and the other waits for ever (2
-    of ~20 launches in one full run, none of 5 alone, loaded or not). Its output is kept for the
-    report."""
+    A known open problem (seen 2026-12-07, cause not found): on a loaded 2-core machine one
+    process of a 2-process gloo launch occasionally dies at the end of a run and the other waits
+    for ever (2 of ~20 launches in one full run, none of 5 alone, loaded or not)."""
     for attempt in range(attempts):
         with subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
