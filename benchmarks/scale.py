@@ -105,7 +105,7 @@ def _run(command: list[str], env: dict | None, timeout: float) -> None:
         try:
             _, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill_tree(process.pid)
+            kill_tree(process.pid)
             try:  # the workers are dead, so their ends of the pipes are closed
                 _, stderr = process.communicate(timeout=30)
             except subprocess.TimeoutExpired:
@@ -118,7 +118,7 @@ def _run(command: list[str], env: dict | None, timeout: float) -> None:
         raise RuntimeError(f"{' '.join(command[:6])} ... failed:\n{stderr[-3000:]}")
 
 
-def _kill_tree(pid: int) -> None:
+def kill_tree(pid: int) -> None:
     """Kill a process and every process below it. torchrun starts each worker in a session of
     its own, so killing the launcher's process group leaves the workers running (and holding its
     output pipes); psutil (an accelerate dependency) finds them by ancestry."""

@@ -91,22 +91,7 @@ def random_gpt2_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-def kill_tree(pid: int) -> None:
-    """Kill a process and every process below it (torchrun starts each worker in a session of
-    its own: killing the launcher alone leaves them running)."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        family = [*root.children(recursive=True), root]
-    except psutil.NoSuchProcess:
-        return
-    for member in family:
-        try:
-            member.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=30)
+from benchmarks.scale import kill_tree  # noqa: E402  (one tree-killer)
 
 
 def run_launch(command: list[str], timeout: float, attempts: int = 2, **kwargs):
