@@ -33,21 +33,34 @@ def _register_textenvs_ids() -> None:
 
 
 class _AfterGymnasiumImport(MetaPathFinder):
-    """Finds nothing itself; wraps gymnasium's own loader so that the ids register after it."""
+    """Finds nothing itself; wraps gymnasium's own loader so that the ids register after it.
+
+    It stays on ``sys.meta_path`` through look-ups that do not import (``importlib.util.find_spec``,
+    which TorchRL and others call to probe for gymnasium) and leaves only once gymnasium's module
+    has been executed, so the real import that comes later still registers the ids.
+    """
+
+    def __init__(self) -> None:
+        self._looking_up = False  # our own look-up below must not come back here
 
     def find_spec(
         self, fullname: str, path: object = None, target: ModuleType | None = None
     ) -> ModuleSpec | None:
-        if fullname != "gymnasium":
+        if fullname != "gymnasium" or self._looking_up:
             return None
-        sys.meta_path.remove(self)  # one shot, and the lookup below must not come back here
-        spec = importlib.util.find_spec(fullname)
+        self._looking_up = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._looking_up = False
         if spec is None or spec.loader is None:
             return spec
         execute_gymnasium = spec.loader.exec_module
 
         def exec_module(module: ModuleType) -> None:
             execute_gymnasium(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)  # done: gymnasium is imported
             _register_textenvs_ids()
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]

@@ -117,6 +117,28 @@ def test_async_vector_env_after_torch_work_in_the_parent_does_not_hang(context):
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
+@pytest.mark.parametrize(
+    "probe",
+    [
+        "import importlib.util; assert importlib.util.find_spec('gymnasium') is not None",
+        "import importlib.util; importlib.util.find_spec('gymnasium'); "
+        "importlib.util.find_spec('gymnasium')",
+    ],
+)
+def test_a_look_up_of_gymnasium_before_its_import_still_registers_the_ids(probe):
+    """TorchRL (and others) probe with find_spec before importing: the hook survives look-ups."""
+    code = (
+        f"{probe}\n"
+        "import gymnasium as gym\n"
+        "print(sum(i.startswith('textenvs/') for i in gym.registry))"
+    )
+    out = run_fresh(code)
+    assert out.returncode == 0, out.stderr
+    import gymnasium as gym
+
+    assert int(out.stdout.strip()) == sum(i.startswith("textenvs/") for i in gym.registry)
+
+
 def test_a_broken_textenvs_never_breaks_import_gymnasium(tmp_path):
     """The hook runs in every process that imports gymnasium: a failing import of ours warns."""
     broken = tmp_path / "textenvs"

@@ -51,6 +51,29 @@ def test_torchrl_gym_env_with_worker_processes():
         env.close()
 
 
+@pytest.mark.slow
+def test_torchrl_imported_first_still_finds_the_ids():
+    """TorchRL probes for gymnasium with find_spec before importing it; the ids still register."""
+    pytest.importorskip("torchrl")
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        from torchrl.envs import GymEnv
+        env = GymEnv("textenvs/Summarize-v0", max_steps=2)
+        rollout = env.rollout(3, break_when_any_done=False)
+        print("ok", tuple(rollout.batch_size))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/"
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok (3,)")
+
+
 @pytest.mark.parametrize("env_id", ["textenvs/Summarize-v0", "textenvs/EditSummary-v0"])
 def test_tianshou_dqn_trains_on_the_env(env_id):
     """Tianshou's DQN with its replay buffer's NaN check on (it refused None-valued infos)."""
