@@ -34,31 +34,7 @@ napoleon_numpy_docstring = False
 # autodoc imports these lazily-loaded clients only where installed
 autodoc_mock_imports = ["ray", "peft", "accelerate", "trl", "bert_score"]
 
-# What each id is, in one line (the ids table of the README says the same).
-SUMMARIES = {
-    "textenvs/Generate-v0": "The generation env for any `task=` / `dataset=`.",
-    "textenvs/Summarize-v0": "Write a headline for a news-style article, token by token "
-    "(built-in task, offline).",
-    "textenvs/Translate-v0": "Translate an English-like sentence to Veltic, token by token "
-    "(built-in task, offline).",
-    "textenvs/CNNDailyMail-v0": "Summarize a CNN / Daily Mail article (`abisee/cnn_dailymail`).",
-    "textenvs/XSum-v0": "Write the one-sentence summary of a BBC article (`EdinburghNLP/xsum`).",
-    "textenvs/WMT16-v0": "Translate with WMT16 (`wmt/wmt16`), the direction from "
-    '`dataset_kwargs={"pair": ...}`.',
-    "textenvs/IMDBSentiment-v0": "Continue an IMDB review positively, scored by a sentiment "
-    "classifier (`stanfordnlp/imdb`).",
-    "textenvs/CommonGen-v0": "Write a sentence that uses a set of concepts (`allenai/common_gen`).",
-    "textenvs/Dialogue-v0": "Answer a user's questions about an article over several turns "
-    "(built-in multi-turn task, offline); the KV cache is kept across turns.",
-    "textenvs/Chat-v0": "The dialogue env for any conversations: `dataset=` a JSONL file of "
-    '`{"messages": [...]}`, a responder of your choice.',
-    "textenvs/DailyDialog-v0": "Play the second speaker of DailyDialog's conversations "
-    "(`li2017dailydialog/daily_dialog`), or RL4LMs' one-turn setting.",
-    "textenvs/Edit-v0": "The edit env for any `task=` / `dataset=`.",
-    "textenvs/EditSummary-v0": "Edit the LM's draft headline towards the reference "
-    "(built-in task).",
-    "textenvs/EditTranslation-v0": "Edit the source sentence into its translation (built-in task).",
-}
+from textenvs.catalog import SUMMARIES, spaces  # noqa: E402  (one line per id, shared with the CLI)
 
 
 def _markdown_docstring(doc: str) -> str:
@@ -68,18 +44,6 @@ def _markdown_docstring(doc: str) -> str:
     text = "\n".join([lines[0].strip()] + [line[indent:] for line in lines[1:]])
     # :class:`~x.Y` -> {py:class}`~x.Y` (MyST's role syntax)
     return re.sub(r":(class|meth|func|mod|attr):`([^`]+)`", r"{py:\1}`\2`", text)
-
-
-def _spaces(env_id: str) -> tuple[str, str]:
-    """The action and observation spaces of an id with its defaults (built-in ids only: the
-    benchmark ids need their dataset and a hub model)."""
-    import gymnasium as gym
-
-    env = gym.make(env_id)
-    try:
-        return str(env.action_space), str(env.observation_space)
-    finally:
-        env.close()
 
 
 def write_env_pages(app=None) -> list[Path]:
@@ -121,7 +85,7 @@ def write_env_pages(app=None) -> list[Path]:
                 "(`model=`, default `gpt2`): see [Data and models](../guides/data-and-models.md)."
             )
         else:
-            action, observation = _spaces(env_id)
+            action, observation = spaces(env_id)
             table += [("Action space", f"`{action}`"), ("Observation space", f"`{observation}`")]
             usage = (
                 "```python\nimport gymnasium as gym\n\n"

@@ -98,6 +98,7 @@ class _Parsed(BaseException):  # not an Exception: no CLI's error handling catch
 
 
 CONSOLE_SCRIPTS = {
+    "textenvs": "textenvs.__main__",
     "textenvs-bench": "benchmarks.run",
     "textenvs-throughput": "benchmarks.throughput",
     "textenvs-train-tiny": "textenvs.models.train_tiny",
@@ -140,8 +141,11 @@ def test_shell_commands_parse(page, monkeypatch):
     for target, args in commands(page):
         if target.endswith(".py"):  # an example script: its main(argv)
             main = runpy.run_path(str(ROOT / target), run_name="__docs__")["main"]
-        else:  # our command lines all take main(argv)
-            main = importlib.import_module(target).main
+        else:  # our command lines all take main(argv); `python -m package` runs its __main__
+            module = importlib.import_module(target)
+            if not hasattr(module, "main"):
+                module = importlib.import_module(f"{target}.__main__")
+            main = module.main
         monkeypatch.setattr(sys, "argv", [target, *args])  # for a main() that reads sys.argv
         try:
             main(args) if inspect.signature(main).parameters else main()
