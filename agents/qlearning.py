@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from agents.checkpoint import check_zip_sizes, replace_file_atomically
 from agents.cli import add_config_arguments, config_from_args
-from agents.common import evaluate_policy, metric_of
+from agents.common import evaluate_policy, metric_of, result_line
+from agents.runs import add_output_flags, run_folder
 from agents.tabular import (  # noqa: F401  (make_tabular_env: importable from here, as before)
     check_tabular,
     describe_env,
@@ -384,7 +385,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--max-steps", type=int_arg(), default=16, help="tokens / edits per episode (textenvs ids)"
     )
     add_config_arguments(p, QLearningConfig, FIELD_CHECKS)  # every field, its docstring its help
-    p.add_argument("--save", help="write the Q-table (npz) here")
+    p.add_argument(
+        "--save",
+        help="write the agent (Q-table, env, discretizer: one .npz; QLearning.load reads it) "
+        "here (default: qtable.npz in a new run folder, see --runs-dir)",
+    )
+    add_output_flags(p, "qlearning")
     p.add_argument(
         "--eval-samples",
         type=int_arg(),
@@ -395,13 +401,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.save:
         check_save_path(args.save)  # before training, not after
     config = config_from_args(QLearningConfig, vars(args).copy())
+    run = run_folder(p, args, "qlearning", args.save)
+    save_to = args.save or (run / "qtable.npz" if run else None)
     env = make_cli_env(args, "train")
     agent = QLearning(env, config)
     start = time.time()
     agent.learn(args.total_steps, progress=True)
     train_s = time.time() - start
-    if args.save:
-        agent.save(args.save)
+    if save_to:
+        save_to = agent.save(save_to)
     test_env = make_cli_env(
         args, "test", fitted=env if hasattr(env, "observation_space_in") else None
     )
@@ -411,10 +419,17 @@ def main(argv: list[str] | None = None) -> dict:
     )
     result.pop("metrics", None)
     result.update(train_seconds=round(train_s, 1), steps=args.total_steps)
+    if save_to:
+        result["saved"] = str(save_to)
     print(json.dumps(result))
-    what = "mean metric" if "mean_metric" in result else "mean return"
-    value = result.get("mean_metric", result["mean_return"])
-    print(f"test {value:.4f} {what} over {result['episodes']} episodes")
+    print(result_line(result, "test samples" if textenvs_id else "episodes"))
+    if save_to:
+        print(
+            f"saved the agent in {save_to}; load it with\n"
+            f"  from agents.qlearning import QLearning\n"
+            f"  agent = QLearning.load({str(save_to)!r}, split='test')  # its env, rebuilt\n"
+            "  state, info = agent.env.reset(seed=0); action = agent.act(state)"
+        )
     return result
 
 

@@ -12,6 +12,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# the agent commands save each run into a new folder by default: here, not into ./runs
+os.environ.setdefault("TEXTENVS_RUNS", tempfile.mkdtemp(prefix="textenvs-test-runs-"))
 # pytest-xdist (the README's test command runs one worker per core): one torch thread per worker,
 # so the workers share the cores instead of fighting over them
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))

@@ -9,6 +9,8 @@ import time
 
 from agents.checkpoint import check_save_target
 from agents.cli import add_config_arguments, config_from_args
+from agents.common import result_line
+from agents.runs import add_output_flags, run_folder
 from agents.sb3.build import (
     build,
     default_algo,
@@ -75,7 +77,12 @@ def parser() -> argparse.ArgumentParser:
         "prompt of the train and test splits plus --max-steps)",
     )
     p.add_argument("--total-steps", type=int_arg(), default=20_000)
-    p.add_argument("--save", help="write the trained agent here (a folder: agents.sb3.load)")
+    p.add_argument(
+        "--save",
+        help="write the trained agent into this folder (agents.sb3.load reads it; default: a new "
+        "run folder, see --runs-dir)",
+    )
+    add_output_flags(p, "sb3")
     p.add_argument("--eval-samples", type=int_arg(), default=200)
     return p
 
@@ -110,23 +117,29 @@ def main(argv: list[str] | None = None) -> dict:
     """Train, save (``--save``), evaluate on the test split; the report as JSON."""
     p = parser()
     args = p.parse_args(argv)
+    config, env_kwargs = config_of(p, args)  # flag refusals before any folder is made
     if args.save:
         check_save_target(args.save)  # before training, not after
-    config, env_kwargs = config_of(p, args)
+    save_to = args.save or run_folder(p, args, "sb3", args.save)
     model = build(args.env_id, config, **env_kwargs)
     start = time.time()
     model.learn(
         args.total_steps, callback=[metric_callback(), *train_callbacks(config)], progress_bar=True
     )
     train_s = time.time() - start
-    if args.save:
-        save(model, args.save, config, args.env_id, env_kwargs)
+    if save_to:
+        save(model, save_to, config, args.env_id, env_kwargs)
     result = evaluate(model, args.env_id, "test", args.eval_samples, **env_kwargs)
     result.pop("metrics", None)
     result.update(train_seconds=round(train_s, 1), steps=args.total_steps, algo=config.algo)
+    if save_to:
+        result["saved"] = str(save_to)
     print(json.dumps(result))
-    print(
-        f"test {result.get('mean_metric', float('nan')):.4f} mean metric over {result['episodes']} "
-        "test samples"
-    )
+    print(result_line(result, "test samples"))
+    if save_to:
+        print(
+            f"saved the agent in {save_to}; load it with\n"
+            f"  from agents.sb3 import load; model, meta = load({str(save_to)!r})\n"
+            "  action, _ = model.predict(obs, deterministic=True)"
+        )
     return result

@@ -109,10 +109,11 @@ def save_sharded(trainer, folder: str | os.PathLike) -> Path:
     return Path(folder)
 
 
-def export(trainer, folder: str | os.PathLike) -> Path:
+def export(trainer, folder: str | os.PathLike | None) -> Path | None:
     """The trained policy as a plain ``save_pretrained`` folder (safetensors + tokenizer) that
     transformers and ``gym.make(id, model=folder)`` load; with LoRA, the adapter merged into a
-    copy of the base weights (this trainer keeps its adapter and can go on training).
+    copy of the base weights (this trainer keeps its adapter and can go on training). Process 0
+    writes ``folder``; the others may pass None (under FSDP they take part in the gathering).
     """
     if trainer.units:  # the whole model gathered onto process 0's CPU (collective)
         model = gathered_model(trainer)
@@ -131,7 +132,7 @@ def export(trainer, folder: str | os.PathLike) -> Path:
         with quiet_loading():
             save_atomically(folder, write)
     trainer.runtime.wait()
-    return Path(folder)
+    return Path(folder) if folder is not None else None
 
 
 def gathered_model(trainer) -> torch.nn.Module | None:

@@ -102,8 +102,9 @@ def run_qlearning(cell) -> int:
     return steps
 
 
-def run_sb3(cell, algo: str, policy: str) -> int:
-    """SB3 PPO / MaskablePPO with ``policy`` (``mlp``, ``lm_prior``, ``last_block``)."""
+def sb3_setup(cell, algo: str, policy: str) -> tuple:
+    """``(config, env kwargs, train env kwargs, total steps)`` of an SB3 cell: what
+    :func:`run_sb3` trains and what :mod:`benchmarks.suite.commands` writes as a command line."""
     from agents import sb3
 
     budget, env_id = cell.budget, cell.env_id
@@ -134,6 +135,15 @@ def run_sb3(cell, algo: str, policy: str) -> int:
         total = budget.last_block_steps
     else:
         total = budget.ppo_steps
+    return config, kwargs, train_kwargs, total
+
+
+def run_sb3(cell, algo: str, policy: str) -> int:
+    """SB3 PPO / MaskablePPO with ``policy`` (``mlp``, ``lm_prior``, ``last_block``)."""
+    from agents import sb3
+
+    budget, env_id = cell.budget, cell.env_id
+    config, kwargs, train_kwargs, total = sb3_setup(cell, algo, policy)
     model = sb3.build(env_id, config, **train_kwargs)
     env = cell.test_env(kwargs)  # the native space the SB3 model acts in
     act = sb3.deterministic_policy(model)
@@ -146,25 +156,31 @@ def run_sb3(cell, algo: str, policy: str) -> int:
     return total
 
 
+def token_config(cell, estimator: str, extra_config: dict):
+    """The :class:`~agents.token_ppo.TokenPPOConfig` of a token-trainer cell (what
+    :func:`run_token` trains and :mod:`benchmarks.suite.commands` writes as a command line)."""
+    from agents.token_ppo import TokenPPOConfig
+
+    return TokenPPOConfig(
+        estimator=estimator,
+        **extra_config,
+        env_id=cell.env_id,
+        model=cell.model,
+        seed=cell.seed,
+        max_new_tokens=cell.kwargs["max_steps"],
+        eval_samples=cell.budget.eval_samples,
+        env_kwargs=dict(cell.extra or {}),
+        **token_ppo_settings(cell.budget, task_of(cell.env_id, cell.extra)),
+    )
+
+
 def run_token(cell, estimator: str, extra_config: dict) -> int:
     """The token trainer (the LM is the policy) with ``estimator`` and the suite's settings;
     each point of its curve is greedy decoding of the current policy."""
-    from agents.token_ppo import TokenPPO, TokenPPOConfig
+    from agents.token_ppo import TokenPPO
 
     budget = cell.budget
-    trainer = TokenPPO(
-        TokenPPOConfig(
-            estimator=estimator,
-            **extra_config,
-            env_id=cell.env_id,
-            model=cell.model,
-            seed=cell.seed,
-            max_new_tokens=cell.kwargs["max_steps"],
-            eval_samples=budget.eval_samples,
-            env_kwargs=dict(cell.extra or {}),
-            **token_ppo_settings(budget, task_of(cell.env_id, cell.extra)),
-        )
-    )
+    trainer = TokenPPO(token_config(cell, estimator, extra_config))
     steps = 0
     if budget.eval_start:
         cell.record_greedy(0, trainer)
