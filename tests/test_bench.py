@@ -271,6 +271,11 @@ def test_aggregate_pairs_by_sample_and_seed():
     assert "vs_random" not in rows["random"] and "vs_greedy" not in rows["greedy"]
     table = run.markdown_table(run.aggregate(cells))
     assert "| Summarize-v0 | qlearning | 4 |" in table and "+0.1000 (+0.1000, +0.1000)" in table
+    assert "IQM" in table.splitlines()[0]
+    # with 3 seeds the IQM trims nothing (it would equal the mean): no IQM column
+    three = run.markdown_table(run.aggregate([c for c in cells if c["seed"] < 3]))
+    assert "IQM" not in three and "| Summarize-v0 | qlearning | 3 |" in three
+    assert all(line.count("|") == three.splitlines()[0].count("|") for line in three.splitlines())
 
 
 def test_throughput_baselines_compute_what_the_envs_compute():
@@ -658,16 +663,18 @@ def test_group_estimator_agents_run_in_the_suite_with_the_suites_settings(
 
     budget = run.budget_for(run.parse_args(ARGS))
     budget.eval_samples = 2
-    seen, update = [], token_ppo.TokenPPO.update
+    seen, update, placements = [], token_ppo.TokenPPO.update, set()
 
     def spy(self, rollout):
         c = self.config
         seen.append((c.estimator, c.nlpo_top_p, c.temperature, c.kl_placement, c.num_epochs))
+        placements.add(c.kl_settings()[0])
         return update(self, rollout)
 
     monkeypatch.setattr(token_ppo.TokenPPO, "update", spy)
     cell = run.run_cell(agent, "textenvs/Summarize-v0", 0, budget, "textenvs/tiny")
-    assert seen and set(seen) == {(estimator, top_p, 0.5, "reward", 4)}
+    assert seen and set(seen) == {(estimator, top_p, 0.5, "auto", 4)}
+    assert placements == {"loss" if estimator == "grpo" else "reward"}  # GRPO: TRL's placement
     assert cell["agent"] == agent and len(cell["curve"][-1]["metrics"]) == 2
     assert run.applies(agent, "textenvs/Translate-v0") and not run.applies(
         agent, "textenvs/EditSummary-v0"

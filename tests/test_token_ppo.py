@@ -482,6 +482,43 @@ def test_every_estimator_trains(estimator, placement, kl):
         assert head.abs().sum() == 0 and history[-1]["value_loss"] == 0.0  # no critic
 
 
+@pytest.mark.parametrize("placement", ["auto", "reward"])
+def test_grpo_by_default_gives_a_group_of_equal_scores_no_advantage_whatever_its_kl(placement):
+    """KL in the reward: GRPO's division by the group's std turns KL differences of 0.01-0.03
+    between completions of equal score into advantages of about +-1 (the defect of issue 46);
+    by default GRPO puts the KL in the loss (TRL's), so such a group teaches nothing."""
+    from agents.token_ppo.config import TokenPPOConfig
+    from agents.token_ppo.estimators import KLInLoss, make_estimator, make_kl
+
+    config = TokenPPOConfig(estimator="grpo", group_size=4, num_envs=4, kl_placement=placement)
+    rewards = torch.zeros(4, 3)
+    rewards[:, -1] = 0.3  # one group: every completion scores the same metric
+    kl = torch.tensor([0.01, 0.02, 0.03, 0.015])[:, None].expand(4, 3)
+    mask = torch.ones(4, 3)
+    shaped = make_kl(config).shape_rewards(rewards, kl, 0.05)
+    advantages = make_estimator(config).advantages(shaped, None, mask, None).per_episode
+    if placement == "auto":
+        assert isinstance(make_kl(config), KLInLoss) and config.kl_settings() == ("loss", "k3")
+        assert torch.equal(advantages, torch.zeros(4))
+    else:
+        assert advantages.abs().mean() > 0.6  # KL noise made into a full-size advantage
+    for estimator, settled in (("gae", ("reward", "k1")), ("rloo", ("reward", "k1"))):
+        assert TokenPPOConfig(estimator=estimator).kl_settings() == settled
+
+
+def test_a_grpo_checkpoint_resumes_under_auto_kl_settings_equal_to_its_explicit_ones():
+    from agents.token_ppo.checkpoint import estimator_differences
+    from agents.token_ppo.config import TokenPPOConfig
+
+    explicit = {"estimator": "grpo", "kl_placement": "loss", "kl_estimator": "k3"}
+    assert estimator_differences(explicit, TokenPPOConfig(estimator="grpo")) == []
+    before = {"estimator": "grpo", "kl_placement": "reward", "kl_estimator": "k1"}
+    assert estimator_differences(before, TokenPPOConfig(estimator="grpo")) == [
+        ("kl_placement", "reward", "loss"),
+        ("kl_estimator", "k1", "k3"),
+    ]
+
+
 def test_group_estimators_refuse_groups_that_do_not_divide_the_rollout():
     with pytest.raises(ValueError, match="group_size >= 2 dividing num_envs"):
         TokenPPO(small_config("textenvs/tiny", estimator="rloo", group_size=3))

@@ -336,15 +336,11 @@ def read_trainer_state(trainer, path: Path) -> dict:
             f"({state['model_signature']}), not {model_signature(trainer)}: resume with the same "
             "--model it was trained from."
         )
-    defaults = TokenPPOConfig()
-    for name in ESTIMATOR_FIELDS:  # a checkpoint of another algorithm is not this run's
-        trained = state["config"].get(name, getattr(defaults, name))
-        if trained != getattr(trainer.config, name):
-            raise ValueError(
-                f"The checkpoint in {path.parent} was trained with {name}={trained!r}, this "
-                f"run has {name}={getattr(trainer.config, name)!r}: resume with the same "
-                f"--{name.replace('_', '-')}."
-            )
+    for name, trained, ours in estimator_differences(state["config"], trainer.config):
+        raise ValueError(  # a checkpoint of another algorithm is not this run's
+            f"The checkpoint in {path.parent} was trained with {name}={trained!r}, this "
+            f"run has {name}={ours!r}: resume with the same --{name.replace('_', '-')}."
+        )
     trained_r = state["config"].get("lora_r", 0)
     if trained_r != trainer.config.lora_r:
         raise ValueError(
@@ -460,3 +456,31 @@ def _check_state_dict(path: Path, loaded: dict, expected: dict) -> None:
             f"{path}: weights {broken[:3]} hold NaN or infinite values; the trainer was left "
             "unchanged. Resume from an intact checkpoint."
         )
+
+
+# what a checkpoint's config meant by a field it lacks: the defaults of the version that wrote it
+_BEFORE_AUTO_KL = {"kl_placement": "reward", "kl_estimator": "k1"}
+
+
+def estimator_differences(
+    trained: dict, config: TokenPPOConfig
+) -> list[tuple[str, object, object]]:
+    """``(field, the checkpoint's value, this run's)`` of each :data:`ESTIMATOR_FIELDS` field in
+    which a checkpoint's algorithm differs from this run's, the KL's ``auto`` resolved on both
+    sides (a checkpoint with ``kl_placement="loss"`` resumes under ``auto`` with GRPO)."""
+    defaults = TokenPPOConfig()
+    fields = {
+        name: trained.get(name, _BEFORE_AUTO_KL.get(name, getattr(defaults, name)))
+        for name in ESTIMATOR_FIELDS
+    }
+    theirs = dataclasses.replace(defaults, **fields)
+    resolved = {
+        "kl_placement": (theirs.kl_settings()[0], config.kl_settings()[0]),
+        "kl_estimator": (theirs.kl_settings()[1], config.kl_settings()[1]),
+    }
+    out = []
+    for name in ESTIMATOR_FIELDS:
+        pair = resolved.get(name, (fields[name], getattr(config, name)))
+        if pair[0] != pair[1]:
+            out.append((name, *pair))
+    return out

@@ -10,8 +10,8 @@ from textenvs.checks import SEED, check_bool, check_optional_str, floats, ints
 
 ESTIMATOR_CHOICES = {
     "estimator": ("gae", "grpo", "rloo"),
-    "kl_placement": ("reward", "loss"),
-    "kl_estimator": ("k1", "k3"),
+    "kl_placement": ("auto", "reward", "loss"),
+    "kl_estimator": ("auto", "k1", "k3"),
     "ratio_level": ("token", "sequence"),
 }
 
@@ -147,13 +147,16 @@ class TokenPPOConfig:
     estimators only)."""
     kl_coef: float = 0.02
     """Initial coefficient of the per-token KL penalty to the reference."""
-    kl_estimator: str = "k1"
+    kl_estimator: str = "auto"
     """The per-token KL estimate: ``k1`` (``log pi - log pi_ref``) or ``k3``
-    (``exp(r) - r - 1``, ``r = log pi_ref - log pi``: never negative)."""
-    kl_placement: str = "reward"
+    (``exp(r) - r - 1``, ``r = log pi_ref - log pi``: never negative); ``auto``: ``k3`` where the
+    KL is in the loss, else ``k1``."""
+    kl_placement: str = "auto"
     """Where the KL to the reference goes: ``reward`` (``kl_coef`` times each token's KL subtracted
     from its reward, PPO-RLHF's) or ``loss`` (``kl_coef`` times the mean per-token KL of the
-    current policy added to the loss, TRL GRPO's)."""
+    current policy added to the loss, TRL GRPO's); ``auto``: ``loss`` for ``grpo`` (in the
+    reward, GRPO's division by the group's std turns KL differences of 0.01 between completions
+    of equal score into advantages of +-1), ``reward`` for ``gae`` and ``rloo``."""
     adaptive_kl: bool = False
     """Adapt ``kl_coef`` towards ``kl_target`` (Ziegler et al. 2019)."""
     kl_target: float = 2.0
@@ -210,6 +213,16 @@ class TokenPPOConfig:
     """Checkpoint every this many iterations (0: only at the end)."""
     tensorboard_log: str | None = None
     """TensorBoard log folder (None: no logging)."""
+
+    def kl_settings(self) -> tuple[str, str]:
+        """``(kl_placement, kl_estimator)`` with ``auto`` resolved (see the fields)."""
+        placement = self.kl_placement
+        if placement == "auto":
+            placement = "loss" if self.estimator == "grpo" else "reward"
+        estimator = self.kl_estimator
+        if estimator == "auto":
+            estimator = "k3" if placement == "loss" else "k1"
+        return placement, estimator
 
     def validate(self) -> None:
         for name in (

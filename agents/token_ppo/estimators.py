@@ -132,7 +132,7 @@ class KLInReward:
     """The KL to the reference subtracted from each token's reward (Ziegler et al. 2019)."""
 
     def __init__(self, config: TokenPPOConfig) -> None:
-        self.estimate = KL_ESTIMATORS[config.kl_estimator]
+        self.estimate = KL_ESTIMATORS[config.kl_settings()[1]]
 
     def shape_rewards(self, rewards, kl, coef: float):
         return rewards - coef * kl
@@ -152,4 +152,4 @@ class KLInLoss(KLInReward):
 
 
 def make_kl(config: TokenPPOConfig) -> KLInReward:
-    return KLInLoss(config) if config.kl_placement == "loss" else KLInReward(config)
+    return KLInLoss(config) if config.kl_settings()[0] == "loss" else KLInReward(config)

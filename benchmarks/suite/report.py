@@ -18,21 +18,32 @@ def _difference(row: dict, key: str) -> str:
     return f"{d['diff']:+.4f} ({d['ci_low']:+.4f}, {d['ci_high']:+.4f})"
 
 
+IQM_MIN_SEEDS = 4
+"""The IQM trims a quarter of the seeds from each end: with fewer than 4 it trims none and equals
+the mean, so the table shows it only where some row has 4 seeds or more."""
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """The results table; a ``- token PPO`` column when the run paired token agents with it."""
+    """The results table; a ``- token PPO`` column when the run paired token agents with it; an
+    IQM column when some row has :data:`IQM_MIN_SEEDS` seeds or more."""
     against_ppo = any("vs_token_ppo" in r for r in rows)
+    with_iqm = any(r["seeds"] >= IQM_MIN_SEEDS for r in rows)
     extra = " - token PPO (95% CI) |" if against_ppo else ""
     lines = [
         "| env | agent | seeds | test metric, mean (95% CI) | - random (95% CI) | - greedy (95% "
-        f"CI) |{extra} IQM | steps |",
-        "|---|---|---|---|---|---|" + ("---|" if against_ppo else "") + "---|---|",
+        f"CI) |{extra}{' IQM |' if with_iqm else ''} steps |",
+        "|---|---|---|---|---|---|"
+        + ("---|" if against_ppo else "")
+        + ("---|" if with_iqm else "")
+        + "---|",
     ]
     for r in rows:
         cell = f" {_difference(r, 'vs_token_ppo')} |" if against_ppo else ""
+        iqm = f" {r['iqm']:.4f} |" if with_iqm else ""
         lines.append(
             f"| {r['env_id'].split('/')[-1]} | {r['agent']} | {r['seeds']} | {r['mean']:.4f} "
             f"({r['ci_low']:.4f}, {r['ci_high']:.4f}) | {_difference(r, 'vs_random')} | "
-            f"{_difference(r, 'vs_greedy')} |{cell} {r['iqm']:.4f} | {r['steps']} |"
+            f"{_difference(r, 'vs_greedy')} |{cell}{iqm} {r['steps']} |"
         )
     return "\n".join(lines)
 
