@@ -177,7 +177,7 @@ def test_sb3_make_vec_env_works_on_every_id(env_id):
     obs = venv.reset()
     assert obs.shape == (2, *venv.observation_space.shape)
     frame = venv.env_method("render", indices=[0])[0]
-    assert frame.shape == (160, 640, 3) and frame.dtype == np.uint8 and (frame < 255).any()
+    assert frame.shape == (450, 800, 3) and frame.dtype == np.uint8 and (frame < 255).any()
     gym_check_env(make(env_id, render_mode="rgb_array").unwrapped)  # the render check included
 
 

@@ -56,15 +56,71 @@ def finite_observation(obs: np.ndarray, lm: LanguageModel) -> np.ndarray:
     return obs
 
 
-def text_image(text: str, size: tuple[int, int] = (640, 160)) -> np.ndarray:
-    """``text`` drawn black on white, wrapped to the width: an ``(H, W, 3)`` uint8 array."""
-    import textwrap
+FRAME_SIZE = (800, 450)
+"""The ``rgb_array`` frame's ``(width, height)``: the same on every step (video recorders need a
+fixed size), 16:9, its text in a 15-pixel font."""
 
-    from PIL import Image, ImageDraw
 
+def _wrap(draw_font, text: str, width: float) -> list[str]:
+    """``text`` broken into lines no wider than ``width`` pixels in ``draw_font``, at spaces (a
+    word wider than the line is cut), keeping its own line breaks."""
+    lines = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if draw_font.getlength(candidate) <= width:
+                line = candidate
+                continue
+            if line:
+                lines.append(line)
+            while draw_font.getlength(word) > width:  # one word wider than the frame
+                cut = max(1, int(len(word) * width / draw_font.getlength(word)) - 1)
+                lines.append(word[:cut])
+                word = word[cut:]
+            line = word
+        lines.append(line)
+    return lines
+
+
+def frame_image(sections: Sequence[tuple[str, str, str]], size: tuple[int, int] = FRAME_SIZE):
+    """Headed sections drawn on white, each body wrapped to the width: an ``(H, W, 3)`` uint8
+    array. A section is ``(title, body, keep)``; where the bodies do not fit the height, the
+    longest is shortened first, keeping its ``"start"`` or its ``"end"`` (a conversation's latest
+    turns), with an ellipsis where text was left out."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height = size
+    body_font, title_font = ImageFont.load_default(size=15), ImageFont.load_default(size=13)
+    line_h, title_h, margin, gap = 19, 17, 10, 6
+    wrapped = [_wrap(body_font, body or " ", width - 2 * margin) for _, body, _ in sections]
+    room = (height - 2 * margin - len(sections) * (title_h + gap)) // line_h
+    while sum(map(len, wrapped)) > room:
+        longest = max(range(len(wrapped)), key=lambda i: len(wrapped[i]))
+        lines = wrapped[longest]
+        if len(lines) <= 1:
+            break
+        cut = sum(map(len, wrapped)) - room
+        keep = max(1, len(lines) - cut)
+        wrapped[longest] = (
+            ["..."] + lines[-keep + 1 :]
+            if sections[longest][2] == "end" and keep > 1
+            else lines[: keep - 1] + ["..."]
+            if keep > 1
+            else ["..."]
+        )
     image = Image.new("RGB", size, "white")
-    lines = textwrap.wrap(text, width=size[0] // 7)[: size[1] // 14]
-    ImageDraw.Draw(image).multiline_text((6, 4), "\n".join(lines), fill="black", spacing=2)
+    draw = ImageDraw.Draw(image)
+    y = margin
+    for (title, _, _), lines in zip(sections, wrapped):
+        draw.text((margin, y), title.upper(), fill=(90, 90, 160), font=title_font)
+        y += title_h
+        for line in lines:
+            if y + line_h > height - margin:
+                break
+            draw.text((margin, y), line, fill="black", font=body_font)
+            y += line_h
+        y += gap
     return np.asarray(image, dtype=np.uint8)
 
 
@@ -219,15 +275,32 @@ class TextEnv(PromptFitting, gym.Env):
         return self.finish_step(*self.forward(self.begin_step(action)))
 
     def render(self) -> str | np.ndarray | None:
-        """``"ansi"``: the text; ``"rgb_array"``: the same text drawn into a ``(160, 640, 3)`` uint8
-        image (video recorders, SB3's ``make_vec_env``); None without a render mode."""
+        """``"ansi"``: the text; ``"rgb_array"``: a ``(450, 800, 3)`` uint8 frame (video
+        recorders, SB3's ``make_vec_env``) with the source, the text so far and the reference,
+        each under its heading, wrapped and legible; None without a render mode."""
         if self.render_mode is None:
             return None
-        text = "(call reset() first)" if self._sequence is None else self._render_text()
-        return text if self.render_mode == "ansi" else text_image(text)
+        if self.render_mode == "ansi":
+            return "(call reset() first)" if self._sequence is None else self._render_text()
+        if self._sequence is None:
+            return frame_image([("textenvs", "(call reset() first)", "start")])
+        return frame_image(self._render_sections())
 
     def _render_text(self) -> str:
         raise NotImplementedError
+
+    def _render_sections(self) -> list[tuple[str, str, str]]:
+        """The ``rgb_array`` frame's ``(title, body, keep)`` sections: the source, the text so far
+        (its heading says the step and whether it ended) and the first reference."""
+        ended = " (ended)" if getattr(self, "_done", False) else ""
+        return [
+            ("source", self.sample.source, "start"),
+            (f"text, {self._steps_taken()} of {self.max_steps} steps{ended}", self.text, "end"),
+            ("reference", self.sample.references[0], "start"),
+        ]
+
+    def _steps_taken(self) -> int:
+        return len(self._sequence.ids) - self._prompt_len
 
     # -- shared pieces -----------------------------------------------------------------------
 

@@ -497,3 +497,13 @@ class DialogueEnv(TextGenerationEnv):
         if not self._done:
             lines.append(f"{self.agent_role}: {self.text}")
         return "\n".join(lines) + (" <end>" if self._done else "")
+
+    def _render_sections(self) -> list[tuple[str, str, str]]:
+        history = "\n".join(f"{role}: {content}" for role, content in self._messages)
+        reference = self.turn_references()
+        state = "ended" if self._done else f"turn {self.turn + 1} of at most {self.max_turns}"
+        return [
+            ("conversation", history, "end"),
+            (f"{self.agent_role}, {state}", "" if self._done else self.text, "end"),
+            ("reference of this turn", reference[0] if reference else "(none)", "start"),
+        ]

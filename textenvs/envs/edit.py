@@ -211,7 +211,8 @@ class TextEditEnv(TextEnv):
     * ``edit_cost``: subtracted from the reward of every valid edit (a number in [0, 1000]).
     * ``invalid_penalty``: the cost of an impossible edit (a number in [0, 1000]).
     * ``render_mode``: None, ``"ansi"`` (``render()`` returns the edit count and the text) or
-      ``"rgb_array"`` (drawn into an image).
+      ``"rgb_array"`` (a 450 x 800 frame: the source, the text with its edit count and the
+      reference under their headings, wrapped).
     * ``max_edits``: deprecated name of ``max_steps``.
 
     ## Version History
@@ -401,6 +402,14 @@ class TextEditEnv(TextEnv):
         return (
             f"[{self.edits} edits, last {self.op}{'' if self.valid else ' (invalid)'}] {self.text}"
         )
+
+    def _render_sections(self) -> list[tuple[str, str, str]]:
+        last = f", last {self.op}{'' if self.valid else ' (invalid)'}" if self.edits else ""
+        return [
+            ("source", self.sample.source, "start"),
+            (f"text, {self.edits} of {self.max_steps} edits{last}", self.text, "end"),
+            ("reference", self.sample.references[0], "start"),
+        ]
 
     # -- helpers ---------------------------------------------------------------------------
     @property

@@ -121,7 +121,8 @@ class TextGenerationEnv(TextEnv):
     * ``candidates_obs``: append the candidates' features and log-probabilities (above).
     * ``device``, ``dtype``: where and in which precision the model runs.
     * ``render_mode``: None, ``"ansi"`` (``render()`` returns prompt and text) or
-      ``"rgb_array"`` (the same text drawn into an image).
+      ``"rgb_array"`` (a 450 x 800 frame: the source, the text so far and the reference under
+      their headings, wrapped; for videos, e.g. gymnasium's ``RecordVideo``).
     * ``length_penalty``, ``repetition_penalty``: guardrail weights in [0, 1000]
       (:class:`textenvs.rewards.RewardShaper`).
     * ``text_infos``: True (default) reports the string info keys (``prompt``, ``text``,
