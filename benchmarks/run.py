@@ -69,7 +69,7 @@ from benchmarks.suite.output import (  # noqa: F401
     recorded_settings,
     versions,
 )
-from benchmarks.suite.report import markdown_table, plot, verdict
+from benchmarks.suite.report import figure_caption, markdown_table, plot, verdict
 from benchmarks.suite.settings import (  # noqa: F401
     DEFAULT_ENVS,
     DIALOGUE,
@@ -81,6 +81,7 @@ from benchmarks.suite.settings import (  # noqa: F401
     Budget,
     env_kwargs,
     horizon,
+    metric_label,
     steps_on,
     task_of,
     token_ppo_settings,
@@ -484,7 +485,14 @@ def write_report(report: dict, out: Path) -> None:
     cells, rows = report["cells"], report["rows"]
     (out / "results.json").write_text(json.dumps(report, indent=1))
     (out / "table.md").write_text(markdown_table(rows) + "\n")
-    files = [out / "results.json", out / "table.md"] + (plot(cells, rows, out) if cells else [])
+    figures = []
+    if cells:
+        extra = report["config"].get("env_kwargs") or {}
+        envs = dict.fromkeys(c["env_id"] for c in cells)
+        metrics = {e: metric_label(e, extra) for e in envs}
+        caption = figure_caption(rows, report.get("versions"))
+        figures = plot(cells, rows, out, metrics, caption)
+    files = [out / "results.json", out / "table.md", *figures]
     print(markdown_table(rows))
     print(verdict(rows))
     for f in files:

@@ -787,3 +787,37 @@ def test_dialogue_script_compares_appending_turns_with_reencoding():
         longest["reencode_over_ours"]["tokens_forwarded"]
         > three["reencode_over_ours"]["tokens_forwarded"]
     )
+
+
+def test_figures_name_each_panels_metric_the_seeds_and_the_commit(tmp_path, monkeypatch):
+    """A panel of BLEU says BLEU; every figure says how many seeds and which commit made it."""
+    from matplotlib.figure import Figure
+
+    from benchmarks.suite.output import versions
+
+    cells = [
+        cell(agent, seed, np.full(4, 0.1 + 0.1 * seed), env_id)
+        for env_id in ("textenvs/Summarize-v0", "textenvs/Translate-v0")
+        for agent in ("greedy", "token_ppo")
+        for seed in range(3)
+    ]
+    rows = run.aggregate(cells)
+    seen = []
+    save = Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        labels = [ax.get_ylabel() for ax in fig.axes]
+        ticks = [t.get_text() for ax in fig.axes for t in ax.get_xticklabels()]
+        seen.append((labels, ticks, [t.get_text() for t in fig.texts]))
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    report = {"cells": cells, "rows": rows, "config": {"env_kwargs": {}}, "versions": versions()}
+    run.write_report(report, tmp_path)
+    (curve_labels, _, curve_texts), (_, bar_ticks, bar_texts) = seen
+    assert curve_labels == ["test ROUGE-L", "test BLEU"]
+    assert bar_ticks == ["Summarize-v0\n(ROUGE-L)", "Translate-v0\n(BLEU)"]
+    for texts in (curve_texts, bar_texts):
+        caption = " ".join(texts)
+        assert "3 seeds per cell" in caption
+        assert f"commit {versions()['commit'] or 'unknown commit'}" in caption

@@ -108,10 +108,38 @@ def load_cells(raw: Path) -> list[dict]:
     return cells
 
 
+def commit() -> str | None:
+    """The short git commit of the checkout this runs from (``-dirty`` with uncommitted changes
+    to tracked files), or None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{sha}-dirty" if dirty else sha or None
+
+
 def versions() -> dict:
     import importlib.metadata as md
 
-    out = {}
+    out = {"commit": commit()}
     for name in (
         "textenvs",
         "torch",

@@ -83,11 +83,19 @@ def curve_band(runs: list[list[dict]]) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return x, y.mean(0), band[:, 0], band[:, 1]
 
 
-def plot(cells: list[dict], rows: list[dict], out: Path) -> list[Path]:
+def plot(
+    cells: list[dict],
+    rows: list[dict],
+    out: Path,
+    metrics: dict[str, str] | None = None,
+    caption: str | None = None,
+) -> list[Path]:
     """``learning_curves.png`` (test metric against env steps per env: mean and 95% band over
     seeds, the baselines as level lines) and ``final_metrics.png`` (final test metric per env and
     agent with its 95% CI, the greedy LM's level marked); one colour per agent in both, legends
-    outside the axes so no data is hidden."""
+    outside the axes so no data is hidden. ``metrics``: each env id's metric name, on its axis;
+    ``caption``: a line under both figures (the seeds, the commit, the date)."""
+    metrics = metrics or {}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,10 +120,10 @@ def plot(cells: list[dict], rows: list[dict], out: Path) -> list[Path]:
             ax.fill_between(x, low, high, color=color, alpha=0.15, linewidth=0)
         ax.set_title(env_id.split("/")[-1])
         ax.set_xlabel("environment steps")
-        ax.set_ylabel("test metric")
+        ax.set_ylabel(f"test {metrics.get(env_id, 'metric')}")
         ax.set_xlim(0, span * 1.02)
         ax.grid(alpha=0.3)
-    legend(fig, agents)
+    legend(fig, agents, caption=caption)
     curves = out / "learning_curves.png"
     fig.savefig(curves, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -138,19 +146,21 @@ def plot(cells: list[dict], rows: list[dict], out: Path) -> list[Path]:
             )
             if row["agent"] == "greedy":  # the level every learner is measured against
                 ax.hlines(row["mean"], g - 0.45, g + 0.45, colors="black", linestyles="--", lw=1)
-    ax.set_xticks(range(len(envs)), [e.split("/")[-1] for e in envs])
+    names = [e.split("/")[-1] + (f"\n({metrics[e]})" if e in metrics else "") for e in envs]
+    ax.set_xticks(range(len(envs)), names)
     ax.set_ylabel("final test metric (95% CI)")
     ax.grid(axis="y", alpha=0.3)
-    legend(fig, agents, bars=True)
+    legend(fig, agents, bars=True, caption=caption)
     bars = out / "final_metrics.png"
     fig.savefig(bars, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return [curves, bars]
 
 
-def legend(fig, agents: list[str], bars: bool = False) -> None:
+def legend(fig, agents: list[str], bars: bool = False, caption: str | None = None) -> None:
     """One legend for the whole figure, below the axes: every agent in its colour, greedy and
-    random in their line styles (``bars``: as the bar chart draws them, greedy hatched)."""
+    random in their line styles (``bars``: as the bar chart draws them, greedy hatched); the
+    ``caption`` line under it."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -176,4 +186,17 @@ def legend(fig, agents: list[str], bars: bool = False) -> None:
             for a in agents
         ]
     fig.legend(handles=handles, loc="lower center", ncol=len(agents), bbox_to_anchor=(0.5, -0.02))
+    if caption:
+        fig.text(0.5, -0.07, caption, ha="center", va="top", fontsize=8, color="dimgray")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
+
+
+def figure_caption(rows: list[dict], versions: dict | None, date: str | None = None) -> str:
+    """The line under a figure: seeds per cell, the commit and the date it ran."""
+    import time
+
+    seeds = sorted({r["seeds"] for r in rows})
+    seed_text = f"{seeds[0]} seeds" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]} seeds"
+    commit = (versions or {}).get("commit") or "unknown commit"
+    date = date or time.strftime("%Y-%m-%d")
+    return f"{seed_text} per cell, mean and 95% CI; commit {commit}; {date}"

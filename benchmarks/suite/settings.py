@@ -195,3 +195,29 @@ def env_kwargs(budget: Budget, model: str, env_id: str, extra: dict | None = Non
         "max_steps": horizon(budget, env_id, extra),
         **(extra or {}),
     }
+
+
+METRIC_LABELS = {
+    "rougeL": "ROUGE-L",
+    "rouge1": "ROUGE-1",
+    "rouge2": "ROUGE-2",
+    "bleu": "BLEU",
+    "chrf": "chrF",
+    "bertscore": "BERTScore",
+    "classifier": "classifier score",
+}
+
+
+def metric_label(env_id: str, extra: dict | None = None) -> str:
+    """The name of the test metric an id is scored with (the run's ``reward``, else its task's
+    default), as a figure's axis says it: ``ROUGE-L``, ``BLEU``, ..."""
+    from textenvs.tasks.builtin import _DEFAULT_REWARDS
+    from textenvs.tasks.hub import BENCHMARKS, DIALOGUE_BENCHMARKS
+
+    kwargs = {**gym.spec(env_id).kwargs, **(extra or {})}
+    name = kwargs.get("reward")
+    if not isinstance(name, str):
+        task = kwargs.get("task")
+        bench = {**BENCHMARKS, **DIALOGUE_BENCHMARKS}.get(task)
+        name = bench.default_reward if bench else _DEFAULT_REWARDS.get(task, "rougeL")
+    return METRIC_LABELS.get(name, name)
