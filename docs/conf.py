@@ -18,6 +18,8 @@ sys.path.insert(0, str(ROOT))
 import textenvs  # noqa: E402  (registers the ids)
 
 project = "textenvs"
+copyright = "2026, the textenvs developers (Apache-2.0)"
+author = "the textenvs developers"
 release = version = textenvs.__version__
 extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.napoleon"]
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
