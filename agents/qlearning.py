@@ -34,7 +34,7 @@ from agents.tabular import (  # noqa: F401  (make_tabular_env: importable from h
     make_tabular_env,
     rebuild_env,
 )
-from textenvs.checks import SEED, check_bool, floats
+from textenvs.checks import SEED, check_bool, check_optional_str, floats
 from textenvs.cli import int_arg, json_object, run_cli
 from textenvs.wrappers import DiscretizeObservation, find_action_masks
 
@@ -80,10 +80,14 @@ class QLearningConfig:
     LM, and unvisited states and ties follow the LM instead of a coin."""
     seed: int = 0
     """Seed of exploration and of the env resets."""
+    tensorboard_log: str | None = None
+    """TensorBoard log folder (None: no logging): each episode's return and task metric, the
+    exploration rate and the states visited, against env steps."""
 
     def validate(self) -> None:
         for name in ("use_action_masks", "require_action_masks"):
             check_bool(name, getattr(self, name))
+        check_optional_str("tensorboard_log", self.tensorboard_log)
         for name, check in FIELD_CHECKS.items():
             check(name, getattr(self, name))
 
@@ -211,6 +215,11 @@ class QLearning:
         state, _ = self.env.reset(seed=self.config.seed)
         episodes, ret = [], 0.0
         bar = tqdm(total=total_steps, disable=not progress, desc="q-learning")
+        writer = None
+        if self.config.tensorboard_log:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(self.config.tensorboard_log)
         for step in range(total_steps):
             mask = self._mask()
             action = self.act(state, self.epsilon(step, total_steps), mask)
@@ -233,12 +242,23 @@ class QLearning:
             if terminated or truncated:
                 episodes.append({"step": step + 1, "return": ret, **metric_of(info)})
                 bar.set_postfix(ret=f"{np.mean([e['return'] for e in episodes[-50:]]):.3f}")
+                if writer is not None:
+                    at = self.steps
+                    writer.add_scalar("qlearning/episode_return", ret, at)
+                    if "metric" in episodes[-1]:
+                        writer.add_scalar("qlearning/episode_metric", episodes[-1]["metric"], at)
+                    writer.add_scalar("qlearning/epsilon", self.epsilon(step, total_steps), at)
+                    writer.add_scalar(
+                        "qlearning/states_visited", int((self.q != 0).any(1).sum()), at
+                    )
                 state, _ = self.env.reset()
                 ret = 0.0
             bar.update()
             if callback is not None and callback_every and (step + 1) % callback_every == 0:
                 callback(step + 1)
         bar.close()
+        if writer is not None:
+            writer.close()
         return episodes
 
     def evaluate(

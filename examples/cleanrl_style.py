@@ -13,11 +13,14 @@ from torch import nn
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--iterations", type=int, default=20)
-    p.add_argument("--num-envs", type=int, default=8)
+    p = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--iterations", type=int, default=20, help="PPO iterations (rollout + update)")
+    p.add_argument("--num-envs", type=int, default=8, help="sub-envs of the batched env")
     p.add_argument("--num-steps", type=int, default=16, help="steps per env per rollout")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the env resets and the policy")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
 

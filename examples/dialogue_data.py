@@ -12,8 +12,11 @@ import numpy as np
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--conversations", type=int, default=8)
+    p = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--conversations", type=int, default=8, help="conversations to play")
     args = p.parse_args(argv)
 
     envs = gym.make_vec("textenvs/Dialogue-v0", num_envs=args.conversations, max_turn_tokens=12)

@@ -12,9 +12,12 @@ import numpy as np
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--conversations", type=int, default=4)
-    p.add_argument("--turns", type=int, default=3)
+    p = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--conversations", type=int, default=4, help="conversations to play")
+    p.add_argument("--turns", type=int, default=3, help="agent turns per conversation at most")
     p.add_argument("--user-model", default=None, help="a causal LM folder or hub name")
     args = p.parse_args(argv)
 

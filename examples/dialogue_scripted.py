@@ -22,8 +22,11 @@ def picky_user(conversation):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--episodes", type=int, default=2)
+    p = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--episodes", type=int, default=2, help="conversations to play")
     args = p.parse_args(argv)
 
     env = gym.make(

@@ -13,8 +13,11 @@ from textenvs.vector import as_sb3_vec_env
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--total-steps", type=int, default=2048)
+    p = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--total-steps", type=int, default=2048, help="MaskablePPO training steps")
     args = p.parse_args(argv)
 
     # flat_actions: one Discrete action per (op, position, token) with an exact mask

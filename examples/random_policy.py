@@ -9,9 +9,16 @@ import gymnasium as gym
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--env-id", default="textenvs/Summarize-v0")
-    p.add_argument("--episodes", type=int, default=3)
+    p = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--env-id",
+        default="textenvs/Summarize-v0",
+        help="any registered id (python -m textenvs list)",
+    )
+    p.add_argument("--episodes", type=int, default=3, help="episodes to play")
     args = p.parse_args(argv)
 
     env = gym.make(args.env_id, token_mode="topk", k=8)  # action i = the LM's i-th best token

@@ -14,9 +14,12 @@ from textenvs.vector import as_sb3_vec_env
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--total-steps", type=int, default=4096)
-    p.add_argument("--eval-episodes", type=int, default=16)
+    p = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--total-steps", type=int, default=4096, help="PPO training steps")
+    p.add_argument("--eval-episodes", type=int, default=16, help="test episodes after training")
     args = p.parse_args(argv)
 
     kwargs = dict(token_mode="topk", k=4, max_steps=8)

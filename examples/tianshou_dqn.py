@@ -23,9 +23,12 @@ def make():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epoch-steps", type=int, default=200)
-    p.add_argument("--epochs", type=int, default=1)
+    p = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--epoch-steps", type=int, default=200, help="env steps per training epoch")
+    p.add_argument("--epochs", type=int, default=1, help="training epochs")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)

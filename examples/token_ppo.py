@@ -10,9 +10,17 @@ from agents.token_ppo import TokenPPO, TokenPPOConfig
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--total-episodes", type=int, default=256)
-    p.add_argument("--eval-samples", type=int, default=32)
+    p = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--total-episodes", type=int, default=256, help="training episodes")
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=32,
+        help="test samples of the greedy evaluation before and after",
+    )
     args = p.parse_args(argv)
 
     config = TokenPPOConfig(

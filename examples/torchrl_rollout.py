@@ -12,8 +12,11 @@ from torchrl.envs.utils import check_env_specs
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=8)
+    p = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--steps", type=int, default=8, help="rollout steps")
     args = p.parse_args(argv)
 
     # TorchRL takes vector envs in SameStep (or Disabled) autoreset mode, gymnasium's own too

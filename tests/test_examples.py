@@ -53,3 +53,31 @@ def test_example_runs(script, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip()  # each example reports what it did
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("script", sorted(TINY_ARGS))
+def test_example_help_is_whole_sentences_with_every_default(script, capsys, monkeypatch):
+    """``--help``: the docstring's whole first paragraph, and every flag its help and default."""
+    import argparse
+    import runpy
+
+    if script in NEEDS:
+        pytest.importorskip(NEEDS[script])
+    parsers = []
+    original = argparse.ArgumentParser.parse_args
+
+    def keep(self, *args, **kwargs):
+        parsers.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", keep)
+    main = runpy.run_path(str(ROOT / "examples" / script), run_name="__docs__")["main"]
+    with pytest.raises(SystemExit) as stopped:
+        main(["--help"])
+    assert stopped.value.code == 0
+    (parser,) = parsers
+    assert parser.description.endswith(".") and "\n" not in parser.description
+    for action in parser._actions:
+        if action.dest != "help":
+            assert action.help, f"{script}: {action.option_strings} has no help"
+    assert "(default:" in capsys.readouterr().out

@@ -111,3 +111,19 @@ def test_no_save_writes_nothing(agent, tmp_path, monkeypatch, capsys):
 def test_no_save_with_a_target_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         qlearning.main(["--no-save", "--save", str(tmp_path / "q.npz")])
+
+
+def test_qlearning_logs_to_tensorboard(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TEXTENVS_RUNS", str(tmp_path / "runs"))
+    logs = tmp_path / "tb"
+    qlearning.main(
+        ["--total-steps", "64", "--eval-samples", "1", "--max-steps", "4", "--no-save"]
+        + ["--tensorboard-log", str(logs)]
+    )
+    events = EventAccumulator(str(logs))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"qlearning/episode_return", "qlearning/episode_metric", "qlearning/epsilon"} <= tags
+    assert len(events.Scalars("qlearning/episode_return")) == 64 // 4
