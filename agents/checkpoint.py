@@ -79,9 +79,9 @@ def _remove_ours(path: Path) -> bool:
     return False
 
 
-def check_save_target(folder: str | os.PathLike) -> Path:
+def check_save_target(folder: str | os.PathLike, leftovers: bool = True) -> Path:
     """Raise a ValueError, touching nothing, unless a save may write ``folder``: it is missing,
-    an empty folder or ours, and its ``.tmp`` / ``.old`` names are free or ours."""
+    an empty folder or ours, and (``leftovers``) its ``.tmp`` / ``.old`` names are free or ours."""
     folder = Path(folder)
     if folder.is_symlink():
         raise ValueError(
@@ -98,7 +98,7 @@ def check_save_target(folder: str | os.PathLike) -> Path:
             f"{folder} already holds files that are not a textenvs checkpoint (no {MARKER}); a "
             "save would replace them, so nothing was written. Give a new or empty folder."
         )
-    for leftover in _leftovers(folder):
+    for leftover in _leftovers(folder) if leftovers else ():
         if (leftover.exists() or leftover.is_symlink()) and not (
             is_ours(leftover) or _is_empty_dir(leftover)
         ):
@@ -200,7 +200,10 @@ def save_atomically_together(
     on a file system every process sees. A crash at any instant leaves a complete checkpoint, as
     there: ``COMPLETE`` is written only after every part.
     """
-    folder = check_save_target(folder)  # every process, before any waits for another
+    # every process, before any waits for another; the others check the folder only: its .tmp
+    # is process 0's to make, and they may look at it while process 0 is writing its marker
+    # (a half-written marker read as "not ours" refused the save at random under load)
+    folder = check_save_target(folder, leftovers=is_main)
     if not is_main:
         barrier()  # process 0 has made <folder>.tmp
         write_part(folder.with_name(folder.name + ".tmp"))

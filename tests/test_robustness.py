@@ -459,3 +459,17 @@ def test_a_sharded_save_killed_at_any_stage_leaves_a_whole_checkpoint(tmp_path, 
     assert [p.read_text() for p in sorted((folder / "shards").iterdir())] == [version, version]
     assert _two_processes_save(folder, "newer") == [None, None] and no_leftovers(folder)
     assert (folder / "state.json").read_text() == "newer"
+
+
+def test_the_other_processes_do_not_read_process_0s_tmp_while_it_is_being_made(tmp_path):
+    """A half-written marker in <folder>.tmp (process 0 is making it) is "not ours" to a reader:
+    only process 0 checks the leftovers, so another process's check cannot refuse the save."""
+    from agents.checkpoint import MARKER, check_save_target
+
+    folder = tmp_path / "ckpt"
+    tmp = tmp_path / "ckpt.tmp"
+    tmp.mkdir()
+    (tmp / MARKER).write_text("")  # opened, not yet written
+    with pytest.raises(ValueError, match="not a textenvs checkpoint"):
+        check_save_target(folder)  # process 0's full check: a user's folder would be refused
+    assert check_save_target(folder, leftovers=False) == folder  # the others: the folder only
