@@ -51,7 +51,7 @@ def add_config_arguments(
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
         doc = docs.get(f.name, "").replace("%", "%%") + " (default: %(default)s)"
-        if isinstance(value, bool):
+        if isinstance(value, bool) or f.type in ("bool | None", "Optional[bool]"):
             kind = parse_bool
         elif isinstance(value, dict):
             kind = json_object

@@ -685,3 +685,33 @@ def test_nlpo_masker_follows_the_other_partys_turns():
     assert picked[rollout.mask.bool()].all()
     for row, env in zip(trainer.masker.batch.rows, trainer.envs.unwrapped.envs):
         assert row.ids == env.sequence.ids
+
+
+@pytest.mark.parametrize("dense,want", [(None, False), (True, True), (False, False)])
+def test_dense_defaults_to_the_rewards_own_default(dense, want):
+    """A model-based reward is terminal by default (a classifier forward per token otherwise);
+    the trainer no longer overrides it with dense=True unless asked."""
+    import textenvs
+    from agents.token_ppo.config import TokenPPOConfig
+    from agents.token_ppo.rollout import make_rollout_envs
+    from tests.conftest import BENCHMARK_KWARGS
+    from textenvs.lm import shared_model
+
+    env_id = "textenvs/IMDBSentiment-v0"
+    config = TokenPPOConfig(
+        env_id=env_id,
+        num_envs=2,
+        max_new_tokens=2,
+        env_kwargs=dict(BENCHMARK_KWARGS[env_id]),
+        dense=dense,
+    )
+    envs = make_rollout_envs(config, shared_model(textenvs.TINY))
+    try:
+        assert all(e.unwrapped.shaper.dense is want for e in envs.unwrapped.envs)
+    finally:
+        envs.close()
+    text = make_rollout_envs(
+        TokenPPOConfig(num_envs=2, max_new_tokens=2), shared_model(textenvs.TINY)
+    )
+    assert text.unwrapped.envs[0].unwrapped.shaper.dense is True  # ROUGE-L: dense by default
+    text.close()

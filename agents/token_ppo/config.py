@@ -83,8 +83,10 @@ class TokenPPOConfig:
     """The starting policy: ``textenvs/tiny``, a ``save_pretrained`` folder or a hub name."""
     reward: str | None = None
     """The env's reward metric (None: the task's default)."""
-    dense: bool = True
-    """Dense rewards (the metric's change every token) or the metric once at the end."""
+    dense: bool | None = None
+    """Dense rewards (the metric's change every token) or the metric once at the end; None: the
+    reward's own default (dense for the text metrics, terminal for the model-based ones, whose
+    score every token would cost a model forward per token)."""
     device: str = "cpu"
     """Torch device."""
     dtype: str | None = None
@@ -225,8 +227,9 @@ class TokenPPOConfig:
         return placement, estimator
 
     def validate(self) -> None:
+        if self.dense is not None:
+            check_bool("dense", self.dense)
         for name in (
-            "dense",
             "anneal_lr",
             "adaptive_kl",
             "whiten_advantages",

@@ -241,9 +241,10 @@ def make_rollout_envs(config: TokenPPOConfig, lm: LanguageModel):
         "token_mode": "vocab",
         "max_steps": config.max_new_tokens,
         "device": str(lm.device),
-        "dense": config.dense,
         "text_infos": True,  # the completions' texts, for logs and samples
     }
+    if config.dense is not None:  # None: the reward's own default
+        env_kwargs["dense"] = config.dense
     if config.reward is not None:
         env_kwargs["reward"] = config.reward
     try:
