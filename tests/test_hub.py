@@ -68,6 +68,20 @@ def test_imdb_prompt_is_the_first_half_and_splits_are_disjoint():
     assert task.default_reward == "classifier" and task.cut_side == "start"
 
 
+def test_imdb_test_samples_is_a_seeded_subset_of_the_test_split():
+    """RL4LMs' setting: 5,000 shuffled test reviews (here 5 of the fixture's 12)."""
+    whole = benchmark_task("imdb", **hub_fixture("imdb")).splits["test"]
+    part = benchmark_task("imdb", test_samples=5, **hub_fixture("imdb")).splits["test"]
+    again = benchmark_task("imdb", test_samples=5, **hub_fixture("imdb")).splits["test"]
+    texts = [s.references[0] for s in part]
+    assert len(part) == 5 and set(texts) <= {s.references[0] for s in whole}
+    assert texts == [s.references[0] for s in again]  # seeded: the same reviews every time
+    assert len(benchmark_task("imdb", test_samples=99, **hub_fixture("imdb")).splits["test"]) == 12
+    for bad in (0, -1, 2.5, True, "5000"):
+        with pytest.raises(ValueError, match="test_samples must be None"):
+            benchmark_task("imdb", test_samples=bad, **hub_fixture("imdb"))
+
+
 def test_common_gen_groups_the_targets_of_a_concept_set():
     task = benchmark_task("common_gen", **hub_fixture("common_gen"))
     assert all(len(s.references) == 3 for s in task.splits["train"])

@@ -194,6 +194,12 @@ def _configure_imdb(benchmark: Benchmark, options: dict) -> tuple[str | None, st
     fraction = options["prompt_fraction"]
     if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
         raise ValueError(f"prompt_fraction must be a number in (0, 1), got {fraction!r}.")
+    size = options["test_samples"]
+    if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+        raise ValueError(
+            f"test_samples must be None (the whole test split) or an int >= 1 (RL4LMs' setting: "
+            f"5000), got {size!r}."
+        )
     return benchmark.config, benchmark.prompt_template
 
 
@@ -254,7 +260,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         reward_kwargs={"label": "POSITIVE"},
         row_sample=_imdb_sample,
         long_sources=True,
-        options={"prompt_fraction": 0.5},
+        options={"prompt_fraction": 0.5, "test_samples": None},
         cut_side="start",  # the LM continues the review: keep its last words
         configure=_configure_imdb,
     ),
@@ -389,6 +395,10 @@ def benchmark_task(name: str, **kwargs) -> Task:
             ``.parquet``), read by the same ``datasets.load_dataset`` call.
         pair: WMT16 only: the language pair and direction (``"de-en"``, ``"en-ro"``, ...).
         prompt_fraction: IMDB only: the share of the review's words that is the prompt (0.5).
+        test_samples: IMDB only: the test split as ``test_samples`` reviews of a seeded shuffle
+            (seed 0) of the hub's test split, at most all of it; None (default): all 25,000.
+            RL4LMs' setting is 5,000 (its pool shuffles the test split without a seed, keeps
+            5,000 and reads the first 2,000 of them, so its exact reviews cannot be rebuilt).
         prompt_template: Another prompt around ``{source}``.
         revision, cache_dir: Passed to ``datasets.load_dataset``.
     """
@@ -444,6 +454,15 @@ def benchmark_task(name: str, **kwargs) -> Task:
             where_part = f"{where} [{start:.0%}, {end:.0%}) of a seeded shuffle"
         else:
             part_groups, where_part = groups, where
+        size = options.get("test_samples") if ours == "test" else None
+        if size is not None and size < len(part_groups):  # RL4LMs' shuffled test reviews
+            chosen = np.sort(np.random.default_rng(0).permutation(len(part_groups))[:size])
+            part_groups = (
+                part_groups[chosen]
+                if isinstance(part_groups, np.ndarray)
+                else [part_groups[i] for i in chosen]
+            )
+            where_part = f"{where_part}, {size} of a seeded shuffle"
         splits[ours] = HubSamples(rows, part_groups, benchmark, options, where_part)
     return Task(
         name,
