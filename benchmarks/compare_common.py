@@ -132,9 +132,29 @@ class Stopwatch:
         setattr(obj, name, timed)
 
 
+def train_clock():
+    """A TRL ``TrainerCallback`` whose ``seconds`` run from ``on_train_begin`` (the optimizer,
+    scheduler and data loader made) to ``on_train_end``: TRL's training loop without its
+    set-up, as ours is timed. (Defined on call: transformers loads late.)"""
+    from transformers import TrainerCallback
+
+    class TrainClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.start, self.seconds = None, 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.time()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.seconds = time.time() - self.start
+
+    return TrainClock()
+
+
 def run_ours(config: TokenPPOConfig):
     """Train our token trainer; returns it, its training history, the completions it sampled, its
-    optimizer steps (counted by a hook on the optimizer) and the wall seconds of ``train()``."""
+    optimizer steps (counted by a hook on the optimizer) and the wall seconds of ``train()`` (the
+    trainer is built before the clock starts, as TRL's set-up is left out of its time)."""
     trainer = TokenPPO(config)
     steps = [0]
     trainer.optimizer.register_step_post_hook(lambda *a: steps.__setitem__(0, steps[0] + 1))
@@ -159,9 +179,10 @@ def run_trl(name: str, trl_args, ctx: dict, device: str, on_trainer=None):
     )
     if on_trainer is not None:
         on_trainer(trainer)
-    start = time.time()
+    clock = train_clock()
+    trainer.add_callback(clock)
     trainer.train()
-    wall = time.time() - start
+    wall = clock.seconds  # from TRL's on_train_begin: its set-up inside train() is not counted
     final = str(Path(trl_args.output_dir) / "final")
     trainer.save_model(final)
     lm = LanguageModel(final, device=device)

@@ -107,15 +107,36 @@ def train_like(name: str, args, seed: int, ctx: dict) -> dict:
 
 
 def like_with_like(args, ctx: dict) -> dict:
-    """Each algorithm: ours and TRL's at identical settings, ``--seeds`` seeds each, paired by
-    seed and test sample; the metric difference with its CI and the speed ratio."""
+    """Each algorithm: ours and TRL's at identical settings, interleaved seed by seed (the side
+    that goes first alternates, so a change of the machine's load lands on both), the whole race
+    ``--repeats`` times. Quality: the first repeat, paired by seed and test sample (the metric
+    difference with its CI). Speed: every run; the median completions/s per side with its range,
+    and the median of the per-seed ratios ours / TRL with its range."""
     report = {}
     for algorithm in args.algorithms:
         ours_name, trl_name = PAIRS[algorithm]
-        runs = {}
-        for name in (ours_name, trl_name):
-            runs[name] = [train_like(name, args, seed, ctx) for seed in range(args.seeds)]
-            print(json.dumps({name: [r["mean"] for r in runs[name]]}), flush=True)
+        runs: dict[str, list[dict]] = {ours_name: [], trl_name: []}  # first repeat, by seed
+        speeds: dict[str, list[float]] = {ours_name: [], trl_name: []}
+        ratios = []
+        for repeat in range(args.repeats):
+            for seed in range(args.seeds):
+                first = (seed + repeat) % 2 == 0
+                order = (ours_name, trl_name) if first else (trl_name, ours_name)
+                pair = {name: train_like(name, args, seed, ctx) for name in order}
+                for name in order:
+                    speeds[name].append(pair[name]["completions_per_s"])
+                    if repeat == 0:
+                        runs[name].append(pair[name])
+                ratios.append(
+                    pair[ours_name]["completions_per_s"] / pair[trl_name]["completions_per_s"]
+                )
+                print(
+                    json.dumps(
+                        {"algorithm": algorithm, "repeat": repeat, "seed": seed, "order": order}
+                        | {n: [pair[n]["mean"], pair[n]["completions_per_s"]] for n in order}
+                    ),
+                    flush=True,
+                )
         ours, theirs = runs[ours_name], runs[trl_name]
         diff, lo, hi = hierarchical_bootstrap(
             [np.asarray(a["metrics"]) - np.asarray(b["metrics"]) for a, b in zip(ours, theirs)]
@@ -130,7 +151,9 @@ def like_with_like(args, ctx: dict) -> dict:
                 "test_ci": [rlo, rhi],
                 "completions": [r["completions"] for r in rs],
                 "optimizer_steps": [r["optimizer_steps"] for r in rs],
-                "completions_per_s": float(np.mean([r["completions_per_s"] for r in rs])),
+                "completions_per_s": float(np.median(speeds[name])),
+                "completions_per_s_range": [min(speeds[name]), max(speeds[name])],
+                "completions_per_s_runs": speeds[name],
                 "time_split_s": {
                     k: float(np.mean([r["time_split_s"][k] for r in rs])) for k in split_keys
                 },
@@ -140,8 +163,9 @@ def like_with_like(args, ctx: dict) -> dict:
             "ours_minus_trl": diff,
             "ours_minus_trl_ci": [lo, hi],
             "metric_equal_within_ci": lo <= 0 <= hi,
-            "speed_ratio": rows[ours_name]["completions_per_s"]
-            / rows[trl_name]["completions_per_s"],
+            "speed_ratio": float(np.median(ratios)),
+            "speed_ratio_range": [min(ratios), max(ratios)],
+            "speed_ratios": ratios,
         }
     return report
 
@@ -149,7 +173,7 @@ def like_with_like(args, ctx: dict) -> dict:
 def like_table(report: dict) -> str:
     lines = [
         "| algorithm | trainer | completions | optimizer steps | test metric (95% CI) "
-        "| ours - TRL (95% CI) | completions/s | time split (s per run) |",
+        "| ours - TRL (95% CI) | completions/s, median (range) | time split (s per run) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for algorithm, row in report.items():
@@ -159,13 +183,15 @@ def like_table(report: dict) -> str:
                 f"{row['ours_minus_trl']:+.4f} ({row['ours_minus_trl_ci'][0]:+.4f}, "
                 f"{row['ours_minus_trl_ci'][1]:+.4f})"
                 if name.startswith("textenvs_")
-                else f"speed ratio {row['speed_ratio']:.2f}x"
+                else f"speed ratio {row['speed_ratio']:.2f}x (median; "
+                f"{row['speed_ratio_range'][0]:.2f}-{row['speed_ratio_range'][1]:.2f})"
             )
             split = ", ".join(f"{k[:-2]} {v:.1f}" for k, v in r["time_split_s"].items())
             lines.append(
                 f"| {algorithm} | {name} | {sorted(set(r['completions']))} "
                 f"| {sorted(set(r['optimizer_steps']))} | {r['test_metric']:.4f} "
                 f"({r['test_ci'][0]:.4f}, {r['test_ci'][1]:.4f}) | {diff} "
-                f"| {r['completions_per_s']:.1f} | {split} |"
+                f"| {r['completions_per_s']:.1f} ({r['completions_per_s_range'][0]:.1f}-"
+                f"{r['completions_per_s_range'][1]:.1f}) | {split} |"
             )
     return "\n".join(lines)

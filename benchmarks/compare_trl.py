@@ -128,6 +128,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--group", type=int_arg(2), default=4, help="--like-with-like: completions a prompt"
     )
+    p.add_argument(
+        "--repeats",
+        type=int_arg(),
+        default=1,
+        help="--like-with-like: run the interleaved race this many times (speed: the median over "
+        "every run, with its range; quality: the first repeat)",
+    )
     p.add_argument("--json-out", help="write the report (JSON) here")
     args = p.parse_args(argv)
     for name in (
@@ -137,6 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "seeds",
         "eval_samples",
         "validation_samples",
+        "repeats",
     ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -722,15 +722,21 @@ def test_compare_trl_like_with_like_reports_metric_speed_and_time_split(tmp_path
 
     report = compare_trl.main(
         ["--like-with-like", "--completions", "16", "--batch", "8", "--group", "4"]
-        + ["--seeds", "1", "--eval-samples", "3", "--max-new-tokens", "4"]
-        + ["--json-out", str(tmp_path / "like.json")]
+        + ["--seeds", "2", "--repeats", "2", "--eval-samples", "3", "--max-new-tokens", "4"]
+        + ["--algorithms", "grpo", "--json-out", str(tmp_path / "like.json")]
     )
-    for algorithm, (ours, theirs) in compare_trl.PAIRS.items():
+    for algorithm in report["like_with_like"]:
+        ours, theirs = compare_trl.PAIRS[algorithm]
         row = report["like_with_like"][algorithm]
         for name in (ours, theirs):
-            assert row[name]["completions"] == [16] and row[name]["optimizer_steps"] == [2]
+            assert row[name]["completions"] == [16, 16] and row[name]["optimizer_steps"] == [2, 2]
+            speeds = row[name]["completions_per_s_runs"]
+            assert len(speeds) == 4  # 2 seeds x 2 repeats, interleaved
+            assert row[name]["completions_per_s"] == pytest.approx(np.median(speeds))
         assert set(row[ours]["time_split_s"]) == {"rollout_s", "reference_s", "update_s"}
-        assert row["speed_ratio"] > 0
+        assert len(row["speed_ratios"]) == 4 and row["speed_ratio"] > 0
+        low, high = row["speed_ratio_range"]
+        assert low <= row["speed_ratio"] <= high
         assert row["ours_minus_trl_ci"][0] <= row["ours_minus_trl"] <= row["ours_minus_trl_ci"][1]
     assert json.loads((tmp_path / "like.json").read_text())["config"]["group"] == 4
 

@@ -351,3 +351,52 @@ def test_a_hung_launch_is_killed_with_its_workers_and_run_once_more(tmp_path):
     workers = [int(p) for p in pids.read_text().split()]
     assert len(workers) == 2  # two attempts, one worker each
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in workers)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_ends_when_its_launcher_is_killed(tmp_path):
+    """SIGKILL of `accelerate launch` left its workers training (issue 46): a worker now asks the
+    kernel for SIGTERM when its parent dies (agents.token_ppo.runtime.end_with_launcher)."""
+    import signal
+    import textwrap
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    worker = textwrap.dedent(
+        """
+        import time
+        from agents.token_ppo.runtime import end_with_launcher
+        assert end_with_launcher()
+        print("armed", flush=True)
+        time.sleep(120)
+        """
+    )
+    launcher = textwrap.dedent(
+        f"""
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", {worker!r}], stdout=subprocess.PIPE,
+                                 text=True)
+        assert child.stdout.readline().strip() == "armed"
+        print(child.pid, flush=True)
+        time.sleep(120)
+        """
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        child = int(proc.stdout.readline())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.time() + 30
+        while time.time() < deadline and psutil.pid_exists(child):
+            if psutil.Process(child).status() == psutil.STATUS_ZOMBIE:
+                break
+            time.sleep(0.2)
+        assert not psutil.pid_exists(child) or (
+            psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+        ), "the worker outlived its SIGKILLed launcher"
+    finally:
+        proc.kill()

@@ -29,11 +29,35 @@ def require(module: str, extra: str, feature: str):
         ) from e
 
 
+def end_with_launcher() -> bool:
+    """Ask the kernel (Linux) to send this process SIGTERM when its parent dies: a worker of
+    ``accelerate launch`` / ``torchrun`` then ends with its launcher, even one killed by SIGKILL,
+    instead of training on and later writing over the checkpoint its user meant to resume.
+    Returns whether it is armed (False off Linux, where the docs say how to stop a run)."""
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM) != 0:
+        return False
+    if os.getppid() != parent:  # the launcher died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
 def make_accelerator(config: TokenPPOConfig):
     """An ``accelerate.Accelerator`` when this process is one of several (started by ``accelerate
-    launch`` or ``torchrun``) or mixed precision is asked for; None otherwise (plain PyTorch).
+    launch`` or ``torchrun``: it then ends with its launcher, :func:`end_with_launcher`) or mixed
+    precision is asked for; None otherwise (plain PyTorch).
     """
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if launched:
+        end_with_launcher()
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if not launched and config.mixed_precision == "no" and launcher_precision == "no":
         return None
