@@ -36,7 +36,7 @@ napoleon_numpy_docstring = False
 # autodoc imports these lazily-loaded clients only where installed
 autodoc_mock_imports = ["ray", "peft", "accelerate", "trl", "bert_score"]
 
-from textenvs.catalog import SUMMARIES, spaces  # noqa: E402  (one line per id, shared with the CLI)
+from textenvs.catalog import SUMMARIES, first_episode  # noqa: E402  (one line per id, shared with the CLI)
 
 
 def _markdown_docstring(doc: str) -> str:
@@ -69,6 +69,7 @@ def write_env_pages(app=None) -> list[Path]:
             ("Registered kwargs", f"`{spec.kwargs}`" if spec.kwargs else "none"),
         ]
         task = spec.kwargs.get("task")
+        example = None
         if env_id in textenvs.BENCHMARK_IDS or task in DIALOGUE_BENCHMARKS:
             bench = {**BENCHMARKS, **DIALOGUE_BENCHMARKS}[task]
             splits = bench.splits.items()
@@ -87,8 +88,22 @@ def write_env_pages(app=None) -> list[Path]:
                 "(`model=`, default `gpt2`): see [Data and models](../guides/data-and-models.md)."
             )
         else:
-            action, observation = spaces(env_id)
-            table += [("Action space", f"`{action}`"), ("Observation space", f"`{observation}`")]
+            made = first_episode(env_id)
+            table += [
+                ("Action space", f"`{made['action_space']}`"),
+                ("Observation space", f"`{made['observation_space']}`"),
+                (
+                    "Reward",
+                    f"`{made['reward']}`, {'dense' if made['dense'] else 'at the end'}, "
+                    f"at most {made['max_steps']} steps",
+                ),
+            ]
+            example = (
+                'The first test episode (`reset(seed=0)` on `split="test"`): what the model '
+                "reads, and the reference it is scored against.\n\n"
+                f"```text\n{made['prompt'].strip()}\n```\n\nReference:\n\n"
+                f"```text\n{made['reference'].strip()}\n```\n"
+            )
             usage = (
                 "```python\nimport gymnasium as gym\n\n"
                 f'env = gym.make("{env_id}")\nobs, info = env.reset(seed=0)\n'
@@ -96,6 +111,7 @@ def write_env_pages(app=None) -> list[Path]:
                 "```\n\n(the tiny built-in model and the built-in task when `task=` is given, "
                 "offline; spaces with the defaults)"
             )
+        shared = [i for i in textenvs.ENV_IDS if gym.spec(i).entry_point == spec.entry_point]
         body = [
             f"# {env_id}\n",
             SUMMARIES[env_id] + "\n",
@@ -103,7 +119,10 @@ def write_env_pages(app=None) -> list[Path]:
             *[f"| {k} | {v} |" for k, v in table],
             "",
             usage + "\n",
-            f"## `{cls.__name__}`\n",
+            *(["## An episode\n", example] if example else []),
+            f"## The `{cls.__name__}` class\n",
+            f"What every one of the {len(shared)} ids of this class shares: its arguments "
+            "(the keyword arguments of `gym.make`), spaces, rewards and episode end.\n",
             _markdown_docstring(cls.__doc__).replace("\n## ", "\n### "),
         ]
         page = folder / f"{name}.md"

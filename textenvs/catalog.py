@@ -91,8 +91,26 @@ def facts(env_id: str) -> list[tuple[str, str]]:
 def spaces(env_id: str) -> tuple[str, str]:
     """The action and observation spaces of an id with its defaults (makes the env: the built-in
     ids load the tiny model; a benchmark id needs its dataset and model)."""
-    env = gym.make(env_id)
+    made = first_episode(env_id)
+    return made["action_space"], made["observation_space"]
+
+
+def first_episode(env_id: str) -> dict:
+    """What an id is with its defaults, from the env itself: its spaces, reward, horizon and the
+    first test episode's prompt and reference (``reset(seed=0)`` on the test split). Makes the
+    env: built-in ids only, in practice (a benchmark id needs its dataset and model)."""
+    env = gym.make(env_id, split="test")
     try:
-        return str(env.action_space), str(env.observation_space)
+        _, info = env.reset(seed=0)
+        inner = env.unwrapped
+        return {
+            "action_space": str(env.action_space),
+            "observation_space": str(env.observation_space),
+            "prompt": str(info.get("prompt", "")),
+            "reference": str(info.get("reference", "")),
+            "reward": inner.shaper.name,
+            "dense": bool(inner.shaper.dense),
+            "max_steps": int(inner.max_steps),
+        }
     finally:
         env.close()
