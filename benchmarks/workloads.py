@@ -11,6 +11,9 @@ on randomly initialised models it saves to a temporary folder (nothing is downlo
   positions; the built-in tokenizer) on a CNN/DailyMail-schema file (``article``, ``highlights``,
   ``id``) of articles longer than the context, ``too_long="truncate"`` (the id's default): steps
   per second of an N-env batched env, and the resident memory it adds per sub-env after reset.
+
+Each section runs in a fresh process (``measured_in`` in the JSON says so), so no section's heap
+is counted in another's memory.
 """
 
 from __future__ import annotations
@@ -174,19 +177,39 @@ def main(argv: list[str] | None = None) -> dict:
         "--encoder-layers", type=int_arg(), default=4, help="layers of the BERTScore encoder"
     )
     p.add_argument("--skip-gpt2", action="store_true", help="measure the BERTScore part only")
+    p.add_argument(
+        "--threads", type=int_arg(), default=None, help="torch threads (default: torch's own)"
+    )
     args = p.parse_args(argv)
-    import torch
+    sections = ["bertscore"] + ([] if args.skip_gpt2 else ["gpt2_cnndm"])
+    # each section in a fresh interpreter: an earlier section's freed memory stays in this
+    # process's heap and would be counted, or hidden, in the next one's resident memory
+    import multiprocessing
 
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as folder:
-        result = {
-            "bertscore": measure_bertscore(args, folder),
-            "torch_threads": torch.get_num_threads(),
-        }
-        if not args.skip_gpt2:
-            result["gpt2_cnndm"] = measure_gpt2(args, folder)
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        parts = {name: pool.apply(_section, (name, vars(args))) for name in sections}
+    result = {
+        "bertscore": parts["bertscore"]["figures"],
+        "torch_threads": parts["bertscore"]["torch_threads"],
+        "measured_in": "a fresh process per section (multiprocessing spawn)",
+        **({"gpt2_cnndm": parts["gpt2_cnndm"]["figures"]} if "gpt2_cnndm" in parts else {}),
+    }
     print(json.dumps(result))
     return result
+
+
+def _section(name: str, settings: dict) -> dict:
+    """One section of :func:`main`, run in a worker process of its own."""
+    import torch
+
+    if settings.get("threads"):
+        torch.set_num_threads(settings["threads"])
+    torch.manual_seed(0)
+    args = argparse.Namespace(**settings)
+    measure = {"bertscore": measure_bertscore, "gpt2_cnndm": measure_gpt2}[name]
+    with tempfile.TemporaryDirectory() as folder:
+        figures = measure(args, folder)
+    return {"figures": figures, "torch_threads": torch.get_num_threads()}
 
 
 if __name__ == "__main__":

@@ -165,3 +165,4 @@ def test_the_workloads_benchmark_prints_its_figures(capsys):
     )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     assert result["bertscore"]["batched_over_single"] > 0
+    assert result["measured_in"].startswith("a fresh process per section")
