@@ -160,6 +160,7 @@ def measure_gpt2(args: argparse.Namespace, folder: str) -> dict:
         "build_and_reset_s": round(reset_s, 1),
         "steps": steps,
         "batched_steps_per_s": round(rate, 1),
+        "rss_added_mb": round(added, 1),
         "rss_added_per_sub_env_mb": round(added / n, 1),
         # what the KV cache of the filled positions must take (float32 keys and values)
         "kv_cache_per_sub_env_mb": round(
@@ -188,12 +189,30 @@ def main(argv: list[str] | None = None) -> dict:
 
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         parts = {name: pool.apply(_section, (name, vars(args))) for name in sections}
+        if "gpt2_cnndm" in parts and args.num_envs >= 2:
+            # the same section with half the sub-envs, in another fresh process: the difference
+            # is what a sub-env adds, whatever the process's own start left in its heap
+            half = {**vars(args), "num_envs": args.num_envs // 2}
+            parts["gpt2_half"] = pool.apply(_section, ("gpt2_cnndm", half))
     result = {
         "bertscore": parts["bertscore"]["figures"],
         "torch_threads": parts["bertscore"]["torch_threads"],
         "measured_in": "a fresh process per section (multiprocessing spawn)",
-        **({"gpt2_cnndm": parts["gpt2_cnndm"]["figures"]} if "gpt2_cnndm" in parts else {}),
     }
+    if "gpt2_cnndm" in parts:
+        whole = parts["gpt2_cnndm"]["figures"]
+        result["gpt2_cnndm"] = whole
+        if "gpt2_half" in parts:
+            half = parts["gpt2_half"]["figures"]
+            added = whole["rss_added_mb"] - half["rss_added_mb"]
+            result["gpt2_cnndm"]["rss_marginal_per_sub_env_mb"] = round(
+                added / (whole["num_envs"] - half["num_envs"]), 1
+            )
+            result["gpt2_cnndm"]["rss_marginal_over_kv_cache"] = round(
+                result["gpt2_cnndm"]["rss_marginal_per_sub_env_mb"]
+                / whole["kv_cache_per_sub_env_mb"],
+                2,
+            )
     print(json.dumps(result))
     return result
 

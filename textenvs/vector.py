@@ -44,7 +44,13 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from textenvs.batching import LockstepBatch, extend_batch, prefill_batch
+from textenvs.batching import (
+    RELEASE_AFTER_TOKENS,
+    LockstepBatch,
+    extend_batch,
+    prefill_batch,
+    release_freed_memory,
+)
 from textenvs.envs.base import TextEnv, invalid_rows, top_candidates
 from textenvs.envs.dialogue import DialogueEnv
 from textenvs.envs.edit import TextEditEnv
@@ -386,6 +392,9 @@ class GenerationVectorEnv(BatchedTextVectorEnv):
         for i, (seq, hidden, logits) in zip(indices, prefilled):
             out.append(self.envs[i].finish_reset(seq, hidden, logits))
             self.batch.adopt(i, seq)
+        del prefilled, seq, hidden, logits  # the prefill's batch cache: its rows are adopted
+        if sum(map(len, prompts)) >= RELEASE_AFTER_TOKENS and self.lm.device.type == "cpu":
+            release_freed_memory()  # the prefill's working memory, not kept resident
         return out
 
     @property
