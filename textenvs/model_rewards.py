@@ -12,6 +12,12 @@
   (``"probability"`` of the label, default, or its ``"logit"``), ``input`` (``"text"``, default:
   the generated text alone, RL4LMs' sentiment reward; ``"prompt+text"``: the prompt and the text
   as a pair, what a reward model reads), ``batch_size`` (64), ``max_length`` (the model's).
+* ``reward="lm_score"``: how likely a causal LM finds the text, the exp of its mean token
+  log-probability (in (0, 1]: 1 for a text the LM is sure of; its inverse is the perplexity).
+  ``reward_kwargs``: ``model`` (a hub name or folder of a causal LM; default: the env's own model,
+  loaded again as a separate frozen copy), ``input`` (``"text"``, default: the text after the
+  model's BOS token; ``"prompt+text"``: conditioned on the prompt), ``output`` (``"probability"``,
+  default, or ``"logprob"``, the mean log-probability itself), ``batch_size`` (32).
 * :class:`BatchMetric`: a user callable ``(texts, references) -> list[float]``.
 
 Every model-based metric is loaded once per process (:func:`shared_metric`) and shared by the
@@ -34,7 +40,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-MODEL_METRICS = ("bertscore", "classifier")
+MODEL_METRICS = ("bertscore", "classifier", "lm_score")
 Item = tuple[str, tuple[str, ...], str]  # (text, references, prompt)
 
 
@@ -397,6 +403,94 @@ class ClassifierMetric(BatchedMetric):
         return values
 
 
+class LMScoreMetric(BatchedMetric):
+    """A causal LM's score of a text: ``exp`` of the mean log-probability of its tokens.
+
+    Args:
+        model: A hub name or ``save_pretrained`` folder of a causal LM (safetensors).
+        input: ``"text"`` (the text after the model's BOS token, unconditioned) or
+            ``"prompt+text"`` (the text's tokens given the prompt's).
+        output: ``"probability"`` (``exp`` of the mean log-probability, in (0, 1]) or
+            ``"logprob"`` (the mean log-probability, <= 0).
+        batch_size: Texts per forward.
+        device: Where the LM runs.
+    """
+
+    OUTPUTS = ("probability", "logprob")
+    INPUTS = ("text", "prompt+text")
+
+    def __init__(
+        self,
+        model: str | None = None,
+        input: str = "text",
+        output: str = "probability",
+        batch_size: int = 32,
+        device: str = "cpu",
+    ) -> None:
+        super().__init__()
+        from textenvs.lm import LanguageModel
+
+        if model is None:
+            raise ValueError(
+                "reward='lm_score' needs reward_kwargs={'model': ...} outside an env (an env "
+                "passes its own model's name): a folder or hub name of a causal LM."
+            )
+        for name, value, choices in (
+            ("input", input, self.INPUTS),
+            ("output", output, self.OUTPUTS),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r} is not valid: choose one of {list(choices)}.")
+        _check_positive("batch_size", batch_size)
+        self.lm = LanguageModel(os.fspath(model), device=device)  # its own frozen copy
+        self.lm.model.eval().requires_grad_(False)
+        self.__name__ = "lm_score"
+        self.uses_prompt, self.output, self.batch_size = input == "prompt+text", output, batch_size
+
+    def _rows(self, text: str, prompt: str) -> tuple[list[int], int]:
+        """The ids the LM reads and how many of them, at the end, are the text's."""
+        tokenizer = self.lm.tokenizer
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        context = (
+            tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            if self.uses_prompt and prompt
+            else []
+        ) or [
+            tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.lm.eos_token_id
+        ]
+        room = self.lm.max_positions - len(ids)
+        if room < 1:  # a text longer than the context: its last tokens, after one of context
+            ids, room = ids[-(self.lm.max_positions - 1) :], 1
+        return context[-room:] + ids, len(ids)
+
+    @torch.inference_mode()
+    def score_batch(self, texts, references, prompts) -> list[float]:
+        values: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            rows = [
+                self._rows(t, p)
+                for t, p in zip(texts[start : start + self.batch_size], prompts[start:])
+            ]
+            width = max(len(ids) for ids, _ in rows)
+            input_ids = torch.full((len(rows), width), self.lm.eos_token_id, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for b, (ids, _) in enumerate(rows):
+                input_ids[b, : len(ids)] = torch.tensor(ids)
+                mask[b, : len(ids)] = 1
+            logits = self.lm.model(
+                input_ids=input_ids.to(self.lm.device), attention_mask=mask.to(self.lm.device)
+            ).logits.float()
+            logprobs = (
+                logits[:, :-1]
+                .log_softmax(-1)
+                .gather(-1, input_ids[:, 1:, None].to(self.lm.device))[..., 0]
+            )  # (B, W - 1): log p(token t | tokens < t)
+            for b, (ids, n) in enumerate(rows):
+                mean = logprobs[b, len(ids) - 1 - n : len(ids) - 1].mean().item()
+                values.append(math.exp(mean) if self.output == "probability" else mean)
+        return values
+
+
 _SHARED: dict[tuple, BatchedMetric] = {}
 
 
@@ -405,7 +499,11 @@ def shared_metric(name: str, reward_kwargs: dict | None, device: str = "cpu") ->
     kwargs = {"device": device, **(reward_kwargs or {})}
     key = (name, repr(sorted(kwargs.items())))
     if key not in _SHARED:
-        cls = {"bertscore": BERTScoreMetric, "classifier": ClassifierMetric}[name]
+        cls = {
+            "bertscore": BERTScoreMetric,
+            "classifier": ClassifierMetric,
+            "lm_score": LMScoreMetric,
+        }[name]
         known = set(inspect.signature(cls).parameters)
         unknown = sorted(set(kwargs) - known)
         if unknown:

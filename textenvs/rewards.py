@@ -20,10 +20,11 @@ name           value
 A user callable ``(hypothesis: str, references: Sequence[str]) -> float`` is used as it is; it
 must return a finite number (a NaN or infinity raises, never reaches an agent).
 
-Model-based metrics (:mod:`textenvs.model_rewards`): ``"bertscore"`` and ``"classifier"``
-(configured by ``reward_kwargs``) and :class:`~textenvs.model_rewards.BatchMetric`, a user's batch
-callable ``(texts, references) -> list[float]``. A batched vector env scores all its sub-envs'
-texts of a step in one call of such a metric. They pay the score once at the end by default
+Model-based metrics (:mod:`textenvs.model_rewards`): ``"bertscore"``, ``"classifier"`` and
+``"lm_score"`` (configured by ``reward_kwargs``) and
+:class:`~textenvs.model_rewards.BatchMetric`, a user's batch callable
+``(texts, references) -> list[float]``. A batched vector env scores all its sub-envs' texts of a
+step in one call of such a metric. They pay the score once at the end by default
 (``dense=None``); ``dense=True`` scores every step.
 
 Weighted sums of named metrics: ``reward={"classifier": 0.75, "rougeL": 0.25}``

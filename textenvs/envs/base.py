@@ -210,6 +210,7 @@ class TextEnv(PromptFitting, gym.Env):
             self.lm.check_chat_template()
         if reward is None or reward == self.task.default_reward:  # the task's metric settings
             reward_kwargs = {**self.task.reward_kwargs, **(reward_kwargs or {})}
+        reward_kwargs = self._lm_score_default(reward, reward_kwargs)
         self.shaper = RewardShaper(
             reward if reward is not None else self.task.default_reward,
             dense,
@@ -288,6 +289,19 @@ class TextEnv(PromptFitting, gym.Env):
 
     def _render_text(self) -> str:
         raise NotImplementedError
+
+    def _lm_score_default(self, reward, reward_kwargs: dict | None) -> dict | None:
+        """``reward="lm_score"`` (alone or in a weighted sum) without a ``model``: the env's own
+        model, by name (the metric loads a separate frozen copy: the policy may train this one)."""
+        own = {"model": self.lm.name}
+        if reward == "lm_score" and "model" not in (reward_kwargs or {}):
+            return {**own, **(reward_kwargs or {})}
+        if isinstance(reward, dict) and "lm_score" in reward:
+            parts = dict(reward_kwargs or {})
+            if "model" not in parts.get("lm_score", {}):
+                parts["lm_score"] = {**own, **parts.get("lm_score", {})}
+            return parts
+        return reward_kwargs
 
     def _render_sections(self) -> list[tuple[str, str, str]]:
         """The ``rgb_array`` frame's ``(title, body, keep)`` sections: the source, the text so far
