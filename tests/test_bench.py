@@ -763,7 +763,8 @@ def test_the_dialogue_preset_runs_its_agents_on_conversations(tmp_path):
     assert args.env_id == ["textenvs/Dialogue-v0"] and args.model == "textenvs/tiny-chat"
     assert args.agents == ["random", "greedy", "token_ppo"]
     assert args.env_kwargs == {"max_turn_tokens": 10, "max_turns": 2, "chat_template": True}
-    budget = run.budget_for(run.parse_args(["--dialogue", "--scale", "0.05"]))
+    budget = run.budget_for(run.parse_args(["--dialogue", "--scale", "0.02"]))
+    assert budget.token_ppo_config == {"learning_rate": 1e-4}  # the preset's own step size
     budget.eval_samples, budget.eval_points = 3, 1
     cells = [
         run.run_cell(agent, "textenvs/Dialogue-v0", 0, budget, args.model, args.env_kwargs)
