@@ -40,6 +40,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from textenvs.checks import check_choice
+
 MODEL_METRICS = ("bertscore", "classifier", "lm_score")
 Item = tuple[str, tuple[str, ...], str]  # (text, references, prompt)
 
@@ -325,12 +327,8 @@ class ClassifierMetric(BatchedMetric):
                 "a sequence classifier (RL4LMs and TRL's IMDB sentiment task use "
                 "'lvwerra/distilbert-imdb', label 'POSITIVE')."
             )
-        for name, value, choices in (
-            ("output", output, self.OUTPUTS),
-            ("input", input, self.INPUTS),
-        ):
-            if value not in choices:
-                raise ValueError(f"{name}={value!r} is not valid: choose one of {list(choices)}.")
+        check_choice("output", output, self.OUTPUTS)
+        check_choice("input", input, self.INPUTS)
         _check_positive("batch_size", batch_size)
         if max_length is not None:
             _check_positive("max_length", max_length)
@@ -435,12 +433,8 @@ class LMScoreMetric(BatchedMetric):
                 "reward='lm_score' needs reward_kwargs={'model': ...} outside an env (an env "
                 "passes its own model's name): a folder or hub name of a causal LM."
             )
-        for name, value, choices in (
-            ("input", input, self.INPUTS),
-            ("output", output, self.OUTPUTS),
-        ):
-            if value not in choices:
-                raise ValueError(f"{name}={value!r} is not valid: choose one of {list(choices)}.")
+        check_choice("input", input, self.INPUTS)
+        check_choice("output", output, self.OUTPUTS)
         _check_positive("batch_size", batch_size)
         self.lm = LanguageModel(os.fspath(model), device=device)  # its own frozen copy
         self.lm.model.eval().requires_grad_(False)
