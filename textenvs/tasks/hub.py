@@ -446,22 +446,14 @@ def benchmark_task(name: str, **kwargs) -> Task:
             )
         rows, groups, where = hub_splits[hub_split]
         if (start, end) != (0.0, 1.0):  # a seeded share of the split, disjoint from the rest
-            order = np.random.default_rng(0).permutation(len(groups))
-            chosen = np.sort(order[round(start * len(groups)) : round(end * len(groups))])
-            part_groups = (
-                groups[chosen] if isinstance(groups, np.ndarray) else [groups[i] for i in chosen]
-            )
+            n = len(groups)
+            part_groups = _seeded_part(groups, round(start * n), round(end * n))
             where_part = f"{where} [{start:.0%}, {end:.0%}) of a seeded shuffle"
         else:
             part_groups, where_part = groups, where
         size = options.get("test_samples") if ours == "test" else None
         if size is not None and size < len(part_groups):  # RL4LMs' shuffled test reviews
-            chosen = np.sort(np.random.default_rng(0).permutation(len(part_groups))[:size])
-            part_groups = (
-                part_groups[chosen]
-                if isinstance(part_groups, np.ndarray)
-                else [part_groups[i] for i in chosen]
-            )
+            part_groups = _seeded_part(part_groups, 0, size)
             where_part = f"{where_part}, {size} of a seeded shuffle"
         splits[ours] = HubSamples(rows, part_groups, benchmark, options, where_part)
     return Task(
@@ -472,6 +464,13 @@ def benchmark_task(name: str, **kwargs) -> Task:
         reward_kwargs=dict(benchmark.reward_kwargs),
         cut_side=benchmark.cut_side,
     )
+
+
+def _seeded_part(groups, first: int, stop: int):
+    """The groups at positions ``[first, stop)`` of a seeded permutation (seed 0), in their own
+    order; ``groups`` an array or a list, the part of the same kind."""
+    chosen = np.sort(np.random.default_rng(0).permutation(len(groups))[first:stop])
+    return groups[chosen] if isinstance(groups, np.ndarray) else [groups[i] for i in chosen]
 
 
 def _load_split(
