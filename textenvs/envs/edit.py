@@ -403,13 +403,9 @@ class TextEditEnv(TextEnv):
             f"[{self.edits} edits, last {self.op}{'' if self.valid else ' (invalid)'}] {self.text}"
         )
 
-    def _render_sections(self) -> list[tuple[str, str, str]]:
+    def _render_progress(self) -> str:
         last = f", last {self.op}{'' if self.valid else ' (invalid)'}" if self.edits else ""
-        return [
-            ("source", self.sample.source, "start"),
-            (f"text, {self.edits} of {self.max_steps} edits{last}", self.text, "end"),
-            ("reference", self.sample.references[0], "start"),
-        ]
+        return f"{self.edits} of {self.max_steps} edits{last}"
 
     # -- helpers ---------------------------------------------------------------------------
     @property
