@@ -27,6 +27,9 @@ def test_the_frame_shows_source_text_and_reference_on_every_step(env_id):
         sections = env._render_sections()
         titles = [title for title, _, _ in sections]
         assert titles[0] in ("source", "conversation") and "reference" in titles[-1]
+        assert ("edits" if "Edit" in env_id else "turn" if "Dialogue" in env_id else "steps") in (
+            titles[1]
+        )  # how far the episode is, in its own unit
         if titles[0] == "source":
             assert sections[0][1] == env.sample.source
             assert sections[1][1] == env.text

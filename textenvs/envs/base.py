@@ -101,14 +101,13 @@ def frame_image(sections: Sequence[tuple[str, str, str]], size: tuple[int, int] 
         if len(lines) <= 1:
             break
         cut = sum(map(len, wrapped)) - room
-        keep = max(1, len(lines) - cut)
-        wrapped[longest] = (
-            ["..."] + lines[-keep + 1 :]
-            if sections[longest][2] == "end" and keep > 1
-            else lines[: keep - 1] + ["..."]
-            if keep > 1
-            else ["..."]
-        )
+        keep = max(1, len(lines) - cut)  # lines kept, the "..." included
+        if keep == 1:
+            wrapped[longest] = ["..."]
+        elif sections[longest][2] == "end":  # a conversation: its latest lines
+            wrapped[longest] = ["..."] + lines[-(keep - 1) :]
+        else:
+            wrapped[longest] = lines[: keep - 1] + ["..."]
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     y = margin
@@ -305,16 +304,18 @@ class TextEnv(PromptFitting, gym.Env):
 
     def _render_sections(self) -> list[tuple[str, str, str]]:
         """The ``rgb_array`` frame's ``(title, body, keep)`` sections: the source, the text so far
-        (its heading says the step and whether it ended) and the first reference."""
-        ended = " (ended)" if getattr(self, "_done", False) else ""
+        (its heading says how far the episode is: :meth:`_render_progress`) and the first
+        reference."""
         return [
             ("source", self.sample.source, "start"),
-            (f"text, {self._steps_taken()} of {self.max_steps} steps{ended}", self.text, "end"),
+            (f"text, {self._render_progress()}", self.text, "end"),
             ("reference", self.sample.references[0], "start"),
         ]
 
-    def _steps_taken(self) -> int:
-        return len(self._sequence.ids) - self._prompt_len
+    def _render_progress(self) -> str:
+        """How far the episode is, for the frame's text heading: the tokens written."""
+        ended = " (ended)" if getattr(self, "_done", False) else ""
+        return f"{len(self._sequence.ids) - self._prompt_len} of {self.max_steps} steps{ended}"
 
     # -- shared pieces -----------------------------------------------------------------------
 
