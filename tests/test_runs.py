@@ -108,9 +108,14 @@ def test_no_save_writes_nothing(agent, tmp_path, monkeypatch, capsys):
     assert "saved the agent" not in capsys.readouterr().out
 
 
-def test_no_save_with_a_target_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    "agent,flag", [(qlearning, "--save"), (sb3_agent, "--save"), (token_ppo, "--export")]
+)
+def test_no_save_with_a_target_is_refused(agent, flag, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        qlearning.main(["--no-save", "--save", str(tmp_path / "q.npz")])
+        agent.main(["--no-save", flag, str(tmp_path / "target")])
+    assert "--no-save contradicts" in capsys.readouterr().err
+    assert not (tmp_path / "target").exists()
 
 
 def test_qlearning_logs_to_tensorboard(tmp_path, monkeypatch):

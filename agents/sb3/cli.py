@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     config, env_kwargs = config_of(p, args)  # flag refusals before any folder is made
     if args.save:
         check_save_target(args.save)  # before training, not after
-    save_to = args.save or run_folder(p, args, "sb3", args.save)
+    save_to = run_folder(p, args, "sb3", args.save) or args.save  # refuses --no-save + --save
     model = build(args.env_id, config, **env_kwargs)
     start = time.time()
     model.learn(
