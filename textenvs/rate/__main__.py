@@ -4,7 +4,8 @@ Add items to a ratings database, serve the rating page, export the ratings::
 
     python -m textenvs.rate add --db ratings.sqlite --env textenvs/Summarize-v0 --n 20
     python -m textenvs.rate serve --db ratings.sqlite
-    python -m textenvs.rate export --db ratings.sqlite --preferences prefs.jsonl --scores scores.jsonl
+    python -m textenvs.rate export --db ratings.sqlite --preferences prefs.jsonl \
+        --scores scores.jsonl
 """
 
 from __future__ import annotations
@@ -94,9 +95,8 @@ def parser() -> argparse.ArgumentParser:
     commands = p.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(
-            name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-        )
+        formatter = argparse.ArgumentDefaultsHelpFormatter
+        sub = commands.add_parser(name, help=help, description=help, formatter_class=formatter)
         sub.add_argument("--db", required=True, help="the ratings database (an SQLite file)")
         return sub
 

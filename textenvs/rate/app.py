@@ -23,8 +23,14 @@ import threading
 import time
 from pathlib import Path
 
-from textenvs.rate.store import CHOICES, MAX_RATER_NAME, SCORES, RatingStore, check_rater
-from textenvs.rate.store import shown_swapped
+from textenvs.rate.store import (
+    CHOICES,
+    MAX_RATER_NAME,
+    SCORES,
+    RatingStore,
+    check_rater,
+    shown_swapped,
+)
 
 try:
     import jinja2

@@ -49,7 +49,8 @@ def items_from_jsonl(path: str | os.PathLike) -> list[Item]:
             origin.setdefault("file", Path(path).name)
             origin.setdefault("line", number)
             try:
-                items.append(Item(row["prompt"], tuple(texts), str(row.get("reference", "")), origin))
+                reference = str(row.get("reference", ""))
+                items.append(Item(row["prompt"], tuple(texts), reference, origin))
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from e
     return items
@@ -104,9 +105,9 @@ def items_from_env(
             "episodes' texts to a JSONL and rate that (items_from_jsonl)."
         )
     if pairs and versus_kwargs is not None:
-        raise ValueError("Give versus_kwargs (two configurations) or pairs (two samples), not both.")
+        raise ValueError("Give versus_kwargs (two configurations) or pairs (two samples): one.")
     if pairs and policy == "greedy":
-        raise ValueError("pairs=True samples each prompt twice; greedy decoding would repeat itself.")
+        raise ValueError("pairs=True samples each prompt twice; greedy decoding would repeat.")
     configs = [dict(env_kwargs or {})]
     if versus_kwargs is not None:
         configs.append(dict(versus_kwargs))
@@ -118,7 +119,7 @@ def items_from_env(
             limit = len(env.unwrapped.samples)
             if n > limit:
                 raise ValueError(f"{env_id}'s {split} split has {limit} samples, not {n}.")
-            for draw in range(2 if pairs else 1):
+            for _ in range(2 if pairs else 1):
                 texts.append([_episode(env, i, policy, temperature, rng) for i in range(n)])
         finally:
             env.close()

@@ -188,7 +188,8 @@ class RatingStore:
     @staticmethod
     def _item(row: Sequence) -> Item:
         id_, prompt, texts, reference, origin, live = row
-        return Item(prompt, tuple(json.loads(texts)), reference, json.loads(origin), id_, bool(live))
+        texts, origin = tuple(json.loads(texts)), json.loads(origin)
+        return Item(prompt, texts, reference, origin, id_, bool(live))
 
     _ITEM_COLUMNS = "id, prompt, texts, reference, origin, live"
 
@@ -224,9 +225,7 @@ class RatingStore:
         rest = [
             i
             for i, is_live, n, mine in rows
-            if not is_live
-            and not mine
-            and (ratings_per_item is None or n < ratings_per_item)
+            if not is_live and not mine and (ratings_per_item is None or n < ratings_per_item)
         ]
         if live:
             return self.item(min(live))
@@ -244,9 +243,9 @@ class RatingStore:
         rater = check_rater(rater)
         item = self.item(item_id)
         if (score is None) == (choice is None):
-            raise ValueError("A rating is a score (1-5) or a choice ('a', 'b', 'tie'), one of them.")
+            raise ValueError("A rating is a score (1-5) or a choice ('a', 'b', 'tie'): one.")
         if item.kind == "score":
-            if score is None or isinstance(score, bool) or int(score) != score or score not in SCORES:
+            if isinstance(score, bool) or score not in SCORES:
                 raise ValueError(f"Item {item_id} is rated with a score 1-5, got {score!r}.")
         elif choice not in CHOICES:
             raise ValueError(
