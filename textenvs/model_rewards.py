@@ -18,6 +18,12 @@
   loaded again as a separate frozen copy), ``input`` (``"text"``, default: the text after the
   model's BOS token; ``"prompt+text"``: conditioned on the prompt), ``output`` (``"probability"``,
   default, or ``"logprob"``, the mean log-probability itself), ``batch_size`` (32).
+* ``reward="human"``: people's 1-5 ratings of each finished episode's text on a local rating page,
+  paid as ``(score - 1) / 4`` (:class:`textenvs.rate.human.HumanRating`; terminal only).
+  ``reward_kwargs``: ``db`` (the ratings database file, required), ``serve`` (start the page in
+  this process, default True), ``host`` / ``port`` / ``token`` (the page's address and access
+  token), ``timeout`` (seconds to wait per batch, default 3600) and ``on_timeout`` (``"raise"``,
+  default, or ``"default"``: pay ``default``, 0.5, for a text not rated in time), ``poll``.
 * :class:`BatchMetric`: a user callable ``(texts, references) -> list[float]``.
 
 Every model-based metric is loaded once per process (:func:`shared_metric`) and shared by the
@@ -42,7 +48,7 @@ import torch
 
 from textenvs.checks import check_choice
 
-MODEL_METRICS = ("bertscore", "classifier", "lm_score")
+MODEL_METRICS = ("bertscore", "classifier", "lm_score", "human")
 Item = tuple[str, tuple[str, ...], str]  # (text, references, prompt)
 
 
@@ -356,6 +362,11 @@ class ClassifierMetric(BatchedMetric):
         self.model.to(device).eval().requires_grad_(False)
         self.device = torch.device(device)
         self.label = self._label_index(model, label)
+        if output == "probability" and self.model.config.num_labels == 1:
+            raise ValueError(
+                f"{model!r} has one output (a reward model): the softmax over one label is always "
+                "1. Pass reward_kwargs={'output': 'logit'} to use its score."
+            )
         self.__name__ = "classifier"
         self.output, self.uses_prompt = output, input == "prompt+text"
         self.batch_size = batch_size
@@ -493,11 +504,14 @@ def shared_metric(name: str, reward_kwargs: dict | None, device: str = "cpu") ->
     kwargs = {"device": device, **(reward_kwargs or {})}
     key = (name, repr(sorted(kwargs.items())))
     if key not in _SHARED:
-        cls = {
-            "bertscore": BERTScoreMetric,
-            "classifier": ClassifierMetric,
-            "lm_score": LMScoreMetric,
-        }[name]
+        if name == "human":  # the rating page's package, imported only when asked for
+            from textenvs.rate.human import HumanRating as cls
+        else:
+            cls = {
+                "bertscore": BERTScoreMetric,
+                "classifier": ClassifierMetric,
+                "lm_score": LMScoreMetric,
+            }[name]
         known = set(inspect.signature(cls).parameters)
         unknown = sorted(set(kwargs) - known)
         if unknown:

@@ -350,6 +350,14 @@ def weighted_metric(weights: dict, reward_kwargs: dict | None, device: str) -> W
     return (BatchedWeightedMetric if batched else WeightedMetric)(parts)
 
 
+def _terminal_only(metric: MetricFn) -> bool:
+    """Whether ``metric`` (or a part of a weighted sum) may score only finished texts."""
+    parts = getattr(metric, "parts", None)
+    if parts is not None:
+        return any(_terminal_only(part) for part, _ in parts.values())
+    return bool(getattr(metric, "terminal_only", False))
+
+
 def metric_name(reward: str | MetricFn) -> str:
     return reward if isinstance(reward, str) else getattr(reward, "__name__", type(reward).__name__)
 
@@ -418,6 +426,11 @@ class RewardShaper:
         if not isinstance(self.dense, (bool, np.bool_)):
             raise ValueError(f"dense must be True, False or None, got {self.dense!r}.")
         self.dense = bool(self.dense)
+        if self.dense and _terminal_only(self.metric):
+            raise ValueError(
+                f"reward={self.name!r} is scored once per episode (people rate finished texts, "
+                "not every token): pass dense=False or leave dense unset."
+            )
         self.prompt = ""
         for field in ("length_penalty", "repetition_penalty"):
             check_weight(field, getattr(self, field), "0 turns it off")

@@ -14,17 +14,8 @@ import argparse
 import json
 import sys
 
+from textenvs.cli import json_object
 from textenvs.rate.store import RatingStore
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError('give a JSON object, for example \'{"model": "runs/x"}\'')
-    return value
 
 
 def _add(args) -> None:
@@ -113,11 +104,11 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--seed", type=int, default=0, help="seeds the sampling")
     add.add_argument("--split", default="test")
     add.add_argument(
-        "--env-kwargs", type=_json_object, default=None, help="JSON keyword arguments of gym.make"
+        "--env-kwargs", type=json_object, default=None, help="JSON keyword arguments of gym.make"
     )
     add.add_argument(
         "--versus-kwargs",
-        type=_json_object,
+        type=json_object,
         default=None,
         help='a second configuration: each item pairs both texts, e.g. \'{"model": "runs/x"}\'',
     )
