@@ -161,7 +161,7 @@ def accuracy(net, tokenizer, rows: list[dict], config: RewardModelConfig) -> flo
 
 def train_reward_model(rows: list[dict], model: str, config: RewardModelConfig):
     """Train on ``rows``; return the model, its tokenizer and a report (pairs, held-out accuracy
-    before and after, the loss of the first and last updates)."""
+    before and after, each epoch's mean loss)."""
     if not rows:
         raise ValueError("No preference rows to train on.")
     rng = np.random.default_rng(config.seed)
@@ -173,12 +173,13 @@ def train_reward_model(rows: list[dict], model: str, config: RewardModelConfig):
     net.to(config.device)
     before = accuracy(net, tokenizer, evaluation, config)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate)
-    losses = []
+    epoch_losses: list[float] = []
     updates = config.epochs * math.ceil(len(training) / config.batch_size)
     with tqdm(total=updates, desc="reward model", disable=None) as bar:
         for _ in range(config.epochs):
             training = [training[i] for i in rng.permutation(len(training))]
             net.train()
+            losses = []
             for start in range(0, len(training), config.batch_size):
                 batch = training[start : start + config.batch_size]
                 prompts = [r["prompt"] for r in batch] * 2
@@ -191,6 +192,7 @@ def train_reward_model(rows: list[dict], model: str, config: RewardModelConfig):
                 losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
+            epoch_losses.append(sum(losses) / len(losses))
     net.eval()
     report = {
         "base_model": model,
@@ -198,8 +200,7 @@ def train_reward_model(rows: list[dict], model: str, config: RewardModelConfig):
         "pairs_held_out": len(evaluation),
         "held_out_accuracy_before": before,
         "held_out_accuracy_after": accuracy(net, tokenizer, evaluation, config),
-        "first_loss": losses[0],
-        "last_loss": losses[-1],
+        "epoch_losses": epoch_losses,
         "input": "prompt+text" if any(r["prompt"] for r in rows) else "text",
         "config": asdict(config),
     }
@@ -215,9 +216,12 @@ def usage(folder: str | os.PathLike, input: str) -> str:
 def save(net, tokenizer, report: dict, folder: str | os.PathLike) -> Path:
     """Save the model and tokenizer (safetensors) and ``reward_model.json``, atomically."""
 
+    from textenvs.lm import quiet_loading
+
     def write(tmp: Path) -> None:
-        net.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        with quiet_loading():  # no "Writing model shards" bar
+            net.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
         (tmp / "reward_model.json").write_text(json.dumps(report, indent=2) + "\n")
 
     return save_atomically(folder, write)

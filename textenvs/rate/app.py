@@ -149,15 +149,19 @@ def rating_app(
     def item_page(request: Request, rater: str, error: str | None = None) -> Response:
         item = store.next_item(rater, ratings_per_item)
         progress = store.progress(rater)
+        status = 400 if error else 200
         if item is None:
-            return page(request, "done.html", rater=rater, progress=progress, refresh=refresh)
+            return page(
+                request, "done.html", status, rater=rater, progress=progress, refresh=refresh,
+                error=error,
+            )  # fmt: skip
         shown = list(zip("ab", item.texts))
         if item.kind == "pair" and shown_swapped(rater, item.id):
             shown.reverse()
         return page(
             request,
             "rate.html",
-            400 if error else 200,
+            status,
             rater=rater,
             progress=progress,
             item=item,

@@ -136,9 +136,27 @@ class RatingStore:
         self.timeout = timeout
         try:
             with self._connect() as db:
+                self._use_wal(db)
                 db.executescript(_SCHEMA)
+        except sqlite3.OperationalError:
+            raise  # locked past the timeout, a read-only file: SQLite's message says which
         except sqlite3.DatabaseError as e:
             raise ValueError(f"{self.path} is not a ratings database (SQLite): {e}.") from e
+
+    def _use_wal(self, db: sqlite3.Connection) -> None:
+        """Switch the file to the write-ahead log (readers never block the writer; the setting
+        stays with the file). The switch needs the file to itself, so while another process
+        holds it, wait: SQLite does not apply its busy timeout to this one statement."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -146,7 +164,6 @@ class RatingStore:
         write below is its own ``BEGIN IMMEDIATE ... COMMIT``."""
         db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA foreign_keys=ON")
             yield db
         finally:
