@@ -227,7 +227,7 @@ def save(net, tokenizer, report: dict, folder: str | os.PathLike) -> Path:
     return save_atomically(folder, write)
 
 
-def cli(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m agents.reward_model",
         description=__doc__.split("\n\n")[0],
@@ -267,4 +267,4 @@ def _share(value: float | None) -> str:
 
 
 if __name__ == "__main__":
-    cli()
+    main()

@@ -100,6 +100,7 @@ class _Parsed(BaseException):  # not an Exception: no CLI's error handling catch
 CONSOLE_SCRIPTS = {
     "textenvs": "textenvs.__main__",
     "textenvs-bench": "benchmarks.run",
+    "textenvs-rate": "textenvs.rate.__main__",
     "textenvs-throughput": "benchmarks.throughput",
     "textenvs-train-tiny": "textenvs.models.train_tiny",
 }

@@ -305,7 +305,7 @@ def test_human_reward_timeout_policy_and_refusals(tmp_path):
 def test_a_reward_model_learns_the_exported_preferences(store, tmp_path):
     """Ratings -> export -> a reward model (a random small encoder, a few steps) -> a classifier
     reward that scores the preferred kind of text higher."""
-    from agents.reward_model import cli
+    from agents.reward_model import main
     from textenvs.model_rewards import shared_metric
 
     # the random encoder's small vocabulary reads most words as [UNK]: what tells the preferred
@@ -317,7 +317,7 @@ def test_a_reward_model_learns_the_exported_preferences(store, tmp_path):
         store.record(i, "ann", choice="a")
     prefs = write_jsonl(preference_rows(store), tmp_path / "prefs.jsonl")
     folder = tmp_path / "rm"
-    cli(
+    main(
         [
             "--preferences", str(prefs), "--model", ENCODER_DIR, "--save", str(folder),
             "--epochs", "6", "--learning-rate", "1e-2", "--batch-size", "8",

@@ -154,7 +154,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def cli(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
         args.run(args)
@@ -162,5 +162,10 @@ def cli(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {e}")
 
 
+def cli() -> None:
+    """The ``textenvs-rate`` console script."""
+    main()
+
+
 if __name__ == "__main__":
-    cli()
+    main()
