@@ -43,7 +43,7 @@ def evaluate_policy(
         range(min(len(samples), max_samples or len(samples))) if by_index else range(episodes or 10)
     )
     masks = find_action_masks(env)
-    returns, metrics, name = [], [], None
+    returns, metrics, name, texts = [], [], None, []
     for j in indices:
         obs, info = env.reset(seed=seed + j, options={"index": j} if by_index else None)
         ret, done = 0.0, False
@@ -57,19 +57,41 @@ def evaluate_policy(
         if "metric" in info:
             metrics.append(float(info["metric"]))
             name = info.get("metric_name", name)
-    return _summary(returns, metrics, name)
+        if "text" in info:
+            texts.append((str(info["text"]), str(info.get("prompt", ""))))
+    return _summary(returns, metrics, name, texts)
 
 
-def _summary(returns, metrics: list[float], metric_name: str | None = None) -> dict:
+def _summary(
+    returns, metrics: list[float], metric_name: str | None = None, texts: list | None = None
+) -> dict:
     """What an evaluation returns: episodes, mean return and, where the episodes ended with the
-    task metric, its name, its mean and the per-episode values."""
+    task metric, its name, its mean and the per-episode values; where every episode ended with
+    its text, ``texts`` and ``prompts`` (episode order: what
+    :func:`textenvs.text_stats.text_report` reads).
+    """
     out = {"episodes": len(returns), "mean_return": float(np.mean(returns))}
+    if texts and len(texts) == len(returns):
+        out["texts"] = [text for text, _ in texts]
+        out["prompts"] = [prompt for _, prompt in texts]
     if metrics:
         if metric_name:
             out["metric_name"] = str(metric_name)
         out["mean_metric"] = float(np.mean(metrics))
         out["metrics"] = metrics
     return out
+
+
+def with_text_stats(result: dict, model: str | None = None, device: str = "cpu") -> dict:
+    """``result`` with its ``texts`` and ``prompts`` replaced by ``text_stats``: their length,
+    diversity and (given ``model``, a frozen causal LM) perplexity
+    (:func:`textenvs.text_stats.text_report`)."""
+    from textenvs.text_stats import text_report
+
+    texts, prompts = result.pop("texts", None), result.pop("prompts", None)
+    if texts:
+        result["text_stats"] = text_report(texts, prompts, model, device)
+    return result
 
 
 def result_line(result: dict, unit: str) -> str:
@@ -105,6 +127,7 @@ def evaluate_policy_batched(
     obs: list = [None] * len(subs)
     returns = np.zeros(n)
     metrics: dict[int, float] = {}
+    texts: dict[int, tuple[str, str]] = {}
     name = None
     # the first samples in ONE batched reset, one sample index per sub-env (sub-envs left without
     # a sample get any; they play nothing)
@@ -145,10 +168,19 @@ def evaluate_policy_batched(
                     metrics[j] = float(final["metric"][i])
                     if "metric_name" in final and final["_metric_name"][i]:
                         name = final["metric_name"][i]
+                if "text" in final and final["_text"][i]:  # text_infos=True
+                    texts[j] = (str(final["text"][i]), str(final["prompt"][i]))
+                elif not same_step:  # the sub-env still holds its finished episode
+                    texts[j] = (str(subs[i].unwrapped.text), str(subs[i].unwrapped.prompt))
                 start(i)
             else:
                 obs[i] = next_obs[i]
-    return _summary(returns, [metrics[j] for j in range(n) if j in metrics], name)
+    return _summary(
+        returns,
+        [metrics[j] for j in range(n) if j in metrics],
+        name,
+        [texts[j] for j in range(n) if j in texts],
+    )
 
 
 def parse_bool(text: str) -> bool:
@@ -164,7 +196,7 @@ def parse_bool(text: str) -> bool:
     return value
 
 
-def greedy_metrics(
+def greedy_evaluation(
     lm,
     env_id: str,
     split: str = "test",
@@ -174,10 +206,11 @@ def greedy_metrics(
     env_kwargs: dict | None = None,
     num_envs: int = 1,
 ) -> list[float]:
-    """The task metric of greedy decoding (top-1 actions) on each of the first ``max_samples`` of
-    a split, in sample order (what paired comparisons need); ``env_kwargs``: more arguments of
-    the env. ``num_envs > 1``: through a batched vector env of that many sub-envs
-    (:func:`evaluate_policy_batched`: the same samples and values, several times faster).
+    """Greedy decoding (top-1 actions) on each of the first ``max_samples`` of a split, in
+    sample order (what paired comparisons need): :func:`evaluate_policy`'s result, the metrics and
+    texts included. ``env_kwargs``: more arguments of the env. ``num_envs > 1``: through a batched
+    vector env of that many sub-envs (:func:`evaluate_policy_batched`: the same samples and
+    values, several times faster).
 
     The one greedy evaluation of the project: the token trainer's ``evaluate``, the suite's
     learning curves of the token agents and ``benchmarks.compare_trl`` all call it.
@@ -197,10 +230,13 @@ def greedy_metrics(
     with torch.no_grad():
         if num_envs > 1:
             envs = gym.make_vec(env_id, num_envs=num_envs, **kwargs)
-            return evaluate_policy_batched(envs, greedy, max_samples=max_samples)["metrics"]
-        return evaluate_policy(gym.make(env_id, **kwargs), greedy, max_samples=max_samples)[
-            "metrics"
-        ]
+            return evaluate_policy_batched(envs, greedy, max_samples=max_samples)
+        return evaluate_policy(gym.make(env_id, **kwargs), greedy, max_samples=max_samples)
+
+
+def greedy_metrics(*args, **kwargs) -> list[float]:
+    """The per-sample task metrics of :func:`greedy_evaluation` (same arguments)."""
+    return greedy_evaluation(*args, **kwargs)["metrics"]
 
 
 def greedy_metric(*args, **kwargs) -> float:

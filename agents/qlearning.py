@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from agents.checkpoint import check_zip_sizes, replace_file_atomically
 from agents.cli import add_config_arguments, config_from_args
-from agents.common import evaluate_policy, metric_of, result_line
+from agents.common import evaluate_policy, metric_of, result_line, with_text_stats
 from agents.runs import add_output_flags, run_folder
 from agents.tabular import (  # noqa: F401  (make_tabular_env: importable from here, as before)
     check_tabular,
@@ -438,6 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
         test_env, episodes=None if textenvs_id else args.eval_samples, max_samples=args.eval_samples
     )
     result.pop("metrics", None)
+    with_text_stats(result)
     result.update(train_seconds=round(train_s, 1), steps=args.total_steps)
     if save_to:
         result["saved"] = str(save_to)

@@ -69,7 +69,7 @@ from benchmarks.suite.output import (  # noqa: F401
     recorded_settings,
     versions,
 )
-from benchmarks.suite.report import figure_caption, markdown_table, plot, verdict
+from benchmarks.suite.report import figure_caption, markdown_table, plot, text_table, verdict
 from benchmarks.suite.settings import (  # noqa: F401
     DEFAULT_ENVS,
     DIALOGUE,
@@ -485,6 +485,9 @@ def write_report(report: dict, out: Path) -> None:
     cells, rows = report["cells"], report["rows"]
     (out / "results.json").write_text(json.dumps(report, indent=1))
     (out / "table.md").write_text(markdown_table(rows) + "\n")
+    texts = text_table(rows)
+    if texts:
+        (out / "text_stats.md").write_text(texts + "\n")
     figures = []
     if cells:
         extra = report["config"].get("env_kwargs") or {}
@@ -495,6 +498,9 @@ def write_report(report: dict, out: Path) -> None:
     files = [out / "results.json", out / "table.md", *figures]
     print(markdown_table(rows))
     print(verdict(rows))
+    if texts:
+        print(texts)
+        files.insert(2, out / "text_stats.md")
     for f in files:
         print(f"wrote {f}")
 

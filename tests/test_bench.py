@@ -55,6 +55,32 @@ def test_suite_writes_json_table_and_plots(suite):
 
 
 @pytest.mark.slow
+def test_every_cell_reports_its_final_texts_statistics(suite):
+    """Length, diversity and perplexity of each cell's last evaluation, recomputed from the texts
+    it recorded; their means over seeds in text_stats.md."""
+    from textenvs.text_stats import distinct_n, self_bleu
+
+    out, _ = suite
+    results = json.loads((out / "results.json").read_text())
+    for c in results["cells"]:
+        texts, stats = c["final_texts"], c["text_stats"]
+        assert len(texts) == 3 == stats["texts"]
+        assert stats["distinct_1"] == pytest.approx(distinct_n(texts, 1))
+        assert stats["self_bleu"] == self_bleu(texts)
+        assert stats["perplexity"] is None or stats["perplexity"] >= 1.0
+    table = (out / "text_stats.md").read_text().splitlines()
+    assert table[0].startswith("| env | agent | words |") and len(table) == 2 + len(results["rows"])
+    for line, row in zip(table[2:], results["rows"]):
+        cells = [
+            c
+            for c in results["cells"]
+            if (c["env_id"], c["agent"]) == (row["env_id"], row["agent"])
+        ]
+        words = np.mean([c["text_stats"]["mean_words"] for c in cells])
+        assert f"| {row['agent']} | {words:.1f} |" in line
+
+
+@pytest.mark.slow
 def test_table_numbers_equal_a_recomputation_from_the_json(suite):
     out, _ = suite
     results = json.loads((out / "results.json").read_text())

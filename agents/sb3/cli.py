@@ -9,7 +9,7 @@ import time
 
 from agents.checkpoint import check_save_target
 from agents.cli import add_config_arguments, config_from_args
-from agents.common import result_line
+from agents.common import result_line, with_text_stats
 from agents.runs import add_output_flags, run_folder
 from agents.sb3.build import (
     build,
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         save(model, save_to, config, args.env_id, env_kwargs)
     result = evaluate(model, args.env_id, "test", args.eval_samples, **env_kwargs)
     result.pop("metrics", None)
+    with_text_stats(result)
     result.update(train_seconds=round(train_s, 1), steps=args.total_steps, algo=config.algo)
     if save_to:
         result["saved"] = str(save_to)

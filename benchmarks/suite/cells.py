@@ -61,6 +61,7 @@ class Cell:
     extra: dict | None
     kwargs: dict = field(init=False)
     curve: list[dict] = field(default_factory=list)
+    last_texts: tuple[list[str], list[str]] | None = None  # (texts, prompts) of the last point
 
     def __post_init__(self) -> None:
         self.kwargs = env_kwargs(self.budget, self.model, self.env_id, self.extra)
@@ -75,13 +76,18 @@ class Cell:
         self.curve.append(
             {"steps": steps, "metric": result["mean_metric"], "metrics": result["metrics"]}
         )
+        self._keep_texts(result)
+
+    def _keep_texts(self, result: dict) -> None:
+        if "texts" in result:
+            self.last_texts = (result["texts"], result["prompts"])
 
     def record_greedy(self, steps: int, trainer) -> None:
         """A point of a token trainer's curve: greedy decoding of its current policy on the test
         samples (the env's metric), batched (:func:`agents.common.greedy_metrics`)."""
-        from agents.common import greedy_metrics
+        from agents.common import greedy_evaluation
 
-        metrics = greedy_metrics(
+        result = greedy_evaluation(
             trainer.lm,
             trainer.config.env_id,
             "test",
@@ -90,7 +96,19 @@ class Cell:
             env_kwargs=trainer.config.env_kwargs,
             num_envs=EVAL_ENVS,
         )
+        metrics = result["metrics"]
         self.curve.append({"steps": steps, "metric": float(np.mean(metrics)), "metrics": metrics})
+        self._keep_texts(result)
+
+    def text_stats(self) -> dict | None:
+        """Length, diversity and perplexity (under the suite's frozen model) of the texts of the
+        last evaluation (:func:`textenvs.text_stats.text_report`)."""
+        from textenvs.text_stats import text_report
+
+        if self.last_texts is None:
+            return None
+        texts, prompts = self.last_texts
+        return text_report(texts, prompts, self.model)
 
 
 def run_cell(
@@ -110,4 +128,6 @@ def run_cell(
         "wall_s": round(time.time() - start, 2),
         "final_metric": cell.curve[-1]["metric"],
         "curve": cell.curve,
+        "text_stats": cell.text_stats(),
+        "final_texts": cell.last_texts[0] if cell.last_texts else None,
     }

@@ -48,6 +48,34 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+TEXT_COLUMNS = (
+    ("mean_words", "words", "{:.1f}"),
+    ("empty_share", "empty", "{:.2f}"),
+    ("distinct_1", "distinct-1", "{:.3f}"),
+    ("distinct_2", "distinct-2", "{:.3f}"),
+    ("self_bleu", "self-BLEU", "{:.3f}"),
+    ("perplexity", "perplexity", "{:.1f}"),
+)
+
+
+def text_table(rows: list[dict]) -> str | None:
+    """The final test texts of each agent, beyond the metric: mean length in words, share empty,
+    distinct-1 / -2, self-BLEU and perplexity under the suite's frozen model (each the mean over
+    seeds; :mod:`textenvs.text_stats`). None when no row has them."""
+    if not any(r.get("text_stats") for r in rows):
+        return None
+    header = " | ".join(label for _, label, _ in TEXT_COLUMNS)
+    lines = [f"| env | agent | {header} |", "|---|---|" + "---|" * len(TEXT_COLUMNS)]
+    for r in rows:
+        stats = r.get("text_stats") or {}
+        cells = " | ".join(
+            "n/a" if stats.get(key) is None else fmt.format(stats[key])
+            for key, _, fmt in TEXT_COLUMNS
+        )
+        lines.append(f"| {r['env_id'].split('/')[-1]} | {r['agent']} | {cells} |")
+    return "\n".join(lines)
+
+
 def verdict(rows: list[dict]) -> str:
     """One sentence: which learning agents beat the greedy LM (95% CI of the paired difference
     above zero), by how much, and where none did."""

@@ -56,6 +56,20 @@ def final_per_sample(cell: dict) -> np.ndarray:
     return np.asarray(cell["curve"][-1]["metrics"], dtype=np.float64)
 
 
+def mean_text_stats(per_seed: list[dict | None]) -> dict | None:
+    """Each text statistic's mean over the seeds that have it (cells of runs before the
+    statistics existed have none)."""
+    have = [s for s in per_seed if s]
+    if not have:
+        return None
+    keys = dict.fromkeys(k for s in have for k in s)
+    means = {}
+    for k in keys:
+        values = [s[k] for s in have if s.get(k) is not None]
+        means[k] = float(np.mean(values)) if values else None
+    return means
+
+
 def aggregate(cells: list[dict]) -> list[dict]:
     """One row per (env, agent): the final test metric over seeds and samples, and paired
     differences.
@@ -84,6 +98,7 @@ def aggregate(cells: list[dict]) -> list[dict]:
                 "ci_high": high,
                 "iqm": iqm([runs[s]["final_metric"] for s in seeds]),
                 "steps": max(runs[s]["steps"] for s in seeds),
+                "text_stats": mean_text_stats([runs[s].get("text_stats") for s in seeds]),
             }
             for base in REGISTRY[agent].paired_with:  # the registry says what it is paired with
                 baseline = by_agent.get(base, {})
