@@ -35,6 +35,7 @@ from agents.checkpoint import check_save_target, save_atomically
 from agents.cli import add_config_arguments, config_from_args
 from agents.runs import add_output_flags, new_run_folder
 from textenvs.checks import check_positive_int
+from textenvs.cli import run_cli
 
 LABEL = "reward"
 
@@ -241,14 +242,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.no_save and args.save:
         p.error("--no-save contradicts --save; drop one of them")
-    try:
-        config = config_from_args(RewardModelConfig, vars(args))
-        rows = read_preferences(args.preferences)
-        if args.save:
-            check_save_target(args.save)
-        net, tokenizer, report = train_reward_model(rows, args.model, config)
-    except (ValueError, OSError) as e:
-        p.exit(2, f"error: {e}\n")
+    config = config_from_args(RewardModelConfig, vars(args))
+    rows = read_preferences(args.preferences)
+    if args.save:
+        check_save_target(args.save)
+    net, tokenizer, report = train_reward_model(rows, args.model, config)
     print(
         f"held-out accuracy (chosen scored above rejected): "
         f"{_share(report['held_out_accuracy_before'])} before, "
@@ -267,4 +265,4 @@ def _share(value: float | None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error as one line, "error: ...", exit status 2

@@ -4,7 +4,11 @@ Starlette's test client, ``reward="human"`` with a rater thread, and the reward 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
@@ -22,6 +26,8 @@ pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
 from textenvs.rate.app import RatingServer, access_token, rating_app  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -336,3 +342,98 @@ def test_a_reward_model_learns_the_exported_preferences(store, tmp_path):
     )
     with pytest.raises(ValueError, match="one output .* 'logit'"):
         shared_metric("classifier", {"model": str(folder), "label": "reward"})
+
+
+def _command(*argv: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "TEXTENVS_TRACEBACK": "0", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", *argv],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_the_command_adds_exports_and_reports(tmp_path, capsys):
+    from textenvs.rate.__main__ import main
+
+    db, gen = tmp_path / "study.sqlite", tmp_path / "gen.jsonl"
+    gen.write_text('{"prompt": "Q", "texts": ["a", "b"]}\n{"prompt": "Q", "text": "c"}\n')
+    main(["add", "--db", str(db), "--jsonl", str(gen)])
+    main(["add", "--db", str(db), "--jsonl", str(gen)])
+    assert "0 new items" in capsys.readouterr().out.splitlines()[-1]
+    store = RatingStore(db)
+    store.record(1, "ann", choice="a")
+    store.record(2, "ann", score=5)
+    prefs, scores = tmp_path / "prefs.jsonl", tmp_path / "scores.jsonl"
+    main(["export", "--db", str(db), "--preferences", str(prefs), "--scores", str(scores)])
+    assert [json.loads(x) for x in prefs.read_text().splitlines()] == preference_rows(store)
+    assert [json.loads(x) for x in scores.read_text().splitlines()] == score_rows(store)
+    main(["status", "--db", str(db)])
+    assert json.loads(capsys.readouterr().out.split("\n", 2)[-1])["ratings"] == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (("add", "--db", "{db}"), "add needs --jsonl FILE or --env ID"),
+        (("export", "--db", "{db}"), "export needs --preferences"),
+        (("add", "--db", "{db}", "--jsonl", "/nonexistent/gen.jsonl"), "No such file"),
+        (("add", "--db", "{db}", "--env", "textenvs/Edit-v0", "--n", "2"), "editing env"),
+    ],
+)
+def test_the_command_reports_a_user_error_in_one_line(tmp_path, argv, says):
+    run = _command("textenvs.rate", *(a.format(db=tmp_path / "x.sqlite") for a in argv))
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 2 and err.startswith("error: ") and says in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_the_reward_model_command_reports_a_user_error(tmp_path):
+    bad = tmp_path / "prefs.jsonl"
+    bad.write_text('{"chosen": "a"}\n')
+    run = _command(
+        "agents.reward_model", "--preferences", str(bad), "--model", ENCODER_DIR, "--no-save"
+    )
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 2 and "line 1: a preference row is" in err
+
+
+def test_a_killed_page_loses_no_rating(tmp_path):
+    """``python -m textenvs.rate serve`` killed with SIGKILL between two answers, then started
+    again: every answer given before is in the database, and the rater goes on where they were."""
+    import httpx
+
+    db = tmp_path / "study.sqlite"
+    RatingStore(db).add([Item(f"Q{i}", (f"A{i}",)) for i in range(3)])
+
+    def serve() -> tuple[subprocess.Popen, str]:
+        page = _command("textenvs.rate", "serve", "--db", str(db), "--port", "0")
+        line = page.stdout.readline()
+        assert line.startswith("Rating page: http://127.0.0.1:"), line + page.stderr.read()
+        return page, line.split()[2]
+
+    page, url = serve()
+    client = httpx.Client(follow_redirects=True, timeout=30)
+    try:
+        client.post(url + "start", data={"rater": "ann"})
+        for score in (2, 4):
+            item = RatingStore(db).next_item("ann")
+            assert client.post(url + "rate", data={"item": item.id, "score": score}).is_success
+        page.send_signal(signal.SIGKILL)
+        page.wait(timeout=30)
+        assert sorted(r.score for r in RatingStore(db).ratings()) == [2, 4]
+        page, url = serve()
+        last = RatingStore(db).next_item("ann")
+        form = client.get(url + "rate").text
+        assert f'name="item" value="{last.id}"' in form  # where the rater stopped
+        done = client.post(url + "rate", data={"item": last.id, "score": 5})
+        assert 'id="done"' in done.text
+    finally:
+        page.kill()
+        page.wait(timeout=30)
+        client.close()
+    assert sorted(r.score for r in RatingStore(db).ratings()) == [2, 4, 5]

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from textenvs.cli import json_object
+from textenvs.cli import CommandLineError, json_object, run_cli
 from textenvs.rate.store import RatingStore
 
 
@@ -22,7 +21,7 @@ def _add(args) -> None:
     from textenvs.rate.items import items_from_env, items_from_jsonl
 
     if (args.jsonl is None) == (args.env is None):
-        raise SystemExit("add needs --jsonl FILE or --env ID (one of them).")
+        raise CommandLineError("add needs --jsonl FILE or --env ID (one of them).")
     if args.jsonl is not None:
         items = items_from_jsonl(args.jsonl)
     else:
@@ -61,7 +60,7 @@ def _export(args) -> None:
     from textenvs.rate.export import preference_rows, score_rows, write_jsonl
 
     if args.preferences is None and args.scores is None:
-        raise SystemExit("export needs --preferences FILE, --scores FILE or both.")
+        raise CommandLineError("export needs --preferences FILE, --scores FILE or both.")
     store = RatingStore(args.db)
     if args.preferences is not None:
         rows = preference_rows(store, from_scores=not args.no_from_scores)
@@ -156,16 +155,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    try:
-        args.run(args)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    args.run(args)
 
 
 def cli() -> None:
-    """The ``textenvs-rate`` console script."""
-    main()
+    """The ``textenvs-rate`` console script (the same as ``python -m textenvs.rate``)."""
+    run_cli(main)  # a user error as one line, "error: ...", exit status 2
 
 
 if __name__ == "__main__":
-    main()
+    cli()
