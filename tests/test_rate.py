@@ -197,6 +197,16 @@ def test_the_page_records_answers_and_shows_html_as_text(store):
     assert bad.status_code == 400 and "Not recorded" in bad.text
 
 
+@pytest.mark.parametrize("name", ["李雷", "Zoë Müller", 'a;b "c" = d'])
+def test_a_rater_may_have_any_name(store, name):
+    (item,) = store.add([Item("p", ("t",))])
+    client = TestClient(rating_app(store))
+    page = client.post("/start", data={"rater": name})
+    assert page.status_code == 200 and 'id="score-3"' in page.text
+    client.post("/rate", data={"item": item, "score": "3"})
+    assert [(r.rater, r.score) for r in store.ratings()] == [(name, 3)]
+
+
 def test_the_token_guards_every_page(store):
     client = TestClient(rating_app(store, token="s3cret-token"))
     assert client.get("/").status_code == 403

@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 from textenvs.rate.store import (
     CHOICES,
@@ -110,7 +111,7 @@ def rating_app(
         values = {
             "title": title,
             "base": request.scope.get("root_path", ""),
-            "rater": request.cookies.get(RATER_COOKIE),
+            "rater": rater_of(request),
             "progress": None,
             "refresh": None,
             "error": None,
@@ -127,7 +128,7 @@ def rating_app(
 
     def rater_of(request: Request) -> str | None:
         try:
-            return check_rater(request.cookies.get(RATER_COOKIE))
+            return check_rater(unquote(request.cookies.get(RATER_COOKIE, "")))
         except ValueError:
             return None
 
@@ -143,7 +144,8 @@ def rating_app(
         except ValueError as e:
             return page(request, "start.html", 400, rater=None, max_name=MAX_RATER_NAME, error=e)
         response = redirect(request, "/rate")
-        response.set_cookie(RATER_COOKIE, rater, httponly=True, samesite="strict")
+        # a header holds Latin-1 only: the name (any script) travels percent-encoded
+        response.set_cookie(RATER_COOKIE, quote(rater, safe=""), httponly=True, samesite="strict")
         return response
 
     def item_page(request: Request, rater: str, error: str | None = None) -> Response:
