@@ -4,6 +4,7 @@ Starlette's test client, ``reward="human"`` with a rater thread, and the reward 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -447,3 +448,32 @@ def test_a_killed_page_loses_no_rating(tmp_path):
         page.wait(timeout=30)
         client.close()
     assert sorted(r.score for r in RatingStore(db).ratings()) == [2, 4, 5]
+
+
+def test_token_ppo_learns_from_human_scores_given_as_they_come(tmp_path):
+    """RL from human scores on the tiny model: every rollout's finished texts wait on the rating
+    page's database, a rater (a thread here) scores them, and the trainer's update reads those
+    scores as the episodes' rewards."""
+    from agents.token_ppo import TokenPPO, TokenPPOConfig
+
+    db = tmp_path / "rlhf.sqlite"
+    stop = threading.Event()
+    _rate_in_background(db, 3, stop)
+    config = TokenPPOConfig(
+        num_envs=4,
+        max_new_tokens=3,
+        total_episodes=8,
+        minibatch_size=4,
+        num_epochs=1,
+        seed=0,
+        env_kwargs={"reward": "human", "reward_kwargs": {"db": str(db), "serve": False}},
+    )
+    try:
+        history = TokenPPO(config).train(progress=False)
+    finally:
+        stop.set()
+    ratings = RatingStore(db).ratings()
+    assert len(ratings) >= 1 and {r.score for r in ratings} == {3}
+    # every rated text pays (3 - 1) / 4 = 0.5; an empty one pays 0 without a rating
+    assert len(history) == 2 and all(0 < h["metric"] <= 0.5 for h in history)
+    assert all(math.isfinite(h["policy_loss"]) for h in history)
