@@ -442,6 +442,47 @@ def test_group_advantages_by_hand():
         group_advantages(returns, 3, "grpo")
 
 
+def test_group_token_advantages_by_hand():
+    """Returns-to-go against the group's at each position (group_credit="to_go")."""
+    from agents.token_ppo import group_advantages, group_token_advantages
+
+    # one group of 2 completions of 3 token slots; the second ends after 2 tokens
+    rewards = torch.tensor([[0.1, 0.2, 0.3], [0.5, -0.1, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    togo = torch.tensor([[0.6, 0.5, 0.3], [0.4, -0.1, 0.0]])  # 9.0 is past its end: not counted
+    rloo = group_token_advantages(rewards, mask, 2, "rloo")
+    torch.testing.assert_close(rloo, (togo - togo.flip(0)) * mask)  # minus the other one's
+    spread = torch.tensor([0.6, 0.4]).std()
+    grpo = group_token_advantages(rewards, mask, 2, "grpo")
+    torch.testing.assert_close(grpo, (togo - togo.mean(0)) / (spread + 1e-4) * mask)
+    # at t = 0 (and everywhere, for a terminal reward) it is the completion-level estimator
+    for kind in ("rloo", "grpo"):
+        per_episode = group_advantages((rewards * mask).sum(1), 2, kind)
+        torch.testing.assert_close(
+            group_token_advantages(rewards, mask, 2, kind)[:, 0], per_episode
+        )
+        terminal = torch.zeros(4, 3)
+        terminal[:, -1] = torch.tensor([1.0, 0.0, 0.5, 0.25])
+        full = torch.ones(4, 3)
+        torch.testing.assert_close(
+            group_token_advantages(terminal, full, 2, kind),
+            group_advantages(terminal.sum(1), 2, kind)[:, None] * full,
+        )
+
+
+def test_group_credit_to_go_trains_and_is_refused_where_it_has_no_meaning(tmp_path):
+    with pytest.raises(ValueError, match="group_credit='to_go'.*'grpo' or 'rloo'"):
+        TokenPPOConfig(group_credit="to_go").validate()
+    with pytest.raises(ValueError, match="ratio_level='token'"):
+        TokenPPOConfig(estimator="rloo", group_credit="to_go", ratio_level="sequence").validate()
+    config = TokenPPOConfig(
+        estimator="rloo", group_credit="to_go", num_envs=4, group_size=2, max_new_tokens=4,
+        total_episodes=8, minibatch_size=4, num_epochs=1, seed=0,
+    )  # fmt: skip
+    history = TokenPPO(config).train(progress=False)
+    assert len(history) == 2 and all(math.isfinite(h["policy_loss"]) for h in history)
+
+
 def test_group_rollouts_give_each_group_one_prompt():
     from agents.token_ppo import reset_groups
 

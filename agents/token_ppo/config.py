@@ -13,6 +13,7 @@ ESTIMATOR_CHOICES = {
     "kl_placement": ("auto", "reward", "loss"),
     "kl_estimator": ("auto", "k1", "k3"),
     "ratio_level": ("token", "sequence"),
+    "group_credit": ("episode", "to_go"),
 }
 
 # the wall-clock figures of a history record (the rest is a function of the seed and the data)
@@ -25,6 +26,7 @@ ESTIMATOR_FIELDS = (
     "kl_placement",
     "kl_estimator",
     "ratio_level",
+    "group_credit",
     "nlpo_top_p",
     "nlpo_mu",
 )
@@ -142,6 +144,12 @@ class TokenPPOConfig:
     group_size: int = 4
     """Completions per prompt for ``grpo`` / ``rloo``: consecutive sub-envs play the same sample
     (it must divide ``num_envs``)."""
+    group_credit: str = "episode"
+    """What a group estimator credits each token with: ``episode`` (the completion's whole
+    return on every token, GRPO's and RLOO's) or ``to_go`` (our extension for dense rewards: each
+    token's return from itself on, against the group's mean return-to-go at the same position,
+    the others' only for ``rloo``; ``grpo`` divides by the std of the group's returns). With a
+    terminal reward the two are the same."""
     ratio_level: str = "token"
     """The importance ratio of the clipped loss: ``token`` (one per token, the loss averaged over
     the batch's tokens: PPO, GRPO with TRL's ``loss_type="bnpo"``) or ``sequence`` (one per
@@ -257,6 +265,13 @@ class TokenPPOConfig:
             raise ValueError(
                 f"nlpo_top_p must be in [0, 1] (0: off) and nlpo_mu an int >= 1; got "
                 f"nlpo_top_p={self.nlpo_top_p!r}, nlpo_mu={self.nlpo_mu!r}."
+            )
+        if self.group_credit == "to_go" and (
+            self.estimator == "gae" or self.ratio_level == "sequence"
+        ):
+            raise ValueError(
+                "group_credit='to_go' gives each token its own advantage from its group: use it "
+                "with estimator='grpo' or 'rloo' and ratio_level='token'."
             )
         if self.ratio_level == "sequence" and self.estimator == "gae":
             raise ValueError(

@@ -9,6 +9,10 @@ estimator   advantage                                   baseline
 ``grpo``    per completion, ``(R - mean_g) / std_g``     the group of ``group_size`` samples
 ``rloo``    per completion, ``R - mean(others_g)``       the group's other completions
 ==========  ==========================================  ===================================
+
+``group_credit="to_go"`` (our extension, for dense rewards): a group estimator gives each token
+its return-to-go against the group's mean return-to-go at that position
+(:func:`~agents.token_ppo.losses.group_token_advantages`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from agents.token_ppo.losses import (
     explained_variance,
     gae,
     group_advantages,
+    group_token_advantages,
     kl_k1,
     kl_k3,
     masked_share,
@@ -78,12 +83,16 @@ class GroupEstimator:
 
     def __init__(self, config: TokenPPOConfig) -> None:
         self.kind, self.group_size = config.estimator, config.group_size
+        self.to_go = config.group_credit == "to_go"
 
     def reset(self, envs, seed: int):
         """Start a rollout: each run of ``group_size`` sub-envs plays one sample."""
         return reset_groups(envs, self.group_size, seed)[0]
 
     def advantages(self, rewards, values, mask, reduce) -> Advantages:
+        if self.to_go:  # each token its own return-to-go against the group's (dense rewards)
+            advantages = group_token_advantages(rewards, mask, self.group_size, self.kind)
+            return Advantages(advantages, torch.zeros_like(rewards))
         per_episode = group_advantages(rewards.sum(1), self.group_size, self.kind)
         return Advantages(per_episode[:, None] * mask, torch.zeros_like(rewards), per_episode)
 

@@ -122,6 +122,44 @@ def group_advantages(returns: torch.Tensor, group_size: int, kind: str) -> torch
     raise ValueError(f"Unknown group estimator {kind!r}: choose 'grpo' or 'rloo'.")
 
 
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(B, T)``: each token's undiscounted return from itself to the episode's end."""
+    return (rewards * mask).flip(1).cumsum(1).flip(1) * mask
+
+
+def group_token_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor, group_size: int, kind: str
+) -> torch.Tensor:
+    """Per-token advantages from groups of ``group_size`` completions of one prompt, for dense
+    rewards (our extension of GRPO / RLOO; ``group_credit="to_go"``).
+
+    Token ``t`` of completion ``i`` gets its return-to-go ``G_it`` (:func:`returns_to_go`) minus
+    its group's baseline at position ``t``: for ``kind="rloo"`` the mean of the group's *other*
+    completions' ``G_jt`` (0 past a completion's end: it earns nothing more), which does not
+    depend on completion ``i``'s actions, so the gradient stays unbiased; for ``kind="grpo"``
+    the group's mean ``G_jt``, divided by the std of the group's returns (as
+    :func:`group_advantages`; a per-position std would blow up late positions that few
+    completions reach). At ``t = 0`` both equal :func:`group_advantages` of the returns.
+    """
+    togo = returns_to_go(rewards, mask)  # (B, T)
+    batch, width = togo.shape
+    if group_size < 2 or batch % group_size:
+        raise ValueError(
+            f"{batch} episodes do not make groups of {group_size} (group_size >= 2 must divide "
+            "the episodes per rollout)."
+        )
+    groups = togo.view(-1, group_size, width)  # (B / G, G, T)
+    if kind == "grpo":
+        spread = groups[:, :, 0].std(1, keepdim=True)[..., None]  # (B / G, 1, 1)
+        advantages = (groups - groups.mean(1, keepdim=True)) / (spread + 1e-4)
+    elif kind == "rloo":
+        others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+        advantages = groups - others
+    else:
+        raise ValueError(f"Unknown group estimator {kind!r}: choose 'grpo' or 'rloo'.")
+    return advantages.reshape(batch, width) * mask
+
+
 def clipped_policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
