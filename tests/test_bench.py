@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -854,3 +855,33 @@ def test_figures_name_each_panels_metric_the_seeds_and_the_commit(tmp_path, monk
         caption = " ".join(texts)
         assert "3 seeds per cell" in caption
         assert f"commit {versions()['commit'] or 'unknown commit'}" in caption
+
+
+def test_estimator_grid_tunes_each_estimator_on_validation_at_equal_prompts(tmp_path):
+    from benchmarks import estimator_grid
+
+    args = estimator_grid.main(
+        [
+            "--variants", "ppo", "rloo_to_go", "--learning-rates", "1e-4", "1e-3",
+            "--seeds", "1", "--episodes", "128", "--max-new-tokens", "3",
+            "--validation-samples", "4", "--jobs", "1", "--out", str(tmp_path / "grid.json"),
+        ]
+    )  # fmt: skip
+    report = json.loads((tmp_path / "grid.json").read_text())
+    assert report == json.loads(json.dumps(args)) and report["split"] == "validation"
+    assert len(report["runs"]) == 4
+    for variant, row in report["summary"].items():
+        means = row["mean_by_learning_rate"]
+        assert row["chosen_learning_rate"] == float(max(means, key=means.get))
+        for lr, mean in means.items():
+            runs = [
+                r
+                for r in report["runs"]
+                if r["variant"] == variant and repr(r["learning_rate"]) == lr
+            ]
+            assert mean == pytest.approx(np.mean([r["validation_metric"] for r in runs]))
+    # the same 32 distinct prompts per batch: groups of 4 completions each for RLOO
+    grid_args = argparse.Namespace(env_id="textenvs/Summarize-v0", episodes=256, max_new_tokens=8)
+    assert estimator_grid.variant_config("ppo", 3e-4, 0, grid_args)["num_envs"] == 32
+    rloo = estimator_grid.variant_config("rloo_to_go", 3e-4, 0, grid_args)
+    assert (rloo["num_envs"], rloo["group_size"], rloo["group_credit"]) == (128, 4, "to_go")
