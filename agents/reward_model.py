@@ -36,6 +36,7 @@ from agents.cli import add_config_arguments, config_from_args
 from agents.runs import add_output_flags, new_run_folder
 from textenvs.checks import check_positive_int
 from textenvs.cli import run_cli
+from textenvs.rate.export import read_jsonl
 
 LABEL = "reward"
 
@@ -71,25 +72,18 @@ class RewardModelConfig:
 def read_preferences(path: str | os.PathLike) -> list[dict]:
     """The rows of a preference JSONL; a clear error names a bad line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {number} is not JSON: {e}.") from e
-            if not (
-                isinstance(row, dict)
-                and isinstance(row.get("chosen"), str)
-                and isinstance(row.get("rejected"), str)
-                and isinstance(row.get("prompt", ""), str)
-            ):
-                raise ValueError(
-                    f'{path}, line {number}: a preference row is {{"prompt", "chosen", '
-                    '"rejected"}, three strings ("prompt" optional).'
-                )
-            rows.append({"prompt": row.get("prompt", ""), **row})
+    for number, row in read_jsonl(path):
+        if not (
+            isinstance(row, dict)
+            and isinstance(row.get("chosen"), str)
+            and isinstance(row.get("rejected"), str)
+            and isinstance(row.get("prompt", ""), str)
+        ):
+            raise ValueError(
+                f'{path}, line {number}: a preference row is {{"prompt", "chosen", '
+                '"rejected"}, three strings ("prompt" optional).'
+            )
+        rows.append({"prompt": row.get("prompt", ""), **row})
     if not rows:
         raise ValueError(f"{path} holds no preference rows.")
     return rows

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 from textenvs.rate.store import RatingStore
@@ -60,6 +61,19 @@ def score_rows(store: RatingStore) -> list[dict]:
         for rating in store.ratings()
         if rating.score is not None
     ]
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """``(line number, value)`` of each non-blank line of a JSONL file; a line that is not JSON
+    raises a ValueError naming the file and the line."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {number} is not JSON: {e}.") from e
 
 
 def write_jsonl(rows: list[dict], path: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from textenvs.checks import check_choice, check_positive_int
+from textenvs.rate.export import read_jsonl
 from textenvs.rate.store import Item
 
 POLICIES = ("sample", "greedy")
@@ -26,33 +27,25 @@ POLICIES = ("sample", "greedy")
 def items_from_jsonl(path: str | os.PathLike) -> list[Item]:
     """The items of a JSONL file (see the module docstring); a clear error names the bad line."""
     items = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where} is not JSON: {e}.") from e
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ValueError(f'{where} needs a JSON object with a "prompt" string.')
-            if ("text" in row) == ("texts" in row):
-                raise ValueError(
-                    f'{where} needs "text" (one text, rated 1-5) or "texts" (two, a preference).'
-                )
-            texts = [row["text"]] if "text" in row else row["texts"]
-            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-                raise ValueError(f'{where}: "text" is a string, "texts" a list of two strings.')
-            origin = {k: v for k, v in row.items() if k not in ("prompt", "text", "texts")}
-            origin.pop("reference", None)
-            origin.setdefault("file", Path(path).name)
-            origin.setdefault("line", number)
-            try:
-                reference = str(row.get("reference", ""))
-                items.append(Item(row["prompt"], tuple(texts), reference, origin))
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from e
+    for number, row in read_jsonl(path):
+        where = f"{path}, line {number}"
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f'{where} needs a JSON object with a "prompt" string.')
+        if ("text" in row) == ("texts" in row):
+            raise ValueError(
+                f'{where} needs "text" (one text, rated 1-5) or "texts" (two, a preference).'
+            )
+        texts = [row["text"]] if "text" in row else row["texts"]
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f'{where}: "text" is a string, "texts" a list of two strings.')
+        origin = {k: v for k, v in row.items() if k not in ("prompt", "text", "texts")}
+        origin.pop("reference", None)
+        origin.setdefault("file", Path(path).name)
+        origin.setdefault("line", number)
+        try:
+            items.append(Item(row["prompt"], tuple(texts), str(row.get("reference", "")), origin))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
     return items
 
 
