@@ -205,7 +205,7 @@ def greedy_evaluation(
     reward: str | None = None,
     env_kwargs: dict | None = None,
     num_envs: int = 1,
-) -> list[float]:
+) -> dict:
     """Greedy decoding (top-1 actions) on each of the first ``max_samples`` of a split, in
     sample order (what paired comparisons need): :func:`evaluate_policy`'s result, the metrics and
     texts included. ``env_kwargs``: more arguments of the env. ``num_envs > 1``: through a batched
