@@ -25,7 +25,8 @@ fine-tuning in memory.
   parameters (policy, reference, value head), gradients and Adam states (``state_numbers``, the sum,
   and ``state_mb`` in float32), the peak resident memory (``ru_maxrss``: it includes the whole model
   each process loads before sharding it) and the resident memory after training
-  (``rss_after_training_mb``, freed memory returned first), with ``fsdp_vs_ddp`` ratios. And the
+  (``rss_after_training_mb``, freed memory returned first), for every rank; ``fsdp_vs_ddp``: the
+  worst sharded process over the worst DDP one, ``fsdp_vs_ddp_per_rank`` rank by rank. And the
   rollout's two ways under sharding, timed on the 2 sharded processes: a one-token step of
   ``--num-envs`` rows with the parameters gathered once for the rollout (``gathered_step_ms``)
   against the same step on sharded parameters, which gathers every block in every forward
@@ -341,18 +342,18 @@ def sharded(args, folder: Path) -> dict:
             args.launch_timeout,
         )
         result[name] = json.loads(out.read_text())
-    ddp, fsdp = result["ddp_2"][0], result["fsdp_2"][0]
+    keys = ("state_numbers", "params", "grads", "adam", "peak_rss_mb", "rss_after_training_mb")
+    # every rank's figures, and the ratio of the worst process of each kind (what a machine
+    # must hold for the run): process 0 alone would hide a rank that holds more
+    result["fsdp_vs_ddp_per_rank"] = [
+        {key: round(fsdp[key] / ddp[key], 4) for key in keys}
+        for ddp, fsdp in zip(result["ddp_2"], result["fsdp_2"])
+    ]
     result["fsdp_vs_ddp"] = {
-        key: round(fsdp[key] / ddp[key], 4)
-        for key in (
-            "state_numbers",
-            "params",
-            "grads",
-            "adam",
-            "peak_rss_mb",
-            "rss_after_training_mb",
-        )
+        key: round(max(r[key] for r in result["fsdp_2"]) / max(r[key] for r in result["ddp_2"]), 4)
+        for key in keys
     }
+    fsdp = result["fsdp_2"][0]
     result["sharded_vs_gathered_step"] = round(
         fsdp["sharded_step_ms"] / fsdp["gathered_step_ms"], 3
     )

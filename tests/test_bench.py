@@ -617,6 +617,12 @@ def test_scale_script_reports_completions_and_sharded_memory():
     assert memory["ddp_2"][0]["state_numbers"] == memory["one_process"][0]["state_numbers"]
     for key in ("params", "grads", "adam"):
         assert memory["fsdp_vs_ddp"][key] == pytest.approx(0.5, abs=0.01), key
+        for rank in memory["fsdp_vs_ddp_per_rank"]:  # every rank, not process 0 alone
+            assert rank[key] == pytest.approx(0.5, abs=0.01), key
+    worst = max(r["peak_rss_mb"] for r in memory["fsdp_2"]) / max(
+        r["peak_rss_mb"] for r in memory["ddp_2"]
+    )
+    assert memory["fsdp_vs_ddp"]["peak_rss_mb"] == pytest.approx(worst, abs=1e-4)
     assert memory["fsdp_2"][0]["gathered_step_ms"] > 0 and memory["fsdp_2"][0]["gather_ms"] > 0
     checkpointed = result["checkpointing"]
     assert checkpointed["length"] == 64 and checkpointed["layers"] == 4
