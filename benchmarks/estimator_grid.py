@@ -9,8 +9,8 @@ split (never the test split, which the suite's table reports), mean over ``--see
 
     python -m benchmarks.estimator_grid --out benchmarks/latest/estimator_grid.json
 
-Prints and writes JSON: every run's validation metric, each estimator's mean per learning rate
-and its chosen rate.
+Prints and writes JSON: the untrained LM's greedy validation metric (the starting point), every
+run's validation metric, each estimator's mean per learning rate and its chosen rate.
 """
 
 from __future__ import annotations
@@ -80,6 +80,19 @@ def run_one(job: tuple) -> dict:
     }
 
 
+def greedy_validation(args) -> float:
+    """The starting point: greedy decoding of the untrained LM on the same validation samples."""
+    from agents.common import greedy_metric
+    from textenvs.lm import shared_model
+
+    kwargs = variant_config("ppo", 1.0, 0, args)["env_kwargs"]
+    lm = shared_model("textenvs/tiny")
+    return greedy_metric(
+        lm, args.env_id, "validation", args.validation_samples, args.max_new_tokens,
+        env_kwargs=kwargs,
+    )  # fmt: skip
+
+
 def summary(runs: list[dict]) -> dict:
     """Each variant's mean validation metric per learning rate and the rate chosen (the best
     mean)."""
@@ -133,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         "split": "validation",
         "validation_samples": args.validation_samples,
         "shared_settings": TOKEN_PPO,
+        "greedy_validation_metric": greedy_validation(args),
         "runs": runs,
         "summary": summary(runs),
         "wall_s": round(time.time() - start, 1),

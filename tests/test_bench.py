@@ -685,14 +685,23 @@ def test_the_last_block_agent_runs_in_the_suite_with_its_own_settings(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "agent,estimator,top_p",
-    [("token_grpo", "grpo", 0.0), ("token_rloo", "rloo", 0.0), ("token_nlpo", "gae", 0.9)],
+    "agent,estimator,top_p,credit,lr",
+    [
+        ("token_grpo", "grpo", 0.0, "episode", 1e-4),
+        ("token_rloo", "rloo", 0.0, "episode", 1e-4),
+        ("token_grpo_to_go", "grpo", 0.0, "to_go", 3e-4),
+        ("token_rloo_to_go", "rloo", 0.0, "to_go", 3e-4),
+        ("token_nlpo", "gae", 0.9, "episode", 3e-4),
+    ],
 )
 def test_group_estimator_agents_run_in_the_suite_with_the_suites_settings(
-    agent, estimator, top_p, monkeypatch
+    agent, estimator, top_p, credit, lr, monkeypatch
 ):
-    """The suite's token agents differ from token PPO by their estimator alone."""
+    """The suite's token agents differ from token PPO by their estimator and its tuned settings
+    alone (benchmarks.estimator_grid), each rollout of the same 32 prompts."""
     from agents import token_ppo
+    from benchmarks.suite.agents import token_config
+    from benchmarks.suite.cells import Cell
 
     budget = run.budget_for(run.parse_args(ARGS))
     budget.eval_samples = 2
@@ -707,6 +716,13 @@ def test_group_estimator_agents_run_in_the_suite_with_the_suites_settings(
     monkeypatch.setattr(token_ppo.TokenPPO, "update", spy)
     cell = run.run_cell(agent, "textenvs/Summarize-v0", 0, budget, "textenvs/tiny")
     assert seen and set(seen) == {(estimator, top_p, 0.5, "auto", 4)}
+    main_job = Cell(
+        agent, "textenvs/Summarize-v0", 0, run.PRESETS["default"], "textenvs/tiny", None
+    )
+    config = token_config(main_job, estimator, run.REGISTRY[agent].run.keywords["extra_config"])
+    assert (config.group_credit, config.learning_rate) == (credit, lr)
+    prompts = config.num_envs // (config.group_size if estimator != "gae" else 1)
+    assert prompts == 32 and config.total_episodes == 768
     assert placements == {"loss" if estimator == "grpo" else "reward"}  # GRPO: TRL's placement
     assert cell["agent"] == agent and len(cell["curve"][-1]["metrics"]) == 2
     assert run.applies(agent, "textenvs/Translate-v0") and not run.applies(
@@ -875,7 +891,7 @@ def test_estimator_grid_tunes_each_estimator_on_validation_at_equal_prompts(tmp_
     )  # fmt: skip
     report = json.loads((tmp_path / "grid.json").read_text())
     assert report == json.loads(json.dumps(args)) and report["split"] == "validation"
-    assert len(report["runs"]) == 4
+    assert len(report["runs"]) == 4 and 0 <= report["greedy_validation_metric"] <= 1
     for variant, row in report["summary"].items():
         means = row["mean_by_learning_rate"]
         assert row["chosen_learning_rate"] == float(max(means, key=means.get))

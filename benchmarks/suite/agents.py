@@ -21,7 +21,9 @@ from benchmarks.suite.settings import (
     LAST_BLOCK,
     PRIOR_LEARNING_RATES,
     TOKEN_GROUP_SIZE,
+    TOKEN_GROUPS,
     TOKEN_NLPO,
+    TOKEN_PROMPTS_PER_ROLLOUT,
     TRANSLATE_TOKEN_PPO,
     steps_on,
     task_of,
@@ -163,14 +165,13 @@ def token_config(cell, estimator: str, extra_config: dict):
 
     return TokenPPOConfig(
         estimator=estimator,
-        **extra_config,
         env_id=cell.env_id,
         model=cell.model,
         seed=cell.seed,
         max_new_tokens=cell.kwargs["max_steps"],
         eval_samples=cell.budget.eval_samples,
         env_kwargs=dict(cell.extra or {}),
-        **token_ppo_settings(cell.budget, task_of(cell.env_id, cell.extra)),
+        **token_ppo_settings(cell.budget, task_of(cell.env_id, cell.extra), extra_config),
     )
 
 
@@ -193,7 +194,15 @@ def run_token(cell, estimator: str, extra_config: dict) -> int:
 
 
 # -- the registry --------------------------------------------------------------------------------
-_GROUP = {"group_size": TOKEN_GROUP_SIZE}
+
+
+def _group(name: str) -> dict:
+    """A group estimator's own settings: groups of TOKEN_GROUP_SIZE completions of
+    TOKEN_PROMPTS_PER_ROLLOUT prompts a rollout, and its tuned settings (TOKEN_GROUPS)."""
+    size = {"group_size": TOKEN_GROUP_SIZE}
+    return {**size, "num_envs": TOKEN_PROMPTS_PER_ROLLOUT * TOKEN_GROUP_SIZE, **TOKEN_GROUPS[name]}
+
+
 _WITH_TOKEN_PPO = (*BASELINES, "token_ppo")  # the other token agents: the same trainer
 
 REGISTRY: dict[str, SuiteAgent] = {
@@ -264,7 +273,7 @@ REGISTRY: dict[str, SuiteAgent] = {
         SuiteAgent(
             "token_grpo",
             "#17becf",
-            functools.partial(run_token, estimator="grpo", extra_config=_GROUP),
+            functools.partial(run_token, estimator="grpo", extra_config=_group("grpo")),
             acts_on="unmasked",
             paired_with=_WITH_TOKEN_PPO,
             duration_rank=2,
@@ -272,7 +281,23 @@ REGISTRY: dict[str, SuiteAgent] = {
         SuiteAgent(
             "token_rloo",
             "#bcbd22",
-            functools.partial(run_token, estimator="rloo", extra_config=_GROUP),
+            functools.partial(run_token, estimator="rloo", extra_config=_group("rloo")),
+            acts_on="unmasked",
+            paired_with=_WITH_TOKEN_PPO,
+            duration_rank=3,
+        ),
+        SuiteAgent(
+            "token_grpo_to_go",
+            "#9edae5",
+            functools.partial(run_token, estimator="grpo", extra_config=_group("grpo_to_go")),
+            acts_on="unmasked",
+            paired_with=_WITH_TOKEN_PPO,
+            duration_rank=2,
+        ),
+        SuiteAgent(
+            "token_rloo_to_go",
+            "#dbdb8d",
+            functools.partial(run_token, estimator="rloo", extra_config=_group("rloo_to_go")),
             acts_on="unmasked",
             paired_with=_WITH_TOKEN_PPO,
             duration_rank=3,

@@ -49,6 +49,20 @@ LAST_BLOCK = {
 # nlpo_mu iterations (RL4LMs' top_mask 0.9; mu shorter for the suite's short runs).
 TOKEN_GROUP_SIZE = 4
 TOKEN_NLPO = {"nlpo_top_p": 0.9, "nlpo_mu": 5}
+# Every token agent sees the same distinct prompts per rollout: PPO 32 episodes of 32 prompts,
+# the group estimators 32 prompts x TOKEN_GROUP_SIZE completions (the same 4 epochs of 16 then
+# make as many gradient steps per episode).
+TOKEN_PROMPTS_PER_ROLLOUT = 32
+# The group estimators' own learning rates, each the best of 1e-4, 3e-4 and 1e-3 on the validation
+# split at the main job's 768 episodes, 2 seeds (python -m benchmarks.estimator_grid;
+# benchmarks/latest/estimator_grid.json): PPO's 3e-4 stays; GRPO and RLOO 1e-4; with per-token
+# credit (group_credit="to_go") both 3e-4.
+TOKEN_GROUPS = {
+    "grpo": {"learning_rate": 1e-4},
+    "rloo": {"learning_rate": 1e-4},
+    "grpo_to_go": {"learning_rate": 3e-4, "group_credit": "to_go"},
+    "rloo_to_go": {"learning_rate": 3e-4, "group_credit": "to_go"},
+}
 # SB3 with the LM-prior policies: a learning rate per policy (docs/results.md, "Tuning history")
 PRIOR_LEARNING_RATES = {"ppo": 3e-4, "maskable_ppo": 1e-3}
 
@@ -175,18 +189,25 @@ def steps_on(budget: Budget, name: str, env_id: str) -> int:
     return own or getattr(budget, name)
 
 
-def token_ppo_settings(budget: Budget, task: str | None) -> dict:
-    """TokenPPOConfig fields of a token-PPO cell: the suite's, then the translation settings on
-    translation tasks, then the run's ``token_ppo_reward`` and ``token_ppo_config``."""
+def token_ppo_settings(budget: Budget, task: str | None, agent: dict | None = None) -> dict:
+    """TokenPPOConfig fields of a token-trainer cell: the suite's (32 prompts a rollout), then
+    the translation settings on translation tasks, then the agent's own (``agent``: a group
+    estimator's group size, rollout size and tuned settings), then the run's
+    ``token_ppo_reward`` and ``token_ppo_config``."""
     episodes = budget.token_ppo_episodes
-    settings = dict(TOKEN_PPO)
     if task == "translate":
         episodes = budget.translate_token_ppo_episodes or episodes
+    settings = {"num_envs": TOKEN_PROMPTS_PER_ROLLOUT, **TOKEN_PPO}
+    if task == "translate":
         settings.update(budget.translate_token_ppo)
+    settings.update(agent or {})
     if budget.token_ppo_reward is not None:
         settings["reward"] = budget.token_ppo_reward
     settings.update(budget.token_ppo_config)
-    return {"total_episodes": episodes, "num_envs": min(32, episodes), **settings}
+    group = settings.get("group_size", 1)
+    room = max(group, episodes // group * group)  # a small budget's rollouts shrink to fit it
+    settings["num_envs"] = min(settings["num_envs"], room)
+    return {"total_episodes": episodes, **settings}
 
 
 def env_kwargs(budget: Budget, model: str, env_id: str, extra: dict | None = None) -> dict:
