@@ -56,29 +56,7 @@ def plan_tail_groups(sizes: list[int], overhead: float) -> list[list[int]]:
 
 RELEASE_AFTER_TOKENS = 4096
 """A batched reset that prefilled at least this many tokens hands its freed working memory back
-to the system (:func:`release_freed_memory`)."""
-
-
-def release_freed_memory() -> bool:
-    """Give the heap's free pages back to the operating system (glibc's ``malloc_trim``).
-
-    A batched prefill of long prompts needs working memory (attention scores, MLP activations,
-    the batch's cache before its rows move into the persistent one) many times its KV cache;
-    freed, glibc keeps it in the process's heap, so a 124M GPT-2's sub-env on a 992-token prompt
-    held 214 MB resident instead of its 72 MB cache (``benchmarks.workloads``). Returns whether
-    anything was called (False off glibc)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
-    if trim is None:
-        return False
-    trim(0)
-    return True
+to the system (:func:`textenvs.system.release_freed_memory`)."""
 
 
 @torch.inference_mode()

@@ -49,12 +49,12 @@ from textenvs.batching import (
     LockstepBatch,
     extend_batch,
     prefill_batch,
-    release_freed_memory,
 )
 from textenvs.envs.base import TextEnv, invalid_rows, top_candidates
 from textenvs.envs.dialogue import DialogueEnv
 from textenvs.envs.edit import TextEditEnv
 from textenvs.envs.generate import TextGenerationEnv
+from textenvs.system import release_freed_memory
 
 
 class BatchedTextVectorEnv(VectorEnv):

@@ -34,20 +34,9 @@ def end_with_launcher() -> bool:
     ``accelerate launch`` / ``torchrun`` then ends with its launcher, even one killed by SIGKILL,
     instead of training on and later writing over the checkpoint its user meant to resume.
     Returns whether it is armed (False off Linux, where the docs say how to stop a run)."""
-    import signal
-    import sys
+    from textenvs.system import die_with_parent
 
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    parent = os.getppid()
-    pr_set_pdeathsig = 1
-    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM) != 0:
-        return False
-    if os.getppid() != parent:  # the launcher died before the request was made
-        os.kill(os.getpid(), signal.SIGTERM)
-    return True
+    return die_with_parent()
 
 
 def make_accelerator(config: TokenPPOConfig):
@@ -191,8 +180,13 @@ class Sharded(Accelerated):
     sharded = True
 
     def __init__(self, accelerator) -> None:
+        from textenvs.system import return_large_frees_at_once
+
         super().__init__(accelerator)
         self.units: list[torch.nn.Module] = []
+        # the update gathers and frees each block's parameters and gradients over and over:
+        # freed at once, they are not held twice (peak memory per process, benchmarks.scale)
+        return_large_frees_at_once()
 
     def shard(self, model, value_head, reference) -> list[torch.nn.Module]:
         """Every block, the LM (embeddings, head) over them, the value head; the reference too."""
