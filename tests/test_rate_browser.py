@@ -34,6 +34,8 @@ pytestmark = [
 
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions as seen  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from textenvs.rate.app import RatingServer  # noqa: E402
 
@@ -76,16 +78,35 @@ def browser(tmp_path):
         driver.quit()
 
 
+def _wait(driver, *conditions):
+    """Wait (30 s at most) until one of ``conditions`` holds: a click's form post and redirect
+    finish after ``click()`` returns, later still on a loaded machine."""
+    return WebDriverWait(driver, 30).until(seen.any_of(*conditions))
+
+
+def _click_and_wait(driver, element) -> None:
+    """Click, then wait until the page it was on has been replaced."""
+    element.click()
+    _wait(driver, seen.staleness_of(element))
+
+
 def _log_in(driver, url: str, name: str) -> None:
     driver.get(url)
+    _wait(driver, seen.presence_of_element_located((By.ID, "name")))
     driver.find_element(By.ID, "name").send_keys(name)
-    driver.find_element(By.ID, "start").click()
-    assert driver.find_element(By.ID, "rater").text == name
+    _click_and_wait(driver, driver.find_element(By.ID, "start"))
+    rater = _wait(driver, seen.presence_of_element_located((By.ID, "rater")))
+    assert rater.text == name
 
 
 def _rate_one(driver, store: RatingStore, rater: str, answer) -> tuple | None:
     """Answer the item on the page; return (item id, score, choice) as the database should now
     hold it, or None on the "nothing left" page."""
+    _wait(
+        driver,
+        seen.presence_of_element_located((By.ID, "done")),
+        seen.presence_of_element_located((By.NAME, "item")),
+    )
     if driver.find_elements(By.ID, "done"):
         return None
     item_id = int(driver.find_element(By.NAME, "item").get_attribute("value"))
@@ -94,11 +115,11 @@ def _rate_one(driver, store: RatingStore, rater: str, answer) -> tuple | None:
     if item.kind == "score":
         score = answer(item_id)
         assert driver.find_element(By.ID, "text").text == item.texts[0].strip()
-        driver.find_element(By.ID, f"score-{score}").click()
+        _click_and_wait(driver, driver.find_element(By.ID, f"score-{score}"))
         return item_id, score, None
     shown = [driver.find_element(By.ID, f"text-{k}").text for k in (1, 2)]
     assert sorted(shown) == sorted(t.strip() for t in item.texts)
-    driver.find_element(By.ID, "choose-1").click()  # the text shown first, whichever it is
+    _click_and_wait(driver, driver.find_element(By.ID, "choose-1"))  # the first shown, whichever
     return item_id, None, "a" if shown[0] == item.texts[0].strip() else "b"
 
 
@@ -188,8 +209,8 @@ def test_the_token_is_asked_for_then_kept(tmp_path, browser):
         driver.get(server.url)
         assert "token" not in driver.current_url  # the address no longer shows it
         _log_in(driver, driver.current_url, "tom")
-        driver.find_element(By.ID, "score-5").click()
-        assert driver.find_elements(By.ID, "done")
+        _click_and_wait(driver, driver.find_element(By.ID, "score-5"))
+        _wait(driver, seen.presence_of_element_located((By.ID, "done")))
     assert [(r.rater, r.score) for r in store.ratings()] == [("tom", 5)]
 
 
@@ -222,7 +243,7 @@ def test_human_reward_pays_the_score_given_on_the_page(tmp_path, browser):
             thread.join(timeout=0.1)
         _log_in(driver, metric.server.url, "ann")
         assert driver.find_element(By.ID, "text").text == RatingStore(db).items()[0].texts[0]
-        driver.find_element(By.ID, "score-2").click()
+        _click_and_wait(driver, driver.find_element(By.ID, "score-2"))
         thread.join(timeout=60)
     finally:
         metric.close()
@@ -245,7 +266,7 @@ def test_write_the_docs_screenshots(tmp_path, browser):
     with RatingServer(store, port=0) as server:
         _log_in(driver, server.url, "ann")
         driver.save_screenshot(os.path.join(out, "rating_score.png"))
-        driver.find_element(By.ID, "score-2").click()
+        _click_and_wait(driver, driver.find_element(By.ID, "score-2"))
         store.add(items_from_env("textenvs/Summarize-v0", 2, seed=0, pairs=True)[1:])
         driver.refresh()
         driver.save_screenshot(os.path.join(out, "rating_pair.png"))

@@ -765,7 +765,7 @@ def test_a_batched_reset_of_long_prompts_hands_its_working_memory_back(monkeypat
     214 MB a sub-env instead of the 72 MB KV cache at the 124M layout (benchmarks.workloads)."""
     import sys
 
-    from textenvs import batching, vector
+    from textenvs import system, vector
 
     calls = []
     monkeypatch.setattr(vector, "release_freed_memory", lambda: calls.append(1) or True)
@@ -777,4 +777,4 @@ def test_a_batched_reset_of_long_prompts_hands_its_working_memory_back(monkeypat
     assert calls == [1]
     envs.close()
     if sys.platform.startswith("linux"):
-        assert batching.release_freed_memory()  # glibc's malloc_trim is there and runs
+        assert system.release_freed_memory()  # glibc's malloc_trim is there and runs
