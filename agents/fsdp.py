@@ -66,6 +66,88 @@ def shard(model: torch.nn.Module, *heads: torch.nn.Module) -> list[torch.nn.Modu
     return units
 
 
+def weight_files(folder: str) -> dict[str, str]:
+    """Each tensor name of a ``save_pretrained`` folder and the safetensors file that holds it
+    (``model.safetensors``, or the files of ``model.safetensors.index.json``)."""
+    import json
+    import os
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            mapping = json.load(f).get("weight_map")
+        if not isinstance(mapping, dict):
+            raise ValueError(f"{index} has no weight_map: it is not a safetensors index.")
+        return {name: os.path.join(folder, file) for name, file in mapping.items()}
+    single = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(single):
+        raise ValueError(f"{folder} holds no model.safetensors: sharded loading reads safetensors.")
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+@torch.no_grad()
+def load_local_shards(model: torch.nn.Module, folder: str, device) -> None:
+    """Fill a model that was built on the meta device and sharded (:func:`shard`) with its
+    weights from ``folder``, each process reading only the rows of its own shards: no process
+    ever holds the whole model.
+
+    The parameters are first given empty storage on ``device`` (their local shards only); each is
+    then read from the safetensors file as a slice: FSDP2 shards dim 0 as ``torch.chunk`` does,
+    so process ``r`` of ``w`` holds rows ``r * ceil(n / w)`` onwards. Buffers keep their values.
+    Raises a ValueError for a parameter the files lack or hold in another shape.
+    """
+    import math
+    from contextlib import ExitStack
+
+    import torch.distributed as dist
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, Shard
+
+    buffers = {name: b.clone() for name, b in model.named_buffers() if b.device.type != "meta"}
+    model.to_empty(device=device)
+    if getattr(model.config, "tie_word_embeddings", False) and (
+        model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    ):  # the head would keep the empty storage's garbage: the file holds the embeddings only
+        raise RuntimeError(
+            "Giving the sharded model storage untied its LM head from its input embeddings."
+        )
+    for name, buffer in model.named_buffers():
+        if name in buffers:
+            buffer.copy_(buffers[name])
+    files = weight_files(folder)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    with ExitStack() as stack:
+        opened = {}
+        for name, param in model.named_parameters():
+            if name not in files:
+                raise ValueError(
+                    f"{folder} has no tensor {name!r}: sharded loading reads a save_pretrained "
+                    "folder of this model class, whose tensor names are its parameter names."
+                )
+            path = files[name]
+            if path not in opened:
+                opened[path] = stack.enter_context(safe_open(path, framework="pt"))
+            stored = opened[path].get_slice(name)
+            if tuple(stored.get_shape()) != tuple(param.shape):
+                raise ValueError(
+                    f"{name}: {tuple(stored.get_shape())} in {path}, {tuple(param.shape)} in the "
+                    "model's config: save the model and its config together."
+                )
+            local = param.to_local() if isinstance(param, DTensor) else param
+            if isinstance(param, DTensor):
+                if tuple(param.placements) != (Shard(0),):
+                    raise ValueError(f"{name} is sharded as {param.placements}, not on dim 0.")
+                rows = math.ceil(param.shape[0] / world)
+                start = min(rank * rows, param.shape[0])
+                part = stored[start : start + local.shape[0]]
+            else:
+                part = stored[:]
+            local.copy_(part)
+
+
 @contextlib.contextmanager
 def gathered(units: list[torch.nn.Module]) -> Iterator[None]:
     """Every unit's parameters whole for the duration (one all-gather per unit, collective: every

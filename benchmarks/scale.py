@@ -23,8 +23,9 @@ fine-tuning in memory.
 * ``sharded``: full fine-tuning of the 124M layout (below) in 1 process, 2 DDP processes and 2
   sharded processes (``--fsdp``), one iteration each; per process, the numbers each holds of the
   parameters (policy, reference, value head), gradients and Adam states (``state_numbers``, the sum,
-  and ``state_mb`` in float32), the peak resident memory (``ru_maxrss``: it includes the whole model
-  each process loads before sharding it) and the resident memory after training
+  and ``state_mb`` in float32), the peak resident memory (``ru_maxrss``), the peak before
+  training (``peak_rss_before_training_mb``: loading and set-up; a sharded process reads only its
+  own shards) and the resident memory after training
   (``rss_after_training_mb``, freed memory returned first), for every rank; ``fsdp_vs_ddp``: the
   worst sharded process over the worst DDP one, ``fsdp_vs_ddp_per_rank`` rank by rank. And the
   rollout's two ways under sharding, timed on the 2 sharded processes: a one-token step of
@@ -272,6 +273,7 @@ num_envs = int(sys.argv[5])
 config = TokenPPOConfig(model=model, num_envs=4, max_new_tokens=8, total_episodes=4 * int(
     os.environ.get("WORLD_SIZE", "1")), minibatch_size=4, num_epochs=1, fsdp=fsdp, device=device)
 trainer = TokenPPO(config, accelerator=make_accelerator(config))
+peak_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # loading and set-up
 trainer.train(progress=False)
 def local(t):
     return t.to_local().numel() if hasattr(t, "to_local") else t.numel()
@@ -289,6 +291,7 @@ figures = {
     "state_numbers": sum(params.values()) + grads + adam,
     "state_mb": round((sum(params.values()) + grads + adam) * 4 / 2**20, 1),
     "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    "peak_rss_before_training_mb": round(peak_at_start, 1),
     "rss_after_training_mb": round(rss[0] / 1024, 1),
 }
 if trainer.units:  # the rollout's step, parameters gathered once against sharded every forward
@@ -342,7 +345,15 @@ def sharded(args, folder: Path) -> dict:
             args.launch_timeout,
         )
         result[name] = json.loads(out.read_text())
-    keys = ("state_numbers", "params", "grads", "adam", "peak_rss_mb", "rss_after_training_mb")
+    keys = (
+        "state_numbers",
+        "params",
+        "grads",
+        "adam",
+        "peak_rss_mb",
+        "peak_rss_before_training_mb",
+        "rss_after_training_mb",
+    )
     # every rank's figures, and the ratio of the worst process of each kind (what a machine
     # must hold for the run): process 0 alone would hide a rank that holds more
     result["fsdp_vs_ddp_per_rank"] = [

@@ -299,3 +299,29 @@ def test_writing_eos_prints_no_padding_warning():
     )
     assert done.returncode == 0, done.stderr
     assert "attention_mask" not in done.stderr
+
+
+def test_an_empty_model_is_its_layout_on_the_meta_device(random_gpt2_dir):
+    """``empty=True`` (a sharded trainer's start): the config's layout, no weight allocated; the
+    same tokenizer, ends and sizes as the loaded model; ``loaded()`` checks it once filled."""
+    import torch
+
+    from textenvs.lm import LanguageModel
+
+    empty = LanguageModel(random_gpt2_dir, empty=True)
+    whole = LanguageModel(random_gpt2_dir)
+    assert all(p.device.type == "meta" for p in empty.model.parameters())
+    assert (empty.vocab_size, empty.hidden_size, empty.stop_token_ids, empty.max_positions) == (
+        whole.vocab_size,
+        whole.hidden_size,
+        whole.stop_token_ids,
+        whole.max_positions,
+    )
+    empty.model.to_empty(device="cpu")
+    empty.model.tie_weights()  # outside FSDP, to_empty gives the tied head storage of its own
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(empty.model.named_parameters(), whole.model.named_parameters()):
+            p.copy_(q)
+    assert empty.loaded() is empty
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(empty.model(ids).logits, whole.model(ids).logits)

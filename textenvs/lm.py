@@ -190,14 +190,20 @@ class LanguageModel:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         layer: int = -1,
+        empty: bool = False,
     ) -> None:
         self.name = os.fspath(name)
         # greedy()'s memo (text by prompt and budget): set by shared_model() only (read-only)
         self._greedy_cache: collections.OrderedDict | None = None
         self.device = resolve_device(device)
         self.dtype = dtype = resolve_dtype(dtype)
-        self.tokenizer, self.model = self._load(resolve_model_path(self.name), dtype)
-        self.model.to(self.device).eval()
+        self.path = resolve_model_path(self.name)
+        if empty:  # the layout only, on the meta device: a sharded trainer loads its own shards
+            self.tokenizer, self.model = self._layout(self.path, dtype)
+            self.model.eval()
+        else:
+            self.tokenizer, self.model = self._load(self.path, dtype)
+            self.model.to(self.device).eval()
         self.model.requires_grad_(False)
         fuse_tanh_gelu(self.model)
         if self.tokenizer.pad_token_id is None:
@@ -245,7 +251,36 @@ class LanguageModel:
         for module in self.model.modules():
             if hasattr(module, "warn_if_padding_and_no_attention_mask"):
                 module.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
+        if not empty:
+            self._check_causal()
+
+    def loaded(self) -> LanguageModel:
+        """Finish an ``empty=True`` model once its weights are in place (a sharded trainer's
+        shards, :func:`agents.fsdp.load_local_shards`): the checks a loaded model gets at once.
+        Returns the model itself."""
         self._check_causal()
+        return self
+
+    def _layout(self, path: str, dtype):
+        """The tokenizer and the causal LM of ``path`` built on the meta device: its config and
+        generation config read, no weight allocated (the same refusals as :meth:`_load`)."""
+        from transformers import AutoConfig, GenerationConfig
+
+        refuse_remote_code(path)
+        if os.path.isdir(path):
+            from textenvs.weights import check_model_folder
+
+            check_model_folder(path)
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            try:
+                model.generation_config = GenerationConfig.from_pretrained(path)
+            except OSError:  # no generation_config.json: the config's own
+                pass
+        return tokenizer, model
 
     def _load(self, path: str, dtype):
         """The tokenizer and the causal LM of ``path`` (safetensors only, no remote code; a local
@@ -302,7 +337,7 @@ class LanguageModel:
         # GPU a forward is launch-bound, so padding is nearly free and the rows stay in one batch.
         self.forward_overhead_tokens = 32.0 if self.device.type == "cpu" else 4096.0
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: a sharded model's gather buffers outlive this call
     def _check_causal(self) -> None:
         """Refuse a model whose earlier positions see later tokens (an encoder loaded as an LM).
 

@@ -33,14 +33,17 @@ class PolicyParts:
     value_head: torch.nn.Linear
 
 
-def build_policy(config: TokenPPOConfig, device, with_reference: bool = True) -> PolicyParts:
+def build_policy(
+    config: TokenPPOConfig, device, with_reference: bool = True, empty: bool = False
+) -> PolicyParts:
     """The policy of ``config`` on ``device``, seeded with ``config.seed``: the LM loaded (the
     weights trained), a LoRA adapter injected where ``lora_r > 0`` (only it trains), else a
     frozen copy of the starting LM as the reference (``with_reference``); the model in eval mode
     (no dropout: the rollout and the update score tokens alike); a value head on the final hidden
-    state, initialised at zero."""
+    state, initialised at zero. ``empty``: the LM and its reference built on the meta device, no
+    weight loaded (a sharded trainer loads each process's shards: :func:`load_sharded_policy`)."""
     torch.manual_seed(config.seed)
-    lm = LanguageModel(config.model, device=device, dtype=config.dtype)
+    lm = LanguageModel(config.model, device=device, dtype=config.dtype, empty=empty)
     model, peft, reference = lm.model, None, None
     if config.lora_r:
         peft = add_lora(model, config)  # the reference: the base weights, adapter off
@@ -53,6 +56,22 @@ def build_policy(config: TokenPPOConfig, device, with_reference: bool = True) ->
     torch.nn.init.zeros_(value_head.weight)
     torch.nn.init.zeros_(value_head.bias)
     return PolicyParts(lm, model, peft, reference, value_head)
+
+
+def load_sharded_policy(parts: PolicyParts, gathered) -> None:
+    """Load the weights of an ``empty`` policy and its reference once they are sharded: each
+    process reads its own rows of the model's safetensors (:func:`agents.fsdp.load_local_shards`),
+    then the LM gets the checks a loaded model gets, its forwards inside ``gathered()`` (the
+    runtime's one gather of every unit, as a rollout runs; run on the sharded units outside it,
+    the check's forward made the first sharded update differ from the one-process update:
+    tests/test_distributed.py). Collective."""
+    from agents.fsdp import load_local_shards
+
+    for model in (parts.model, parts.reference):
+        if model is not None:
+            load_local_shards(model, parts.lm.path, parts.lm.device)
+    with gathered():
+        parts.lm.loaded()
 
 
 def add_lora(model: torch.nn.Module, config: TokenPPOConfig):

@@ -31,6 +31,7 @@ from agents.token_ppo.policy import (
     batch_sequences,
     build_policy,
     checkpoint_blocks,
+    load_sharded_policy,
     sequence_outputs,
 )
 from agents.token_ppo.rollout import (
@@ -100,17 +101,22 @@ class TokenPPO:
             check_save_target(config.checkpoint_dir)
         self.config = config
         self.runtime = make_runtime(config, accelerator)
-        parts = build_policy(config, self.runtime.checked_device(config.device))
+        # sharded full fine-tuning never holds the whole model: built on the meta device, sharded,
+        # then each process reads its own shards (with LoRA the base is loaded whole, as before)
+        empty = self.runtime.sharded and not config.lora_r
+        parts = build_policy(config, self.runtime.checked_device(config.device), empty=empty)
         self.lm, self.model, self.peft = parts.lm, parts.model, parts.peft
         self.reference, self.value_head = parts.reference, parts.value_head
-        self.envs = make_rollout_envs(config, self.lm)
-        self.masker = (
-            NLPOMasker(self.lm, config.num_envs, config.nlpo_top_p) if config.nlpo_top_p else None
-        )
         if config.gradient_checkpointing:  # the policy only: nothing else builds a graph
             checkpoint_blocks(self.model)
         self.policy = PolicyWithValue(self.model, self.value_head)
         self.units = self.runtime.shard(self.model, self.value_head, self.reference)
+        if empty:
+            load_sharded_policy(parts, self.runtime.gathered)
+        self.envs = make_rollout_envs(config, self.lm)
+        self.masker = (
+            NLPOMasker(self.lm, config.num_envs, config.nlpo_top_p) if config.nlpo_top_p else None
+        )
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.trainable, lr=config.learning_rate, eps=1e-5)
         self.policy, self.optimizer = self.runtime.prepare(self.policy, self.optimizer)
