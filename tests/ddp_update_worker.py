@@ -37,6 +37,13 @@ def main(folder: str) -> None:
     folder = Path(folder)
     config = TokenPPOConfig(**json.loads((folder / "config.json").read_text()))
     accelerator = Accelerator(cpu=True)
+    if config.fsdp and not config.lora_r:  # sharded full fine-tuning reads shards, never the whole
+        from textenvs.lm import LanguageModel
+
+        def whole_load(*args, **kwargs):
+            raise AssertionError("a sharded run loaded the whole model in one process")
+
+        LanguageModel._load = whole_load
     trainer = TokenPPO(config, accelerator=accelerator)
     if config.fsdp:  # really sharded: each process holds a part of every parameter
         p = trainer.model.transformer.h[0].attn.c_attn.weight
