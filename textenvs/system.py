@@ -58,9 +58,10 @@ def release_freed_memory() -> bool:
 def return_large_frees_at_once(threshold: int = 1 << 20) -> bool:
     """Make every allocation of ``threshold`` bytes or more its own mapping, returned to the system
     the moment it is freed (glibc's ``mallopt(M_MMAP_THRESHOLD)``, which also stops glibc raising
-    the threshold by itself). Process-wide; call it before the large allocations. Measured on the
-    2-process sharded update of the 124M layout: peak resident memory 3,524 MB without, 1,991 MB
-    with (``benchmarks.scale``). Returns whether it took effect."""
+    the threshold by itself). Process-wide; call it before the large allocations. The 2-process
+    sharded update of the 124M layout (``benchmarks.scale``): peak resident memory per process
+    3,735 / 3,218 MB without it (``benchmarks/latest/scale.json``), 1,992 / 1,993 MB with it
+    (``scale_sharded.json``). Returns whether it took effect."""
     set_option = _function("mallopt")
     return set_option is not None and set_option(M_MMAP_THRESHOLD, int(threshold)) == 1
 
