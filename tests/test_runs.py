@@ -89,6 +89,8 @@ def test_token_ppo_exports_by_default_and_the_export_loads_both_ways(tmp_path, m
     run = Path(policy).parent
     saved_report = json.loads((run / "report.json").read_text())
     assert saved_report["test_metric_after"] == report["test_metric_after"]
+    stats = saved_report["test_text_stats"]  # the trained policy's greedy texts, beyond the metric
+    assert stats["texts"] == 2 and 0 <= stats["distinct_1"] <= 1 and "perplexity" in stats
     assert "history" in saved_report and "config" in saved_report
     env = gym.make("textenvs/Summarize-v0", model=policy, max_steps=2)
     env.reset(seed=0)

@@ -14,6 +14,7 @@ import numpy as np
 
 from agents.checkpoint import check_save_target
 from agents.cli import add_config_arguments, config_from_args
+from agents.common import with_text_stats
 from agents.runs import add_output_flags, run_folder
 from agents.token_ppo.config import FIELD_CHECKS, TokenPPOConfig
 from agents.token_ppo.runtime import make_accelerator
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     train_seconds = round(time.time() - start, 1)
     if not namespace.no_save:
         trainer.export(export)  # collective under FSDP: every process takes part
-    after = trainer.evaluate() if evaluates else None
+    final = trainer.evaluation() if evaluates else None
+    after = float(np.mean(final["metrics"])) if final else None
     report = None
     if trainer.is_main:
         report = {
@@ -86,6 +88,9 @@ def main(argv: list[str] | None = None) -> dict | None:
             if history
             else None,
         }
+        if final and "texts" in final:  # what the trained policy's greedy texts look like
+            texts = {"texts": final["texts"], "prompts": final["prompts"]}
+            report["test_text_stats"] = with_text_stats(texts, trainer.config.model)["text_stats"]
         if export:
             report["saved"] = str(export)
         print(json.dumps(report))

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from agents.checkpoint import check_save_target
-from agents.common import greedy_metric
+from agents.common import greedy_evaluation
 from agents.token_ppo import checkpoint
 from agents.token_ppo.config import TokenPPOConfig
 from agents.token_ppo.estimators import Advantages, make_estimator, make_kl, make_policy_loss
@@ -354,10 +354,16 @@ class TokenPPO:
         fsdp=True: collective (every process calls it, the parameters are gathered); process 0
         evaluates and the others return None.
         """
+        result = self.evaluation(split, max_samples)
+        return None if result is None else float(np.mean(result["metrics"]))
+
+    def evaluation(self, split: str = "test", max_samples: int | None = None) -> dict | None:
+        """Greedy decoding over the split, whole: each sample's metric, text and prompt
+        (:func:`agents.common.greedy_evaluation`); collective as :meth:`evaluate`."""
         with self.runtime.gathered():
             if self.runtime.sharded and not self.is_main:
                 return None
-            return greedy_metric(
+            return greedy_evaluation(
                 self.lm,
                 self.config.env_id,
                 split,
