@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from agents.checkpoint import check_save_target, save_atomically
 from agents.cli import add_config_arguments, config_from_args
 from agents.runs import add_output_flags, new_run_folder
-from textenvs.checks import check_positive_int
+from textenvs.checks import check_float, check_positive_int
 from textenvs.cli import run_cli
 from textenvs.rate.export import read_jsonl
 
@@ -63,10 +63,8 @@ class RewardModelConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_length"):
             check_positive_int(name, getattr(self, name))
-        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be a number > 0, got {self.learning_rate!r}.")
-        if not (isinstance(self.eval_fraction, (int, float)) and 0 <= self.eval_fraction < 1):
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction!r}.")
+        check_float("learning_rate", self.learning_rate, 0, low_open=True)
+        check_float("eval_fraction", self.eval_fraction, 0, 1, high_open=True)
 
 
 def read_preferences(path: str | os.PathLike) -> list[dict]:

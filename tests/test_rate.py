@@ -308,6 +308,9 @@ def test_human_reward_timeout_policy_and_refusals(tmp_path):
     ]
     with pytest.raises(ValueError, match="needs reward_kwargs=\\{'db'"):
         HumanRating()
+    for bad, says in ((dict(poll=0), "poll must be"), (dict(timeout=-1), "timeout must be")):
+        with pytest.raises(ValueError, match=says):
+            HumanRating(db=db, serve=False, **bad)
     with pytest.raises(ValueError, match="scored once per episode"):
         gym.make("textenvs/Summarize-v0", reward="human", reward_kwargs={"db": str(db)}, dense=True)
     with pytest.raises(ValueError, match="scored once per episode"):

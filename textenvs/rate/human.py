@@ -21,12 +21,11 @@ of RL from human scores on the tiny model, rated as they come.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
 
-from textenvs.checks import check_choice
+from textenvs.checks import check_choice, check_float
 from textenvs.model_rewards import BatchedMetric
 from textenvs.rate.store import Item, RatingStore
 
@@ -77,10 +76,10 @@ class HumanRating(BatchedMetric):
                 "database where the texts wait for people's scores."
             )
         check_choice("on_timeout", on_timeout, ON_TIMEOUT)
-        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ValueError(f"timeout must be seconds > 0 or None, got {timeout!r}.")
-        if not (isinstance(default, (int, float)) and math.isfinite(default)):
-            raise ValueError(f"default must be a finite number, got {default!r}.")
+        if timeout is not None:
+            check_float("timeout", timeout, 0, low_open=True)
+        check_float("default", default)
+        check_float("poll", poll, 0, low_open=True)
         self.__name__ = "human"
         self.store = RatingStore(db)
         self.timeout, self.on_timeout, self.default, self.poll = timeout, on_timeout, default, poll

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from textenvs.checks import check_choice, check_positive_int
+from textenvs.checks import check_choice, check_float, check_positive_int
 from textenvs.rate.export import read_jsonl
 from textenvs.rate.store import Item
 
@@ -90,8 +90,7 @@ def items_from_env(
 
     check_positive_int("n", n)
     check_choice("policy", policy, POLICIES)
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}.")
+    check_float("temperature", temperature, 0, low_open=True)
     if is_edit_env(env_id):
         raise ValueError(
             f"{env_id} is an editing env, whose actions are edits, not the LM's tokens: write its "
