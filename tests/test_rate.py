@@ -43,6 +43,7 @@ def test_store_keeps_one_rating_per_rater_and_item(store):
     assert not store.record(a, "ann", score=1)  # a second rating changes nothing
     assert store.record(b, "ann", choice="b")
     assert [(r.item, r.score, r.choice) for r in store.ratings()] == [(a, 4, None), (b, None, "b")]
+    assert store.scores([a, b, a]) == {a: [4], b: []}  # one query; a pair item has no score
     assert store.next_item("ann") is None
     assert store.next_item("bob").id in (a, b)
     assert store.next_item("bob", ratings_per_item=1) is None  # each item has its one rating

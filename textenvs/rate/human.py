@@ -107,28 +107,28 @@ class HumanRating(BatchedMetric):
             self._start_page()
         start = time.monotonic()
         while True:
-            scores = {i: [r.score for r in self.store.ratings(i)] for i in ids}
-            if all(scores.values()):
-                return [reward_of_score(sum(scores[i]) / len(scores[i])) for i in ids]
-            waited = time.monotonic() - start
-            if self.timeout is not None and waited >= self.timeout:
-                return self._timed_out(ids, scores)
+            scores = self.store.scores(ids)
+            missing = sum(not s for s in scores.values())
+            if not missing:
+                break
+            if self.timeout is not None and time.monotonic() - start >= self.timeout:
+                if self.on_timeout == "raise":
+                    self._raise_timeout(missing, len(ids))
+                break  # on_timeout="default"
             time.sleep(self.poll)
-
-    def _timed_out(self, ids: list[int], scores: dict[int, list[int]]) -> list[float]:
-        missing = sum(not s for s in scores.values())
-        if self.on_timeout == "raise":
-            where = f" at {self.server.url}" if self.server else " on the rating page"
-            raise TimeoutError(
-                f"reward='human': {missing} of {len(ids)} texts had no rating after "
-                f"{self.timeout:g} s. Rate them{where}; they stay in {self.store.path} and are "
-                "shown first. Or pass reward_kwargs={'timeout': None} (wait for ever) or "
-                "{'on_timeout': 'default'}."
-            )
         return [
             reward_of_score(sum(scores[i]) / len(scores[i])) if scores[i] else float(self.default)
             for i in ids
         ]
+
+    def _raise_timeout(self, missing: int, asked: int) -> None:
+        where = f" at {self.server.url}" if self.server else " on the rating page"
+        raise TimeoutError(
+            f"reward='human': {missing} of {asked} texts had no rating after "
+            f"{self.timeout:g} s. Rate them{where}; they stay in {self.store.path} and are "
+            "shown first. Or pass reward_kwargs={'timeout': None} (wait for ever) or "
+            "{'on_timeout': 'default'}."
+        )
 
     def close(self) -> None:
         """Stop the rating page this reward started."""

@@ -286,6 +286,21 @@ class RatingStore:
             ).fetchall()
         return [Rating(*row) for row in rows]
 
+    def scores(self, item_ids: Sequence[int]) -> dict[int, list[int]]:
+        """The 1-5 scores each of these items has so far, in one query."""
+        ids = list(dict.fromkeys(item_ids))
+        out: dict[int, list[int]] = {i: [] for i in ids}
+        if ids:
+            with self._connect() as db:
+                rows = db.execute(
+                    f"SELECT item, score FROM ratings WHERE score IS NOT NULL AND item IN "
+                    f"({', '.join('?' * len(ids))}) ORDER BY id",
+                    ids,
+                ).fetchall()
+            for item, score in rows:
+                out[item].append(score)
+        return out
+
     def progress(self, rater: str) -> tuple[int, int]:
         """(items this rater rated, items in all)."""
         with self._connect() as db:
