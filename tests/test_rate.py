@@ -195,8 +195,10 @@ def test_the_page_records_answers_and_shows_html_as_text(store):
     }
     again = client.post("/rate", data={"item": score_item, "score": "1"})  # a resubmitted form
     assert again.status_code == 200 and store.ratings(score_item)[0].score == 4
-    bad = client.post("/rate", data={"item": score_item, "score": "9"})
-    assert bad.status_code == 400 and "Not recorded" in bad.text
+    for bad in ({"item": score_item, "score": "9"}, {"item": pair_item, "choice": "left"}):
+        refused = client.post("/rate", data=bad)
+        assert refused.status_code == 400 and "Not recorded" in refused.text
+    assert len(store.ratings()) == 2
 
 
 @pytest.mark.parametrize("name", ["李雷", "Zoë Müller", 'a;b "c" = d'])
