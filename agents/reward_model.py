@@ -113,19 +113,24 @@ def load_base(model: str, seed: int):
     return net, tokenizer
 
 
-def rewards(net, tokenizer, prompts: list[str], texts: list[str], max_length: int):
+def rewards(net, tokenizer, prompts: list[str] | None, texts: list[str], max_length: int):
     """``(B,)`` reward-model logits of the texts, given their prompts as the first of a pair
-    (what ``reward="classifier", input="prompt+text"`` computes)."""
-    pairs = (prompts,) if any(prompts) else ()
+    (None: the texts alone), encoded as ``reward="classifier"`` encodes them (``input=
+    "prompt+text"`` or ``"text"``; longest first truncation)."""
+    pairs = (prompts,) if prompts is not None else ()
     encoded = tokenizer(
-        *pairs,
-        texts,
-        padding=True,
-        truncation="only_first" if pairs else True,
-        max_length=max_length,
-        return_tensors="pt",
+        *pairs, texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
     ).to(net.device)
     return net(**encoded).logits[:, 0].float()
+
+
+def pair_rewards(net, tokenizer, batch: list[dict], paired: bool, max_length: int):
+    """The rewards of a batch's chosen and of its rejected texts, ``(B,)`` each, in one
+    forward."""
+    prompts = [r["prompt"] for r in batch] * 2 if paired else None
+    texts = [r["chosen"] for r in batch] + [r["rejected"] for r in batch]
+    scores = rewards(net, tokenizer, prompts, texts, max_length)  # (2B,)
+    return scores[: len(batch)], scores[len(batch) :]
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -135,7 +140,9 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def accuracy(net, tokenizer, rows: list[dict], config: RewardModelConfig) -> float | None:
+def accuracy(
+    net, tokenizer, rows: list[dict], paired: bool, config: RewardModelConfig
+) -> float | None:
     """The share of ``rows`` whose chosen text the model scores above the rejected one."""
     if not rows:
         return None
@@ -143,11 +150,7 @@ def accuracy(net, tokenizer, rows: list[dict], config: RewardModelConfig) -> flo
     right = 0
     for start in range(0, len(rows), config.batch_size):
         batch = rows[start : start + config.batch_size]
-        prompts = [r["prompt"] for r in batch]
-        chosen = rewards(net, tokenizer, prompts, [r["chosen"] for r in batch], config.max_length)
-        rejected = rewards(
-            net, tokenizer, prompts, [r["rejected"] for r in batch], config.max_length
-        )
+        chosen, rejected = pair_rewards(net, tokenizer, batch, paired, config.max_length)
         right += int((chosen > rejected).sum())
     return right / len(rows)
 
@@ -157,6 +160,9 @@ def train_reward_model(rows: list[dict], model: str, config: RewardModelConfig):
     before and after, each epoch's mean loss)."""
     if not rows:
         raise ValueError("No preference rows to train on.")
+    # prompt + text pairs for every row, or texts alone when no row has a prompt: decided once,
+    # as the classifier reward will read them (a batch of prompt-less rows is still a pair)
+    paired = any(r["prompt"] for r in rows)
     rng = np.random.default_rng(config.seed)
     order = rng.permutation(len(rows))
     held = math.ceil(config.eval_fraction * len(rows)) if len(rows) >= 10 else 0
@@ -164,7 +170,7 @@ def train_reward_model(rows: list[dict], model: str, config: RewardModelConfig):
     training = [rows[i] for i in order[held:]]
     net, tokenizer = load_base(model, config.seed)
     net.to(config.device)
-    before = accuracy(net, tokenizer, evaluation, config)
+    before = accuracy(net, tokenizer, evaluation, paired, config)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate)
     epoch_losses: list[float] = []
     updates = config.epochs * math.ceil(len(training) / config.batch_size)
@@ -175,10 +181,8 @@ def train_reward_model(rows: list[dict], model: str, config: RewardModelConfig):
             losses = []
             for start in range(0, len(training), config.batch_size):
                 batch = training[start : start + config.batch_size]
-                prompts = [r["prompt"] for r in batch] * 2
-                texts = [r["chosen"] for r in batch] + [r["rejected"] for r in batch]
-                scores = rewards(net, tokenizer, prompts, texts, config.max_length)  # (2B,)
-                loss = bradley_terry_loss(scores[: len(batch)], scores[len(batch) :])
+                chosen, rejected = pair_rewards(net, tokenizer, batch, paired, config.max_length)
+                loss = bradley_terry_loss(chosen, rejected)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -192,9 +196,9 @@ def train_reward_model(rows: list[dict], model: str, config: RewardModelConfig):
         "pairs_trained": len(training),
         "pairs_held_out": len(evaluation),
         "held_out_accuracy_before": before,
-        "held_out_accuracy_after": accuracy(net, tokenizer, evaluation, config),
+        "held_out_accuracy_after": accuracy(net, tokenizer, evaluation, paired, config),
         "epoch_losses": epoch_losses,
-        "input": "prompt+text" if any(r["prompt"] for r in rows) else "text",
+        "input": "prompt+text" if paired else "text",
         "config": asdict(config),
     }
     return net, tokenizer, report

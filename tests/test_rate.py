@@ -16,6 +16,7 @@ import time
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 
 import textenvs  # noqa: F401  (registers the ids)
 from tests.conftest import ENCODER_DIR
@@ -359,6 +360,22 @@ def test_a_reward_model_learns_the_exported_preferences(store, tmp_path):
     )
     with pytest.raises(ValueError, match="one output .* 'logit'"):
         shared_metric("classifier", {"model": str(folder), "label": "reward"})
+    # trained on the input the classifier reward reads: the same score, truncation included
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from agents.reward_model import rewards
+
+    net = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    short = shared_metric(
+        "classifier",
+        {"model": str(folder), "label": "reward", "output": "logit", "input": "prompt+text",
+         "max_length": 12},
+    )  # fmt: skip
+    long_text = " ".join(good * 4)
+    with torch.no_grad():
+        direct = rewards(net, tokenizer, ["Question 99: " * 3], [long_text], 12)
+    assert short(long_text, (), "Question 99: " * 3) == pytest.approx(float(direct[0]), abs=1e-5)
 
 
 def _command(*argv: str, **kwargs) -> subprocess.Popen:
