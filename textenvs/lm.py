@@ -261,16 +261,22 @@ class LanguageModel:
         self._check_causal()
         return self
 
-    def _layout(self, path: str, dtype):
-        """The tokenizer and the causal LM of ``path`` built on the meta device: its config and
-        generation config read, no weight allocated (the same refusals as :meth:`_load`)."""
-        from transformers import AutoConfig, GenerationConfig
-
+    @staticmethod
+    def _check_source(path: str) -> None:
+        """Refuse a model that needs its own code, and a local folder whose config does not
+        match its weights, before anything is allocated."""
         refuse_remote_code(path)
         if os.path.isdir(path):
             from textenvs.weights import check_model_folder
 
             check_model_folder(path)
+
+    def _layout(self, path: str, dtype):
+        """The tokenizer and the causal LM of ``path`` built on the meta device: its config and
+        generation config read, no weight allocated (the same refusals as :meth:`_load`)."""
+        from transformers import AutoConfig, GenerationConfig
+
+        self._check_source(path)
         with quiet_loading():
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
             config = AutoConfig.from_pretrained(path, trust_remote_code=False)
@@ -286,11 +292,7 @@ class LanguageModel:
         """The tokenizer and the causal LM of ``path`` (safetensors only, no remote code; a local
         folder's config checked against its weights first); a ValueError that says what to use
         instead."""
-        refuse_remote_code(path)
-        if os.path.isdir(path):  # config vs weights, before from_pretrained allocates anything
-            from textenvs.weights import check_model_folder
-
-            check_model_folder(path)
+        self._check_source(path)
         try:
             with quiet_loading():
                 tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
