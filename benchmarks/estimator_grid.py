@@ -83,13 +83,13 @@ def run_one(job: tuple) -> dict:
 def greedy_validation(args) -> float:
     """The starting point: greedy decoding of the untrained LM on the same validation samples."""
     from agents.common import greedy_metric
+    from agents.token_ppo import TokenPPOConfig
     from textenvs.lm import shared_model
 
-    kwargs = variant_config("ppo", 1.0, 0, args)["env_kwargs"]
-    lm = shared_model("textenvs/tiny")
+    config = TokenPPOConfig(**variant_config("ppo", 1.0, 0, args))  # the runs' model and env
     return greedy_metric(
-        lm, args.env_id, "validation", args.validation_samples, args.max_new_tokens,
-        env_kwargs=kwargs,
+        shared_model(config.model), args.env_id, "validation", args.validation_samples,
+        args.max_new_tokens, env_kwargs=config.env_kwargs,
     )  # fmt: skip
 
 
