@@ -172,6 +172,15 @@ def test_export_follows_the_ratings(store, tmp_path):
     with pytest.raises(ValueError, match="exists; nothing was written"):
         write_jsonl([], out)
     assert len(out.read_text().splitlines()) == 4
+    # a user's file named like a work file beside the target is never touched
+    beside = tmp_path / "again.jsonl.partial"
+    beside.write_text("mine\n")
+    write_jsonl(scores, tmp_path / "again.jsonl")
+    assert beside.read_text() == "mine\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if "again" in p.name) == [
+        "again.jsonl",
+        "again.jsonl.partial",
+    ]
 
 
 def test_the_page_records_answers_and_shows_html_as_text(store):

@@ -77,19 +77,25 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
 
 
 def write_jsonl(rows: list[dict], path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``rows`` as JSON lines to ``path``: to a temporary name first, renamed into place
-    once complete, so a crash leaves no half file. An existing file is kept unless
-    ``overwrite``."""
+    """Write ``rows`` as JSON lines to ``path``: to a new temporary file beside it first (a name
+    no file had: nothing of the user's is touched), renamed into place once complete, so a crash
+    leaves no half file. An existing file is kept unless ``overwrite``."""
+    import tempfile
+
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder: give a file path for the export.")
     if path.exists() and not overwrite:
         raise ValueError(f"{path} exists; nothing was written. Pass overwrite (--overwrite).")
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with open(handle, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        os.unlink(partial)
+        raise
     return path
