@@ -6,7 +6,8 @@ on randomly initialised models it saves to a temporary folder (nothing is downlo
 * ``bertscore``: ``--num-envs`` N generation envs with a dense BERTScore reward (a random BERT
   encoder of ``--encoder-layers`` layers), stepped as ONE batched vector env (one LM forward and
   one BERTScore forward per step) against N single envs stepped one after another (N of each);
-  sub-env steps per second of both and their ratio.
+  sub-env steps per second of both and their ratio, over ``--repeats`` rounds in which the two
+  sides alternate (the median, and the range of the rounds' ratios).
 * ``gpt2_cnndm``: a random GPT-2 of the 124M layout (12 layers, 768 wide, 50,257 head rows, 1,024
   positions; the built-in tokenizer) on a CNN/DailyMail-schema file (``article``, ``highlights``,
   ``id``) of articles longer than the context, ``too_long="truncate"`` (the id's default): steps
@@ -103,10 +104,12 @@ def measure_bertscore(args: argparse.Namespace, folder: str) -> dict:
     rng = np.random.default_rng(0)
     vec = gym.make_vec("textenvs/Summarize-v0", num_envs=n, **kwargs)
     vec.reset(seed=0)
-    batched = steps_per_second(lambda: vec.step(rng.integers(8, size=n)), args.steps, n)
     singles = [gym.make("textenvs/Summarize-v0", **kwargs) for _ in range(n)]
     for i, env in enumerate(singles):
         env.reset(seed=i)
+
+    def step_batched():
+        vec.step(rng.integers(8, size=n))
 
     def step_singles():
         for env in singles:
@@ -114,14 +117,23 @@ def measure_bertscore(args: argparse.Namespace, folder: str) -> dict:
             if terminated or truncated:
                 env.reset()
 
-    alone = steps_per_second(step_singles, args.steps, n)
+    # the two sides alternate round by round, and who goes first alternates too, so a burst of
+    # load on the machine lands on both; each round's ratio is of its own two timings
+    batched, alone = [], []
+    for round_ in range(args.repeats):
+        sides = [(step_batched, batched), (step_singles, alone)]
+        for step, rates in sides[:: 1 if round_ % 2 == 0 else -1]:
+            rates.append(steps_per_second(step, args.steps, n))
+    ratios = [b / a for b, a in zip(batched, alone)]
     return {
         "num_envs": n,
         "encoder_layers": args.encoder_layers,
         "steps": args.steps,
-        "batched_steps_per_s": round(batched, 1),
-        "single_envs_steps_per_s": round(alone, 1),
-        "batched_over_single": round(batched / alone, 2),
+        "rounds": args.repeats,
+        "batched_steps_per_s": round(float(np.median(batched)), 1),
+        "single_envs_steps_per_s": round(float(np.median(alone)), 1),
+        "batched_over_single": round(float(np.median(ratios)), 2),
+        "batched_over_single_range": [round(min(ratios), 2), round(max(ratios), 2)],
     }
 
 
@@ -173,6 +185,12 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num-envs", type=int_arg(), default=16, help="sub-envs (and single envs)")
     p.add_argument("--steps", type=int_arg(), default=48, help="vector steps measured")
+    p.add_argument(
+        "--repeats",
+        type=int_arg(),
+        default=5,
+        help="rounds of the BERTScore race, batched and single envs alternating (median reported)",
+    )
     p.add_argument("--max-steps", type=int_arg(), default=32, help="tokens per episode")
     p.add_argument(
         "--encoder-layers", type=int_arg(), default=4, help="layers of the BERTScore encoder"

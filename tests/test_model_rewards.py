@@ -34,6 +34,62 @@ def test_bertscore_equals_the_package_score():
     assert metric("", refs) == 0.0  # the empty text: no forward
 
 
+def test_length_batches_is_the_cheapest_cut_into_consecutive_batches():
+    import itertools
+    import math
+
+    from textenvs.model_rewards import length_batches
+
+    def cost(batches, lengths, overhead):
+        at, total = 0, 0.0
+        for batch in batches:
+            total += len(batch) * lengths[at] + overhead
+            at += len(batch)
+        return total
+
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        n = int(rng.integers(1, 9))
+        lengths = sorted(rng.integers(1, 40, size=n).tolist(), reverse=True)
+        items, size, overhead = list(range(n)), int(rng.integers(1, 5)), float(rng.integers(0, 60))
+        batches = length_batches(items, lengths, size, overhead)
+        assert [i for b in batches for i in b] == items and max(map(len, batches)) <= size
+        best = math.inf  # every way to cut n items into consecutive batches, by brute force
+        for cuts in itertools.product([False, True], repeat=n - 1):
+            bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [n]
+            tried = [items[a:b] for a, b in zip(bounds, bounds[1:])]
+            if max(map(len, tried)) <= size:
+                best = min(best, cost(tried, lengths, overhead))
+        assert cost(batches, lengths, overhead) == pytest.approx(best)
+    assert length_batches([0, 1, 2], [9, 5, 1], 2, math.inf) == [[0, 1], [2]]
+    assert length_batches([0, 1], [30, 2], 8, 0.0) == [[0], [1]]  # padding 28 tokens costs more
+    assert length_batches([0, 1], [30, 2], 8, 100.0) == [[0, 1]]
+    with pytest.raises(ValueError, match="sorted longest first"):
+        length_batches([0, 1], [2, 30], 8, 1.0)
+
+
+def test_bertscore_of_texts_of_many_lengths_encoded_in_several_forwards_equals_the_package():
+    from bert_score import BERTScorer
+
+    metric = shared_metric("bertscore", BERTSCORE)
+    scorer = BERTScorer(model_type=ENCODER_DIR, num_layers=2, use_fast_tokenizer=True)
+    words = "the council met on monday to discuss a new plan for the river bridge and".split()
+    texts = [" ".join(words[: 1 + (i * 7) % len(words)] * (1 + i % 3)) for i in range(12)]
+    refs = [("the council met on monday",), ("a plan for the bridge", "the river")] * 6
+    metric.score_batch(texts, refs, [""] * 12)  # the references' embeddings are now kept
+    calls = []
+    model = metric.scorer._model
+    hook = model.register_forward_hook(lambda m, args, kwargs_out: calls.append(args[0].shape))
+    try:
+        values = metric.score_batch(texts, refs, [""] * 12)
+    finally:
+        hook.remove()
+    assert len(calls) > 1  # the texts cut by length: their padding costs more than a forward
+    for text, ref, value in zip(texts, refs, values):
+        expected = max(float(scorer.score([text], [[r]])[2][0]) for r in ref)
+        assert value == pytest.approx(expected, abs=1e-5)
+
+
 def test_classifier_equals_the_softmax_of_its_label():
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
