@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 
 from agents.common import parse_bool
 from textenvs.cli import checked_arg, json_object
@@ -45,20 +46,24 @@ def add_config_arguments(
     validates a number on the command line."""
     defaults = cls() if defaults is None else defaults
     docs, checks = field_docs(cls), checks or {}
+    types = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
         doc = docs.get(f.name, "").replace("%", "%%") + " (default: %(default)s)"
-        if isinstance(value, bool) or f.type in ("bool | None", "Optional[bool]"):
+        # the field's type without its None: ``float | None`` reads a float
+        base = next((t for t in typing.get_args(types[f.name]) if t is not type(None)), None)
+        base = base or typing.get_origin(types[f.name]) or types[f.name]
+        if base is bool:
             kind = parse_bool
-        elif isinstance(value, dict):
+        elif base is dict:
             kind = json_object
         elif f.name in checks:  # argparse refuses a value out of range, naming the flag
-            kind = checked_arg(type(value), checks[f.name])
+            kind = checked_arg(base, checks[f.name])
         else:
-            kind = type(value) if value is not None else str
+            kind = base
         parser.add_argument(flag, type=kind, default=value, help=doc)
 
 

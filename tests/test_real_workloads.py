@@ -166,3 +166,35 @@ def test_the_workloads_benchmark_prints_its_figures(capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     assert result["bertscore"]["batched_over_single"] > 0
     assert result["measured_in"].startswith("a fresh process per section")
+
+
+def test_the_first_update_kl_benchmark_prints_each_rates_kl(monkeypatch, random_gpt2_dir, capsys):
+    from benchmarks import first_update_kl, throughput
+
+    monkeypatch.setattr(throughput, "random_gpt2", lambda *a, **k: random_gpt2_dir)
+    result = first_update_kl.main(
+        [
+            "--learning-rates",
+            "3e-2",
+            "auto",
+            "--iterations",
+            "2",
+            "--num-envs",
+            "8",
+            "--max-new-tokens",
+            "6",
+            "--prompt-tokens",
+            "8",
+        ]
+    )
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    fast, auto = result["runs"]
+    assert fast["learning_rate_used"] == 3e-2 and auto["learning_rate"] == "auto"
+    assert auto["learning_rate_used"] == 3e-4  # the random test model is small
+    for run in (fast, auto):
+        assert run["rollout_kl_per_episode"][0] == pytest.approx(0.0, abs=1e-6)  # the reference
+        assert len(run["update_approx_kl_per_token"]) == 2
+    # a step 100 times larger moves the policy further from the reference
+    assert fast["rollout_kl_per_episode"][1] > auto["rollout_kl_per_episode"][1]
+    with pytest.raises(SystemExit):
+        first_update_kl.main(["--learning-rates", "0"])

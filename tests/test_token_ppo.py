@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -321,6 +322,40 @@ def test_env_that_is_not_token_level_is_refused(env_id):
 def test_bad_config():
     with pytest.raises(ValueError, match="learning_rate"):
         TokenPPO(TokenPPOConfig(learning_rate=0.0))
+
+
+def test_the_default_learning_rate_follows_the_models_size(monkeypatch):
+    from agents.token_ppo import config as config_module
+
+    config = TokenPPOConfig()
+    assert config.learning_rate is None
+    assert config.learning_rate_for(990_000) == 3e-4  # the built-in model's tuned rate
+    assert config.learning_rate_for(10_000_000) == 3e-4
+    assert config.learning_rate_for(124_439_808) == 1e-5  # GPT-2's 124M
+    assert TokenPPOConfig(learning_rate=2e-3).learning_rate_for(124_439_808) == 2e-3
+    trainer = TokenPPO(small_config("textenvs/tiny", total_episodes=4))
+    assert trainer.model_parameters == sum(p.numel() for p in trainer.lm.model.parameters())
+    assert trainer.learning_rate == 3e-4 == trainer.optimizer.param_groups[0]["lr"]
+    # a model past the first bound trains at the next row's rate, annealed from it
+    monkeypatch.setattr(config_module, "AUTO_LEARNING_RATES", ((1000, 3e-4), (None, 1e-5)))
+    trainer = TokenPPO(small_config("textenvs/tiny", total_episodes=8))
+    assert trainer.learning_rate == 1e-5 == trainer.optimizer.param_groups[0]["lr"]
+    history = trainer.train(progress=False)
+    assert [h["lr"] for h in history] == pytest.approx([1e-5, 0.5e-5])
+
+
+def test_cli_reads_a_learning_rate_and_reports_the_one_used(tmp_path, capsys):
+    from agents.token_ppo import main
+    from agents.token_ppo.cli import parser
+
+    assert parser().parse_args([]).learning_rate is None
+    assert parser().parse_args(["--learning-rate", "2e-5"]).learning_rate == 2e-5
+    report = tmp_path / "report.json"
+    args = ["--num-envs", "2", "--max-new-tokens", "2", "--total-episodes", "2"]
+    main([*args, "--eval-samples", "1", "--no-save", "--json-out", str(report)])
+    saved = json.loads(report.read_text())
+    assert saved["learning_rate"] == 3e-4 and saved["config"]["learning_rate"] is None
+    assert saved["model_parameters"] > 900_000
 
 
 def test_cli_help_documents_every_option(capsys):

@@ -189,9 +189,10 @@ class BERTScoreMetric(BatchedMetric):
 
     The encoder, the tokenization, the padding and the greedy matching are the package's own
     (``bert_score.utils.sent_encode``, ``padding`` and ``greedy_cos_idf``, what
-    ``BERTScorer.score`` runs); the references' embeddings are remembered (the last ``REFERENCES_KEPT``), because an
-    env scores the same references at every step of an episode: a step encodes only the new
-    texts, cut by length into the batches that waste the least compute on padding.
+    ``BERTScorer.score`` runs); the references' embeddings are remembered (the last
+    ``REFERENCES_KEPT``), because an env scores the same references at every step of an
+    episode: a step encodes only the new texts, cut by length into the batches that waste the
+    least compute on padding.
 
     Args:
         model: The encoder: a hub name or a local ``save_pretrained`` folder.

@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             "processes": trainer.world,
             "lora_r": trainer.config.lora_r,
             "fsdp": trainer.config.fsdp,
+            "learning_rate": trainer.learning_rate,  # learning_rate=None: chosen by size
+            "model_parameters": trainer.model_parameters,
             "train_seconds": train_seconds,
             "final_kl": history[-1]["kl"] if history else None,
             "max_kl": max(h["kl"] for h in history) if history else None,

@@ -118,7 +118,11 @@ class TokenPPO:
             NLPOMasker(self.lm, config.num_envs, config.nlpo_top_p) if config.nlpo_top_p else None
         )
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.trainable, lr=config.learning_rate, eps=1e-5)
+        # the LM's own size (LoRA's frozen base included; on the meta device or sharded, the
+        # whole shape's): what learning_rate=None is chosen by
+        self.model_parameters = sum(p.numel() for p in self.lm.model.parameters())
+        self.learning_rate = config.learning_rate_for(self.model_parameters)
+        self.optimizer = torch.optim.Adam(self.trainable, lr=self.learning_rate, eps=1e-5)
         self.policy, self.optimizer = self.runtime.prepare(self.policy, self.optimizer)
         self.estimator = make_estimator(config)
         self.policy_loss = make_policy_loss(config)
@@ -235,7 +239,7 @@ class TokenPPO:
     def _anneal_learning_rate(self) -> None:
         if self.config.anneal_lr:  # linearly to 0 over the run
             for g in self.optimizer.param_groups:
-                g["lr"] = self.config.learning_rate * (1 - self.iteration / self.iterations)
+                g["lr"] = self.learning_rate * (1 - self.iteration / self.iterations)
 
     def _minibatch_step(
         self, batch: Batch, advantages: Advantages, ref_logp: torch.Tensor, mb: torch.Tensor
