@@ -16,6 +16,12 @@ every forward), gathering once costs one full copy of the parameters during the 
 while gradients and Adam states (three quarters of full fine-tuning's state) stay sharded
 throughout, and it runs no collective per token (``benchmarks/scale.py`` reports both figures).
 
+``fsdp_rollout="sharded"`` is that other way, for a model whose whole parameters do not fit a
+process (:func:`in_lockstep`): the rollout's and the evaluation's forwards run on the sharded
+units, each gathering one block at a time and freeing it after (the LM's root, its embeddings and
+head, stays whole during the rollout), and the processes run their forwards in step, those that
+finished early running stand-in forwards until every process has.
+
 Checkpoints go through ``torch.distributed.checkpoint`` (each process writes its shards; the
 metadata is JSON and nothing is unpickled on load: :mod:`agents.shards`) inside
 the same write-aside, mark-complete, swap protocol as every other checkpoint
@@ -163,6 +169,47 @@ def gathered(units: list[torch.nn.Module]) -> Iterator[None]:
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(True)
+
+
+@contextlib.contextmanager
+def in_lockstep(model: torch.nn.Module, units: list[torch.nn.Module]) -> Iterator[None]:
+    """Forwards of the sharded ``model`` that may differ in number between processes
+    (collective: every process enters together).
+
+    Inside, each forward of ``model`` first says so to the others (one all-reduce of "I run a
+    forward"), then runs on the sharded units: FSDP gathers each block for its forward and frees
+    it after, so no process holds the whole model. On leaving, a process whose forwards are
+    done runs stand-in forwards (one token) for as long as any other process still runs a real
+    one, so every process issues the same gathers in the same order; it leaves when every
+    process is done. Only ``model``'s forwards may run inside (another unit's forward would not
+    pair up with the others' gathers). On leaving, every unit is resharded.
+    """
+    import torch.distributed as dist
+
+    device = next(p.device for p in model.parameters())
+    state = {"standing_in": False}
+
+    def announce(module, args, kwargs):
+        if not state["standing_in"]:
+            dist.all_reduce(torch.ones(1, device=device))  # "one more forward of mine"
+
+    handle = model.register_forward_pre_hook(announce, prepend=True, with_kwargs=True)
+    try:
+        yield
+        stand_in = torch.zeros(1, 1, dtype=torch.long, device=device)
+        while True:  # done here: stand in while any other process still runs forwards
+            running = torch.zeros(1, device=device)
+            dist.all_reduce(running)
+            if not running.item():
+                break
+            state["standing_in"] = True
+            with torch.no_grad():
+                model(input_ids=stand_in, use_cache=False)
+            state["standing_in"] = False
+    finally:
+        handle.remove()
+        for unit in units:
+            unit.reshard()
 
 
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -20,19 +20,23 @@ fine-tuning in memory.
 * ``completions`` also holds ``two_processes_fsdp``: the two processes again with ``--fsdp true``
   (parameters, gradients and Adam states sharded; each rollout gathers the parameters once), and
   ``fsdp_vs_ddp`` = its completions/s over the DDP run's.
-* ``sharded``: full fine-tuning of the 124M layout (below) in 1 process, 2 DDP processes and 2
-  sharded processes (``--fsdp``), one iteration each; per process, the numbers each holds of the
-  parameters (policy, reference, value head), gradients and Adam states (``state_numbers``, the sum,
+* ``sharded``: full fine-tuning of the 124M layout (below) in 1 process, 2 DDP processes, 2
+  sharded processes (``--fsdp``, rollouts gathered once) and 2 sharded processes whose rollouts
+  and evaluations run on the sharded units in lockstep (``fsdp_2_lockstep``:
+  ``--fsdp-rollout sharded``, no process ever holds the whole model), one iteration each; per
+  process, the numbers each holds of the parameters (policy, reference, value head), gradients
+  and Adam states (``state_numbers``, the sum,
   and ``state_mb`` in float32), the peak resident memory (``ru_maxrss``), the peak before
   training (``peak_rss_before_training_mb``: loading and set-up; a sharded process reads only its
   own shards) and the resident memory after training
   (``rss_after_training_mb``, freed memory returned first), for every rank; ``fsdp_vs_ddp``: the
-  worst sharded process over the worst DDP one, ``fsdp_vs_ddp_per_rank`` rank by rank. And the
+  worst sharded process over the worst DDP one, ``fsdp_vs_ddp_per_rank`` rank by rank
+  (``fsdp_lockstep_vs_ddp*`` the same of the lockstep run). And the
   rollout's two ways under sharding, timed on the 2 sharded processes: a one-token step of
   ``--num-envs`` rows with the parameters gathered once for the rollout (``gathered_step_ms``)
   against the same step on sharded parameters, which gathers every block in every forward
-  (``sharded_step_ms``: what stepping every process in lockstep would pay per token, before its
-  all-reduce of "any still running"), and the one gather itself (``gather_ms``).
+  (``sharded_step_ms``: what ``--fsdp-rollout sharded`` pays per token, before its all-reduce
+  of "one more forward"), and the one gather itself (``gather_ms``).
 * ``checkpointing``: the update's activation memory with and without activation checkpointing
   (``--gradient-checkpointing``): one forward and backward of the policy over 4 sequences of
   ``--checkpoint-length`` tokens, 64 of them scored, on the 124M layout (or ``--sharded-model``):
@@ -268,10 +272,11 @@ def _launch(processes: int) -> list[str]:
 SHARDED_PROBE = """
 import json, os, resource, sys, time, torch
 from agents.token_ppo import TokenPPO, TokenPPOConfig, make_accelerator
-model, fsdp, device, out = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4]
+model, sharding, device, out = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 num_envs = int(sys.argv[5])
 config = TokenPPOConfig(model=model, num_envs=4, max_new_tokens=8, total_episodes=4 * int(
-    os.environ.get("WORLD_SIZE", "1")), minibatch_size=4, num_epochs=1, fsdp=fsdp, device=device)
+    os.environ.get("WORLD_SIZE", "1")), minibatch_size=4, num_epochs=1, fsdp=sharding != "none",
+    fsdp_rollout="sharded" if sharding == "lockstep" else "gathered", device=device)
 trainer = TokenPPO(config, accelerator=make_accelerator(config))
 peak_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # loading and set-up
 trainer.train(progress=False)
@@ -335,12 +340,18 @@ def sharded(args, folder: Path) -> dict:
     probe.write_text(SHARDED_PROBE)
     cores = os.cpu_count() or 1
     result = {}
-    for name, processes, fsdp in (("one_process", 1, 0), ("ddp_2", 2, 0), ("fsdp_2", 2, 1)):
+    runs = (
+        ("one_process", 1, "none"),
+        ("ddp_2", 2, "none"),
+        ("fsdp_2", 2, "gathered"),
+        ("fsdp_2_lockstep", 2, "lockstep"),
+    )
+    for name, processes, sharding in runs:
         out = folder / f"{name}.json"
         start = [sys.executable] if processes == 1 else _launch(processes)
         threads = max(1, cores // processes) if args.device == "cpu" else cores
         _run(
-            [*start, str(probe), model, str(fsdp), args.device, str(out), str(args.num_envs)],
+            [*start, str(probe), model, sharding, args.device, str(out), str(args.num_envs)],
             {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)},
             args.launch_timeout,
         )
@@ -356,14 +367,15 @@ def sharded(args, folder: Path) -> dict:
     )
     # every rank's figures, and the ratio of the worst process of each kind (what a machine
     # must hold for the run): process 0 alone would hide a rank that holds more
-    result["fsdp_vs_ddp_per_rank"] = [
-        {key: round(fsdp[key] / ddp[key], 4) for key in keys}
-        for ddp, fsdp in zip(result["ddp_2"], result["fsdp_2"])
-    ]
-    result["fsdp_vs_ddp"] = {
-        key: round(max(r[key] for r in result["fsdp_2"]) / max(r[key] for r in result["ddp_2"]), 4)
-        for key in keys
-    }
+    for name, run in (("fsdp", "fsdp_2"), ("fsdp_lockstep", "fsdp_2_lockstep")):
+        result[f"{name}_vs_ddp_per_rank"] = [
+            {key: round(fsdp[key] / ddp[key], 4) for key in keys}
+            for ddp, fsdp in zip(result["ddp_2"], result[run])
+        ]
+        result[f"{name}_vs_ddp"] = {
+            key: round(max(r[key] for r in result[run]) / max(r[key] for r in result["ddp_2"]), 4)
+            for key in keys
+        }
     fsdp = result["fsdp_2"][0]
     result["sharded_vs_gathered_step"] = round(
         fsdp["sharded_step_ms"] / fsdp["gathered_step_ms"], 3

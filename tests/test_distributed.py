@@ -298,6 +298,13 @@ def test_a_sharded_run_with_uneven_episodes_resumes_like_the_uninterrupted_run_a
     assert whole["iteration"] == 4 and whole["metric"] is not None
     per_process = whole["longest"]  # (processes, iterations)
     assert any(a != b for a, b in zip(*per_process)), per_process  # uneven forwards
+    assert whole["most_blocks_whole"] == [whole["blocks"]] * 2  # gathered for the rollouts
+    # rollouts and evaluation on the sharded units in lockstep: no process ever held more than
+    # the block it ran, over the same uneven episodes; the same training
+    lockstep = dataclasses.replace(config, fsdp_rollout="sharded")
+    stepped = _fsdp_run(tmp_path / "lockstep", lockstep, 4)
+    assert stepped["longest"] == per_process and stepped["most_blocks_whole"] == [1, 1]
+    assert stepped["metric"] == pytest.approx(whole["metric"], abs=1e-6)
     _fsdp_run(tmp_path / "parts", config, 2)
     resumed = _fsdp_run(tmp_path / "parts", config, 2, resume=True)
     assert resumed["iteration"] == 4
@@ -310,6 +317,9 @@ def test_a_sharded_run_with_uneven_episodes_resumes_like_the_uninterrupted_run_a
     assert any(not torch.equal(a[k], start[k]) for k in start if k in a)  # it trained
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5)
+    c = load_file(tmp_path / "lockstep" / "params.safetensors")
+    for name in a:
+        torch.testing.assert_close(c[name], a[name], atol=1e-6, rtol=1e-5)
     # a sharded checkpoint is refused by an unsharded run, with what to do
     with pytest.raises(ValueError, match="sharded run on 2 processes.*same --fsdp"):
         TokenPPO(dataclasses.replace(config, fsdp=False)).load_checkpoint(

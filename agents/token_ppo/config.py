@@ -14,6 +14,7 @@ ESTIMATOR_CHOICES = {
     "kl_estimator": ("auto", "k1", "k3"),
     "ratio_level": ("token", "sequence"),
     "group_credit": ("episode", "to_go"),
+    "fsdp_rollout": ("gathered", "sharded"),
 }
 
 # the wall-clock figures of a history record (the rest is a function of the seed and the data)
@@ -209,10 +210,18 @@ class TokenPPOConfig:
     """Shard the parameters, gradients and optimizer states of the policy (and of the frozen
     reference) over the processes of a distributed launch with FSDP2, one unit per transformer
     block (``agents.fsdp``): full fine-tuning of a model larger than one device's memory. Each
-    rollout gathers the parameters once and frees them after it; checkpoints are sharded
+    rollout gathers the parameters once and frees them after it (``fsdp_rollout``); checkpoints
+    are sharded
     (``torch.distributed.checkpoint``) and resume on the same number of processes; ``--export``
     writes the whole model. Needs ``accelerate launch`` (or ``torchrun``); bf16 or full
     precision; not with NLPO or Ray rollouts."""
+    fsdp_rollout: str = "gathered"
+    """How a sharded run's rollouts and evaluations run: ``gathered`` (every parameter gathered
+    once per rollout, then forwards with no collective: fast, but each process holds the whole
+    model during it) or ``sharded`` (each forward gathers one block at a time and frees it, the
+    processes stepping in lockstep, one all-reduce per forward: no process ever holds the whole
+    model, for one whose parameters do not fit a process; slower, ``benchmarks.scale``'s
+    ``sharded_vs_gathered_step``). With ``fsdp`` only."""
     gradient_checkpointing: bool = False
     """Activation checkpointing in the update: each transformer block keeps only its input for the
     backward and runs its forward again there (:func:`checkpoint_blocks`), so the activations the
@@ -309,6 +318,11 @@ class TokenPPOConfig:
             raise ValueError(
                 "fsdp=True runs in bf16 or full precision: fp16 needs a loss scaler for sharded "
                 "gradients, which this trainer does not run. Use --mixed-precision bf16."
+            )
+        if self.fsdp_rollout != "gathered" and not self.fsdp:
+            raise ValueError(
+                f"fsdp_rollout={self.fsdp_rollout!r} is how a sharded run rolls out: it needs "
+                "--fsdp true (without it the parameters are whole in every process)."
             )
         if self.fsdp and self.nlpo_top_p:
             raise ValueError(

@@ -58,11 +58,11 @@ def build_policy(
     return PolicyParts(lm, model, peft, reference, value_head)
 
 
-def load_sharded_policy(parts: PolicyParts, gathered) -> None:
+def load_sharded_policy(parts: PolicyParts, for_rollouts) -> None:
     """Load the weights of an ``empty`` policy and its reference once they are sharded: each
     process reads its own rows of the model's safetensors (:func:`agents.fsdp.load_local_shards`),
-    then the LM gets the checks a loaded model gets, its forwards inside ``gathered()`` (the
-    runtime's one gather of every unit, as a rollout runs; run on the sharded units outside it,
+    then the LM gets the checks a loaded model gets, its forwards inside ``for_rollouts()`` (as
+    a rollout runs them: gathered once, or in lockstep; run on the sharded units outside it,
     the check's forward made the first sharded update differ from the one-process update:
     tests/test_distributed.py). Collective."""
     from agents.fsdp import load_local_shards
@@ -70,7 +70,7 @@ def load_sharded_policy(parts: PolicyParts, gathered) -> None:
     for model in (parts.model, parts.reference):
         if model is not None:
             load_local_shards(model, parts.lm.path, parts.lm.device)
-    with gathered():
+    with for_rollouts():
         parts.lm.loaded()
 
 

@@ -10,6 +10,7 @@ the backward and gradient clipping; and what to do after the frozen reference's 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from contextlib import nullcontext
@@ -86,8 +87,9 @@ class SingleProcess:
     def autocast(self):
         return nullcontext()
 
-    def gathered(self):
-        """The policy's parameters whole for a rollout or an evaluation (they always are here)."""
+    def for_rollouts(self):
+        """What a rollout's or an evaluation's forwards run inside (collective where sharded):
+        nothing to do here, the parameters are whole."""
         return nullcontext()
 
     def shard(self, model, value_head, reference) -> list[torch.nn.Module]:
@@ -174,15 +176,17 @@ class Accelerated(SingleProcess):
 
 class Sharded(Accelerated):
     """FSDP2 (``agents/fsdp.py``): parameters, gradients and Adam states sharded per transformer
-    block; rollouts and evaluations run inside one gather of every unit; the update runs sharded
-    (the same minibatches on every process)."""
+    block; rollouts and evaluations run inside one gather of every unit (``rollout="gathered"``)
+    or on the sharded units in lockstep (``"sharded"``: no process ever holds the whole model);
+    the update runs sharded (the same minibatches on every process)."""
 
     sharded = True
 
-    def __init__(self, accelerator) -> None:
+    def __init__(self, accelerator, rollout: str = "gathered") -> None:
         from textenvs.system import return_large_frees_at_once
 
         super().__init__(accelerator)
+        self.rollout = rollout
         self.units: list[torch.nn.Module] = []
         # the update gathers and frees each block's parameters and gradients over and over:
         # freed at once, they are not held twice (peak memory per process, benchmarks.scale)
@@ -193,14 +197,24 @@ class Sharded(Accelerated):
         from agents.fsdp import shard
 
         self.units = shard(model, value_head)
+        self.model, self.value_head = model, value_head
         if reference is not None:
             shard(reference)
         return self.units
 
-    def gathered(self):
-        from agents.fsdp import gathered
+    @contextlib.contextmanager
+    def for_rollouts(self):
+        """Every unit gathered once (``rollout="gathered"``); or the LM's forwards in lockstep
+        on its sharded units, only the value head (one row of weights) gathered
+        (``"sharded"``). Collective."""
+        from agents.fsdp import gathered, in_lockstep
 
-        return gathered(self.units)
+        if self.rollout == "gathered":
+            with gathered(self.units):
+                yield
+            return
+        with gathered([self.value_head]), in_lockstep(self.model, self.units):
+            yield
 
     # fully_shard already wraps the modules, and its gradients are reduced by their own hooks:
     # the plain PyTorch prepare and backward, not accelerate's
@@ -231,4 +245,4 @@ def make_runtime(config: TokenPPOConfig, accelerator) -> SingleProcess:
                 "accelerator=agents.token_ppo.make_accelerator(config))."
             )
         return SingleProcess()
-    return Sharded(accelerator) if config.fsdp else Accelerated(accelerator)
+    return Sharded(accelerator, config.fsdp_rollout) if config.fsdp else Accelerated(accelerator)

@@ -112,7 +112,7 @@ class TokenPPO:
         self.policy = PolicyWithValue(self.model, self.value_head)
         self.units = self.runtime.shard(self.model, self.value_head, self.reference)
         if empty:
-            load_sharded_policy(parts, self.runtime.gathered)
+            load_sharded_policy(parts, self.runtime.for_rollouts)
         self.envs = make_rollout_envs(config, self.lm)
         self.masker = (
             NLPOMasker(self.lm, config.num_envs, config.nlpo_top_p) if config.nlpo_top_p else None
@@ -170,7 +170,7 @@ class TokenPPO:
         seeds = RolloutSeeds.of(
             self.config, self.iteration, self.config.num_envs, self.rank, self.world
         )
-        with self.runtime.gathered(), self.runtime.autocast():
+        with self.runtime.for_rollouts(), self.runtime.autocast():
             return run_rollout(
                 self.envs, self.value_head, self.config, seeds, self.estimator.reset, self.masker
             )
@@ -355,8 +355,9 @@ class TokenPPO:
     def evaluate(self, split: str = "test", max_samples: int | None = None) -> float | None:
         """Mean task metric of greedy decoding over the split (the same env, task and reward).
 
-        fsdp=True: collective (every process calls it, the parameters are gathered); process 0
-        evaluates and the others return None.
+        fsdp=True: collective (every process calls it; the parameters are gathered, or the
+        others stand in for process 0's sharded forwards); process 0 evaluates and the others
+        return None.
         """
         result = self.evaluation(split, max_samples)
         return None if result is None else float(np.mean(result["metrics"]))
@@ -364,7 +365,7 @@ class TokenPPO:
     def evaluation(self, split: str = "test", max_samples: int | None = None) -> dict | None:
         """Greedy decoding over the split, whole: each sample's metric, text and prompt
         (:func:`agents.common.greedy_evaluation`); collective as :meth:`evaluate`."""
-        with self.runtime.gathered():
+        with self.runtime.for_rollouts():
             if self.runtime.sharded and not self.is_main:
                 return None
             return greedy_evaluation(
