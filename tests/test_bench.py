@@ -617,9 +617,9 @@ def test_scale_script_reports_completions_and_sharded_memory():
     assert memory["ddp_2"][0]["state_numbers"] == memory["one_process"][0]["state_numbers"]
     assert len(memory["fsdp_2_lockstep"]) == 2  # rollouts on the sharded units, in lockstep
     for key in ("params", "grads", "adam"):
-        for run in ("fsdp", "fsdp_lockstep"):
-            assert memory[f"{run}_vs_ddp"][key] == pytest.approx(0.5, abs=0.01), key
-            for rank in memory[f"{run}_vs_ddp_per_rank"]:  # every rank, not process 0 alone
+        for kind in ("fsdp", "fsdp_lockstep"):
+            assert memory[f"{kind}_vs_ddp"][key] == pytest.approx(0.5, abs=0.01), key
+            for rank in memory[f"{kind}_vs_ddp_per_rank"]:  # every rank, not process 0 alone
                 assert rank[key] == pytest.approx(0.5, abs=0.01), key
     worst = max(r["peak_rss_mb"] for r in memory["fsdp_2"]) / max(
         r["peak_rss_mb"] for r in memory["ddp_2"]
