@@ -259,6 +259,10 @@ def test_fsdp_outside_a_distributed_launch_and_with_what_it_cannot_run_is_refuse
         TokenPPOConfig(fsdp=True, nlpo_top_p=0.9).validate()
     with pytest.raises(ValueError, match="fsdp must be True or False"):
         TokenPPOConfig(fsdp="yes").validate()
+    with pytest.raises(ValueError, match="fsdp_rollout='sharded' is how a sharded run.*--fsdp"):
+        TokenPPOConfig(fsdp_rollout="sharded").validate()
+    with pytest.raises(ValueError, match="fsdp_rollout='lockstep' is not valid.*gathered"):
+        TokenPPOConfig(fsdp=True, fsdp_rollout="lockstep").validate()
 
 
 def test_a_device_other_than_the_accelerators_is_refused():
