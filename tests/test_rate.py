@@ -83,9 +83,12 @@ def test_each_rater_has_a_fixed_order_and_live_items_come_first(store):
         orders[rater] = seen
         assert sorted(seen) == ids
     assert orders["ann"] != orders["bob"]  # 1 chance in 8! that two orders match by luck
+    assert store.waiting() == 0 and store.summary()["live_items_waiting"] == 0
     (live,) = store.add([Item("live", ("now",))], live=True)
-    assert store.waiting()
+    assert store.waiting() == 1 and store.summary()["live_items_waiting"] == 1
     assert store.next_item("ann").id == live
+    store.record(live, "ann", score=4)
+    assert store.waiting() == 0
 
 
 def test_a_file_that_is_not_a_database_is_refused(tmp_path):

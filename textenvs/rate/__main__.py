@@ -148,7 +148,10 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--overwrite", action="store_true", help="replace existing export files")
     exp.set_defaults(run=_export)
 
-    st = command("status", "Print counts: items, ratings per rater, agreement.")
+    st = command(
+        "status",
+        "Print counts: items, live items waiting for a rating, ratings per rater, agreement.",
+    )
     st.set_defaults(run=_status)
     return p
 

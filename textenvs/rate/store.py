@@ -308,18 +308,19 @@ class RatingStore:
             total = db.execute("SELECT count(*) FROM items").fetchone()
         return mine[0], total[0]
 
-    def waiting(self) -> bool:
-        """Whether a live item (a reward waits for it) has no rating yet."""
+    def waiting(self) -> int:
+        """How many live items (texts a ``reward="human"`` env waits for) have no rating yet."""
         with self._connect() as db:
             row = db.execute(
-                "SELECT 1 FROM items i WHERE i.live AND NOT EXISTS "
-                "(SELECT 1 FROM ratings r WHERE r.item = i.id) LIMIT 1"
+                "SELECT count(*) FROM items i WHERE i.live AND NOT EXISTS "
+                "(SELECT 1 FROM ratings r WHERE r.item = i.id)"
             ).fetchone()
-        return row is not None
+        return row[0]
 
     def summary(self) -> dict:
-        """Counts for a status line: items (score / pair), ratings per rater, items with two or
-        more raters and how often those raters agreed (same choice; scores within 1)."""
+        """Counts for a status line: items (score / pair), live items still waiting for a
+        rating, ratings per rater, items with two or more raters and how often those raters
+        agreed (same choice; scores within 1)."""
         items = {item.id: item for item in self.items()}
         ratings = self.ratings()
         by_rater: dict[str, int] = {}
@@ -340,6 +341,7 @@ class RatingStore:
             "items": len(items),
             "score_items": sum(item.kind == "score" for item in items.values()),
             "pair_items": sum(item.kind == "pair" for item in items.values()),
+            "live_items_waiting": self.waiting(),
             "ratings": len(ratings),
             "ratings_per_rater": by_rater,
             "items_rated_twice_or_more": sum(len(rs) >= 2 for rs in by_item.values()),
