@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from textenvs.checks import SEED, check_bool, check_optional_str, floats, ints
+from textenvs.checks import SEED, check_bool, check_choice, check_optional_str, floats, ints
 
 ESTIMATOR_CHOICES = {
     "estimator": ("gae", "grpo", "rloo"),
@@ -14,8 +14,8 @@ ESTIMATOR_CHOICES = {
     "kl_estimator": ("auto", "k1", "k3"),
     "ratio_level": ("token", "sequence"),
     "group_credit": ("episode", "to_go"),
-    "fsdp_rollout": ("gathered", "sharded"),
 }
+FSDP_ROLLOUTS = ("gathered", "sharded")
 
 # the wall-clock figures of a history record (the rest is a function of the seed and the data)
 TIMING_STATS = ("completions_per_s", "iteration_s", "rollout_s", "reference_s", "update_s")
@@ -319,6 +319,7 @@ class TokenPPOConfig:
                 "fsdp=True runs in bf16 or full precision: fp16 needs a loss scaler for sharded "
                 "gradients, which this trainer does not run. Use --mixed-precision bf16."
             )
+        check_choice("fsdp_rollout", self.fsdp_rollout, FSDP_ROLLOUTS)
         if self.fsdp_rollout != "gathered" and not self.fsdp:
             raise ValueError(
                 f"fsdp_rollout={self.fsdp_rollout!r} is how a sharded run rolls out: it needs "
