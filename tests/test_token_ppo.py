@@ -344,6 +344,25 @@ def test_the_default_learning_rate_follows_the_models_size(monkeypatch):
     assert [h["lr"] for h in history] == pytest.approx([1e-5, 0.5e-5])
 
 
+def test_max_approx_kl_stops_the_update_once_the_policy_moved_that_far():
+    base = dict(total_episodes=4, learning_rate=5e-2, anneal_lr=False)
+    free = TokenPPO(small_config("textenvs/tiny", **base))
+    (record,) = free.train(progress=False)
+    assert record["minibatch_steps"] == 2 * 2  # every epoch's 2 minibatches
+    guarded = TokenPPO(small_config("textenvs/tiny", max_approx_kl=1e-3, **base))
+    start = {k: v.detach().clone() for k, v in guarded.model.named_parameters()}
+    (record,) = guarded.train(progress=False)
+    # the first step is taken (the policy is the rollout's: approx_kl 0), then one past the bound
+    assert 1 <= record["minibatch_steps"] < 4
+    assert any(not torch.equal(v, start[k]) for k, v in guarded.model.named_parameters())
+    with pytest.raises(ValueError, match="max_approx_kl"):
+        TokenPPOConfig(max_approx_kl=0.0).validate()
+    from agents.token_ppo.cli import parser
+
+    assert parser().parse_args(["--max-approx-kl", "0.02"]).max_approx_kl == 0.02
+    assert parser().parse_args([]).max_approx_kl is None
+
+
 def test_cli_reads_a_learning_rate_and_reports_the_one_used(tmp_path, capsys):
     from agents.token_ppo import main
     from agents.token_ppo.cli import parser

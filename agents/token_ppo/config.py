@@ -56,6 +56,7 @@ FIELD_CHECKS = {
     "save_every": ints(0),
     "lora_r": ints(0),
     "learning_rate": lambda name, value: value is None or floats(0, low_open=True)(name, value),
+    "max_approx_kl": lambda name, value: value is None or floats(0, low_open=True)(name, value),
     "clip_range": floats(0, low_open=True),
     "clip_range_value": floats(0, low_open=True),
     "temperature": floats(0, low_open=True),
@@ -137,6 +138,12 @@ class TokenPPOConfig:
     """Weight of the entropy bonus."""
     max_grad_norm: float = 1.0
     """Gradient-norm clip."""
+    max_approx_kl: float | None = None
+    """Stop an update early: once a minibatch's ``approx_kl`` (the policy now against the one that
+    collected the rollout, nats per token, over every process's tokens) is past this, its step and
+    the update's remaining ones are skipped (SB3's ``target_kl`` check, with the bound itself
+    instead of 1.5 times it). None: every epoch runs. The history's ``minibatch_steps`` counts
+    the steps taken. A guard for a model whose learning rate is not yet known (agents guide)."""
     gamma: float = 1.0
     """Discount per token."""
     gae_lambda: float = 0.95

@@ -198,6 +198,7 @@ class TokenPPO:
         self._anneal_learning_rate()
         rng = np.random.default_rng(c.seed * 1_000_003 + self.iteration)
         stats = {k: [] for k in LOSS_STATS[1:]}
+        steps = 0
         B = batch.tokens.shape[0]
         for epoch in range(c.num_epochs):
             order = rng.permutation(B)
@@ -205,7 +206,7 @@ class TokenPPO:
                 mb = torch.as_tensor(
                     order[start : start + c.minibatch_size], device=batch.mask.device
                 )
-                figures = self._minibatch_step(batch, advantages, ref_logp, mb)
+                figures, stepped = self._minibatch_step(batch, advantages, ref_logp, mb)
                 if not all(math.isfinite(f) for f in figures):
                     raise FloatingPointError(
                         f"Non-finite loss or statistic ({dict(zip(LOSS_STATS, figures))}) at "
@@ -216,7 +217,15 @@ class TokenPPO:
                     )
                 for name, value in zip(LOSS_STATS[1:], figures[1:]):
                     stats[name].append(value)
-        return self._update_stats(rollout, batch, stats, kl, advantages, reference_s, started)
+                steps += stepped
+                if not stepped:  # past max_approx_kl: the rest of the update is skipped
+                    break
+            else:
+                continue
+            break
+        record = self._update_stats(rollout, batch, stats, kl, advantages, reference_s, started)
+        record["minibatch_steps"] = steps  # optimizer steps taken (max_approx_kl may stop early)
+        return record
 
     def _reference_logprobs(self, batch: Batch) -> torch.Tensor:
         """The frozen reference's log-probs of the rollout's tokens: one full-sequence pass (with
@@ -243,9 +252,11 @@ class TokenPPO:
 
     def _minibatch_step(
         self, batch: Batch, advantages: Advantages, ref_logp: torch.Tensor, mb: torch.Tensor
-    ) -> list[float]:
-        """One optimizer step on the episodes ``mb``; the loss and its parts averaged over every
-        process (one all-reduce), in :data:`LOSS_STATS` order."""
+    ) -> tuple[list[float], bool]:
+        """One optimizer step on the episodes ``mb``: the loss and its parts averaged over every
+        process (one all-reduce), in :data:`LOSS_STATS` order, and whether the step was taken
+        (not with a non-finite figure, nor past ``max_approx_kl``: every process decides alike
+        on the same global figures)."""
         c, m = self.config, batch.mask[mb]
         logp, entropy, values = self.policy(
             batch.ids[mb],
@@ -269,11 +280,15 @@ class TokenPPO:
             approx_kl = mean(batch.old_logp[mb] - logp, m)
             parts = torch.stack([loss, pg_loss, v_loss, ent, clipfrac, approx_kl])
             figures = (self.runtime.sum(parts.float()) / self.world).tolist()
-        if all(math.isfinite(f) for f in figures):
-            self.optimizer.zero_grad()
-            self.runtime.backward_and_clip(loss, self.trainable, c.max_grad_norm)
-            self.optimizer.step()
-        return figures
+        over = c.max_approx_kl is not None and figures[LOSS_STATS.index("approx_kl")] > (
+            c.max_approx_kl
+        )
+        if over or not all(math.isfinite(f) for f in figures):
+            return figures, False
+        self.optimizer.zero_grad()
+        self.runtime.backward_and_clip(loss, self.trainable, c.max_grad_norm)
+        self.optimizer.step()
+        return figures, True
 
     def _update_stats(self, rollout, batch, stats, kl, advantages, reference_s, started) -> dict:
         """The iteration's record: the losses' means, the KL (and its adaptive coefficient's
