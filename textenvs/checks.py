@@ -64,6 +64,12 @@ def floats(
     return lambda name, value: check_float(name, value, low, high, low_open, high_open)
 
 
+def optional(check):
+    """``check(name, value)`` that also lets None through (a field whose None means "choose for
+    me" or "off")."""
+    return lambda name, value: None if value is None else check(name, value)
+
+
 SEED = ints(0, 2**32 - 1)
 """A seed: an int NumPy's and torch's generators take."""
 

@@ -6,7 +6,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from textenvs.checks import SEED, check_bool, check_choice, check_optional_str, floats, ints
+from textenvs.checks import (
+    SEED,
+    check_bool,
+    check_choice,
+    check_optional_str,
+    floats,
+    ints,
+    optional,
+)
 
 ESTIMATOR_CHOICES = {
     "estimator": ("gae", "grpo", "rloo"),
@@ -55,8 +63,8 @@ FIELD_CHECKS = {
     "seed": SEED,
     "save_every": ints(0),
     "lora_r": ints(0),
-    "learning_rate": lambda name, value: value is None or floats(0, low_open=True)(name, value),
-    "max_approx_kl": lambda name, value: value is None or floats(0, low_open=True)(name, value),
+    "learning_rate": optional(floats(0, low_open=True)),
+    "max_approx_kl": optional(floats(0, low_open=True)),
     "clip_range": floats(0, low_open=True),
     "clip_range_value": floats(0, low_open=True),
     "temperature": floats(0, low_open=True),
