@@ -9,6 +9,7 @@ branch on any of them.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import time
@@ -198,31 +199,25 @@ class TokenPPO:
         self._anneal_learning_rate()
         rng = np.random.default_rng(c.seed * 1_000_003 + self.iteration)
         stats = {k: [] for k in LOSS_STATS[1:]}
+        B, size = batch.tokens.shape[0], c.minibatch_size
+        orders = [rng.permutation(B) for _ in range(c.num_epochs)]  # one shuffle per epoch
         steps = 0
-        B = batch.tokens.shape[0]
-        for epoch in range(c.num_epochs):
-            order = rng.permutation(B)
-            for start in range(0, B, c.minibatch_size):
-                mb = torch.as_tensor(
-                    order[start : start + c.minibatch_size], device=batch.mask.device
+        for epoch, start in itertools.product(range(c.num_epochs), range(0, B, size)):
+            mb = torch.as_tensor(orders[epoch][start : start + size], device=batch.mask.device)
+            figures, stepped = self._minibatch_step(batch, advantages, ref_logp, mb)
+            if not all(math.isfinite(f) for f in figures):
+                raise FloatingPointError(
+                    f"Non-finite loss or statistic ({dict(zip(LOSS_STATS, figures))}) at "
+                    f"iteration {self.iteration}, epoch {epoch}, minibatch {start // size}: "
+                    "training stopped. The last good checkpoint "
+                    f"({c.checkpoint_dir or 'none configured'}) is intact; lower "
+                    "learning_rate or check the reward."
                 )
-                figures, stepped = self._minibatch_step(batch, advantages, ref_logp, mb)
-                if not all(math.isfinite(f) for f in figures):
-                    raise FloatingPointError(
-                        f"Non-finite loss or statistic ({dict(zip(LOSS_STATS, figures))}) at "
-                        f"iteration {self.iteration}, epoch {epoch}, minibatch "
-                        f"{start // c.minibatch_size}: training stopped. The last good "
-                        f"checkpoint ({c.checkpoint_dir or 'none configured'}) is intact; lower "
-                        "learning_rate or check the reward."
-                    )
-                for name, value in zip(LOSS_STATS[1:], figures[1:]):
-                    stats[name].append(value)
-                steps += stepped
-                if not stepped:  # past max_approx_kl: the rest of the update is skipped
-                    break
-            else:
-                continue
-            break
+            for name, value in zip(LOSS_STATS[1:], figures[1:]):
+                stats[name].append(value)
+            steps += stepped
+            if not stepped:  # past max_approx_kl: the rest of the update is skipped
+                break
         record = self._update_stats(rollout, batch, stats, kl, advantages, reference_s, started)
         record["minibatch_steps"] = steps  # optimizer steps taken (max_approx_kl may stop early)
         return record
