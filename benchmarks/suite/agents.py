@@ -205,6 +205,19 @@ def _group(name: str) -> dict:
 
 _WITH_TOKEN_PPO = (*BASELINES, "token_ppo")  # the other token agents: the same trainer
 
+
+def _group_agent(name: str, colour: str, estimator: str, preset: str, duration_rank: int):
+    """A token agent with a group estimator at its own settings (``TOKEN_GROUPS[preset]``)."""
+    return SuiteAgent(
+        name,
+        colour,
+        functools.partial(run_token, estimator=estimator, extra_config=_group(preset)),
+        acts_on="unmasked",
+        paired_with=_WITH_TOKEN_PPO,
+        duration_rank=duration_rank,
+    )
+
+
 REGISTRY: dict[str, SuiteAgent] = {
     a.name: a
     for a in (
@@ -270,38 +283,10 @@ REGISTRY: dict[str, SuiteAgent] = {
             main_job=True,
             duration_rank=1,
         ),
-        SuiteAgent(
-            "token_grpo",
-            "#17becf",
-            functools.partial(run_token, estimator="grpo", extra_config=_group("grpo")),
-            acts_on="unmasked",
-            paired_with=_WITH_TOKEN_PPO,
-            duration_rank=2,
-        ),
-        SuiteAgent(
-            "token_rloo",
-            "#bcbd22",
-            functools.partial(run_token, estimator="rloo", extra_config=_group("rloo")),
-            acts_on="unmasked",
-            paired_with=_WITH_TOKEN_PPO,
-            duration_rank=3,
-        ),
-        SuiteAgent(
-            "token_grpo_to_go",
-            "#9edae5",
-            functools.partial(run_token, estimator="grpo", extra_config=_group("grpo_to_go")),
-            acts_on="unmasked",
-            paired_with=_WITH_TOKEN_PPO,
-            duration_rank=2,
-        ),
-        SuiteAgent(
-            "token_rloo_to_go",
-            "#dbdb8d",
-            functools.partial(run_token, estimator="rloo", extra_config=_group("rloo_to_go")),
-            acts_on="unmasked",
-            paired_with=_WITH_TOKEN_PPO,
-            duration_rank=3,
-        ),
+        _group_agent("token_grpo", "#17becf", "grpo", "grpo", duration_rank=2),
+        _group_agent("token_rloo", "#bcbd22", "rloo", "rloo", duration_rank=3),
+        _group_agent("token_grpo_to_go", "#9edae5", "grpo", "grpo_to_go", duration_rank=2),
+        _group_agent("token_rloo_to_go", "#dbdb8d", "rloo", "rloo_to_go", duration_rank=3),
         SuiteAgent(
             "token_nlpo",
             "#393b79",
