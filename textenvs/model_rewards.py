@@ -281,13 +281,13 @@ class BERTScoreMetric(BatchedMetric):
         tokenizer, model = self.scorer._tokenizer, self.scorer._model
         ids = {s: sent_encode(tokenizer, s) for s in sentences}  # the package's tokenization
         order = sorted(ids, key=lambda s: len(ids[s]), reverse=True)
-        overhead = self.FORWARD_TOKENS if self.scorer.device == "cpu" else math.inf
+        device = self.scorer.device
+        overhead = self.FORWARD_TOKENS if torch.device(device).type == "cpu" else math.inf
         out = {}
         for batch in length_batches(order, [len(ids[s]) for s in order], self.batch_size, overhead):
             # what bert_score.utils.get_bert_embedding does, on ids tokenized once above
             tokens, _, mask = padding([ids[s] for s in batch], tokenizer.pad_token_id, torch.long)
             idf, _, _ = padding([[self._idf[i] for i in ids[s]] for s in batch], 0, torch.float)
-            device = self.scorer.device
             embedding = model(tokens.to(device), attention_mask=mask.to(device))[0]
             for i, sentence in enumerate(batch):
                 n = int(mask[i].sum())
