@@ -95,25 +95,39 @@ def random_gpt2_dir(tmp_path_factory) -> str:
 
 from benchmarks.scale import kill_tree  # noqa: E402  (one tree-killer)
 
+# What a process of a 2-process gloo launch prints when it aborts while its process group's
+# threads are torn down (pytorch/pytorch#190489 reports the same message)
+TEARDOWN_ABORT = "terminate called without an active exception"
 
-def run_launch(command: list[str], timeout: float, attempts: int = 2, **kwargs):
+
+def run_launch(
+    command: list[str], timeout: float, attempts: int = 2, repeatable: bool = True, **kwargs
+):
     """A multi-process launch, its output captured. Past ``timeout`` it is killed with its
     workers and run again, ``attempts`` times in all; then ``subprocess.TimeoutExpired``.
+    A ``repeatable`` launch (one that starts from scratch, so a second run is the same run) is
+    also run again when a process aborted with :data:`TEARDOWN_ABORT`; the last attempt's
+    result is returned whatever it is, so the test's own checks still decide.
 
-    A known open problem (seen 2026-12-07, cause not found): on a loaded 2-core machine one
-    process of a 2-process gloo launch occasionally dies at the end of a run and the other waits
-    for ever (2 of ~20 launches in one full run, none of 5 alone, loaded or not)."""
+    A known open problem (seen 2026-12-07 and 12-08, cause not found): on a loaded 2-core
+    machine one process of a 2-process gloo launch occasionally aborts with that message,
+    and the other may wait for ever (2 of ~20 launches in one full run, none of 5 alone, loaded
+    or not)."""
     for attempt in range(attempts):
+        last = attempt == attempts - 1
         with subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
         ) as process:
             try:
                 stdout, stderr = process.communicate(timeout=timeout)
-                return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
             except subprocess.TimeoutExpired:
                 kill_tree(process.pid)
-                if attempt == attempts - 1:
+                if last:
                     raise
+                continue
+        aborted = process.returncode != 0 and TEARDOWN_ABORT in stderr
+        if not (aborted and repeatable) or last:
+            return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 @contextlib.contextmanager

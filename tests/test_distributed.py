@@ -31,8 +31,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(args: list[str], processes: int = 2, timeout: int = 300, attempts: int = 2):
-    """``accelerate launch`` with ``processes`` CPU processes (torchrun underneath, gloo)."""
+def accelerate_launch(
+    args: list[str],
+    processes: int = 2,
+    timeout: int = 300,
+    attempts: int = 2,
+    repeatable: bool = True,
+):
+    """``accelerate launch`` with ``processes`` CPU processes (torchrun underneath, gloo);
+    ``repeatable``: see :func:`tests.conftest.run_launch`."""
     command = [
         sys.executable,
         "-m",
@@ -47,7 +54,7 @@ def accelerate_launch(args: list[str], processes: int = 2, timeout: int = 300, a
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     with one_launch_at_a_time():
-        return run_launch(command, timeout, attempts, cwd=ROOT, env=env)
+        return run_launch(command, timeout, attempts, repeatable, cwd=ROOT, env=env)
 
 
 def _config(model: str, **kw) -> TokenPPOConfig:
@@ -277,7 +284,8 @@ def _fsdp_run(folder: Path, config: TokenPPOConfig, iterations: int, resume: boo
     folder.mkdir(exist_ok=True)
     (folder / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
     args = ["tests/fsdp_train_worker.py", str(folder), str(iterations)]
-    run = accelerate_launch(args + (["resume"] if resume else []))
+    # a resumed launch is not repeatable: a run that aborted after its save moved the checkpoint
+    run = accelerate_launch(args + (["resume"] if resume else []), repeatable=not resume)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads((folder / "report.json").read_text())
 
@@ -411,3 +419,27 @@ def test_a_worker_ends_when_its_launcher_is_killed(tmp_path):
             pytest.fail("the worker outlived its SIGKILLed launcher")
     finally:
         proc.kill()
+
+
+def test_a_launch_that_aborted_at_teardown_runs_once_more_only_when_repeatable(tmp_path):
+    from tests.conftest import TEARDOWN_ABORT
+
+    # aborts (the teardown message, a failing status) on its first run, succeeds on its second
+    script = (
+        "import pathlib, sys\n"
+        "runs = pathlib.Path(sys.argv[1])\n"
+        "n = int(runs.read_text()) if runs.exists() else 0\n"
+        "runs.write_text(str(n + 1))\n"
+        f"sys.exit(0 if n else {TEARDOWN_ABORT!r})\n"
+    )
+    counter = tmp_path / "runs"
+    run = run_launch([sys.executable, "-c", script, str(counter)], timeout=60)
+    assert run.returncode == 0 and counter.read_text() == "2"
+    counter.unlink()
+    run = run_launch([sys.executable, "-c", script, str(counter)], timeout=60, repeatable=False)
+    assert run.returncode == 1 and TEARDOWN_ABORT in run.stderr and counter.read_text() == "1"
+    # another failure is never run again
+    other = [sys.executable, "-c", f"import sys; open({str(counter)!r}, 'a').write('x'); "
+             "sys.exit('another error')"]  # fmt: skip
+    counter.unlink()
+    assert run_launch(other, timeout=60).returncode == 1 and counter.read_text() == "x"
